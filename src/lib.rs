@@ -1,0 +1,32 @@
+//! edge-gateway: readings from wearables to the cloud, exactly once.
+//!
+//! The modules follow the path of a reading:
+//!
+//! * [`source`] — where readings come in: [`source::serial`] (charging docks,
+//!   BLE-UART dongles). Each source parses its wire format ([`wire`]) into a
+//!   [`reading::Incoming`] and writes acks back to the device.
+//! * [`pipeline`] — [`pipeline::dedup`] drops what a device resent,
+//!   [`pipeline::batch`] groups readings into [`reading::Batch`]es, and
+//!   [`pipeline::acks`] turns durable readings into cumulative acks.
+//! * [`queue`] — the durable on-disk queue: append-only segments with
+//!   length + CRC framing, group commit, an ack ledger, torn-tail repair.
+//! * (uplink — the next issue: drains the queue upstream at QoS 2.)
+//!
+//! Beside them: [`config`] (TOML), [`metrics`] (counters), [`app`] (wires the
+//! parts together and owns every task), [`shutdown`] (the signal every task
+//! listens to), [`cli`] (the `edge-gateway` command) and [`sim`] (simulated
+//! devices used by tests, benches and the demo).
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod pipeline;
+pub mod queue;
+pub mod reading;
+pub mod shutdown;
+pub mod sim;
+pub mod source;
+pub mod wire;
+
+pub use reading::{Ack, Batch, Format, Incoming, Reading, Value};

@@ -1,0 +1,64 @@
+//! Counters shared by every part of the gateway.
+//!
+//! Plain atomics behind one `Arc`, so the hot path pays one relaxed add per
+//! event. Per-port and per-device counters live in small mutex-guarded maps:
+//! they change on every reading too, but a gateway has tens of ports, not
+//! millions. The Prometheus endpoint (service issue) renders this struct.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default, Debug)]
+pub struct Metrics {
+    /// Readings accepted by dedup and handed to the batcher.
+    pub readings_accepted: AtomicU64,
+    /// Readings dropped because they were already accepted (device resends).
+    pub duplicates_dropped: AtomicU64,
+    /// Batches appended to the queue.
+    pub batches_queued: AtomicU64,
+    /// Readings dropped by the `drop_oldest` policy.
+    pub readings_dropped_full: AtomicU64,
+    /// Batches refused by the `reject_new` policy (their readings were not acked).
+    pub batches_rejected_full: AtomicU64,
+    /// Readings in those refused batches.
+    pub readings_rejected_full: AtomicU64,
+    /// Queue commits (fsyncs of the queue).
+    pub queue_commits: AtomicU64,
+    /// Bytes cut off a torn/corrupt queue tail at start-up.
+    pub queue_repaired_bytes: AtomicU64,
+    /// Corrupt records skipped at start-up.
+    pub queue_corrupt_records: AtomicU64,
+    /// Acks written back to devices.
+    pub acks_sent: AtomicU64,
+    per_port: Mutex<BTreeMap<String, PortCounters>>,
+}
+
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub struct PortCounters {
+    pub readings: u64,
+    pub malformed: u64,
+    pub connected: bool,
+    pub reconnects: u64,
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    pub fn port<R>(&self, port: &str, f: impl FnOnce(&mut PortCounters) -> R) -> R {
+        let mut map = self.per_port.lock().unwrap_or_else(|e| e.into_inner());
+        f(map.entry(port.to_string()).or_default())
+    }
+
+    pub fn ports(&self) -> BTreeMap<String, PortCounters> {
+        self.per_port.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}

@@ -1,0 +1,3 @@
+pub mod acks;
+pub mod batch;
+pub mod dedup;

@@ -1,0 +1,265 @@
+//! The one type that travels through the gateway: a [`Reading`], and the
+//! [`Batch`] that carries many of them from the queue to the cloud.
+//!
+//! Encoding lives here too, because the batch payload *is* the contract with
+//! every consumer: `json` is readable by anything, `postcard` is compact. Both
+//! carry `(gateway, batch)` so a consumer can drop a batch it already has.
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A measured value: one number, or several (e.g. RR intervals, accelerometer axes).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Number(f64),
+    Array(Vec<f64>),
+}
+
+impl Value {
+    /// Encoded size estimate used for `batch_max_bytes` accounting.
+    pub fn approx_len(&self) -> usize {
+        match self {
+            Value::Number(_) => 8,
+            Value::Array(v) => 2 + 8 * v.len(),
+        }
+    }
+}
+
+// Human-readable formats (JSON) see a bare number or an array; binary formats
+// (postcard) see a tagged enum, because postcard cannot guess which it is.
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            match self {
+                Value::Number(n) => s.serialize_f64(*n),
+                Value::Array(v) => v.serialize(s),
+            }
+        } else {
+            #[derive(Serialize)]
+            enum Tagged<'a> {
+                Number(f64),
+                Array(&'a [f64]),
+            }
+            match self {
+                Value::Number(n) => Tagged::Number(*n).serialize(s),
+                Value::Array(v) => Tagged::Array(v).serialize(s),
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Value;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a number or an array of numbers")
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+                    Ok(Value::Number(v))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+                    Ok(Value::Number(v as f64))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+                    Ok(Value::Number(v as f64))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+                    let mut out = Vec::with_capacity(a.size_hint().unwrap_or(4).min(64));
+                    while let Some(x) = a.next_element::<f64>()? {
+                        out.push(x);
+                    }
+                    Ok(Value::Array(out))
+                }
+            }
+            d.deserialize_any(V)
+        } else {
+            #[derive(Deserialize)]
+            enum Tagged {
+                Number(f64),
+                Array(Vec<f64>),
+            }
+            Ok(match Tagged::deserialize(d)? {
+                Tagged::Number(n) => Value::Number(n),
+                Tagged::Array(v) => Value::Array(v),
+            })
+        }
+    }
+}
+
+/// One measurement from one sensor of one device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    pub device: String,
+    pub sensor: String,
+    /// Per-device counter that grows by one per reading; the device's resend key.
+    pub seq: Option<u64>,
+    /// Unix time in milliseconds (the device's, or the receive time when it sent none).
+    pub ts: u64,
+    pub value: Value,
+}
+
+impl Reading {
+    /// Rough encoded size, for `batch_max_bytes` (exactness is not needed:
+    /// it only decides when a batch is "big enough").
+    pub fn approx_len(&self) -> usize {
+        self.device.len() + self.sensor.len() + 16 + self.value.approx_len()
+    }
+}
+
+/// A group of readings that travels as one message; `(gateway, batch)` is
+/// unique for the gateway's lifetime.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    pub gateway: String,
+    pub batch: u64,
+    pub readings: Vec<Reading>,
+}
+
+/// Payload format of a batch on disk and on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Json,
+    Postcard,
+}
+
+/// First two bytes of a postcard batch: never the start of a JSON document,
+/// so `decode` can tell the formats apart.
+pub const POSTCARD_MAGIC: [u8; 2] = [0xEB, 0x01];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a JSON batch: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("not a postcard batch: {0}")]
+    Postcard(#[from] postcard::Error),
+    #[error("empty payload")]
+    Empty,
+}
+
+impl Batch {
+    pub fn encode(&self, format: Format) -> Vec<u8> {
+        match format {
+            Format::Json => serde_json::to_vec(self).expect("batch serializes"),
+            Format::Postcard => {
+                postcard::to_extend(self, POSTCARD_MAGIC.to_vec()).expect("batch serializes")
+            }
+        }
+    }
+
+    /// Decode either format, telling them apart by the postcard magic.
+    pub fn decode(payload: &[u8]) -> Result<Batch, DecodeError> {
+        let trimmed = payload.trim_ascii_start();
+        if trimmed.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        if let Some(rest) = payload.strip_prefix(&POSTCARD_MAGIC[..]) {
+            Ok(postcard::from_bytes(rest)?)
+        } else {
+            Ok(serde_json::from_slice(trimmed)?)
+        }
+    }
+
+    /// The readings as the flat JSON lines every tool of ours prints:
+    /// `{"gateway","batch","device","sensor","seq","ts","value"}`.
+    pub fn json_lines(&self) -> impl Iterator<Item = String> + '_ {
+        self.readings.iter().map(move |r| {
+            #[derive(Serialize)]
+            struct Line<'a> {
+                gateway: &'a str,
+                batch: u64,
+                device: &'a str,
+                sensor: &'a str,
+                seq: Option<u64>,
+                ts: u64,
+                value: &'a Value,
+            }
+            serde_json::to_string(&Line {
+                gateway: &self.gateway,
+                batch: self.batch,
+                device: &r.device,
+                sensor: &r.sensor,
+                seq: r.seq,
+                ts: r.ts,
+                value: &r.value,
+            })
+            .expect("reading serializes")
+        })
+    }
+}
+
+/// Where a reading came in, so its ack can go back the same way.
+pub type PortId = usize;
+
+/// A reading on its way from a source to the pipeline.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub reading: Reading,
+    /// True when the device sent `ts` itself (then a resend carries the same ts).
+    pub ts_from_device: bool,
+    /// The source port (index into the pipeline's ack routes).
+    pub port: PortId,
+}
+
+/// A cumulative acknowledgement: every reading of `device` with `seq <= seq` is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub device: String,
+    pub seq: u64,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Batch {
+        Batch {
+            gateway: "gw-1".into(),
+            batch: 42,
+            readings: vec![
+                Reading { device: "wrist-01".into(), sensor: "heart_rate".into(), seq: Some(17), ts: 1_764_000_000_000, value: Value::Number(72.0) },
+                Reading { device: "wrist-02".into(), sensor: "rr".into(), seq: None, ts: 5, value: Value::Array(vec![0.8, 0.81]) },
+            ],
+        }
+    }
+
+    #[test]
+    fn both_formats_round_trip_and_autodetect() {
+        let b = sample();
+        for f in [Format::Json, Format::Postcard] {
+            let bytes = b.encode(f);
+            assert_eq!(Batch::decode(&bytes).unwrap(), b, "{f:?}");
+        }
+        assert!(b.encode(Format::Postcard).len() < b.encode(Format::Json).len());
+    }
+
+    #[test]
+    fn json_lines_have_the_documented_fields() {
+        let lines: Vec<_> = sample().json_lines().collect();
+        assert_eq!(
+            lines[0],
+            r#"{"gateway":"gw-1","batch":42,"device":"wrist-01","sensor":"heart_rate","seq":17,"ts":1764000000000,"value":72.0}"#
+        );
+        assert!(lines[1].contains(r#""seq":null"#) && lines[1].contains("[0.8,0.81]"));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(Batch::decode(b"").is_err());
+        assert!(Batch::decode(b"{\"gateway\":").is_err());
+        assert!(Batch::decode(&[0xEB, 0x01, 0xff, 0xff]).is_err());
+    }
+}
