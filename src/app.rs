@@ -1,1 +1,157 @@
-//! TODO
+//! Wires the parts together and owns every task.
+//!
+//! Ownership, start to stop:
+//! * one tokio task per serial port ([`crate::source::serial::run`]);
+//! * one OS thread for the [`Pipeline`], with a single-threaded runtime of its
+//!   own, because it fsyncs and fsync must not stall the ports' runtime;
+//! * the signal handler, which starts shutdown.
+//!
+//! Shutdown runs in two stages so no reading is stranded: first the
+//! pipeline drains its channel, seals the open batch, commits, checkpoints
+//! and hands out the final acks; only then are the sources told to stop, so
+//! they are still there to write those acks to the devices.
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::reading::{now_ms, Ack, Incoming, PortId};
+use crate::shutdown::{self, Shutdown};
+use crate::source::serial;
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Readings waiting between the sources and the pipeline. Enough to ride
+/// out one slow fsync at full rate; beyond it the ports are back-pressured
+/// (the devices keep their readings and resend).
+const INGEST_CHANNEL: usize = 16_384;
+/// Overall budget between the signal and exit (the CLI promises 5 s).
+const PIPELINE_STOP_BUDGET: Duration = Duration::from_secs(4);
+const SOURCE_STOP_BUDGET: Duration = Duration::from_millis(800);
+
+/// Run the gateway until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let started = Instant::now();
+    let (pipeline, report) = Pipeline::open(&cfg, metrics.clone())
+        .with_context(|| format!("cannot open the queue in {}", cfg.gateway.data_dir.display()))?;
+    let q = &report.queue;
+    if q.truncated_bytes > 0 || q.corrupt_records > 0 {
+        tracing::warn!(
+            "queue repaired at start-up: cut {} torn bytes, skipped {} corrupt records",
+            q.truncated_bytes,
+            q.corrupt_records
+        );
+    }
+    tracing::info!(
+        "queue open: {} records on disk, {} replayed into dedup state, in {:.0?}",
+        q.records,
+        report.replayed_records,
+        started.elapsed()
+    );
+
+    let sources_stop = Shutdown::new();
+    let pipeline_stop = Shutdown::new();
+    let (tx, rx) = mpsc::channel(INGEST_CHANNEL);
+    let mut ack_routes = Vec::new();
+    let mut sources = tokio::task::JoinSet::new();
+    for (port_id, port) in cfg.serial.iter().enumerate() {
+        let (ack_tx, ack_rx) = mpsc::channel(256);
+        ack_routes.push(ack_tx);
+        sources.spawn(serial::run(port.clone(), port_id, tx.clone(), ack_rx, metrics.clone(), sources_stop.subscribe()));
+    }
+    drop(tx);
+
+    let stop_rx = pipeline_stop.subscribe();
+    let worker = std::thread::Builder::new()
+        .name("pipeline".into())
+        .spawn(move || run_pipeline(pipeline, rx, ack_routes, stop_rx))
+        .context("cannot start the pipeline thread")?;
+    tracing::info!("edge-gateway {} running with {} serial port(s)", cfg.gateway.id, cfg.serial.len());
+
+    wait_for_signal().await?;
+    tracing::info!("stopping: closing the open batch into the queue");
+    pipeline_stop.trigger();
+    let joined = tokio::task::spawn_blocking(move || worker.join());
+    match tokio::time::timeout(PIPELINE_STOP_BUDGET, joined).await {
+        Ok(Ok(Ok(Ok(())))) => {}
+        Ok(Ok(Ok(Err(e)))) => tracing::error!("pipeline stopped with an error: {e:#}"),
+        Ok(Ok(Err(_))) | Ok(Err(_)) => tracing::error!("pipeline thread panicked"),
+        Err(_) => tracing::error!("pipeline did not stop within {PIPELINE_STOP_BUDGET:?}"),
+    }
+    sources_stop.trigger();
+    let _ = tokio::time::timeout(SOURCE_STOP_BUDGET, async { while sources.join_next().await.is_some() {} }).await;
+    sources.abort_all();
+    tracing::info!(
+        "stopped: {} readings accepted, {} duplicates dropped, {} batches queued",
+        Metrics::get(&metrics.readings_accepted),
+        Metrics::get(&metrics.duplicates_dropped),
+        Metrics::get(&metrics.batches_queued)
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// The pipeline thread's loop: take readings as they come, wake for batch
+/// ages and group commits, and route acks back to their ports.
+fn run_pipeline(
+    mut p: Pipeline,
+    mut rx: mpsc::Receiver<Incoming>,
+    routes: Vec<mpsc::Sender<Ack>>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    rt.block_on(async move {
+        loop {
+            let deadline = tokio::time::Instant::from_std(p.next_deadline());
+            tokio::select! {
+                biased;
+                _ = shutdown::wait(&mut stop) => break,
+                msg = rx.recv() => match msg {
+                    Some(first) => {
+                        let (now, ms) = (Instant::now(), now_ms());
+                        p.ingest(first, now, ms);
+                        // Take what is already queued without waking again.
+                        for _ in 0..4096 {
+                            match rx.try_recv() {
+                                Ok(inc) => p.ingest(inc, now, ms),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            send_acks(&routes, p.tick(Instant::now()));
+        }
+        // Whatever the sources handed over is the pipeline's to keep.
+        let (now, ms) = (Instant::now(), now_ms());
+        while let Ok(inc) = rx.try_recv() {
+            p.ingest(inc, now, ms);
+        }
+        send_acks(&routes, p.close());
+    });
+    Ok(())
+}
+
+fn send_acks(routes: &[mpsc::Sender<Ack>], acks: Vec<(PortId, Ack)>) {
+    for (port, ack) in acks {
+        // A full or closed route means the port is busy or down: the device
+        // resends, and its duplicate triggers a fresh cumulative ack.
+        if let Some(route) = routes.get(port) {
+            let _ = route.try_send(ack);
+        }
+    }
+}

@@ -1,2 +1,170 @@
-//! TODO
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The `edge-gateway` command.
+
+use crate::config::Config;
+use crate::queue::Queue;
+use crate::reading::{now_ms, Batch};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "edge-gateway", version, about = "Readings from wearables to the cloud, exactly once")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0 with a summary, or 1 with PATH:LINE:COL.
+    CheckConfig { path: PathBuf },
+    /// Inspect the on-disk queue (safe while the gateway runs).
+    Queue {
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
+    /// Decode one batch payload (json or postcard) from stdin into JSON lines.
+    Decode,
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Print {"batches","readings","bytes","oldest_age_s"} as JSON.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print every queued reading as one JSON line.
+    Dump {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.cmd {
+        Cmd::Run { config } => run(&config),
+        Cmd::CheckConfig { path } => check_config(&path),
+        Cmd::Queue { cmd: QueueCmd::Status { config } } => queue_status(&config),
+        Cmd::Queue { cmd: QueueCmd::Dump { config } } => queue_dump(&config),
+        Cmd::Decode => decode(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    // The error already reads PATH:LINE:COL: key: message.
+    Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let cfg = load(path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("edge-gateway")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(crate::app::run(cfg))
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let c = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let s = &c.store;
+    let p = &c.pipeline;
+    println!(
+        "{}: ok: gateway {}, {} serial port(s), data in {}, queue max {} ({:?}, fsync {:?} {}), batches of <= {} readings / {} bytes / {} ({:?})",
+        path.display(),
+        c.gateway.id,
+        c.serial.len(),
+        c.gateway.data_dir.display(),
+        s.max_bytes,
+        s.when_full,
+        s.fsync,
+        humantime::format_duration(s.fsync_interval),
+        p.batch_max_readings,
+        p.batch_max_bytes,
+        humantime::format_duration(p.batch_max_age),
+        p.format,
+    );
+    Ok(())
+}
+
+fn open_queue(path: &Path) -> anyhow::Result<Queue> {
+    let cfg = load(path)?;
+    let dir = crate::pipeline::queue_dir(&cfg);
+    let (q, _) = Queue::open_readonly(&dir).with_context(|| format!("cannot read the queue in {}", dir.display()))?;
+    Ok(q)
+}
+
+fn queue_status(path: &Path) -> anyhow::Result<()> {
+    let st = open_queue(path)?.status();
+    let age = st.oldest_created_ms.map(|t| now_ms().saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);
+    println!(
+        "{}",
+        serde_json::json!({"batches": st.batches, "readings": st.readings, "bytes": st.bytes, "oldest_age_s": age})
+    );
+    Ok(())
+}
+
+fn queue_dump(path: &Path) -> anyhow::Result<()> {
+    let q = open_queue(path)?;
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let mut after = 0;
+    loop {
+        let records = q.read_from(after, 256)?;
+        let Some((last, _)) = records.last() else { break };
+        after = last.id;
+        for (meta, payload) in &records {
+            match Batch::decode(payload) {
+                Ok(b) => {
+                    for line in b.json_lines() {
+                        writeln!(out, "{line}")?;
+                    }
+                }
+                Err(e) => eprintln!("edge-gateway: record {} is not a batch: {e}", meta.id),
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn decode() -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    std::io::stdin().read_to_end(&mut buf).context("cannot read stdin")?;
+    let batch = Batch::decode(&buf)?;
+    let mut out = std::io::stdout().lock();
+    for line in batch.json_lines() {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}

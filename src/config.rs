@@ -175,3 +175,237 @@ pub fn parse_size(s: &str) -> Option<u64> {
     };
     n.checked_mul(mult)
 }
+
+/// A configuration error located in its file: renders as
+/// `PATH:LINE:COL: key `a.b`: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}:{col}: {}{message}", key.as_deref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    pub path: String,
+    pub line: usize,
+    pub col: usize,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: shown.clone(),
+            line: 0,
+            col: 0,
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&src, &shown)
+    }
+
+    /// Parse and validate TOML text; `path` is only used in error messages.
+    pub fn parse(src: &str, path: &str) -> Result<Config, ConfigError> {
+        let at = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| {
+            let (line, col) = span.map(|s| line_col(src, s.start)).unwrap_or((1, 1));
+            ConfigError { path: path.to_string(), line, col, key, message }
+        };
+        let de = toml::de::Deserializer::parse(src).map_err(|e| at(e.span(), None, e.message().trim().to_string()))?;
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = dotted(e.path());
+            let inner = e.into_inner();
+            // Prefer the span of the key we can name; fall back to toml's own.
+            let span = inner.span().or_else(|| key_span(src, &key));
+            let key = if key.is_empty() || key == "?" { None } else { Some(key) };
+            at(span, key, inner.message().trim().to_string())
+        })?;
+        if let Err((key, message)) = cfg.validate() {
+            return Err(at(key_span(src, &key), Some(key), message));
+        }
+        Ok(cfg)
+    }
+
+    /// Checks serde cannot express; returns the offending key.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
+        if !valid_id(&self.gateway.id) {
+            return bad("gateway.id", "must be 1-64 characters of letters, digits, '-', '_' or '.'");
+        }
+        let p = &self.pipeline;
+        if p.batch_max_readings == 0 {
+            return bad("pipeline.batch_max_readings", "must be at least 1");
+        }
+        if p.batch_max_bytes < 64 {
+            return bad("pipeline.batch_max_bytes", "must be at least 64 bytes");
+        }
+        if p.batch_max_age.is_zero() {
+            return bad("pipeline.batch_max_age", "must be greater than 0");
+        }
+        if p.dedup_max_per_device == 0 {
+            return bad("pipeline.dedup_max_per_device", "must be at least 1");
+        }
+        let s = &self.store;
+        if s.max_bytes < 4096 {
+            return bad("store.max_bytes", "must be at least 4096 bytes");
+        }
+        if s.fsync == FsyncPolicy::Interval && s.fsync_interval.is_zero() {
+            return bad("store.fsync_interval", "must be greater than 0 (or use fsync = \"always\")");
+        }
+        if p.batch_max_bytes > s.max_bytes {
+            return bad("pipeline.batch_max_bytes", "must not exceed store.max_bytes");
+        }
+        for (i, port) in self.serial.iter().enumerate() {
+            if port.name.is_empty() || self.serial[..i].iter().any(|o| o.name == port.name) {
+                return Err((format!("serial.{i}.name"), format!("must be non-empty and unique (got {:?})", port.name)));
+            }
+            if port.device.as_deref().is_some_and(|d| !valid_id(d)) {
+                return Err((format!("serial.{i}.device"), "must be 1-64 characters of letters, digits, '-', '_' or '.'".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// `serial[1].baud` as `serial.1.baud`, matching [`key_span`]'s input.
+fn dotted(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|seg| match seg {
+            Segment::Seq { index } => Some(index.to_string()),
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            Segment::Unknown => None,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Where `a.b.0.c` is written in the file: the span of its key (or of the
+/// table when the key itself is missing).
+fn key_span(src: &str, dotted: &str) -> Option<std::ops::Range<usize>> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(src).ok()?;
+    let mut span = None;
+    let mut table: Option<&DeTable> = Some(root.get_ref());
+    let mut value: Option<&toml::Spanned<DeValue>> = None;
+    for part in dotted.split('.').filter(|p| !p.is_empty()) {
+        if let Some(t) = table.take() {
+            let (k, v) = t.get_key_value(part)?;
+            span = Some(k.span());
+            value = Some(v);
+        } else if let (Some(v), Ok(i)) = (value, part.parse::<usize>()) {
+            let item = v.get_ref().as_array()?.get(i)?;
+            span = Some(item.span());
+            value = Some(item);
+        } else {
+            break;
+        }
+        table = value.and_then(|v| v.get_ref().as_table());
+    }
+    span
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|i| before.len() - i).unwrap_or(before.len() + 1);
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+id = "gw-1"
+data_dir = "/tmp/x"
+
+[[serial]]
+name = "dock1"
+path = "/dev/ttyACM0"
+
+[[serial]]
+name = "dock2"
+path = "/dev/ttyACM1"
+framing = "cobs"
+baud = 9600
+
+[pipeline]
+dedup_window = "10m"
+batch_max_bytes = "64KiB"
+batch_max_age = "200ms"
+format = "postcard"
+
+[store]
+max_bytes = "64MiB"
+when_full = "reject_new"
+fsync = "interval"
+fsync_interval = "100ms"
+"#;
+
+    fn err(src: &str) -> String {
+        Config::parse(src, "gw.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_units() {
+        let c = Config::parse(GOOD, "gw.toml").unwrap();
+        assert_eq!(c.serial[1].framing, Framing::Cobs);
+        assert_eq!(c.serial[0].baud, 115_200);
+        assert_eq!(c.pipeline.batch_max_bytes, 64 * 1024);
+        assert_eq!(c.pipeline.dedup_window, Duration::from_secs(600));
+        assert_eq!(c.store.max_bytes, 64 << 20);
+        assert_eq!(c.store.when_full, WhenFull::RejectNew);
+        assert_eq!(c.pipeline.format, Format::Postcard);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_col_and_key() {
+        let e = err(&GOOD.replace("baud = 9600", "baud = 9600\nparity = \"even\""));
+        assert!(e.starts_with("gw.toml:15:1: "), "{e}");
+        assert!(e.contains("parity"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_points_at_the_value() {
+        let e = err(&GOOD.replace("baud = 9600", "baud = \"fast\""));
+        assert!(e.starts_with("gw.toml:14:8: key `serial.1.baud`"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_size_are_explained() {
+        let e = err(&GOOD.replace("\"200ms\"", "\"soon\""));
+        assert!(e.starts_with("gw.toml:19:17: key `pipeline.batch_max_age`"), "{e}");
+        assert!(e.contains("bad duration"), "{e}");
+        let e = err(&GOOD.replace("\"64MiB\"", "\"lots\""));
+        assert!(e.contains("store.max_bytes") && e.contains("bad size"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_key() {
+        let e = err(&GOOD.replace("name = \"dock2\"", "name = \"dock1\""));
+        assert!(e.starts_with("gw.toml:11:1: key `serial.1.name`"), "{e}");
+        let e = err(&GOOD.replace("[pipeline]", "[pipeline]\nbatch_max_readings = 0"));
+        assert!(e.contains(":17:1: key `pipeline.batch_max_readings`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_and_missing_sections() {
+        let e = err("[gateway\nid = 1");
+        assert!(e.starts_with("gw.toml:1:"), "{e}");
+        let e = err("[store]\nmax_bytes = 100000\n");
+        assert!(e.contains("gateway"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("10 KB"), Some(10_000));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("1.5MiB"), None);
+        assert_eq!(parse_size("99999999999999GiB"), None);
+    }
+}

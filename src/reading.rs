@@ -19,10 +19,11 @@ pub enum Value {
 
 impl Value {
     /// Encoded size estimate used for `batch_max_bytes` accounting.
+    /// Upper-bound-ish size in JSON (the larger format).
     pub fn approx_len(&self) -> usize {
         match self {
-            Value::Number(_) => 8,
-            Value::Array(v) => 2 + 8 * v.len(),
+            Value::Number(_) => 24,
+            Value::Array(v) => 2 + 25 * v.len(),
         }
     }
 }
@@ -107,7 +108,8 @@ impl Reading {
     /// Rough encoded size, for `batch_max_bytes` (exactness is not needed:
     /// it only decides when a batch is "big enough").
     pub fn approx_len(&self) -> usize {
-        self.device.len() + self.sensor.len() + 16 + self.value.approx_len()
+        // {"device":"","sensor":"","seq":,"ts":,"value":}, + digits
+        48 + self.device.len() + self.sensor.len() + 20 + 13 + self.value.approx_len()
     }
 }
 

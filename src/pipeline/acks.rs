@@ -1,1 +1,228 @@
-//! TODO
+//! Turns durable readings into cumulative acks for the devices.
+//!
+//! An ack `(device, seq)` promises: every reading of `device` with a seq up
+//! to `seq` is on disk. The device then forgets them, so an ack that runs
+//! ahead of the disk loses data at the next power cut. Hence:
+//!
+//! * acks are computed only from readings the queue has *committed*;
+//! * the acked seq is a *contiguous* watermark: if seq 15 never arrived
+//!   (garbled on the wire) while 16 and 17 did, the ack stays at 14 and the
+//!   device's resend brings 15; only if the gap outlives `gap_timeout` does
+//!   the gateway assume 15 never existed and move on;
+//! * a new reading with a seq at or below the watermark means the device
+//!   restarted its counter: the watermark restarts there, otherwise the old
+//!   high ack would cover readings the new incarnation has not sent yet;
+//! * a duplicate means the device missed an ack, so the current watermark is
+//!   sent again after the next commit.
+
+use crate::reading::{Ack, PortId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+
+#[derive(Debug, Default)]
+struct DeviceAck {
+    watermark: Option<u64>,
+    /// Durable seqs above `watermark + 1`, waiting for the gap to fill.
+    above: BTreeSet<u64>,
+    gap_since_ms: Option<u64>,
+    port: Option<PortId>,
+    dirty: bool,
+}
+
+/// Bound on `above`: a device far ahead of a gap is not waited for forever
+/// in memory either.
+const MAX_ABOVE: usize = 65_536;
+
+pub struct AckTracker {
+    gap_timeout_ms: u64,
+    devices: HashMap<String, DeviceAck>,
+}
+
+impl AckTracker {
+    pub fn new(gap_timeout: std::time::Duration) -> Self {
+        AckTracker { gap_timeout_ms: gap_timeout.as_millis() as u64, devices: HashMap::new() }
+    }
+
+    fn dev(&mut self, device: &str) -> &mut DeviceAck {
+        if !self.devices.contains_key(device) {
+            self.devices.insert(device.to_string(), DeviceAck::default());
+        }
+        self.devices.get_mut(device).expect("just inserted")
+    }
+
+    /// Remember which port a device speaks through (acks go back there).
+    pub fn route(&mut self, device: &str, port: PortId) {
+        let d = self.dev(device);
+        d.port = Some(port);
+    }
+
+    /// A reading of `device` with `seq` is now durable.
+    pub fn durable(&mut self, device: &str, seq: u64, now_ms: u64) {
+        let timeout = self.gap_timeout_ms;
+        let d = self.dev(device);
+        d.dirty = true;
+        match d.watermark {
+            None => d.watermark = Some(seq),
+            Some(w) if seq <= w => {
+                // Counter restarted (dedup let it through, so it is new).
+                d.watermark = Some(seq);
+                d.above.clear();
+                d.gap_since_ms = None;
+            }
+            Some(w) if seq == w + 1 => d.watermark = Some(seq),
+            Some(_) => {
+                d.above.insert(seq);
+                d.gap_since_ms.get_or_insert(now_ms);
+            }
+        }
+        Self::advance(d, now_ms, timeout, false);
+    }
+
+    fn advance(d: &mut DeviceAck, now_ms: u64, gap_timeout_ms: u64, allow_skip: bool) {
+        while let Some(w) = d.watermark {
+            if d.above.first() == Some(&(w + 1)) {
+                d.above.pop_first();
+                d.watermark = Some(w + 1);
+                continue;
+            }
+            if d.above.is_empty() {
+                d.gap_since_ms = None;
+                return;
+            }
+            let expired = d.gap_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= gap_timeout_ms);
+            if (allow_skip && expired) || d.above.len() > MAX_ABOVE {
+                // Give up on the gap: the missing seqs never existed.
+                d.watermark = d.above.pop_first();
+                d.gap_since_ms = if d.above.is_empty() { None } else { Some(now_ms) };
+                d.dirty = true;
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// The device resent something already durable or pending: ack it again.
+    pub fn duplicate(&mut self, device: &str) {
+        self.dev(device).dirty = true;
+    }
+
+    /// Acks to send now, one per device that changed, with its port.
+    /// Also resolves gaps that outlived the timeout.
+    pub fn take_acks(&mut self, now_ms: u64) -> Vec<(PortId, Ack)> {
+        let mut out = Vec::new();
+        let timeout = self.gap_timeout_ms;
+        for (name, d) in self.devices.iter_mut() {
+            if d.gap_since_ms.is_some() {
+                Self::advance(d, now_ms, timeout, true);
+            }
+            if !d.dirty {
+                continue;
+            }
+            if let (Some(port), Some(w)) = (d.port, d.watermark) {
+                d.dirty = false;
+                out.push((port, Ack { device: name.clone(), seq: w }));
+            }
+        }
+        out
+    }
+
+    pub fn watermark(&self, device: &str) -> Option<u64> {
+        self.devices.get(device).and_then(|d| d.watermark)
+    }
+
+    pub fn snapshot(&self) -> AckSnapshot {
+        AckSnapshot {
+            devices: self
+                .devices
+                .iter()
+                .filter_map(|(n, d)| d.watermark.map(|w| (n.clone(), w, d.above.iter().copied().collect())))
+                .collect(),
+        }
+    }
+
+    pub fn restore(&mut self, snap: AckSnapshot, now_ms: u64) {
+        for (name, w, above) in snap.devices {
+            let d = self.dev(&name);
+            d.watermark = Some(w);
+            d.above = above.into_iter().collect();
+            if !d.above.is_empty() {
+                d.gap_since_ms = Some(now_ms);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AckSnapshot {
+    devices: Vec<(String, u64, Vec<u64>)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn acks(t: &mut AckTracker, now: u64) -> Vec<u64> {
+        t.take_acks(now).into_iter().map(|(_, a)| a.seq).collect()
+    }
+
+    #[test]
+    fn contiguous_run_is_acked_once_per_change() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", 0);
+        for s in 5..=9 {
+            t.durable("a", s, 0);
+        }
+        assert_eq!(acks(&mut t, 0), vec![9]);
+        assert_eq!(acks(&mut t, 0), Vec::<u64>::new());
+        t.duplicate("a");
+        assert_eq!(acks(&mut t, 0), vec![9]);
+    }
+
+    #[test]
+    fn gap_holds_the_ack_until_filled() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", 0);
+        t.durable("a", 1, 0);
+        t.durable("a", 3, 0);
+        t.durable("a", 4, 0);
+        assert_eq!(acks(&mut t, 1), vec![1]);
+        t.durable("a", 2, 2);
+        assert_eq!(acks(&mut t, 2), vec![4]);
+    }
+
+    #[test]
+    fn gap_is_skipped_after_the_timeout() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", 3);
+        t.durable("a", 1, 0);
+        t.durable("a", 5, 0);
+        assert_eq!(acks(&mut t, 29_999), vec![1]);
+        let out = t.take_acks(30_000);
+        assert_eq!(out, vec![(3, Ack { device: "a".into(), seq: 5 })]);
+    }
+
+    #[test]
+    fn counter_restart_restarts_the_watermark() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", 0);
+        t.durable("a", 100, 0);
+        t.durable("a", 0, 1);
+        t.durable("a", 1, 1);
+        assert_eq!(acks(&mut t, 1), vec![1]);
+    }
+
+    #[test]
+    fn no_port_no_ack_until_routed_and_snapshot_round_trip() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.durable("a", 7, 0);
+        t.durable("a", 9, 0);
+        assert!(t.take_acks(0).is_empty());
+        let snap = t.snapshot();
+        let mut u = AckTracker::new(Duration::from_secs(30));
+        u.restore(snap, 0);
+        u.route("a", 1);
+        u.durable("a", 8, 0);
+        assert_eq!(acks(&mut u, 0), vec![9]);
+    }
+}

@@ -1,3 +1,368 @@
+//! The pipeline: dedup → batch → queue, and acks back once durable.
+//!
+//! [`Pipeline`] is plain synchronous code that owns the dedup state, the open
+//! batch, the ack tracker and the writing side of the queue. It runs on a
+//! thread of its own (see [`crate::app`]) because committing means fsync,
+//! and fsync must not stall the runtime that serves the ports. Benchmarks
+//! drive the same struct directly.
+//!
+//! ## Checkpoint
+//! Dedup and ack state must survive restarts, yet rewriting a state file on
+//! every commit would wear the SD card. So the state file is written rarely
+//! (every `CHECKPOINT_EVERY`, at shutdown, and before the queue deletes a
+//! segment) and names the last queue record it covers; at start-up the
+//! records after that one — still on disk, because segments are only deleted
+//! after a checkpoint — are replayed into the state.
+
 pub mod acks;
 pub mod batch;
 pub mod dedup;
+
+use crate::config::{Config, FsyncPolicy};
+use crate::metrics::Metrics;
+use crate::queue::{AppendOutcome, OpenReport, Queue, QueueError, QueueOptions};
+use crate::reading::{now_ms, Ack, Batch, Format, Incoming, PortId, Reading};
+use acks::{AckSnapshot, AckTracker};
+use batch::Batcher;
+use dedup::{Dedup, DedupSnapshot, Verdict};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// Least time between checkpoints forced by reclaiming segments.
+const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(5);
+const STATE_MAGIC: &[u8; 4] = b"EGS1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("state file {path}: {source}")]
+    State { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct State {
+    /// Every queue record with id <= this is reflected in the state.
+    covers_id: u64,
+    dedup: DedupSnapshot,
+    acks: AckSnapshot,
+}
+
+/// What start-up found, for logs and tests.
+#[derive(Debug, Default)]
+pub struct StartReport {
+    pub queue: OpenReport,
+    pub replayed_records: u64,
+    pub state_file_ok: bool,
+}
+
+pub struct Pipeline {
+    gateway: String,
+    format: Format,
+    dedup: Dedup,
+    batcher: Batcher,
+    acks: AckTracker,
+    queue: Arc<Mutex<Queue>>,
+    metrics: Arc<Metrics>,
+    fsync: FsyncPolicy,
+    fsync_interval: Duration,
+    /// `(device, seq)` of readings appended but not yet committed.
+    uncommitted: Vec<(String, u64)>,
+    dirty_since: Option<Instant>,
+    state_path: PathBuf,
+    last_checkpoint: Instant,
+    changed_since_checkpoint: bool,
+    last_error_log: Option<Instant>,
+}
+
+pub fn queue_dir(cfg: &Config) -> PathBuf {
+    cfg.gateway.data_dir.join("queue")
+}
+
+pub fn queue_options(cfg: &Config) -> QueueOptions {
+    QueueOptions { max_bytes: cfg.store.max_bytes, when_full: cfg.store.when_full, segment_bytes: cfg.store.segment_bytes }
+}
+
+impl Pipeline {
+    /// Open the queue, load the checkpoint and replay what came after it.
+    pub fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<(Pipeline, StartReport), PipelineError> {
+        let dir = &cfg.gateway.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| PipelineError::State { path: dir.clone(), source })?;
+        let (queue, qreport) = Queue::open(&queue_dir(cfg), queue_options(cfg))?;
+        Metrics::add(&metrics.queue_repaired_bytes, qreport.truncated_bytes);
+        Metrics::add(&metrics.queue_corrupt_records, qreport.corrupt_records);
+        let p = &cfg.pipeline;
+        let mut me = Pipeline {
+            gateway: cfg.gateway.id.clone(),
+            format: p.format,
+            dedup: Dedup::new(p.dedup_window, p.dedup_max_per_device),
+            batcher: Batcher::new(p.batch_max_readings, p.batch_max_bytes, p.batch_max_age),
+            acks: AckTracker::new(p.ack_gap_timeout),
+            queue: Arc::new(Mutex::new(queue)),
+            metrics,
+            fsync: cfg.store.fsync,
+            fsync_interval: cfg.store.fsync_interval,
+            uncommitted: Vec::new(),
+            dirty_since: None,
+            state_path: dir.join("state.bin"),
+            last_checkpoint: Instant::now(),
+            changed_since_checkpoint: false,
+            last_error_log: None,
+        };
+        let mut report = StartReport { queue: qreport, ..Default::default() };
+        let state = match read_state(&me.state_path) {
+            Ok(Some(s)) => {
+                report.state_file_ok = true;
+                s
+            }
+            Ok(None) => State::default(),
+            Err(e) => {
+                // A bad state file costs dedup memory, never data: the queue
+                // is the source of truth for readings.
+                tracing::warn!("ignoring unreadable state file {}: {e}", me.state_path.display());
+                State::default()
+            }
+        };
+        let now = now_ms();
+        let covers = state.covers_id;
+        me.dedup.restore(state.dedup);
+        me.acks.restore(state.acks, now);
+        let records = me.queue().read_all_on_disk_after(covers)?;
+        for (meta, payload) in records {
+            match Batch::decode(&payload) {
+                Ok(batch) => {
+                    for r in &batch.readings {
+                        me.dedup.remember(r, meta.created_ms);
+                        if let Some(seq) = r.seq {
+                            me.acks.durable(&r.device, seq, now);
+                        }
+                    }
+                    report.replayed_records += 1;
+                }
+                Err(e) => tracing::warn!("queue record {} does not decode as a batch: {e}", meta.id),
+            }
+        }
+        me.dedup.prune(now);
+        Ok((me, report))
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The queue, shared with its readers (the uplink).
+    pub fn queue_handle(&self) -> Arc<Mutex<Queue>> {
+        self.queue.clone()
+    }
+
+    /// Take one reading from a source.
+    pub fn ingest(&mut self, inc: Incoming, now: Instant, now_ms: u64) {
+        let Incoming { reading, ts_from_device, port } = inc;
+        if reading.seq.is_some() {
+            self.acks.route(&reading.device, port);
+        }
+        match self.dedup.check(&reading, ts_from_device, now_ms) {
+            Verdict::Duplicate => {
+                Metrics::inc(&self.metrics.duplicates_dropped);
+                if reading.seq.is_some() {
+                    self.acks.duplicate(&reading.device);
+                }
+            }
+            Verdict::Accept => {
+                Metrics::inc(&self.metrics.readings_accepted);
+                if let Some(batch) = self.batcher.push(reading, now) {
+                    self.seal(batch, now, now_ms);
+                }
+            }
+        }
+    }
+
+    /// Close a batch into the queue (not yet durable).
+    fn seal(&mut self, readings: Vec<Reading>, now: Instant, now_ms: u64) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = Batch { gateway: self.gateway.clone(), batch: q.next_id(), readings };
+        let payload = batch.encode(self.format);
+        let result = q.append(batch.readings.len() as u32, now_ms, &payload);
+        drop(q);
+        match result {
+            Ok(AppendOutcome::Appended { dropped_records, dropped_readings }) => {
+                if dropped_records > 0 {
+                    Metrics::add(&self.metrics.readings_dropped_full, dropped_readings);
+                    self.log_error(format_args!(
+                        "queue full: dropped the oldest {dropped_records} batches ({dropped_readings} readings)"
+                    ));
+                }
+                Metrics::inc(&self.metrics.batches_queued);
+                self.uncommitted.extend(batch.readings.iter().filter_map(|r| r.seq.map(|s| (r.device.clone(), s))));
+                self.dirty_since.get_or_insert(now);
+                self.changed_since_checkpoint = true;
+                if self.fsync == FsyncPolicy::Always {
+                    self.commit();
+                }
+            }
+            Err(e) => {
+                // Refused (reject_new, or the disk failed): the readings were
+                // never acked, so the device still has them. Forget them in
+                // dedup so that its resend is accepted.
+                Metrics::inc(&self.metrics.batches_rejected_full);
+                Metrics::add(&self.metrics.readings_rejected_full, batch.readings.len() as u64);
+                for r in &batch.readings {
+                    self.dedup.forget(r);
+                }
+                self.log_error(format_args!("batch of {} readings not queued: {e}", batch.readings.len()));
+            }
+        }
+    }
+
+    fn log_error(&mut self, msg: std::fmt::Arguments) {
+        // One line per 10 s: a full queue under load would otherwise flood.
+        let now = Instant::now();
+        if self.last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+            self.last_error_log = Some(now);
+            tracing::warn!("{msg}");
+        }
+    }
+
+    /// Make everything appended durable; acks for it become due.
+    pub fn commit(&mut self) {
+        if self.dirty_since.is_none() {
+            return;
+        }
+        let res = self.queue().commit();
+        match res {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.queue_commits);
+                let now = now_ms();
+                for (dev, seq) in self.uncommitted.drain(..) {
+                    self.acks.durable(&dev, seq, now);
+                }
+                self.dirty_since = None;
+            }
+            // Nothing is acked; the next tick tries again.
+            Err(e) => self.log_error(format_args!("queue commit failed: {e}")),
+        }
+    }
+
+    /// When [`Pipeline::tick`] next has work, if nothing arrives before.
+    pub fn next_deadline(&self) -> Instant {
+        let mut d = self.last_checkpoint + CHECKPOINT_EVERY;
+        if let Some(b) = self.batcher.deadline() {
+            d = d.min(b);
+        }
+        if let Some(t) = self.dirty_since {
+            d = d.min(t + self.fsync_interval);
+        }
+        d
+    }
+
+    /// Time-driven work: close aged batches, group commit, checkpoint.
+    /// Returns the acks to write to the devices.
+    pub fn tick(&mut self, now: Instant) -> Vec<(PortId, Ack)> {
+        let ms = now_ms();
+        if let Some(b) = self.batcher.poll_age(now) {
+            self.seal(b, now, ms);
+        }
+        if self.dirty_since.is_some_and(|t| now.duration_since(t) >= self.fsync_interval) {
+            self.commit();
+        }
+        let since = now.duration_since(self.last_checkpoint);
+        let reclaim = self.queue().reclaimable() && since >= CHECKPOINT_MIN_GAP;
+        if reclaim || (self.changed_since_checkpoint && since >= CHECKPOINT_EVERY) {
+            if let Err(e) = self.checkpoint() {
+                self.log_error(format_args!("checkpoint failed: {e}"));
+            }
+        }
+        let acks = self.acks.take_acks(ms);
+        Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
+        acks
+    }
+
+    /// Seal, commit, write the state file, then let the queue delete what
+    /// is consumed. Order matters: state first, deletion after.
+    pub fn checkpoint(&mut self) -> Result<(), PipelineError> {
+        let now = Instant::now();
+        if let Some(b) = self.batcher.take() {
+            self.seal(b, now, now_ms());
+        }
+        self.commit();
+        if self.dirty_since.is_some() {
+            // Commit failed: the state must not claim what the disk lacks.
+            return Ok(());
+        }
+        let covers_id = self.queue().committed_id();
+        let state = State {
+            covers_id,
+            dedup: self.dedup.snapshot(now_ms()),
+            acks: self.acks.snapshot(),
+        };
+        write_state(&self.state_path, &state)?;
+        self.last_checkpoint = now;
+        self.changed_since_checkpoint = false;
+        let mut q = self.queue();
+        if q.reclaimable() {
+            q.reclaim()?;
+        }
+        Ok(())
+    }
+
+    /// Shutdown: everything in the open batch goes to disk; returns the final acks.
+    pub fn close(&mut self) -> Vec<(PortId, Ack)> {
+        if let Err(e) = self.checkpoint() {
+            tracing::error!("final checkpoint failed: {e}");
+        }
+        let acks = self.acks.take_acks(now_ms());
+        Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
+        acks
+    }
+
+    pub fn open_batch_len(&self) -> usize {
+        self.batcher.len()
+    }
+
+    pub fn dedup_keys(&self) -> usize {
+        self.dedup.len()
+    }
+}
+
+fn read_state(path: &Path) -> std::io::Result<Option<State>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    if bytes.len() < 8 || &bytes[..4] != STATE_MAGIC {
+        return Err(bad("bad magic"));
+    }
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    if crc32(&bytes[8..]) != crc {
+        return Err(bad("checksum mismatch"));
+    }
+    postcard::from_bytes(&bytes[8..]).map(Some).map_err(|e| bad(&e.to_string()))
+}
+
+/// Atomic replace: temp file, fsync, rename, fsync the directory — a power
+/// cut leaves either the old file or the new one, never a mix.
+fn write_state(path: &Path, state: &State) -> Result<(), PipelineError> {
+    let err = |source| PipelineError::State { path: path.to_path_buf(), source };
+    let body = postcard::to_allocvec(state).map_err(|e| err(std::io::Error::other(e)))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(STATE_MAGIC).map_err(err)?;
+    f.write_all(&crc32(&body).to_le_bytes()).map_err(err)?;
+    f.write_all(&body).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(b)
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine: installs what it needs,
+# then runs every test. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+# Tools the tests drive for real (added as issues need them).
+for tool in :; do :; done
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run $0" >&2
+    exit 1
+fi
+if ((${#need_apt[@]})); then
+    echo "installing: ${need_apt[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+# Debug builds: a release build of this tree costs minutes and tests do not
+# need it. Benchmarks are compiled (so they cannot rot) but not run.
+cargo build --all-targets --locked
+cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-2}"
