@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests drive for real, added as features need them
+# (serial tests need only the kernel's PTYs).
 need_apt=()
-# Tools the tests drive for real (added as issues need them).
-for tool in :; do :; done
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run $0" >&2
     exit 1

@@ -20,6 +20,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod metrics;
 pub mod pipeline;
 pub mod queue;

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub duplicates_dropped: AtomicU64,
     /// Batches appended to the queue.
     pub batches_queued: AtomicU64,
+    /// Encoded batch bytes appended to the queue (payloads only).
+    pub batch_bytes_queued: AtomicU64,
     /// Readings dropped by the `drop_oldest` policy.
     pub readings_dropped_full: AtomicU64,
     /// Batches refused by the `reject_new` policy (their readings were not acked).

@@ -188,6 +188,7 @@ impl Pipeline {
         let payload = batch.encode(self.format);
         let result = q.append(batch.readings.len() as u32, now_ms, &payload);
         drop(q);
+        crate::crashpoint::hit("after-append");
         match result {
             Ok(AppendOutcome::Appended { dropped_records, dropped_readings }) => {
                 if dropped_records > 0 {
@@ -197,6 +198,7 @@ impl Pipeline {
                     ));
                 }
                 Metrics::inc(&self.metrics.batches_queued);
+                Metrics::add(&self.metrics.batch_bytes_queued, payload.len() as u64);
                 self.uncommitted.extend(batch.readings.iter().filter_map(|r| r.seq.map(|s| (r.device.clone(), s))));
                 self.dirty_since.get_or_insert(now);
                 self.changed_since_checkpoint = true;
@@ -235,6 +237,7 @@ impl Pipeline {
         let res = self.queue().commit();
         match res {
             Ok(()) => {
+                crate::crashpoint::hit("after-commit");
                 Metrics::inc(&self.metrics.queue_commits);
                 let now = now_ms();
                 for (dev, seq) in self.uncommitted.drain(..) {
@@ -300,6 +303,7 @@ impl Pipeline {
             acks: self.acks.snapshot(),
         };
         write_state(&self.state_path, &state)?;
+        crate::crashpoint::hit("after-checkpoint");
         self.last_checkpoint = now;
         self.changed_since_checkpoint = false;
         let mut q = self.queue();
@@ -356,6 +360,7 @@ fn write_state(path: &Path, state: &State) -> Result<(), PipelineError> {
     f.write_all(&crc32(&body).to_le_bytes()).map_err(err)?;
     f.write_all(&body).map_err(err)?;
     f.sync_all().map_err(err)?;
+    crate::crashpoint::hit("before-state-rename");
     std::fs::rename(&tmp, path).map_err(err)?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;

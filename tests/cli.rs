@@ -1,0 +1,101 @@
+//! The CLI's contract: config errors, decode, and shutdown on signals.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+fn check(dir: &std::path::Path, body: &str) -> (i32, String, String) {
+    let p = dir.join("gw.toml");
+    std::fs::write(&p, body).unwrap();
+    cli(&["check-config", p.to_str().unwrap()])
+}
+
+const BASE: &str = "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n\n[pipeline]\nbatch_max_age = \"200ms\"\n";
+
+#[test]
+fn check_config_accepts_the_shipped_configs() {
+    for f in ["config/gateway.example.toml", "config/demo.toml"] {
+        let (code, out, err) = cli(&["check-config", f]);
+        assert_eq!(code, 0, "{f}: {err}");
+        assert!(out.contains(": ok: gateway ") && out.lines().count() == 1, "{out}");
+    }
+}
+
+#[test]
+fn check_config_names_path_line_col_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let shown = dir.path().join("gw.toml").display().to_string();
+    let cases = [
+        // unknown key
+        (format!("{BASE}batch_size = 3\n"), ":7:1: ", "batch_size"),
+        // wrong type
+        (format!("{BASE}batch_max_readings = \"many\"\n"), ":7:22: ", "pipeline.batch_max_readings"),
+        // bad duration
+        (BASE.replace("\"200ms\"", "\"2 fortnights\""), ":6:17: ", "pipeline.batch_max_age"),
+    ];
+    for (body, at, key) in cases {
+        let (code, out, err) = check(dir.path(), &body);
+        assert_eq!(code, 1, "should fail: {body}");
+        assert!(out.is_empty());
+        let line = err.trim();
+        assert!(line.starts_with(&format!("{shown}{at}")), "expected {shown}{at}…, got: {line}");
+        assert!(line.contains(key), "expected key {key} in: {line}");
+    }
+}
+
+#[test]
+fn decode_reads_both_formats_from_stdin() {
+    use edge_gateway::{Batch, Format, Reading, Value};
+    use std::io::Write;
+    let batch = Batch {
+        gateway: "gw".into(),
+        batch: 9,
+        readings: vec![Reading { device: "d1".into(), sensor: "hr".into(), seq: Some(3), ts: 1000, value: Value::Number(61.0) }],
+    };
+    for f in [Format::Json, Format::Postcard] {
+        let mut child = std::process::Command::new(bin())
+            .arg("decode")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&batch.encode(f)).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            r#"{"gateway":"gw","batch":9,"device":"d1","sensor":"hr","seq":3,"ts":1000,"value":61.0}"#
+        );
+    }
+    let out = std::process::Command::new(bin()).arg("decode").stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "empty input is an error");
+}
+
+#[test]
+fn sigterm_and_sigint_exit_zero_quickly_with_an_empty_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-port");
+    let cfg = write_config(dir.path(), &[Port { name: "p0", path: &missing, framing: "jsonl" }], "", "");
+    for _ in 0..2 {
+        let gw = Gateway::start(&cfg);
+        assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("running")), "{}", gw.log_text());
+        let (code, took) = gw.terminate();
+        assert_eq!(code, Some(0));
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+    let st = queue_status(&cfg);
+    assert_eq!(st["batches"], 0);
+    assert_eq!(st["readings"], 0);
+}
+
+#[test]
+fn a_second_gateway_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &[], "", "");
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("running")), "{}", gw.log_text());
+    let (code, _, err) = cli(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.to_lowercase().contains("lock") || err.contains("in use"), "{err}");
+    gw.kill9();
+}

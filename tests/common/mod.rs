@@ -1,0 +1,148 @@
+//! Shared helpers for the integration tests: the real binary as a child
+//! process, configs in temp dirs, and reading the queue back through the CLI.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_edge-gateway")
+}
+
+/// Poll `f` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Port<'a> {
+    pub name: &'a str,
+    pub path: &'a Path,
+    pub framing: &'a str,
+}
+
+/// Write a config into `dir` with the given ports; `extra` is appended
+/// verbatim (e.g. a `[store]` table).
+pub fn write_config(dir: &Path, ports: &[Port], pipeline: &str, store: &str) -> PathBuf {
+    let mut s = format!("[gateway]\nid = \"test-gw\"\ndata_dir = {:?}\n\n", dir.join("data").display().to_string());
+    for p in ports {
+        s += &format!(
+            "[[serial]]\nname = {:?}\npath = {:?}\nframing = {:?}\n\n",
+            p.name,
+            p.path.display().to_string(),
+            p.framing
+        );
+    }
+    s += &format!("[pipeline]\n{pipeline}\n\n[store]\n{store}\n");
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, s).expect("write config");
+    path
+}
+
+/// The gateway binary, running; its stderr goes to `log`.
+pub struct Gateway {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(config: &Path) -> Gateway {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Gateway {
+        let log = config.with_extension(format!("log.{}", now_nanos()));
+        let err = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--config"]).arg(config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
+        cmd.env("RUST_LOG", "edge_gateway=debug,info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Gateway { child: cmd.spawn().expect("spawn edge-gateway"), log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit code and how long it took.
+    pub fn terminate(mut self) -> (Option<i32>, Duration) {
+        let t = Instant::now();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return (st.code(), t.elapsed());
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!("gateway did not exit within 10 s of SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// Run the CLI; returns (exit code, stdout, stderr).
+pub fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin()).args(args).output().expect("run edge-gateway");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn queue_dump(config: &Path) -> Vec<serde_json::Value> {
+    let (code, out, err) = cli(&["queue", "dump", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "queue dump failed: {err}");
+    out.lines().map(|l| serde_json::from_str(l).expect("dump line is JSON")).collect()
+}
+
+pub fn queue_status(config: &Path) -> serde_json::Value {
+    let (code, out, err) = cli(&["queue", "status", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "queue status failed: {err}");
+    serde_json::from_str(out.trim()).expect("status is JSON")
+}
+
+/// `(device, sensor, seq)` → how many times it is in the queue.
+pub fn count_by_key(dump: &[serde_json::Value]) -> HashMap<(String, String, u64), usize> {
+    let mut m = HashMap::new();
+    for r in dump {
+        let key = (
+            r["device"].as_str().unwrap().to_string(),
+            r["sensor"].as_str().unwrap().to_string(),
+            r["seq"].as_u64().expect("seq"),
+        );
+        *m.entry(key).or_insert(0) += 1;
+    }
+    m
+}
