@@ -83,13 +83,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     sources_stop.trigger();
     let _ = tokio::time::timeout(SOURCE_STOP_BUDGET, async { while sources.join_next().await.is_some() {} }).await;
     sources.abort_all();
-    tracing::info!(
-        "stopped: {} readings accepted, {} duplicates dropped, {} batches queued",
-        Metrics::get(&metrics.readings_accepted),
-        Metrics::get(&metrics.duplicates_dropped),
-        Metrics::get(&metrics.batches_queued)
-    );
+    log_summary(&metrics);
     Ok(())
+}
+
+/// The counters, once, at exit: what a test or an operator reading the
+/// journal after a restart wants to know.
+fn log_summary(m: &Metrics) {
+    for (name, c) in m.ports() {
+        tracing::info!("port {name}: {} readings, {} malformed, {} reconnects", c.readings, c.malformed, c.reconnects);
+    }
+    tracing::info!(
+        "stopped: {} readings accepted, {} duplicates dropped, {} batches queued, {} readings dropped (queue full), {} readings refused (queue full), {} acks sent",
+        Metrics::get(&m.readings_accepted),
+        Metrics::get(&m.duplicates_dropped),
+        Metrics::get(&m.batches_queued),
+        Metrics::get(&m.readings_dropped_full),
+        Metrics::get(&m.readings_rejected_full),
+        Metrics::get(&m.acks_sent),
+    );
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -1,0 +1,331 @@
+//! The whole path with real parts: simulated wearables on kernel PTYs, the
+//! real `edge-gateway` binary (killed with SIGKILL where the test says so),
+//! and the queue read back through `edge-gateway queue dump`.
+
+mod common;
+use common::*;
+use edge_gateway::config::Framing;
+use edge_gateway::sim::{open_pty, Malformed, SimConfig, SimDevice};
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const PIPELINE: &str = "batch_max_age = \"50ms\"\nbatch_max_readings = 200";
+const STORE: &str = "fsync_interval = \"50ms\"";
+
+fn device(name: &str, framing: Framing, seed: u64, dup: f64) -> (SimDevice, PathBuf) {
+    let pty = open_pty().expect("openpty");
+    let path = pty.slave_path.clone();
+    let mut cfg = SimConfig::new(name, framing);
+    cfg.seed = seed;
+    cfg.duplicate_probability = dup;
+    cfg.resend_after = Duration::from_millis(400);
+    (SimDevice::on_pty(cfg, pty).expect("sim device"), path)
+}
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("wrist-{i:02}")).collect()
+}
+
+/// Every reading every device created is in the dump exactly once, and the
+/// dump holds nothing else.
+fn assert_exactly_once(devices: &[SimDevice], dump: &[serde_json::Value]) {
+    let counts = count_by_key(dump);
+    let mut missing = 0;
+    let mut doubled = 0;
+    let mut expected = 0;
+    for d in devices {
+        for r in d.created() {
+            expected += 1;
+            match counts.get(&(r.device.clone(), r.sensor.clone(), r.seq.unwrap())) {
+                None => missing += 1,
+                Some(1) => {}
+                Some(_) => doubled += 1,
+            }
+        }
+    }
+    assert_eq!((missing, doubled), (0, 0), "of {expected} readings: {missing} missing, {doubled} duplicated");
+    assert_eq!(dump.len(), expected, "the queue holds readings nobody sent");
+}
+
+fn summary_number(log: &str, pattern: &str) -> u64 {
+    // "… 123 readings dropped (queue full) …" → 123
+    let i = log.rfind(pattern).unwrap_or_else(|| panic!("{pattern:?} not in log:\n{log}"));
+    log[..i].split_whitespace().last().unwrap().parse().unwrap()
+}
+
+#[test]
+fn ten_thousand_readings_with_duplicates_and_garbage_are_queued_once_and_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut devices = Vec::new();
+    let mut paths = Vec::new();
+    for (i, name) in names(10).iter().enumerate() {
+        let framing = if i % 2 == 0 { Framing::Jsonl } else { Framing::Cobs };
+        let (d, p) = device(name, framing, 100 + i as u64, 0.2);
+        devices.push(d);
+        paths.push((format!("dock{i}"), p, if i % 2 == 0 { "jsonl" } else { "cobs" }));
+    }
+    let ports: Vec<Port> = paths.iter().map(|(n, p, f)| Port { name: n, path: p, framing: f }).collect();
+    let cfg = write_config(dir.path(), &ports, PIPELINE, STORE);
+    let gw = Gateway::start(&cfg);
+
+    // 1,000 readings per device, interleaved; 5 malformed frames per device.
+    for step in 0..1000 {
+        for d in devices.iter_mut() {
+            d.send_next().unwrap();
+            if step % 200 == 100 {
+                d.send_malformed(Malformed::ALL[step / 200 % 4]).unwrap();
+            }
+            d.resend_if_stalled().unwrap();
+        }
+    }
+    for d in devices.iter_mut() {
+        assert!(d.wait_all_acked(Duration::from_secs(60)).unwrap(), "not all acked: {:?}\n{}", d.stats(), gw.log_text());
+    }
+    let dups: u64 = devices.iter().map(|d| d.stats().duplicates_injected).sum();
+    let malformed: u64 = devices.iter().map(|d| d.stats().malformed_sent).sum();
+    assert_eq!(malformed, 50);
+    assert!(dups >= 1500, "about 20 % duplicates expected, got {dups}");
+    let log = gw_terminate(gw);
+    let dump = queue_dump(&cfg);
+    assert_exactly_once(&devices, &dump);
+    assert_eq!(dump.len(), 10_000);
+    for d in &devices {
+        let st = d.stats();
+        assert_eq!((st.pending, st.acked_through), (0, Some(1000)), "{:?}", st);
+    }
+    // Malformed frames are counted per port, exactly.
+    let counted: u64 = log.lines().filter(|l| l.contains(" malformed, ")).map(|l| summary_number(l, "malformed,")).sum();
+    assert_eq!(counted, 50, "{log}");
+    assert!(summary_number(&log, "duplicates dropped") >= dups, "{log}");
+}
+
+/// SIGTERM, assert exit 0 within 5 s, return the log.
+fn gw_terminate(gw: Gateway) -> String {
+    let log = gw.log.clone();
+    let (code, took) = gw.terminate();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    text
+}
+
+#[test]
+fn sigkill_three_times_while_streaming_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut devices = Vec::new();
+    let mut paths = Vec::new();
+    for (i, name) in names(4).iter().enumerate() {
+        let (d, p) = device(name, Framing::Jsonl, 7 + i as u64, 0.05);
+        devices.push(d);
+        paths.push((format!("dock{i}"), p));
+    }
+    let ports: Vec<Port> = paths.iter().map(|(n, p)| Port { name: n, path: p, framing: "jsonl" }).collect();
+    let cfg = write_config(dir.path(), &ports, PIPELINE, STORE);
+    let mut gw = Gateway::start(&cfg);
+    let mut rng = edge_gateway::sim::XorShift::new(42);
+    let mut kills = 0;
+    let mut next_kill = Instant::now() + Duration::from_millis(300 + rng.below(700));
+    let mut sent = 0;
+    while kills < 3 || sent < 6000 {
+        for d in devices.iter_mut() {
+            d.send_next().unwrap();
+            d.resend_if_stalled().unwrap();
+        }
+        sent += devices.len();
+        std::thread::sleep(Duration::from_micros(300));
+        if kills < 3 && Instant::now() >= next_kill {
+            gw.kill9();
+            kills += 1;
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            gw = Gateway::start(&cfg);
+            next_kill = Instant::now() + Duration::from_millis(300 + rng.below(1200));
+        }
+    }
+    for d in devices.iter_mut() {
+        assert!(d.wait_all_acked(Duration::from_secs(60)).unwrap(), "not all acked: {:?}\n{}", d.stats(), gw.log_text());
+    }
+    gw_terminate(gw);
+    let dump = queue_dump(&cfg);
+    assert_exactly_once(&devices, &dump);
+}
+
+#[test]
+fn crash_between_commit_and_ack_and_during_checkpoint_loses_nothing() {
+    // The named windows: after the queue commit but before the device saw
+    // its ack (it resends; dedup must drop the resend), after append before
+    // commit (never acked, the resend is queued), and with a half-written
+    // state file (the old one stays valid).
+    for point in ["after-commit:3", "after-append:2", "before-state-rename:1"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, p) = device("wrist-00", Framing::Jsonl, 3, 0.0);
+        let cfg = write_config(dir.path(), &[Port { name: "dock0", path: &p, framing: "jsonl" }], PIPELINE, STORE);
+        let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", point)]);
+        for _ in 0..300 {
+            d.send_next().unwrap();
+            d.resend_if_stalled().unwrap();
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        if point.starts_with("before-state") {
+            // The checkpoint runs at shutdown: ask for one.
+            let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        }
+        assert!(
+            wait_until(Duration::from_secs(20), || gw.child.try_wait().unwrap().is_some()),
+            "crash point {point} never reached:\n{}",
+            gw.log_text()
+        );
+        assert!(gw.log_text().contains("crash point"), "{}", gw.log_text());
+        gw = Gateway::start(&cfg);
+        for _ in 0..100 {
+            d.send_next().unwrap();
+        }
+        assert!(d.wait_all_acked(Duration::from_secs(30)).unwrap(), "{point}: {:?}\n{}", d.stats(), gw.log_text());
+        gw_terminate(gw);
+        assert_exactly_once(std::slice::from_ref(&d), &queue_dump(&cfg));
+    }
+}
+
+/// Fill a queue through the binary: one device, `n` readings, batches of 10.
+fn fill(dir: &std::path::Path, store: &str, n: usize) -> (PathBuf, SimDevice, String) {
+    let (mut d, p) = device("wrist-00", Framing::Jsonl, 11, 0.0);
+    let cfg = write_config(
+        dir,
+        &[Port { name: "dock0", path: &p, framing: "jsonl" }],
+        "batch_max_age = \"20ms\"\nbatch_max_readings = 10",
+        store,
+    );
+    let gw = Gateway::start(&cfg);
+    for _ in 0..n {
+        d.send_next().unwrap();
+        d.resend_if_stalled().unwrap();
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    // Let the tail settle (acks for everything that will be acked).
+    let _ = d.wait_all_acked(Duration::from_secs(3));
+    let log = gw_terminate(gw);
+    (cfg, d, log)
+}
+
+fn segments(cfg: &std::path::Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(cfg.parent().unwrap().join("data/queue/segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn batches(dump: &[serde_json::Value]) -> BTreeSet<u64> {
+    dump.iter().map(|r| r["batch"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn torn_tail_and_flipped_byte_are_repaired_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, d, _) = fill(dir.path(), "segment_bytes = 4096", 400);
+    assert_eq!(d.stats().pending, 0);
+    let before = queue_dump(&cfg);
+    assert_eq!(before.len(), 400);
+    let segs = segments(&cfg);
+    assert!(segs.len() >= 3, "want several segments, got {segs:?}");
+
+    // 1. Cut the last segment in the middle of its last record.
+    let last = segs.last().unwrap();
+    let len = std::fs::metadata(last).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(last).unwrap().set_len(len - 7).unwrap();
+    // 2. Flip one byte in the middle of the first segment.
+    let first = &segs[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(first, bytes).unwrap();
+
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("running")), "{}", gw.log_text());
+    let log = gw_terminate(gw);
+    assert!(log.contains("queue repaired at start-up"), "{log}");
+    assert!(log.contains("cut 7 torn bytes") && log.contains("skipped 1 corrupt records"), "{log}");
+
+    let after = queue_dump(&cfg);
+    let lost: Vec<u64> = batches(&before).difference(&batches(&after)).copied().collect();
+    assert_eq!(lost.len(), 2, "exactly the torn and the corrupt record are gone: {lost:?}");
+    assert!(lost.contains(batches(&before).last().unwrap()), "the torn one is the last batch");
+    let kept: Vec<_> = before.iter().filter(|r| !lost.contains(&r["batch"].as_u64().unwrap())).collect();
+    assert_eq!(kept.len(), after.len());
+    assert!(kept.iter().zip(&after).all(|(a, b)| *a == b), "intact records kept, in order");
+
+    // The repair is on disk: the next start finds nothing to repair.
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("running")), "{}", gw.log_text());
+    let log = gw_terminate(gw);
+    assert!(!log.contains("repaired"), "{log}");
+}
+
+#[test]
+fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, d, log) = fill(dir.path(), "max_bytes = 8192\nwhen_full = \"drop_oldest\"", 600);
+    assert_eq!(d.stats().pending, 0, "drop_oldest keeps acking");
+    let dropped = summary_number(&log, "readings dropped (queue full)");
+    let dump = queue_dump(&cfg);
+    assert!(dropped > 0, "the queue should have overflowed");
+    assert_eq!(dump.len() as u64 + dropped, 600, "{log}");
+    // What is left is the newest, contiguous tail.
+    let seqs: Vec<u64> = dump.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, ((dropped + 1)..=600).collect::<Vec<_>>());
+    let st = queue_status(&cfg);
+    assert!(st["bytes"].as_u64().unwrap() <= 8192, "{st}");
+    assert_eq!(st["readings"].as_u64().unwrap(), dump.len() as u64);
+}
+
+#[test]
+fn reject_new_stops_acking_so_the_device_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, d, log) = fill(dir.path(), "max_bytes = 8192\nwhen_full = \"reject_new\"", 600);
+    let st = d.stats();
+    let acked = st.acked_through.expect("some readings were acked");
+    assert!(acked < 600 && st.pending as u64 == 600 - acked, "{st:?}");
+    assert!(summary_number(&log, "readings refused (queue full)") > 0, "{log}");
+    // The queue holds exactly what was acked, nothing was dropped.
+    let seqs: Vec<u64> = queue_dump(&cfg).iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=acked).collect::<Vec<_>>());
+    assert_eq!(summary_number(&log, "readings dropped (queue full)"), 0);
+}
+
+#[test]
+fn unplugged_dock_resumes_after_replug_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("dock0");
+    let (mut d, p) = device("wrist-00", Framing::Jsonl, 5, 0.0);
+    edge_gateway::sim::point_symlink(&link, &p).unwrap();
+    let cfg = write_config(dir.path(), &[Port { name: "dock0", path: &link, framing: "jsonl" }], PIPELINE, STORE);
+    let gw = Gateway::start(&cfg);
+    for _ in 0..50 {
+        d.send_next().unwrap();
+    }
+    assert!(d.wait_all_acked(Duration::from_secs(20)).unwrap(), "{}", gw.log_text());
+    let next = d.next_seq();
+    let mut created = d.created().to_vec();
+    d.unplug();
+    // A new dock appears at the same path.
+    let pty = open_pty().unwrap();
+    edge_gateway::sim::point_symlink(&link, &pty.slave_path).unwrap();
+    let mut c = SimConfig::new("wrist-00", Framing::Jsonl);
+    c.first_seq = next;
+    c.seed = 6;
+    let mut d2 = SimDevice::on_pty(c, pty).unwrap();
+    for _ in 0..50 {
+        d2.send_next().unwrap();
+    }
+    assert!(d2.wait_all_acked(Duration::from_secs(30)).unwrap(), "{:?}\n{}", d2.stats(), gw.log_text());
+    let log = gw_terminate(gw);
+    assert!(log.contains("unplugged") || log.contains("disconnected"), "{log}");
+    created.extend_from_slice(d2.created());
+    let counts = count_by_key(&queue_dump(&cfg));
+    assert_eq!(counts.len(), 100);
+    let want: HashMap<_, _> = created.iter().map(|r| ((r.device.clone(), r.sensor.clone(), r.seq.unwrap()), 1)).collect();
+    assert_eq!(counts, want);
+}
