@@ -140,7 +140,10 @@ pub struct QueueStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendOutcome {
     /// `dropped_*` > 0 when DropOldest evicted the oldest live records to make room.
-    Appended { dropped_records: u64, dropped_readings: u64 },
+    Appended {
+        dropped_records: u64,
+        dropped_readings: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +182,10 @@ trait Ctx<T> {
 impl<T> Ctx<T> for io::Result<T> {
     fn ctx(self, what: &str, path: &Path) -> Result<T> {
         self.map_err(|e| {
-            QueueError::Io(io::Error::new(e.kind(), format!("{what} {}: {e}", path.display())))
+            QueueError::Io(io::Error::new(
+                e.kind(),
+                format!("{what} {}: {e}", path.display()),
+            ))
         })
     }
 }
@@ -222,7 +228,11 @@ struct Entry {
 
 impl Entry {
     fn meta(&self) -> RecordMeta {
-        RecordMeta { id: self.id, readings: self.readings, created_ms: self.created_ms }
+        RecordMeta {
+            id: self.id,
+            readings: self.readings,
+            created_ms: self.created_ms,
+        }
     }
 }
 
@@ -343,7 +353,15 @@ impl Queue {
             fs::metadata(dir).ctx("opening queue directory", dir)?;
             None
         } else {
+            let fresh = !dir.exists();
             fs::create_dir_all(&seg_dir).ctx("creating", &seg_dir)?;
+            if fresh {
+                // The new directory's own entry must be durable too, or a
+                // power cut could take the whole queue with it.
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    sync_dir(parent, &mut fsyncs).ctx("syncing directory", parent)?;
+                }
+            }
             let lock_path = dir.join("lock");
             let f = OpenOptions::new()
                 .create(true)
@@ -411,7 +429,10 @@ impl Queue {
                     len = Self::rewrite_segment(&path, &bytes, &mut records, &mut fsyncs)?;
                     report.repaired_segments += 1;
                 } else if let Some((start, _)) = tail {
-                    let f = OpenOptions::new().write(true).open(&path).ctx("opening", &path)?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .ctx("opening", &path)?;
                     f.set_len(start).ctx("truncating torn tail of", &path)?;
                     f.sync_data().ctx("syncing", &path)?;
                     fsyncs += 1;
@@ -434,7 +455,14 @@ impl Queue {
                 readings: r.readings,
                 created_ms: r.created_ms,
             }));
-            segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });
+            segments.push_back(Segment {
+                first_id,
+                path,
+                file,
+                len,
+                last_id,
+                synced_len: len,
+            });
         }
 
         let st = loaded.state;
@@ -493,7 +521,12 @@ impl Queue {
     /// over `path`. Updates the records' offsets; returns the new length.
     /// The directory fsync that makes the rename durable happens once at the
     /// end of `open`.
-    fn rewrite_segment(path: &Path, bytes: &[u8], records: &mut [RecInfo], fsyncs: &mut u64) -> Result<u64> {
+    fn rewrite_segment(
+        path: &Path,
+        bytes: &[u8],
+        records: &mut [RecInfo],
+        fsyncs: &mut u64,
+    ) -> Result<u64> {
         let mut out = Vec::with_capacity(bytes.len());
         for r in records.iter_mut() {
             let start = r.offset as usize;
@@ -536,7 +569,12 @@ impl Queue {
 
     /// Append one record with id `next_id()`. Not durable until `commit()`.
     /// May commit implicitly when it rolls to a new segment.
-    pub fn append(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
+    pub fn append(
+        &mut self,
+        readings: u32,
+        created_ms: u64,
+        payload: &[u8],
+    ) -> Result<AppendOutcome> {
         self.writable()?;
         let size = (OVERHEAD + payload.len()) as u64;
         let max = self.opts.max_bytes;
@@ -583,7 +621,14 @@ impl Queue {
         seg.last_id = id;
         let seg_id = seg.first_id;
         self.seg_dirty = true;
-        self.index.push_back(Entry { id, seg: seg_id, offset, total: size as u32, readings, created_ms });
+        self.index.push_back(Entry {
+            id,
+            seg: seg_id,
+            offset,
+            total: size as u32,
+            readings,
+            created_ms,
+        });
         self.live_bytes += size;
         self.live_readings += readings as u64;
         self.next_id += 1;
@@ -592,7 +637,10 @@ impl Queue {
             let last_dropped = self.index[first_live + evict - 1].id;
             self.move_head(last_dropped);
         }
-        Ok(AppendOutcome::Appended { dropped_records: evict as u64, dropped_readings })
+        Ok(AppendOutcome::Appended {
+            dropped_records: evict as u64,
+            dropped_readings,
+        })
     }
 
     /// Commit what the current segment holds (so only the newest segment ever
@@ -608,7 +656,14 @@ impl Queue {
             .create_new(true)
             .open(&path)
             .ctx("creating segment", &path)?;
-        self.segments.push_back(Segment { first_id, path, file, len: 0, last_id: 0, synced_len: 0 });
+        self.segments.push_back(Segment {
+            first_id,
+            path,
+            file,
+            len: 0,
+            last_id: 0,
+            synced_len: 0,
+        });
         self.seg_dir_dirty = true;
         self.force_roll = false;
         Ok(())
@@ -647,8 +702,14 @@ impl Queue {
     }
 
     fn write_ledger(&mut self, high_water: u64) -> Result<()> {
-        let st = LedgerState { acked_through: self.head, high_water };
-        let created = self.ledger.write(st, &mut self.fsyncs).ctx("writing", &Ledger::path_in(&self.dir))?;
+        let st = LedgerState {
+            acked_through: self.head,
+            high_water,
+        };
+        let created = self
+            .ledger
+            .write(st, &mut self.fsyncs)
+            .ctx("writing", &Ledger::path_in(&self.dir))?;
         if created {
             sync_dir(&self.dir, &mut self.fsyncs).ctx("syncing directory", &self.dir)?;
         }
@@ -682,10 +743,15 @@ impl Queue {
             .expect("index entry without segment");
         let s = &self.segments[i];
         let mut buf = vec![0u8; e.total as usize];
-        s.file.read_exact_at(&mut buf, e.offset).ctx("reading", &s.path)?;
+        s.file
+            .read_exact_at(&mut buf, e.offset)
+            .ctx("reading", &s.path)?;
         match segment::payload_of(&buf, e.id) {
             Some(p) => Ok((e.meta(), p.to_vec())),
-            None => Err(QueueError::Corrupt { id: e.id, path: s.path.clone() }),
+            None => Err(QueueError::Corrupt {
+                id: e.id,
+                path: s.path.clone(),
+            }),
         }
     }
 
@@ -713,7 +779,11 @@ impl Queue {
 
     /// Whether `reclaim` would delete at least one segment file.
     pub fn reclaimable(&self) -> bool {
-        !self.readonly && self.segments.front().is_some_and(|s| s.last_id <= self.head)
+        !self.readonly
+            && self
+                .segments
+                .front()
+                .is_some_and(|s| s.last_id <= self.head)
     }
 
     /// Delete segment files whose records are all acked or dropped; returns
@@ -770,14 +840,20 @@ impl Queue {
     /// Highest id in any segment file still on disk (acked or not), or the
     /// ledger's head if that is higher; 0 for a queue that never held anything.
     pub fn last_id_on_disk(&self) -> u64 {
-        self.index.back().map_or(0, |e| e.id).max(self.ledger.state.acked_through)
+        self.index
+            .back()
+            .map_or(0, |e| e.id)
+            .max(self.ledger.state.acked_through)
     }
 
     /// Every valid record still on disk with id > `after_id`, acked or not,
     /// committed or not (at open time everything on disk counts as committed).
     pub fn read_all_on_disk_after(&self, after_id: u64) -> Result<Vec<(RecordMeta, Vec<u8>)>> {
         let from = self.index.partition_point(|e| e.id <= after_id);
-        self.index.range(from..).map(|e| self.read_entry(e)).collect()
+        self.index
+            .range(from..)
+            .map(|e| self.read_entry(e))
+            .collect()
     }
 
     /// Total bytes of segment files + ledger on disk.
@@ -799,6 +875,9 @@ impl Queue {
     /// (path, durable length, current length) of every segment.
     #[cfg(test)]
     fn segment_files(&self) -> Vec<(PathBuf, u64, u64)> {
-        self.segments.iter().map(|s| (s.path.clone(), s.synced_len, s.len)).collect()
+        self.segments
+            .iter()
+            .map(|s| (s.path.clone(), s.synced_len, s.len))
+            .collect()
     }
 }
