@@ -71,6 +71,22 @@
 //! Errors: if an fsync fails, the kernel may already have dropped the dirty
 //! pages and a retry would falsely succeed, so the queue refuses further
 //! writes ([`QueueError::NeedsReopen`]); reopening rescans what really is on disk.
+//!
+//! # What callers must know
+//!
+//! * Acks and DropOldest evictions are durable only after the next `commit()`
+//!   (or `reclaim()`). Without that, a restart redelivers those records: at
+//!   least once, never lost. It also means live bytes can be above
+//!   `max_bytes` right after `open`; DropOldest trims at the next append,
+//!   RejectNew keeps refusing until acks bring it down.
+//! * `append` commits implicitly when it rolls to a new segment, so
+//!   `committed_id()` can advance without an explicit `commit()`.
+//! * DropOldest may evict records the uplink has already read; acks for ids
+//!   at or below the head are simply no-ops.
+//! * Disk use is live bytes + acked segments not yet reclaimed + up to one
+//!   partly acked segment; call `reclaim()` after persisting dedup state.
+//! * `open` reads every segment (start-up time is proportional to bytes on
+//!   disk); `open_readonly` does the same without touching anything.
 
 mod ledger;
 mod segment;
