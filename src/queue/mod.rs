@@ -1,31 +1,899 @@
-//! TEMPORARY signature stub; replaced by the real queue (branch `queue`).
-#![allow(unused)]
-use crate::config::WhenFull;
-use std::path::Path;
-pub struct QueueOptions { pub max_bytes: u64, pub when_full: WhenFull, pub segment_bytes: u64 }
-#[derive(Debug, Clone, Copy)]
-pub struct RecordMeta { pub id: u64, pub readings: u32, pub created_ms: u64 }
-#[derive(Debug, Default, Clone)]
-pub struct OpenReport { pub records: u64, pub truncated_bytes: u64, pub corrupt_records: u64, pub repaired_segments: u64 }
-#[derive(Debug, Default, Clone)]
-pub struct QueueStatus { pub batches: u64, pub readings: u64, pub bytes: u64, pub oldest_created_ms: Option<u64> }
-pub enum AppendOutcome { Appended { dropped_records: u64, dropped_readings: u64 } }
+//! The durable on-disk queue: append-only segment files plus a small ack
+//! ledger (the Kafka / Vector disk-buffer shape).
+//!
+//! # Layout of `dir`
+//!
+//! ```text
+//! dir/lock                          flock'ed by the one writer (Queue::open)
+//! dir/ledger                        ack ledger, 20-byte entries (see ledger.rs)
+//! dir/segments/<first id:020>.seg   records, appended in id order
+//! ```
+//!
+//! *Why segments:* the only writes are appends and whole-file deletes, which
+//! is what SD cards tolerate (no small in-place rewrites). Zero-padded names
+//! sort lexically in id order, so listing the directory is enough to order
+//! them. A segment is rolled when it would exceed
+//! `min(segment_bytes, max(max_bytes / 4, 4096))`, so even a small queue is
+//! spread over a few files and space comes back in reasonable steps.
+//!
+//! # Record (all integers little-endian)
+//!
+//! ```text
+//! [magic u16 = 0xE9B7][len u32][crc32 u32][id u64][created_ms u64][readings u32][payload]
+//! ```
+//!
+//! * `len` counts the bytes after the crc field (20 + payload), so a reader
+//!   knows where the next record starts without trusting anything else.
+//! * `crc` is CRC-32/ISO-HDLC over those `len` bytes: a record is valid only
+//!   if it matches, which is how a torn write or a flipped bit is detected.
+//! * The magic is what the resync scan looks for after corruption; with the
+//!   CRC and "ids strictly increase" a false match is practically impossible.
+//! * `id`, `created_ms`, `readings` sit inside the CRC so the in-memory index
+//!   can be rebuilt from the segments alone.
+//!
+//! # Durability
+//!
+//! `append` writes each record with one write(2) and no fsync. `commit` is
+//! the group commit: one fdatasync of the segment written since the last
+//! commit, one fsync of `segments/` if a segment file was created (a new file
+//! is only durable once its directory entry is), and a ledger entry + fsync
+//! if the ack head moved. Rolling to a new segment commits first, so only the
+//! newest segment ever holds uncommitted bytes; that keeps recovery simple
+//! (a torn tail can only be in the last segment) at the cost of one extra
+//! fsync per segment.
+//!
+//! Acks and DropOldest evictions both just move the *head* (`acked_through`);
+//! the ledger records it at the next commit (or reclaim). Segment files are
+//! deleted by `reclaim` only once every record in them is at or below a
+//! head that is already durable in the ledger, so a record can never vanish
+//! while the ledger could still say it is pending.
+//!
+//! # Start-up (`open`)
+//!
+//! Every segment is read and every record validated:
+//! * invalid bytes at the end of the *last* segment with nothing valid after
+//!   them are the normal torn tail of a power cut: truncated (`truncated_bytes`);
+//! * invalid bytes followed by a valid record, or at the end of an older
+//!   segment, are corruption: skipped by sliding forward byte by byte to the
+//!   next fully valid record, counted once per region (`corrupt_records`), and
+//!   the segment is rewritten without them (temp file, fsync, rename, dir
+//!   fsync: `repaired_segments`), so the next start is clean;
+//! * empty or all-garbage segment files are removed.
+//!
+//! Then the last segment, the ledger and both directories are fsynced, because
+//! after a SIGKILL what we just read may still be only in the page cache, and
+//! from here on everything on disk is reported as committed.
+//!
+//! `next_id` = 1 + max(highest id on disk, ledger `acked_through`, ledger
+//! `high_water`): ids of committed records are never reused, even after
+//! every segment was reclaimed.
+//!
+//! Errors: if an fsync fails, the kernel may already have dropped the dirty
+//! pages and a retry would falsely succeed, so the queue refuses further
+//! writes ([`QueueError::NeedsReopen`]); reopening rescans what really is on disk.
+//!
+//! # What callers must know
+//!
+//! * Acks and DropOldest evictions are durable only after the next `commit()`
+//!   (or `reclaim()`). Without that, a restart redelivers those records: at
+//!   least once, never lost. It also means live bytes can be above
+//!   `max_bytes` right after `open`; DropOldest trims at the next append,
+//!   RejectNew keeps refusing until acks bring it down.
+//! * `append` commits implicitly when it rolls to a new segment, so
+//!   `committed_id()` can advance without an explicit `commit()`.
+//! * DropOldest may evict records the uplink has already read; acks for ids
+//!   at or below the head are simply no-ops.
+//! * Disk use is live bytes + acked segments not yet reclaimed + up to one
+//!   partly acked segment; call `reclaim()` after persisting dedup state.
+//! * `open` reads every segment (start-up time is proportional to bytes on
+//!   disk); `open_readonly` does the same without touching anything.
+
+mod ledger;
+mod segment;
+#[cfg(test)]
+mod tests;
+
+use crate::config::{StoreConfig, WhenFull};
+use ledger::{Ledger, LedgerState};
+use segment::{OVERHEAD, RecInfo};
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// How the queue is bounded and split into files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// Bound on live bytes (records not yet acked/dropped, frame included).
+    /// Acked records waiting for `reclaim` do not count.
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    /// Roll to a new segment file when the current one would exceed this;
+    /// effectively `min(segment_bytes, max(max_bytes / 4, 4096))`.
+    pub segment_bytes: u64,
+}
+
+impl From<&StoreConfig> for QueueOptions {
+    fn from(c: &StoreConfig) -> Self {
+        QueueOptions {
+            max_bytes: c.max_bytes,
+            when_full: c.when_full,
+            segment_bytes: c.segment_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMeta {
+    pub id: u64,
+    pub readings: u32,
+    pub created_ms: u64,
+}
+
+/// What `open` found and fixed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Live (not acked) records after open.
+    pub records: u64,
+    /// Bytes of torn tail dropped from the last segment (normal after power loss).
+    pub truncated_bytes: u64,
+    /// Corrupt regions skipped (each contiguous bad region counts once).
+    pub corrupt_records: u64,
+    /// Segment files rewritten (or removed) to drop corruption.
+    pub repaired_segments: u64,
+}
+
+/// Live records only: appended (committed or not) and not acked or dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStatus {
+    pub batches: u64,
+    pub readings: u64,
+    pub bytes: u64,
+    pub oldest_created_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// `dropped_*` > 0 when DropOldest evicted the oldest live records to make room.
+    Appended {
+        dropped_records: u64,
+        dropped_readings: u64,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
-pub enum QueueError { #[error("io")] Io(std::io::Error), #[error("full")] Full { needed: u64, max: u64 }, #[error("locked")] Locked }
-pub struct Queue;
+pub enum QueueError {
+    /// The message carries what was being done and to which path; the kind is preserved.
+    #[error("queue I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// RejectNew and the record does not fit. `needed` = bytes the record
+    /// takes on disk (payload + 30), `max` = `max_bytes`.
+    #[error("queue full: record needs {needed} bytes, live bytes bounded by {max}")]
+    Full { needed: u64, max: u64 },
+    /// The record alone is bigger than `max_bytes` (or than the 64 MiB format limit).
+    #[error("record of {size} bytes can never fit (max {max})")]
+    TooLarge { size: u64, max: u64 },
+    /// Another process (or another `Queue` in this one) holds `dir/lock`.
+    #[error("queue directory is locked by another process")]
+    Locked,
+    /// A write method was called on a queue from `open_readonly`.
+    #[error("queue was opened read-only")]
+    ReadOnly,
+    /// An fsync failed earlier; what is durable is unknown until the queue is reopened.
+    #[error("an earlier fsync failed; reopen the queue")]
+    NeedsReopen,
+    /// A record's bytes changed on disk after start-up (CRC or id mismatch on read).
+    /// The caller may skip it with `ack_through(id)`.
+    #[error("record {id} in {path} is corrupt on disk")]
+    Corrupt { id: u64, path: PathBuf },
+}
+
+type Result<T> = std::result::Result<T, QueueError>;
+
+/// Attach "what + where" to an io::Error while keeping its kind.
+trait Ctx<T> {
+    fn ctx(self, what: &str, path: &Path) -> Result<T>;
+}
+impl<T> Ctx<T> for io::Result<T> {
+    fn ctx(self, what: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| {
+            QueueError::Io(io::Error::new(
+                e.kind(),
+                format!("{what} {}: {e}", path.display()),
+            ))
+        })
+    }
+}
+
+/// fsync a directory so entries created, renamed or removed in it are durable.
+pub(crate) fn sync_dir(dir: &Path, fsyncs: &mut u64) -> io::Result<()> {
+    File::open(dir)?.sync_all()?;
+    *fsyncs += 1;
+    Ok(())
+}
+
+/// One segment file that is on disk and holds at least one valid record
+/// (except, briefly, a freshly rolled one).
+#[derive(Debug)]
+struct Segment {
+    /// From the file name; the id of the first record ever written to it.
+    first_id: u64,
+    path: PathBuf,
+    /// Kept open: reads use pread on it, and the last one is appended to.
+    file: File,
+    len: u64,
+    /// Id of the last record in the file (0 while empty).
+    last_id: u64,
+    /// Length known durable (for tests that simulate losing the rest).
+    synced_len: u64,
+}
+
+/// In-memory index entry: one per valid record still on disk, acked or not.
+/// 40 bytes per record, independent of payload size.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    id: u64,
+    /// `first_id` of the segment holding it.
+    seg: u64,
+    offset: u64,
+    total: u32,
+    readings: u32,
+    created_ms: u64,
+}
+
+impl Entry {
+    fn meta(&self) -> RecordMeta {
+        RecordMeta {
+            id: self.id,
+            readings: self.readings,
+            created_ms: self.created_ms,
+        }
+    }
+}
+
+pub struct Queue {
+    dir: PathBuf,
+    seg_dir: PathBuf,
+    opts: QueueOptions,
+    seg_limit: u64,
+    readonly: bool,
+    /// Holds the flock for as long as the queue lives.
+    _lock: Option<File>,
+    segments: VecDeque<Segment>,
+    /// Every valid record on disk in id order, including acked ones not yet reclaimed.
+    index: VecDeque<Entry>,
+    /// Every record with id <= head is acked or dropped (in memory; the
+    /// ledger catches up at the next commit or reclaim).
+    head: u64,
+    next_id: u64,
+    committed_id: u64,
+    live_bytes: u64,
+    live_readings: u64,
+    ledger: Ledger,
+    /// The last segment has writes not yet fdatasync'ed.
+    seg_dirty: bool,
+    /// `segments/` has a new entry not yet fsync'ed.
+    seg_dir_dirty: bool,
+    /// A failed write may have left garbage at the end of the last segment:
+    /// never append after it.
+    force_roll: bool,
+    /// An fsync failed: refuse writes (see module docs).
+    failed: bool,
+    fsyncs: u64,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("dir", &self.dir)
+            .field("readonly", &self.readonly)
+            .field("segments", &self.segments.len())
+            .field("head", &self.head)
+            .field("next_id", &self.next_id)
+            .field("committed_id", &self.committed_id)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+/// `<20 digits>.seg` → first id.
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// Segment files sorted by first id. A missing directory is an empty queue.
+fn list_segments(seg_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let rd = match fs::read_dir(seg_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).ctx("listing", seg_dir),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.ctx("listing", seg_dir)?;
+        if let Some(id) = ent.file_name().to_str().and_then(parse_segment_name) {
+            out.push((id, ent.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Remove temp files a crash left mid-repair or mid-compaction: the rename
+/// never happened, so the originals are still authoritative.
+fn remove_stale_temps(dir: &Path, seg_dir: &Path) -> Result<()> {
+    let lt = dir.join("ledger.tmp");
+    match fs::remove_file(&lt) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e).ctx("removing", &lt),
+        _ => {}
+    }
+    for ent in fs::read_dir(seg_dir).ctx("listing", seg_dir)? {
+        let p = ent.ctx("listing", seg_dir)?.path();
+        if p.extension().is_some_and(|e| e == "tmp") {
+            fs::remove_file(&p).ctx("removing", &p)?;
+        }
+    }
+    Ok(())
+}
+
 impl Queue {
-    pub fn open(dir: &Path, opts: QueueOptions) -> Result<(Queue, OpenReport), QueueError> { todo!() }
-    pub fn open_readonly(dir: &Path) -> Result<(Queue, OpenReport), QueueError> { todo!() }
-    pub fn next_id(&self) -> u64 { todo!() }
-    pub fn append(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome, QueueError> { todo!() }
-    pub fn commit(&mut self) -> Result<(), QueueError> { todo!() }
-    pub fn committed_id(&self) -> u64 { todo!() }
-    pub fn read_from(&self, after_id: u64, max: usize) -> Result<Vec<(RecordMeta, Vec<u8>)>, QueueError> { todo!() }
-    pub fn ack_through(&mut self, id: u64) -> Result<(), QueueError> { todo!() }
-    pub fn reclaimable(&self) -> bool { todo!() }
-    pub fn reclaim(&mut self) -> Result<u64, QueueError> { todo!() }
-    pub fn status(&self) -> QueueStatus { todo!() }
-    pub fn read_all_on_disk_after(&self, after_id: u64) -> Result<Vec<(RecordMeta, Vec<u8>)>, QueueError> { todo!() }
-    pub fn disk_bytes(&self) -> u64 { todo!() }
-    pub fn fsyncs(&self) -> u64 { todo!() }
+    /// Open (creating the dir if needed) for writing, holding `dir/lock`.
+    /// Validates every record, truncates a torn tail, repairs corruption,
+    /// rebuilds the index and reads the ledger. Everything valid on disk
+    /// counts as committed afterwards.
+    pub fn open(dir: &Path, opts: QueueOptions) -> Result<(Queue, OpenReport)> {
+        Self::open_impl(dir, opts, false)
+    }
+
+    /// Open without the lock and without modifying anything (for `queue
+    /// status` / `queue dump` while the gateway runs). Corrupt or torn data
+    /// is skipped in memory only; write methods return `ReadOnly`.
+    pub fn open_readonly(dir: &Path) -> Result<(Queue, OpenReport)> {
+        let opts = QueueOptions {
+            max_bytes: u64::MAX,
+            when_full: WhenFull::RejectNew,
+            segment_bytes: u64::MAX,
+        };
+        Self::open_impl(dir, opts, true)
+    }
+
+    fn open_impl(dir: &Path, opts: QueueOptions, readonly: bool) -> Result<(Queue, OpenReport)> {
+        let seg_dir = dir.join("segments");
+        let mut fsyncs = 0;
+        let lock = if readonly {
+            // A typo in --data-dir should say so, not report an empty queue.
+            fs::metadata(dir).ctx("opening queue directory", dir)?;
+            None
+        } else {
+            let fresh = !dir.exists();
+            fs::create_dir_all(&seg_dir).ctx("creating", &seg_dir)?;
+            if fresh {
+                // The new directory's own entry must be durable too, or a
+                // power cut could take the whole queue with it.
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    sync_dir(parent, &mut fsyncs).ctx("syncing directory", parent)?;
+                }
+            }
+            let lock_path = dir.join("lock");
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&lock_path)
+                .ctx("opening", &lock_path)?;
+            match f.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => return Err(QueueError::Locked),
+                Err(TryLockError::Error(e)) => return Err(e).ctx("locking", &lock_path),
+            }
+            remove_stale_temps(dir, &seg_dir)?;
+            Some(f)
+        };
+
+        let loaded = Ledger::load(dir).ctx("reading", &Ledger::path_in(dir))?;
+        let mut report = OpenReport::default();
+        let mut segments = VecDeque::new();
+        let mut index = VecDeque::new();
+        let mut last_id = 0;
+        let names = list_segments(&seg_dir)?;
+        let n = names.len();
+        for (i, (first_id, path)) in names.into_iter().enumerate() {
+            let is_last = i + 1 == n;
+            let bytes = match fs::read(&path) {
+                Ok(b) => b,
+                // A running gateway may reclaim it between listing and reading.
+                Err(e) if readonly && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).ctx("reading", &path),
+            };
+            let scan = segment::scan(&bytes, last_id);
+            let tail = scan.tail_start.map(|t| (t, bytes.len() as u64 - t));
+            let mut corrupt = scan.corrupt_regions;
+            match tail {
+                Some((_, n)) if is_last => report.truncated_bytes += n,
+                Some(_) => corrupt += 1,
+                None => {}
+            }
+            report.corrupt_records += corrupt;
+            if corrupt > 0 {
+                tracing::warn!(
+                    segment = %path.display(),
+                    corrupt_regions = corrupt,
+                    kept = scan.records.len(),
+                    "queue segment corrupt; skipping bad bytes{}",
+                    if readonly { "" } else { " and repairing" }
+                );
+            }
+            let mut records = scan.records;
+            let mut len = bytes.len() as u64;
+            if records.is_empty() {
+                // Empty, all torn, or all garbage: nothing to keep.
+                if !readonly {
+                    fs::remove_file(&path).ctx("removing empty segment", &path)?;
+                    if corrupt > 0 {
+                        report.repaired_segments += 1;
+                    }
+                }
+                continue;
+            }
+            if !readonly {
+                if corrupt > 0 {
+                    len = Self::rewrite_segment(&path, &bytes, &mut records, &mut fsyncs)?;
+                    report.repaired_segments += 1;
+                } else if let Some((start, _)) = tail {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .ctx("opening", &path)?;
+                    f.set_len(start).ctx("truncating torn tail of", &path)?;
+                    f.sync_data().ctx("syncing", &path)?;
+                    fsyncs += 1;
+                    len = start;
+                }
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                // Writable in every segment: if the last file turns out empty
+                // and is removed, the one before it becomes the append target.
+                .write(!readonly)
+                .open(&path)
+                .ctx("opening", &path)?;
+            last_id = records.last().unwrap().id;
+            index.extend(records.iter().map(|r: &RecInfo| Entry {
+                id: r.id,
+                seg: first_id,
+                offset: r.offset,
+                total: r.total,
+                readings: r.readings,
+                created_ms: r.created_ms,
+            }));
+            segments.push_back(Segment {
+                first_id,
+                path,
+                file,
+                len,
+                last_id,
+                synced_len: len,
+            });
+        }
+
+        let st = loaded.state;
+        let next_id = last_id.max(st.acked_through).max(st.high_water) + 1;
+        let mut ledger = Ledger::new(dir, &loaded);
+        if !readonly {
+            // What we just read may only be in the page cache (the previous
+            // process was killed, not the power): make it durable before
+            // calling it committed. Older segments were synced when rolled.
+            if let Some(s) = segments.back() {
+                s.file.sync_data().ctx("syncing", &s.path)?;
+                fsyncs += 1;
+            }
+            let lp = Ledger::path_in(dir);
+            if loaded.clean {
+                ledger.sync_existing(&mut fsyncs).ctx("syncing", &lp)?;
+            } else {
+                // A torn entry would misalign later appends.
+                ledger.compact(st, &mut fsyncs).ctx("compacting", &lp)?;
+            }
+            sync_dir(&seg_dir, &mut fsyncs).ctx("syncing directory", &seg_dir)?;
+            sync_dir(dir, &mut fsyncs).ctx("syncing directory", dir)?;
+        }
+
+        let seg_limit = opts.segment_bytes.min((opts.max_bytes / 4).max(4096));
+        let mut q = Queue {
+            dir: dir.to_path_buf(),
+            seg_dir,
+            opts,
+            seg_limit,
+            readonly,
+            _lock: lock,
+            segments,
+            index,
+            head: st.acked_through,
+            next_id,
+            committed_id: next_id - 1,
+            live_bytes: 0,
+            live_readings: 0,
+            ledger,
+            seg_dirty: false,
+            seg_dir_dirty: false,
+            force_roll: false,
+            failed: false,
+            fsyncs,
+        };
+        for e in q.index.range(q.first_live()..) {
+            q.live_bytes += e.total as u64;
+            q.live_readings += e.readings as u64;
+        }
+        report.records = q.live_count() as u64;
+        Ok((q, report))
+    }
+
+    /// Write only the valid `records` of `bytes` to a temp file, fsync, rename
+    /// over `path`. Updates the records' offsets; returns the new length.
+    /// The directory fsync that makes the rename durable happens once at the
+    /// end of `open`.
+    fn rewrite_segment(
+        path: &Path,
+        bytes: &[u8],
+        records: &mut [RecInfo],
+        fsyncs: &mut u64,
+    ) -> Result<u64> {
+        let mut out = Vec::with_capacity(bytes.len());
+        for r in records.iter_mut() {
+            let start = r.offset as usize;
+            r.offset = out.len() as u64;
+            out.extend_from_slice(&bytes[start..start + r.total as usize]);
+        }
+        let tmp = path.with_extension("seg.tmp");
+        let f = File::create(&tmp).ctx("creating", &tmp)?;
+        f.write_all_at(&out, 0).ctx("writing", &tmp)?;
+        f.sync_data().ctx("syncing", &tmp)?;
+        *fsyncs += 1;
+        fs::rename(&tmp, path).ctx("renaming repaired segment over", path)?;
+        Ok(out.len() as u64)
+    }
+
+    /// The id the next append will get (first ever is 1). Never reused for a
+    /// committed record, across restarts and reclaims.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.readonly {
+            Err(QueueError::ReadOnly)
+        } else if self.failed {
+            Err(QueueError::NeedsReopen)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Index position of the first live record.
+    fn first_live(&self) -> usize {
+        self.index.partition_point(|e| e.id <= self.head)
+    }
+
+    fn live_count(&self) -> usize {
+        self.index.len() - self.first_live()
+    }
+
+    /// Append one record with id `next_id()`. Not durable until `commit()`.
+    /// May commit implicitly when it rolls to a new segment.
+    pub fn append(
+        &mut self,
+        readings: u32,
+        created_ms: u64,
+        payload: &[u8],
+    ) -> Result<AppendOutcome> {
+        self.writable()?;
+        let size = (OVERHEAD + payload.len()) as u64;
+        let max = self.opts.max_bytes;
+        if payload.len() > segment::MAX_LEN - segment::META_BYTES || size > max {
+            return Err(QueueError::TooLarge { size, max });
+        }
+
+        // Plan evictions first but apply them only once the write succeeded,
+        // so a failed append changes nothing.
+        let first_live = self.first_live();
+        let (mut evict, mut freed, mut dropped_readings) = (0usize, 0u64, 0u64);
+        if self.live_bytes + size > max {
+            if self.opts.when_full == WhenFull::RejectNew {
+                return Err(QueueError::Full { needed: size, max });
+            }
+            while self.live_bytes - freed + size > max {
+                let e = &self.index[first_live + evict];
+                freed += e.total as u64;
+                dropped_readings += e.readings as u64;
+                evict += 1;
+            }
+        }
+
+        let id = self.next_id;
+        let rec = segment::encode(id, readings, created_ms, payload);
+        let need_roll = match self.segments.back() {
+            None => true,
+            Some(s) => self.force_roll || (s.len > 0 && s.len + size > self.seg_limit),
+        };
+        if need_roll {
+            self.roll(id)?;
+        }
+        let seg = self.segments.back_mut().unwrap();
+        let offset = seg.len;
+        if let Err(e) = seg.file.write_all_at(&rec, offset) {
+            // Cut off a partial record so the next append starts clean; if
+            // even that fails, never append after the garbage.
+            if seg.file.set_len(offset).is_err() {
+                self.force_roll = true;
+            }
+            return Err(e).ctx("appending to", &seg.path);
+        }
+        seg.len += size;
+        seg.last_id = id;
+        let seg_id = seg.first_id;
+        self.seg_dirty = true;
+        self.index.push_back(Entry {
+            id,
+            seg: seg_id,
+            offset,
+            total: size as u32,
+            readings,
+            created_ms,
+        });
+        self.live_bytes += size;
+        self.live_readings += readings as u64;
+        self.next_id += 1;
+
+        if evict > 0 {
+            let last_dropped = self.index[first_live + evict - 1].id;
+            self.move_head(last_dropped);
+        }
+        Ok(AppendOutcome::Appended {
+            dropped_records: evict as u64,
+            dropped_readings,
+        })
+    }
+
+    /// Commit what the current segment holds (so only the newest segment ever
+    /// has uncommitted bytes), then start `dir/segments/<first_id>.seg`.
+    fn roll(&mut self, first_id: u64) -> Result<()> {
+        if !self.segments.is_empty() {
+            self.commit()?;
+        }
+        let path = self.seg_dir.join(format!("{first_id:020}.seg"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx("creating segment", &path)?;
+        self.segments.push_back(Segment {
+            first_id,
+            path,
+            file,
+            len: 0,
+            last_id: 0,
+            synced_len: 0,
+        });
+        self.seg_dir_dirty = true;
+        self.force_roll = false;
+        Ok(())
+    }
+
+    /// Group commit: fdatasync the segment written since the last commit,
+    /// fsync `segments/` if a file was created, write + fsync a ledger entry if
+    /// the head moved. A no-op (no syscalls) when nothing changed.
+    pub fn commit(&mut self) -> Result<()> {
+        self.writable()?;
+        let r = self.commit_inner();
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
+        if self.seg_dirty {
+            let s = self.segments.back_mut().unwrap();
+            s.file.sync_data().ctx("syncing", &s.path)?;
+            s.synced_len = s.len;
+            self.fsyncs += 1;
+            self.seg_dirty = false;
+        }
+        if self.seg_dir_dirty {
+            sync_dir(&self.seg_dir, &mut self.fsyncs).ctx("syncing directory", &self.seg_dir)?;
+            self.seg_dir_dirty = false;
+        }
+        let committed = self.next_id - 1;
+        if self.head != self.ledger.state.acked_through {
+            self.write_ledger(committed)?;
+        }
+        self.committed_id = committed;
+        Ok(())
+    }
+
+    fn write_ledger(&mut self, high_water: u64) -> Result<()> {
+        let st = LedgerState {
+            acked_through: self.head,
+            high_water,
+        };
+        let created = self
+            .ledger
+            .write(st, &mut self.fsyncs)
+            .ctx("writing", &Ledger::path_in(&self.dir))?;
+        if created {
+            sync_dir(&self.dir, &mut self.fsyncs).ctx("syncing directory", &self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Id of the last record made durable by `commit()` (0 if none).
+    /// Readers must only see records <= this.
+    pub fn committed_id(&self) -> u64 {
+        self.committed_id
+    }
+
+    /// Move the head to `id` (acks and evictions alike) and drop the newly
+    /// dead records from the live counters.
+    fn move_head(&mut self, id: u64) {
+        if id <= self.head {
+            return;
+        }
+        let from = self.first_live();
+        for e in self.index.range(from..).take_while(|e| e.id <= id) {
+            self.live_bytes -= e.total as u64;
+            self.live_readings -= e.readings as u64;
+        }
+        self.head = id;
+    }
+
+    fn read_entry(&self, e: &Entry) -> Result<(RecordMeta, Vec<u8>)> {
+        let i = self
+            .segments
+            .binary_search_by_key(&e.seg, |s| s.first_id)
+            .expect("index entry without segment");
+        let s = &self.segments[i];
+        let mut buf = vec![0u8; e.total as usize];
+        s.file
+            .read_exact_at(&mut buf, e.offset)
+            .ctx("reading", &s.path)?;
+        match segment::payload_of(&buf, e.id) {
+            Some(p) => Ok((e.meta(), p.to_vec())),
+            None => Err(QueueError::Corrupt {
+                id: e.id,
+                path: s.path.clone(),
+            }),
+        }
+    }
+
+    /// Live (not acked, not dropped), committed records with id > `after_id`,
+    /// in order, at most `max`, payloads read from disk and CRC-checked.
+    pub fn read_from(&self, after_id: u64, max: usize) -> Result<Vec<(RecordMeta, Vec<u8>)>> {
+        let start = after_id.max(self.head);
+        let from = self.index.partition_point(|e| e.id <= start);
+        self.index
+            .range(from..)
+            .take_while(|e| e.id <= self.committed_id)
+            .take(max)
+            .map(|e| self.read_entry(e))
+            .collect()
+    }
+
+    /// Acknowledge every record with id <= `id` (cumulative). Ids beyond the
+    /// last appended one are clamped to it. Durable at the next `commit()`
+    /// (or `reclaim()`).
+    pub fn ack_through(&mut self, id: u64) -> Result<()> {
+        self.writable()?;
+        self.move_head(id.min(self.next_id - 1));
+        Ok(())
+    }
+
+    /// Whether `reclaim` would delete at least one segment file.
+    pub fn reclaimable(&self) -> bool {
+        !self.readonly
+            && self
+                .segments
+                .front()
+                .is_some_and(|s| s.last_id <= self.head)
+    }
+
+    /// Delete segment files whose records are all acked or dropped; returns
+    /// how many. Makes the ledger durable first, so a deleted record can
+    /// never be one the ledger still calls pending. The unlinks themselves
+    /// are not fsynced: a segment that comes back after a crash holds only
+    /// records at or below the durable head and is deleted again.
+    pub fn reclaim(&mut self) -> Result<u64> {
+        self.writable()?;
+        if !self.reclaimable() {
+            return Ok(0);
+        }
+        if self.head != self.ledger.state.acked_through {
+            let hw = self.committed_id;
+            if let Err(e) = self.write_ledger(hw) {
+                self.failed = true;
+                return Err(e);
+            }
+        }
+        let durable = self.ledger.state.acked_through;
+        let mut n = 0;
+        while self.segments.front().is_some_and(|s| s.last_id <= durable) {
+            let s = &self.segments[0];
+            match fs::remove_file(&s.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).ctx("deleting segment", &s.path);
+                }
+                _ => {}
+            }
+            let s = self.segments.pop_front().unwrap();
+            while self.index.front().is_some_and(|e| e.seg == s.first_id) {
+                self.index.pop_front();
+            }
+            if self.segments.is_empty() {
+                // It was the active segment; its unsynced bytes are all acked.
+                self.seg_dirty = false;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Live records only (appended, committed or not, and not acked/dropped).
+    pub fn status(&self) -> QueueStatus {
+        let first = self.first_live();
+        QueueStatus {
+            batches: (self.index.len() - first) as u64,
+            readings: self.live_readings,
+            bytes: self.live_bytes,
+            oldest_created_ms: self.index.get(first).map(|e| e.created_ms),
+        }
+    }
+
+    /// Highest id in any segment file still on disk (acked or not), or the
+    /// ledger's head if that is higher; 0 for a queue that never held anything.
+    pub fn last_id_on_disk(&self) -> u64 {
+        self.index
+            .back()
+            .map_or(0, |e| e.id)
+            .max(self.ledger.state.acked_through)
+    }
+
+    /// Every valid record still on disk with id > `after_id`, acked or not,
+    /// committed or not (at open time everything on disk counts as committed).
+    pub fn read_all_on_disk_after(&self, after_id: u64) -> Result<Vec<(RecordMeta, Vec<u8>)>> {
+        let from = self.index.partition_point(|e| e.id <= after_id);
+        self.index
+            .range(from..)
+            .map(|e| self.read_entry(e))
+            .collect()
+    }
+
+    /// Total bytes of segment files + ledger on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum::<u64>() + self.ledger.len()
+    }
+
+    /// Number of fsync/fdatasync calls made so far (files and directories).
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs
+    }
+
+    /// The ledger head as last written (and synced).
+    #[cfg(test)]
+    fn durable_acked_through(&self) -> u64 {
+        self.ledger.state.acked_through
+    }
+
+    /// (path, durable length, current length) of every segment.
+    #[cfg(test)]
+    fn segment_files(&self) -> Vec<(PathBuf, u64, u64)> {
+        self.segments
+            .iter()
+            .map(|s| (s.path.clone(), s.synced_len, s.len))
+            .collect()
+    }
 }

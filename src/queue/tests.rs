@@ -1,0 +1,908 @@
+//! Queue tests: round trips, crash shapes (torn tails, flipped bytes),
+//! both full policies, ack/reclaim, a model-based random test, read-only
+//! opening and the lock.
+
+use super::segment::{self, OVERHEAD};
+use super::*;
+use std::collections::HashMap;
+use tempfile::TempDir;
+
+fn opts(max_bytes: u64, when_full: WhenFull, segment_bytes: u64) -> QueueOptions {
+    QueueOptions {
+        max_bytes,
+        when_full,
+        segment_bytes,
+    }
+}
+
+fn big() -> QueueOptions {
+    opts(1 << 30, WhenFull::DropOldest, 8 << 20)
+}
+
+fn tmp() -> TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// tmpfs when available, for tests about logic rather than fsync latency.
+fn fast_tmp() -> TempDir {
+    if Path::new("/dev/shm").is_dir() {
+        tempfile::tempdir_in("/dev/shm").unwrap()
+    } else {
+        tmp()
+    }
+}
+
+/// Distinct, recognisable payload of `len` bytes for record `i`.
+fn payload(i: u64, len: usize) -> Vec<u8> {
+    let seed = format!("batch-{i}:");
+    seed.bytes().cycle().take(len).collect()
+}
+
+/// Live committed records as (id, payload).
+fn live(q: &Queue) -> Vec<(u64, Vec<u8>)> {
+    q.read_from(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(m, p)| (m.id, p))
+        .collect()
+}
+
+fn seg_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Valid records of a segment file, as the start-up scan sees them.
+fn records_in(path: &Path) -> Vec<RecInfo> {
+    segment::scan(&fs::read(path).unwrap(), 0).records
+}
+
+fn clean(records: u64) -> OpenReport {
+    OpenReport {
+        records,
+        ..OpenReport::default()
+    }
+}
+
+#[test]
+fn queue_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Queue>();
+}
+
+/// Test 1: round trip, next_id continuity, no id reuse after everything is reclaimed.
+#[test]
+fn append_commit_reopen_roundtrip_and_ids_never_reused() {
+    let d = tmp();
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(0));
+    assert_eq!(q.next_id(), 1);
+    assert_eq!(q.committed_id(), 0);
+    for i in 1..=50u64 {
+        assert_eq!(q.next_id(), i);
+        let out = q
+            .append(i as u32, 1000 + i, &payload(i, (i * 7 % 300) as usize))
+            .unwrap();
+        assert_eq!(
+            out,
+            AppendOutcome::Appended {
+                dropped_records: 0,
+                dropped_readings: 0
+            }
+        );
+    }
+    // Not committed yet: invisible to readers.
+    assert!(q.read_from(0, 10).unwrap().is_empty());
+    q.commit().unwrap();
+    assert_eq!(q.committed_id(), 50);
+    let fs_before = q.fsyncs();
+    q.commit().unwrap();
+    assert_eq!(
+        q.fsyncs(),
+        fs_before,
+        "commit with nothing new must not fsync"
+    );
+    drop(q);
+
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(50));
+    assert_eq!(q.next_id(), 51);
+    assert_eq!(q.committed_id(), 50);
+    let got = q.read_from(0, usize::MAX).unwrap();
+    assert_eq!(got.len(), 50);
+    for (k, (m, p)) in got.iter().enumerate() {
+        let i = k as u64 + 1;
+        assert_eq!(
+            *m,
+            RecordMeta {
+                id: i,
+                readings: i as u32,
+                created_ms: 1000 + i
+            }
+        );
+        assert_eq!(*p, payload(i, (i * 7 % 300) as usize));
+    }
+    assert_eq!(
+        q.read_from(10, 3)
+            .unwrap()
+            .iter()
+            .map(|r| r.0.id)
+            .collect::<Vec<_>>(),
+        [11, 12, 13]
+    );
+    let st = q.status();
+    assert_eq!(
+        (st.batches, st.readings, st.oldest_created_ms),
+        (50, (1..=50).sum::<u64>(), Some(1001))
+    );
+    assert_eq!(q.last_id_on_disk(), 50);
+
+    // Consume everything and let the files go.
+    q.ack_through(50).unwrap();
+    assert!(q.reclaimable());
+    assert_eq!(q.reclaim().unwrap(), 1);
+    assert!(seg_files(d.path()).is_empty());
+    assert_eq!(q.status(), QueueStatus::default());
+    drop(q);
+
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(0));
+    assert_eq!(
+        q.next_id(),
+        51,
+        "ids continue from the ledger with no segment left"
+    );
+    assert_eq!(q.last_id_on_disk(), 50);
+    q.append(1, 1, b"after").unwrap();
+    q.commit().unwrap();
+    drop(q);
+    let (q, _) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(live(&q), vec![(51, b"after".to_vec())]);
+    assert_eq!(q.next_id(), 52);
+}
+
+/// An ack is durable only at commit (or reclaim): dropped before that, the
+/// records are delivered again (at-least-once, never lost).
+#[test]
+fn ack_without_commit_is_not_durable() {
+    let d = tmp();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    for i in 1..=3 {
+        q.append(1, i, &payload(i, 10)).unwrap();
+    }
+    q.commit().unwrap();
+    q.ack_through(2).unwrap();
+    assert_eq!(live(&q).len(), 1);
+    drop(q);
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(live(&q).len(), 3);
+    q.ack_through(2).unwrap();
+    q.commit().unwrap();
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep.records, 1);
+    assert_eq!(live(&q), vec![(3, payload(3, 10))]);
+}
+
+/// Test 2: a torn last record at many cut points.
+#[test]
+fn torn_tail_is_truncated() {
+    let len = 40usize;
+    let total = OVERHEAD + len;
+    for cut in [1, 2, 6, 9, 10, 17, 29, 30, 31, total - 1] {
+        let d = tmp();
+        let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+        for i in 1..=5 {
+            q.append(i as u32, i, &payload(i, len)).unwrap();
+        }
+        q.commit().unwrap();
+        drop(q);
+        let seg = &seg_files(d.path())[0];
+        let last = records_in(seg)[4];
+        let f = OpenOptions::new().write(true).open(seg).unwrap();
+        f.set_len(last.offset + cut as u64).unwrap();
+        drop(f);
+
+        let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+        assert_eq!(
+            rep,
+            OpenReport {
+                records: 4,
+                truncated_bytes: cut as u64,
+                ..Default::default()
+            },
+            "cut {cut}"
+        );
+        assert_eq!(
+            live(&q),
+            (1..=4).map(|i| (i, payload(i, len))).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            fs::metadata(seg).unwrap().len(),
+            last.offset,
+            "truncated on disk"
+        );
+        q.append(9, 9, b"next").unwrap();
+        q.commit().unwrap();
+        drop(q);
+        let (q, rep) = Queue::open(d.path(), big()).unwrap();
+        assert_eq!(rep, clean(5), "cut {cut}");
+        assert_eq!(live(&q).last().unwrap(), &(5, b"next".to_vec()));
+    }
+}
+
+/// A tail of zeros (what ext4 can leave after a power cut) and a last
+/// segment that holds only a torn first record.
+#[test]
+fn zero_tail_and_all_torn_last_segment() {
+    let d = tmp();
+    let o = opts(1 << 30, WhenFull::DropOldest, 500);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    for i in 1..=6 {
+        q.append(1, i, &payload(i, 170)).unwrap(); // 200 bytes: 2 per 500-byte segment
+    }
+    q.commit().unwrap();
+    drop(q);
+    let segs = seg_files(d.path());
+    assert_eq!(segs.len(), 3);
+    let mut bytes = fs::read(&segs[2]).unwrap();
+    bytes.truncate(50); // first record of the last segment torn: whole file is garbage
+    bytes.extend([0u8; 4000]);
+    fs::write(&segs[2], &bytes).unwrap();
+
+    let (mut q, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(
+        rep,
+        OpenReport {
+            records: 4,
+            truncated_bytes: 4050,
+            ..Default::default()
+        }
+    );
+    assert!(!segs[2].exists(), "all-garbage last segment removed");
+    assert_eq!(q.next_id(), 5);
+    q.append(1, 1, b"x").unwrap();
+    q.commit().unwrap();
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(rep, clean(5));
+    assert_eq!(
+        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+}
+
+/// Test 3: one flipped byte in the middle of a segment (last or not), at
+/// every interesting field, costs exactly one record and is repaired on disk.
+#[test]
+fn flipped_byte_is_skipped_and_repaired() {
+    // 100-byte records, 1000-byte segments: 10 records per segment, 3 segments.
+    let o = opts(1 << 30, WhenFull::DropOldest, 1000);
+    let len = 70;
+    // (which segment, which record in it)
+    let targets = [(0usize, 4usize), (2, 2), (0, 9), (1, 0)];
+    // magic, len low byte, len high byte, crc, id, created, readings, payload
+    let fields = [0usize, 2, 5, 7, 12, 20, 28, 30, 60, 99];
+    for (seg_i, rec_i) in targets {
+        for field in fields {
+            let d = fast_tmp();
+            let (mut q, _) = Queue::open(d.path(), o).unwrap();
+            for i in 1..=25 {
+                q.append(i as u32, i, &payload(i, len)).unwrap();
+            }
+            q.commit().unwrap();
+            drop(q);
+            let segs = seg_files(d.path());
+            assert_eq!(segs.len(), 3);
+            let rec = records_in(&segs[seg_i])[rec_i];
+            let lost = rec.id;
+            let mut bytes = fs::read(&segs[seg_i]).unwrap();
+            let at = rec.offset as usize + field;
+            bytes[at] ^= if field == 5 { 0x80 } else { 0x01 };
+            fs::write(&segs[seg_i], &bytes).unwrap();
+
+            let what = format!("segment {seg_i} record {rec_i} byte {field}");
+            let (q, rep) = Queue::open(d.path(), o).unwrap();
+            assert_eq!(
+                rep,
+                OpenReport {
+                    records: 24,
+                    truncated_bytes: 0,
+                    corrupt_records: 1,
+                    repaired_segments: 1
+                },
+                "{what}"
+            );
+            let want: Vec<_> = (1..=25)
+                .filter(|&i| i != lost)
+                .map(|i| (i, payload(i, len)))
+                .collect();
+            assert_eq!(live(&q), want, "{what}");
+            assert_eq!(q.next_id(), 26);
+            drop(q);
+            let (q, rep) = Queue::open(d.path(), o).unwrap();
+            assert_eq!(rep, clean(24), "second open is clean: {what}");
+            assert_eq!(live(&q), want);
+            assert!(
+                fs::read_dir(d.path().join("segments"))
+                    .unwrap()
+                    .all(|e| { e.unwrap().path().extension().unwrap() == "seg" }),
+                "no temp files left"
+            );
+        }
+    }
+}
+
+/// A non-last segment that is entirely garbage is removed and counted.
+#[test]
+fn garbage_middle_segment_removed() {
+    let d = tmp();
+    let o = opts(1 << 30, WhenFull::DropOldest, 1000);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    for i in 1..=25 {
+        q.append(1, i, &payload(i, 70)).unwrap();
+    }
+    q.commit().unwrap();
+    drop(q);
+    let segs = seg_files(d.path());
+    fs::write(&segs[1], vec![0xAB; 1000]).unwrap();
+    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(
+        rep,
+        OpenReport {
+            records: 15,
+            truncated_bytes: 0,
+            corrupt_records: 1,
+            repaired_segments: 1
+        }
+    );
+    assert!(!segs[1].exists());
+    let ids: Vec<u64> = live(&q).iter().map(|r| r.0).collect();
+    assert_eq!(ids, (1..=10).chain(21..=25).collect::<Vec<_>>());
+}
+
+/// Test 4: DropOldest evicts exactly the oldest, counts their readings,
+/// keeps live bytes bounded, and the eviction survives a reopen.
+#[test]
+fn drop_oldest_evicts_oldest() {
+    let d = tmp();
+    let o = opts(1000, WhenFull::DropOldest, 8 << 20);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    // 100-byte records: ten fit exactly.
+    for i in 1..=10 {
+        let out = q.append(i as u32, i, &payload(i, 70)).unwrap();
+        assert_eq!(
+            out,
+            AppendOutcome::Appended {
+                dropped_records: 0,
+                dropped_readings: 0
+            }
+        );
+    }
+    assert_eq!(q.status().bytes, 1000);
+    let out = q.append(11, 11, &payload(11, 70)).unwrap();
+    assert_eq!(
+        out,
+        AppendOutcome::Appended {
+            dropped_records: 1,
+            dropped_readings: 1
+        }
+    );
+    // A 300-byte record pushes out 2, 3 and 4.
+    let out = q.append(12, 12, &payload(12, 270)).unwrap();
+    assert_eq!(
+        out,
+        AppendOutcome::Appended {
+            dropped_records: 3,
+            dropped_readings: 2 + 3 + 4
+        }
+    );
+    let st = q.status();
+    assert!(st.bytes <= 1000);
+    assert_eq!(
+        (st.batches, st.bytes, st.oldest_created_ms),
+        (8, 1000, Some(5))
+    );
+    assert_eq!(st.readings, (5..=12).sum::<u64>());
+    q.commit().unwrap();
+    assert_eq!(
+        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
+        (5..=12).collect::<Vec<_>>()
+    );
+    assert!(matches!(
+        q.append(0, 0, &[0; 971]),
+        Err(QueueError::TooLarge {
+            size: 1001,
+            max: 1000
+        })
+    ));
+    drop(q);
+
+    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(rep.records, 8);
+    assert_eq!(
+        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
+        (5..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(q.next_id(), 13);
+    assert_eq!(q.status().bytes, 1000);
+}
+
+/// Test 5: RejectNew refuses without side effects and recovers after acks.
+#[test]
+fn reject_new_when_full() {
+    let d = tmp();
+    let o = opts(1000, WhenFull::RejectNew, 8 << 20);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    for i in 1..=10 {
+        q.append(1, i, &payload(i, 70)).unwrap();
+    }
+    q.commit().unwrap();
+    let before = (q.status(), q.disk_bytes(), q.next_id());
+    match q.append(1, 11, &payload(11, 70)) {
+        Err(QueueError::Full {
+            needed: 100,
+            max: 1000,
+        }) => {}
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert_eq!(
+        (q.status(), q.disk_bytes(), q.next_id()),
+        before,
+        "nothing appended"
+    );
+    assert_eq!(live(&q).len(), 10);
+
+    q.ack_through(3).unwrap();
+    q.reclaim().unwrap();
+    for i in 11..=13 {
+        q.append(1, i, &payload(i, 70)).unwrap();
+    }
+    assert!(matches!(
+        q.append(1, 14, b"x"),
+        Err(QueueError::Full { .. })
+    ));
+    q.commit().unwrap();
+    assert_eq!(
+        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
+        (4..=13).collect::<Vec<_>>()
+    );
+}
+
+/// Test 6: reclaim deletes exactly the fully consumed segments; acks stick;
+/// ledger compaction keeps the state.
+#[test]
+fn ack_reclaim_and_ledger_compaction() {
+    let d = tmp();
+    // 200-byte records in 1000-byte segments: ids 1-5, 6-10, 11-15, 16-20, 21-23.
+    let o = opts(1 << 30, WhenFull::DropOldest, 1000);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    for i in 1..=23 {
+        q.append(1, i, &payload(i, 170)).unwrap();
+    }
+    q.commit().unwrap();
+    let names = |d: &Path| -> Vec<u64> {
+        seg_files(d)
+            .iter()
+            .map(|p| parse_segment_name(p.file_name().unwrap().to_str().unwrap()).unwrap())
+            .collect()
+    };
+    assert_eq!(names(d.path()), [1, 6, 11, 16, 21]);
+    assert!(!q.reclaimable());
+    assert_eq!(q.reclaim().unwrap(), 0);
+
+    q.ack_through(12).unwrap();
+    assert!(q.reclaimable());
+    assert_eq!(q.reclaim().unwrap(), 2);
+    assert_eq!(names(d.path()), [11, 16, 21]);
+    assert!(!q.reclaimable());
+    assert_eq!(
+        q.durable_acked_through(),
+        12,
+        "reclaim made the ledger durable first"
+    );
+    assert_eq!(live(&q)[0].0, 13);
+    // Acked-but-on-disk records are still visible to the start-up replay.
+    assert_eq!(q.read_all_on_disk_after(0).unwrap()[0].0.id, 11);
+    assert_eq!(q.disk_bytes(), 13 * 200 + 20);
+
+    q.ack_through(17).unwrap();
+    q.commit().unwrap();
+    drop(q);
+    let (mut q, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(rep, clean(6));
+    assert_eq!(
+        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
+        (18..=23).collect::<Vec<_>>()
+    );
+    assert_eq!(q.read_all_on_disk_after(12).unwrap().len(), 11);
+    assert_eq!(q.reclaim().unwrap(), 1);
+    assert_eq!(names(d.path()), [16, 21]);
+
+    // Compaction: a low threshold instead of thousands of fsyncs.
+    q.ledger.compact_at = 5 * ledger::ENTRY_BYTES;
+    for i in 18..=23 {
+        q.ack_through(i).unwrap();
+        q.commit().unwrap();
+        assert!(fs::metadata(d.path().join("ledger")).unwrap().len() <= 5 * ledger::ENTRY_BYTES);
+    }
+    assert_eq!(q.reclaim().unwrap(), 2);
+    assert!(seg_files(d.path()).is_empty());
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(rep, clean(0));
+    assert_eq!(q.next_id(), 24);
+    assert_eq!(q.last_id_on_disk(), 23);
+}
+
+/// A torn ledger entry is ignored and the ledger rewritten so later appends
+/// stay aligned.
+#[test]
+fn torn_ledger_entry() {
+    let d = tmp();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    for i in 1..=5 {
+        q.append(1, i, b"r").unwrap();
+    }
+    q.commit().unwrap();
+    q.ack_through(2).unwrap();
+    q.commit().unwrap();
+    drop(q);
+    let lp = d.path().join("ledger");
+    let mut b = fs::read(&lp).unwrap();
+    b.extend_from_slice(&[9; 7]);
+    fs::write(&lp, &b).unwrap();
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep.records, 3);
+    assert_eq!(fs::metadata(&lp).unwrap().len(), 20, "rewritten clean");
+    q.ack_through(4).unwrap();
+    q.commit().unwrap();
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep.records, 1);
+    assert_eq!(live(&q)[0].0, 5);
+}
+
+/// Test 8a: open_readonly changes nothing on disk, even with a torn tail
+/// and corruption, and works while the writer holds the lock.
+#[test]
+fn readonly_open_modifies_nothing() {
+    let d = tmp();
+    let o = opts(1 << 30, WhenFull::DropOldest, 1000);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    for i in 1..=25 {
+        q.append(1, i, &payload(i, 70)).unwrap();
+    }
+    q.commit().unwrap();
+    q.ack_through(3).unwrap();
+    q.commit().unwrap();
+    drop(q);
+    let segs = seg_files(d.path());
+    let mut b = fs::read(&segs[0]).unwrap();
+    b[450] ^= 0xFF; // record 5 corrupt
+    fs::write(&segs[0], &b).unwrap();
+    let last = fs::read(&segs[2]).unwrap();
+    fs::write(&segs[2], &last[..last.len() - 10]).unwrap(); // record 25 torn
+
+    let snapshot = |d: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut all = vec![(d.join("ledger"), fs::read(d.join("ledger")).unwrap())];
+        all.extend(seg_files(d).into_iter().map(|p| {
+            let b = fs::read(&p).unwrap();
+            (p, b)
+        }));
+        all
+    };
+    let before = snapshot(d.path());
+    let (ro, rep) = Queue::open_readonly(d.path()).unwrap();
+    assert_eq!(
+        rep,
+        OpenReport {
+            records: 20,
+            truncated_bytes: 90,
+            corrupt_records: 1,
+            repaired_segments: 0
+        }
+    );
+    let ids: Vec<u64> = live(&ro).iter().map(|r| r.0).collect();
+    assert_eq!(ids, (4..=24).filter(|&i| i != 5).collect::<Vec<_>>());
+    assert!(matches!(ro.status(), QueueStatus { batches: 20, .. }));
+    drop(ro);
+    assert_eq!(snapshot(d.path()), before);
+
+    // While a writer holds the lock, read-only still works.
+    let (mut w, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(rep.corrupt_records, 1);
+    w.append(1, 1, b"new").unwrap();
+    w.commit().unwrap();
+    let (mut ro, rep) = Queue::open_readonly(d.path()).unwrap();
+    assert_eq!(rep, clean(21));
+    assert!(matches!(ro.append(1, 1, b"x"), Err(QueueError::ReadOnly)));
+    assert!(matches!(ro.commit(), Err(QueueError::ReadOnly)));
+    assert!(matches!(ro.ack_through(9), Err(QueueError::ReadOnly)));
+    assert!(matches!(ro.reclaim(), Err(QueueError::ReadOnly)));
+
+    assert!(matches!(
+        Queue::open_readonly(&d.path().join("nope")),
+        Err(QueueError::Io(_))
+    ));
+}
+
+/// Test 8b: a second writer is refused while the first lives, allowed after.
+#[test]
+fn second_open_is_locked() {
+    let d = tmp();
+    let (q, _) = Queue::open(d.path(), big()).unwrap();
+    assert!(matches!(
+        Queue::open(d.path(), big()),
+        Err(QueueError::Locked)
+    ));
+    drop(q);
+    Queue::open(d.path(), big()).unwrap();
+}
+
+/// Record read back corrupted after open: an error naming the id, not garbage.
+#[test]
+fn corruption_after_open_is_reported_on_read() {
+    let d = tmp();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    for i in 1..=3 {
+        q.append(1, i, &payload(i, 50)).unwrap();
+    }
+    q.commit().unwrap();
+    let seg = &seg_files(d.path())[0];
+    let mut b = fs::read(seg).unwrap();
+    b[80 + 40] ^= 1; // payload of record 2
+    fs::write(seg, &b).unwrap();
+    assert!(matches!(
+        q.read_from(0, 10),
+        Err(QueueError::Corrupt { id: 2, .. })
+    ));
+    assert_eq!(q.read_from(2, 10).unwrap().len(), 1);
+}
+
+/// xorshift64*: deterministic, no crate needed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What the model knows about one record.
+#[derive(Debug, Clone)]
+struct ModelRec {
+    id: u64,
+    readings: u32,
+    payload: Vec<u8>,
+    committed: bool,
+}
+
+/// Test 7: random operations against a model.
+///
+/// Model invariants checked after every reopen: every committed record above
+/// the durable ledger head is present, in order, with its payload; records
+/// that were not committed may be missing, but only as a suffix (they all live
+/// in the last segment) and never altered; ids of committed records are never
+/// given to a different payload.
+#[test]
+fn model_based_random_ops() {
+    let start = std::time::Instant::now();
+    for seed in 1..=8u64 {
+        run_model(seed, 500);
+    }
+    // Generous: the point is that it stays quick in debug builds.
+    assert!(
+        start.elapsed().as_secs() < 20,
+        "model test too slow: {:?}",
+        start.elapsed()
+    );
+}
+
+fn run_model(seed: u64, steps: usize) {
+    let d = fast_tmp();
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let when_full = if seed.is_multiple_of(3) {
+        WhenFull::RejectNew
+    } else {
+        WhenFull::DropOldest
+    };
+    let max_bytes = if when_full == WhenFull::RejectNew {
+        1500 + rng.below(1500)
+    } else {
+        3000 + rng.below(4000)
+    };
+    let o = opts(max_bytes, when_full, 600 + rng.below(1500));
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+
+    // Every record the queue may still hold, in id order; `head` as in memory.
+    let mut recs: VecDeque<ModelRec> = VecDeque::new();
+    let mut head = 0u64;
+    // Committed id -> payload: an id must never name two different payloads.
+    let mut committed_ever: HashMap<u64, Vec<u8>> = HashMap::new();
+    let ctx = |step: usize| format!("seed {seed} step {step}");
+
+    for step in 0..steps {
+        match rng.below(100) {
+            0..=44 => {
+                let id = q.next_id();
+                let len = rng.below(250) as usize;
+                let mut p = payload(id, len);
+                // Random tail so a reused id would carry a different payload.
+                p.extend(rng.next().to_le_bytes());
+                let readings = rng.below(50) as u32;
+                let size = (OVERHEAD + p.len()) as u64;
+                let live_bytes: u64 = recs
+                    .iter()
+                    .filter(|r| r.id > head)
+                    .map(|r| (OVERHEAD + r.payload.len()) as u64)
+                    .sum();
+                match q.append(readings, id * 10, &p) {
+                    Ok(AppendOutcome::Appended {
+                        dropped_records,
+                        dropped_readings,
+                    }) => {
+                        // The model's own idea of what had to go.
+                        let (mut n, mut rd, mut freed, mut new_head) = (0u64, 0u64, 0u64, head);
+                        for r in recs.iter().filter(|r| r.id > head) {
+                            if live_bytes - freed + size <= o.max_bytes {
+                                break;
+                            }
+                            freed += (OVERHEAD + r.payload.len()) as u64;
+                            rd += r.readings as u64;
+                            n += 1;
+                            new_head = r.id;
+                        }
+                        head = new_head;
+                        assert_eq!(
+                            (dropped_records, dropped_readings),
+                            (n, rd),
+                            "{}",
+                            ctx(step)
+                        );
+                        recs.push_back(ModelRec {
+                            id,
+                            readings,
+                            payload: p,
+                            committed: false,
+                        });
+                        // Only after a successful append: a reopen can revive
+                        // acked/dropped records whose head move never became
+                        // durable, so RejectNew may sit above the bound until
+                        // the consumer acks again.
+                        assert!(q.status().bytes <= o.max_bytes, "{}", ctx(step));
+                    }
+                    Err(QueueError::Full { .. }) => {
+                        assert_eq!(when_full, WhenFull::RejectNew);
+                        assert!(live_bytes + size > o.max_bytes);
+                        assert_eq!(q.next_id(), id);
+                    }
+                    Err(e) => panic!("{}: {e}", ctx(step)),
+                }
+            }
+            45..=64 => q.commit().unwrap(),
+            65..=79 => {
+                // Ack up to a random committed live record (or nothing new).
+                let cands: Vec<u64> = recs
+                    .iter()
+                    .filter(|r| r.id > head && r.id <= q.committed_id())
+                    .map(|r| r.id)
+                    .collect();
+                if !cands.is_empty() {
+                    let id = cands[rng.below(cands.len() as u64) as usize];
+                    q.ack_through(id).unwrap();
+                    head = id;
+                }
+            }
+            80..=87 => {
+                if q.reclaim().unwrap() > 0 {
+                    assert_eq!(
+                        q.durable_acked_through(),
+                        head,
+                        "ledger durable before deleting"
+                    );
+                }
+                assert!(!q.reclaimable());
+            }
+            _ => {
+                // Reopen; half the time as a crash that loses unsynced bytes.
+                let crash = rng.below(2) == 0;
+                let durable_head = q.durable_acked_through();
+                let files = q.segment_files();
+                drop(q);
+                if crash {
+                    for (path, synced, len) in files {
+                        if len > synced {
+                            let cut = synced + rng.below(len - synced + 1);
+                            OpenOptions::new()
+                                .write(true)
+                                .open(&path)
+                                .unwrap()
+                                .set_len(cut)
+                                .unwrap();
+                        }
+                    }
+                }
+                let (q2, rep) = Queue::open(d.path(), o).unwrap();
+                q = q2;
+                assert_eq!(rep.corrupt_records, 0, "{}", ctx(step));
+                if !crash {
+                    assert_eq!(rep.truncated_bytes, 0, "{}", ctx(step));
+                }
+                head = durable_head;
+                let got = q.read_from(0, usize::MAX).unwrap();
+                let expect: Vec<&ModelRec> = recs.iter().filter(|r| r.id > head).collect();
+                // `got` must be a prefix of `expect` that contains every committed one.
+                assert!(got.len() <= expect.len(), "{}: extra records", ctx(step));
+                for (g, e) in got.iter().zip(&expect) {
+                    assert_eq!(g.0.id, e.id, "{}", ctx(step));
+                    assert_eq!(g.0.readings, e.readings, "{}", ctx(step));
+                    assert_eq!(g.0.created_ms, e.id * 10);
+                    assert_eq!(g.1, e.payload, "{}: payload of {}", ctx(step), e.id);
+                }
+                for lost in &expect[got.len()..] {
+                    assert!(
+                        !lost.committed,
+                        "{}: committed record {} lost",
+                        ctx(step),
+                        lost.id
+                    );
+                }
+                if !crash {
+                    assert_eq!(
+                        got.len(),
+                        expect.len(),
+                        "{}: clean reopen loses nothing",
+                        ctx(step)
+                    );
+                }
+                // Survivors are now committed; the lost are forgotten.
+                let keep: std::collections::HashSet<u64> = got.iter().map(|g| g.0.id).collect();
+                recs.retain(|r| r.id <= head || keep.contains(&r.id));
+                let max_committed = committed_ever.keys().max().copied().unwrap_or(0);
+                assert!(
+                    q.next_id() > max_committed,
+                    "{}: id reuse possible",
+                    ctx(step)
+                );
+            }
+        }
+        // Track what is committed now and check id uniqueness.
+        let c = q.committed_id();
+        for r in recs.iter_mut().filter(|r| r.id <= c && !r.committed) {
+            r.committed = true;
+            if let Some(old) = committed_ever.insert(r.id, r.payload.clone()) {
+                assert_eq!(old, r.payload, "{}: id {} reused", ctx(step), r.id);
+            }
+        }
+        // Readers see exactly the committed live records.
+        let want: Vec<u64> = recs
+            .iter()
+            .filter(|r| r.id > head && r.id <= c)
+            .map(|r| r.id)
+            .collect();
+        let got: Vec<u64> = q
+            .read_from(0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|g| g.0.id)
+            .collect();
+        assert_eq!(got, want, "{}", ctx(step));
+        // Forget what reclaim may have deleted (ids at or below the head).
+        while recs
+            .front()
+            .is_some_and(|r| r.id <= head && r.id <= q.durable_acked_through())
+        {
+            recs.pop_front();
+        }
+    }
+}
