@@ -1,1 +1,838 @@
-//! TODO
+//! Wire formats between a dock (or any serial device) and the gateway.
+//!
+//! This is a contract with firmware authors, so it is spelled out here and
+//! kept deliberately small. A port speaks one of two framings (config
+//! `framing`):
+//!
+//! * **jsonl** — one JSON object per `\n`-terminated line (a trailing `\r` is
+//!   ignored, empty lines are skipped):
+//!   `{"device":"wrist-01","sensor":"heart_rate","seq":17,"ts":1764000000000,"value":72}`
+//!   - `sensor` (required): 1..=64 bytes of UTF-8, no control characters.
+//!   - `device` (optional): same rules; when absent the port's configured
+//!     `device` is used, and when there is none the line is malformed.
+//!   - `seq` (optional): u64 per-device counter, the resend/ack key.
+//!   - `ts` (optional): unix milliseconds; when absent the receive time is used.
+//!   - `value` (required): a number or an array of numbers.
+//!   - Unknown fields are ignored, so firmware can add fields before we read them.
+//!
+//!   The gateway answers with cumulative acks, one per line:
+//!   `{"ack":{"device":"wrist-01","seq":17}}` — "everything from `wrist-01`
+//!   with `seq <= 17` is durable, forget it".
+//! * **cobs** — binary frames, see [`frame`] for the exact byte layout.
+//!
+//! Any frame (line or COBS frame) longer than [`MAX_FRAME_LEN`] bytes between
+//! delimiters is discarded and counted as malformed once.
+
+use crate::config::Framing;
+use crate::reading::{Ack, Reading, Value};
+use serde::{Deserialize, Serialize};
+
+/// Longest frame accepted between two delimiters, delimiter excluded.
+pub const MAX_FRAME_LEN: usize = 4096;
+/// Longest device or sensor id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+pub mod frame {
+    //! Binary frames for the `cobs` framing: `no_std`, allocation-free, so
+    //! firmware written in Rust can use this module as is.
+    //!
+    //! # Layout (for implementing it in C)
+    //!
+    //! On the wire each frame is
+    //!
+    //! ```text
+    //! COBS( body ‖ crc32_le(body) ) 0x00
+    //! ```
+    //!
+    //! * `body` is the [postcard](https://postcard.jamesmunns.com/wire-format)
+    //!   encoding of [`Frame`] (below).
+    //! * `crc32` is CRC-32/ISO-HDLC (the zlib/Ethernet CRC: reflected poly
+    //!   0xEDB88320, init 0xFFFFFFFF, xorout 0xFFFFFFFF; `"123456789"` →
+    //!   0xCBF43926) over `body`, appended as 4 bytes little-endian.
+    //! * COBS (consistent overhead byte stuffing) removes every 0x00 from
+    //!   `body ‖ crc`, so the single 0x00 after it delimits frames. A receiver
+    //!   that lost sync simply waits for the next 0x00.
+    //! * Between two 0x00 there are at most [`MAX_FRAME_LEN`] bytes.
+    //!
+    //! Postcard primitives used by `body`:
+    //!
+    //! ```text
+    //! varint(n)  unsigned LEB128: 7 bits per byte, least significant group
+    //!            first, high bit set on every byte but the last
+    //!            (0 → 00, 17 → 11, 300 → AC 02). u64 fields are varints too.
+    //! str        varint(byte length) then the UTF-8 bytes (no terminator)
+    //! option(x)  00 (None) | 01 x (Some)
+    //! f64        8 bytes, IEEE-754 binary64, little-endian
+    //! seq(x)     varint(count) then each element
+    //! enum       varint(variant index) then the variant's fields in order
+    //! ```
+    //!
+    //! The [`Frame`] enum:
+    //!
+    //! ```text
+    //! Frame::Reading = varint(0)
+    //!                  option(str)  device    (None → the port's default device)
+    //!                  str          sensor    (1..=64 bytes)
+    //!                  option(u64)  seq
+    //!                  option(u64)  ts        (unix ms; None → receive time)
+    //!                  seq(f64)     value     (1..=16 elements; 1 = a single number)
+    //! Frame::Ack     = varint(1)
+    //!                  str          device
+    //!                  u64          seq       (cumulative: all seq <= this are durable)
+    //! ```
+    //!
+    //! Example: `Ack { device: "w1", seq: 300 }` has body `01 02 77 31 AC 02`,
+    //! CRC-32 `0x3FA3A42D`, i.e. `01 02 77 31 AC 02 2D A4 A3 3F` before COBS;
+    //! that holds no 0x00, so COBS only prepends the block length and the wire
+    //! carries `0B 01 02 77 31 AC 02 2D A4 A3 3F 00` (checked by the unit
+    //! test `frame_layout_matches_the_docs`).
+
+    use serde::{Deserialize, Serialize};
+
+    pub use super::MAX_FRAME_LEN;
+
+    /// Longest id a frame can carry (bytes).
+    pub const MAX_ID: usize = 64;
+    /// Most numbers in one `value`.
+    pub const MAX_VALUES: usize = 16;
+    /// Longest possible `body` (a Reading with every field at its maximum).
+    pub const MAX_BODY_LEN: usize = 1 + (1 + 1 + MAX_ID) + (1 + MAX_ID) + (1 + 10) + (1 + 10) + (1 + 8 * MAX_VALUES);
+    /// Longest possible encoded frame, trailing 0x00 included: a buffer this
+    /// big always suffices for [`encode`].
+    pub const MAX_ENCODED_LEN: usize = cobs_max_len(MAX_BODY_LEN + 4) + 1;
+
+    /// CRC-32/ISO-HDLC, the frame checksum.
+    pub const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+
+    const fn cobs_max_len(n: usize) -> usize {
+        n + n / 254 + 1
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct WireReading {
+        pub device: Option<heapless::String<MAX_ID>>,
+        pub sensor: heapless::String<MAX_ID>,
+        pub seq: Option<u64>,
+        pub ts: Option<u64>,
+        /// One element is a single number; more are an array.
+        pub value: heapless::Vec<f64, MAX_VALUES>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub enum Frame {
+        Reading(WireReading),
+        Ack { device: heapless::String<MAX_ID>, seq: u64 },
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Error {
+        /// The output buffer cannot hold the encoded frame.
+        BufferTooSmall,
+        /// More than [`MAX_FRAME_LEN`] bytes between delimiters.
+        TooLong { len: usize },
+        /// Not valid COBS (a 0x00 inside, or a block running past the end).
+        Cobs,
+        /// Decoded frame shorter than its 4-byte CRC plus a 1-byte body.
+        TooShort { len: usize },
+        /// Checksum mismatch: a corrupted or truncated frame.
+        Crc { expected: u32, actual: u32 },
+        /// The body is not a valid postcard `Frame`.
+        Postcard(postcard::Error),
+        /// A valid `Frame` followed by extra bytes before the CRC.
+        TrailingBytes { extra: usize },
+    }
+
+    impl core::fmt::Display for Error {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self {
+                Error::BufferTooSmall => write!(f, "output buffer too small for the frame"),
+                Error::TooLong { len } => write!(f, "frame of {len} bytes exceeds the {MAX_FRAME_LEN}-byte limit"),
+                Error::Cobs => write!(f, "invalid COBS encoding"),
+                Error::TooShort { len } => write!(f, "frame of {len} decoded bytes is too short for body + CRC"),
+                Error::Crc { expected, actual } => {
+                    write!(f, "CRC mismatch: frame says {expected:#010x}, body has {actual:#010x}")
+                }
+                Error::Postcard(e) => write!(f, "invalid frame body: {e}"),
+                Error::TrailingBytes { extra } => write!(f, "{extra} unexpected bytes after the frame body"),
+            }
+        }
+    }
+
+    impl core::error::Error for Error {}
+
+    /// Encode `frame` into `out`; returns the bytes written, including the
+    /// trailing 0x00 delimiter.
+    pub fn encode(frame: &Frame, out: &mut [u8]) -> Result<usize, Error> {
+        // Body and CRC are assembled in a bounded stack buffer because COBS
+        // cannot encode in place.
+        let mut raw = [0u8; MAX_BODY_LEN + 4];
+        let body_len = postcard::to_slice(frame, &mut raw[..MAX_BODY_LEN])
+            .map_err(|_| Error::BufferTooSmall)?
+            .len();
+        let crc = CRC.checksum(&raw[..body_len]);
+        raw[body_len..body_len + 4].copy_from_slice(&crc.to_le_bytes());
+        let n = cobs::try_encode(&raw[..body_len + 4], out).map_err(|_| Error::BufferTooSmall)?;
+        let delim = out.get_mut(n).ok_or(Error::BufferTooSmall)?;
+        *delim = 0;
+        Ok(n + 1)
+    }
+
+    /// Decode one frame: `buf` holds the COBS bytes between two delimiters
+    /// (delimiter excluded) and is overwritten by the decoded bytes.
+    pub fn decode(buf: &mut [u8]) -> Result<Frame, Error> {
+        if buf.len() > MAX_FRAME_LEN {
+            return Err(Error::TooLong { len: buf.len() });
+        }
+        // The cobs crate stops silently at a 0x00; here it can only mean the
+        // caller split the stream wrongly or the bytes are garbage.
+        if buf.contains(&0) {
+            return Err(Error::Cobs);
+        }
+        let len = cobs::decode_in_place(buf).map_err(|_| Error::Cobs)?;
+        if len < 5 {
+            return Err(Error::TooShort { len });
+        }
+        let (body, crc) = buf[..len].split_at(len - 4);
+        let expected = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        let actual = CRC.checksum(body);
+        if expected != actual {
+            return Err(Error::Crc { expected, actual });
+        }
+        let (frame, rest) = postcard::take_from_bytes::<Frame>(body).map_err(Error::Postcard)?;
+        if !rest.is_empty() {
+            return Err(Error::TrailingBytes { extra: rest.len() });
+        }
+        Ok(frame)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("invalid JSON line: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("reading has no \"sensor\"")]
+    MissingSensor,
+    #[error("reading names no device and the port has no default `device` configured")]
+    MissingDevice,
+    #[error("bad {field} id {value:?}: {reason}")]
+    BadId { field: &'static str, value: String, reason: &'static str },
+    #[error("frame longer than {MAX_FRAME_LEN} bytes, discarded")]
+    TooLong,
+    #[error("bad frame: {0}")]
+    Frame(#[from] frame::Error),
+    #[error("expected a reading, got an ack")]
+    UnexpectedAck,
+    #[error("expected an ack, got a reading")]
+    UnexpectedReading,
+    #[error("value has {0} numbers; a cobs frame carries 1..={max}", max = frame::MAX_VALUES)]
+    TooManyValues(usize),
+}
+
+fn check_id(field: &'static str, id: &str) -> Result<(), WireError> {
+    let reason = if id.is_empty() {
+        "empty"
+    } else if id.len() > MAX_ID_LEN {
+        "longer than 64 bytes"
+    } else if id.chars().any(char::is_control) {
+        "contains control characters"
+    } else {
+        return Ok(());
+    };
+    Err(WireError::BadId { field, value: id.chars().take(80).collect(), reason })
+}
+
+fn finish(
+    device: Option<&str>,
+    sensor: &str,
+    seq: Option<u64>,
+    ts: Option<u64>,
+    value: Value,
+    default_device: Option<&str>,
+    now_ms: u64,
+) -> Result<(Reading, bool), WireError> {
+    let device = device.or(default_device).ok_or(WireError::MissingDevice)?;
+    check_id("device", device)?;
+    check_id("sensor", sensor)?;
+    let reading = Reading {
+        device: device.to_string(),
+        sensor: sensor.to_string(),
+        seq,
+        ts: ts.unwrap_or(now_ms),
+        value,
+    };
+    Ok((reading, ts.is_some()))
+}
+
+/// Parse one jsonl line (without its `\n`). Returns the reading and whether
+/// `ts` came from the device.
+pub fn parse_jsonl(line: &[u8], default_device: Option<&str>, now_ms: u64) -> Result<(Reading, bool), WireError> {
+    #[derive(Deserialize)]
+    struct Line {
+        device: Option<String>,
+        sensor: Option<String>,
+        seq: Option<u64>,
+        ts: Option<u64>,
+        value: Value,
+    }
+    let l: Line = serde_json::from_slice(line)?;
+    let sensor = l.sensor.ok_or(WireError::MissingSensor)?;
+    finish(l.device.as_deref(), &sensor, l.seq, l.ts, l.value, default_device, now_ms)
+}
+
+#[derive(Serialize, Deserialize)]
+struct AckLine<'a> {
+    #[serde(borrow)]
+    ack: AckBody<'a>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AckBody<'a> {
+    #[serde(borrow)]
+    device: std::borrow::Cow<'a, str>,
+    seq: u64,
+}
+
+/// `{"ack":{"device":"…","seq":N}}\n`
+pub fn encode_ack_jsonl(ack: &Ack) -> Vec<u8> {
+    let line = AckLine { ack: AckBody { device: ack.device.as_str().into(), seq: ack.seq } };
+    // Serializing a struct of a string and an integer cannot fail.
+    let mut out = serde_json::to_vec(&line).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// Parse an ack line (without its `\n`), as a device does.
+pub fn parse_ack_jsonl(line: &[u8]) -> Result<Ack, WireError> {
+    let l: AckLine = serde_json::from_slice(line)?;
+    Ok(Ack { device: l.ack.device.into_owned(), seq: l.ack.seq })
+}
+
+/// A reading as one jsonl line, `\n` included (what a device sends). `ts`
+/// is always included.
+pub fn encode_reading_jsonl(r: &Reading) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Line<'a> {
+        device: &'a str,
+        sensor: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        ts: u64,
+        value: &'a Value,
+    }
+    let line = Line { device: &r.device, sensor: &r.sensor, seq: r.seq, ts: r.ts, value: &r.value };
+    let mut out = serde_json::to_vec(&line).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// Turn a decoded frame into a reading, applying the same rules as jsonl.
+pub fn reading_from_frame(
+    f: frame::Frame,
+    default_device: Option<&str>,
+    now_ms: u64,
+) -> Result<(Reading, bool), WireError> {
+    let w = match f {
+        frame::Frame::Reading(w) => w,
+        frame::Frame::Ack { .. } => return Err(WireError::UnexpectedAck),
+    };
+    let value = match w.value.as_slice() {
+        [x] => Value::Number(*x),
+        xs => Value::Array(xs.to_vec()),
+    };
+    finish(w.device.as_deref(), &w.sensor, w.seq, w.ts, value, default_device, now_ms)
+}
+
+/// Decode and parse one cobs frame (bytes between delimiters, modified in place).
+pub fn parse_cobs(buf: &mut [u8], default_device: Option<&str>, now_ms: u64) -> Result<(Reading, bool), WireError> {
+    reading_from_frame(frame::decode(buf)?, default_device, now_ms)
+}
+
+fn id_string(field: &'static str, s: &str) -> Result<heapless::String<{ frame::MAX_ID }>, WireError> {
+    check_id(field, s)?;
+    // check_id bounded the length, so this cannot fail.
+    heapless::String::try_from(s).map_err(|_| WireError::BadId {
+        field,
+        value: s.chars().take(80).collect(),
+        reason: "longer than 64 bytes",
+    })
+}
+
+fn encode_frame(f: &frame::Frame) -> Result<Vec<u8>, WireError> {
+    let mut out = [0u8; frame::MAX_ENCODED_LEN];
+    let n = frame::encode(f, &mut out)?;
+    Ok(out[..n].to_vec())
+}
+
+/// A reading as one cobs frame, trailing 0x00 included (what a device sends).
+pub fn encode_reading_cobs(r: &Reading) -> Result<Vec<u8>, WireError> {
+    let value = match &r.value {
+        Value::Number(x) => heapless::Vec::from_slice(&[*x]),
+        Value::Array(xs) => heapless::Vec::from_slice(xs),
+    }
+    .map_err(|_| WireError::TooManyValues(match &r.value {
+        Value::Number(_) => 1,
+        Value::Array(xs) => xs.len(),
+    }))?;
+    let w = frame::WireReading {
+        device: Some(id_string("device", &r.device)?),
+        sensor: id_string("sensor", &r.sensor)?,
+        seq: r.seq,
+        ts: Some(r.ts),
+        value,
+    };
+    encode_frame(&frame::Frame::Reading(w))
+}
+
+/// An ack as one cobs frame, trailing 0x00 included. Fails only for a device
+/// id that no reading could have carried (empty, > 64 bytes, control chars).
+pub fn encode_ack_cobs(ack: &Ack) -> Result<Vec<u8>, WireError> {
+    encode_frame(&frame::Frame::Ack { device: id_string("device", &ack.device)?, seq: ack.seq })
+}
+
+/// Decode an ack frame (bytes between delimiters), as a device does.
+pub fn parse_ack_cobs(buf: &mut [u8]) -> Result<Ack, WireError> {
+    match frame::decode(buf)? {
+        frame::Frame::Ack { device, seq } => Ok(Ack { device: device.as_str().to_string(), seq }),
+        frame::Frame::Reading(_) => Err(WireError::UnexpectedReading),
+    }
+}
+
+/// Parse one frame from [`FrameSplitter`] per the port's framing.
+pub fn parse_reading(
+    framing: Framing,
+    buf: &mut [u8],
+    default_device: Option<&str>,
+    now_ms: u64,
+) -> Result<(Reading, bool), WireError> {
+    match framing {
+        Framing::Jsonl => parse_jsonl(buf, default_device, now_ms),
+        Framing::Cobs => parse_cobs(buf, default_device, now_ms),
+    }
+}
+
+/// Encode an ack per the port's framing, delimiter included.
+pub fn encode_ack(framing: Framing, ack: &Ack) -> Result<Vec<u8>, WireError> {
+    match framing {
+        Framing::Jsonl => Ok(encode_ack_jsonl(ack)),
+        Framing::Cobs => encode_ack_cobs(ack),
+    }
+}
+
+/// Parse an ack frame per the port's framing (device side).
+pub fn parse_ack(framing: Framing, buf: &mut [u8]) -> Result<Ack, WireError> {
+    match framing {
+        Framing::Jsonl => parse_ack_jsonl(buf),
+        Framing::Cobs => parse_ack_cobs(buf),
+    }
+}
+
+/// Encode a reading per the framing, delimiter included (device side).
+pub fn encode_reading(framing: Framing, r: &Reading) -> Result<Vec<u8>, WireError> {
+    match framing {
+        Framing::Jsonl => Ok(encode_reading_jsonl(r)),
+        Framing::Cobs => encode_reading_cobs(r),
+    }
+}
+
+/// Cuts a byte stream into frames at `\n` (jsonl) or 0x00 (cobs).
+///
+/// Memory is bounded by [`MAX_FRAME_LEN`]: a frame that grows past it is
+/// reported once as [`WireError::TooLong`] and the rest of it, up to the next
+/// delimiter, is skipped without buffering.
+#[derive(Debug)]
+pub struct FrameSplitter {
+    delim: u8,
+    strip_cr: bool,
+    buf: Vec<u8>,
+    /// Inside an over-long frame: drop bytes until the next delimiter.
+    discarding: bool,
+}
+
+impl FrameSplitter {
+    pub fn new(framing: Framing) -> Self {
+        let (delim, strip_cr) = match framing {
+            Framing::Jsonl => (b'\n', true),
+            Framing::Cobs => (0, false),
+        };
+        FrameSplitter { delim, strip_cr, buf: Vec::with_capacity(512), discarding: false }
+    }
+
+    /// Forget a partial frame, e.g. after the port was reopened: its first
+    /// half came from a device that may no longer be there.
+    pub fn reset(&mut self) {
+        self.buf.clear();
+        self.discarding = false;
+    }
+
+    /// Bytes of an incomplete frame currently held.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Feed a chunk; `on_frame` is called for each complete, non-empty frame
+    /// (delimiter and, for jsonl, a trailing `\r` removed) and once per
+    /// over-long frame with `Err(TooLong)`. The frame slice is mutable so
+    /// COBS can be decoded in place.
+    pub fn feed(&mut self, mut chunk: &[u8], mut on_frame: impl FnMut(Result<&mut [u8], WireError>)) {
+        while !chunk.is_empty() {
+            let (part, complete) = match chunk.iter().position(|&b| b == self.delim) {
+                Some(i) => (&chunk[..i], Some(i + 1)),
+                None => (chunk, None),
+            };
+            if !self.discarding {
+                if self.buf.len() + part.len() > MAX_FRAME_LEN {
+                    self.buf.clear();
+                    self.discarding = true;
+                    on_frame(Err(WireError::TooLong));
+                } else {
+                    self.buf.extend_from_slice(part);
+                }
+            }
+            match complete {
+                Some(next) => {
+                    if !self.discarding {
+                        let mut end = self.buf.len();
+                        if self.strip_cr && self.buf.last() == Some(&b'\r') {
+                            end -= 1;
+                        }
+                        if end > 0 {
+                            on_frame(Ok(&mut self.buf[..end]));
+                        }
+                    }
+                    self.buf.clear();
+                    self.discarding = false;
+                    chunk = &chunk[next..];
+                }
+                None => chunk = &[],
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame::{Frame, WireReading};
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn reading(seq: u64, value: Value) -> Reading {
+        Reading { device: "wrist-01".into(), sensor: "heart_rate".into(), seq: Some(seq), ts: 1_764_000_000_000, value }
+    }
+
+    fn split_all(framing: Framing, chunks: &[&[u8]]) -> Vec<Result<Vec<u8>, String>> {
+        let mut s = FrameSplitter::new(framing);
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, |f| out.push(f.map(|b| b.to_vec()).map_err(|e| e.to_string())));
+        }
+        out
+    }
+
+    #[test]
+    fn jsonl_example_from_the_docs() {
+        let line = br#"{"device":"wrist-01","sensor":"heart_rate","seq":17,"ts":1764000000000,"value":72}"#;
+        let (r, from_dev) = parse_jsonl(line, None, NOW).unwrap();
+        assert_eq!(r, reading(17, Value::Number(72.0)));
+        assert!(from_dev);
+    }
+
+    #[test]
+    fn jsonl_defaults_and_extras() {
+        let (r, from_dev) =
+            parse_jsonl(br#"{"sensor":"rr","value":[0.8,0.81],"fw":"1.2","extra":{"x":1}}"#, Some("dock-dev"), NOW)
+                .unwrap();
+        assert_eq!(r.device, "dock-dev");
+        assert_eq!(r.ts, NOW);
+        assert_eq!(r.seq, None);
+        assert_eq!(r.value, Value::Array(vec![0.8, 0.81]));
+        assert!(!from_dev);
+        // The device's own id wins over the port default.
+        let (r, _) = parse_jsonl(br#"{"device":"w2","sensor":"t","value":1}"#, Some("dock-dev"), NOW).unwrap();
+        assert_eq!(r.device, "w2");
+    }
+
+    #[test]
+    fn jsonl_round_trip() {
+        for r in [reading(0, Value::Number(-1.5)), reading(u64::MAX, Value::Array(vec![1.0, 2.5, 3e10]))] {
+            let line = encode_reading_jsonl(&r);
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert_eq!(parse_jsonl(&line[..line.len() - 1], None, NOW).unwrap(), (r, true));
+        }
+    }
+
+    #[test]
+    fn jsonl_malformed_kinds() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"garbage", "invalid JSON"),
+            (br#"{"sensor":"hr","value":"#, "invalid JSON"),
+            (br#"{"device":"w","value":1}"#, "no \"sensor\""),
+            (br#"{"device":"w","sensor":"","value":1}"#, "empty"),
+            (br#"{"device":"w","sensor":"hr"}"#, "missing field `value`"),
+            (br#"{"device":"w","sensor":"hr","value":"high"}"#, "invalid JSON"),
+            (br#"{"device":"w","sensor":"hr","value":1,"seq":-1}"#, "invalid JSON"),
+            (br#"{"device":"w","sensor":"hr","value":1,"ts":1.5}"#, "invalid JSON"),
+            (br#"{"sensor":"hr","value":1}"#, "no default `device`"),
+            (b"{\"device\":\"w\x01\",\"sensor\":\"hr\",\"value\":1}", "invalid JSON"),
+            (br#"{"device":"w\u0007","sensor":"hr","value":1}"#, "control characters"),
+            (b"{\"device\":\"w\0\",\"sensor\":\"hr\",\"value\":1}", "invalid JSON"),
+            (b"\0\0\0", "invalid JSON"),
+            (&[0xff, 0xfe, 0x7b], "invalid JSON"),
+            (br#"[1,2]"#, "invalid JSON"),
+            (br#"{"ack":{"device":"w","seq":1}}"#, "invalid JSON"),
+        ];
+        for (line, want) in cases {
+            let err = parse_jsonl(line, None, NOW).unwrap_err().to_string();
+            assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(line));
+        }
+        let long = format!(r#"{{"device":"{}","sensor":"hr","value":1}}"#, "x".repeat(65));
+        assert!(parse_jsonl(long.as_bytes(), None, NOW).unwrap_err().to_string().contains("longer than 64"));
+        let ok64 = format!(r#"{{"device":"{}","sensor":"hr","value":1}}"#, "x".repeat(64));
+        assert!(parse_jsonl(ok64.as_bytes(), None, NOW).is_ok());
+    }
+
+    #[test]
+    fn ack_jsonl_round_trip() {
+        let ack = Ack { device: "wrist-01".into(), seq: 17 };
+        let line = encode_ack_jsonl(&ack);
+        assert_eq!(line, b"{\"ack\":{\"device\":\"wrist-01\",\"seq\":17}}\n");
+        assert_eq!(parse_ack_jsonl(&line[..line.len() - 1]).unwrap(), ack);
+        assert!(parse_ack_jsonl(br#"{"sensor":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn frame_layout_matches_the_docs() {
+        assert_eq!(frame::CRC.checksum(b"123456789"), 0xCBF4_3926);
+        let f = Frame::Ack { device: "w1".try_into().unwrap(), seq: 300 };
+        let body = postcard::to_allocvec(&f).unwrap();
+        assert_eq!(body, [0x01, 0x02, b'w', b'1', 0xAC, 0x02]);
+        assert_eq!(frame::CRC.checksum(&body), 0x3FA3_A42D);
+        let mut out = [0u8; 64];
+        let n = frame::encode(&f, &mut out).unwrap();
+        assert_eq!(&out[..n], [0x0B, 0x01, 0x02, b'w', b'1', 0xAC, 0x02, 0x2D, 0xA4, 0xA3, 0x3F, 0x00]);
+        assert_eq!(frame::decode(&mut out[..n - 1]).unwrap(), f);
+
+        let r = Frame::Reading(WireReading {
+            device: None,
+            sensor: "t".try_into().unwrap(),
+            seq: Some(1),
+            ts: None,
+            value: heapless::Vec::from_slice(&[1.0]).unwrap(),
+        });
+        let body = postcard::to_allocvec(&r).unwrap();
+        let mut want = vec![0x00, 0x00, 0x01, b't', 0x01, 0x01, 0x00, 0x01];
+        want.extend_from_slice(&1.0f64.to_le_bytes());
+        assert_eq!(body, want);
+    }
+
+    #[test]
+    fn biggest_frame_fits_the_declared_bounds() {
+        let id: heapless::String<64> = "x".repeat(64).as_str().try_into().unwrap();
+        let f = Frame::Reading(WireReading {
+            device: Some(id.clone()),
+            sensor: id,
+            seq: Some(u64::MAX),
+            ts: Some(u64::MAX),
+            value: heapless::Vec::from_slice(&[f64::MAX; 16]).unwrap(),
+        });
+        assert_eq!(postcard::to_allocvec(&f).unwrap().len(), frame::MAX_BODY_LEN);
+        let mut out = [0u8; frame::MAX_ENCODED_LEN];
+        let n = frame::encode(&f, &mut out).unwrap();
+        assert!(n <= frame::MAX_ENCODED_LEN);
+        assert_eq!(frame::decode(&mut out[..n - 1]).unwrap(), f);
+        let mut small = [0u8; 100];
+        assert_eq!(frame::encode(&f, &mut small), Err(frame::Error::BufferTooSmall));
+    }
+
+    #[test]
+    fn cobs_round_trip() {
+        for r in [
+            reading(17, Value::Number(72.0)),
+            reading(0, Value::Array(vec![0.0, -0.0, 1e-300])),
+            reading(u64::MAX, Value::Array(vec![])),
+        ] {
+            let mut bytes = encode_reading_cobs(&r).unwrap();
+            assert_eq!(bytes.pop(), Some(0));
+            assert!(!bytes.contains(&0));
+            assert_eq!(parse_cobs(&mut bytes, None, NOW).unwrap(), (r, true));
+        }
+        let ack = Ack { device: "wrist-01".into(), seq: 99 };
+        let mut bytes = encode_ack_cobs(&ack).unwrap();
+        bytes.pop();
+        assert_eq!(parse_ack_cobs(&mut bytes.clone()).unwrap(), ack);
+        assert!(matches!(parse_cobs(&mut bytes, None, NOW), Err(WireError::UnexpectedAck)));
+    }
+
+    #[test]
+    fn cobs_frame_defaults() {
+        let f = Frame::Reading(WireReading {
+            device: None,
+            sensor: "spo2".try_into().unwrap(),
+            seq: None,
+            ts: None,
+            value: heapless::Vec::from_slice(&[97.0]).unwrap(),
+        });
+        let (r, from_dev) = reading_from_frame(f.clone(), Some("dock"), NOW).unwrap();
+        assert_eq!((r.device.as_str(), r.ts, r.seq, from_dev), ("dock", NOW, None, false));
+        assert!(matches!(reading_from_frame(f, None, NOW), Err(WireError::MissingDevice)));
+    }
+
+    #[test]
+    fn cobs_malformed_kinds() {
+        let good = {
+            let mut b = encode_reading_cobs(&reading(5, Value::Number(1.0))).unwrap();
+            b.pop();
+            b
+        };
+        // Flip one bit anywhere but the COBS code bytes: the CRC must notice.
+        let mut bad_crc = good.clone();
+        bad_crc[5] ^= 0x10;
+        assert!(matches!(parse_cobs(&mut bad_crc, None, NOW), Err(WireError::Frame(frame::Error::Crc { .. }))));
+        // Truncated: the first COBS block claims more bytes than remain.
+        let mut truncated = good[..good.len() / 2].to_vec();
+        assert!(matches!(parse_cobs(&mut truncated, None, NOW), Err(WireError::Frame(frame::Error::Cobs))));
+        // An embedded NUL: never produced by a correct encoder.
+        let mut nul = good.clone();
+        nul[3] = 0;
+        assert!(matches!(parse_cobs(&mut nul, None, NOW), Err(WireError::Frame(frame::Error::Cobs))));
+        let mut short = vec![0x03, 0x01, 0x02];
+        assert!(matches!(parse_cobs(&mut short, None, NOW), Err(WireError::Frame(frame::Error::TooShort { .. }))));
+        let mut long = vec![0x01; MAX_FRAME_LEN + 1];
+        assert!(matches!(parse_cobs(&mut long, None, NOW), Err(WireError::Frame(frame::Error::TooLong { .. }))));
+        // A valid frame with extra body bytes before the CRC.
+        let mut raw = postcard::to_allocvec(&Frame::Ack { device: "w".try_into().unwrap(), seq: 1 }).unwrap();
+        raw.push(7);
+        raw.extend_from_slice(&frame::CRC.checksum(&raw).to_le_bytes());
+        let mut enc = cobs::encode_vec(&raw);
+        assert!(matches!(parse_cobs(&mut enc, None, NOW), Err(WireError::Frame(frame::Error::TrailingBytes { extra: 1 }))));
+        // Valid CRC over a body that is not a Frame (variant 9).
+        let mut raw = vec![9u8, 1, 2];
+        raw.extend_from_slice(&frame::CRC.checksum(&raw).to_le_bytes());
+        let mut enc = cobs::encode_vec(&raw);
+        assert!(matches!(parse_cobs(&mut enc, None, NOW), Err(WireError::Frame(frame::Error::Postcard(_)))));
+        // Empty sensor passes postcard but not our id rules.
+        let f = Frame::Reading(WireReading {
+            device: Some("w".try_into().unwrap()),
+            sensor: heapless::String::new(),
+            seq: None,
+            ts: None,
+            value: heapless::Vec::new(),
+        });
+        assert!(matches!(reading_from_frame(f, None, NOW), Err(WireError::BadId { field: "sensor", .. })));
+        // Encoding refuses what the frame cannot carry.
+        assert!(matches!(
+            encode_reading_cobs(&reading(1, Value::Array(vec![0.0; 17]))),
+            Err(WireError::TooManyValues(17))
+        ));
+        assert!(encode_ack_cobs(&Ack { device: "d".repeat(65), seq: 1 }).is_err());
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_rarely_pass() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 64) as usize;
+            let mut buf: Vec<u8> = (0..len)
+                .map(|i| {
+                    let b = (x >> ((i % 8) * 8)) as u8 ^ (i as u8).wrapping_mul(31);
+                    if b == 0 { 1 } else { b }
+                })
+                .collect();
+            let _ = parse_jsonl(&buf, Some("d"), NOW);
+            if parse_cobs(&mut buf, Some("d"), NOW).is_ok() {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 0, "random bytes passed a CRC-32 check");
+    }
+
+    #[test]
+    fn splitter_across_chunk_boundaries() {
+        let data = b"{\"a\":1}\r\n\n\r\n{\"b\":2}\n{\"c\"";
+        // Every possible single cut gives the same frames.
+        for cut in 0..=data.len() {
+            let got = split_all(Framing::Jsonl, &[&data[..cut], &data[cut..], b":3}\n"]);
+            let want: Vec<Result<Vec<u8>, String>> =
+                vec![Ok(b"{\"a\":1}".to_vec()), Ok(b"{\"b\":2}".to_vec()), Ok(b"{\"c\":3}".to_vec())];
+            assert_eq!(got, want, "cut at {cut}");
+        }
+        // Byte by byte.
+        let bytes: Vec<&[u8]> = data.chunks(1).collect();
+        assert_eq!(split_all(Framing::Jsonl, &bytes).len(), 2);
+    }
+
+    #[test]
+    fn splitter_cobs_keeps_cr_and_skips_empty_frames() {
+        let got = split_all(Framing::Cobs, &[b"\0\0ab\r", b"\0\0c\n\0"]);
+        assert_eq!(got, vec![Ok(b"ab\r".to_vec()), Ok(b"c\n".to_vec())]);
+    }
+
+    #[test]
+    fn splitter_overlong_frame_is_reported_once_and_not_buffered() {
+        let mut s = FrameSplitter::new(Framing::Jsonl);
+        let mut errors = 0;
+        let mut frames = Vec::new();
+        let mut feed = |s: &mut FrameSplitter, chunk: &[u8]| {
+            s.feed(chunk, |f| match f {
+                Ok(b) => frames.push(b.to_vec()),
+                Err(_) => errors += 1,
+            });
+        };
+        feed(&mut s, b"ok1\n");
+        for _ in 0..100 {
+            feed(&mut s, &[b'x'; 1000]);
+            assert!(s.pending() <= MAX_FRAME_LEN);
+        }
+        feed(&mut s, b"tail\nok2\n");
+        // Exactly at the limit is still accepted.
+        let mut exact = vec![b'y'; MAX_FRAME_LEN];
+        exact.push(b'\n');
+        feed(&mut s, &exact);
+        let mut over = vec![b'z'; MAX_FRAME_LEN + 1];
+        over.push(b'\n');
+        feed(&mut s, &over);
+        feed(&mut s, b"ok3\n");
+        drop(feed);
+        assert_eq!(errors, 2);
+        assert_eq!(frames.len(), 4);
+        assert_eq!(frames[0], b"ok1");
+        assert_eq!(frames[1], b"ok2");
+        assert_eq!(frames[2].len(), MAX_FRAME_LEN);
+        assert_eq!(frames[3], b"ok3");
+    }
+
+    #[test]
+    fn splitter_reset_drops_partial_frame() {
+        let mut s = FrameSplitter::new(Framing::Jsonl);
+        let mut got = Vec::new();
+        s.feed(b"half-a-li", |f| got.push(f.unwrap().to_vec()));
+        s.reset();
+        s.feed(b"whole\n", |f| got.push(f.unwrap().to_vec()));
+        assert_eq!(got, vec![b"whole".to_vec()]);
+    }
+
+    #[test]
+    fn cobs_stream_through_splitter() {
+        let mut stream = Vec::new();
+        for i in 0..50 {
+            stream.extend(encode_reading_cobs(&reading(i, Value::Array(vec![i as f64; 3]))).unwrap());
+        }
+        stream.extend_from_slice(&[0x05, 0x01, 0x00]); // truncated garbage frame
+        let mut s = FrameSplitter::new(Framing::Cobs);
+        let (mut ok, mut bad) = (0, 0);
+        for chunk in stream.chunks(7) {
+            s.feed(chunk, |f| match parse_cobs(f.unwrap(), None, NOW) {
+                Ok((r, _)) => {
+                    assert_eq!(r.seq, Some(ok));
+                    ok += 1
+                }
+                Err(_) => bad += 1,
+            });
+        }
+        assert_eq!((ok, bad), (50, 1));
+    }
+}
