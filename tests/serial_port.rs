@@ -1,0 +1,295 @@
+//! The real serial task on real PTYs, with a simulated wearable on the
+//! master side and the test playing the pipeline (cumulative acks).
+
+use edge_gateway::config::{Framing, SerialConfig};
+use edge_gateway::metrics::{Metrics, PortCounters};
+use edge_gateway::sim::{Malformed, SimConfig, SimDevice, open_pty, point_symlink};
+use edge_gateway::source::serial;
+use edge_gateway::{Ack, Incoming};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+const PORT: &str = "dock1";
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Everything the serial task writes to the log, for counting state changes.
+#[derive(Clone, Default)]
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    /// Route this thread's tracing output here. The tests using it run on a
+    /// current-thread runtime, so the serial task logs on this thread too.
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let me = self.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || me.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_default(sub)
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    fn count(&self, needle: &str) -> usize {
+        self.text().lines().filter(|l| l.contains(needle)).count()
+    }
+}
+
+/// The serial task plus a stand-in pipeline that acks, per device, the
+/// highest seq received so far (readings on one port arrive in order).
+struct Gateway {
+    metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    received: Arc<Mutex<Vec<Incoming>>>,
+}
+
+impl Gateway {
+    fn start(path: &Path, framing: Framing) -> Gateway {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, mut rx) = mpsc::channel::<Incoming>(64);
+        let (ack_tx, ack_rx) = mpsc::channel::<Ack>(64);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(serial::run(config(path, framing), 3, tx, ack_rx, metrics.clone(), stop_rx));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let rec = received.clone();
+        tokio::spawn(async move {
+            let mut highest: HashMap<String, u64> = HashMap::new();
+            while let Some(inc) = rx.recv().await {
+                rec.lock().unwrap().push(inc.clone());
+                if let Some(seq) = inc.reading.seq {
+                    let h = highest.entry(inc.reading.device.clone()).or_insert(seq);
+                    *h = (*h).max(seq);
+                    let _ = ack_tx.send(Ack { device: inc.reading.device, seq: *h }).await;
+                }
+            }
+        });
+        Gateway { metrics, stop, task, received }
+    }
+
+    fn port(&self) -> PortCounters {
+        self.metrics.ports().get(PORT).cloned().unwrap_or_default()
+    }
+
+    fn received(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Stop the task and check it ends within a second.
+    async fn shutdown(self) {
+        let t = Instant::now();
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), self.task)
+            .await
+            .expect("serial task did not stop within 1 s")
+            .unwrap();
+        eprintln!("shutdown took {:?}", t.elapsed());
+    }
+}
+
+fn config(path: &Path, framing: Framing) -> SerialConfig {
+    SerialConfig { name: PORT.into(), path: path.to_path_buf(), baud: 115_200, framing, device: None }
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Run blocking device code off the runtime.
+async fn device<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn send_and_wait_acked(dev: &mut SimDevice, n: usize) {
+    for _ in 0..n {
+        dev.send_next().unwrap();
+    }
+    assert!(dev.wait_all_acked(PATIENCE).unwrap(), "device still has unacked readings: {:?}", dev.stats());
+}
+
+async fn streaming(framing: Framing) {
+    let pty = open_pty().unwrap();
+    let gw = Gateway::start(&pty.slave_path, framing);
+    let mut cfg = SimConfig::new("wrist-01", framing);
+    cfg.duplicate_probability = 0.05;
+    cfg.malformed_probability = 0.01;
+    cfg.seed = 42;
+    cfg.first_seq = 1;
+    let mut dev = SimDevice::on_pty(cfg, pty).unwrap();
+    let dev = device(move || {
+        for i in 0..1000 {
+            dev.send_next().unwrap();
+            if i % 50 == 0 {
+                dev.send_malformed(Malformed::ALL[(i / 50) % Malformed::ALL.len()]).unwrap();
+            }
+        }
+        assert!(dev.wait_all_acked(PATIENCE).unwrap(), "{:?}", dev.stats());
+        dev
+    })
+    .await;
+    let stats = dev.stats();
+    eprintln!("{framing:?}: {stats:?}");
+    assert_eq!((stats.pending, stats.sent_unique, stats.acked_through), (0, 1000, Some(1000)));
+    assert!(stats.duplicates_injected > 0 && stats.malformed_sent > 20);
+    assert_eq!(stats.bad_acks, 0);
+
+    wait_until("every frame sent arrives", || gw.received() as u64 == stats.sent_total).await;
+    wait_until("malformed frames are counted", || gw.port().malformed == stats.malformed_sent).await;
+    // Nothing extra trickles in afterwards.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gw.received() as u64, stats.sent_total);
+    let port = gw.port();
+    assert_eq!(port.malformed, stats.malformed_sent);
+    assert_eq!(port.readings, stats.sent_total);
+    assert!(port.connected);
+    assert_eq!(port.reconnects, 0);
+    assert!(Metrics::get(&gw.metrics.acks_sent) > 0);
+
+    let unique: BTreeMap<u64, _> = {
+        let rec = gw.received.lock().unwrap();
+        assert!(rec.iter().all(|i| i.port == 3 && i.ts_from_device));
+        rec.iter().map(|i| (i.reading.seq.unwrap(), i.reading.clone())).collect()
+    };
+    assert_eq!(unique.into_values().collect::<Vec<_>>(), dev.created());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_jsonl_with_duplicates_and_malformed_lines() {
+    streaming(Framing::Jsonl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cobs_with_duplicates_and_malformed_frames() {
+    streaming(Framing::Cobs).await;
+}
+
+#[tokio::test]
+async fn hot_plug_via_symlink_resumes_without_restart() {
+    let log = LogCapture::default();
+    let _guard = log.install();
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("ttyDock");
+    let mut next_seq = 1;
+    let mut gw: Option<Gateway> = None;
+    for round in 0..3u64 {
+        let pty = open_pty().unwrap();
+        point_symlink(&link, &pty.slave_path).unwrap();
+        let gw = gw.get_or_insert_with(|| Gateway::start(&link, Framing::Jsonl));
+        let mut cfg = SimConfig::new("wrist-07", Framing::Jsonl);
+        cfg.first_seq = next_seq;
+        cfg.seed = round + 1;
+        let mut dev = SimDevice::on_pty(cfg, pty).unwrap();
+        let dev = device(move || {
+            send_and_wait_acked(&mut dev, 100);
+            dev
+        })
+        .await;
+        wait_until("connected", || gw.port().connected).await;
+        assert_eq!(gw.port().reconnects, round, "one connection per plug-in");
+        next_seq = dev.next_seq();
+        device(move || dev.unplug()).await;
+        wait_until("disconnected after unplug", || !gw.port().connected).await;
+    }
+    let gw = gw.unwrap();
+    let seqs: Vec<u64> = gw.received.lock().unwrap().iter().map(|i| i.reading.seq.unwrap()).collect();
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+    // Retries while the symlink dangled are not logged one by one.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let text = log.text();
+    eprintln!("{text}");
+    assert_eq!(log.count("connected") - log.count("disconnected"), 3, "{text}");
+    assert_eq!(log.count("retrying"), 3, "one line per unplug:\n{text}");
+    assert!(log.count("cannot open") <= 3, "at most one per gap:\n{text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_path_at_start_is_retried_until_it_appears() {
+    let log = LogCapture::default();
+    let _guard = log.install();
+    let dir = tempfile::tempdir().unwrap();
+    let link: PathBuf = dir.path().join("not-yet");
+    let gw = Gateway::start(&link, Framing::Cobs);
+    // Long enough for several retries (100 + 200 + 400 ms …).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!gw.task.is_finished());
+    assert!(!gw.port().connected);
+    assert_eq!(log.count("cannot open"), 1, "one line, not one per retry:\n{}", log.text());
+
+    let pty = open_pty().unwrap();
+    point_symlink(&link, &pty.slave_path).unwrap();
+    let mut dev = SimDevice::on_pty(SimConfig::new("wrist-02", Framing::Cobs), pty).unwrap();
+    // Keep the device plugged in (returned, not dropped) while checking.
+    let _dev = device(move || {
+        send_and_wait_acked(&mut dev, 20);
+        dev
+    })
+    .await;
+    let port = gw.port();
+    assert!(port.connected);
+    assert_eq!((port.readings, port.reconnects, port.malformed), (20, 0, 0));
+    assert_eq!(log.count("connected"), 1, "{}", log.text());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_is_prompt_when_the_port_is_missing() {
+    let gw = Gateway::start(Path::new("/nonexistent/ttyNothing"), Framing::Jsonl);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_writes_acks_already_received_then_stops() {
+    let pty = open_pty().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let (tx, mut rx) = mpsc::channel(8);
+    let (ack_tx, ack_rx) = mpsc::channel(8);
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(serial::run(config(&pty.slave_path, Framing::Jsonl), 0, tx, ack_rx, metrics.clone(), stop_rx));
+    let mut dev = SimDevice::on_pty(SimConfig::new("wrist-03", Framing::Jsonl), pty).unwrap();
+    let mut dev = device(move || {
+        dev.send_next().unwrap();
+        dev
+    })
+    .await;
+    let inc = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(inc.reading.seq, Some(1));
+
+    // The ack and the shutdown arrive together: the ack must still go out.
+    ack_tx.send(Ack { device: "wrist-03".into(), seq: 1 }).await.unwrap();
+    let t = Instant::now();
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops within 1 s").unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let dev = device(move || {
+        let ok = dev.wait_all_acked(PATIENCE).unwrap();
+        (ok, dev)
+    })
+    .await;
+    assert!(dev.0, "ack written before stopping: {:?}", dev.1.stats());
+    assert_eq!(dev.1.stats().acked_through, Some(1));
+    assert_eq!(Metrics::get(&metrics.acks_sent), 1);
+    assert!(!metrics.ports()[PORT].connected);
+}
