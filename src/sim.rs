@@ -485,10 +485,11 @@ impl SimDevice {
         // Close our write side now, so a PTY master is gone once the
         // reader thread (holding the other fd) exits.
         self.writer = Box::new(io::sink());
-        if let Some(h) = self.reader.take() {
-            if self.reader_stoppable {
-                let _ = h.join();
-            }
+        // A reader that ignores `stop` is left detached; it ends at EOF.
+        if let Some(h) = self.reader.take()
+            && self.reader_stoppable
+        {
+            let _ = h.join();
         }
         self.pty = None;
     }

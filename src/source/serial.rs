@@ -231,7 +231,7 @@ impl Port {
                 },
                 r = port.read(&mut buf) => match r {
                     // A PTY whose master closed, or a USB device gone.
-                    Ok(0) => return End::Lost("closed (EOF)".into()),
+                    Ok(0) => return End::Lost("unplugged (EOF)".into()),
                     Ok(n) => {
                         for inc in self.parse_chunk(&buf[..n]) {
                             if let Err(end) = self.deliver(&mut port, inc).await {
