@@ -9,7 +9,7 @@ use edge_gateway::{Ack, Incoming};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -17,7 +17,10 @@ use tokio::task::JoinHandle;
 const PORT: &str = "dock1";
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// Everything the serial task writes to the log, for counting state changes.
+/// Everything logged by any test, captured by one global subscriber:
+/// `set_default` is per thread and tracing caches per-callsite interest
+/// globally, which loses events when tests run in parallel. Tests tell
+/// their lines apart by port name.
 #[derive(Clone, Default)]
 struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
@@ -31,29 +34,39 @@ impl Write for LogCapture {
     }
 }
 
-impl LogCapture {
-    /// Route this thread's tracing output here. The tests using it run on a
-    /// current-thread runtime, so the serial task logs on this thread too.
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let me = self.clone();
+fn log_capture() -> &'static LogCapture {
+    static LOG: OnceLock<LogCapture> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = LogCapture::default();
+        let me = log.clone();
         let sub = tracing_subscriber::fmt()
             .with_writer(move || me.clone())
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
             .finish();
-        tracing::subscriber::set_default(sub)
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-    fn count(&self, needle: &str) -> usize {
-        self.text().lines().filter(|l| l.contains(needle)).count()
-    }
+        tracing::subscriber::set_global_default(sub).expect("no other global subscriber");
+        log
+    })
+}
+
+/// The log lines of serial port `port`.
+fn port_log(port: &str) -> Vec<String> {
+    let needle = format!("serial {port}:");
+    String::from_utf8_lossy(&log_capture().0.lock().unwrap())
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect()
+}
+
+fn count(lines: &[String], what: &str) -> usize {
+    lines.iter().filter(|l| l.contains(what)).count()
 }
 
 /// The serial task plus a stand-in pipeline that acks, per device, the
 /// highest seq received so far (readings on one port arrive in order).
 struct Gateway {
+    name: String,
     metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -62,13 +75,21 @@ struct Gateway {
 
 impl Gateway {
     fn start(path: &Path, framing: Framing) -> Gateway {
+        Gateway::start_holding_acks(PORT, path, framing, Duration::ZERO)
+    }
+
+    /// Like `start`, but the pipeline acks nothing until `hold` has passed,
+    /// as when the queue is slow to commit.
+    fn start_holding_acks(name: &str, path: &Path, framing: Framing, hold: Duration) -> Gateway {
+        log_capture();
         let metrics = Arc::new(Metrics::default());
         let (tx, mut rx) = mpsc::channel::<Incoming>(64);
         let (ack_tx, ack_rx) = mpsc::channel::<Ack>(64);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(serial::run(config(path, framing), 3, tx, ack_rx, metrics.clone(), stop_rx));
+        let task = tokio::spawn(serial::run(config(name, path, framing), 3, tx, ack_rx, metrics.clone(), stop_rx));
         let received = Arc::new(Mutex::new(Vec::new()));
         let rec = received.clone();
+        let acks_from = tokio::time::Instant::now() + hold;
         tokio::spawn(async move {
             let mut highest: HashMap<String, u64> = HashMap::new();
             while let Some(inc) = rx.recv().await {
@@ -76,15 +97,16 @@ impl Gateway {
                 if let Some(seq) = inc.reading.seq {
                     let h = highest.entry(inc.reading.device.clone()).or_insert(seq);
                     *h = (*h).max(seq);
+                    tokio::time::sleep_until(acks_from).await;
                     let _ = ack_tx.send(Ack { device: inc.reading.device, seq: *h }).await;
                 }
             }
         });
-        Gateway { metrics, stop, task, received }
+        Gateway { name: name.to_string(), metrics, stop, task, received }
     }
 
     fn port(&self) -> PortCounters {
-        self.metrics.ports().get(PORT).cloned().unwrap_or_default()
+        self.metrics.ports().get(&self.name).cloned().unwrap_or_default()
     }
 
     fn received(&self) -> usize {
@@ -103,8 +125,8 @@ impl Gateway {
     }
 }
 
-fn config(path: &Path, framing: Framing) -> SerialConfig {
-    SerialConfig { name: PORT.into(), path: path.to_path_buf(), baud: 115_200, framing, device: None }
+fn config(name: &str, path: &Path, framing: Framing) -> SerialConfig {
+    SerialConfig { name: name.into(), path: path.to_path_buf(), baud: 115_200, framing, device: None }
 }
 
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -184,10 +206,28 @@ async fn streams_cobs_with_duplicates_and_malformed_frames() {
     streaming(Framing::Cobs).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_resends_until_acked_and_the_late_acks_cover_everything() {
+    let pty = open_pty().unwrap();
+    let gw = Gateway::start_holding_acks(PORT, &pty.slave_path, Framing::Cobs, Duration::from_millis(1500));
+    let mut cfg = SimConfig::new("wrist-05", Framing::Cobs);
+    cfg.resend_after = Duration::from_millis(300);
+    let mut dev = SimDevice::on_pty(cfg, pty).unwrap();
+    let dev = device(move || {
+        send_and_wait_acked(&mut dev, 50);
+        dev
+    })
+    .await;
+    let stats = dev.stats();
+    assert!(stats.resent >= 50, "no ack for 1.5 s must trigger resends: {stats:?}");
+    assert_eq!((stats.pending, stats.acked_through), (0, Some(50)));
+    wait_until("resends reach the pipeline too", || gw.received() as u64 == stats.sent_total).await;
+    assert_eq!(gw.port().readings, stats.sent_total);
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn hot_plug_via_symlink_resumes_without_restart() {
-    let log = LogCapture::default();
-    let _guard = log.install();
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("ttyDock");
     let mut next_seq = 1;
@@ -195,7 +235,7 @@ async fn hot_plug_via_symlink_resumes_without_restart() {
     for round in 0..3u64 {
         let pty = open_pty().unwrap();
         point_symlink(&link, &pty.slave_path).unwrap();
-        let gw = gw.get_or_insert_with(|| Gateway::start(&link, Framing::Jsonl));
+        let gw = gw.get_or_insert_with(|| Gateway::start_holding_acks("hotplug", &link, Framing::Jsonl, Duration::ZERO));
         let mut cfg = SimConfig::new("wrist-07", Framing::Jsonl);
         cfg.first_seq = next_seq;
         cfg.seed = round + 1;
@@ -216,26 +256,26 @@ async fn hot_plug_via_symlink_resumes_without_restart() {
     assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
     // Retries while the symlink dangled are not logged one by one.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let text = log.text();
+    let log = port_log("hotplug");
+    let text = log.join("\n");
     eprintln!("{text}");
-    assert_eq!(log.count("connected") - log.count("disconnected"), 3, "{text}");
-    assert_eq!(log.count("retrying"), 3, "one line per unplug:\n{text}");
-    assert!(log.count("cannot open") <= 3, "at most one per gap:\n{text}");
+    assert_eq!(count(&log, "connected"), 3, "one line per plug-in:\n{text}");
+    assert_eq!(count(&log, "unplugged"), 3, "one line per unplug:\n{text}");
+    assert!(count(&log, "cannot open") <= 3, "at most one per gap:\n{text}");
     gw.shutdown().await;
 }
 
 #[tokio::test]
 async fn missing_path_at_start_is_retried_until_it_appears() {
-    let log = LogCapture::default();
-    let _guard = log.install();
     let dir = tempfile::tempdir().unwrap();
     let link: PathBuf = dir.path().join("not-yet");
-    let gw = Gateway::start(&link, Framing::Cobs);
+    let gw = Gateway::start_holding_acks("late", &link, Framing::Cobs, Duration::ZERO);
     // Long enough for several retries (100 + 200 + 400 ms …).
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!gw.task.is_finished());
     assert!(!gw.port().connected);
-    assert_eq!(log.count("cannot open"), 1, "one line, not one per retry:\n{}", log.text());
+    let log = port_log("late");
+    assert_eq!(count(&log, "cannot open"), 1, "one line, not one per retry:\n{log:#?}");
 
     let pty = open_pty().unwrap();
     point_symlink(&link, &pty.slave_path).unwrap();
@@ -249,7 +289,8 @@ async fn missing_path_at_start_is_retried_until_it_appears() {
     let port = gw.port();
     assert!(port.connected);
     assert_eq!((port.readings, port.reconnects, port.malformed), (20, 0, 0));
-    assert_eq!(log.count("connected"), 1, "{}", log.text());
+    let log = port_log("late");
+    assert_eq!(count(&log, "connected"), 1, "{log:#?}");
     gw.shutdown().await;
 }
 
@@ -267,7 +308,7 @@ async fn shutdown_writes_acks_already_received_then_stops() {
     let (tx, mut rx) = mpsc::channel(8);
     let (ack_tx, ack_rx) = mpsc::channel(8);
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(serial::run(config(&pty.slave_path, Framing::Jsonl), 0, tx, ack_rx, metrics.clone(), stop_rx));
+    let task = tokio::spawn(serial::run(config(PORT, &pty.slave_path, Framing::Jsonl), 0, tx, ack_rx, metrics.clone(), stop_rx));
     let mut dev = SimDevice::on_pty(SimConfig::new("wrist-03", Framing::Jsonl), pty).unwrap();
     let mut dev = device(move || {
         dev.send_next().unwrap();

@@ -145,7 +145,7 @@ impl Port {
                 return;
             }
             match tokio_serial::new(path.as_str(), self.cfg.baud).open_native_async() {
-                Ok(stream) => {
+                Ok(mut stream) => {
                     info!(port = %name, "serial {name}: {path} connected");
                     let again = self.ever_connected;
                     self.ever_connected = true;
@@ -156,7 +156,13 @@ impl Port {
                         }
                     });
                     let started = Instant::now();
-                    let end = self.session(stream).await;
+                    let end = self.session(&mut stream).await;
+                    // TIOCEXCL outlives our fd while anything else holds the
+                    // tty open, and would then make our own reopen fail
+                    // (EBUSY) unless running as root. Best effort: a port
+                    // that is gone cannot be unlocked and needs no unlocking.
+                    let _ = stream.set_exclusive(false);
+                    drop(stream);
                     self.metrics.port(&name, |c| c.connected = false);
                     match end {
                         End::Shutdown => {
@@ -210,7 +216,7 @@ impl Port {
         }
     }
 
-    async fn session(&mut self, mut port: SerialStream) -> End {
+    async fn session(&mut self, port: &mut SerialStream) -> End {
         // A partial frame from before the reconnect may belong to another device.
         self.splitter.reset();
         let mut buf = vec![0u8; 4096];
@@ -218,12 +224,12 @@ impl Port {
             tokio::select! {
                 biased;
                 _ = stopped(&mut self.shutdown) => {
-                    self.flush_acks_on_shutdown(&mut port).await;
+                    self.flush_acks_on_shutdown(port).await;
                     return End::Shutdown;
                 }
                 ack = self.acks.recv(), if self.acks_open => match ack {
                     Some(ack) => {
-                        if let Err(e) = self.write_acks(&mut port, ack).await {
+                        if let Err(e) = self.write_acks(port, ack).await {
                             return End::Lost(describe(&e));
                         }
                     }
@@ -234,7 +240,7 @@ impl Port {
                     Ok(0) => return End::Lost("unplugged (EOF)".into()),
                     Ok(n) => {
                         for inc in self.parse_chunk(&buf[..n]) {
-                            if let Err(end) = self.deliver(&mut port, inc).await {
+                            if let Err(end) = self.deliver(port, inc).await {
                                 return end;
                             }
                         }
