@@ -74,12 +74,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("stopping: closing the open batch into the queue");
     pipeline_stop.trigger();
     let joined = tokio::task::spawn_blocking(move || worker.join());
-    match tokio::time::timeout(PIPELINE_STOP_BUDGET, joined).await {
-        Ok(Ok(Ok(Ok(())))) => {}
-        Ok(Ok(Ok(Err(e)))) => tracing::error!("pipeline stopped with an error: {e:#}"),
-        Ok(Ok(Err(_))) | Ok(Err(_)) => tracing::error!("pipeline thread panicked"),
-        Err(_) => tracing::error!("pipeline did not stop within {PIPELINE_STOP_BUDGET:?}"),
-    }
+    let _rx = match tokio::time::timeout(PIPELINE_STOP_BUDGET, joined).await {
+        Ok(Ok(Ok(Ok(rx)))) => Some(rx),
+        Ok(Ok(Ok(Err(e)))) => {
+            tracing::error!("pipeline stopped with an error: {e:#}");
+            None
+        }
+        Ok(Ok(Err(_))) | Ok(Err(_)) => {
+            tracing::error!("pipeline thread panicked");
+            None
+        }
+        Err(_) => {
+            tracing::error!("pipeline did not stop within {PIPELINE_STOP_BUDGET:?}");
+            None
+        }
+    };
     sources_stop.trigger();
     let _ = tokio::time::timeout(SOURCE_STOP_BUDGET, async { while sources.join_next().await.is_some() {} }).await;
     sources.abort_all();
@@ -122,9 +131,9 @@ fn run_pipeline(
     mut rx: mpsc::Receiver<Incoming>,
     routes: Vec<mpsc::Sender<Ack>>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<mpsc::Receiver<Incoming>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-    rt.block_on(async move {
+    let rx = rt.block_on(async move {
         loop {
             let deadline = tokio::time::Instant::from_std(p.next_deadline());
             tokio::select! {
@@ -154,8 +163,11 @@ fn run_pipeline(
             p.ingest(inc, now, ms);
         }
         send_acks(&routes, p.close());
+        // The channel goes back to `run`, alive: a port whose channel closed
+        // would stop at once, before writing the final acks.
+        rx
     });
-    Ok(())
+    Ok(rx)
 }
 
 fn send_acks(routes: &[mpsc::Sender<Ack>], acks: Vec<(PortId, Ack)>) {
