@@ -61,7 +61,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ack_routes.push(ack_tx);
         sources.spawn(serial::run(port.clone(), port_id, tx.clone(), ack_rx, metrics.clone(), sources_stop.subscribe()));
     }
-    drop(tx);
+    // Held until the end: the pipeline must outlive its sources, even when
+    // there are none (a gateway with no ports still owns its queue).
+    let _tx = tx;
 
     let stop_rx = pipeline_stop.subscribe();
     let worker = std::thread::Builder::new()

@@ -32,6 +32,29 @@ enum Cmd {
     },
     /// Decode one batch payload (json or postcard) from stdin into JSON lines.
     Decode,
+    /// A simulated dock: creates a PTY, links it at PATH and streams readings
+    /// from a simulated wearable that resends until acked (Ctrl-C stops).
+    Simulate {
+        /// Where to link the PTY (the path a `[[serial]]` entry names).
+        #[arg(long)]
+        link: PathBuf,
+        #[arg(long, default_value = "wrist-01")]
+        device: String,
+        /// Readings per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        framing: FramingArg,
+        /// Stop after this many readings (once all are acked).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FramingArg {
+    Jsonl,
+    Cobs,
 }
 
 #[derive(Subcommand)]
@@ -57,6 +80,7 @@ pub fn main() -> ExitCode {
         Cmd::Queue { cmd: QueueCmd::Status { config } } => queue_status(&config),
         Cmd::Queue { cmd: QueueCmd::Dump { config } } => queue_dump(&config),
         Cmd::Decode => decode(),
+        Cmd::Simulate { link, device, rate, framing, count } => simulate(&link, &device, rate, framing, count),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,5 +190,59 @@ fn decode() -> anyhow::Result<()> {
     for line in batch.json_lines() {
         writeln!(out, "{line}")?;
     }
+    Ok(())
+}
+
+fn simulate(link: &Path, device: &str, rate: f64, framing: FramingArg, count: Option<u64>) -> anyhow::Result<()> {
+    use crate::config::Framing;
+    use crate::sim::{open_pty, point_symlink, SimConfig, SimDevice};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    anyhow::ensure!(rate > 0.0, "--rate must be positive");
+    let framing = match framing {
+        FramingArg::Jsonl => Framing::Jsonl,
+        FramingArg::Cobs => Framing::Cobs,
+    };
+    let pty = open_pty().context("cannot open a PTY")?;
+    if let Some(dir) = link.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    point_symlink(link, &pty.slave_path).with_context(|| format!("cannot link {}", link.display()))?;
+    eprintln!("simulated dock: {} -> {} ({device}, {rate}/s)", link.display(), pty.slave_path.display());
+    let mut cfg = SimConfig::new(device, framing);
+    cfg.seed = crate::reading::now_ms();
+    let mut dev = SimDevice::on_pty(cfg, pty)?;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: i32) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    let handler = nix::sys::signal::SigHandler::Handler(on_signal);
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, handler)?;
+        nix::sys::signal::signal(nix::sys::signal::Signal::SIGTERM, handler)?;
+    }
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let (mut next, mut report) = (Instant::now(), Instant::now() + Duration::from_secs(1));
+    while !STOP.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= next && count.is_none_or(|c| dev.stats().sent_unique < c) {
+            dev.send_next()?;
+            next += period;
+        }
+        dev.resend_if_stalled()?;
+        if now >= report {
+            let s = dev.stats();
+            eprintln!("sent {} (+{} resent), acked through {:?}, pending {}", s.sent_unique, s.resent, s.acked_through, s.pending);
+            report += Duration::from_secs(1);
+            if count.is_some_and(|c| s.sent_unique >= c) && s.pending == 0 {
+                break;
+            }
+        }
+        std::thread::sleep(period.min(Duration::from_millis(20)).min(next.saturating_duration_since(Instant::now())).max(Duration::from_millis(1)));
+    }
+    let _ = std::fs::remove_file(link);
+    let s = dev.unplug();
+    eprintln!("unplugged: {} readings sent, {} pending (unacked)", s.sent_unique, s.pending);
     Ok(())
 }

@@ -218,7 +218,10 @@ impl Config {
             at(span, key, inner.message().trim().to_string())
         })?;
         if let Err((key, message)) = cfg.validate() {
-            return Err(at(key_span(src, &key), Some(key), message));
+            // Point at the key when it is written; else at its section.
+            let section = key.rsplit_once('.').map(|(s, _)| s).unwrap_or("");
+            let span = key_span(src, &key).or_else(|| key_span(src, section));
+            return Err(at(span, Some(key), message));
         }
         Ok(cfg)
     }
@@ -249,8 +252,14 @@ impl Config {
         if s.fsync == FsyncPolicy::Interval && s.fsync_interval.is_zero() {
             return bad("store.fsync_interval", "must be greater than 0 (or use fsync = \"always\")");
         }
-        if p.batch_max_bytes > s.max_bytes {
-            return bad("pipeline.batch_max_bytes", "must not exceed store.max_bytes");
+        if p.batch_max_bytes > s.max_bytes / 2 {
+            return Err((
+                "pipeline.batch_max_bytes".into(),
+                format!(
+                    "{} is more than half of store.max_bytes ({}): lower it, or raise store.max_bytes",
+                    p.batch_max_bytes, s.max_bytes
+                ),
+            ));
         }
         for (i, port) in self.serial.iter().enumerate() {
             if port.name.is_empty() || self.serial[..i].iter().any(|o| o.name == port.name) {

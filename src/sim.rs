@@ -72,6 +72,13 @@ pub struct Pty {
 pub fn open_pty() -> io::Result<Pty> {
     use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
     let pair = nix::pty::openpty(None, None)?;
+    // openpty(3) makes inheritable fds: without CLOEXEC every child process
+    // (the gateway under test!) would hold the master open, and closing it
+    // here would never look like an unplug.
+    for fd in [&pair.master, &pair.slave] {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    }
     let mut t = tcgetattr(&pair.slave)?;
     cfmakeraw(&mut t);
     tcsetattr(&pair.slave, SetArg::TCSANOW, &t)?;
