@@ -245,8 +245,15 @@ impl Pipeline {
                 }
                 self.dirty_since = None;
             }
-            // Nothing is acked; the next tick tries again.
-            Err(e) => self.log_error(format_args!("queue commit failed: {e}")),
+            // After a failed fsync the kernel may have dropped the dirty
+            // pages, and a retry could "succeed" over lost data. Nothing was
+            // acked, so the honest move is to exit and let the service
+            // manager restart us: start-up rescans what really is on disk
+            // and the devices resend the rest.
+            Err(e) => {
+                tracing::error!("queue commit failed: {e}; exiting (status 75) to rescan the queue on restart");
+                std::process::exit(75);
+            }
         }
     }
 
