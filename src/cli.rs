@@ -123,20 +123,28 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     };
     let s = &c.store;
     let p = &c.pipeline;
+    let when_full = match s.when_full {
+        crate::config::WhenFull::DropOldest => "drop_oldest",
+        crate::config::WhenFull::RejectNew => "reject_new",
+    };
+    let fsync = match s.fsync {
+        crate::config::FsyncPolicy::Always => "always".to_string(),
+        crate::config::FsyncPolicy::Interval => format!("every {}", humantime::format_duration(s.fsync_interval)),
+    };
+    let format = match p.format {
+        crate::reading::Format::Json => "json",
+        crate::reading::Format::Postcard => "postcard",
+    };
     println!(
-        "{}: ok: gateway {}, {} serial port(s), data in {}, queue max {} ({:?}, fsync {:?} {}), batches of <= {} readings / {} bytes / {} ({:?})",
+        "{}: ok: gateway {}, {} serial port(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format})",
         path.display(),
         c.gateway.id,
         c.serial.len(),
         c.gateway.data_dir.display(),
         s.max_bytes,
-        s.when_full,
-        s.fsync,
-        humantime::format_duration(s.fsync_interval),
         p.batch_max_readings,
         p.batch_max_bytes,
         humantime::format_duration(p.batch_max_age),
-        p.format,
     );
     Ok(())
 }

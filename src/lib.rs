@@ -14,8 +14,10 @@
 //!
 //! Beside them: [`config`] (TOML), [`metrics`] (counters), [`app`] (wires the
 //! parts together and owns every task), [`shutdown`] (the signal every task
-//! listens to), [`cli`] (the `edge-gateway` command) and [`sim`] (simulated
-//! devices used by tests, benches and the demo).
+//! listens to), [`cli`] (the `edge-gateway` command), [`sim`] (simulated
+//! devices used by tests, benches and the demo) and [`crashpoint`] (named
+//! places where a debug build can be told to abort, one per durability
+//! window, so each window has a deterministic test).
 
 pub mod app;
 pub mod cli;
