@@ -104,11 +104,7 @@ fn full(lines: &[Vec<u8>], fsync: FsyncPolicy, format: Format) -> Run {
     let q = p.queue_handle();
     let q = q.lock().unwrap();
     let encoded = Metrics::get(&metrics.batch_bytes_queued) as f64;
-    Run {
-        rate: lines.len() as f64 / secs,
-        disk_per_encoded: wrote / encoded,
-        fsyncs_per_s: q.fsyncs() as f64 / secs,
-    }
+    Run { rate: lines.len() as f64 / secs, disk_per_encoded: wrote / encoded, fsyncs_per_s: q.fsyncs() as f64 / secs }
 }
 
 fn median(mut runs: Vec<Run>) -> Run {
@@ -120,11 +116,21 @@ fn main() {
     let (n, runs) = if full_run() { (1_000_000, 5) } else { (20_000, 1) };
     let lines = lines(n);
     println!("{n} readings (20 % resends) from {DEVICES} devices, median of {runs} runs\n");
-    println!("{:<44} {:>14} {:>10} {:>19} {:>10}", "stages", "readings/s", "vs parse", "written B/encoded B", "fsyncs/s");
-    let cases: Vec<(&str, Box<dyn Fn() -> Run>)> = vec![
+    println!(
+        "{:<44} {:>14} {:>10} {:>19} {:>10}",
+        "stages", "readings/s", "vs parse", "written B/encoded B", "fsyncs/s"
+    );
+    type Case<'a> = (&'a str, Box<dyn Fn() -> Run + 'a>);
+    let cases: Vec<Case> = vec![
         ("baseline: JSON parse only", Box::new(|| parse_only(&lines))),
-        ("parse+dedup+batch+queue, fsync interval, json", Box::new(|| full(&lines, FsyncPolicy::Interval, Format::Json))),
-        ("parse+dedup+batch+queue, fsync interval, postcard", Box::new(|| full(&lines, FsyncPolicy::Interval, Format::Postcard))),
+        (
+            "parse+dedup+batch+queue, fsync interval, json",
+            Box::new(|| full(&lines, FsyncPolicy::Interval, Format::Json)),
+        ),
+        (
+            "parse+dedup+batch+queue, fsync interval, postcard",
+            Box::new(|| full(&lines, FsyncPolicy::Interval, Format::Postcard)),
+        ),
         ("parse+dedup+batch+queue, fsync always, json", Box::new(|| full(&lines, FsyncPolicy::Always, Format::Json))),
     ];
     let mut base = 0.0;

@@ -14,7 +14,7 @@
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::reading::{now_ms, Ack, Incoming, PortId};
+use crate::reading::{Ack, Incoming, PortId, now_ms};
 use crate::shutdown::{self, Shutdown};
 use crate::source::serial;
 use anyhow::Context;
@@ -59,7 +59,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for (port_id, port) in cfg.serial.iter().enumerate() {
         let (ack_tx, ack_rx) = mpsc::channel(256);
         ack_routes.push(ack_tx);
-        sources.spawn(serial::run(port.clone(), port_id, tx.clone(), ack_rx, metrics.clone(), sources_stop.subscribe()));
+        sources.spawn(serial::run(
+            port.clone(),
+            port_id,
+            tx.clone(),
+            ack_rx,
+            metrics.clone(),
+            sources_stop.subscribe(),
+        ));
     }
     // Held until the end: the pipeline must outlive its sources, even when
     // there are none (a gateway with no ports still owns its queue).
@@ -116,7 +123,7 @@ fn log_summary(m: &Metrics) {
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     tokio::select! {

@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::queue::Queue;
-use crate::reading::{now_ms, Batch};
+use crate::reading::{Batch, now_ms};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::{Read, Write};
@@ -203,7 +203,7 @@ fn decode() -> anyhow::Result<()> {
 
 fn simulate(link: &Path, device: &str, rate: f64, framing: FramingArg, count: Option<u64>) -> anyhow::Result<()> {
     use crate::config::Framing;
-    use crate::sim::{open_pty, point_symlink, SimConfig, SimDevice};
+    use crate::sim::{SimConfig, SimDevice, open_pty, point_symlink};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
     anyhow::ensure!(rate > 0.0, "--rate must be positive");
@@ -241,13 +241,21 @@ fn simulate(link: &Path, device: &str, rate: f64, framing: FramingArg, count: Op
         dev.resend_if_stalled()?;
         if now >= report {
             let s = dev.stats();
-            eprintln!("sent {} (+{} resent), acked through {:?}, pending {}", s.sent_unique, s.resent, s.acked_through, s.pending);
+            eprintln!(
+                "sent {} (+{} resent), acked through {:?}, pending {}",
+                s.sent_unique, s.resent, s.acked_through, s.pending
+            );
             report += Duration::from_secs(1);
             if count.is_some_and(|c| s.sent_unique >= c) && s.pending == 0 {
                 break;
             }
         }
-        std::thread::sleep(period.min(Duration::from_millis(20)).min(next.saturating_duration_since(Instant::now())).max(Duration::from_millis(1)));
+        std::thread::sleep(
+            period
+                .min(Duration::from_millis(20))
+                .min(next.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(1)),
+        );
     }
     let _ = std::fs::remove_file(link);
     let s = dev.unplug();

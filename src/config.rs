@@ -263,10 +263,16 @@ impl Config {
         }
         for (i, port) in self.serial.iter().enumerate() {
             if port.name.is_empty() || self.serial[..i].iter().any(|o| o.name == port.name) {
-                return Err((format!("serial.{i}.name"), format!("must be non-empty and unique (got {:?})", port.name)));
+                return Err((
+                    format!("serial.{i}.name"),
+                    format!("must be non-empty and unique (got {:?})", port.name),
+                ));
             }
             if port.device.as_deref().is_some_and(|d| !valid_id(d)) {
-                return Err((format!("serial.{i}.device"), "must be 1-64 characters of letters, digits, '-', '_' or '.'".into()));
+                return Err((
+                    format!("serial.{i}.device"),
+                    "must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
+                ));
             }
         }
         Ok(())

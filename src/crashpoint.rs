@@ -8,8 +8,8 @@
 
 #[cfg(debug_assertions)]
 pub fn hit(name: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
     static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
     static HITS: AtomicU64 = AtomicU64::new(0);
     let target = TARGET.get_or_init(|| {
@@ -20,11 +20,12 @@ pub fn hit(name: &str) {
         };
         Some((n, count))
     });
-    if let Some((n, count)) = target {
-        if n == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 >= *count {
-            eprintln!("crash point {name} reached: aborting");
-            std::process::abort();
-        }
+    if let Some((n, count)) = target
+        && n == name
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 >= *count
+    {
+        eprintln!("crash point {name} reached: aborting");
+        std::process::abort();
     }
 }
 

@@ -149,9 +149,7 @@ impl Batch {
     pub fn encode(&self, format: Format) -> Vec<u8> {
         match format {
             Format::Json => serde_json::to_vec(self).expect("batch serializes"),
-            Format::Postcard => {
-                postcard::to_extend(self, POSTCARD_MAGIC.to_vec()).expect("batch serializes")
-            }
+            Format::Postcard => postcard::to_extend(self, POSTCARD_MAGIC.to_vec()).expect("batch serializes"),
         }
     }
 
@@ -217,10 +215,7 @@ pub struct Ack {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -232,8 +227,20 @@ mod tests {
             gateway: "gw-1".into(),
             batch: 42,
             readings: vec![
-                Reading { device: "wrist-01".into(), sensor: "heart_rate".into(), seq: Some(17), ts: 1_764_000_000_000, value: Value::Number(72.0) },
-                Reading { device: "wrist-02".into(), sensor: "rr".into(), seq: None, ts: 5, value: Value::Array(vec![0.8, 0.81]) },
+                Reading {
+                    device: "wrist-01".into(),
+                    sensor: "heart_rate".into(),
+                    seq: Some(17),
+                    ts: 1_764_000_000_000,
+                    value: Value::Number(72.0),
+                },
+                Reading {
+                    device: "wrist-02".into(),
+                    sensor: "rr".into(),
+                    seq: None,
+                    ts: 5,
+                    value: Value::Array(vec![0.8, 0.81]),
+                },
             ],
         }
     }

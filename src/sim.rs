@@ -76,7 +76,7 @@ pub fn open_pty() -> io::Result<Pty> {
     // (the gateway under test!) would hold the master open, and closing it
     // here would never look like an unplug.
     for fd in [&pair.master, &pair.slave] {
-        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
         fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     }
     let mut t = tcgetattr(&pair.slave)?;
@@ -111,7 +111,8 @@ pub enum Malformed {
 }
 
 impl Malformed {
-    pub const ALL: [Malformed; 4] = [Malformed::Garbage, Malformed::Corrupt, Malformed::Overlong, Malformed::MissingSensor];
+    pub const ALL: [Malformed; 4] =
+        [Malformed::Garbage, Malformed::Corrupt, Malformed::Overlong, Malformed::MissingSensor];
 }
 
 #[derive(Clone, Debug)]

@@ -169,9 +169,7 @@ pub mod frame {
         // Body and CRC are assembled in a bounded stack buffer because COBS
         // cannot encode in place.
         let mut raw = [0u8; MAX_BODY_LEN + 4];
-        let body_len = postcard::to_slice(frame, &mut raw[..MAX_BODY_LEN])
-            .map_err(|_| Error::BufferTooSmall)?
-            .len();
+        let body_len = postcard::to_slice(frame, &mut raw[..MAX_BODY_LEN]).map_err(|_| Error::BufferTooSmall)?.len();
         let crc = CRC.checksum(&raw[..body_len]);
         raw[body_len..body_len + 4].copy_from_slice(&crc.to_le_bytes());
         let n = cobs::try_encode(&raw[..body_len + 4], out).map_err(|_| Error::BufferTooSmall)?;
@@ -256,13 +254,8 @@ fn finish(
     let device = device.or(default_device).ok_or(WireError::MissingDevice)?;
     check_id("device", device)?;
     check_id("sensor", sensor)?;
-    let reading = Reading {
-        device: device.to_string(),
-        sensor: sensor.to_string(),
-        seq,
-        ts: ts.unwrap_or(now_ms),
-        value,
-    };
+    let reading =
+        Reading { device: device.to_string(), sensor: sensor.to_string(), seq, ts: ts.unwrap_or(now_ms), value };
     Ok((reading, ts.is_some()))
 }
 
@@ -372,10 +365,12 @@ pub fn encode_reading_cobs(r: &Reading) -> Result<Vec<u8>, WireError> {
         Value::Number(x) => heapless::Vec::from_slice(&[*x]),
         Value::Array(xs) => heapless::Vec::from_slice(xs),
     }
-    .map_err(|_| WireError::TooManyValues(match &r.value {
-        Value::Number(_) => 1,
-        Value::Array(xs) => xs.len(),
-    }))?;
+    .map_err(|_| {
+        WireError::TooManyValues(match &r.value {
+            Value::Number(_) => 1,
+            Value::Array(xs) => xs.len(),
+        })
+    })?;
     let w = frame::WireReading {
         device: Some(id_string("device", &r.device)?),
         sensor: id_string("sensor", &r.sensor)?,
@@ -707,7 +702,10 @@ mod tests {
         raw.push(7);
         raw.extend_from_slice(&frame::CRC.checksum(&raw).to_le_bytes());
         let mut enc = cobs::encode_vec(&raw);
-        assert!(matches!(parse_cobs(&mut enc, None, NOW), Err(WireError::Frame(frame::Error::TrailingBytes { extra: 1 }))));
+        assert!(matches!(
+            parse_cobs(&mut enc, None, NOW),
+            Err(WireError::Frame(frame::Error::TrailingBytes { extra: 1 }))
+        ));
         // Valid CRC over a body that is not a Frame (variant 9).
         let mut raw = vec![9u8, 1, 2];
         raw.extend_from_slice(&frame::CRC.checksum(&raw).to_le_bytes());

@@ -50,7 +50,13 @@ fn decode_reads_both_formats_from_stdin() {
     let batch = Batch {
         gateway: "gw".into(),
         batch: 9,
-        readings: vec![Reading { device: "d1".into(), sensor: "hr".into(), seq: Some(3), ts: 1000, value: Value::Number(61.0) }],
+        readings: vec![Reading {
+            device: "d1".into(),
+            sensor: "hr".into(),
+            seq: Some(3),
+            ts: 1000,
+            value: Value::Number(61.0),
+        }],
     };
     for f in [Format::Json, Format::Postcard] {
         let mut child = std::process::Command::new(bin())

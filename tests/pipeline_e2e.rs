@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use edge_gateway::config::Framing;
-use edge_gateway::sim::{open_pty, Malformed, SimConfig, SimDevice};
+use edge_gateway::sim::{Malformed, SimConfig, SimDevice, open_pty};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,8 +23,24 @@ fn device(name: &str, framing: Framing, seed: u64, dup: f64) -> (SimDevice, Path
     (SimDevice::on_pty(cfg, pty).expect("sim device"), path)
 }
 
-fn names(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("wrist-{i:02}")).collect()
+/// `n` devices `wrist-00`.., each on its own dock `dock0`.., and a config naming the docks.
+fn fleet(
+    dir: &std::path::Path,
+    n: usize,
+    seed: u64,
+    dup: f64,
+    framing: impl Fn(usize) -> Framing,
+) -> (Vec<SimDevice>, PathBuf) {
+    let mut devices = Vec::new();
+    let mut docks = Vec::new();
+    for i in 0..n {
+        let (d, p) = device(&format!("wrist-{i:02}"), framing(i), seed + i as u64, dup);
+        let f = if framing(i) == Framing::Jsonl { "jsonl" } else { "cobs" };
+        devices.push(d);
+        docks.push((format!("dock{i}"), p, f));
+    }
+    let ports: Vec<Port> = docks.iter().map(|(n, p, f)| Port { name: n, path: p, framing: f }).collect();
+    (devices, write_config(dir, &ports, PIPELINE, STORE))
 }
 
 /// Every reading every device created is in the dump exactly once, and the
@@ -57,16 +73,9 @@ fn summary_number(log: &str, pattern: &str) -> u64 {
 #[test]
 fn ten_thousand_readings_with_duplicates_and_garbage_are_queued_once_and_acked() {
     let dir = tempfile::tempdir().unwrap();
-    let mut devices = Vec::new();
-    let mut paths = Vec::new();
-    for (i, name) in names(10).iter().enumerate() {
-        let framing = if i % 2 == 0 { Framing::Jsonl } else { Framing::Cobs };
-        let (d, p) = device(name, framing, 100 + i as u64, 0.2);
-        devices.push(d);
-        paths.push((format!("dock{i}"), p, if i % 2 == 0 { "jsonl" } else { "cobs" }));
-    }
-    let ports: Vec<Port> = paths.iter().map(|(n, p, f)| Port { name: n, path: p, framing: f }).collect();
-    let cfg = write_config(dir.path(), &ports, PIPELINE, STORE);
+    // Half the docks speak jsonl, half cobs.
+    let (mut devices, cfg) =
+        fleet(dir.path(), 10, 100, 0.2, |i| if i % 2 == 0 { Framing::Jsonl } else { Framing::Cobs });
     let gw = Gateway::start(&cfg);
 
     // 1,000 readings per device, interleaved; 5 malformed frames per device.
@@ -80,7 +89,12 @@ fn ten_thousand_readings_with_duplicates_and_garbage_are_queued_once_and_acked()
         }
     }
     for d in devices.iter_mut() {
-        assert!(d.wait_all_acked(Duration::from_secs(60)).unwrap(), "not all acked: {:?}\n{}", d.stats(), gw.log_text());
+        assert!(
+            d.wait_all_acked(Duration::from_secs(60)).unwrap(),
+            "not all acked: {:?}\n{}",
+            d.stats(),
+            gw.log_text()
+        );
     }
     let dups: u64 = devices.iter().map(|d| d.stats().duplicates_injected).sum();
     let malformed: u64 = devices.iter().map(|d| d.stats().malformed_sent).sum();
@@ -95,7 +109,8 @@ fn ten_thousand_readings_with_duplicates_and_garbage_are_queued_once_and_acked()
         assert_eq!((st.pending, st.acked_through), (0, Some(1000)), "{:?}", st);
     }
     // Malformed frames are counted per port, exactly.
-    let counted: u64 = log.lines().filter(|l| l.contains(" malformed, ")).map(|l| summary_number(l, "malformed,")).sum();
+    let counted: u64 =
+        log.lines().filter(|l| l.contains(" malformed, ")).map(|l| summary_number(l, "malformed,")).sum();
     assert_eq!(counted, 50, "{log}");
     assert!(summary_number(&log, "duplicates dropped") >= dups, "{log}");
 }
@@ -113,15 +128,7 @@ fn gw_terminate(gw: Gateway) -> String {
 #[test]
 fn sigkill_three_times_while_streaming_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut devices = Vec::new();
-    let mut paths = Vec::new();
-    for (i, name) in names(4).iter().enumerate() {
-        let (d, p) = device(name, Framing::Jsonl, 7 + i as u64, 0.05);
-        devices.push(d);
-        paths.push((format!("dock{i}"), p));
-    }
-    let ports: Vec<Port> = paths.iter().map(|(n, p)| Port { name: n, path: p, framing: "jsonl" }).collect();
-    let cfg = write_config(dir.path(), &ports, PIPELINE, STORE);
+    let (mut devices, cfg) = fleet(dir.path(), 4, 7, 0.05, |_| Framing::Jsonl);
     let mut gw = Gateway::start(&cfg);
     let mut rng = edge_gateway::sim::XorShift::new(42);
     let mut kills = 0;
@@ -143,7 +150,12 @@ fn sigkill_three_times_while_streaming_loses_and_doubles_nothing() {
         }
     }
     for d in devices.iter_mut() {
-        assert!(d.wait_all_acked(Duration::from_secs(60)).unwrap(), "not all acked: {:?}\n{}", d.stats(), gw.log_text());
+        assert!(
+            d.wait_all_acked(Duration::from_secs(60)).unwrap(),
+            "not all acked: {:?}\n{}",
+            d.stats(),
+            gw.log_text()
+        );
     }
     gw_terminate(gw);
     let dump = queue_dump(&cfg);
@@ -329,6 +341,7 @@ fn unplugged_dock_resumes_after_replug_without_restart() {
     created.extend_from_slice(d2.created());
     let counts = count_by_key(&queue_dump(&cfg));
     assert_eq!(counts.len(), 100);
-    let want: HashMap<_, _> = created.iter().map(|r| ((r.device.clone(), r.sensor.clone(), r.seq.unwrap()), 1)).collect();
+    let want: HashMap<_, _> =
+        created.iter().map(|r| ((r.device.clone(), r.sensor.clone(), r.seq.unwrap()), 1)).collect();
     assert_eq!(counts, want);
 }

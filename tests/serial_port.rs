@@ -235,7 +235,8 @@ async fn hot_plug_via_symlink_resumes_without_restart() {
     for round in 0..3u64 {
         let pty = open_pty().unwrap();
         point_symlink(&link, &pty.slave_path).unwrap();
-        let gw = gw.get_or_insert_with(|| Gateway::start_holding_acks("hotplug", &link, Framing::Jsonl, Duration::ZERO));
+        let gw =
+            gw.get_or_insert_with(|| Gateway::start_holding_acks("hotplug", &link, Framing::Jsonl, Duration::ZERO));
         let mut cfg = SimConfig::new("wrist-07", Framing::Jsonl);
         cfg.first_seq = next_seq;
         cfg.seed = round + 1;
@@ -308,7 +309,14 @@ async fn shutdown_writes_acks_already_received_then_stops() {
     let (tx, mut rx) = mpsc::channel(8);
     let (ack_tx, ack_rx) = mpsc::channel(8);
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(serial::run(config(PORT, &pty.slave_path, Framing::Jsonl), 0, tx, ack_rx, metrics.clone(), stop_rx));
+    let task = tokio::spawn(serial::run(
+        config(PORT, &pty.slave_path, Framing::Jsonl),
+        0,
+        tx,
+        ack_rx,
+        metrics.clone(),
+        stop_rx,
+    ));
     let mut dev = SimDevice::on_pty(SimConfig::new("wrist-03", Framing::Jsonl), pty).unwrap();
     let mut dev = device(move || {
         dev.send_next().unwrap();

@@ -120,10 +120,11 @@ impl Dedup {
         };
         let fp = fingerprint(&r.value);
         let oldest = now_ms.saturating_sub(self.window_ms);
-        if let Some(e) = dev.seen.get(&key) {
-            if e.fp == fp && e.at_ms >= oldest {
-                return Verdict::Duplicate;
-            }
+        if let Some(e) = dev.seen.get(&key)
+            && e.fp == fp
+            && e.at_ms >= oldest
+        {
+            return Verdict::Duplicate;
         }
         let e = Entry { fp, at_ms: now_ms };
         dev.seen.insert(key, e);

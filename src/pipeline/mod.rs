@@ -21,7 +21,7 @@ pub mod dedup;
 use crate::config::{Config, FsyncPolicy};
 use crate::metrics::Metrics;
 use crate::queue::{AppendOutcome, OpenReport, Queue, QueueError, QueueOptions};
-use crate::reading::{now_ms, Ack, Batch, Format, Incoming, PortId, Reading};
+use crate::reading::{Ack, Batch, Format, Incoming, PortId, Reading, now_ms};
 use acks::{AckSnapshot, AckTracker};
 use batch::Batcher;
 use dedup::{Dedup, DedupSnapshot, Verdict};
@@ -84,7 +84,11 @@ pub fn queue_dir(cfg: &Config) -> PathBuf {
 }
 
 pub fn queue_options(cfg: &Config) -> QueueOptions {
-    QueueOptions { max_bytes: cfg.store.max_bytes, when_full: cfg.store.when_full, segment_bytes: cfg.store.segment_bytes }
+    QueueOptions {
+        max_bytes: cfg.store.max_bytes,
+        when_full: cfg.store.when_full,
+        segment_bytes: cfg.store.segment_bytes,
+    }
 }
 
 impl Pipeline {
@@ -281,10 +285,10 @@ impl Pipeline {
         }
         let since = now.duration_since(self.last_checkpoint);
         let reclaim = self.queue().reclaimable() && since >= CHECKPOINT_MIN_GAP;
-        if reclaim || (self.changed_since_checkpoint && since >= CHECKPOINT_EVERY) {
-            if let Err(e) = self.checkpoint() {
-                self.log_error(format_args!("checkpoint failed: {e}"));
-            }
+        if (reclaim || (self.changed_since_checkpoint && since >= CHECKPOINT_EVERY))
+            && let Err(e) = self.checkpoint()
+        {
+            self.log_error(format_args!("checkpoint failed: {e}"));
         }
         let acks = self.acks.take_acks(ms);
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
@@ -304,11 +308,7 @@ impl Pipeline {
             return Ok(());
         }
         let covers_id = self.queue().committed_id();
-        let state = State {
-            covers_id,
-            dedup: self.dedup.snapshot(now_ms()),
-            acks: self.acks.snapshot(),
-        };
+        let state = State { covers_id, dedup: self.dedup.snapshot(now_ms()), acks: self.acks.snapshot() };
         write_state(&self.state_path, &state)?;
         crate::crashpoint::hit("after-checkpoint");
         self.last_checkpoint = now;

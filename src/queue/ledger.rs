@@ -93,11 +93,7 @@ impl Ledger {
                 None => clean = false,
             }
         }
-        Ok(Loaded {
-            state,
-            clean,
-            len: bytes.len() as u64,
-        })
+        Ok(Loaded { state, clean, len: bytes.len() as u64 })
     }
 
     pub fn new(dir: &Path, loaded: &Loaded) -> Self {
@@ -127,11 +123,7 @@ impl Ledger {
         // entry is not durable until the caller fsyncs the directory.
         let created = self.file.is_none() && self.len == 0;
         if self.file.is_none() {
-            let f = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&self.path)?;
+            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&self.path)?;
             self.file = Some(f);
         }
         let f = self.file.as_ref().unwrap();
@@ -151,11 +143,7 @@ impl Ledger {
     /// file, fsync it, rename it over the ledger, fsync the directory. At every
     /// instant either the old or the new ledger is the one on disk.
     pub fn compact(&mut self, state: LedgerState, fsyncs: &mut u64) -> io::Result<()> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&self.tmp_path)?;
+        let f = OpenOptions::new().create(true).truncate(true).write(true).open(&self.tmp_path)?;
         f.write_all_at(&state.encode(), 0)?;
         f.sync_data()?;
         fs::rename(&self.tmp_path, &self.path)?;
@@ -191,35 +179,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut n = 0;
         let mut l = Ledger::new(dir.path(), &Ledger::load(dir.path()).unwrap());
-        assert!(
-            l.write(
-                LedgerState {
-                    acked_through: 5,
-                    high_water: 9
-                },
-                &mut n
-            )
-            .unwrap()
-        );
-        assert!(
-            !l.write(
-                LedgerState {
-                    acked_through: 7,
-                    high_water: 9
-                },
-                &mut n
-            )
-            .unwrap()
-        );
+        assert!(l.write(LedgerState { acked_through: 5, high_water: 9 }, &mut n).unwrap());
+        assert!(!l.write(LedgerState { acked_through: 7, high_water: 9 }, &mut n).unwrap());
         let got = Ledger::load(dir.path()).unwrap();
         assert!(got.clean);
-        assert_eq!(
-            got.state,
-            LedgerState {
-                acked_through: 7,
-                high_water: 9
-            }
-        );
+        assert_eq!(got.state, LedgerState { acked_through: 7, high_water: 9 });
 
         // A torn third entry: the second still stands, and the file is flagged.
         let p = Ledger::path_in(dir.path());
@@ -239,25 +203,12 @@ mod tests {
         l.compact_at = 10 * ENTRY_BYTES;
         let last = 25;
         for i in 1..=last {
-            l.write(
-                LedgerState {
-                    acked_through: i,
-                    high_water: i + 1,
-                },
-                &mut n,
-            )
-            .unwrap();
+            l.write(LedgerState { acked_through: i, high_water: i + 1 }, &mut n).unwrap();
             assert!(l.len() <= l.compact_at);
         }
         let got = Ledger::load(dir.path()).unwrap();
         assert!(got.clean);
-        assert_eq!(
-            got.state,
-            LedgerState {
-                acked_through: last,
-                high_water: last + 1
-            }
-        );
+        assert_eq!(got.state, LedgerState { acked_through: last, high_water: last + 1 });
         assert_eq!(got.len, 5 * ENTRY_BYTES, "compacted at 21, then 4 appends");
         assert!(!dir.path().join("ledger.tmp").exists());
     }

@@ -116,11 +116,7 @@ pub struct QueueOptions {
 
 impl From<&StoreConfig> for QueueOptions {
     fn from(c: &StoreConfig) -> Self {
-        QueueOptions {
-            max_bytes: c.max_bytes,
-            when_full: c.when_full,
-            segment_bytes: c.segment_bytes,
-        }
+        QueueOptions { max_bytes: c.max_bytes, when_full: c.when_full, segment_bytes: c.segment_bytes }
     }
 }
 
@@ -156,10 +152,7 @@ pub struct QueueStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendOutcome {
     /// `dropped_*` > 0 when DropOldest evicted the oldest live records to make room.
-    Appended {
-        dropped_records: u64,
-        dropped_readings: u64,
-    },
+    Appended { dropped_records: u64, dropped_readings: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,12 +190,7 @@ trait Ctx<T> {
 }
 impl<T> Ctx<T> for io::Result<T> {
     fn ctx(self, what: &str, path: &Path) -> Result<T> {
-        self.map_err(|e| {
-            QueueError::Io(io::Error::new(
-                e.kind(),
-                format!("{what} {}: {e}", path.display()),
-            ))
-        })
+        self.map_err(|e| QueueError::Io(io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))))
     }
 }
 
@@ -244,11 +232,7 @@ struct Entry {
 
 impl Entry {
     fn meta(&self) -> RecordMeta {
-        RecordMeta {
-            id: self.id,
-            readings: self.readings,
-            created_ms: self.created_ms,
-        }
+        RecordMeta { id: self.id, readings: self.readings, created_ms: self.created_ms }
     }
 }
 
@@ -300,9 +284,7 @@ impl std::fmt::Debug for Queue {
 /// `<20 digits>.seg` → first id.
 fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".seg")?;
-    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
 }
 
 /// Segment files sorted by first id. A missing directory is an empty queue.
@@ -353,11 +335,7 @@ impl Queue {
     /// status` / `queue dump` while the gateway runs). Corrupt or torn data
     /// is skipped in memory only; write methods return `ReadOnly`.
     pub fn open_readonly(dir: &Path) -> Result<(Queue, OpenReport)> {
-        let opts = QueueOptions {
-            max_bytes: u64::MAX,
-            when_full: WhenFull::RejectNew,
-            segment_bytes: u64::MAX,
-        };
+        let opts = QueueOptions { max_bytes: u64::MAX, when_full: WhenFull::RejectNew, segment_bytes: u64::MAX };
         Self::open_impl(dir, opts, true)
     }
 
@@ -445,10 +423,7 @@ impl Queue {
                     len = Self::rewrite_segment(&path, &bytes, &mut records, &mut fsyncs)?;
                     report.repaired_segments += 1;
                 } else if let Some((start, _)) = tail {
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .ctx("opening", &path)?;
+                    let f = OpenOptions::new().write(true).open(&path).ctx("opening", &path)?;
                     f.set_len(start).ctx("truncating torn tail of", &path)?;
                     f.sync_data().ctx("syncing", &path)?;
                     fsyncs += 1;
@@ -471,14 +446,7 @@ impl Queue {
                 readings: r.readings,
                 created_ms: r.created_ms,
             }));
-            segments.push_back(Segment {
-                first_id,
-                path,
-                file,
-                len,
-                last_id,
-                synced_len: len,
-            });
+            segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });
         }
 
         let st = loaded.state;
@@ -537,12 +505,7 @@ impl Queue {
     /// over `path`. Updates the records' offsets; returns the new length.
     /// The directory fsync that makes the rename durable happens once at the
     /// end of `open`.
-    fn rewrite_segment(
-        path: &Path,
-        bytes: &[u8],
-        records: &mut [RecInfo],
-        fsyncs: &mut u64,
-    ) -> Result<u64> {
+    fn rewrite_segment(path: &Path, bytes: &[u8], records: &mut [RecInfo], fsyncs: &mut u64) -> Result<u64> {
         let mut out = Vec::with_capacity(bytes.len());
         for r in records.iter_mut() {
             let start = r.offset as usize;
@@ -585,12 +548,7 @@ impl Queue {
 
     /// Append one record with id `next_id()`. Not durable until `commit()`.
     /// May commit implicitly when it rolls to a new segment.
-    pub fn append(
-        &mut self,
-        readings: u32,
-        created_ms: u64,
-        payload: &[u8],
-    ) -> Result<AppendOutcome> {
+    pub fn append(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
         self.writable()?;
         let size = (OVERHEAD + payload.len()) as u64;
         let max = self.opts.max_bytes;
@@ -637,14 +595,7 @@ impl Queue {
         seg.last_id = id;
         let seg_id = seg.first_id;
         self.seg_dirty = true;
-        self.index.push_back(Entry {
-            id,
-            seg: seg_id,
-            offset,
-            total: size as u32,
-            readings,
-            created_ms,
-        });
+        self.index.push_back(Entry { id, seg: seg_id, offset, total: size as u32, readings, created_ms });
         self.live_bytes += size;
         self.live_readings += readings as u64;
         self.next_id += 1;
@@ -653,10 +604,7 @@ impl Queue {
             let last_dropped = self.index[first_live + evict - 1].id;
             self.move_head(last_dropped);
         }
-        Ok(AppendOutcome::Appended {
-            dropped_records: evict as u64,
-            dropped_readings,
-        })
+        Ok(AppendOutcome::Appended { dropped_records: evict as u64, dropped_readings })
     }
 
     /// Commit what the current segment holds (so only the newest segment ever
@@ -666,20 +614,9 @@ impl Queue {
             self.commit()?;
         }
         let path = self.seg_dir.join(format!("{first_id:020}.seg"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .ctx("creating segment", &path)?;
-        self.segments.push_back(Segment {
-            first_id,
-            path,
-            file,
-            len: 0,
-            last_id: 0,
-            synced_len: 0,
-        });
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).open(&path).ctx("creating segment", &path)?;
+        self.segments.push_back(Segment { first_id, path, file, len: 0, last_id: 0, synced_len: 0 });
         self.seg_dir_dirty = true;
         self.force_roll = false;
         Ok(())
@@ -718,14 +655,8 @@ impl Queue {
     }
 
     fn write_ledger(&mut self, high_water: u64) -> Result<()> {
-        let st = LedgerState {
-            acked_through: self.head,
-            high_water,
-        };
-        let created = self
-            .ledger
-            .write(st, &mut self.fsyncs)
-            .ctx("writing", &Ledger::path_in(&self.dir))?;
+        let st = LedgerState { acked_through: self.head, high_water };
+        let created = self.ledger.write(st, &mut self.fsyncs).ctx("writing", &Ledger::path_in(&self.dir))?;
         if created {
             sync_dir(&self.dir, &mut self.fsyncs).ctx("syncing directory", &self.dir)?;
         }
@@ -753,21 +684,13 @@ impl Queue {
     }
 
     fn read_entry(&self, e: &Entry) -> Result<(RecordMeta, Vec<u8>)> {
-        let i = self
-            .segments
-            .binary_search_by_key(&e.seg, |s| s.first_id)
-            .expect("index entry without segment");
+        let i = self.segments.binary_search_by_key(&e.seg, |s| s.first_id).expect("index entry without segment");
         let s = &self.segments[i];
         let mut buf = vec![0u8; e.total as usize];
-        s.file
-            .read_exact_at(&mut buf, e.offset)
-            .ctx("reading", &s.path)?;
+        s.file.read_exact_at(&mut buf, e.offset).ctx("reading", &s.path)?;
         match segment::payload_of(&buf, e.id) {
             Some(p) => Ok((e.meta(), p.to_vec())),
-            None => Err(QueueError::Corrupt {
-                id: e.id,
-                path: s.path.clone(),
-            }),
+            None => Err(QueueError::Corrupt { id: e.id, path: s.path.clone() }),
         }
     }
 
@@ -795,11 +718,7 @@ impl Queue {
 
     /// Whether `reclaim` would delete at least one segment file.
     pub fn reclaimable(&self) -> bool {
-        !self.readonly
-            && self
-                .segments
-                .front()
-                .is_some_and(|s| s.last_id <= self.head)
+        !self.readonly && self.segments.front().is_some_and(|s| s.last_id <= self.head)
     }
 
     /// Delete segment files whose records are all acked or dropped; returns
@@ -856,20 +775,14 @@ impl Queue {
     /// Highest id in any segment file still on disk (acked or not), or the
     /// ledger's head if that is higher; 0 for a queue that never held anything.
     pub fn last_id_on_disk(&self) -> u64 {
-        self.index
-            .back()
-            .map_or(0, |e| e.id)
-            .max(self.ledger.state.acked_through)
+        self.index.back().map_or(0, |e| e.id).max(self.ledger.state.acked_through)
     }
 
     /// Every valid record still on disk with id > `after_id`, acked or not,
     /// committed or not (at open time everything on disk counts as committed).
     pub fn read_all_on_disk_after(&self, after_id: u64) -> Result<Vec<(RecordMeta, Vec<u8>)>> {
         let from = self.index.partition_point(|e| e.id <= after_id);
-        self.index
-            .range(from..)
-            .map(|e| self.read_entry(e))
-            .collect()
+        self.index.range(from..).map(|e| self.read_entry(e)).collect()
     }
 
     /// Total bytes of segment files + ledger on disk.
@@ -891,9 +804,6 @@ impl Queue {
     /// (path, durable length, current length) of every segment.
     #[cfg(test)]
     fn segment_files(&self) -> Vec<(PathBuf, u64, u64)> {
-        self.segments
-            .iter()
-            .map(|s| (s.path.clone(), s.synced_len, s.len))
-            .collect()
+        self.segments.iter().map(|s| (s.path.clone(), s.synced_len, s.len)).collect()
     }
 }

@@ -185,10 +185,7 @@ mod tests {
         let cut = b.len() - 3;
         let s = scan(&b[..cut], 0);
         assert_eq!(s.records.len(), 2);
-        assert_eq!(
-            s.tail_start,
-            Some(s.records[1].offset + s.records[1].total as u64)
-        );
+        assert_eq!(s.tail_start, Some(s.records[1].offset + s.records[1].total as u64));
         let mut z = b.clone();
         z.extend([0u8; 100]);
         let s = scan(&z, 0);

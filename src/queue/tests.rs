@@ -8,11 +8,7 @@ use std::collections::HashMap;
 use tempfile::TempDir;
 
 fn opts(max_bytes: u64, when_full: WhenFull, segment_bytes: u64) -> QueueOptions {
-    QueueOptions {
-        max_bytes,
-        when_full,
-        segment_bytes,
-    }
+    QueueOptions { max_bytes, when_full, segment_bytes }
 }
 
 fn big() -> QueueOptions {
@@ -25,11 +21,7 @@ fn tmp() -> TempDir {
 
 /// tmpfs when available, for tests about logic rather than fsync latency.
 fn fast_tmp() -> TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        tempfile::tempdir_in("/dev/shm").unwrap()
-    } else {
-        tmp()
-    }
+    if Path::new("/dev/shm").is_dir() { tempfile::tempdir_in("/dev/shm").unwrap() } else { tmp() }
 }
 
 /// Distinct, recognisable payload of `len` bytes for record `i`.
@@ -40,18 +32,11 @@ fn payload(i: u64, len: usize) -> Vec<u8> {
 
 /// Live committed records as (id, payload).
 fn live(q: &Queue) -> Vec<(u64, Vec<u8>)> {
-    q.read_from(0, usize::MAX)
-        .unwrap()
-        .into_iter()
-        .map(|(m, p)| (m.id, p))
-        .collect()
+    q.read_from(0, usize::MAX).unwrap().into_iter().map(|(m, p)| (m.id, p)).collect()
 }
 
 fn seg_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("segments"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("segments")).unwrap().map(|e| e.unwrap().path()).collect();
     v.sort();
     v
 }
@@ -62,10 +47,7 @@ fn records_in(path: &Path) -> Vec<RecInfo> {
 }
 
 fn clean(records: u64) -> OpenReport {
-    OpenReport {
-        records,
-        ..OpenReport::default()
-    }
+    OpenReport { records, ..OpenReport::default() }
 }
 
 #[test]
@@ -84,16 +66,8 @@ fn append_commit_reopen_roundtrip_and_ids_never_reused() {
     assert_eq!(q.committed_id(), 0);
     for i in 1..=50u64 {
         assert_eq!(q.next_id(), i);
-        let out = q
-            .append(i as u32, 1000 + i, &payload(i, (i * 7 % 300) as usize))
-            .unwrap();
-        assert_eq!(
-            out,
-            AppendOutcome::Appended {
-                dropped_records: 0,
-                dropped_readings: 0
-            }
-        );
+        let out = q.append(i as u32, 1000 + i, &payload(i, (i * 7 % 300) as usize)).unwrap();
+        assert_eq!(out, AppendOutcome::Appended { dropped_records: 0, dropped_readings: 0 });
     }
     // Not committed yet: invisible to readers.
     assert!(q.read_from(0, 10).unwrap().is_empty());
@@ -101,11 +75,7 @@ fn append_commit_reopen_roundtrip_and_ids_never_reused() {
     assert_eq!(q.committed_id(), 50);
     let fs_before = q.fsyncs();
     q.commit().unwrap();
-    assert_eq!(
-        q.fsyncs(),
-        fs_before,
-        "commit with nothing new must not fsync"
-    );
+    assert_eq!(q.fsyncs(), fs_before, "commit with nothing new must not fsync");
     drop(q);
 
     let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
@@ -116,29 +86,12 @@ fn append_commit_reopen_roundtrip_and_ids_never_reused() {
     assert_eq!(got.len(), 50);
     for (k, (m, p)) in got.iter().enumerate() {
         let i = k as u64 + 1;
-        assert_eq!(
-            *m,
-            RecordMeta {
-                id: i,
-                readings: i as u32,
-                created_ms: 1000 + i
-            }
-        );
+        assert_eq!(*m, RecordMeta { id: i, readings: i as u32, created_ms: 1000 + i });
         assert_eq!(*p, payload(i, (i * 7 % 300) as usize));
     }
-    assert_eq!(
-        q.read_from(10, 3)
-            .unwrap()
-            .iter()
-            .map(|r| r.0.id)
-            .collect::<Vec<_>>(),
-        [11, 12, 13]
-    );
+    assert_eq!(q.read_from(10, 3).unwrap().iter().map(|r| r.0.id).collect::<Vec<_>>(), [11, 12, 13]);
     let st = q.status();
-    assert_eq!(
-        (st.batches, st.readings, st.oldest_created_ms),
-        (50, (1..=50).sum::<u64>(), Some(1001))
-    );
+    assert_eq!((st.batches, st.readings, st.oldest_created_ms), (50, (1..=50).sum::<u64>(), Some(1001)));
     assert_eq!(q.last_id_on_disk(), 50);
 
     // Consume everything and let the files go.
@@ -151,11 +104,7 @@ fn append_commit_reopen_roundtrip_and_ids_never_reused() {
 
     let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
     assert_eq!(rep, clean(0));
-    assert_eq!(
-        q.next_id(),
-        51,
-        "ids continue from the ledger with no segment left"
-    );
+    assert_eq!(q.next_id(), 51, "ids continue from the ledger with no segment left");
     assert_eq!(q.last_id_on_disk(), 50);
     q.append(1, 1, b"after").unwrap();
     q.commit().unwrap();
@@ -208,24 +157,9 @@ fn torn_tail_is_truncated() {
         drop(f);
 
         let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
-        assert_eq!(
-            rep,
-            OpenReport {
-                records: 4,
-                truncated_bytes: cut as u64,
-                ..Default::default()
-            },
-            "cut {cut}"
-        );
-        assert_eq!(
-            live(&q),
-            (1..=4).map(|i| (i, payload(i, len))).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            fs::metadata(seg).unwrap().len(),
-            last.offset,
-            "truncated on disk"
-        );
+        assert_eq!(rep, OpenReport { records: 4, truncated_bytes: cut as u64, ..Default::default() }, "cut {cut}");
+        assert_eq!(live(&q), (1..=4).map(|i| (i, payload(i, len))).collect::<Vec<_>>());
+        assert_eq!(fs::metadata(seg).unwrap().len(), last.offset, "truncated on disk");
         q.append(9, 9, b"next").unwrap();
         q.commit().unwrap();
         drop(q);
@@ -255,14 +189,7 @@ fn zero_tail_and_all_torn_last_segment() {
     fs::write(&segs[2], &bytes).unwrap();
 
     let (mut q, rep) = Queue::open(d.path(), o).unwrap();
-    assert_eq!(
-        rep,
-        OpenReport {
-            records: 4,
-            truncated_bytes: 4050,
-            ..Default::default()
-        }
-    );
+    assert_eq!(rep, OpenReport { records: 4, truncated_bytes: 4050, ..Default::default() });
     assert!(!segs[2].exists(), "all-garbage last segment removed");
     assert_eq!(q.next_id(), 5);
     q.append(1, 1, b"x").unwrap();
@@ -270,10 +197,7 @@ fn zero_tail_and_all_torn_last_segment() {
     drop(q);
     let (q, rep) = Queue::open(d.path(), o).unwrap();
     assert_eq!(rep, clean(5));
-    assert_eq!(
-        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
-        [1, 2, 3, 4, 5]
-    );
+    assert_eq!(live(&q).iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
 }
 
 /// Test 3: one flipped byte in the middle of a segment (last or not), at
@@ -309,18 +233,10 @@ fn flipped_byte_is_skipped_and_repaired() {
             let (q, rep) = Queue::open(d.path(), o).unwrap();
             assert_eq!(
                 rep,
-                OpenReport {
-                    records: 24,
-                    truncated_bytes: 0,
-                    corrupt_records: 1,
-                    repaired_segments: 1
-                },
+                OpenReport { records: 24, truncated_bytes: 0, corrupt_records: 1, repaired_segments: 1 },
                 "{what}"
             );
-            let want: Vec<_> = (1..=25)
-                .filter(|&i| i != lost)
-                .map(|i| (i, payload(i, len)))
-                .collect();
+            let want: Vec<_> = (1..=25).filter(|&i| i != lost).map(|i| (i, payload(i, len))).collect();
             assert_eq!(live(&q), want, "{what}");
             assert_eq!(q.next_id(), 26);
             drop(q);
@@ -351,15 +267,7 @@ fn garbage_middle_segment_removed() {
     let segs = seg_files(d.path());
     fs::write(&segs[1], vec![0xAB; 1000]).unwrap();
     let (q, rep) = Queue::open(d.path(), o).unwrap();
-    assert_eq!(
-        rep,
-        OpenReport {
-            records: 15,
-            truncated_bytes: 0,
-            corrupt_records: 1,
-            repaired_segments: 1
-        }
-    );
+    assert_eq!(rep, OpenReport { records: 15, truncated_bytes: 0, corrupt_records: 1, repaired_segments: 1 });
     assert!(!segs[1].exists());
     let ids: Vec<u64> = live(&q).iter().map(|r| r.0).collect();
     assert_eq!(ids, (1..=10).chain(21..=25).collect::<Vec<_>>());
@@ -375,59 +283,26 @@ fn drop_oldest_evicts_oldest() {
     // 100-byte records: ten fit exactly.
     for i in 1..=10 {
         let out = q.append(i as u32, i, &payload(i, 70)).unwrap();
-        assert_eq!(
-            out,
-            AppendOutcome::Appended {
-                dropped_records: 0,
-                dropped_readings: 0
-            }
-        );
+        assert_eq!(out, AppendOutcome::Appended { dropped_records: 0, dropped_readings: 0 });
     }
     assert_eq!(q.status().bytes, 1000);
     let out = q.append(11, 11, &payload(11, 70)).unwrap();
-    assert_eq!(
-        out,
-        AppendOutcome::Appended {
-            dropped_records: 1,
-            dropped_readings: 1
-        }
-    );
+    assert_eq!(out, AppendOutcome::Appended { dropped_records: 1, dropped_readings: 1 });
     // A 300-byte record pushes out 2, 3 and 4.
     let out = q.append(12, 12, &payload(12, 270)).unwrap();
-    assert_eq!(
-        out,
-        AppendOutcome::Appended {
-            dropped_records: 3,
-            dropped_readings: 2 + 3 + 4
-        }
-    );
+    assert_eq!(out, AppendOutcome::Appended { dropped_records: 3, dropped_readings: 2 + 3 + 4 });
     let st = q.status();
     assert!(st.bytes <= 1000);
-    assert_eq!(
-        (st.batches, st.bytes, st.oldest_created_ms),
-        (8, 1000, Some(5))
-    );
+    assert_eq!((st.batches, st.bytes, st.oldest_created_ms), (8, 1000, Some(5)));
     assert_eq!(st.readings, (5..=12).sum::<u64>());
     q.commit().unwrap();
-    assert_eq!(
-        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
-        (5..=12).collect::<Vec<_>>()
-    );
-    assert!(matches!(
-        q.append(0, 0, &[0; 971]),
-        Err(QueueError::TooLarge {
-            size: 1001,
-            max: 1000
-        })
-    ));
+    assert_eq!(live(&q).iter().map(|r| r.0).collect::<Vec<_>>(), (5..=12).collect::<Vec<_>>());
+    assert!(matches!(q.append(0, 0, &[0; 971]), Err(QueueError::TooLarge { size: 1001, max: 1000 })));
     drop(q);
 
     let (q, rep) = Queue::open(d.path(), o).unwrap();
     assert_eq!(rep.records, 8);
-    assert_eq!(
-        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
-        (5..=12).collect::<Vec<_>>()
-    );
+    assert_eq!(live(&q).iter().map(|r| r.0).collect::<Vec<_>>(), (5..=12).collect::<Vec<_>>());
     assert_eq!(q.next_id(), 13);
     assert_eq!(q.status().bytes, 1000);
 }
@@ -444,17 +319,10 @@ fn reject_new_when_full() {
     q.commit().unwrap();
     let before = (q.status(), q.disk_bytes(), q.next_id());
     match q.append(1, 11, &payload(11, 70)) {
-        Err(QueueError::Full {
-            needed: 100,
-            max: 1000,
-        }) => {}
+        Err(QueueError::Full { needed: 100, max: 1000 }) => {}
         other => panic!("expected Full, got {other:?}"),
     }
-    assert_eq!(
-        (q.status(), q.disk_bytes(), q.next_id()),
-        before,
-        "nothing appended"
-    );
+    assert_eq!((q.status(), q.disk_bytes(), q.next_id()), before, "nothing appended");
     assert_eq!(live(&q).len(), 10);
 
     q.ack_through(3).unwrap();
@@ -462,15 +330,9 @@ fn reject_new_when_full() {
     for i in 11..=13 {
         q.append(1, i, &payload(i, 70)).unwrap();
     }
-    assert!(matches!(
-        q.append(1, 14, b"x"),
-        Err(QueueError::Full { .. })
-    ));
+    assert!(matches!(q.append(1, 14, b"x"), Err(QueueError::Full { .. })));
     q.commit().unwrap();
-    assert_eq!(
-        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
-        (4..=13).collect::<Vec<_>>()
-    );
+    assert_eq!(live(&q).iter().map(|r| r.0).collect::<Vec<_>>(), (4..=13).collect::<Vec<_>>());
 }
 
 /// Test 6: reclaim deletes exactly the fully consumed segments; acks stick;
@@ -486,10 +348,7 @@ fn ack_reclaim_and_ledger_compaction() {
     }
     q.commit().unwrap();
     let names = |d: &Path| -> Vec<u64> {
-        seg_files(d)
-            .iter()
-            .map(|p| parse_segment_name(p.file_name().unwrap().to_str().unwrap()).unwrap())
-            .collect()
+        seg_files(d).iter().map(|p| parse_segment_name(p.file_name().unwrap().to_str().unwrap()).unwrap()).collect()
     };
     assert_eq!(names(d.path()), [1, 6, 11, 16, 21]);
     assert!(!q.reclaimable());
@@ -500,11 +359,7 @@ fn ack_reclaim_and_ledger_compaction() {
     assert_eq!(q.reclaim().unwrap(), 2);
     assert_eq!(names(d.path()), [11, 16, 21]);
     assert!(!q.reclaimable());
-    assert_eq!(
-        q.durable_acked_through(),
-        12,
-        "reclaim made the ledger durable first"
-    );
+    assert_eq!(q.durable_acked_through(), 12, "reclaim made the ledger durable first");
     assert_eq!(live(&q)[0].0, 13);
     // Acked-but-on-disk records are still visible to the start-up replay.
     assert_eq!(q.read_all_on_disk_after(0).unwrap()[0].0.id, 11);
@@ -515,10 +370,7 @@ fn ack_reclaim_and_ledger_compaction() {
     drop(q);
     let (mut q, rep) = Queue::open(d.path(), o).unwrap();
     assert_eq!(rep, clean(6));
-    assert_eq!(
-        live(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
-        (18..=23).collect::<Vec<_>>()
-    );
+    assert_eq!(live(&q).iter().map(|r| r.0).collect::<Vec<_>>(), (18..=23).collect::<Vec<_>>());
     assert_eq!(q.read_all_on_disk_after(12).unwrap().len(), 11);
     assert_eq!(q.reclaim().unwrap(), 1);
     assert_eq!(names(d.path()), [16, 21]);
@@ -598,15 +450,7 @@ fn readonly_open_modifies_nothing() {
     };
     let before = snapshot(d.path());
     let (ro, rep) = Queue::open_readonly(d.path()).unwrap();
-    assert_eq!(
-        rep,
-        OpenReport {
-            records: 20,
-            truncated_bytes: 90,
-            corrupt_records: 1,
-            repaired_segments: 0
-        }
-    );
+    assert_eq!(rep, OpenReport { records: 20, truncated_bytes: 90, corrupt_records: 1, repaired_segments: 0 });
     let ids: Vec<u64> = live(&ro).iter().map(|r| r.0).collect();
     assert_eq!(ids, (4..=24).filter(|&i| i != 5).collect::<Vec<_>>());
     assert!(matches!(ro.status(), QueueStatus { batches: 20, .. }));
@@ -625,10 +469,7 @@ fn readonly_open_modifies_nothing() {
     assert!(matches!(ro.ack_through(9), Err(QueueError::ReadOnly)));
     assert!(matches!(ro.reclaim(), Err(QueueError::ReadOnly)));
 
-    assert!(matches!(
-        Queue::open_readonly(&d.path().join("nope")),
-        Err(QueueError::Io(_))
-    ));
+    assert!(matches!(Queue::open_readonly(&d.path().join("nope")), Err(QueueError::Io(_))));
 }
 
 /// Test 8b: a second writer is refused while the first lives, allowed after.
@@ -636,10 +477,7 @@ fn readonly_open_modifies_nothing() {
 fn second_open_is_locked() {
     let d = tmp();
     let (q, _) = Queue::open(d.path(), big()).unwrap();
-    assert!(matches!(
-        Queue::open(d.path(), big()),
-        Err(QueueError::Locked)
-    ));
+    assert!(matches!(Queue::open(d.path(), big()), Err(QueueError::Locked)));
     drop(q);
     Queue::open(d.path(), big()).unwrap();
 }
@@ -657,10 +495,7 @@ fn corruption_after_open_is_reported_on_read() {
     let mut b = fs::read(seg).unwrap();
     b[80 + 40] ^= 1; // payload of record 2
     fs::write(seg, &b).unwrap();
-    assert!(matches!(
-        q.read_from(0, 10),
-        Err(QueueError::Corrupt { id: 2, .. })
-    ));
+    assert!(matches!(q.read_from(0, 10), Err(QueueError::Corrupt { id: 2, .. })));
     assert_eq!(q.read_from(2, 10).unwrap().len(), 1);
 }
 
@@ -701,26 +536,14 @@ fn model_based_random_ops() {
         run_model(seed, 500);
     }
     // Generous: the point is that it stays quick in debug builds.
-    assert!(
-        start.elapsed().as_secs() < 20,
-        "model test too slow: {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed().as_secs() < 20, "model test too slow: {:?}", start.elapsed());
 }
 
 fn run_model(seed: u64, steps: usize) {
     let d = fast_tmp();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let when_full = if seed.is_multiple_of(3) {
-        WhenFull::RejectNew
-    } else {
-        WhenFull::DropOldest
-    };
-    let max_bytes = if when_full == WhenFull::RejectNew {
-        1500 + rng.below(1500)
-    } else {
-        3000 + rng.below(4000)
-    };
+    let when_full = if seed.is_multiple_of(3) { WhenFull::RejectNew } else { WhenFull::DropOldest };
+    let max_bytes = if when_full == WhenFull::RejectNew { 1500 + rng.below(1500) } else { 3000 + rng.below(4000) };
     let o = opts(max_bytes, when_full, 600 + rng.below(1500));
     let (mut q, _) = Queue::open(d.path(), o).unwrap();
 
@@ -741,16 +564,10 @@ fn run_model(seed: u64, steps: usize) {
                 p.extend(rng.next().to_le_bytes());
                 let readings = rng.below(50) as u32;
                 let size = (OVERHEAD + p.len()) as u64;
-                let live_bytes: u64 = recs
-                    .iter()
-                    .filter(|r| r.id > head)
-                    .map(|r| (OVERHEAD + r.payload.len()) as u64)
-                    .sum();
+                let live_bytes: u64 =
+                    recs.iter().filter(|r| r.id > head).map(|r| (OVERHEAD + r.payload.len()) as u64).sum();
                 match q.append(readings, id * 10, &p) {
-                    Ok(AppendOutcome::Appended {
-                        dropped_records,
-                        dropped_readings,
-                    }) => {
+                    Ok(AppendOutcome::Appended { dropped_records, dropped_readings }) => {
                         // The model's own idea of what had to go.
                         let (mut n, mut rd, mut freed, mut new_head) = (0u64, 0u64, 0u64, head);
                         for r in recs.iter().filter(|r| r.id > head) {
@@ -763,18 +580,8 @@ fn run_model(seed: u64, steps: usize) {
                             new_head = r.id;
                         }
                         head = new_head;
-                        assert_eq!(
-                            (dropped_records, dropped_readings),
-                            (n, rd),
-                            "{}",
-                            ctx(step)
-                        );
-                        recs.push_back(ModelRec {
-                            id,
-                            readings,
-                            payload: p,
-                            committed: false,
-                        });
+                        assert_eq!((dropped_records, dropped_readings), (n, rd), "{}", ctx(step));
+                        recs.push_back(ModelRec { id, readings, payload: p, committed: false });
                         // Only after a successful append: a reopen can revive
                         // acked/dropped records whose head move never became
                         // durable, so RejectNew may sit above the bound until
@@ -792,11 +599,8 @@ fn run_model(seed: u64, steps: usize) {
             45..=64 => q.commit().unwrap(),
             65..=79 => {
                 // Ack up to a random committed live record (or nothing new).
-                let cands: Vec<u64> = recs
-                    .iter()
-                    .filter(|r| r.id > head && r.id <= q.committed_id())
-                    .map(|r| r.id)
-                    .collect();
+                let cands: Vec<u64> =
+                    recs.iter().filter(|r| r.id > head && r.id <= q.committed_id()).map(|r| r.id).collect();
                 if !cands.is_empty() {
                     let id = cands[rng.below(cands.len() as u64) as usize];
                     q.ack_through(id).unwrap();
@@ -805,11 +609,7 @@ fn run_model(seed: u64, steps: usize) {
             }
             80..=87 => {
                 if q.reclaim().unwrap() > 0 {
-                    assert_eq!(
-                        q.durable_acked_through(),
-                        head,
-                        "ledger durable before deleting"
-                    );
+                    assert_eq!(q.durable_acked_through(), head, "ledger durable before deleting");
                 }
                 assert!(!q.reclaimable());
             }
@@ -823,12 +623,7 @@ fn run_model(seed: u64, steps: usize) {
                     for (path, synced, len) in files {
                         if len > synced {
                             let cut = synced + rng.below(len - synced + 1);
-                            OpenOptions::new()
-                                .write(true)
-                                .open(&path)
-                                .unwrap()
-                                .set_len(cut)
-                                .unwrap();
+                            OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
                         }
                     }
                 }
@@ -850,30 +645,16 @@ fn run_model(seed: u64, steps: usize) {
                     assert_eq!(g.1, e.payload, "{}: payload of {}", ctx(step), e.id);
                 }
                 for lost in &expect[got.len()..] {
-                    assert!(
-                        !lost.committed,
-                        "{}: committed record {} lost",
-                        ctx(step),
-                        lost.id
-                    );
+                    assert!(!lost.committed, "{}: committed record {} lost", ctx(step), lost.id);
                 }
                 if !crash {
-                    assert_eq!(
-                        got.len(),
-                        expect.len(),
-                        "{}: clean reopen loses nothing",
-                        ctx(step)
-                    );
+                    assert_eq!(got.len(), expect.len(), "{}: clean reopen loses nothing", ctx(step));
                 }
                 // Survivors are now committed; the lost are forgotten.
                 let keep: std::collections::HashSet<u64> = got.iter().map(|g| g.0.id).collect();
                 recs.retain(|r| r.id <= head || keep.contains(&r.id));
                 let max_committed = committed_ever.keys().max().copied().unwrap_or(0);
-                assert!(
-                    q.next_id() > max_committed,
-                    "{}: id reuse possible",
-                    ctx(step)
-                );
+                assert!(q.next_id() > max_committed, "{}: id reuse possible", ctx(step));
             }
         }
         // Track what is committed now and check id uniqueness.
@@ -885,23 +666,11 @@ fn run_model(seed: u64, steps: usize) {
             }
         }
         // Readers see exactly the committed live records.
-        let want: Vec<u64> = recs
-            .iter()
-            .filter(|r| r.id > head && r.id <= c)
-            .map(|r| r.id)
-            .collect();
-        let got: Vec<u64> = q
-            .read_from(0, usize::MAX)
-            .unwrap()
-            .iter()
-            .map(|g| g.0.id)
-            .collect();
+        let want: Vec<u64> = recs.iter().filter(|r| r.id > head && r.id <= c).map(|r| r.id).collect();
+        let got: Vec<u64> = q.read_from(0, usize::MAX).unwrap().iter().map(|g| g.0.id).collect();
         assert_eq!(got, want, "{}", ctx(step));
         // Forget what reclaim may have deleted (ids at or below the head).
-        while recs
-            .front()
-            .is_some_and(|r| r.id <= head && r.id <= q.durable_acked_through())
-        {
+        while recs.front().is_some_and(|r| r.id <= head && r.id <= q.durable_acked_through()) {
             recs.pop_front();
         }
     }

@@ -268,7 +268,8 @@ impl Port {
             if let Some(suppressed) = self.malformed_log.allow(n) {
                 let name = &self.cfg.name;
                 let last = &malformed[malformed.len() - 1];
-                let more = if suppressed > 0 { format!(" ({suppressed} more since the last report)") } else { String::new() };
+                let more =
+                    if suppressed > 0 { format!(" ({suppressed} more since the last report)") } else { String::new() };
                 warn!(port = %name, framing = ?framing, "serial {name}: malformed frame: {last}{more}");
             }
         }
@@ -332,7 +333,9 @@ impl Port {
             match wire::encode_ack(self.cfg.framing, a) {
                 Ok(b) => out.extend_from_slice(&b),
                 // Only an id no reading could have carried gets here.
-                Err(e) => warn!(port = %self.cfg.name, device = %a.device, "serial {}: cannot encode ack: {e}", self.cfg.name),
+                Err(e) => {
+                    warn!(port = %self.cfg.name, device = %a.device, "serial {}: cannot encode ack: {e}", self.cfg.name)
+                }
             }
         }
         out
