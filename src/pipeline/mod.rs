@@ -378,3 +378,120 @@ fn write_state(path: &Path, state: &State) -> Result<(), PipelineError> {
 fn crc32(b: &[u8]) -> u32 {
     crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::Value;
+
+    fn cfg(dir: &Path, extra: &str) -> Config {
+        let src = format!(
+            "[gateway]\nid = \"t\"\ndata_dir = {:?}\n[pipeline]\nbatch_max_readings = 5\nbatch_max_bytes = 2048\n{extra}",
+            dir.display().to_string()
+        );
+        Config::parse(&src, "t.toml").unwrap()
+    }
+
+    fn inc(seq: u64) -> Incoming {
+        Incoming {
+            reading: Reading {
+                device: "d".into(),
+                sensor: "hr".into(),
+                seq: Some(seq),
+                ts: 1000 + seq,
+                value: Value::Number(seq as f64),
+            },
+            ts_from_device: true,
+            port: 0,
+        }
+    }
+
+    fn feed(p: &mut Pipeline, seqs: impl IntoIterator<Item = u64>) {
+        for s in seqs {
+            p.ingest(inc(s), Instant::now(), now_ms());
+        }
+    }
+
+    fn queued(p: &Pipeline) -> Vec<u64> {
+        let q = p.queue();
+        q.read_from(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, b)| Batch::decode(&b).unwrap().readings)
+            .map(|r| r.seq.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn acks_wait_for_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "[store]\nfsync_interval = \"1h\"\n");
+        let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
+        feed(&mut p, 1..=5); // one full batch, appended, not committed
+        assert!(p.tick(Instant::now()).is_empty(), "no ack before the fsync");
+        p.commit();
+        assert_eq!(p.tick(Instant::now()), vec![(0, Ack { device: "d".into(), seq: 5 })]);
+    }
+
+    #[test]
+    fn restart_without_a_state_file_rebuilds_dedup_from_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "");
+        {
+            let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
+            feed(&mut p, 1..=12);
+            p.close();
+        }
+        std::fs::remove_file(dir.path().join("state.bin")).unwrap();
+        let m = Arc::new(Metrics::default());
+        let (mut p, report) = Pipeline::open(&c, m.clone()).unwrap();
+        assert!(!report.state_file_ok && report.replayed_records == 3);
+        feed(&mut p, 8..=14); // 8..=12 are resends
+        p.close();
+        assert_eq!(Metrics::get(&m.duplicates_dropped), 5);
+        assert_eq!(queued(&p), (1..=14).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn state_file_covers_readings_whose_segments_were_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "[store]\nmax_bytes = 8192\nsegment_bytes = 4096\n");
+        {
+            let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
+            feed(&mut p, 1..=40);
+            p.commit();
+            // A consumer took everything: the segments go, after a checkpoint.
+            let id = p.queue().committed_id();
+            p.queue().ack_through(id).unwrap();
+            p.checkpoint().unwrap();
+            assert!(p.queue().read_all_on_disk_after(0).unwrap().len() < 8, "segments were reclaimed");
+        }
+        let m = Arc::new(Metrics::default());
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        feed(&mut p, 1..=40);
+        assert_eq!(Metrics::get(&m.duplicates_dropped), 40, "resends of delivered readings stay out");
+    }
+
+    #[test]
+    fn a_refused_batch_is_forgotten_so_the_resend_gets_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "[store]\nmax_bytes = 4096\nwhen_full = \"reject_new\"\n");
+        let m = Arc::new(Metrics::default());
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        let mut seq = 0;
+        while Metrics::get(&m.batches_rejected_full) == 0 {
+            seq += 1;
+            feed(&mut p, [seq]);
+        }
+        p.commit();
+        let acked = p.tick(Instant::now()).pop().unwrap().1.seq;
+        assert!(acked < seq, "the refused readings are not acked");
+        // Space comes back; the device resends what was not acked.
+        let id = p.queue().committed_id();
+        p.queue().ack_through(id).unwrap();
+        feed(&mut p, acked + 1..=acked + 5);
+        p.commit();
+        assert_eq!(p.tick(Instant::now()).pop().unwrap().1.seq, acked + 5);
+        assert_eq!(queued(&p), (acked + 1..=acked + 5).collect::<Vec<_>>());
+    }
+}
