@@ -82,10 +82,11 @@ fn sigterm_and_sigint_exit_zero_quickly_with_an_empty_queue() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-port");
     let cfg = write_config(dir.path(), &[Port { name: "p0", path: &missing, framing: "jsonl" }], "", "");
-    for _ in 0..2 {
+    use nix::sys::signal::Signal;
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
         let gw = Gateway::start(&cfg);
         assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("running")), "{}", gw.log_text());
-        let (code, took) = gw.terminate();
+        let (code, took) = gw.stop_with(sig);
         assert_eq!(code, Some(0));
         assert!(took < Duration::from_secs(5), "took {took:?}");
     }

@@ -345,3 +345,31 @@ fn unplugged_dock_resumes_after_replug_without_restart() {
         created.iter().map(|r| ((r.device.clone(), r.sensor.clone(), r.seq.unwrap()), 1)).collect();
     assert_eq!(counts, want);
 }
+
+#[test]
+fn sigterm_seals_the_open_batch_and_acks_it_before_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, p) = device("wrist-00", Framing::Jsonl, 9, 0.0);
+    // Batches that would stay open for an hour: only shutdown closes this one.
+    let cfg = write_config(
+        dir.path(),
+        &[Port { name: "dock0", path: &p, framing: "jsonl" }],
+        "batch_max_age = \"1h\"\nbatch_max_readings = 100000",
+        STORE,
+    );
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("connected")), "{}", gw.log_text());
+    for _ in 0..20 {
+        d.send_next().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.stats().acked_through, None, "nothing is durable yet, so nothing is acked");
+    let log = gw_terminate(gw);
+    assert!(log.contains("port dock0: 20 readings"), "{log}");
+    assert_exactly_once(std::slice::from_ref(&d), &queue_dump(&cfg));
+    assert!(
+        wait_until(Duration::from_secs(2), || d.stats().acked_through == Some(20)),
+        "the final ack reaches the device before the port closes: {:?}",
+        d.stats()
+    );
+}

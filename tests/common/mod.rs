@@ -82,10 +82,15 @@ impl Gateway {
     }
 
     /// SIGTERM and wait; returns the exit code and how long it took.
-    pub fn terminate(mut self) -> (Option<i32>, Duration) {
+    pub fn terminate(self) -> (Option<i32>, Duration) {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Send `sig` and wait; returns the exit code and how long it took.
+    pub fn stop_with(mut self, sig: nix::sys::signal::Signal) -> (Option<i32>, Duration) {
         let t = Instant::now();
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(pid, sig);
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
@@ -93,7 +98,7 @@ impl Gateway {
             }
             if Instant::now() > end {
                 let _ = self.child.kill();
-                panic!("gateway did not exit within 10 s of SIGTERM; log:\n{}", self.log_text());
+                panic!("gateway did not exit within 10 s of {sig}; log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
