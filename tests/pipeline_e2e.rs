@@ -10,7 +10,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-const PIPELINE: &str = "batch_max_age = \"50ms\"\nbatch_max_readings = 200";
+// The simulated devices inject duplicates picked from their whole history;
+// real devices resend only what is unacked. Remember enough keys for that.
+const PIPELINE: &str = "batch_max_age = \"50ms\"\nbatch_max_readings = 200\ndedup_max_per_device = 200000";
 const STORE: &str = "fsync_interval = \"50ms\"";
 
 fn device(name: &str, framing: Framing, seed: u64, dup: f64) -> (SimDevice, PathBuf) {
@@ -131,17 +133,19 @@ fn sigkill_three_times_while_streaming_loses_and_doubles_nothing() {
     let (mut devices, cfg) = fleet(dir.path(), 4, 7, 0.05, |_| Framing::Jsonl);
     let mut gw = Gateway::start(&cfg);
     let mut rng = edge_gateway::sim::XorShift::new(42);
+    // EDGE_GATEWAY_SOAK_KILLS=30 (say) turns this into a soak run by hand.
+    let want: usize = std::env::var("EDGE_GATEWAY_SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let mut kills = 0;
     let mut next_kill = Instant::now() + Duration::from_millis(300 + rng.below(700));
     let mut sent = 0;
-    while kills < 3 || sent < 6000 {
+    while kills < want || sent < 6000 {
         for d in devices.iter_mut() {
             d.send_next().unwrap();
             d.resend_if_stalled().unwrap();
         }
         sent += devices.len();
         std::thread::sleep(Duration::from_micros(300));
-        if kills < 3 && Instant::now() >= next_kill {
+        if kills < want && Instant::now() >= next_kill {
             gw.kill9();
             kills += 1;
             std::thread::sleep(Duration::from_millis(rng.below(300)));

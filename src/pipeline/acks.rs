@@ -9,9 +9,17 @@
 //!   (garbled on the wire) while 16 and 17 did, the ack stays at 14 and the
 //!   device's resend brings 15; only if the gap outlives `gap_timeout` does
 //!   the gateway assume 15 never existed and move on;
-//! * a new reading with a seq at or below the watermark means the device
-//!   restarted its counter: the watermark restarts there, otherwise the old
-//!   high ack would cover readings the new incarnation has not sent yet;
+//! * a durable seq at or below the watermark is already covered and changes
+//!   nothing. Such a reading gets past dedup when it is a stale resend whose
+//!   key was forgotten (window or memory bound), and a stale resend must not
+//!   drag the watermark back;
+//! * the one exception is a device that restarted its counter: an accepted
+//!   seq at or below the watermark whose *device* timestamp is newer than any
+//!   seen from it. Then the watermark restarts below that seq, because the
+//!   old high ack would cover readings the new incarnation has not sent yet
+//!   (a lower ack is always safe; a higher one is not). Without device
+//!   timestamps a counter restart cannot be told from a stale resend, so
+//!   devices without `ts` must not reset `seq` (README);
 //! * a duplicate means the device missed an ack, so the current watermark is
 //!   sent again after the next commit.
 
@@ -22,6 +30,8 @@ use std::collections::{BTreeSet, HashMap};
 #[derive(Debug, Default)]
 struct DeviceAck {
     watermark: Option<u64>,
+    /// Newest device timestamp seen, to tell a counter restart from a stale resend.
+    max_ts: u64,
     /// Durable seqs above `watermark + 1`, waiting for the gap to fill.
     above: BTreeSet<u64>,
     gap_since_ms: Option<u64>,
@@ -56,26 +66,46 @@ impl AckTracker {
         d.port = Some(port);
     }
 
-    /// A reading of `device` with `seq` is now durable.
+    /// A reading was accepted by dedup (not yet durable). Detects a counter
+    /// restart; see the module doc.
+    pub fn accepted(&mut self, device: &str, seq: u64, ts: u64, ts_from_device: bool) {
+        let d = self.dev(device);
+        if !ts_from_device {
+            return;
+        }
+        let newer = ts > d.max_ts;
+        d.max_ts = d.max_ts.max(ts);
+        if newer && d.watermark.is_some_and(|w| seq <= w) {
+            d.watermark = seq.checked_sub(1);
+            d.above.clear();
+            d.gap_since_ms = None;
+            d.dirty = true;
+        }
+    }
+
+    /// A reading of `device` with `seq` (device time `ts`) is now durable.
     pub fn durable(&mut self, device: &str, seq: u64, now_ms: u64) {
         let timeout = self.gap_timeout_ms;
         let d = self.dev(device);
-        d.dirty = true;
         match d.watermark {
             None => d.watermark = Some(seq),
-            Some(w) if seq <= w => {
-                // Counter restarted (dedup let it through, so it is new).
-                d.watermark = Some(seq);
-                d.above.clear();
-                d.gap_since_ms = None;
-            }
+            // Already covered (a stale resend dedup no longer remembered).
+            Some(w) if seq <= w => return,
             Some(w) if seq == w + 1 => d.watermark = Some(seq),
             Some(_) => {
                 d.above.insert(seq);
                 d.gap_since_ms.get_or_insert(now_ms);
             }
         }
+        d.dirty = true;
         Self::advance(d, now_ms, timeout, false);
+    }
+
+    /// Replay at start-up: the device timestamps of queued readings, so a
+    /// stale resend after a restart is still recognised as stale.
+    pub fn seen_ts(&mut self, device: &str, ts: u64) {
+        let d = self.dev(device);
+        d.max_ts = d.max_ts.max(ts);
     }
 
     fn advance(d: &mut DeviceAck, now_ms: u64, gap_timeout_ms: u64, allow_skip: bool) {
@@ -135,15 +165,16 @@ impl AckTracker {
             devices: self
                 .devices
                 .iter()
-                .filter_map(|(n, d)| d.watermark.map(|w| (n.clone(), w, d.above.iter().copied().collect())))
+                .filter_map(|(n, d)| d.watermark.map(|w| (n.clone(), w, d.max_ts, d.above.iter().copied().collect())))
                 .collect(),
         }
     }
 
     pub fn restore(&mut self, snap: AckSnapshot, now_ms: u64) {
-        for (name, w, above) in snap.devices {
+        for (name, w, max_ts, above) in snap.devices {
             let d = self.dev(&name);
             d.watermark = Some(w);
+            d.max_ts = max_ts;
             d.above = above.into_iter().collect();
             if !d.above.is_empty() {
                 d.gap_since_ms = Some(now_ms);
@@ -154,7 +185,7 @@ impl AckTracker {
 
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct AckSnapshot {
-    devices: Vec<(String, u64, Vec<u64>)>,
+    devices: Vec<(String, u64, u64, Vec<u64>)>,
 }
 
 #[cfg(test)]
@@ -206,10 +237,36 @@ mod tests {
     fn counter_restart_restarts_the_watermark() {
         let mut t = AckTracker::new(Duration::from_secs(30));
         t.route("a", 0);
+        t.accepted("a", 100, 5000, true);
         t.durable("a", 100, 0);
-        t.durable("a", 0, 1);
-        t.durable("a", 1, 1);
-        assert_eq!(acks(&mut t, 1), vec![1]);
+        assert_eq!(acks(&mut t, 1), vec![100]);
+        // The device rebooted: seq 3 again, but with a newer clock.
+        t.accepted("a", 3, 6000, true);
+        assert!(acks(&mut t, 1).iter().all(|&a| a < 3), "never ack the new incarnation early");
+        t.durable("a", 3, 1);
+        t.accepted("a", 4, 6001, true);
+        t.durable("a", 4, 1);
+        assert_eq!(acks(&mut t, 1), vec![4]);
+    }
+
+    #[test]
+    fn a_stale_resend_does_not_drag_the_watermark_back() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", 0);
+        for s in 1..=100 {
+            t.accepted("a", s, 1000 + s, true);
+            t.durable("a", s, 0);
+        }
+        assert_eq!(acks(&mut t, 0), vec![100]);
+        // seq 7 again, with its old timestamp (dedup had forgotten it), and a
+        // device without timestamps: both are covered already.
+        t.accepted("a", 7, 1007, true);
+        t.durable("a", 7, 0);
+        t.accepted("a", 8, 999_999, false);
+        t.durable("a", 8, 0);
+        t.accepted("a", 101, 1101, true);
+        t.durable("a", 101, 0);
+        assert_eq!(acks(&mut t, 0), vec![101]);
     }
 
     #[test]

@@ -141,6 +141,7 @@ impl Pipeline {
                 Ok(batch) => {
                     for r in &batch.readings {
                         me.dedup.remember(r, meta.created_ms);
+                        me.acks.seen_ts(&r.device, r.ts);
                         if let Some(seq) = r.seq {
                             me.acks.durable(&r.device, seq, now);
                         }
@@ -178,6 +179,9 @@ impl Pipeline {
             }
             Verdict::Accept => {
                 Metrics::inc(&self.metrics.readings_accepted);
+                if let Some(seq) = reading.seq {
+                    self.acks.accepted(&reading.device, seq, reading.ts, ts_from_device);
+                }
                 if let Some(batch) = self.batcher.push(reading, now) {
                     self.seal(batch, now, now_ms);
                 }
