@@ -131,6 +131,8 @@
 //!   not only a change after start-up. The whole call fails; records before
 //!   `id` can be read with a smaller `max`, records after it with
 //!   `after_id = id`, and `ack_through(id)` skips it for good.
+//!   `read_valid_on_disk_after` is the variant for start-up replays: it
+//!   leaves corrupt records out and returns their ids instead of failing.
 
 mod ledger;
 mod seg_index;
@@ -164,6 +166,9 @@ impl From<&StoreConfig> for QueueOptions {
         QueueOptions { max_bytes: c.max_bytes, when_full: c.when_full, segment_bytes: c.segment_bytes }
     }
 }
+
+/// A record as read back: metadata and payload.
+pub type Record = (RecordMeta, Vec<u8>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordMeta {
@@ -758,6 +763,9 @@ impl Queue {
         }
         if let Err(e) = seg_index::write(&s.path, s.first_id, s.len, &recs, &mut self.fsyncs) {
             tracing::warn!(segment = %s.path.display(), error = %e, "cannot write segment index");
+            // An index from before this segment last became the append
+            // target would not match its length anyway; do not keep it around.
+            let _ = seg_index::remove(&s.path);
         }
     }
 
@@ -926,6 +934,26 @@ impl Queue {
     pub fn read_all_on_disk_after(&self, after_id: u64) -> Result<Vec<(RecordMeta, Vec<u8>)>> {
         let from = self.index.partition_point(|e| e.id <= after_id);
         self.index.range(from..).map(|e| self.read_entry(e)).collect()
+    }
+
+    /// Like [`Queue::read_all_on_disk_after`], but a record whose bytes fail
+    /// their CRC is left out instead of failing the call; its id is returned
+    /// in the second list (for start-up replays that must not stop at one
+    /// rotten record in a sealed segment). I/O errors still fail the call.
+    pub fn read_valid_on_disk_after(&self, after_id: u64) -> Result<(Vec<Record>, Vec<u64>)> {
+        let from = self.index.partition_point(|e| e.id <= after_id);
+        let (mut ok, mut corrupt) = (Vec::new(), Vec::new());
+        for e in self.index.range(from..) {
+            match self.read_entry(e) {
+                Ok(r) => ok.push(r),
+                Err(QueueError::Corrupt { id, path }) => {
+                    tracing::warn!(id, path = %path.display(), "queue record corrupt on disk; skipped");
+                    corrupt.push(id);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok((ok, corrupt))
     }
 
     /// Total bytes of segment files + ledger on disk.

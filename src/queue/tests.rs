@@ -648,6 +648,13 @@ fn corruption_in_indexed_segment_is_reported_at_read() {
         assert_eq!(q.read_from(0, (rec.id - 1) as usize).unwrap().len(), (rec.id - 1) as usize);
         let after: Vec<u64> = q.read_from(rec.id, usize::MAX).unwrap().iter().map(|r| r.0.id).collect();
         assert_eq!(after, (rec.id + 1..=25).collect::<Vec<_>>());
+        assert!(matches!(q.read_all_on_disk_after(0), Err(QueueError::Corrupt { id, .. }) if id == rec.id));
+        let (valid, bad) = q.read_valid_on_disk_after(0).unwrap();
+        assert_eq!(bad, vec![rec.id]);
+        assert_eq!(
+            valid.iter().map(|r| r.0.id).collect::<Vec<_>>(),
+            (1..=25).filter(|&i| i != rec.id).collect::<Vec<_>>()
+        );
         q.ack_through(rec.id).unwrap();
         assert_eq!(q.read_from(0, usize::MAX).unwrap().len(), (25 - rec.id) as usize);
     }
