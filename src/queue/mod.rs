@@ -7,6 +7,7 @@
 //! dir/lock                          flock'ed by the one writer (Queue::open)
 //! dir/ledger                        ack ledger, 20-byte entries (see ledger.rs)
 //! dir/segments/<first id:020>.seg   records, appended in id order
+//! dir/segments/<first id:020>.idx   index of a sealed segment (see seg_index.rs)
 //! ```
 //!
 //! *Why segments:* the only writes are appends and whole-file deletes, which
@@ -48,9 +49,34 @@
 //! head that is already durable in the ledger, so a record can never vanish
 //! while the ledger could still say it is pending.
 //!
+//! # Segment index files
+//!
+//! When `append` rolls to a new segment, the previous one is *sealed*: the
+//! roll has just fdatasync'ed it and nothing is ever appended to it again.
+//! Its index entries (id, offset, length, readings, created_ms per record)
+//! are then written to `<first id>.idx` together with the segment's first
+//! id and byte length and a CRC-32 over all of it (temp file, fdatasync,
+//! rename; the rename is made durable by the `segments/` fsync of the next
+//! commit). An index is never updated in place; it is deleted with its
+//! segment (reclaim, removal at open), before its segment is repaired or
+//! truncated, and when its segment becomes the append target again (the
+//! segment after it was empty or all torn and removed at open). Indexes
+//! without a segment are deleted at open. Losing an index, at any point,
+//! only costs a scan.
+//!
 //! # Start-up (`open`)
 //!
-//! Every segment is read and every record validated:
+//! Every segment except the last is loaded from its index if the index is
+//! intact (CRC, plausible entries, ids above the previous segment's) and
+//! names the same first id and byte length as the `.seg` file: those bytes
+//! are not read at all, so start-up time is proportional to the number of
+//! records plus the size of the last segment, not to bytes on disk. The
+//! length check ties the index to the file's final state: appends, torn
+//! tails and repairs all change the length of a sealed segment.
+//!
+//! The last segment, and any segment whose index is missing, torn, stale or
+//! mismatched, is read and every record validated as before (a sealed
+//! segment read this way is indexed afterwards):
 //! * invalid bytes at the end of the *last* segment with nothing valid after
 //!   them are the normal torn tail of a power cut: truncated (`truncated_bytes`);
 //! * invalid bytes followed by a valid record, or at the end of an older
@@ -59,6 +85,17 @@
 //!   the segment is rewritten without them (temp file, fsync, rename, dir
 //!   fsync: `repaired_segments`), so the next start is clean;
 //! * empty or all-garbage segment files are removed.
+//!
+//! *What is checked when:* a record of an indexed segment is CRC-checked
+//! only when it is read (`read_from`, `read_all_on_disk_after`). Bit rot
+//! inside a sealed, indexed segment (the bytes change but the length does
+//! not) is therefore not found or repaired at open; it surfaces as
+//! [`QueueError::Corrupt`] for exactly the damaged record when that record
+//! is read, never as wrong data. Torn writes cannot hit an indexed segment:
+//! it was fdatasync'ed before its index was written, and only the last
+//! segment (always scanned) has unsynced bytes. This is the trade for an
+//! open that does not read a 1 GiB backlog; deleting the `.idx` files
+//! forces the full check and repair at the next open.
 //!
 //! Then the last segment, the ledger and both directories are fsynced, because
 //! after a SIGKILL what we just read may still be only in the page cache, and
@@ -85,10 +122,20 @@
 //!   at or below the head are simply no-ops.
 //! * Disk use is live bytes + acked segments not yet reclaimed + up to one
 //!   partly acked segment; call `reclaim()` after persisting dedup state.
-//! * `open` reads every segment (start-up time is proportional to bytes on
-//!   disk); `open_readonly` does the same without touching anything.
+//! * `open` reads the last segment and every segment without a valid index;
+//!   `open_readonly` does the same without touching anything (it uses valid
+//!   indexes but never writes or deletes one).
+//! * `read_from` and `read_all_on_disk_after` return [`QueueError::Corrupt`]
+//!   `{ id, path }` when a record's bytes no longer match their CRC (or id):
+//!   with indexes this is how corruption in a sealed segment is reported,
+//!   not only a change after start-up. The whole call fails; records before
+//!   `id` can be read with a smaller `max`, records after it with
+//!   `after_id = id`, and `ack_through(id)` skips it for good.
+//!   `read_valid_on_disk_after` is the variant for start-up replays: it
+//!   leaves corrupt records out and returns their ids instead of failing.
 
 mod ledger;
+mod seg_index;
 mod segment;
 #[cfg(test)]
 mod tests;
@@ -119,6 +166,9 @@ impl From<&StoreConfig> for QueueOptions {
         QueueOptions { max_bytes: c.max_bytes, when_full: c.when_full, segment_bytes: c.segment_bytes }
     }
 }
+
+/// A record as read back: metadata and payload.
+pub type Record = (RecordMeta, Vec<u8>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordMeta {
@@ -176,8 +226,9 @@ pub enum QueueError {
     /// An fsync failed earlier; what is durable is unknown until the queue is reopened.
     #[error("an earlier fsync failed; reopen the queue")]
     NeedsReopen,
-    /// A record's bytes changed on disk after start-up (CRC or id mismatch on read).
-    /// The caller may skip it with `ack_through(id)`.
+    /// A record's bytes do not match their CRC (or id) when read: changed on
+    /// disk after start-up, or bit rot in a sealed segment that `open` loaded
+    /// from its index without reading it. The caller may skip it with `ack_through(id)`.
     #[error("record {id} in {path} is corrupt on disk")]
     Corrupt { id: u64, path: PathBuf },
 }
@@ -231,6 +282,20 @@ struct Entry {
 }
 
 impl Entry {
+    fn new(r: &RecInfo, seg: u64) -> Entry {
+        Entry { id: r.id, seg, offset: r.offset, total: r.total, readings: r.readings, created_ms: r.created_ms }
+    }
+
+    fn info(&self) -> RecInfo {
+        RecInfo {
+            offset: self.offset,
+            total: self.total,
+            id: self.id,
+            readings: self.readings,
+            created_ms: self.created_ms,
+        }
+    }
+
     fn meta(&self) -> RecordMeta {
         RecordMeta { id: self.id, readings: self.readings, created_ms: self.created_ms }
     }
@@ -265,6 +330,8 @@ pub struct Queue {
     /// An fsync failed: refuse writes (see module docs).
     failed: bool,
     fsyncs: u64,
+    /// Segments `open` loaded from their `.idx` without reading them.
+    indexed_segments: u64,
 }
 
 impl std::fmt::Debug for Queue {
@@ -322,11 +389,30 @@ fn remove_stale_temps(dir: &Path, seg_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Remove `.idx` files whose segment is gone (a crash after a reclaim or
+/// removal unlinked the segment but lost the index's unlink), so a segment
+/// created later under the same name never meets a stale index.
+fn remove_orphan_indexes(seg_dir: &Path, segs: &[(u64, PathBuf)]) -> Result<()> {
+    for ent in fs::read_dir(seg_dir).ctx("listing", seg_dir)? {
+        let p = ent.ctx("listing", seg_dir)?.path();
+        let id = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".idx")).and_then(|d| {
+            (d.len() == 20 && d.bytes().all(|b| b.is_ascii_digit())).then(|| d.parse::<u64>().ok()).flatten()
+        });
+        if let Some(id) = id
+            && segs.binary_search_by_key(&id, |s| s.0).is_err()
+        {
+            fs::remove_file(&p).ctx("removing orphan index", &p)?;
+        }
+    }
+    Ok(())
+}
+
 impl Queue {
     /// Open (creating the dir if needed) for writing, holding `dir/lock`.
-    /// Validates every record, truncates a torn tail, repairs corruption,
-    /// rebuilds the index and reads the ledger. Everything valid on disk
-    /// counts as committed afterwards.
+    /// Loads sealed segments from valid `.idx` files, validates every record
+    /// of the others (always the last), truncates a torn tail, repairs
+    /// corruption, rebuilds the index and reads the ledger. Everything on
+    /// disk counts as committed afterwards.
     pub fn open(dir: &Path, opts: QueueOptions) -> Result<(Queue, OpenReport)> {
         Self::open_impl(dir, opts, false)
     }
@@ -379,9 +465,38 @@ impl Queue {
         let mut index = VecDeque::new();
         let mut last_id = 0;
         let names = list_segments(&seg_dir)?;
+        if !readonly {
+            remove_orphan_indexes(&seg_dir, &names)?;
+        }
         let n = names.len();
+        let mut indexed_segments = 0;
         for (i, (first_id, path)) in names.into_iter().enumerate() {
             let is_last = i + 1 == n;
+            if !is_last {
+                // A sealed segment: trust a valid index whose recorded length
+                // matches the file, without reading the segment's bytes.
+                let file = match OpenOptions::new().read(true).write(!readonly).open(&path) {
+                    Ok(f) => f,
+                    // A running gateway may reclaim it between listing and reading.
+                    Err(e) if readonly && e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e).ctx("opening", &path),
+                };
+                let len = file.metadata().ctx("reading metadata of", &path)?.len();
+                if let Some(records) = seg_index::load(&path, len, first_id, last_id) {
+                    last_id = records.last().unwrap().id;
+                    index.extend(records.iter().map(|r| Entry::new(r, first_id)));
+                    segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });
+                    indexed_segments += 1;
+                    continue;
+                }
+            }
+            if !readonly {
+                // Whatever index there is does not describe this file (or it
+                // is the last segment, which will be appended to): remove it
+                // before the segment is truncated or repaired. The removal is
+                // durable with the directory fsync at the end of `open`.
+                seg_index::remove(&path).ctx("removing stale index of", &path)?;
+            }
             let bytes = match fs::read(&path) {
                 Ok(b) => b,
                 // A running gateway may reclaim it between listing and reading.
@@ -429,6 +544,13 @@ impl Queue {
                     fsyncs += 1;
                     len = start;
                 }
+                if !is_last {
+                    // Sealed, and now verified (and synced, if repaired): index
+                    // it so the next start need not read it again.
+                    if let Err(e) = seg_index::write(&path, first_id, len, &records, &mut fsyncs) {
+                        tracing::warn!(segment = %path.display(), error = %e, "cannot write segment index");
+                    }
+                }
             }
             let file = OpenOptions::new()
                 .read(true)
@@ -438,15 +560,13 @@ impl Queue {
                 .open(&path)
                 .ctx("opening", &path)?;
             last_id = records.last().unwrap().id;
-            index.extend(records.iter().map(|r: &RecInfo| Entry {
-                id: r.id,
-                seg: first_id,
-                offset: r.offset,
-                total: r.total,
-                readings: r.readings,
-                created_ms: r.created_ms,
-            }));
+            index.extend(records.iter().map(|r| Entry::new(r, first_id)));
             segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });
+        }
+        if !readonly && let Some(s) = segments.back() {
+            // The append target (possibly an indexed segment whose successor
+            // was empty and removed) must not keep an index: it will grow.
+            seg_index::remove(&s.path).ctx("removing index of", &s.path)?;
         }
 
         let st = loaded.state;
@@ -492,6 +612,7 @@ impl Queue {
             force_roll: false,
             failed: false,
             fsyncs,
+            indexed_segments,
         };
         for e in q.index.range(q.first_live()..) {
             q.live_bytes += e.total as u64;
@@ -612,6 +733,7 @@ impl Queue {
     fn roll(&mut self, first_id: u64) -> Result<()> {
         if !self.segments.is_empty() {
             self.commit()?;
+            self.write_sealed_index();
         }
         let path = self.seg_dir.join(format!("{first_id:020}.seg"));
         let file =
@@ -620,6 +742,31 @@ impl Queue {
         self.seg_dir_dirty = true;
         self.force_roll = false;
         Ok(())
+    }
+
+    /// Write the `.idx` of the last segment, which `roll` just committed and
+    /// will never append to again. Skipped if the file may hold garbage past
+    /// `len` (failed write) or is not fully synced; failure is only logged,
+    /// because the index is an optimisation (`open` scans without it). Its
+    /// rename is made durable by the directory fsync of the commit that
+    /// follows the new segment's creation.
+    fn write_sealed_index(&mut self) {
+        let s = self.segments.back().unwrap();
+        if self.force_roll || s.len == 0 || s.synced_len != s.len || self.seg_dirty {
+            return;
+        }
+        let mut recs: Vec<RecInfo> =
+            self.index.iter().rev().take_while(|e| e.seg == s.first_id).map(Entry::info).collect();
+        recs.reverse();
+        if recs.is_empty() {
+            return;
+        }
+        if let Err(e) = seg_index::write(&s.path, s.first_id, s.len, &recs, &mut self.fsyncs) {
+            tracing::warn!(segment = %s.path.display(), error = %e, "cannot write segment index");
+            // An index from before this segment last became the append
+            // target would not match its length anyway; do not keep it around.
+            let _ = seg_index::remove(&s.path);
+        }
     }
 
     /// Group commit: fdatasync the segment written since the last commit,
@@ -748,6 +895,10 @@ impl Queue {
                 }
                 _ => {}
             }
+            if let Err(e) = seg_index::remove(&s.path) {
+                // Harmless: `open` removes indexes without a segment.
+                tracing::warn!(segment = %s.path.display(), error = %e, "cannot delete segment index");
+            }
             let s = self.segments.pop_front().unwrap();
             while self.index.front().is_some_and(|e| e.seg == s.first_id) {
                 self.index.pop_front();
@@ -785,9 +936,35 @@ impl Queue {
         self.index.range(from..).map(|e| self.read_entry(e)).collect()
     }
 
+    /// Like [`Queue::read_all_on_disk_after`], but a record whose bytes fail
+    /// their CRC is left out instead of failing the call; its id is returned
+    /// in the second list (for start-up replays that must not stop at one
+    /// rotten record in a sealed segment). I/O errors still fail the call.
+    pub fn read_valid_on_disk_after(&self, after_id: u64) -> Result<(Vec<Record>, Vec<u64>)> {
+        let from = self.index.partition_point(|e| e.id <= after_id);
+        let (mut ok, mut corrupt) = (Vec::new(), Vec::new());
+        for e in self.index.range(from..) {
+            match self.read_entry(e) {
+                Ok(r) => ok.push(r),
+                Err(QueueError::Corrupt { id, path }) => {
+                    tracing::warn!(id, path = %path.display(), "queue record corrupt on disk; skipped");
+                    corrupt.push(id);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok((ok, corrupt))
+    }
+
     /// Total bytes of segment files + ledger on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum::<u64>() + self.ledger.len()
+    }
+
+    /// How many segments `open` loaded from their `.idx` file without reading
+    /// (or CRC-checking) their bytes; see the module docs.
+    pub fn indexed_segments(&self) -> u64 {
+        self.indexed_segments
     }
 
     /// Number of fsync/fdatasync calls made so far (files and directories).
