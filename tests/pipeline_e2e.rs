@@ -377,3 +377,28 @@ fn sigterm_seals_the_open_batch_and_acks_it_before_exit() {
         d.stats()
     );
 }
+
+#[test]
+fn with_open_check_index_a_rotten_record_is_skipped_when_read_not_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _d, _) = fill(dir.path(), "segment_bytes = 4096\nopen_check = \"index\"", 300);
+    let before = queue_dump(&cfg);
+    let segs = segments(&cfg);
+    assert!(segs.len() >= 3 && segs[0].with_extension("idx").exists(), "sealed segments are indexed");
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&segs[0], bytes).unwrap();
+
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("running")), "{}", gw.log_text());
+    let log = gw_terminate(gw);
+    assert!(!log.contains("queue repaired"), "the index was trusted, the bytes not read: {log}");
+    let (code, out, err) = cli(&["queue", "dump", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("fails its CRC; skipped"), "{err}");
+    let after: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lost: Vec<u64> = batches(&before).difference(&batches(&after)).copied().collect();
+    assert_eq!(lost.len(), 1, "exactly the rotten record is missing: {lost:?}");
+    assert_eq!(after.len() + 10, before.len());
+}

@@ -84,11 +84,7 @@ pub fn queue_dir(cfg: &Config) -> PathBuf {
 }
 
 pub fn queue_options(cfg: &Config) -> QueueOptions {
-    QueueOptions {
-        max_bytes: cfg.store.max_bytes,
-        when_full: cfg.store.when_full,
-        segment_bytes: cfg.store.segment_bytes,
-    }
+    QueueOptions::from(&cfg.store)
 }
 
 impl Pipeline {
@@ -135,7 +131,13 @@ impl Pipeline {
         let covers = state.covers_id;
         me.dedup.restore(state.dedup);
         me.acks.restore(state.acks, now);
-        let records = me.queue().read_all_on_disk_after(covers)?;
+        // Skip (and count) records that rotted in a sealed segment: one bad
+        // record must not keep the gateway from starting.
+        let (records, corrupt) = me.queue().read_valid_on_disk_after(covers)?;
+        if !corrupt.is_empty() {
+            tracing::warn!("queue records {corrupt:?} failed their CRC when replayed; skipped");
+            Metrics::add(&me.metrics.queue_corrupt_records, corrupt.len() as u64);
+        }
         for (meta, payload) in records {
             match Batch::decode(&payload) {
                 Ok(batch) => {
