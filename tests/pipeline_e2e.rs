@@ -188,7 +188,7 @@ fn crash_between_commit_and_ack_and_during_checkpoint_loses_nothing() {
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         }
         assert!(
-            wait_until(Duration::from_secs(20), || gw.child.try_wait().unwrap().is_some()),
+            wait_until(Duration::from_secs(60), || gw.child.try_wait().unwrap().is_some()),
             "crash point {point} never reached:\n{}",
             gw.log_text()
         );
@@ -197,7 +197,7 @@ fn crash_between_commit_and_ack_and_during_checkpoint_loses_nothing() {
         for _ in 0..100 {
             d.send_next().unwrap();
         }
-        assert!(d.wait_all_acked(Duration::from_secs(30)).unwrap(), "{point}: {:?}\n{}", d.stats(), gw.log_text());
+        assert!(d.wait_all_acked(Duration::from_secs(60)).unwrap(), "{point}: {:?}\n{}", d.stats(), gw.log_text());
         gw_terminate(gw);
         assert_exactly_once(std::slice::from_ref(&d), &queue_dump(&cfg));
     }
