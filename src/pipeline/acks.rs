@@ -7,8 +7,11 @@
 //! * acks are computed only from readings the queue has *committed*;
 //! * the acked seq is a *contiguous* watermark: if seq 15 never arrived
 //!   (garbled on the wire) while 16 and 17 did, the ack stays at 14 and the
-//!   device's resend brings 15; only if the gap outlives `gap_timeout` does
-//!   the gateway assume 15 never existed and move on;
+//!   device's resend brings 15; only if the gap outlives `gap_timeout` *of
+//!   the device talking* does the gateway assume 15 never existed and move
+//!   on. A device that is away (unplugged, out of range) is never skipped
+//!   past: when it comes back its resend fills the gap. A device that keeps
+//!   resending for the whole timeout without 15 does not have it;
 //! * a durable seq at or below the watermark is already covered and changes
 //!   nothing. Such a reading gets past dedup when it is a stale resend whose
 //!   key was forgotten (window or memory bound), and a stale resend must not
@@ -37,7 +40,12 @@ struct DeviceAck {
     gap_since_ms: Option<u64>,
     port: Option<PortId>,
     dirty: bool,
+    /// When the device last sent anything (new or resent).
+    last_seen_ms: u64,
 }
+
+/// Silence longer than this means the device was away: a gap's clock restarts.
+const AWAY_MS: u64 = 5_000;
 
 /// Bound on `above`: a device far ahead of a gap is not waited for forever
 /// in memory either.
@@ -60,10 +68,15 @@ impl AckTracker {
         self.devices.get_mut(device).expect("just inserted")
     }
 
-    /// Remember which port a device speaks through (acks go back there).
-    pub fn route(&mut self, device: &str, port: PortId) {
+    /// The device sent a reading through `port` (acks go back there).
+    pub fn route(&mut self, device: &str, port: PortId, now_ms: u64) {
         let d = self.dev(device);
         d.port = Some(port);
+        if now_ms.saturating_sub(d.last_seen_ms) > AWAY_MS && d.gap_since_ms.is_some() {
+            // Back from being away: the gap has to outlast a timeout of talk.
+            d.gap_since_ms = Some(now_ms);
+        }
+        d.last_seen_ms = now_ms;
     }
 
     /// A reading was accepted by dedup (not yet durable). Detects a counter
@@ -120,7 +133,8 @@ impl AckTracker {
                 return;
             }
             let expired = d.gap_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= gap_timeout_ms);
-            if (allow_skip && expired) || d.above.len() > MAX_ABOVE {
+            let talking = now_ms.saturating_sub(d.last_seen_ms) <= AWAY_MS;
+            if (allow_skip && expired && talking) || d.above.len() > MAX_ABOVE {
                 // Give up on the gap: the missing seqs never existed.
                 d.watermark = d.above.pop_first();
                 d.gap_since_ms = if d.above.is_empty() { None } else { Some(now_ms) };
@@ -200,7 +214,7 @@ mod tests {
     #[test]
     fn contiguous_run_is_acked_once_per_change() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0);
+        t.route("a", 0, 0);
         for s in 5..=9 {
             t.durable("a", s, 0);
         }
@@ -213,7 +227,7 @@ mod tests {
     #[test]
     fn gap_holds_the_ack_until_filled() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0);
+        t.route("a", 0, 0);
         t.durable("a", 1, 0);
         t.durable("a", 3, 0);
         t.durable("a", 4, 0);
@@ -223,20 +237,42 @@ mod tests {
     }
 
     #[test]
-    fn gap_is_skipped_after_the_timeout() {
+    fn gap_is_skipped_after_the_timeout_of_a_talking_device() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 3);
+        t.route("a", 3, 0);
         t.durable("a", 1, 0);
         t.durable("a", 5, 0);
+        // The device keeps resending (5 and later) without ever sending 2..4.
+        for ms in (0..=30_000).step_by(1000) {
+            t.route("a", 3, ms);
+        }
         assert_eq!(acks(&mut t, 29_999), vec![1]);
         let out = t.take_acks(30_000);
         assert_eq!(out, vec![(3, Ack { device: "a".into(), seq: 5 })]);
     }
 
     #[test]
+    fn a_device_that_is_away_is_never_skipped_past() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", 0, 0);
+        t.durable("a", 1, 0);
+        t.durable("a", 5, 0);
+        assert_eq!(acks(&mut t, 0), vec![1]);
+        // Unplugged for a minute: nothing moves.
+        assert!(acks(&mut t, 60_000).is_empty());
+        // Back: its resend brings 2..4 well within a fresh timeout.
+        t.route("a", 0, 60_000);
+        assert!(acks(&mut t, 61_000).is_empty(), "the gap clock restarted on return");
+        for s in 2..=4 {
+            t.durable("a", s, 61_000);
+        }
+        assert_eq!(acks(&mut t, 61_000), vec![5]);
+    }
+
+    #[test]
     fn counter_restart_restarts_the_watermark() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0);
+        t.route("a", 0, 0);
         t.accepted("a", 100, 5000, true);
         t.durable("a", 100, 0);
         assert_eq!(acks(&mut t, 1), vec![100]);
@@ -252,7 +288,7 @@ mod tests {
     #[test]
     fn a_stale_resend_does_not_drag_the_watermark_back() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0);
+        t.route("a", 0, 0);
         for s in 1..=100 {
             t.accepted("a", s, 1000 + s, true);
             t.durable("a", s, 0);
@@ -278,7 +314,7 @@ mod tests {
         let snap = t.snapshot();
         let mut u = AckTracker::new(Duration::from_secs(30));
         u.restore(snap, 0);
-        u.route("a", 1);
+        u.route("a", 1, 0);
         u.durable("a", 8, 0);
         assert_eq!(acks(&mut u, 0), vec![9]);
     }

@@ -170,7 +170,7 @@ impl Pipeline {
     pub fn ingest(&mut self, inc: Incoming, now: Instant, now_ms: u64) {
         let Incoming { reading, ts_from_device, port } = inc;
         if reading.seq.is_some() {
-            self.acks.route(&reading.device, port);
+            self.acks.route(&reading.device, port, now_ms);
         }
         match self.dedup.check(&reading, ts_from_device, now_ms) {
             Verdict::Duplicate => {
