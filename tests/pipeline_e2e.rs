@@ -45,6 +45,14 @@ fn fleet(
     (devices, write_config(dir, &ports, PIPELINE, STORE))
 }
 
+/// Wait (resending) until every device has every reading acked.
+fn all_acked(devices: &mut [SimDevice], gw: &Gateway) {
+    for d in devices.iter_mut() {
+        let done = d.wait_all_acked(Duration::from_secs(60)).unwrap();
+        assert!(done, "not all acked: {:?}\n{}", d.stats(), gw.log_text());
+    }
+}
+
 /// Every reading every device created is in the dump exactly once, and the
 /// dump holds nothing else.
 fn assert_exactly_once(devices: &[SimDevice], dump: &[serde_json::Value]) {
@@ -90,14 +98,7 @@ fn ten_thousand_readings_with_duplicates_and_garbage_are_queued_once_and_acked()
             d.resend_if_stalled().unwrap();
         }
     }
-    for d in devices.iter_mut() {
-        assert!(
-            d.wait_all_acked(Duration::from_secs(60)).unwrap(),
-            "not all acked: {:?}\n{}",
-            d.stats(),
-            gw.log_text()
-        );
-    }
+    all_acked(&mut devices, &gw);
     let dups: u64 = devices.iter().map(|d| d.stats().duplicates_injected).sum();
     let malformed: u64 = devices.iter().map(|d| d.stats().malformed_sent).sum();
     assert_eq!(malformed, 50);
@@ -153,14 +154,7 @@ fn sigkill_three_times_while_streaming_loses_and_doubles_nothing() {
             next_kill = Instant::now() + Duration::from_millis(300 + rng.below(1200));
         }
     }
-    for d in devices.iter_mut() {
-        assert!(
-            d.wait_all_acked(Duration::from_secs(60)).unwrap(),
-            "not all acked: {:?}\n{}",
-            d.stats(),
-            gw.log_text()
-        );
-    }
+    all_acked(&mut devices, &gw);
     gw_terminate(gw);
     let dump = queue_dump(&cfg);
     assert_exactly_once(&devices, &dump);
