@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 // The simulated devices inject duplicates picked from their whole history;
 // real devices resend only what is unacked. Remember enough keys for that.
-const PIPELINE: &str = "batch_max_age = \"50ms\"\nbatch_max_readings = 200\ndedup_max_per_device = 200000";
+// After a restart, devices the state file does not name wait one
+// ack_gap_timeout of talking for their first ack; 2 s keeps tests quick.
+const PIPELINE: &str =
+    "batch_max_age = \"50ms\"\nbatch_max_readings = 200\ndedup_max_per_device = 200000\nack_gap_timeout = \"2s\"";
 const STORE: &str = "fsync_interval = \"50ms\"";
 
 fn device(name: &str, framing: Framing, seed: u64, dup: f64) -> (SimDevice, PathBuf) {
@@ -213,7 +216,7 @@ fn fill(dir: &std::path::Path, store: &str, n: usize, settle: Duration) -> (Path
     let cfg = write_config(
         dir,
         &[Port { name: "dock0", path: &p, framing: "jsonl" }],
-        "batch_max_age = \"20ms\"\nbatch_max_readings = 10\nbatch_max_bytes = \"2KiB\"",
+        "batch_max_age = \"20ms\"\nbatch_max_readings = 10\nbatch_max_bytes = \"2KiB\"\nack_gap_timeout = \"2s\"",
         store,
     );
     let gw = Gateway::start(&cfg);

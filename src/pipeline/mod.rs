@@ -77,6 +77,8 @@ pub struct Pipeline {
     last_checkpoint: Instant,
     changed_since_checkpoint: bool,
     last_error_log: Option<Instant>,
+    /// Wall clock in unix ms; a test can drive it.
+    clock: fn() -> u64,
 }
 
 pub fn queue_dir(cfg: &Config) -> PathBuf {
@@ -90,8 +92,21 @@ pub fn queue_options(cfg: &Config) -> QueueOptions {
 impl Pipeline {
     /// Open the queue, load the checkpoint and replay what came after it.
     pub fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<(Pipeline, StartReport), PipelineError> {
+        Self::open_with_clock(cfg, metrics, now_ms)
+    }
+
+    /// [`Pipeline::open`] with a wall clock of the caller's (unix ms), for
+    /// tests that drive time: dedup windows and ack gap timeouts read it.
+    pub fn open_with_clock(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        clock: fn() -> u64,
+    ) -> Result<(Pipeline, StartReport), PipelineError> {
         let dir = &cfg.gateway.data_dir;
         std::fs::create_dir_all(dir).map_err(|source| PipelineError::State { path: dir.clone(), source })?;
+        // A queue directory means an earlier run, which may have received
+        // (and lost, unacked) readings of devices it never made durable.
+        let first_run = !queue_dir(cfg).exists();
         let (queue, qreport) = Queue::open(&queue_dir(cfg), queue_options(cfg))?;
         Metrics::add(&metrics.queue_repaired_bytes, qreport.truncated_bytes);
         Metrics::add(&metrics.queue_corrupt_records, qreport.corrupt_records);
@@ -112,6 +127,7 @@ impl Pipeline {
             last_checkpoint: Instant::now(),
             changed_since_checkpoint: false,
             last_error_log: None,
+            clock,
         };
         let mut report = StartReport { queue: qreport, ..Default::default() };
         let state = match read_state(&me.state_path) {
@@ -127,10 +143,17 @@ impl Pipeline {
                 State::default()
             }
         };
-        let now = now_ms();
+        let now = clock();
         let covers = state.covers_id;
         me.dedup.restore(state.dedup);
         me.acks.restore(state.acks, now);
+        // Before the replay: a device the state does not know may have sent
+        // the last run readings it lost, even if others of it are on disk
+        // (that run may itself have been one that never acked the device).
+        // Such a device waits before its first ack (see `acks`).
+        if !first_run {
+            me.acks.restarted();
+        }
         // Skip (and count) records that rotted in a sealed segment: one bad
         // record must not keep the gateway from starting.
         let (records, corrupt) = me.queue().read_valid_on_disk_after(covers)?;
@@ -224,6 +247,9 @@ impl Pipeline {
                 Metrics::add(&self.metrics.readings_rejected_full, batch.readings.len() as u64);
                 for r in &batch.readings {
                     self.dedup.forget(r);
+                    if let Some(seq) = r.seq {
+                        self.acks.refused(&r.device, seq);
+                    }
                 }
                 self.log_error(format_args!("batch of {} readings not queued: {e}", batch.readings.len()));
             }
@@ -249,7 +275,7 @@ impl Pipeline {
             Ok(()) => {
                 crate::crashpoint::hit("after-commit");
                 Metrics::inc(&self.metrics.queue_commits);
-                let now = now_ms();
+                let now = (self.clock)();
                 for (dev, seq) in self.uncommitted.drain(..) {
                     self.acks.durable(&dev, seq, now);
                 }
@@ -282,7 +308,7 @@ impl Pipeline {
     /// Time-driven work: close aged batches, group commit, checkpoint.
     /// Returns the acks to write to the devices.
     pub fn tick(&mut self, now: Instant) -> Vec<(PortId, Ack)> {
-        let ms = now_ms();
+        let ms = (self.clock)();
         if let Some(b) = self.batcher.poll_age(now) {
             self.seal(b, now, ms);
         }
@@ -306,7 +332,7 @@ impl Pipeline {
     pub fn checkpoint(&mut self) -> Result<(), PipelineError> {
         let now = Instant::now();
         if let Some(b) = self.batcher.take() {
-            self.seal(b, now, now_ms());
+            self.seal(b, now, (self.clock)());
         }
         self.commit();
         if self.dirty_since.is_some() {
@@ -314,7 +340,7 @@ impl Pipeline {
             return Ok(());
         }
         let covers_id = self.queue().committed_id();
-        let state = State { covers_id, dedup: self.dedup.snapshot(now_ms()), acks: self.acks.snapshot() };
+        let state = State { covers_id, dedup: self.dedup.snapshot((self.clock)()), acks: self.acks.snapshot() };
         write_state(&self.state_path, &state)?;
         crate::crashpoint::hit("after-checkpoint");
         self.last_checkpoint = now;
@@ -331,7 +357,7 @@ impl Pipeline {
         if let Err(e) = self.checkpoint() {
             tracing::error!("final checkpoint failed: {e}");
         }
-        let acks = self.acks.take_acks(now_ms());
+        let acks = self.acks.take_acks((self.clock)());
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
         acks
     }
