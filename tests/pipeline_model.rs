@@ -77,9 +77,14 @@ impl Device {
 }
 
 fn config(dir: &std::path::Path, rng: &mut XorShift) -> Config {
+    // A third of the runs have a tiny queue that refuses new batches when
+    // full (`reject_new`), so the refused path is exercised too.
+    let (max_bytes, when_full, batch_bytes) =
+        if rng.chance(0.33) { ("8KiB", "reject_new", "2KiB") } else { ("64MiB", "drop_oldest", "64KiB") };
     let src = format!(
         "[gateway]\nid = \"model\"\ndata_dir = {:?}\n[pipeline]\nbatch_max_readings = {}\nbatch_max_age = \"40ms\"\nack_gap_timeout = \"2s\"\n\
-         [store]\nfsync_interval = \"30ms\"\nsegment_bytes = {}\nmax_bytes = \"64MiB\"\nopen_check = {:?}\n",
+         batch_max_bytes = {batch_bytes:?}\n\
+         [store]\nfsync_interval = \"30ms\"\nsegment_bytes = {}\nmax_bytes = {max_bytes:?}\nwhen_full = {when_full:?}\nopen_check = {:?}\n",
         dir.display().to_string(),
         1 + rng.below(20),
         2048 + rng.below(8192),
@@ -101,10 +106,32 @@ fn queued(p: &Pipeline) -> HashMap<(String, String, u64), usize> {
     m
 }
 
-fn check(p: &Pipeline, devices: &[Device], seed: u64, step: usize) {
-    let q = queued(p);
+type Key = (String, String, u64);
+
+/// A consumer (the future uplink) takes up to `n` batches off the queue and
+/// acknowledges them durably; what it took counts as delivered.
+fn consume(p: &Pipeline, n: usize, delivered: &mut HashMap<Key, usize>) {
+    let q = p.queue_handle();
+    let mut q = q.lock().unwrap();
+    let records = q.read_from(0, n).unwrap();
+    let Some((last, _)) = records.last() else { return };
+    let last = last.id;
+    for (_, payload) in records {
+        for r in Batch::decode(&payload).unwrap().readings {
+            *delivered.entry((r.device, r.sensor, r.seq.unwrap())).or_insert(0) += 1;
+        }
+    }
+    q.ack_through(last).unwrap();
+    q.commit().unwrap();
+}
+
+fn check(p: &Pipeline, devices: &[Device], delivered: &HashMap<Key, usize>, seed: u64, step: usize) {
+    let mut q = queued(p);
+    for (k, n) in delivered {
+        *q.entry(k.clone()).or_insert(0) += n;
+    }
     if let Some((k, n)) = q.iter().find(|(_, n)| **n > 1) {
-        panic!("seed {seed} step {step}: {k:?} is queued {n} times");
+        panic!("seed {seed} step {step}: {k:?} is queued or delivered {n} times");
     }
     for d in devices {
         for r in d.created.iter().filter(|r| d.acked.is_some_and(|a| r.seq.unwrap() <= a)) {
@@ -118,14 +145,17 @@ fn check(p: &Pipeline, devices: &[Device], seed: u64, step: usize) {
     }
 }
 
-fn run(seed: u64, steps: usize) {
+/// Returns how many batches the queue refused (to prove `reject_new` ran).
+fn run(seed: u64, steps: usize) -> u64 {
     let mut rng = XorShift::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &mut rng);
     let mut devices: Vec<Device> = (0..3).map(|i| Device::new(i, &mut rng)).collect();
     let base = Instant::now();
     let mut virtual_ms = 0u64;
-    let (mut p, _) = Pipeline::open_with_clock(&cfg, Arc::new(Metrics::default()), clock).unwrap();
+    let mut delivered: HashMap<Key, usize> = HashMap::new();
+    let metrics = Arc::new(Metrics::default());
+    let (mut p, _) = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap();
     let feed = |p: &mut Pipeline, r: Reading, virtual_ms: u64| {
         let now = base + Duration::from_millis(virtual_ms);
         CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
@@ -181,7 +211,8 @@ fn run(seed: u64, steps: usize) {
                     feed(&mut p, r, virtual_ms);
                 }
             }
-            73..=92 => {
+            89..=92 => consume(&p, 1 + rng.below(5) as usize, &mut delivered),
+            73..=88 => {
                 virtual_ms += rng.below(60);
                 CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
                 let acks = p.tick(base + Duration::from_millis(virtual_ms));
@@ -190,15 +221,15 @@ fn run(seed: u64, steps: usize) {
             93..=96 => {
                 // SIGKILL: nothing more runs; whatever was written stays.
                 drop(p);
-                p = Pipeline::open_with_clock(&cfg, Arc::new(Metrics::default()), clock).unwrap().0;
-                check(&p, &devices, seed, step);
+                p = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap().0;
+                check(&p, &devices, &delivered, seed, step);
             }
             _ => {
                 let acks = p.close();
                 deliver(&mut devices, acks, &mut rng);
                 drop(p);
-                p = Pipeline::open_with_clock(&cfg, Arc::new(Metrics::default()), clock).unwrap().0;
-                check(&p, &devices, seed, step);
+                p = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap().0;
+                check(&p, &devices, &delivered, seed, step);
             }
         }
     }
@@ -225,6 +256,8 @@ fn run(seed: u64, steps: usize) {
         if devices.iter().all(|d| d.pending.is_empty()) {
             break;
         }
+        // The consumer keeps up, so a full queue refuses nothing for long.
+        consume(&p, usize::MAX, &mut delivered);
         let all: Vec<Reading> = devices.iter().flat_map(|d| d.pending.values().cloned()).collect();
         for r in all {
             feed(&mut p, r, virtual_ms);
@@ -237,16 +270,20 @@ fn run(seed: u64, steps: usize) {
             devices.iter_mut().find(|d| d.name == a.device).unwrap().ack(a.seq);
         }
     }
-    check(&p, &devices, seed, steps);
-    let q = queued(&p);
+    check(&p, &devices, &delivered, seed, steps);
+    let mut all = queued(&p);
+    for (k, n) in &delivered {
+        *all.entry(k.clone()).or_insert(0) += n;
+    }
     let created: usize = devices.iter().map(|d| d.created.len()).sum();
-    assert_eq!(q.len(), created, "seed {seed}: every created reading is queued exactly once");
+    assert_eq!(all.len(), created, "seed {seed}: every created reading is queued or delivered");
+    assert!(all.values().all(|&n| n == 1), "seed {seed}: ... exactly once");
+    Metrics::get(&metrics.batches_rejected_full)
 }
 
 #[test]
 fn random_sends_resends_duplicates_kills_and_restarts_keep_exactly_once() {
     let seeds: u64 = std::env::var("EDGE_GATEWAY_MODEL_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
-    for seed in 1..=seeds {
-        run(seed, 600);
-    }
+    let refused: u64 = (1..=seeds).map(|seed| run(seed, 600)).sum();
+    assert!(refused > 0, "no run filled its queue: the reject_new path went untested");
 }

@@ -32,8 +32,10 @@
 //!   such a one, so its first durable seqs wait as an open gap below them,
 //!   filled by its resend or given up after `gap_timeout` of it talking
 //!   (found by the pipeline's model-based test). That costs each new device
-//!   one such wait per gateway lifetime, since the state persists. The same
-//!   holds for a device whose first readings the queue refused;
+//!   one such wait per gateway lifetime, since the state persists;
+//! * a seq the queue refused (full, `reject_new`) is known to exist and to be
+//!   held by the device: no gap below it is ever given up on, however long
+//!   the queue stays full (found by the model-based test);
 //! * a duplicate means the device missed an ack, so the current watermark is
 //!   sent again after the next commit.
 
@@ -53,9 +55,9 @@ struct DeviceAck {
     dirty: bool,
     /// When the device last sent anything (new or resent).
     last_seen_ms: u64,
-    /// Lowest seq the queue refused while the device had no watermark: a
-    /// later seq must not become its watermark, since it still holds this one.
-    refused_min: Option<u64>,
+    /// Seqs the queue refused (full) and that have not become durable since:
+    /// the device still holds them, so no gap below them is ever given up on.
+    refused: BTreeSet<u64>,
 }
 
 /// Silence longer than this means the device was away: a gap's clock restarts.
@@ -114,6 +116,7 @@ impl AckTracker {
         if newer && d.watermark.is_some_and(|w| seq <= w) {
             d.watermark = seq.checked_sub(1);
             d.above.clear();
+            d.refused.clear();
             d.gap_since_ms = None;
             d.dirty = true;
         }
@@ -124,7 +127,8 @@ impl AckTracker {
         let timeout = self.gap_timeout_ms;
         let hold = self.restarted;
         let d = self.dev(device);
-        let hold = hold || d.refused_min.is_some_and(|r| r < seq) || !d.above.is_empty();
+        d.refused.remove(&seq);
+        let hold = hold || d.refused.first().is_some_and(|&r| r < seq) || !d.above.is_empty();
         match d.watermark {
             None if hold => {
                 d.above.insert(seq);
@@ -147,8 +151,8 @@ impl AckTracker {
     /// durable here, and the device keeps it.
     pub fn refused(&mut self, device: &str, seq: u64) {
         let d = self.dev(device);
-        if d.watermark.is_none() {
-            d.refused_min = Some(d.refused_min.map_or(seq, |r| r.min(seq)));
+        if d.watermark.is_none_or(|w| seq > w) && d.refused.len() < MAX_ABOVE {
+            d.refused.insert(seq);
         }
     }
 
@@ -161,6 +165,13 @@ impl AckTracker {
 
     fn advance(d: &mut DeviceAck, now_ms: u64, gap_timeout_ms: u64, allow_skip: bool) {
         loop {
+            // Refused seqs the watermark has passed (counter restart, bound) say nothing any more.
+            while let (Some(w), Some(&r)) = (d.watermark, d.refused.first()) {
+                if r > w {
+                    break;
+                }
+                d.refused.pop_first();
+            }
             if let Some(w) = d.watermark
                 && d.above.first() == Some(&(w + 1))
             {
@@ -174,7 +185,10 @@ impl AckTracker {
             }
             let expired = d.gap_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= gap_timeout_ms);
             let talking = now_ms.saturating_sub(d.last_seen_ms) <= AWAY_MS;
-            if (allow_skip && expired && talking) || d.above.len() > MAX_ABOVE {
+            // A refused seq inside the gap is known to exist: wait for it.
+            let next = *d.above.first().expect("not empty");
+            let refused_inside = d.refused.range(..next).next().is_some();
+            if (allow_skip && expired && talking && !refused_inside) || d.above.len() > MAX_ABOVE {
                 // Give up on the gap (or on finding anything below an unknown
                 // device's first seq): the missing seqs never existed.
                 d.watermark = d.above.pop_first();
@@ -330,6 +344,22 @@ mod tests {
         t.route("b", 0, 0);
         t.durable("b", 5, 0);
         assert_eq!(acks(&mut t, 0), vec![5]);
+    }
+
+    #[test]
+    fn a_refused_seq_is_never_skipped_past() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", 0, 0);
+        t.durable("a", 1, 0);
+        t.refused("a", 2); // queue full
+        t.durable("a", 3, 0); // space again
+        for ms in (0..=120_000).step_by(1000) {
+            t.route("a", 0, ms); // the device keeps resending 2, refused each time
+            t.refused("a", 2);
+        }
+        assert_eq!(acks(&mut t, 120_000), vec![1], "2 exists: never ack past it");
+        t.durable("a", 2, 121_000);
+        assert_eq!(acks(&mut t, 121_000), vec![3]);
     }
 
     #[test]
