@@ -18,25 +18,23 @@ use crate::reading::{Reading, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     sensor: u32,
     by_ts: bool,
     n: u64,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Entry {
     fp: u32,
     at_ms: u64,
 }
 
-#[derive(Default, Debug, Serialize, Deserialize)]
+#[derive(Default, Debug)]
 struct DeviceKeys {
     sensors: Vec<String>,
-    #[serde(skip)]
     sensor_idx: HashMap<String, u32>,
-    #[serde(skip)]
     seen: HashMap<Key, Entry>,
     /// Insertion order, for eviction by age and count. May hold stale keys
     /// (forgotten or re-inserted); they are skipped when popped.
@@ -54,9 +52,20 @@ impl DeviceKeys {
         i
     }
 
+    fn insert(&mut self, k: Key, e: Entry) {
+        self.seen.insert(k, e);
+        self.order.push_back((k, e));
+    }
+
+    /// Whether an `order` entry is still the key's current one (not
+    /// forgotten or re-inserted since).
+    fn is_live(&self, k: &Key, e: &Entry) -> bool {
+        self.seen.get(k) == Some(e)
+    }
+
     fn prune(&mut self, oldest_ms: u64, max: usize) {
         while let Some(&(k, e)) = self.order.front() {
-            let live = self.seen.get(&k).is_some_and(|cur| cur.at_ms == e.at_ms && cur.fp == e.fp);
+            let live = self.is_live(&k, &e);
             if live && e.at_ms >= oldest_ms && self.seen.len() <= max {
                 break;
             }
@@ -126,9 +135,7 @@ impl Dedup {
         {
             return Verdict::Duplicate;
         }
-        let e = Entry { fp, at_ms: now_ms };
-        dev.seen.insert(key, e);
-        dev.order.push_back((key, e));
+        dev.insert(key, Entry { fp, at_ms: now_ms });
         dev.prune(oldest, self.max_per_device);
         Verdict::Accept
     }
@@ -153,13 +160,8 @@ impl Dedup {
         let dev = self.devices.entry(r.device.clone()).or_default();
         // Replayed readings lost the "ts from device" bit; a seq-less reading
         // is keyed by ts, which at worst keeps one receive-time key too many.
-        let key = match r.seq {
-            Some(n) => Key { sensor: dev.sensor(&r.sensor), by_ts: false, n },
-            None => Key { sensor: dev.sensor(&r.sensor), by_ts: true, n: r.ts },
-        };
-        let e = Entry { fp: fingerprint(&r.value), at_ms };
-        dev.seen.insert(key, e);
-        dev.order.push_back((key, e));
+        let key = Self::key_of(dev, r, true).expect("with ts_from_device every reading has a key");
+        dev.insert(key, Entry { fp: fingerprint(&r.value), at_ms });
     }
 
     /// Drop keys older than the window for every device (devices that went
@@ -195,7 +197,7 @@ impl Dedup {
                     keys: d
                         .order
                         .iter()
-                        .filter(|(k, e)| d.seen.get(k).is_some_and(|c| c.at_ms == e.at_ms && c.fp == e.fp))
+                        .filter(|(k, e)| d.is_live(k, e))
                         .map(|&(k, e)| (k.sensor, k.by_ts, k.n, e.fp, e.at_ms))
                         .collect(),
                 })
@@ -210,9 +212,7 @@ impl Dedup {
                 keys.sensor(s);
             }
             for (sensor, by_ts, n, fp, at_ms) in d.keys {
-                let (k, e) = (Key { sensor, by_ts, n }, Entry { fp, at_ms });
-                keys.seen.insert(k, e);
-                keys.order.push_back((k, e));
+                keys.insert(Key { sensor, by_ts, n }, Entry { fp, at_ms });
             }
             self.devices.insert(d.name, keys);
         }

@@ -20,7 +20,7 @@ pub mod dedup;
 
 use crate::config::{Config, FsyncPolicy};
 use crate::metrics::Metrics;
-use crate::queue::{AppendOutcome, OpenReport, Queue, QueueError, QueueOptions};
+use crate::queue::{AppendOutcome, CRC, OpenReport, Queue, QueueError, QueueOptions};
 use crate::reading::{Ack, Batch, Format, Incoming, PortId, Reading, now_ms};
 use acks::{AckSnapshot, AckTracker};
 use batch::Batcher;
@@ -85,10 +85,6 @@ pub fn queue_dir(cfg: &Config) -> PathBuf {
     cfg.gateway.data_dir.join("queue")
 }
 
-pub fn queue_options(cfg: &Config) -> QueueOptions {
-    QueueOptions::from(&cfg.store)
-}
-
 impl Pipeline {
     /// Open the queue, load the checkpoint and replay what came after it.
     pub fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<(Pipeline, StartReport), PipelineError> {
@@ -106,8 +102,9 @@ impl Pipeline {
         std::fs::create_dir_all(dir).map_err(|source| PipelineError::State { path: dir.clone(), source })?;
         // A queue directory means an earlier run, which may have received
         // (and lost, unacked) readings of devices it never made durable.
-        let first_run = !queue_dir(cfg).exists();
-        let (queue, qreport) = Queue::open(&queue_dir(cfg), queue_options(cfg))?;
+        let qdir = queue_dir(cfg);
+        let first_run = !qdir.exists();
+        let (queue, qreport) = Queue::open(&qdir, QueueOptions::from(&cfg.store))?;
         Metrics::add(&metrics.queue_repaired_bytes, qreport.truncated_bytes);
         Metrics::add(&metrics.queue_corrupt_records, qreport.corrupt_records);
         let p = &cfg.pipeline;
@@ -216,7 +213,7 @@ impl Pipeline {
 
     /// Close a batch into the queue (not yet durable).
     fn seal(&mut self, readings: Vec<Reading>, now: Instant, now_ms: u64) {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.queue();
         let batch = Batch { gateway: self.gateway.clone(), batch: q.next_id(), readings };
         let payload = batch.encode(self.format);
         let result = q.append(batch.readings.len() as u32, now_ms, &payload);
@@ -334,11 +331,9 @@ impl Pipeline {
         if let Some(b) = self.batcher.take() {
             self.seal(b, now, (self.clock)());
         }
+        // A failed commit exits the process, so from here the state claims
+        // only what is on disk.
         self.commit();
-        if self.dirty_since.is_some() {
-            // Commit failed: the state must not claim what the disk lacks.
-            return Ok(());
-        }
         let covers_id = self.queue().committed_id();
         let state = State { covers_id, dedup: self.dedup.snapshot((self.clock)()), acks: self.acks.snapshot() };
         write_state(&self.state_path, &state)?;
@@ -361,14 +356,6 @@ impl Pipeline {
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
         acks
     }
-
-    pub fn open_batch_len(&self) -> usize {
-        self.batcher.len()
-    }
-
-    pub fn dedup_keys(&self) -> usize {
-        self.dedup.len()
-    }
 }
 
 fn read_state(path: &Path) -> std::io::Result<Option<State>> {
@@ -382,7 +369,7 @@ fn read_state(path: &Path) -> std::io::Result<Option<State>> {
         return Err(bad("bad magic"));
     }
     let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
-    if crc32(&bytes[8..]) != crc {
+    if CRC.checksum(&bytes[8..]) != crc {
         return Err(bad("checksum mismatch"));
     }
     postcard::from_bytes(&bytes[8..]).map(Some).map_err(|e| bad(&e.to_string()))
@@ -396,7 +383,7 @@ fn write_state(path: &Path, state: &State) -> Result<(), PipelineError> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(STATE_MAGIC).map_err(err)?;
-    f.write_all(&crc32(&body).to_le_bytes()).map_err(err)?;
+    f.write_all(&CRC.checksum(&body).to_le_bytes()).map_err(err)?;
     f.write_all(&body).map_err(err)?;
     f.sync_all().map_err(err)?;
     crate::crashpoint::hit("before-state-rename");
@@ -405,10 +392,6 @@ fn write_state(path: &Path, state: &State) -> Result<(), PipelineError> {
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
     }
     Ok(())
-}
-
-fn crc32(b: &[u8]) -> u32 {
-    crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(b)
 }
 
 #[cfg(test)]
