@@ -143,12 +143,8 @@ impl Ledger {
     /// file, fsync it, rename it over the ledger, fsync the directory. At every
     /// instant either the old or the new ledger is the one on disk.
     pub fn compact(&mut self, state: LedgerState, fsyncs: &mut u64) -> io::Result<()> {
-        let f = OpenOptions::new().create(true).truncate(true).write(true).open(&self.tmp_path)?;
-        f.write_all_at(&state.encode(), 0)?;
-        f.sync_data()?;
-        fs::rename(&self.tmp_path, &self.path)?;
+        let f = super::replace_file(&self.tmp_path, &self.path, &state.encode(), fsyncs)?;
         super::sync_dir(self.path.parent().unwrap(), fsyncs)?;
-        *fsyncs += 1;
         self.file = Some(f);
         self.len = ENTRY_BYTES;
         self.state = state;

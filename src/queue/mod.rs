@@ -137,6 +137,10 @@
 mod ledger;
 mod seg_index;
 mod segment;
+
+/// The CRC-32 (ISO-HDLC) of every record, index and ledger entry; other
+/// small files of the gateway use it too.
+pub(crate) use segment::CRC;
 #[cfg(test)]
 mod tests;
 
@@ -254,6 +258,19 @@ impl<T> Ctx<T> for io::Result<T> {
     fn ctx(self, what: &str, path: &Path) -> Result<T> {
         self.map_err(|e| QueueError::Io(io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))))
     }
+}
+
+/// Write `bytes` to `tmp`, fdatasync it and rename it over `path`, so a crash
+/// leaves either the old file or the new one whole. The rename becomes
+/// durable with the next fsync of the directory, which is the caller's to
+/// do. Returns the new file, still open for writing.
+pub(crate) fn replace_file(tmp: &Path, path: &Path, bytes: &[u8], fsyncs: &mut u64) -> io::Result<File> {
+    let f = File::create(tmp)?;
+    f.write_all_at(bytes, 0)?;
+    f.sync_data()?;
+    *fsyncs += 1;
+    fs::rename(tmp, path)?;
+    Ok(f)
 }
 
 /// fsync a directory so entries created, renamed or removed in it are durable.
@@ -662,12 +679,7 @@ impl Queue {
             r.offset = out.len() as u64;
             out.extend_from_slice(&bytes[start..start + r.total as usize]);
         }
-        let tmp = path.with_extension("seg.tmp");
-        let f = File::create(&tmp).ctx("creating", &tmp)?;
-        f.write_all_at(&out, 0).ctx("writing", &tmp)?;
-        f.sync_data().ctx("syncing", &tmp)?;
-        *fsyncs += 1;
-        fs::rename(&tmp, path).ctx("renaming repaired segment over", path)?;
+        replace_file(&path.with_extension("seg.tmp"), path, &out, fsyncs).ctx("rewriting repaired segment", path)?;
         Ok(out.len() as u64)
     }
 

@@ -14,9 +14,8 @@
 //! from the `.seg` file's name or length) makes `open` fall back to scanning the segment.
 
 use super::segment::{CRC, FRAME_BYTES, MAX_LEN, OVERHEAD, RecInfo};
-use std::fs::{self, File};
+use std::fs;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: u32 = 0x5849_5145;
@@ -133,13 +132,7 @@ pub(crate) fn write(
 ) -> io::Result<()> {
     let p = idx_path(seg_path);
     let tmp = seg_path.with_extension("idx.tmp");
-    let res = (|| {
-        let f = File::create(&tmp)?;
-        f.write_all_at(&encode(first_id, seg_len, records), 0)?;
-        f.sync_data()?;
-        *fsyncs += 1;
-        fs::rename(&tmp, &p)
-    })();
+    let res = super::replace_file(&tmp, &p, &encode(first_id, seg_len, records), fsyncs).map(drop);
     if res.is_err() {
         let _ = fs::remove_file(&tmp);
     }
