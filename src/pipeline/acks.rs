@@ -211,7 +211,8 @@ impl AckTracker {
         let mut out = Vec::new();
         let timeout = self.gap_timeout_ms;
         for (name, d) in self.devices.iter_mut() {
-            if d.gap_since_ms.is_some() || (d.watermark.is_none() && !d.above.is_empty()) {
+            // A non-empty `above` (gap or held device) always has a gap clock.
+            if d.gap_since_ms.is_some() {
                 Self::advance(d, now_ms, timeout, true);
             }
             if !d.dirty {
