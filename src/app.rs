@@ -4,6 +4,8 @@
 //! * one tokio task per serial port ([`crate::source::serial::run`]);
 //! * one OS thread for the [`Pipeline`], with a single-threaded runtime of its
 //!   own, because it fsyncs and fsync must not stall the ports' runtime;
+//! * one OS thread for the [`Uplink`] (when `[upstream]` is configured), for
+//!   the same reason;
 //! * the signal handler, which starts shutdown.
 //!
 //! Shutdown runs in two stages so no reading is stranded: first the
@@ -17,6 +19,7 @@ use crate::pipeline::Pipeline;
 use crate::reading::{Ack, Incoming, PortId, now_ms};
 use crate::shutdown::{self, Shutdown};
 use crate::source::serial;
+use crate::uplink::{self, Uplink};
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +32,8 @@ const INGEST_CHANNEL: usize = 16_384;
 /// Overall budget between the signal and exit (the CLI promises 5 s).
 const PIPELINE_STOP_BUDGET: Duration = Duration::from_secs(4);
 const SOURCE_STOP_BUDGET: Duration = Duration::from_millis(800);
+/// The uplink stops alongside the pipeline; this is what it may take beyond it.
+const UPLINK_STOP_BUDGET: Duration = Duration::from_millis(700);
 
 /// Run the gateway until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -72,6 +77,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // there are none (a gateway with no ports still owns its queue).
     let _tx = tx;
 
+    let uplink_stop = Shutdown::new();
+    let uplink = match &cfg.upstream {
+        Some(up) => {
+            let u = Uplink::new(up, &cfg.gateway.id, &cfg.gateway.data_dir, pipeline.queue_handle(), metrics.clone())
+                .context("cannot start the uplink")?;
+            Some(uplink::spawn(u, uplink_stop.subscribe()).context("cannot start the uplink thread")?)
+        }
+        None => {
+            tracing::info!("no [upstream] configured: batches stay in the queue");
+            None
+        }
+    };
+
     let stop_rx = pipeline_stop.subscribe();
     let worker = std::thread::Builder::new()
         .name("pipeline".into())
@@ -82,6 +100,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("stopping: closing the open batch into the queue");
     pipeline_stop.trigger();
+    uplink_stop.trigger();
     let joined = tokio::task::spawn_blocking(move || worker.join());
     let _rx = match tokio::time::timeout(PIPELINE_STOP_BUDGET, joined).await {
         Ok(Ok(Ok(Ok(rx)))) => Some(rx),
@@ -98,6 +117,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None
         }
     };
+    if let Some(u) = uplink {
+        let joined = tokio::task::spawn_blocking(move || u.join());
+        if tokio::time::timeout(UPLINK_STOP_BUDGET, joined).await.is_err() {
+            tracing::warn!("uplink did not stop within {UPLINK_STOP_BUDGET:?}");
+        }
+    }
     sources_stop.trigger();
     let _ = tokio::time::timeout(SOURCE_STOP_BUDGET, async { while sources.join_next().await.is_some() {} }).await;
     sources.abort_all();
@@ -120,6 +145,21 @@ fn log_summary(m: &Metrics) {
         Metrics::get(&m.readings_rejected_full),
         Metrics::get(&m.acks_sent),
     );
+    if Metrics::get(&m.upstream_connects) + Metrics::get(&m.upstream_connect_failures) > 0 {
+        tracing::info!(
+            "uplink: {} batches ({} readings) delivered, {} connects, {} failed attempts, {} PUBLISH re-sent with DUP, {} PUBREL re-sent, {} batches re-sent after a lost session, {} refused by the broker, {} too large, {} corrupt skipped",
+            Metrics::get(&m.batches_delivered),
+            Metrics::get(&m.readings_delivered),
+            Metrics::get(&m.upstream_connects),
+            Metrics::get(&m.upstream_connect_failures),
+            Metrics::get(&m.publishes_resent_dup),
+            Metrics::get(&m.pubrels_resent),
+            Metrics::get(&m.batches_resent_session_lost),
+            Metrics::get(&m.batches_refused),
+            Metrics::get(&m.batches_too_large),
+            Metrics::get(&m.batches_corrupt_skipped),
+        );
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

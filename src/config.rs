@@ -19,9 +19,9 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub store: StoreConfig,
-    /// Accepted now so configs stay stable; the uplink issue gives it meaning.
+    /// Where batches go; without it they stay in the queue (store only).
     #[serde(default)]
-    pub upstream: Option<toml::Table>,
+    pub upstream: Option<UpstreamConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -151,6 +151,169 @@ impl Default for StoreConfig {
     }
 }
 
+/// `[upstream]`: the MQTT broker the uplink drains the queue to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `mqtts://host[:port]` (8883 by default), or `mqtt://host[:port]`
+    /// (1883) with `allow_plaintext = true`.
+    pub url: String,
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// Default `edge-gateway-{gateway id}`. Must stay the same across
+    /// restarts: the broker keeps the QoS 2 session under it.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    #[serde(default = "default_status_topic")]
+    pub status_topic: String,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the password (trailing newline ignored); never the
+    /// password itself, so configs can be shared and logged.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_keep_alive", deserialize_with = "de_duration")]
+    pub keep_alive: Duration,
+    /// Batches published and not yet completed, at most (the broker's
+    /// Receive Maximum lowers it further).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    #[serde(default = "default_reconnect_min", deserialize_with = "de_duration")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", deserialize_with = "de_duration")]
+    pub reconnect_max: Duration,
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// TCP connect + TLS handshake + CONNACK, at most.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum MqttProtocol {
+    /// MQTT 5, falling back to 3.1.1 when the broker refuses version 5.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "5")]
+    V5,
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+fn default_topic() -> String {
+    "gateways/{gateway}/readings".into()
+}
+fn default_status_topic() -> String {
+    "gateways/{gateway}/status".into()
+}
+fn default_qos() -> u8 {
+    2
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_inflight() -> u16 {
+    20
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Scheme, host and port of an upstream URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(format!("{url:?} must start with mqtts:// (or mqtt:// with allow_plaintext = true)"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| format!("bad port {p:?} in {url:?}"))?)
+            }
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') || host.contains('@') {
+            return Err(format!("bad host in {url:?}; use mqtts://host:port"));
+        }
+        Ok(BrokerUrl { tls, host: host.to_string(), port })
+    }
+}
+
+impl UpstreamConfig {
+    pub fn client_id_for(&self, gateway: &str) -> String {
+        self.client_id.clone().unwrap_or_else(|| format!("edge-gateway-{gateway}"))
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((format!("upstream.{k}"), m));
+        match BrokerUrl::parse(&self.url) {
+            Err(m) => return bad("url", m),
+            Ok(u) if !u.tls && !self.allow_plaintext => {
+                return bad(
+                    "url",
+                    "mqtt:// sends readings and credentials in plaintext; use mqtts://, or set allow_plaintext = true"
+                        .into(),
+                );
+            }
+            Ok(_) => {}
+        }
+        if !(1..=2).contains(&self.qos) {
+            return bad("qos", format!("must be 1 or 2 (got {})", self.qos));
+        }
+        if self.max_inflight == 0 || self.max_inflight > 1000 {
+            return bad("max_inflight", "must be 1..=1000".into());
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            let k = if self.cert_file.is_some() { "key_file" } else { "cert_file" };
+            return bad(k, "cert_file and key_file go together (mutual TLS)".into());
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
+            return bad("reconnect_max", "need 0 < reconnect_min <= reconnect_max".into());
+        }
+        if self.keep_alive.as_secs() > u16::MAX as u64 {
+            return bad("keep_alive", "must be at most 65535 s".into());
+        }
+        for (k, t) in [("topic", &self.topic), ("status_topic", &self.status_topic)] {
+            if t.is_empty() || t.contains(['+', '#']) {
+                return bad(k, format!("{t:?} must be a topic name without wildcards"));
+            }
+        }
+        if self.client_id.as_deref().is_some_and(|c| c.is_empty() || c.len() > 128) {
+            return bad("client_id", "must be 1-128 characters".into());
+        }
+        Ok(())
+    }
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
@@ -275,6 +438,9 @@ impl Config {
                     p.batch_max_bytes, s.max_bytes
                 ),
             ));
+        }
+        if let Some(u) = &self.upstream {
+            u.validate()?;
         }
         for (i, port) in self.serial.iter().enumerate() {
             if port.name.is_empty() || self.serial[..i].iter().any(|o| o.name == port.name) {

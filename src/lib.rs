@@ -10,7 +10,9 @@
 //!   [`pipeline::acks`] turns durable readings into cumulative acks.
 //! * [`queue`] — the durable on-disk queue: append-only segments with
 //!   length + CRC framing, group commit, an ack ledger, torn-tail repair.
-//! * (uplink — the next issue: drains the queue upstream at QoS 2.)
+//! * [`uplink`] — drains the queue to the upstream MQTT broker over TLS,
+//!   QoS 2 with its in-flight state on disk, so a batch is delivered once
+//!   across crashes and outages.
 //!
 //! Beside them: [`config`] (TOML), [`metrics`] (counters), [`app`] (wires the
 //! parts together and owns every task), [`shutdown`] (the signal every task
@@ -30,6 +32,7 @@ pub mod reading;
 pub mod shutdown;
 pub mod sim;
 pub mod source;
+pub mod uplink;
 pub mod wire;
 
 pub use reading::{Ack, Batch, Format, Incoming, Reading, Value};

@@ -33,6 +33,27 @@ pub struct Metrics {
     pub queue_corrupt_records: AtomicU64,
     /// Acks written back to devices.
     pub acks_sent: AtomicU64,
+    /// 1 while the uplink has a session with the upstream broker.
+    pub upstream_connected: AtomicU64,
+    /// Sessions established with the upstream broker.
+    pub upstream_connects: AtomicU64,
+    /// Failed connection attempts (TCP, TLS, CONNACK refusals, timeouts).
+    pub upstream_connect_failures: AtomicU64,
+    /// Batches (and their readings) completed upstream: PUBCOMP (QoS 2) / PUBACK (QoS 1).
+    pub batches_delivered: AtomicU64,
+    pub readings_delivered: AtomicU64,
+    /// PUBLISH packets re-sent with DUP=1 in a resumed session.
+    pub publishes_resent_dup: AtomicU64,
+    /// PUBREL packets re-sent in a resumed session.
+    pub pubrels_resent: AtomicU64,
+    /// Batches re-sent as new messages because the broker had lost the session.
+    pub batches_resent_session_lost: AtomicU64,
+    /// PUBREC/PUBACK with a reason code >= 0x80 (not delivered; retried).
+    pub batches_refused: AtomicU64,
+    /// Batches bigger than the broker accepts (dropped from the queue, logged).
+    pub batches_too_large: AtomicU64,
+    /// Queue records found corrupt when read for sending (skipped).
+    pub batches_corrupt_skipped: AtomicU64,
     per_port: Mutex<BTreeMap<String, PortCounters>>,
 }
 
@@ -50,6 +71,9 @@ impl Metrics {
     }
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Ordering::Relaxed);
     }
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)

@@ -18,17 +18,7 @@ const PIPELINE: &str =
     "batch_max_age = \"50ms\"\nbatch_max_readings = 200\ndedup_max_per_device = 200000\nack_gap_timeout = \"2s\"";
 const STORE: &str = "fsync_interval = \"50ms\"";
 
-fn device(name: &str, framing: Framing, seed: u64, dup: f64) -> (SimDevice, PathBuf) {
-    let pty = open_pty().expect("openpty");
-    let path = pty.slave_path.clone();
-    let mut cfg = SimConfig::new(name, framing);
-    cfg.seed = seed;
-    cfg.duplicate_probability = dup;
-    cfg.resend_after = Duration::from_millis(400);
-    (SimDevice::on_pty(cfg, pty).expect("sim device"), path)
-}
-
-/// `n` devices `wrist-00`.., each on its own dock `dock0`.., and a config naming the docks.
+/// `n` devices with this file's pipeline and store settings.
 fn fleet(
     dir: &std::path::Path,
     n: usize,
@@ -36,24 +26,7 @@ fn fleet(
     dup: f64,
     framing: impl Fn(usize) -> Framing,
 ) -> (Vec<SimDevice>, PathBuf) {
-    let mut devices = Vec::new();
-    let mut docks = Vec::new();
-    for i in 0..n {
-        let (d, p) = device(&format!("wrist-{i:02}"), framing(i), seed + i as u64, dup);
-        let f = if framing(i) == Framing::Jsonl { "jsonl" } else { "cobs" };
-        devices.push(d);
-        docks.push((format!("dock{i}"), p, f));
-    }
-    let ports: Vec<Port> = docks.iter().map(|(n, p, f)| Port { name: n, path: p, framing: f }).collect();
-    (devices, write_config(dir, &ports, PIPELINE, STORE))
-}
-
-/// Wait (resending) until every device has every reading acked.
-fn all_acked(devices: &mut [SimDevice], gw: &Gateway) {
-    for d in devices.iter_mut() {
-        let done = d.wait_all_acked(Duration::from_secs(60)).unwrap();
-        assert!(done, "not all acked: {:?}\n{}", d.stats(), gw.log_text());
-    }
+    fleet_with(dir, n, seed, dup, framing, PIPELINE, STORE, "")
 }
 
 /// Every reading every device created is in the dump exactly once, and the

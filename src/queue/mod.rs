@@ -345,6 +345,8 @@ pub struct Queue {
     head: u64,
     next_id: u64,
     committed_id: u64,
+    /// Sends `committed_id` to whoever waits for new records (the uplink).
+    commits: tokio::sync::watch::Sender<u64>,
     live_bytes: u64,
     live_readings: u64,
     ledger: Ledger,
@@ -650,6 +652,7 @@ impl Queue {
             head: st.acked_through,
             next_id,
             committed_id: next_id - 1,
+            commits: tokio::sync::watch::Sender::new(next_id - 1),
             live_bytes: 0,
             live_readings: 0,
             ledger,
@@ -839,6 +842,7 @@ impl Queue {
             self.write_ledger(committed)?;
         }
         self.committed_id = committed;
+        self.commits.send_if_modified(|c| std::mem::replace(c, committed) != committed);
         Ok(())
     }
 
@@ -855,6 +859,17 @@ impl Queue {
     /// Readers must only see records <= this.
     pub fn committed_id(&self) -> u64 {
         self.committed_id
+    }
+
+    /// Notified with [`Queue::committed_id`] after each commit that moved it:
+    /// how the uplink learns there is something new to send.
+    pub fn subscribe_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    /// The head as the ledger on disk has it: acks at or below it survive a crash.
+    pub fn durable_head(&self) -> u64 {
+        self.ledger.state.acked_through
     }
 
     /// Move the head to `id` (acks and evictions alike) and drop the newly

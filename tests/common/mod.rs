@@ -2,6 +2,10 @@
 //! process, configs in temp dirs, and reading the queue back through the CLI.
 #![allow(dead_code)]
 
+pub mod mosquitto;
+
+use edge_gateway::config::Framing;
+use edge_gateway::sim::{SimConfig, SimDevice, open_pty};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,6 +38,11 @@ pub struct Port<'a> {
 /// Write a config into `dir` with the given ports; `extra` is appended
 /// verbatim (e.g. a `[store]` table).
 pub fn write_config(dir: &Path, ports: &[Port], pipeline: &str, store: &str) -> PathBuf {
+    write_config_extra(dir, ports, pipeline, store, "")
+}
+
+/// [`write_config`] plus `extra` TOML at the end (e.g. an `[upstream]` table).
+pub fn write_config_extra(dir: &Path, ports: &[Port], pipeline: &str, store: &str, extra: &str) -> PathBuf {
     let mut s = format!("[gateway]\nid = \"test-gw\"\ndata_dir = {:?}\n\n", dir.join("data").display().to_string());
     for p in ports {
         s += &format!(
@@ -43,7 +52,7 @@ pub fn write_config(dir: &Path, ports: &[Port], pipeline: &str, store: &str) -> 
             p.framing
         );
     }
-    s += &format!("[pipeline]\n{pipeline}\n\n[store]\n{store}\n");
+    s += &format!("[pipeline]\n{pipeline}\n\n[store]\n{store}\n\n{extra}\n");
     let path = dir.join("gateway.toml");
     std::fs::write(&path, s).expect("write config");
     path
@@ -150,4 +159,47 @@ pub fn count_by_key(dump: &[serde_json::Value]) -> HashMap<(String, String, u64)
         *m.entry(key).or_insert(0) += 1;
     }
     m
+}
+
+/// A simulated wearable on a fresh PTY (its dock's path returned beside it).
+pub fn device(name: &str, framing: Framing, seed: u64, dup: f64) -> (SimDevice, PathBuf) {
+    let pty = open_pty().expect("openpty");
+    let path = pty.slave_path.clone();
+    let mut cfg = SimConfig::new(name, framing);
+    cfg.seed = seed;
+    cfg.duplicate_probability = dup;
+    cfg.resend_after = Duration::from_millis(400);
+    (SimDevice::on_pty(cfg, pty).expect("sim device"), path)
+}
+
+/// `n` devices `wrist-00`.., each on its own dock `dock0`.., and a config
+/// naming the docks, with `pipeline`/`store` settings and `extra` tables.
+pub fn fleet_with(
+    dir: &Path,
+    n: usize,
+    seed: u64,
+    dup: f64,
+    framing: impl Fn(usize) -> Framing,
+    pipeline: &str,
+    store: &str,
+    extra: &str,
+) -> (Vec<SimDevice>, PathBuf) {
+    let mut devices = Vec::new();
+    let mut docks = Vec::new();
+    for i in 0..n {
+        let (d, p) = device(&format!("wrist-{i:02}"), framing(i), seed + i as u64, dup);
+        let f = if framing(i) == Framing::Jsonl { "jsonl" } else { "cobs" };
+        devices.push(d);
+        docks.push((format!("dock{i}"), p, f));
+    }
+    let ports: Vec<Port> = docks.iter().map(|(n, p, f)| Port { name: n, path: p, framing: f }).collect();
+    (devices, write_config_extra(dir, &ports, pipeline, store, extra))
+}
+
+/// Wait (resending) until every device has every reading acked.
+pub fn all_acked(devices: &mut [SimDevice], gw: &Gateway) {
+    for d in devices.iter_mut() {
+        let done = d.wait_all_acked(Duration::from_secs(60)).unwrap();
+        assert!(done, "not all acked: {:?}\n{}", d.stats(), gw.log_text());
+    }
 }

@@ -1,0 +1,360 @@
+//! The uplink against a real Mosquitto (Debian's 2.0.11 here): TLS with
+//! certificates made at test time, persistence on, a persistent QoS 2
+//! `mosquitto_sub` counting readings decoded from the payloads, simulated
+//! wearables on PTYs and the real binary, SIGKILLed where the test says so.
+
+mod common;
+use common::mosquitto::*;
+use common::*;
+use edge_gateway::config::Framing;
+use edge_gateway::sim::{SimDevice, XorShift};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PIPELINE: &str =
+    "batch_max_age = \"50ms\"\nbatch_max_readings = 200\ndedup_max_per_device = 200000\nack_gap_timeout = \"2s\"";
+const STORE: &str = "fsync_interval = \"50ms\"";
+const TOPIC: &str = "gateways/+/readings";
+
+fn upstream(m: &Mosquitto, ca: &Path, extra: &str) -> String {
+    format!(
+        "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nkeep_alive = \"5s\"\n{extra}\n",
+        m.tls_port,
+        ca.display().to_string()
+    )
+}
+
+/// Broker + subscriber + certs in `dir`.
+fn setup(dir: &Path, require_certificate: bool) -> (Certs, Mosquitto, Subscriber) {
+    let certs = make_certs(dir);
+    let m = Mosquitto::start(&dir.join("broker"), &certs, require_certificate);
+    let sub = Subscriber::start(m.plain_port, "test-sub", TOPIC, &dir.join("sub.out"));
+    (certs, m, sub)
+}
+
+/// Missing and duplicated readings at the reading level.
+fn missing_and_doubled(devices: &[SimDevice], got: &Received) -> (usize, usize, usize) {
+    let (mut missing, mut doubled, mut expected) = (0, 0, 0);
+    for d in devices {
+        for r in d.created() {
+            expected += 1;
+            match got.readings.get(&(r.device.clone(), r.sensor.clone(), r.seq.unwrap())) {
+                None => missing += 1,
+                Some(1) => {}
+                Some(_) => doubled += 1,
+            }
+        }
+    }
+    (expected, missing, doubled)
+}
+
+fn wait_delivered(sub: &Subscriber, devices: &[SimDevice], timeout: Duration) -> Received {
+    let want: usize = devices.iter().map(|d| d.created().len()).sum();
+    wait_received(sub, timeout, |r| r.readings.len() >= want)
+}
+
+fn stream(devices: &mut [SimDevice], steps: usize, pace: Duration) {
+    for _ in 0..steps {
+        for d in devices.iter_mut() {
+            d.send_next().unwrap();
+            d.resend_if_stalled().unwrap();
+        }
+        std::thread::sleep(pace);
+    }
+}
+
+fn gw_exited(gw: &mut Gateway) -> bool {
+    gw.child.try_wait().unwrap().is_some()
+}
+
+fn terminate(gw: Gateway) -> String {
+    let log = gw.log.clone();
+    let (code, _) = gw.terminate();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(0), "{text}");
+    text
+}
+
+fn summary_number(log: &str, pattern: &str) -> u64 {
+    let i = log.rfind(pattern).unwrap_or_else(|| panic!("{pattern:?} not in log:\n{log}"));
+    log[..i].split_whitespace().last().unwrap().parse().unwrap()
+}
+
+#[test]
+fn twenty_thousand_readings_exactly_once_through_five_sigkills_and_a_15s_broker_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, mut broker, sub) = setup(dir.path(), false);
+    let up = upstream(&broker, &certs.ca, "");
+    let (mut devices, cfg) = fleet_with(
+        dir.path(),
+        20,
+        300,
+        0.05,
+        |i| if i % 2 == 0 { Framing::Jsonl } else { Framing::Cobs },
+        PIPELINE,
+        STORE,
+        &up,
+    );
+    let mut gw = Gateway::start(&cfg);
+    let mut rng = XorShift::new(2026);
+    // 1,000 steps of 20 readings over ~25 s; 5 kills at random moments;
+    // the broker is down from 5 s to 20 s.
+    let start = Instant::now();
+    let mut kills: Vec<Duration> = (0..5).map(|_| Duration::from_millis(500 + rng.below(22_000))).collect();
+    kills.sort();
+    let (down_at, up_at) = (Duration::from_secs(5), Duration::from_secs(20));
+    let mut broker_down = false;
+    let mut logs = String::new();
+    for _ in 0..1000 {
+        stream(&mut devices, 1, Duration::from_millis(22));
+        let t = start.elapsed();
+        if kills.first().is_some_and(|k| t >= *k) {
+            kills.remove(0);
+            logs += &gw.log_text();
+            gw.kill9();
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            gw = Gateway::start(&cfg);
+        }
+        if !broker_down && t >= down_at && t < up_at {
+            broker.stop();
+            broker_down = true;
+        }
+        if broker_down && t >= up_at {
+            broker.restart();
+            broker_down = false;
+        }
+    }
+    assert!(kills.is_empty(), "the loop ended before every kill");
+    if broker_down {
+        broker.restart();
+    }
+    all_acked(&mut devices, &gw);
+    let got = wait_delivered(&sub, &devices, Duration::from_secs(120));
+    let log = logs + &terminate(gw);
+    let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
+    assert_eq!(expected, 20_000);
+    assert_eq!(
+        (missing, doubled),
+        (0, 0),
+        "of {expected} readings: {missing} missing, {doubled} duplicated\n{}",
+        log.lines().filter(|l| l.contains("uplink") || l.contains("upstream")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(got.total_readings, expected, "readings nobody sent arrived");
+    // Nothing is left in the queue.
+    assert_eq!(queue_status(&cfg)["batches"], 0);
+}
+
+#[test]
+fn a_60s_outage_with_50_000_readings_drains_everything_in_order_per_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, mut broker, sub) = setup(dir.path(), false);
+    let up = upstream(&broker, &certs.ca, "");
+    let (mut devices, cfg) =
+        fleet_with(dir.path(), 10, 500, 0.0, |_| Framing::Cobs, PIPELINE, "fsync_interval = \"50ms\"", &up);
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("upstream localhost")), "{}", gw.log_text());
+    broker.stop();
+    let down = Instant::now();
+    // 50,000 readings while the broker is away.
+    stream(&mut devices, 5000, Duration::from_millis(9));
+    all_acked(&mut devices, &gw);
+    let queued = queue_status(&cfg)["readings"].as_u64().unwrap();
+    assert!(queued >= 45_000, "the backlog is in the queue: {queued}");
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(down.elapsed()));
+    broker.restart();
+    // New readings keep flowing while the backlog drains.
+    stream(&mut devices, 300, Duration::from_millis(5));
+    all_acked(&mut devices, &gw);
+    let got = wait_delivered(&sub, &devices, Duration::from_secs(120));
+    let log = terminate(gw);
+    let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
+    assert_eq!(expected, 53_000);
+    assert_eq!((missing, doubled), (0, 0), "of {expected}: {missing} missing, {doubled} duplicated\n{log}");
+    for (dev, seqs) in &got.order {
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{dev} arrived out of order");
+    }
+}
+
+/// One device, 40 readings acked into the queue, with `upstream` as given.
+fn refused_case(dir: &Path, up: &str) -> (String, PathBuf) {
+    let (mut devices, cfg) = fleet_with(dir, 1, 9, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, up);
+    let gw = Gateway::start(&cfg);
+    stream(&mut devices, 40, Duration::from_millis(2));
+    all_acked(&mut devices, &gw);
+    // Several attempts (reconnect_min 100 ms, max 1 s).
+    std::thread::sleep(Duration::from_secs(3));
+    let log = terminate(gw);
+    (log, cfg)
+}
+
+#[test]
+fn wrong_ca_wrong_hostname_and_expired_client_cert_deliver_nothing_and_keep_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, broker, sub) = setup(dir.path(), false);
+    let strict = Mosquitto::start(&dir.path().join("strict"), &certs, true);
+    let cases = [
+        ("wrong-ca", upstream(&broker, &certs.other_ca, ""), "UnknownIssuer"),
+        (
+            "wrong-host",
+            upstream(&broker, &certs.ca, "").replace("mqtts://localhost", "mqtts://127.0.0.1"),
+            "not valid for name",
+        ),
+        (
+            "expired-client",
+            upstream(
+                &strict,
+                &certs.ca,
+                &format!("cert_file = {:?}\nkey_file = {:?}", certs.expired_cert, certs.expired_key),
+            ),
+            "CertificateExpired",
+        ),
+    ];
+    for (name, up, why) in cases {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (log, cfg) = refused_case(&d, &up);
+        let warned: Vec<&str> = log.lines().filter(|l| l.contains("cannot connect")).collect();
+        assert_eq!(warned.len(), 1, "{name}: one warning per attempt series, got:\n{log}");
+        eprintln!("{name}: {}", warned[0]);
+        assert!(warned[0].contains(why), "{name}: the log says why: {}", warned[0]);
+        assert!(summary_number(&log, "failed attempts") >= 2, "{name}: it kept trying\n{log}");
+        assert_eq!(queue_status(&cfg)["readings"], 40, "{name}: queue intact");
+        assert_eq!(queue_dump(&cfg).len(), 40);
+    }
+    assert!(sub.messages().is_empty(), "nothing may be delivered");
+}
+
+#[test]
+fn mutual_tls_delivers_to_a_broker_that_requires_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let broker = Mosquitto::start(&dir.path().join("broker"), &certs, true);
+    let sub = Subscriber::start(broker.plain_port, "mtls-sub", TOPIC, &dir.path().join("sub.out"));
+    let up = upstream(
+        &broker,
+        &certs.ca,
+        &format!("cert_file = {:?}\nkey_file = {:?}", certs.client_cert, certs.client_key),
+    );
+    let (mut devices, cfg) = fleet_with(dir.path(), 2, 11, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    let gw = Gateway::start(&cfg);
+    stream(&mut devices, 500, Duration::from_millis(1));
+    all_acked(&mut devices, &gw);
+    let got = wait_delivered(&sub, &devices, Duration::from_secs(30));
+    let log = terminate(gw);
+    assert_eq!(missing_and_doubled(&devices, &got), (1000, 0, 0), "{log}");
+}
+
+/// Retained value of `topic`, via mosquitto_sub on the plain listener.
+fn retained(port: u16, topic: &str) -> String {
+    let out = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-C", "1", "-W", "3"])
+        .output()
+        .expect("mosquitto_sub");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn last_will_says_offline_when_killed_and_online_after_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, broker, _sub) = setup(dir.path(), false);
+    let up = upstream(&broker, &certs.ca, "");
+    let (_devices, cfg) = fleet_with(dir.path(), 1, 1, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    let status = "gateways/test-gw/status";
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || retained(broker.plain_port, status) == "online"));
+    gw.kill9();
+    assert!(wait_until(Duration::from_secs(10), || retained(broker.plain_port, status) == "offline"));
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || retained(broker.plain_port, status) == "online"));
+    // A clean stop says offline too.
+    terminate(gw);
+    assert_eq!(retained(broker.plain_port, status), "offline");
+}
+
+/// Crash at `point` (its 3rd hit), restart at once, and check that every
+/// reading arrived exactly once.
+fn crash_at(point: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, broker, sub) = setup(dir.path(), false);
+    let up = upstream(&broker, &certs.ca, "");
+    let (mut devices, cfg) = fleet_with(dir.path(), 3, 77, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", &format!("{point}:3"))]);
+    let mut crashed = false;
+    for _ in 0..600 {
+        stream(&mut devices, 1, Duration::from_millis(3));
+        if !crashed && gw_exited(&mut gw) {
+            assert!(gw.log_text().contains(&format!("crash point {point} reached")), "{}", gw.log_text());
+            crashed = true;
+            gw = Gateway::start(&cfg);
+        }
+    }
+    assert!(crashed, "the gateway never reached {point}:\n{}", gw.log_text());
+    all_acked(&mut devices, &gw);
+    let got = wait_delivered(&sub, &devices, Duration::from_secs(30));
+    let log = terminate(gw);
+    let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
+    assert_eq!((missing, doubled), (0, 0), "{point}: of {expected}: {missing} missing, {doubled} duplicated\n{log}");
+}
+
+#[test]
+fn crash_after_pubrec_is_durable_but_before_pubrel() {
+    crash_at("after-pubrec-sync");
+}
+
+#[test]
+fn crash_after_pubcomp_before_the_ack_is_durable() {
+    crash_at("after-pubcomp-ack");
+}
+
+#[test]
+fn crash_after_writing_pubrec_before_its_fsync() {
+    crash_at("before-pubrec-sync");
+}
+
+#[test]
+fn a_broker_that_lost_its_sessions_gets_the_unfinished_batches_again_and_they_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, mut broker, sub) = setup(dir.path(), false);
+    // A database that knows only the subscriber's session: what a broker
+    // restarted without the gateway's session state looks like to us, while
+    // the test's subscriber still gets everything.
+    broker.stop();
+    let snapshot = dir.path().join("sub-only.db");
+    std::fs::copy(broker.db(), &snapshot).unwrap();
+    broker.restart();
+    let up = upstream(&broker, &certs.ca, "");
+    let (mut devices, cfg) = fleet_with(dir.path(), 3, 5, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    // Die right after a PUBREC is durable: the broker holds that batch, the
+    // gateway's log says "send PUBREL".
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", "after-pubrec-sync:2")]);
+    // (A device writing into a dock nobody reads blocks once the PTY buffer
+    // is full: stop streaming when the gateway is gone.)
+    for _ in 0..2000 {
+        if gw_exited(&mut gw) {
+            break;
+        }
+        stream(&mut devices, 1, Duration::from_millis(3));
+    }
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("crash point")), "{}", gw.log_text());
+    gw.kill9();
+    // Let the subscriber take what the broker already completed, then the
+    // broker loses every session but the subscriber's.
+    std::thread::sleep(Duration::from_secs(1));
+    broker.kill9();
+    std::fs::copy(&snapshot, broker.db()).unwrap();
+    broker.restart();
+    let gw = Gateway::start(&cfg);
+    all_acked(&mut devices, &gw);
+    let got = wait_delivered(&sub, &devices, Duration::from_secs(30));
+    let log = terminate(gw);
+    let (expected, missing, _) = missing_and_doubled(&devices, &got);
+    assert_eq!(missing, 0, "of {expected}: {missing} missing\n{log}");
+    assert!(summary_number(&log, "batches re-sent after a lost session") >= 1, "{log}");
+    // Whatever arrived twice arrived as the same batch: (gateway, batch) dedups it.
+    let per_batch_readings: usize = got.total_readings;
+    let dup_batches: usize = got.batches.values().filter(|&&n| n > 1).count();
+    assert!(per_batch_readings >= expected);
+    if per_batch_readings > expected {
+        assert!(dup_batches > 0, "duplicates that are not whole re-sent batches");
+    }
+}
