@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests drive for real, added as features need them
+# Debian packages the tests drive for real, installed only when missing
 # (serial tests need only the kernel's PTYs).
 need_apt=()
+command -v mosquitto >/dev/null || need_apt+=(mosquitto)          # upstream broker
+command -v mosquitto_sub >/dev/null || need_apt+=(mosquitto-clients) # test subscriber
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run $0" >&2
     exit 1

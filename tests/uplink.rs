@@ -294,6 +294,10 @@ fn crash_at(point: &str) {
     let log = terminate(gw);
     let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
     assert_eq!((missing, doubled), (0, 0), "{point}: of {expected}: {missing} missing, {doubled} duplicated\n{log}");
+    // The restart resumed the session and released what the crash left
+    // PUBREC'd with PUBREL, not with a second PUBLISH.
+    assert!(log.contains("session resumed"), "{log}");
+    assert!(summary_number(&log, "PUBREL re-sent") >= 1, "{point}: {log}");
 }
 
 #[test]

@@ -124,7 +124,10 @@ pub struct Uplink {
     /// Highest queue id pulled into `window`.
     cursor: u64,
     protocol: Protocol,
+    /// Last batch acked in the queue (in memory) by us.
     acked: u64,
+    /// The queue's durable head when we last looked.
+    durable: u64,
     last_commit: Instant,
     refusal_pause: Duration,
     rng: crate::sim::XorShift,
@@ -180,6 +183,7 @@ impl Uplink {
             cursor: head,
             protocol,
             acked: head,
+            durable: head,
             last_commit: Instant::now(),
             refusal_pause: REFUSAL_PAUSE,
             rng: crate::sim::XorShift::new(seed),
@@ -338,7 +342,9 @@ impl Uplink {
 
     /// Pull more committed records into the window, up to `limit` entries.
     fn fill(&mut self, limit: usize) -> Result<(), UplinkError> {
-        if self.window.len() >= limit {
+        // Nothing new committed since the last read: skip the lock (the
+        // pipeline holds it through its fsyncs).
+        if self.window.len() >= limit || self.cursor >= *self.commits.borrow_and_update() {
             return Ok(());
         }
         let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -428,12 +434,17 @@ impl Uplink {
             let now = Instant::now();
             let mut wake = now + Duration::from_secs(3600);
             if !keep_alive.is_zero() {
-                wake = wake.min(last_sent + keep_alive).min(last_heard + keep_alive + keep_alive / 2);
+                wake = wake.min(last_heard + keep_alive + keep_alive / 2);
+                if !ping_out {
+                    wake = wake.min(last_sent + keep_alive);
+                }
             }
-            if let Some(t) = self.window.iter().filter_map(|f| f.retry_at).min() {
+            // A retry that is due but waits for a free slot is woken by the
+            // ack that frees it, not by a timer (that would spin).
+            if let Some(t) = self.window.iter().filter_map(|f| f.retry_at).filter(|t| *t > now).min() {
                 wake = wake.min(t);
             }
-            if self.acked > self.durable_head_cached() {
+            if self.acked > self.durable {
                 wake = wake.min(self.last_commit + ACK_COMMIT_EVERY);
             }
             tokio::select! {
@@ -668,10 +679,6 @@ impl Uplink {
         }
     }
 
-    fn durable_head_cached(&self) -> u64 {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).durable_head()
-    }
-
     /// Make acks durable now and then (or now, when `force`), and drop
     /// PUBREC entries the durable ledger now covers.
     fn commit_acks(&mut self, force: bool) {
@@ -691,6 +698,7 @@ impl Uplink {
             }
             q.durable_head()
         };
+        self.durable = durable;
         if let Err(e) = self.log.forget_through(durable) {
             tracing::warn!("uplink: cannot compact uplink.pubrec: {e}");
         }
