@@ -1,0 +1,402 @@
+//! End to end at QoS 2, against the Mosquitto bridge as the baseline, in one go.
+//!
+//! (a) simulated wearables on PTYs → `edge-gateway` (release binary) → TLS,
+//!     QoS 2 → upstream Mosquitto;
+//! (b) `mosquitto_pub -l -q 2` publishers → a local Mosquitto bridged over
+//!     TLS at QoS 2 → the same upstream Mosquitto.
+//!
+//! A QoS 2 subscriber on the upstream broker (in this process, delivering at
+//! PUBREL like a careful consumer) counts readings decoded from payloads.
+//! Printed: readings/s delivered exactly once (unique readings over the time
+//! from the first write to the last receipt), lost and duplicated readings,
+//! p50/p99 latency from the device write to upstream receipt (a paced run
+//! below saturation), and peak RSS of the gateway / the local broker.
+//!
+//! `cargo bench --bench uplink`; without `--bench` (as under `cargo test`)
+//! a small smoke run.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use common::mosquitto::{Mosquitto, make_certs, need};
+use common::{Gateway, Port, write_config_extra};
+use edge_gateway::config::Framing;
+use edge_gateway::sim::{SimConfig, SimDevice, open_pty};
+use edge_gateway::uplink::codec::{self, Connect, Packet, Protocol};
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+type Inbox = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+
+fn full_run() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// A QoS 2 receiver that delivers at PUBREL (MQTT "method B").
+fn subscriber(port: u16, filters: &[&str], inbox: Inbox, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let filters: Vec<String> = filters.iter().map(|s| s.to_string()).collect();
+    std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("subscriber connect");
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut out = Vec::new();
+        codec::encode_connect(
+            &Connect {
+                protocol: Protocol::V311,
+                client_id: &format!("bench-sub-{}", std::process::id()),
+                keep_alive_secs: 0,
+                clean_start: true,
+                session_expiry_secs: 0,
+                will: None,
+                username: None,
+                password: None,
+            },
+            &mut out,
+        );
+        for (i, f) in filters.iter().enumerate() {
+            codec::encode_subscribe(Protocol::V311, i as u16 + 1, f, 2, &mut out);
+        }
+        s.write_all(&out).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut pending: HashMap<u16, Vec<u8>> = HashMap::new();
+        while !stop.load(Ordering::Relaxed) {
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+                Err(e) => panic!("subscriber: {e}"),
+            }
+            let now = Instant::now();
+            let mut used = 0;
+            out.clear();
+            while let Some((p, n)) = codec::decode(Protocol::V311, &buf[used..], 64 << 20).expect("decode") {
+                used += n;
+                match p {
+                    Packet::Publish(p) if p.qos == 2 => {
+                        pending.entry(p.pid).or_insert(p.payload);
+                        codec::encode_pubrec(p.pid, &mut out);
+                    }
+                    Packet::Publish(p) => {
+                        if p.qos == 1 {
+                            codec::encode_puback(p.pid, &mut out);
+                        }
+                        inbox.lock().unwrap().push((now, p.payload));
+                    }
+                    Packet::PubRel { pid, .. } => {
+                        if let Some(payload) = pending.remove(&pid) {
+                            inbox.lock().unwrap().push((now, payload));
+                        }
+                        codec::encode_pubcomp(pid, &mut out);
+                    }
+                    _ => {}
+                }
+            }
+            buf.drain(..used);
+            if !out.is_empty() {
+                s.write_all(&out).unwrap();
+            }
+        }
+    })
+}
+
+#[derive(Clone, Copy)]
+struct Outcome {
+    unique: usize,
+    lost: usize,
+    doubled: usize,
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    rss_kib: u64,
+}
+
+/// Wait until `expected` distinct readings came in, or nothing new for 5 s.
+fn settle(inbox: &Inbox, expected: usize, key_of: &dyn Fn(&[u8]) -> Vec<(String, u64)>) {
+    let mut last = (0, Instant::now());
+    loop {
+        let n = inbox.lock().unwrap().len();
+        let keys: HashSet<(String, u64)> = inbox.lock().unwrap().iter().flat_map(|(_, p)| key_of(p)).collect();
+        if keys.len() >= expected || last.1.elapsed() > Duration::from_secs(5) {
+            return;
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn outcome(
+    inbox: &Inbox,
+    sent_at: &HashMap<(String, u64), Instant>,
+    first: Instant,
+    key_of: &dyn Fn(&[u8]) -> Vec<(String, u64)>,
+    rss_kib: u64,
+) -> Outcome {
+    let msgs = inbox.lock().unwrap();
+    let mut seen: HashMap<(String, u64), usize> = HashMap::new();
+    let mut lat = Vec::new();
+    let mut last = first;
+    for (at, p) in msgs.iter() {
+        for k in key_of(p) {
+            let c = seen.entry(k.clone()).or_default();
+            *c += 1;
+            if *c == 1
+                && let Some(t) = sent_at.get(&k)
+            {
+                lat.push(at.saturating_duration_since(*t));
+                last = last.max(*at);
+            }
+        }
+    }
+    lat.sort();
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
+    };
+    let unique = seen.keys().filter(|k| sent_at.contains_key(*k)).count();
+    Outcome {
+        unique,
+        lost: sent_at.len() - unique,
+        doubled: seen.values().filter(|&&c| c > 1).count(),
+        rate: unique as f64 / (last - first).as_secs_f64().max(1e-9),
+        p50: pct(0.5),
+        p99: pct(0.99),
+        rss_kib,
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn batch_keys(p: &[u8]) -> Vec<(String, u64)> {
+    match edge_gateway::Batch::decode(p) {
+        Ok(b) => b.readings.into_iter().map(|r| (r.device, r.seq.unwrap_or(0))).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn line_keys(p: &[u8]) -> Vec<(String, u64)> {
+    match serde_json::from_slice::<serde_json::Value>(p) {
+        Ok(v) => vec![(v["device"].as_str().unwrap_or("").to_string(), v["seq"].as_u64().unwrap_or(0))],
+        Err(_) => Vec::new(),
+    }
+}
+
+/// (a) PTY devices → edge-gateway → upstream. `per_device` readings from
+/// each of `devices`; `pace` between rounds (zero = as fast as it goes).
+fn gateway_run(
+    dir: &Path,
+    upstream: &Mosquitto,
+    ca: &Path,
+    devices: usize,
+    per_device: u64,
+    pace: Duration,
+) -> Outcome {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let inbox: Inbox = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub = subscriber(upstream.plain_port, &["gateways/+/readings"], inbox.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sims = Vec::new();
+    let mut paths = Vec::new();
+    for i in 0..devices {
+        let pty = open_pty().unwrap();
+        paths.push(pty.slave_path.clone());
+        let mut c = SimConfig::new(&format!("wrist-{i:02}"), Framing::Cobs);
+        c.resend_after = Duration::from_secs(2);
+        sims.push(SimDevice::on_pty(c, pty).unwrap());
+    }
+    let ports: Vec<Port> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Port { name: Box::leak(format!("dock{i}").into_boxed_str()), path: p, framing: "cobs" })
+        .collect();
+    let up = format!(
+        "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\nmax_inflight = 20\n",
+        upstream.tls_port,
+        ca.display().to_string()
+    );
+    let cfg = write_config_extra(
+        dir,
+        &ports,
+        "batch_max_readings = 1000\nbatch_max_age = \"50ms\"\nformat = \"postcard\"\ndedup_max_per_device = 100000",
+        "fsync_interval = \"10ms\"",
+        &up,
+    );
+    let gw = Gateway::start_with_env(&cfg, &[("RUST_LOG", "warn")]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut sent_at = HashMap::new();
+    let first = Instant::now();
+    for _ in 0..per_device {
+        for d in sims.iter_mut() {
+            let r = d.send_next().unwrap();
+            sent_at.insert((r.device.clone(), r.seq.unwrap()), Instant::now());
+            d.resend_if_stalled().unwrap();
+        }
+        if !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
+    }
+    settle(&inbox, sent_at.len(), &batch_keys);
+    let rss = peak_rss_kib(gw.child.id());
+    let o = outcome(&inbox, &sent_at, first, &batch_keys, rss);
+    gw.terminate();
+    stop.store(true, Ordering::Relaxed);
+    sub.join().unwrap();
+    o
+}
+
+/// (b) `mosquitto_pub -l -q 2` → local Mosquitto bridged over TLS at QoS 2 → upstream.
+fn bridge_run(dir: &Path, upstream: &Mosquitto, ca: &Path, publishers: usize, per_pub: u64, pace: Duration) -> Outcome {
+    need("mosquitto_pub", "mosquitto-clients");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let port = common::mosquitto::free_port();
+    let conf = dir.join("bridge.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\nallow_anonymous true\nlistener {port} 127.0.0.1\n\
+             connection up\naddress localhost:{}\nbridge_cafile {}\ncleansession false\n\
+             topic readings/# out 2 \"\" bridge/\n",
+            upstream.tls_port,
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let mut broker = Command::new("mosquitto").arg("-c").arg(&conf).stderr(Stdio::null()).spawn().unwrap();
+    common::wait_until(Duration::from_secs(5), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let inbox: Inbox = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub = subscriber(upstream.plain_port, &["bridge/readings/#"], inbox.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut pubs: Vec<Child> = (0..publishers)
+        .map(|i| {
+            Command::new("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-q",
+                    "2",
+                    "-l",
+                    "-t",
+                    &format!("readings/wrist-{i:02}"),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sent_at = HashMap::new();
+    let first = Instant::now();
+    for seq in 0..per_pub {
+        for (i, p) in pubs.iter_mut().enumerate() {
+            let dev = format!("wrist-{i:02}");
+            let line = format!(
+                "{{\"device\":\"{dev}\",\"sensor\":\"heart_rate\",\"seq\":{seq},\"ts\":{},\"value\":72}}\n",
+                1_764_000_000_000u64 + seq
+            );
+            p.stdin.as_mut().unwrap().write_all(line.as_bytes()).unwrap();
+            sent_at.insert((dev, seq), Instant::now());
+        }
+        if !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
+    }
+    for p in pubs.iter_mut() {
+        drop(p.stdin.take()); // EOF: mosquitto_pub finishes its in-flight messages and exits
+    }
+    settle(&inbox, sent_at.len(), &line_keys);
+    let rss = peak_rss_kib(broker.id());
+    let o = outcome(&inbox, &sent_at, first, &line_keys, rss);
+    for mut p in pubs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let _ = broker.kill();
+    let _ = broker.wait();
+    stop.store(true, Ordering::Relaxed);
+    sub.join().unwrap();
+    o
+}
+
+fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    v.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap());
+    v[v.len() / 2].clone()
+}
+
+fn row(name: &str, o: &Outcome, base: f64) {
+    println!(
+        "| {name} | {} | {:.0} | {:.1}x | {} | {} | {:.1} | {:.1} | {:.1} |",
+        o.unique,
+        o.rate,
+        o.rate / base,
+        o.lost,
+        o.doubled,
+        o.p50.as_secs_f64() * 1e3,
+        o.p99.as_secs_f64() * 1e3,
+        o.rss_kib as f64 / 1024.0
+    );
+}
+
+fn main() {
+    need("mosquitto", "mosquitto");
+    let full = full_run();
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = make_certs(tmp.path());
+    let upstream = Mosquitto::start(&tmp.path().join("upstream"), &certs, false);
+    let runs = if full { 3 } else { 1 };
+    // Throughput: as fast as the producers go. Latency: a paced run.
+    let (dev, per_dev, pubs, per_pub) = if full { (20, 50_000, 20, 2_500) } else { (4, 500, 2, 200) };
+    let (lat_per_dev, lat_pace) = if full { (500, Duration::from_millis(2)) } else { (50, Duration::from_millis(2)) };
+
+    let mut bridge = Vec::new();
+    let mut gw = Vec::new();
+    for i in 0..runs {
+        bridge.push(bridge_run(&tmp.path().join(format!("b{i}")), &upstream, &certs.ca, pubs, per_pub, Duration::ZERO));
+        gw.push(gateway_run(&tmp.path().join(format!("g{i}")), &upstream, &certs.ca, dev, per_dev, Duration::ZERO));
+    }
+    let bridge_lat = bridge_run(&tmp.path().join("bl"), &upstream, &certs.ca, pubs, lat_per_dev / 4, lat_pace);
+    let gw_lat = gateway_run(&tmp.path().join("gl"), &upstream, &certs.ca, dev, lat_per_dev, lat_pace);
+    let b = median_by(bridge, |o| o.rate);
+    let g = median_by(gw, |o| o.rate);
+    println!(
+        "uplink bench ({}): median of {runs} throughput runs; latency from a paced run\n",
+        if full { "full" } else { "smoke" }
+    );
+    println!(
+        "| path | delivered | readings/s delivered once | vs bridge | lost | duplicated | p50 ms | p99 ms | peak RSS MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    row(&format!("bridge: {pubs} x mosquitto_pub -q 2 → Mosquitto → TLS QoS 2 bridge"), &b, b.rate);
+    row(&format!("edge-gateway: {dev} PTY devices → TLS QoS 2"), &g, b.rate);
+    row("bridge, paced (latency)", &bridge_lat, b.rate);
+    row("edge-gateway, paced (latency)", &gw_lat, b.rate);
+    println!(
+        "\n(gateway: batch_max_age 50ms, fsync_interval 10ms, postcard, max_inflight 20; {} readings per throughput run)",
+        dev as u64 * per_dev
+    );
+    if !full {
+        assert_eq!((g.lost, g.doubled), (0, 0), "the gateway lost or doubled readings");
+    }
+}
