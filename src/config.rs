@@ -589,6 +589,30 @@ fsync_interval = "100ms"
     }
 
     #[test]
+    fn upstream_defaults_and_checks() {
+        let up = |extra: &str| format!("{GOOD}\n[upstream]\nurl = \"mqtts://cloud.example:8884\"\n{extra}");
+        let c = Config::parse(&up(""), "gw.toml").unwrap();
+        let u = c.upstream.unwrap();
+        assert_eq!((u.qos, u.max_inflight, u.protocol), (2, 20, MqttProtocol::Auto));
+        assert_eq!(u.client_id_for("gw1"), "edge-gateway-gw1");
+        assert_eq!(
+            BrokerUrl::parse(&u.url).unwrap(),
+            BrokerUrl { tls: true, host: "cloud.example".into(), port: 8884 }
+        );
+        assert_eq!(BrokerUrl::parse("mqtt://[::1]").unwrap().port, 1883);
+        // Plaintext only by explicit opt-in, and the error names the key.
+        let plain = up("").replace("mqtts://", "mqtt://");
+        let e = err(&plain);
+        assert!(e.contains(": key `upstream.url`: ") && e.contains("allow_plaintext"), "{e}");
+        assert!(Config::parse(&format!("{plain}allow_plaintext = true\n"), "gw.toml").is_ok());
+        assert!(err(&up("qos = 0")).contains("key `upstream.qos`"));
+        assert!(err(&up("protocol = \"4\"")).contains("key `upstream.protocol`"));
+        assert!(err(&up("cert_file = \"c.pem\"")).contains("key `upstream.key_file`"));
+        assert!(err(&up("topic = \"a/#\"")).contains("key `upstream.topic`"));
+        assert!(err(&up("password = \"hunter2\"")).contains("unknown field `password`"));
+    }
+
+    #[test]
     fn syntax_errors_and_missing_sections() {
         let e = err("[gateway\nid = 1");
         assert!(e.starts_with("gw.toml:1:"), "{e}");

@@ -362,3 +362,43 @@ fn a_broker_that_lost_its_sessions_gets_the_unfinished_batches_again_and_they_ar
         assert!(dup_batches > 0, "duplicates that are not whole re-sent batches");
     }
 }
+
+#[test]
+fn qos_1_over_mqtt_3_1_1_delivers_every_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, broker, sub) = setup(dir.path(), false);
+    let up = upstream(&broker, &certs.ca, "qos = 1\nprotocol = \"3.1.1\"");
+    let (mut devices, cfg) = fleet_with(dir.path(), 2, 21, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    let gw = Gateway::start(&cfg);
+    stream(&mut devices, 500, Duration::from_millis(1));
+    all_acked(&mut devices, &gw);
+    let got = wait_delivered(&sub, &devices, Duration::from_secs(30));
+    let log = terminate(gw);
+    assert!(log.contains("MQTT 3.1.1"), "{log}");
+    assert_eq!(missing_and_doubled(&devices, &got), (1000, 0, 0), "{log}");
+    assert_eq!(queue_status(&cfg)["batches"], 0);
+}
+
+#[test]
+fn a_batch_over_the_brokers_maximum_packet_size_is_dropped_and_counted_not_retried_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let broker = Mosquitto::start_with(&dir.path().join("broker"), &certs, false, "max_packet_size 3000");
+    let sub = Subscriber::start(broker.plain_port, "size-sub", TOPIC, &dir.path().join("sub.out"));
+    let up = upstream(&broker, &certs.ca, "");
+    let (mut devices, cfg) = fleet_with(dir.path(), 1, 3, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    let gw = Gateway::start(&cfg);
+    // Small batches first (one reading each), then a burst that makes a ~10 KB batch.
+    for _ in 0..5 {
+        stream(&mut devices, 1, Duration::from_millis(150));
+    }
+    stream(&mut devices, 200, Duration::ZERO);
+    stream(&mut devices, 1, Duration::from_millis(300));
+    all_acked(&mut devices, &gw);
+    assert!(wait_until(Duration::from_secs(10), || queue_status(&cfg)["batches"] == 0), "queue not drained");
+    let log = terminate(gw);
+    assert!(log.contains("over the broker's maximum packet size"), "{log}");
+    assert!(summary_number(&log, "too large") >= 1, "{log}");
+    let got = decode_all(&sub.messages());
+    assert!(got.readings.len() >= 5, "the small batches went through: {}", got.readings.len());
+}

@@ -86,6 +86,11 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Start on free ports in `dir` (which holds the config, log and database).
     pub fn start(dir: &Path, certs: &Certs, require_certificate: bool) -> Mosquitto {
+        Self::start_with(dir, certs, require_certificate, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` global config lines.
+    pub fn start_with(dir: &Path, certs: &Certs, require_certificate: bool, extra: &str) -> Mosquitto {
         need("mosquitto", "mosquitto");
         std::fs::create_dir_all(dir).unwrap();
         let (tls_port, plain_port) = (free_port(), free_port());
@@ -93,7 +98,7 @@ impl Mosquitto {
         let text = format!(
             "per_listener_settings false\nallow_anonymous true\nuser root\n\
              persistence true\npersistence_location {db}/\nautosave_interval 1\n\
-             max_queued_messages 1000000\n\
+             max_queued_messages 1000000\n{extra}\n\
              log_dest file {db}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
              listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate {req}\n\
              listener {plain_port} 127.0.0.1\n",
