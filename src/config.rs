@@ -254,13 +254,22 @@ impl BrokerUrl {
             return Err(format!("{url:?} must start with mqtts:// (or mqtt:// with allow_plaintext = true)"));
         };
         let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                (h, p.parse::<u16>().map_err(|_| format!("bad port {p:?} in {url:?}"))?)
+        let default_port = if tls { 8883 } else { 1883 };
+        let port_of = |p: &str| p.parse::<u16>().map_err(|_| format!("bad port {p:?} in {url:?}"));
+        // `[v6 address]:port`, `host:port`, or either without the port.
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, tail) = v6.split_once(']').ok_or_else(|| format!("unclosed '[' in {url:?}"))?;
+            match tail.strip_prefix(':') {
+                Some(p) => (h, port_of(p)?),
+                None if tail.is_empty() => (h, default_port),
+                None => return Err(format!("bad host in {url:?}")),
             }
-            _ => (rest, if tls { 8883 } else { 1883 }),
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, port_of(p)?),
+                None => (rest, default_port),
+            }
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') || host.contains('@') {
             return Err(format!("bad host in {url:?}; use mqtts://host:port"));
         }
