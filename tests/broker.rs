@@ -365,6 +365,12 @@ fn hostile_clients_do_not_keep_normal_clients_out() {
     assert!(!keys.keys().any(|(d, ..)| d == "site2-w1" || d == "big-01"), "{keys:?}");
     let log = gw.log_text();
     assert!(!log.contains("good-pass") && !log.contains("bad-pass"), "no secrets in the log");
+    assert!(log.contains("over max_payload; disconnected"), "{log}");
+    assert!(log.contains("may not publish to \"sensors/site2-w1/hr\""), "{log}");
+    assert!(log.contains("no CONNECT within connect_timeout") || log.contains("closed before CONNECT"), "{log}");
+    if std::env::var_os("SHOW_LOG").is_some() {
+        eprintln!("{log}");
+    }
     gw.terminate();
 }
 

@@ -243,6 +243,7 @@ impl Broker {
             connect_timeout: b.connect_timeout,
             max_payload: b.max_payload as usize,
             metrics,
+            refusal_log: Default::default(),
         });
         let mut listeners = JoinSet::new();
         let mut local_addrs = Vec::new();

@@ -69,6 +69,8 @@ pub struct Shared {
     pub connect_timeout: Duration,
     pub max_payload: usize,
     pub metrics: Arc<Metrics>,
+    /// When a refusal was last logged at info, and how many were not since.
+    pub refusal_log: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 /// Accept on `listener` until shutdown, then close every connection it made.
@@ -242,9 +244,20 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
     drop(slot);
 }
 
+/// Count a refused connection; log it at debug, and at info at most once a
+/// second (an attack must not flood the journal).
 fn refused(shared: &Shared, listener: &str, peer: SocketAddr, why: &str) {
     Metrics::inc(&shared.metrics.broker_refused);
-    info!("broker {listener}: refused {peer}: {why}");
+    debug!("broker {listener}: refused {peer}: {why}");
+    let mut log = shared.refusal_log.lock().unwrap_or_else(|e| e.into_inner());
+    if log.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        log.1 += 1;
+        return;
+    }
+    let more = std::mem::take(&mut log.1);
+    log.0 = Some(std::time::Instant::now());
+    let more = if more > 0 { format!(" ({more} more refused since the last report)") } else { String::new() };
+    info!("broker {listener}: refused {peer}: {why}{more}");
 }
 
 async fn write_connack(client: &mut Box<dyn Io>, v5: bool, code: ConnectReturnCode) -> std::io::Result<()> {
