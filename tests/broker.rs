@@ -424,3 +424,43 @@ fn a_disabled_broker_listens_nowhere() {
     assert!(ports.contains(&port) && ports.len() == 3, "{ports:?}");
     gw.terminate();
 }
+
+#[test]
+fn websocket_clients_publish_too_even_after_a_stalled_handshake() {
+    use async_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config(
+        dir.path(),
+        &[],
+        &format!("enabled = true\nwebsocket = \"127.0.0.1:{port}\"\nallow_anonymous = true\nconnect_timeout = \"2s\""),
+    );
+    let gw = start(&cfg);
+    // A client that opens the TCP connection and never sends its HTTP upgrade.
+    let stalled = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = format!("ws://127.0.0.1:{port}/mqtt").into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut ws, _) = tungstenite::client(req, sock).expect("WebSocket handshake while another one stalls");
+    let read_binary = |ws: &mut tungstenite::WebSocket<TcpStream>| loop {
+        match ws.read().expect("ws read") {
+            Message::Binary(b) => return b.to_vec(),
+            _ => continue,
+        }
+    };
+    ws.send(Message::Binary(connect_packet("ws-client", None).into())).unwrap();
+    assert_eq!(&read_binary(&mut ws)[..4], &[0x20, 2, 0, 0], "CONNACK accepted");
+    let topic = b"sensors/ws-01/hr";
+    let payload = br#"{"seq":1,"value":70}"#;
+    let mut publish = vec![0x32, (2 + topic.len() + 2 + payload.len()) as u8, 0, topic.len() as u8];
+    publish.extend_from_slice(topic);
+    publish.extend_from_slice(&[0, 7]);
+    publish.extend_from_slice(payload);
+    ws.send(Message::Binary(publish.into())).unwrap();
+    assert_eq!(read_binary(&mut ws), vec![0x40, 2, 0, 7], "PUBACK");
+    let ok = wait_until(Duration::from_secs(10), || queued_keys(&cfg).contains_key(&("ws-01".into(), "hr".into(), 1)));
+    assert!(ok, "{}", gw.log_text());
+    drop(stalled);
+    gw.terminate();
+}
