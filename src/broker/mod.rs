@@ -55,7 +55,7 @@ use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -73,6 +73,11 @@ const REPUBLISH_CHANNEL: usize = 8192;
 /// readings/s) before rumqttd skips messages for it.
 const SEGMENT_BYTES: usize = 1 << 20;
 const SEGMENT_COUNT: usize = 8;
+/// How far (topic + payload bytes) the ingest task may lag behind what the
+/// front door let into the ingest topics before the front door stops reading
+/// from publishers: well inside rumqttd's retention above, so rumqttd never
+/// skips a LAN reading; TCP pushes back on the devices instead.
+const INGEST_LAG_LIMIT: u64 = 2 << 20;
 /// Consecutive CONNECTs the internal server left unanswered before it is restarted.
 const INTERNAL_FAILURES_BEFORE_RESTART: u32 = 3;
 const INTERNAL_USER: &str = "edge-gateway-proxy";
@@ -132,6 +137,76 @@ impl Internal {
             self.failures.store(0, Ordering::Relaxed);
             self.restart.notify_waiters();
         }
+    }
+}
+
+/// Flow control between the front door and the ingest task.
+///
+/// rumqttd acks a PUBLISH once it is in its in-memory log and drops the
+/// oldest log segment when the log is full, whether or not every subscriber
+/// has read it; it has no backpressure from a slow subscriber to the
+/// publishers. So the front door counts what it lets into the ingest topics,
+/// the ingest task counts what it took, and publishers wait while the
+/// difference is over [`INGEST_LAG_LIMIT`].
+///
+/// The two counts can drift apart (a PUBLISH rumqttd refused, a QoS 2
+/// resend it deduplicated): when publishers are held back while the ingest
+/// task sits waiting for the router with nothing to take, the difference is
+/// not real, and it is forgotten.
+pub struct Flow {
+    admitted: AtomicU64,
+    taken: AtomicU64,
+    limit: u64,
+    room: Notify,
+    /// The ingest task is waiting for rumqttd (not busy, not held by the pipeline).
+    idle: AtomicBool,
+}
+
+impl Flow {
+    pub fn new(limit: u64) -> Flow {
+        Flow {
+            admitted: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+            limit,
+            room: Notify::new(),
+            idle: AtomicBool::new(true),
+        }
+    }
+
+    pub fn lag(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed).saturating_sub(self.taken.load(Ordering::Relaxed))
+    }
+
+    /// Wait until there is room, then count `bytes` as admitted.
+    pub async fn admit(&self, bytes: u64) {
+        let mut idle_polls = 0;
+        while self.lag() >= self.limit {
+            // The timeout covers a wake-up that raced with the check.
+            if tokio::time::timeout(Duration::from_millis(5), self.room.notified()).await.is_err()
+                && self.idle.load(Ordering::Relaxed)
+            {
+                idle_polls += 1;
+                if idle_polls >= 10 {
+                    self.admitted.store(self.taken.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            } else {
+                idle_polls = 0;
+            }
+        }
+        self.admitted.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The ingest task took `bytes`.
+    pub fn taken(&self, bytes: u64) {
+        self.taken.fetch_add(bytes, Ordering::Relaxed);
+        if self.lag() < self.limit {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// The ingest task waits for rumqttd (true) or works (false).
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::Relaxed);
     }
 }
 
@@ -224,7 +299,15 @@ impl Broker {
         .map_err(|e| BrokerError::Internal(e.to_string()))?
         .map_err(BrokerError::Internal)?;
 
-        let ingest_task = tokio::spawn(crate::source::lan::run(link_rx, ingest, tx, metrics.clone(), stop.subscribe()));
+        let flow = Arc::new(Flow::new(INGEST_LAG_LIMIT));
+        let ingest_task = tokio::spawn(crate::source::lan::run(
+            link_rx,
+            ingest.clone(),
+            flow.clone(),
+            tx,
+            metrics.clone(),
+            stop.subscribe(),
+        ));
 
         let (rp_tx, rp_rx) = mpsc::channel(REPUBLISH_CHANNEL);
         let publisher = {
@@ -244,6 +327,8 @@ impl Broker {
             max_payload: b.max_payload as usize,
             metrics,
             refusal_log: Default::default(),
+            ingest,
+            flow,
         });
         let mut listeners = JoinSet::new();
         let mut local_addrs = Vec::new();

@@ -71,6 +71,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// When a refusal was last logged at info, and how many were not since.
     pub refusal_log: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+    /// PUBLISHes to these topics wait for room in `flow`.
+    pub ingest: super::topic::TopicPattern,
+    pub flow: Arc<super::Flow>,
 }
 
 /// Accept on `listener` until shutdown, then close every connection it made.
@@ -227,7 +230,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
     }
     Metrics::inc(&shared.metrics.broker_connections);
     debug!("broker {name}: {peer} connected as {client_id:?}");
-    let why = relay(&mut client, &mut up, buf, &publish, shared.max_payload + PUBLISH_OVERHEAD).await;
+    let why = relay(&mut client, &mut up, buf, &publish, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
     Metrics::sub(&shared.metrics.broker_connections, 1);
     match why {
         End::Closed => debug!("broker {name}: {client_id:?} ({peer}) disconnected"),
@@ -284,6 +287,8 @@ async fn relay(
     up: &mut TcpStream,
     mut buf: BytesMut,
     publish: &Option<Arc<[String]>>,
+    shared: &Shared,
+    v5: bool,
     max_packet: usize,
 ) -> End {
     let (mut up_r, mut up_w) = up.split();
@@ -307,12 +312,15 @@ async fn relay(
                         }
                         let packet = buf.split_to(total);
                         if packet[0] >> 4 == 3
-                            && publish.is_some()
                             && let Some(topic) = publish_topic(&packet[header..])
-                            && !topic.is_empty()
-                            && !auth::may_publish(publish, topic)
                         {
-                            return End::Denied(topic.to_string());
+                            if !topic.is_empty() && !auth::may_publish(publish, topic) {
+                                return End::Denied(topic.to_string());
+                            }
+                            if shared.ingest.matches(topic).is_some() {
+                                let bytes = topic.len() + publish_payload_len(&packet, header, v5);
+                                shared.flow.admit(bytes as u64).await;
+                            }
                         }
                         if up_w.write_all(&packet).await.is_err() {
                             return End::Closed;
@@ -358,6 +366,27 @@ fn frame_len(b: &[u8]) -> Frame {
 fn publish_topic(body: &[u8]) -> Option<&str> {
     let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
     std::str::from_utf8(body.get(2..2 + n)?).ok()
+}
+
+/// Payload length of a whole PUBLISH packet whose fixed header is `header` bytes.
+fn publish_payload_len(packet: &[u8], header: usize, v5: bool) -> usize {
+    let qos = (packet[0] >> 1) & 3;
+    let topic = u16::from_be_bytes([packet[header], packet[header + 1]]) as usize;
+    let mut at = header + 2 + topic + if qos > 0 { 2 } else { 0 };
+    if v5 {
+        // Properties: a variable byte integer length, then that many bytes.
+        let mut len = 0usize;
+        for i in 0..4 {
+            let Some(&b) = packet.get(at) else { return 0 };
+            at += 1;
+            len |= ((b & 0x7f) as usize) << (7 * i);
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        at += len;
+    }
+    packet.len().saturating_sub(at)
 }
 
 /// Read one whole packet into a fresh buffer (extra bytes stay in `buf`).
@@ -430,5 +459,10 @@ mod tests {
         assert!(matches!(frame_len(&[0x30, 0xff, 0xff, 0xff, 0xff]), Frame::Bad));
         assert_eq!(publish_topic(&[0, 3, b'a', b'/', b'b', 1, 2]), Some("a/b"));
         assert_eq!(publish_topic(&[0, 9, b'a']), None);
+        // QoS 1 PUBLISH "a/b", id 7, payload "xyz"; then the same in MQTT 5 with 2 property bytes.
+        let v4 = [0x32, 10, 0, 3, b'a', b'/', b'b', 0, 7, b'x', b'y', b'z'];
+        assert_eq!(publish_payload_len(&v4, 2, false), 3);
+        let v5 = [0x32, 13, 0, 3, b'a', b'/', b'b', 0, 7, 2, 0x23, 1, b'x', b'y', b'z'];
+        assert_eq!(publish_payload_len(&v5, 2, true), 3);
     }
 }

@@ -12,7 +12,12 @@
 //! says where that leaves the window.
 //!
 //! Malformed payloads are counted per topic ([`Metrics::topic`]) and skipped.
+//!
+//! Each message taken is reported to [`Flow`], which holds LAN publishers
+//! back in the front door while this task is behind (rumqttd itself would
+//! drop what a slow subscriber has not read yet).
 
+use crate::broker::Flow;
 use crate::broker::topic::TopicPattern;
 use crate::metrics::Metrics;
 use crate::reading::{Incoming, PortId, now_ms};
@@ -41,16 +46,17 @@ const DRAIN_QUIET: Duration = Duration::from_millis(150);
 pub async fn run(
     mut link: LinkRx,
     pattern: TopicPattern,
+    flow: Arc<Flow>,
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut ingest = Ingest { pattern, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
+    let mut ingest = Ingest { pattern, flow, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
     loop {
         tokio::select! {
             biased;
             _ = shutdown::wait(&mut stop) => break,
-            n = link.next() => match n {
+            n = idle_next(&ingest.flow, &mut link) => match n {
                 Ok(Some(n)) => {
                     if !ingest.take(&mut link, n).await {
                         return;
@@ -75,8 +81,17 @@ pub async fn run(
     info!("broker: LAN ingest stopped ({drained} notifications drained)");
 }
 
+/// `link.next()`, telling [`Flow`] while it waits for rumqttd.
+async fn idle_next(flow: &Flow, link: &mut LinkRx) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+    flow.set_idle(true);
+    let n = link.next().await;
+    flow.set_idle(false);
+    n
+}
+
 struct Ingest {
     pattern: TopicPattern,
+    flow: Arc<Flow>,
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     topics: HashSet<String>,
@@ -99,6 +114,8 @@ impl Ingest {
             _ => return true,
         };
         let topic = String::from_utf8_lossy(&publish.topic);
+        // Counted as taken once handed over (or skipped), below.
+        let bytes = (publish.topic.len() + publish.payload.len()) as u64;
         let key = self.counter_key(&topic);
         let parsed = match self.pattern.matches(&topic) {
             Some((device, sensor)) => {
@@ -109,9 +126,12 @@ impl Ingest {
         match parsed {
             Ok((reading, ts_from_device)) => {
                 self.metrics.topic(&key, |c| c.readings += 1);
-                self.tx.send(Incoming { reading, ts_from_device, port: LAN_PORT }).await.is_ok()
+                let sent = self.tx.send(Incoming { reading, ts_from_device, port: LAN_PORT }).await.is_ok();
+                self.flow.taken(bytes);
+                sent
             }
             Err(e) => {
+                self.flow.taken(bytes);
                 self.metrics.topic(&key, |c| c.malformed += 1);
                 let now = Instant::now();
                 if self.last_log.is_some_and(|t| now.duration_since(t) < MALFORMED_LOG_INTERVAL) {
