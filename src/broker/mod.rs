@@ -585,6 +585,26 @@ fn status_json(s: &StatusSource, m: &Metrics) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn flow_holds_publishers_while_ingest_lags_and_forgets_phantom_lag() {
+        let flow = Arc::new(Flow::new(100));
+        flow.set_idle(false);
+        flow.admit(60).await;
+        flow.admit(60).await; // lag 120 >= 100: the next one waits
+        let f = flow.clone();
+        let waiting = tokio::spawn(async move { f.admit(10).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "held while the busy ingest lags");
+        flow.taken(60);
+        waiting.await.unwrap();
+        assert_eq!(flow.lag(), 70);
+        // 200 bytes rumqttd never delivered: once ingest is idle, the lag is forgotten.
+        flow.admit(200).await;
+        flow.set_idle(true);
+        tokio::time::timeout(Duration::from_secs(1), flow.admit(1)).await.expect("phantom lag forgotten");
+        assert_eq!(flow.lag(), 1);
+    }
+
     #[test]
     fn client_ids_escape_one_to_one() {
         assert_eq!(escape_client_id("site1/dev1"), "site1%2Fdev1");
