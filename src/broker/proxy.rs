@@ -168,6 +168,13 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
             return refused(&shared, name, peer, "no username and allow_anonymous = false");
         }
     };
+    // rumqttd publishes the will itself: it must obey the same prefixes.
+    if let Some(w) = &will
+        && !auth::may_publish(&publish, &String::from_utf8_lossy(&w.topic))
+    {
+        let _ = write_connack(&mut client, v5, ConnectReturnCode::NotAuthorized).await;
+        return refused(&shared, name, peer, "will topic outside the user's publish prefixes");
+    }
     let Ok(slot) = shared.connections.clone().try_acquire_owned() else {
         let code = if v5 { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
         let _ = write_connack(&mut client, v5, code).await;
