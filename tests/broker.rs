@@ -362,6 +362,23 @@ fn hostile_clients_do_not_keep_normal_clients_out() {
             .unwrap();
     assert!(!will.status.success(), "a will outside the prefixes is refused");
 
+    // MQTT 5 clients take the same door (their CONNECT is re-encoded for rumqttd's v5 listener).
+    let v5 = pub_args(port, &["-V", "5", "-t", "sensors/v5-01/hr", "-q", "1", "-m", "{\"seq\":1,\"value\":1}"])
+        .args(auth)
+        .output()
+        .unwrap();
+    assert!(v5.status.success(), "MQTT 5 client: {}", String::from_utf8_lossy(&v5.stderr));
+    let v5_wrong =
+        pub_args(port, &["-V", "5", "-t", "sensors/v5-01/hr", "-m", "{\"value\":1}", "-u", "dev", "-P", "no"])
+            .output()
+            .unwrap();
+    assert!(!v5_wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&v5_wrong.stderr).to_lowercase().contains("bad user name or password"),
+        "{v5_wrong:?}"
+    );
+    normal("MQTT 5 clients");
+
     let ok = wait_until(Duration::from_secs(10), || {
         let k = queued_keys(&cfg);
         k.keys().filter(|(d, ..)| d == "normal").count() == seq as usize
@@ -371,6 +388,7 @@ fn hostile_clients_do_not_keep_normal_clients_out() {
     assert!(keys.contains_key(&("site1-w1".into(), "hr".into(), 1)));
     assert!(keys.contains_key(&("tls-01".into(), "hr".into(), 1)));
     assert!(keys.contains_key(&("dup-id".into(), "hr".into(), 1)));
+    assert!(keys.contains_key(&("v5-01".into(), "hr".into(), 1)));
     assert!(!keys.keys().any(|(d, ..)| d == "site2-w1" || d == "big-01"), "{keys:?}");
     let log = gw.log_text();
     assert!(!log.contains("good-pass") && !log.contains("bad-pass"), "no secrets in the log");
