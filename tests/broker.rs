@@ -491,3 +491,31 @@ fn websocket_clients_publish_too_even_after_a_stalled_handshake() {
     drop(stalled);
     gw.terminate();
 }
+
+#[test]
+fn a_wedged_internal_listener_is_restarted() {
+    need("mosquitto_pub", "mosquitto-clients");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config(dir.path(), &[], &format!("enabled = true\ntcp = \"127.0.0.1:{port}\"\nallow_anonymous = true"));
+    // Debug-build hook: client ids reach rumqttd unescaped, so its #1062 bites for real.
+    let gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_BROKER_RAW_CLIENT_IDS", "1")]);
+    assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains("broker: ingest")), "{}", gw.log_text());
+    assert!(normal_client(port, &[], "before", 1));
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&connect_packet("site1/dev1", None)).unwrap();
+        assert_ne!(connack_code(&mut s), Some(0), "rumqttd refuses the id");
+    }
+    // rumqttd's listener is wedged now: it panics on every CONNECT.
+    assert!(!normal_client(port, &[], "wedged", 1), "bare rumqttd 0.20 refuses everyone after #1062");
+    // The supervisor restarts it on a new port; clients get in again.
+    let mut seq = 0;
+    let back = wait_until(Duration::from_secs(10), || {
+        seq += 1;
+        normal_client(port, &[], "after", seq)
+    });
+    assert!(back, "{}", gw.log_text());
+    assert!(gw.log_text().contains("internal listener stopped answering; restarting it"));
+    gw.terminate();
+}

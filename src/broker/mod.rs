@@ -112,6 +112,13 @@ pub fn escape_client_id(id: &str) -> String {
     out
 }
 
+/// Debug builds only: `EDGE_GATEWAY_BROKER_RAW_CLIENT_IDS=1` hands client ids
+/// to rumqttd unescaped, so a test can wedge it for real (#1062) and watch
+/// the supervisor restart it. A release binary ignores the variable.
+fn raw_client_ids() -> bool {
+    cfg!(debug_assertions) && std::env::var_os("EDGE_GATEWAY_BROKER_RAW_CLIENT_IDS").is_some()
+}
+
 /// The internal rumqttd servers, as the proxy sees them.
 pub struct Internal {
     v4: AtomicU16,
@@ -329,6 +336,7 @@ impl Broker {
             refusal_log: Default::default(),
             ingest,
             flow,
+            escape_ids: !raw_client_ids(),
         });
         let mut listeners = JoinSet::new();
         let mut local_addrs = Vec::new();

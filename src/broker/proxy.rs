@@ -74,6 +74,8 @@ pub struct Shared {
     /// PUBLISHes to these topics wait for room in `flow`.
     pub ingest: super::topic::TopicPattern,
     pub flow: Arc<super::Flow>,
+    /// False only in a debug build told to (see `raw_client_ids`).
+    pub escape_ids: bool,
 }
 
 /// Accept on `listener` until shutdown, then close every connection it made.
@@ -184,7 +186,9 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
 
     // The CONNECT rumqttd will see.
     let client_id = connect.client_id.clone();
-    connect.client_id = escape_client_id(&connect.client_id);
+    if shared.escape_ids {
+        connect.client_id = escape_client_id(&connect.client_id);
+    }
     if connect.keep_alive == 0 {
         connect.keep_alive = u16::MAX;
     }
