@@ -63,13 +63,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(INGEST_CHANNEL);
     // The broker first: a taken port must stop start-up before anything runs.
     let mut broker = None;
+    // LAN readings' port id: their acks come back after the serial ports'.
+    let lan_port = cfg.serial.len();
+    let mut lan_acks = None;
     if cfg.broker.enabled {
+        let (ack_tx, ack_rx) = mpsc::channel(1024);
+        lan_acks = Some(ack_tx);
         let status = StatusSource {
             gateway: cfg.gateway.id.clone(),
             queue: pipeline.queue_handle(),
             upstream_configured: cfg.upstream.is_some(),
         };
-        let b = Broker::start(&cfg, tx.clone(), metrics.clone(), status)
+        let b = Broker::start(&cfg, tx.clone(), lan_port, ack_rx, metrics.clone(), status)
             .await
             .context("cannot start the embedded MQTT broker")?;
         if !cfg.broker.republish.is_empty()
@@ -92,6 +97,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             metrics.clone(),
             sources_stop.subscribe(),
         ));
+    }
+    if let Some(ack_tx) = lan_acks {
+        debug_assert_eq!(ack_routes.len(), lan_port);
+        ack_routes.push(ack_tx);
     }
     // Held until the end: the pipeline must outlive its sources, even when
     // there are none (a gateway with no ports still owns its queue).

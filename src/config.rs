@@ -189,6 +189,19 @@ pub struct BrokerConfig {
     /// A client must finish its TLS/WebSocket handshake and send CONNECT within this.
     #[serde(deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// When a LAN device's QoS 1/2 reading is acknowledged (PUBACK / PUBCOMP).
+    pub ack: BrokerAck,
+}
+
+/// `broker.ack`: when LAN devices get their PUBACK (QoS 1) or PUBCOMP (QoS 2).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerAck {
+    /// As soon as the broker has the message in memory (fast; see README for the window).
+    #[default]
+    Received,
+    /// Once the reading is fsynced in the queue (readings with a `seq`), like serial acks.
+    Durable,
 }
 
 impl Default for BrokerConfig {
@@ -210,6 +223,7 @@ impl Default for BrokerConfig {
             status_topic: "gateway/status".into(),
             status_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            ack: BrokerAck::Received,
         }
     }
 }

@@ -48,7 +48,7 @@ pub mod topic;
 use crate::config::{BrokerConfig, Config};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
-use crate::reading::{Incoming, Reading};
+use crate::reading::{Ack, Incoming, PortId, Reading};
 use crate::shutdown::{self, Shutdown};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
@@ -217,6 +217,43 @@ impl Flow {
     }
 }
 
+/// The pipeline's acks for LAN devices: `(device, seq)` is durable once an
+/// ack for the device with a seq at least as high came back (acks are
+/// cumulative). The front door waits on this before it forwards a PUBACK
+/// or PUBCOMP when `broker.ack = "durable"`.
+#[derive(Default)]
+pub struct Durable {
+    acked: Mutex<std::collections::HashMap<String, u64>>,
+    changed: Notify,
+}
+
+impl Durable {
+    pub fn acked(&self, ack: &Ack) {
+        let mut m = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(ack.device.clone()).or_insert(0);
+        *e = (*e).max(ack.seq);
+        drop(m);
+        self.changed.notify_waiters();
+    }
+
+    fn is_durable(&self, device: &str, seq: u64) -> bool {
+        self.acked.lock().unwrap_or_else(|e| e.into_inner()).get(device).is_some_and(|s| *s >= seq)
+    }
+
+    /// Wait until `(device, seq)` is durable.
+    pub async fn wait(&self, device: &str, seq: u64) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_durable(device, seq) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 /// What the status message reports, gathered on the publish thread.
 pub struct StatusSource {
     pub gateway: String,
@@ -229,6 +266,7 @@ pub struct Broker {
     stop: Shutdown,
     listeners: JoinSet<()>,
     ingest: tokio::task::JoinHandle<()>,
+    acks: tokio::task::JoinHandle<()>,
     internal: Option<std::thread::JoinHandle<()>>,
     publisher: Option<std::thread::JoinHandle<()>>,
     /// For the pipeline: every accepted reading goes here (see
@@ -241,9 +279,13 @@ pub struct Broker {
 impl Broker {
     /// Bind the listeners (failing with the port named if one is taken),
     /// start rumqttd and the ingest and publish sides.
+    /// LAN readings reach the pipeline as coming from `port`; the pipeline's
+    /// acks for them come back on `acks`.
     pub async fn start(
         cfg: &Config,
         tx: mpsc::Sender<Incoming>,
+        port: PortId,
+        acks: mpsc::Receiver<Ack>,
         metrics: Arc<Metrics>,
         status: StatusSource,
     ) -> Result<Broker, BrokerError> {
@@ -311,6 +353,7 @@ impl Broker {
             link_rx,
             ingest.clone(),
             flow.clone(),
+            port,
             tx,
             metrics.clone(),
             stop.subscribe(),
@@ -325,6 +368,17 @@ impl Broker {
                 .map_err(|e| BrokerError::Internal(format!("cannot start its thread: {e}")))?
         };
 
+        // Ends when the pipeline, the route's only sender, is gone.
+        let durable = Arc::new(Durable::default());
+        let ack_task = {
+            let (durable, mut acks) = (durable.clone(), acks);
+            tokio::spawn(async move {
+                while let Some(ack) = acks.recv().await {
+                    durable.acked(&ack);
+                }
+            })
+        };
+
         let shared = Arc::new(proxy::Shared {
             users,
             internal,
@@ -337,6 +391,7 @@ impl Broker {
             ingest,
             flow,
             escape_ids: !raw_client_ids(),
+            durable: (b.ack == crate::config::BrokerAck::Durable).then_some(durable),
         });
         let mut listeners = JoinSet::new();
         let mut local_addrs = Vec::new();
@@ -364,6 +419,7 @@ impl Broker {
             stop,
             listeners,
             ingest: ingest_task,
+            acks: ack_task,
             internal: Some(internal_thread),
             publisher: Some(publisher),
             republish: Some(rp_tx),
@@ -390,6 +446,7 @@ impl Broker {
     /// After the pipeline has stopped (and dropped its republish sender).
     pub async fn finish(&mut self, budget: Duration) {
         self.republish = None;
+        self.acks.abort();
         if let Some(t) = self.publisher.take() {
             let _ = tokio::time::timeout(budget, tokio::task::spawn_blocking(move || t.join())).await;
         }

@@ -22,6 +22,7 @@ use super::auth::{self, Login, Users};
 use super::{Internal, escape_client_id};
 use crate::metrics::Metrics;
 use crate::shutdown;
+use crate::wire;
 use bytes::BytesMut;
 use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet, Protocol, v4::V4, v5::V5};
 use std::net::SocketAddr;
@@ -76,6 +77,8 @@ pub struct Shared {
     pub flow: Arc<super::Flow>,
     /// False only in a debug build told to (see `raw_client_ids`).
     pub escape_ids: bool,
+    /// With `broker.ack = "durable"`: PUBACK/PUBCOMP for readings wait for this.
+    pub durable: Option<Arc<super::Durable>>,
 }
 
 /// Accept on `listener` until shutdown, then close every connection it made.
@@ -292,7 +295,8 @@ enum End {
     Malformed,
 }
 
-/// Copy both ways until either side closes; client → broker packet by packet.
+/// Copy both ways until either side closes; client → broker packet by packet,
+/// and broker → client too when acks wait for durability.
 async fn relay(
     client: &mut Box<dyn Io>,
     up: &mut TcpStream,
@@ -304,9 +308,50 @@ async fn relay(
 ) -> End {
     let (mut up_r, mut up_w) = up.split();
     let (mut cl_r, mut cl_w) = tokio::io::split(client);
+    // Packet ids of readings whose final ack must wait: id → (ack packet type, device, seq).
+    // QoS 1: the PUBACK (4). QoS 2: the PUBCOMP (7), because rumqttd hands a
+    // QoS 2 message on only at PUBREL, which the client sends after PUBREC:
+    // holding the PUBREC would wait for ever.
+    let held: std::sync::Mutex<std::collections::HashMap<u16, (u8, String, u64)>> = Default::default();
     let down = async {
-        let _ = tokio::io::copy(&mut up_r, &mut cl_w).await;
-        End::Closed
+        let Some(durable) = &shared.durable else {
+            let _ = tokio::io::copy(&mut up_r, &mut cl_w).await;
+            return End::Closed;
+        };
+        let mut b = BytesMut::with_capacity(4096);
+        loop {
+            while let Frame::Len { total, header } = frame_len(&b) {
+                if b.len() < total {
+                    break;
+                }
+                let p = b.split_to(total);
+                let kind = p[0] >> 4;
+                // PUBACK (4) or PUBCOMP (7): wait until the reading is on disk.
+                if (kind == 4 || kind == 7) && total >= header + 2 {
+                    let id = u16::from_be_bytes([p[header], p[header + 1]]);
+                    let waiting = {
+                        let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
+                        match h.get(&id) {
+                            Some((k, ..)) if *k == kind => h.remove(&id),
+                            _ => None,
+                        }
+                    };
+                    if let Some((_, device, seq)) = waiting {
+                        durable.wait(&device, seq).await;
+                    }
+                }
+                if cl_w.write_all(&p).await.is_err() {
+                    return End::Closed;
+                }
+            }
+            if b.capacity() - b.len() < 4096 {
+                b.reserve(4096);
+            }
+            match up_r.read_buf(&mut b).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => {}
+            }
+        }
     };
     let upward = async {
         loop {
@@ -328,9 +373,22 @@ async fn relay(
                             if !topic.is_empty() && !auth::may_publish(publish, topic) {
                                 return End::Denied(topic.to_string());
                             }
-                            if shared.ingest.matches(topic).is_some() {
-                                let bytes = topic.len() + publish_payload_len(&packet, header, v5);
-                                shared.flow.admit(bytes as u64).await;
+                            if let Some((device, sensor)) = shared.ingest.matches(topic) {
+                                let payload_len = publish_payload_len(&packet, header, v5);
+                                shared.flow.admit((topic.len() + payload_len) as u64).await;
+                                let qos = (packet[0] >> 1) & 3;
+                                if shared.durable.is_some() && qos > 0 {
+                                    let at = header + 2 + topic.len();
+                                    let id = u16::from_be_bytes([packet[at], packet[at + 1]]);
+                                    let payload = &packet[packet.len() - payload_len..];
+                                    // Only what the ingest will accept with a seq gets an ack from the pipeline.
+                                    if let Ok((r, _)) = wire::parse_mqtt_payload(payload, device, sensor, 0)
+                                        && let Some(seq) = r.seq
+                                    {
+                                        let ack = if qos == 1 { 4 } else { 7 };
+                                        held.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (ack, r.device, seq));
+                                    }
+                                }
                             }
                         }
                         if up_w.write_all(&packet).await.is_err() {

@@ -6,10 +6,12 @@
 //! ([`wire::parse_mqtt_payload`]), and hands each reading to the pipeline
 //! like any other source, waiting when the pipeline is behind.
 //!
-//! There is no ack route: a LAN device's ack is the broker's PUBACK (QoS 1)
-//! or PUBCOMP (QoS 2), which rumqttd sends once the message is in its
-//! in-memory log — *before* the reading is in our queue. README "LAN MQTT"
-//! says where that leaves the window.
+//! A LAN device's ack is MQTT's: PUBACK (QoS 1) or PUBCOMP (QoS 2). With
+//! `broker.ack = "received"` rumqttd sends it once the message is in its
+//! in-memory log, before the reading is in our queue (README "LAN MQTT" says
+//! where that leaves the window); with `"durable"` the front door holds it
+//! until the pipeline's ack for the reading comes back on this source's ack
+//! route ([`crate::broker::Durable`]).
 //!
 //! Malformed payloads are counted per topic ([`Metrics::topic`]) and skipped.
 //!
@@ -31,9 +33,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-/// The port id of LAN readings: no ack route exists for it, so the
-/// pipeline's acks for LAN devices are dropped (their ack is MQTT's).
-pub const LAN_PORT: PortId = PortId::MAX;
 /// Topics counted one by one; past this many, the rest share one counter,
 /// so a client inventing topics cannot grow the metrics without bound.
 const MAX_COUNTED_TOPICS: usize = 4096;
@@ -47,11 +46,12 @@ pub async fn run(
     mut link: LinkRx,
     pattern: TopicPattern,
     flow: Arc<Flow>,
+    port: PortId,
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut ingest = Ingest { pattern, flow, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
+    let mut ingest = Ingest { pattern, flow, port, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
     loop {
         tokio::select! {
             biased;
@@ -92,6 +92,7 @@ async fn idle_next(flow: &Flow, link: &mut LinkRx) -> Result<Option<Notification
 struct Ingest {
     pattern: TopicPattern,
     flow: Arc<Flow>,
+    port: PortId,
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     topics: HashSet<String>,
@@ -126,7 +127,7 @@ impl Ingest {
         match parsed {
             Ok((reading, ts_from_device)) => {
                 self.metrics.topic(&key, |c| c.readings += 1);
-                let sent = self.tx.send(Incoming { reading, ts_from_device, port: LAN_PORT }).await.is_ok();
+                let sent = self.tx.send(Incoming { reading, ts_from_device, port: self.port }).await.is_ok();
                 self.flow.taken(bytes);
                 sent
             }
