@@ -13,6 +13,9 @@
 //! * RSS of the whole process with 100 connected idle clients, and its peak
 //!   (VmHWM) after the load.
 //!
+//! A third row runs the gateway with `broker.ack = "durable"` (a tenth of
+//! the readings, one run): PUBACKs then wait for the queue's fsync.
+//!
 //! Publishers are raw MQTT 3.1.1 clients (QoS 1, a window of 64 in flight,
 //! ~100-byte payloads), the same code against both brokers. Under `cargo
 //! test` (no `--bench`) a small smoke run against the gateway only keeps it
@@ -173,7 +176,7 @@ impl Drop for Server {
     }
 }
 
-fn gateway(dir: &Path) -> Server {
+fn gateway(dir: &Path, ack: &str) -> Server {
     let port = free_port();
     let _ = std::fs::remove_dir_all(dir.join("data"));
     let cfg = dir.join("gw.toml");
@@ -181,7 +184,7 @@ fn gateway(dir: &Path) -> Server {
         &cfg,
         format!(
             "[gateway]\nid = \"bench\"\ndata_dir = {:?}\n[store]\nmax_bytes = \"2GiB\"\n[broker]\nenabled = true\n\
-             tcp = \"127.0.0.1:{port}\"\nallow_anonymous = true\nmax_connections = 512\n",
+             tcp = \"127.0.0.1:{port}\"\nallow_anonymous = true\nmax_connections = 512\nack = \"{ack}\"\n",
             dir.join("data").display().to_string()
         ),
     )
@@ -300,14 +303,16 @@ fn main() {
     let mut gw_runs = Vec::new();
     let mut mq_runs = Vec::new();
     for _ in 0..runs {
-        let gw = gateway(dir.path());
+        let gw = gateway(dir.path(), "received");
         gw_runs.push(load(&gw, publishers, per));
         drop(gw);
         if have_mosquitto && let Some(mq) = mosquitto(dir.path()) {
             mq_runs.push(load(&mq, publishers, per));
         }
     }
-    let gw_idle = idle_rss(&gateway(dir.path()), 100);
+    // broker.ack = "durable": acks wait for the queue's fsync, so far fewer readings in one run.
+    let durable_runs = vec![load(&gateway(dir.path(), "durable"), publishers, (per / 10).max(50))];
+    let gw_idle = idle_rss(&gateway(dir.path(), "received"), 100);
     let mq_idle = if have_mosquitto { mosquitto(dir.path()).map(|m| idle_rss(&m, 100)) } else { None };
 
     let row = |name: &str, r: &[Run], idle: Option<u64>| {
@@ -330,6 +335,7 @@ fn main() {
         "broker", "readings/s", "p99 PUBACK ms", "p99 queued ms", "RSS 100 idle MiB", "peak RSS MiB"
     );
     row("edge-gateway (rumqttd)", &gw_runs, Some(gw_idle));
+    row("  with ack = durable", &durable_runs, None);
     row("mosquitto", &mq_runs, mq_idle);
     if let (Some(g), false) = (gw_runs.first(), mq_runs.is_empty()) {
         let _ = g;
