@@ -13,8 +13,9 @@
 //! and hands out the final acks; only then are the sources told to stop, so
 //! they are still there to write those acks to the devices. The broker goes
 //! first of all: its clients are closed and what it already took in is
-//! handed to the pipeline before the pipeline drains (LAN devices were
-//! PUBACKed already, so nothing of theirs may be left behind).
+//! handed to the pipeline before the pipeline drains (with `broker.ack =
+//! "received"` LAN devices were PUBACKed already, so nothing of theirs may
+//! be left behind).
 
 use crate::broker::{Broker, StatusSource};
 use crate::config::Config;

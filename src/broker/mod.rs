@@ -23,6 +23,10 @@
 //!   the local link with its async `next()`.
 //! * The `broker-publish` thread: republishes readings and status through
 //!   the local link (its `send` blocks when the router is busy).
+//! * The ack task: takes the pipeline's acks for LAN devices (the LAN
+//!   source's ack route) into [`Durable`], which the front door waits on
+//!   before it forwards a PUBACK/PUBCOMP when `broker.ack = "durable"`.
+//!   It ends with the pipeline, the route's only sender.
 //!
 //! Shutdown ([`Broker::stop`]): the listeners close every client
 //! connection, the internal servers stop, and the ingest task hands over
@@ -39,7 +43,10 @@
 //!   we bind the public ports ourselves, first, and fail with the port named.
 //! * No connection limit before CONNECT, no CONNACK code on a failed login,
 //!   no ACLs: the proxy counts connections, answers CONNACK 3/4/5, and
-//!   checks each PUBLISH's topic against the user's allowed prefixes.
+//!   checks each PUBLISH's topic (and the will's) against the user's allowed
+//!   prefixes.
+//! * No backpressure from a slow subscriber: rumqttd skips ahead for it and
+//!   loses what it had not read. [`Flow`] holds publishers back instead.
 
 pub mod auth;
 pub mod proxy;
@@ -154,7 +161,7 @@ impl Internal {
 /// has read it; it has no backpressure from a slow subscriber to the
 /// publishers. So the front door counts what it lets into the ingest topics,
 /// the ingest task counts what it took, and publishers wait while the
-/// difference is over [`INGEST_LAG_LIMIT`].
+/// difference is over a limit (2 MiB).
 ///
 /// The two counts can drift apart (a PUBLISH rumqttd refused, a QoS 2
 /// resend it deduplicated): when publishers are held back while the ingest
