@@ -389,8 +389,9 @@ impl BrokerConfig {
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1".into());
         }
-        if self.max_payload < 128 || self.max_payload > 256 << 20 {
-            return bad("max_payload", "must be between 128 bytes and 256MiB".into());
+        // rumqttd keeps messages in 1 MiB in-memory segments (see crate::broker).
+        if self.max_payload < 128 || self.max_payload > 1 << 20 {
+            return bad("max_payload", "must be between 128 bytes and 1MiB".into());
         }
         if self.status_interval.is_zero() {
             return bad("status_interval", "must be greater than 0".into());
@@ -586,6 +587,26 @@ fsync_interval = "100ms"
         assert!(e.starts_with("gw.toml:1:"), "{e}");
         let e = err("[store]\nmax_bytes = 100000\n");
         assert!(e.contains("gateway"), "{e}");
+    }
+
+    #[test]
+    fn broker_errors_name_the_key() {
+        let base = format!("{GOOD}\n[broker]\nenabled = true\ntcp = \"127.0.0.1:1883\"\nallow_anonymous = true\n");
+        assert!(Config::parse(&base, "gw.toml").is_ok());
+        let e = err(&base.replace("allow_anonymous = true", "allow_anonymous = false"));
+        assert!(e.contains("key `broker.enabled`") && e.contains("no client could log in"), "{e}");
+        let e = err(&format!("{base}max_payload = \"2MiB\"\n"));
+        assert!(e.contains("key `broker.max_payload`"), "{e}");
+        let e = err(&format!("{base}republish = \"sensors/{{sensor}}/{{device}}\"\n"));
+        assert!(e.contains("key `broker.republish`") && e.contains("overlaps"), "{e}");
+        let e = err(&format!("{base}ingest = \"sensors/+/+\"\n"));
+        assert!(e.contains("key `broker.ingest`"), "{e}");
+        let e = err(&format!("{base}[[broker.users]]\nname = \"a\"\npassword_hash = \"secret\"\n"));
+        assert!(e.contains("key `broker.users.0.password_hash`") && e.contains("PHC"), "{e}");
+        let e = err(&format!("{base}tls = \"0.0.0.0:8883\"\n"));
+        assert!(e.contains("key `broker.tls`") && e.contains("tls_cert"), "{e}");
+        let e = err(&base.replace("tcp = ", "tpc = "));
+        assert!(e.contains("tpc"), "unknown keys are errors: {e}");
     }
 
     #[test]
