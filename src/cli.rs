@@ -155,8 +155,26 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
         crate::reading::Format::Json => "json",
         crate::reading::Format::Postcard => "postcard",
     };
+    let b = &c.broker;
+    let broker = if b.enabled {
+        let listeners: Vec<String> = [("tcp", b.tcp), ("tls", b.tls), ("websocket", b.websocket)]
+            .iter()
+            .filter_map(|(k, a)| a.map(|a| format!("{k} {a}")))
+            .collect();
+        let ack = match b.ack {
+            crate::config::BrokerAck::Received => "received",
+            crate::config::BrokerAck::Durable => "durable",
+        };
+        format!(
+            ", MQTT broker on {} (anonymous {}, ack {ack})",
+            listeners.join(", "),
+            if b.allow_anonymous { "allowed" } else { "refused" }
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{}: ok: gateway {}, {} serial port(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format})",
+        "{}: ok: gateway {}, {} serial port(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format}){broker}",
         path.display(),
         c.gateway.id,
         c.serial.len(),
