@@ -224,36 +224,50 @@ impl Flow {
     }
 }
 
-/// The pipeline's acks for LAN devices: `(device, seq)` is durable once an
-/// ack for the device with a seq at least as high came back (acks are
-/// cumulative). The front door waits on this before it forwards a PUBACK
-/// or PUBCOMP when `broker.ack = "durable"`.
+/// The pipeline's acks for LAN devices, which the front door waits on
+/// before it forwards a PUBACK or PUBCOMP when `broker.ack = "durable"`.
+///
+/// A reading `(device, seq)` registered at generation `g` (the count of the
+/// device's acks so far) is durable once an ack for the device numbered
+/// after `g` says `seq` or more. Acks are cumulative, and "after
+/// registration" keeps an old high ack from covering a device that restarted
+/// its counter (the pipeline then acks from the new, lower seqs).
 #[derive(Default)]
 pub struct Durable {
-    acked: Mutex<std::collections::HashMap<String, u64>>,
+    /// device → (latest acked seq, number of acks so far)
+    acked: Mutex<std::collections::HashMap<String, (u64, u64)>>,
     changed: Notify,
 }
 
 impl Durable {
     pub fn acked(&self, ack: &Ack) {
         let mut m = self.acked.lock().unwrap_or_else(|e| e.into_inner());
-        let e = m.entry(ack.device.clone()).or_insert(0);
-        *e = (*e).max(ack.seq);
+        let e = m.entry(ack.device.clone()).or_insert((0, 0));
+        *e = (ack.seq, e.1 + 1);
         drop(m);
         self.changed.notify_waiters();
     }
 
-    fn is_durable(&self, device: &str, seq: u64) -> bool {
-        self.acked.lock().unwrap_or_else(|e| e.into_inner()).get(device).is_some_and(|s| *s >= seq)
+    /// The device's ack generation now: pass it to [`Durable::wait`].
+    pub fn generation(&self, device: &str) -> u64 {
+        self.acked.lock().unwrap_or_else(|e| e.into_inner()).get(device).map_or(0, |e| e.1)
     }
 
-    /// Wait until `(device, seq)` is durable.
-    pub async fn wait(&self, device: &str, seq: u64) {
+    fn is_durable(&self, device: &str, seq: u64, generation: u64) -> bool {
+        self.acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .is_some_and(|(acked, g)| *g > generation && *acked >= seq)
+    }
+
+    /// Wait until `(device, seq)`, registered at `generation`, is durable.
+    pub async fn wait(&self, device: &str, seq: u64, generation: u64) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.is_durable(device, seq) {
+            if self.is_durable(device, seq, generation) {
                 return;
             }
             changed.await;
@@ -675,6 +689,21 @@ mod tests {
         flow.set_idle(true);
         tokio::time::timeout(Duration::from_secs(1), flow.admit(1)).await.expect("phantom lag forgotten");
         assert_eq!(flow.lag(), 1);
+    }
+
+    #[tokio::test]
+    async fn durable_needs_an_ack_after_registration() {
+        let d = Durable::default();
+        let ack = |seq| Ack { device: "w".into(), seq };
+        d.acked(&ack(500));
+        // The device restarted its counter: seq 1 is not covered by the old 500.
+        let g = d.generation("w");
+        assert!(tokio::time::timeout(Duration::from_millis(50), d.wait("w", 1, g)).await.is_err());
+        d.acked(&ack(1));
+        tokio::time::timeout(Duration::from_millis(50), d.wait("w", 1, g)).await.expect("acked after registration");
+        let g = d.generation("w");
+        d.acked(&ack(3));
+        tokio::time::timeout(Duration::from_millis(50), d.wait("w", 2, g)).await.expect("cumulative");
     }
 
     #[test]

@@ -308,11 +308,11 @@ async fn relay(
 ) -> End {
     let (mut up_r, mut up_w) = up.split();
     let (mut cl_r, mut cl_w) = tokio::io::split(client);
-    // Packet ids of readings whose final ack must wait: id → (ack packet type, device, seq).
+    // Packet ids of readings whose final ack must wait: id → (ack packet type, device, seq, generation).
     // QoS 1: the PUBACK (4). QoS 2: the PUBCOMP (7), because rumqttd hands a
     // QoS 2 message on only at PUBREL, which the client sends after PUBREC:
     // holding the PUBREC would wait for ever.
-    let held: std::sync::Mutex<std::collections::HashMap<u16, (u8, String, u64)>> = Default::default();
+    let held: std::sync::Mutex<std::collections::HashMap<u16, (u8, String, u64, u64)>> = Default::default();
     let down = async {
         let Some(durable) = &shared.durable else {
             let _ = tokio::io::copy(&mut up_r, &mut cl_w).await;
@@ -336,8 +336,8 @@ async fn relay(
                             _ => None,
                         }
                     };
-                    if let Some((_, device, seq)) = waiting {
-                        durable.wait(&device, seq).await;
+                    if let Some((_, device, seq, generation)) = waiting {
+                        durable.wait(&device, seq, generation).await;
                     }
                 }
                 if cl_w.write_all(&p).await.is_err() {
@@ -377,7 +377,9 @@ async fn relay(
                                 let payload_len = publish_payload_len(&packet, header, v5);
                                 shared.flow.admit((topic.len() + payload_len) as u64).await;
                                 let qos = (packet[0] >> 1) & 3;
-                                if shared.durable.is_some() && qos > 0 {
+                                if let Some(durable) = &shared.durable
+                                    && qos > 0
+                                {
                                     let at = header + 2 + topic.len();
                                     let id = u16::from_be_bytes([packet[at], packet[at + 1]]);
                                     let payload = &packet[packet.len() - payload_len..];
@@ -386,7 +388,10 @@ async fn relay(
                                         && let Some(seq) = r.seq
                                     {
                                         let ack = if qos == 1 { 4 } else { 7 };
-                                        held.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (ack, r.device, seq));
+                                        let g = durable.generation(&r.device);
+                                        held.lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .insert(id, (ack, r.device, seq, g));
                                     }
                                 }
                             }
