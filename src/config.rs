@@ -389,9 +389,9 @@ impl BrokerConfig {
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1".into());
         }
-        // rumqttd keeps messages in 1 MiB in-memory segments (see crate::broker).
-        if self.max_payload < 128 || self.max_payload > 1 << 20 {
-            return bad("max_payload", "must be between 128 bytes and 1MiB".into());
+        // rumqttd keeps messages in 512 KiB in-memory segments (see crate::broker).
+        if self.max_payload < 128 || self.max_payload > 512 << 10 {
+            return bad("max_payload", "must be between 128 bytes and 512KiB".into());
         }
         if self.status_interval.is_zero() {
             return bad("status_interval", "must be greater than 0".into());
