@@ -4,11 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests drive for real, installed only when missing
-# (serial tests need only the kernel's PTYs).
+# Debian packages the tests drive for real, added as features need them
+# (serial tests need only the kernel's PTYs), each installed only when its
+# tool is missing: "tool:package".
 need_apt=()
-command -v mosquitto >/dev/null || need_apt+=(mosquitto)          # upstream broker
-command -v mosquitto_sub >/dev/null || need_apt+=(mosquitto-clients) # test subscriber
+for pair in mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients openssl:openssl; do
+    tool=${pair%%:*} pkg=${pair#*:}
+    if ! command -v "$tool" >/dev/null && [[ " ${need_apt[*]} " != *" $pkg "* ]]; then
+        need_apt+=("$pkg")
+    fi
+done
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run $0" >&2
     exit 1

@@ -2,6 +2,8 @@
 //!
 //! Ownership, start to stop:
 //! * one tokio task per serial port ([`crate::source::serial::run`]);
+//! * with `[broker] enabled`, the embedded MQTT broker ([`Broker`]), which
+//!   owns its listeners, the LAN ingest task and its threads;
 //! * one OS thread for the [`Pipeline`], with a single-threaded runtime of its
 //!   own, because it fsyncs and fsync must not stall the ports' runtime;
 //! * one OS thread for the [`Uplink`] (when `[upstream]` is configured), for
@@ -11,8 +13,13 @@
 //! Shutdown runs in two stages so no reading is stranded: first the
 //! pipeline drains its channel, seals the open batch, commits, checkpoints
 //! and hands out the final acks; only then are the sources told to stop, so
-//! they are still there to write those acks to the devices.
+//! they are still there to write those acks to the devices. The broker goes
+//! first of all: its clients are closed and what it already took in is
+//! handed to the pipeline before the pipeline drains (with `broker.ack =
+//! "received"` LAN devices were PUBACKed already, so nothing of theirs may
+//! be left behind).
 
+use crate::broker::{Broker, StatusSource};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
@@ -34,12 +41,13 @@ const PIPELINE_STOP_BUDGET: Duration = Duration::from_secs(4);
 const SOURCE_STOP_BUDGET: Duration = Duration::from_millis(800);
 /// The uplink stops alongside the pipeline; this is what it may take beyond it.
 const UPLINK_STOP_BUDGET: Duration = Duration::from_millis(700);
+const BROKER_STOP_BUDGET: Duration = Duration::from_millis(600);
 
 /// Run the gateway until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
-    let (pipeline, report) = Pipeline::open(&cfg, metrics.clone())
+    let (mut pipeline, report) = Pipeline::open(&cfg, metrics.clone())
         .with_context(|| format!("cannot open the queue in {}", cfg.gateway.data_dir.display()))?;
     let q = &report.queue;
     if q.truncated_bytes > 0 || q.corrupt_records > 0 {
@@ -59,6 +67,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let sources_stop = Shutdown::new();
     let pipeline_stop = Shutdown::new();
     let (tx, rx) = mpsc::channel(INGEST_CHANNEL);
+    // The broker first: a taken port must stop start-up before anything runs.
+    let mut broker = None;
+    // LAN readings' port id: their acks come back after the serial ports'.
+    let lan_port = cfg.serial.len();
+    let mut lan_acks = None;
+    if cfg.broker.enabled {
+        let (ack_tx, ack_rx) = mpsc::channel(1024);
+        lan_acks = Some(ack_tx);
+        let status = StatusSource {
+            gateway: cfg.gateway.id.clone(),
+            queue: pipeline.queue_handle(),
+            upstream_configured: cfg.upstream.is_some(),
+        };
+        let b = Broker::start(&cfg, tx.clone(), lan_port, ack_rx, metrics.clone(), status)
+            .await
+            .context("cannot start the embedded MQTT broker")?;
+        if !cfg.broker.republish.is_empty()
+            && let Some(rp) = &b.republish
+        {
+            pipeline.set_republish(rp.clone());
+        }
+        broker = Some(b);
+    }
     let mut ack_routes = Vec::new();
     let mut sources = tokio::task::JoinSet::new();
     for (port_id, port) in cfg.serial.iter().enumerate() {
@@ -72,6 +103,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             metrics.clone(),
             sources_stop.subscribe(),
         ));
+    }
+    if let Some(ack_tx) = lan_acks {
+        debug_assert_eq!(ack_routes.len(), lan_port);
+        ack_routes.push(ack_tx);
     }
     // Held until the end: the pipeline must outlive its sources, even when
     // there are none (a gateway with no ports still owns its queue).
@@ -98,6 +133,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("edge-gateway {} running with {} serial port(s)", cfg.gateway.id, cfg.serial.len());
 
     wait_for_signal().await?;
+    if let Some(b) = &mut broker {
+        tracing::info!("stopping: closing the broker's clients");
+        b.stop(BROKER_STOP_BUDGET).await;
+    }
     tracing::info!("stopping: closing the open batch into the queue");
     pipeline_stop.trigger();
     uplink_stop.trigger();
@@ -126,6 +165,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     sources_stop.trigger();
     let _ = tokio::time::timeout(SOURCE_STOP_BUDGET, async { while sources.join_next().await.is_some() {} }).await;
     sources.abort_all();
+    if let Some(b) = &mut broker {
+        b.finish(SOURCE_STOP_BUDGET).await;
+    }
     log_summary(&metrics);
     Ok(())
 }
@@ -135,6 +177,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 fn log_summary(m: &Metrics) {
     for (name, c) in m.ports() {
         tracing::info!("port {name}: {} readings, {} malformed, {} reconnects", c.readings, c.malformed, c.reconnects);
+    }
+    for (topic, c) in m.topics() {
+        tracing::info!("mqtt topic {topic}: {} readings, {} malformed", c.readings, c.malformed);
+    }
+    if Metrics::get(&m.broker_refused) + Metrics::get(&m.readings_republished) > 0 {
+        tracing::info!(
+            "broker: {} connections refused, {} clients disconnected for a forbidden publish, {} readings republished, {} not republished (behind)",
+            Metrics::get(&m.broker_refused),
+            Metrics::get(&m.broker_denied_publishes),
+            Metrics::get(&m.readings_republished),
+            Metrics::get(&m.republish_dropped),
+        );
     }
     tracing::info!(
         "stopped: {} readings accepted, {} duplicates dropped, {} batches queued, {} readings dropped (queue full), {} readings refused (queue full), {} acks sent",

@@ -32,6 +32,9 @@ enum Cmd {
     },
     /// Decode one batch payload (json or postcard) from stdin into JSON lines.
     Decode,
+    /// Read a password from stdin (first line) and print its argon2id PHC
+    /// string, for `[[broker.users]] password_hash` or a `password_file`.
+    HashPassword,
     /// A simulated dock: creates a PTY, links it at PATH and streams readings
     /// from a simulated wearable that resends until acked (Ctrl-C stops).
     Simulate {
@@ -80,6 +83,7 @@ pub fn main() -> ExitCode {
         Cmd::Queue { cmd: QueueCmd::Status { config } } => queue_status(&config),
         Cmd::Queue { cmd: QueueCmd::Dump { config } } => queue_dump(&config),
         Cmd::Decode => decode(),
+        Cmd::HashPassword => hash_password(),
         Cmd::Simulate { link, device, rate, framing, count } => simulate(&link, &device, rate, framing, count),
     };
     match result {
@@ -94,6 +98,13 @@ pub fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // rumqttd logs every ordinary disconnect as an error; our broker module
+    // logs what matters. RUST_LOG=rumqttd=debug brings it back.
+    let filter = if std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rumqttd")) {
+        filter
+    } else {
+        filter.add_directive("rumqttd=off".parse().expect("static directive"))
+    };
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
@@ -111,6 +122,15 @@ fn run(path: &Path) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(crate::app::run(cfg))
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("cannot read the password from stdin")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    anyhow::ensure!(!password.is_empty(), "empty password on stdin");
+    println!("{}", crate::broker::auth::hash_password(password));
+    Ok(())
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
@@ -135,8 +155,26 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
         crate::reading::Format::Json => "json",
         crate::reading::Format::Postcard => "postcard",
     };
+    let b = &c.broker;
+    let broker = if b.enabled {
+        let listeners: Vec<String> = [("tcp", b.tcp), ("tls", b.tls), ("websocket", b.websocket)]
+            .iter()
+            .filter_map(|(k, a)| a.map(|a| format!("{k} {a}")))
+            .collect();
+        let ack = match b.ack {
+            crate::config::BrokerAck::Received => "received",
+            crate::config::BrokerAck::Durable => "durable",
+        };
+        format!(
+            ", MQTT broker on {} (anonymous {}, ack {ack})",
+            listeners.join(", "),
+            if b.allow_anonymous { "allowed" } else { "refused" }
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{}: ok: gateway {}, {} serial port(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format})",
+        "{}: ok: gateway {}, {} serial port(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format}){broker}",
         path.display(),
         c.gateway.id,
         c.serial.len(),

@@ -6,6 +6,7 @@
 
 use crate::reading::Format;
 use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ pub struct Config {
     /// Where batches go; without it they stay in the queue (store only).
     #[serde(default)]
     pub upstream: Option<UpstreamConfig>,
+    /// The embedded MQTT broker for LAN devices and dashboards.
+    #[serde(default)]
+    pub broker: BrokerConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -323,6 +327,90 @@ impl UpstreamConfig {
     }
 }
 
+/// `[broker]`: the embedded MQTT broker (see [`crate::broker`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub enabled: bool,
+    /// Plain MQTT listener, e.g. `"0.0.0.0:1883"`.
+    pub tcp: Option<SocketAddr>,
+    /// MQTT over TLS listener, e.g. `"0.0.0.0:8883"`; needs `tls_cert` and `tls_key` (PEM).
+    pub tls: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// MQTT over WebSocket listener, e.g. `"0.0.0.0:8083"`.
+    pub websocket: Option<SocketAddr>,
+    /// Connected MQTT clients, all listeners together; more are refused with CONNACK "server unavailable".
+    pub max_connections: usize,
+    /// Largest PUBLISH payload; a client sending a bigger packet is disconnected.
+    #[serde(deserialize_with = "de_size")]
+    pub max_payload: u64,
+    /// Clients without a username may connect (and publish anywhere).
+    pub allow_anonymous: bool,
+    pub users: Vec<BrokerUser>,
+    /// Lines of `user:PHC-hash` (e.g. from `edge-gateway hash-password`); `#` starts a comment.
+    pub password_file: Option<PathBuf>,
+    /// Topic LAN devices publish readings to; `{device}` and `{sensor}` are whole levels.
+    pub ingest: String,
+    /// Topic every accepted reading is republished to (retained); empty disables it.
+    pub republish: String,
+    /// Retained gateway status topic, refreshed every `status_interval`; empty disables it.
+    pub status_topic: String,
+    #[serde(deserialize_with = "de_duration")]
+    pub status_interval: Duration,
+    /// A client must finish its TLS/WebSocket handshake and send CONNECT within this.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// When a LAN device's QoS 1/2 reading is acknowledged (PUBACK / PUBCOMP).
+    pub ack: BrokerAck,
+}
+
+/// `broker.ack`: when LAN devices get their PUBACK (QoS 1) or PUBCOMP (QoS 2).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerAck {
+    /// As soon as the broker has the message in memory (fast; see README for the window).
+    #[default]
+    Received,
+    /// Once the reading is fsynced in the queue (readings with a `seq`), like serial acks.
+    Durable,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            enabled: false,
+            tcp: None,
+            tls: None,
+            tls_cert: None,
+            tls_key: None,
+            websocket: None,
+            max_connections: 256,
+            max_payload: 256 * 1024,
+            allow_anonymous: false,
+            users: Vec::new(),
+            password_file: None,
+            ingest: "sensors/{device}/{sensor}".into(),
+            republish: "readings/{device}/{sensor}".into(),
+            status_topic: "gateway/status".into(),
+            status_interval: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            ack: BrokerAck::Received,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerUser {
+    pub name: String,
+    /// A PHC string, e.g. `$argon2id$v=19$m=19456,t=2,p=1$...` (`edge-gateway hash-password`).
+    pub password_hash: String,
+    /// Topic prefixes this user may publish under; absent means anywhere.
+    #[serde(default)]
+    pub publish: Option<Vec<String>>,
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
@@ -463,6 +551,77 @@ impl Config {
                     format!("serial.{i}.device"),
                     "must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
                 ));
+            }
+        }
+        self.broker.validate()
+    }
+}
+
+impl BrokerConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        use crate::broker::topic::TopicPattern;
+        let bad = |k: &str, m: String| Err((format!("broker.{k}"), m));
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1".into());
+        }
+        // rumqttd keeps messages in 512 KiB in-memory segments (see crate::broker).
+        if self.max_payload < 128 || self.max_payload > 512 << 10 {
+            return bad("max_payload", "must be between 128 bytes and 512KiB".into());
+        }
+        if self.status_interval.is_zero() {
+            return bad("status_interval", "must be greater than 0".into());
+        }
+        if self.connect_timeout.is_zero() {
+            return bad("connect_timeout", "must be greater than 0".into());
+        }
+        let ingest = match TopicPattern::parse(&self.ingest) {
+            Ok(p) => p,
+            Err(e) => return bad("ingest", e),
+        };
+        if !self.republish.is_empty() {
+            let republish = match TopicPattern::parse(&self.republish) {
+                Ok(p) => p,
+                Err(e) => return bad("republish", e),
+            };
+            if ingest.overlaps(&republish) {
+                return bad(
+                    "republish",
+                    format!(
+                        "{:?} overlaps ingest {:?}: republished readings would be ingested again",
+                        self.republish, self.ingest
+                    ),
+                );
+            }
+        }
+        if !self.status_topic.is_empty() {
+            if !crate::broker::topic::valid_topic(&self.status_topic) {
+                return bad("status_topic", "must be a topic name without wildcards".into());
+            }
+            if ingest.matches(&self.status_topic).is_some() {
+                return bad("status_topic", format!("matches ingest {:?}", self.ingest));
+            }
+        }
+        if self.tls.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return bad("tls", "needs tls_cert and tls_key (PEM files)".into());
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() || self.users[..i].iter().any(|o| o.name == u.name) {
+                return bad(&format!("users.{i}.name"), format!("must be non-empty and unique (got {:?})", u.name));
+            }
+            if let Err(e) = crate::broker::auth::check_hash(&u.password_hash) {
+                return bad(&format!("users.{i}.password_hash"), e);
+            }
+        }
+        if self.enabled {
+            if self.tcp.is_none() && self.tls.is_none() && self.websocket.is_none() {
+                return bad("enabled", "the broker needs at least one of tcp, tls, websocket".into());
+            }
+            if self.users.is_empty() && self.password_file.is_none() && !self.allow_anonymous {
+                return bad(
+                    "enabled",
+                    "no client could log in: add [[broker.users]] or password_file, or set allow_anonymous = true"
+                        .into(),
+                );
             }
         }
         Ok(())
@@ -627,6 +786,26 @@ fsync_interval = "100ms"
         assert!(e.starts_with("gw.toml:1:"), "{e}");
         let e = err("[store]\nmax_bytes = 100000\n");
         assert!(e.contains("gateway"), "{e}");
+    }
+
+    #[test]
+    fn broker_errors_name_the_key() {
+        let base = format!("{GOOD}\n[broker]\nenabled = true\ntcp = \"127.0.0.1:1883\"\nallow_anonymous = true\n");
+        assert!(Config::parse(&base, "gw.toml").is_ok());
+        let e = err(&base.replace("allow_anonymous = true", "allow_anonymous = false"));
+        assert!(e.contains("key `broker.enabled`") && e.contains("no client could log in"), "{e}");
+        let e = err(&format!("{base}max_payload = \"2MiB\"\n"));
+        assert!(e.contains("key `broker.max_payload`"), "{e}");
+        let e = err(&format!("{base}republish = \"sensors/{{sensor}}/{{device}}\"\n"));
+        assert!(e.contains("key `broker.republish`") && e.contains("overlaps"), "{e}");
+        let e = err(&format!("{base}ingest = \"sensors/+/+\"\n"));
+        assert!(e.contains("key `broker.ingest`"), "{e}");
+        let e = err(&format!("{base}[[broker.users]]\nname = \"a\"\npassword_hash = \"secret\"\n"));
+        assert!(e.contains("key `broker.users.0.password_hash`") && e.contains("PHC"), "{e}");
+        let e = err(&format!("{base}tls = \"0.0.0.0:8883\"\n"));
+        assert!(e.contains("key `broker.tls`") && e.contains("tls_cert"), "{e}");
+        let e = err(&base.replace("tcp = ", "tpc = "));
+        assert!(e.contains("tpc"), "unknown keys are errors: {e}");
     }
 
     #[test]

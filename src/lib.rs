@@ -3,7 +3,8 @@
 //! The modules follow the path of a reading:
 //!
 //! * [`source`] — where readings come in: [`source::serial`] (charging docks,
-//!   BLE-UART dongles). Each source parses its wire format ([`wire`]) into a
+//!   BLE-UART dongles) and [`source::lan`] (LAN devices publishing into the
+//!   embedded MQTT broker, [`broker`]). Each source parses its wire format ([`wire`]) into a
 //!   [`reading::Incoming`] and writes acks back to the device.
 //! * [`pipeline`] — [`pipeline::dedup`] drops what a device resent,
 //!   [`pipeline::batch`] groups readings into [`reading::Batch`]es, and
@@ -22,6 +23,7 @@
 //! window, so each window has a deterministic test).
 
 pub mod app;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod crashpoint;

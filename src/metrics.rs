@@ -54,7 +54,25 @@ pub struct Metrics {
     pub batches_too_large: AtomicU64,
     /// Queue records found corrupt when read for sending (skipped).
     pub batches_corrupt_skipped: AtomicU64,
+    /// LAN MQTT clients connected through the embedded broker now (a gauge).
+    pub broker_connections: AtomicU64,
+    /// Broker connections refused: handshake timeouts, bad CONNECTs, logins, limits.
+    pub broker_refused: AtomicU64,
+    /// Clients disconnected for a PUBLISH they may not send (topic or size).
+    pub broker_denied_publishes: AtomicU64,
+    /// Readings republished on the broker's `republish` topic.
+    pub readings_republished: AtomicU64,
+    /// Readings not republished because the broker's publisher was behind.
+    pub republish_dropped: AtomicU64,
     per_port: Mutex<BTreeMap<String, PortCounters>>,
+    per_topic: Mutex<BTreeMap<String, TopicCounters>>,
+}
+
+/// LAN MQTT ingest counters, per topic.
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub struct TopicCounters {
+    pub readings: u64,
+    pub malformed: u64,
 }
 
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
@@ -75,6 +93,9 @@ impl Metrics {
     pub fn set(c: &AtomicU64, v: u64) {
         c.store(v, Ordering::Relaxed);
     }
+    pub fn sub(c: &AtomicU64, n: u64) {
+        c.fetch_sub(n, Ordering::Relaxed);
+    }
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
@@ -86,5 +107,17 @@ impl Metrics {
 
     pub fn ports(&self) -> BTreeMap<String, PortCounters> {
         self.per_port.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn topic<R>(&self, topic: &str, f: impl FnOnce(&mut TopicCounters) -> R) -> R {
+        let mut map = self.per_topic.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(topic) {
+            Some(c) => f(c),
+            None => f(map.entry(topic.to_string()).or_default()),
+        }
+    }
+
+    pub fn topics(&self) -> BTreeMap<String, TopicCounters> {
+        self.per_topic.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

@@ -227,6 +227,8 @@ pub enum WireError {
     UnexpectedReading,
     #[error("value has {0} numbers; a cobs frame carries 1..={max}", max = frame::MAX_VALUES)]
     TooManyValues(usize),
+    #[error("payload names {field} {payload:?} but the topic says {topic:?}")]
+    TopicMismatch { field: &'static str, payload: String, topic: String },
 }
 
 fn check_id(field: &'static str, id: &str) -> Result<(), WireError> {
@@ -273,6 +275,35 @@ pub fn parse_jsonl(line: &[u8], default_device: Option<&str>, now_ms: u64) -> Re
     let l: Line = serde_json::from_slice(line)?;
     let sensor = l.sensor.ok_or(WireError::MissingSensor)?;
     finish(l.device.as_deref(), &sensor, l.seq, l.ts, l.value, default_device, now_ms)
+}
+
+/// Parse a LAN MQTT payload, `{"seq":12,"ts":1764000000000,"value":97}`
+/// (`seq` and `ts` optional, as on serial); device and sensor come from the
+/// topic. A payload that names a different device or sensor is malformed.
+pub fn parse_mqtt_payload(
+    payload: &[u8],
+    device: &str,
+    sensor: &str,
+    now_ms: u64,
+) -> Result<(Reading, bool), WireError> {
+    #[derive(Deserialize)]
+    struct Payload {
+        device: Option<String>,
+        sensor: Option<String>,
+        seq: Option<u64>,
+        ts: Option<u64>,
+        value: Value,
+    }
+    let p: Payload = serde_json::from_slice(payload)?;
+    for (field, said, topic) in [("device", &p.device, device), ("sensor", &p.sensor, sensor)] {
+        if let Some(said) = said
+            && said != topic
+        {
+            let payload = said.chars().take(80).collect();
+            return Err(WireError::TopicMismatch { field, payload, topic: topic.to_string() });
+        }
+    }
+    finish(Some(device), sensor, p.seq, p.ts, p.value, None, now_ms)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -513,6 +544,22 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_700_000_000_000;
+
+    #[test]
+    fn mqtt_payloads_take_ids_from_the_topic() {
+        let (r, from_dev) = parse_mqtt_payload(br#"{"seq":12,"ts":5,"value":97}"#, "wrist-07", "spo2", NOW).unwrap();
+        assert_eq!(
+            (r.device.as_str(), r.sensor.as_str(), r.seq, r.ts, from_dev),
+            ("wrist-07", "spo2", Some(12), 5, true)
+        );
+        let (r, from_dev) = parse_mqtt_payload(br#"{"value":[1,2]}"#, "w", "acc", NOW).unwrap();
+        assert_eq!((r.seq, r.ts, from_dev, r.value), (None, NOW, false, Value::Array(vec![1.0, 2.0])));
+        assert!(parse_mqtt_payload(br#"{"device":"w","value":1}"#, "w", "s", NOW).is_ok());
+        for bad in [&br#"{"device":"other","value":1}"#[..], br#"{"seq":1}"#, b"97", b"\xff"] {
+            assert!(parse_mqtt_payload(bad, "w", "s", NOW).is_err(), "{bad:?}");
+        }
+        assert!(parse_mqtt_payload(br#"{"value":1}"#, "", "s", NOW).is_err(), "empty device level");
+    }
 
     fn reading(seq: u64, value: Value) -> Reading {
         Reading { device: "wrist-01".into(), sensor: "heart_rate".into(), seq: Some(seq), ts: 1_764_000_000_000, value }

@@ -79,6 +79,8 @@ pub struct Pipeline {
     last_error_log: Option<Instant>,
     /// Wall clock in unix ms; a test can drive it.
     clock: fn() -> u64,
+    /// Where accepted readings are republished (the embedded broker), if anywhere.
+    republish: Option<tokio::sync::mpsc::Sender<Reading>>,
 }
 
 pub fn queue_dir(cfg: &Config) -> PathBuf {
@@ -125,6 +127,7 @@ impl Pipeline {
             changed_since_checkpoint: false,
             last_error_log: None,
             clock,
+            republish: None,
         };
         let mut report = StartReport { queue: qreport, ..Default::default() };
         let state = match read_state(&me.state_path) {
@@ -186,6 +189,12 @@ impl Pipeline {
         self.queue.clone()
     }
 
+    /// Hand every reading dedup accepts, from any source, to `tx` too. Never
+    /// waits: when `tx` is full the reading is not republished (counted).
+    pub fn set_republish(&mut self, tx: tokio::sync::mpsc::Sender<Reading>) {
+        self.republish = Some(tx);
+    }
+
     /// Take one reading from a source.
     pub fn ingest(&mut self, inc: Incoming, now: Instant, now_ms: u64) {
         let Incoming { reading, ts_from_device, port } = inc;
@@ -201,6 +210,11 @@ impl Pipeline {
             }
             Verdict::Accept => {
                 Metrics::inc(&self.metrics.readings_accepted);
+                if let Some(tx) = &self.republish
+                    && tx.try_send(reading.clone()).is_err()
+                {
+                    Metrics::inc(&self.metrics.republish_dropped);
+                }
                 if let Some(seq) = reading.seq {
                     self.acks.accepted(&reading.device, seq, reading.ts, ts_from_device);
                 }

@@ -1,1 +1,2 @@
+pub mod lan;
 pub mod serial;

@@ -1,0 +1,192 @@
+//! Who may connect and where they may publish.
+//!
+//! Passwords are stored as PHC strings (argon2id by default; any argon2
+//! variant verifies). Verifying one costs tens of milliseconds and ~19 MiB
+//! with the default parameters, so at most one runs at a time, off the async
+//! runtime, and a success is remembered as a keyed 64-bit fingerprint of the
+//! password (never the password itself), so reconnecting devices do not pay
+//! again. Secrets are never logged.
+
+use crate::config::BrokerConfig;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("password_file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("password_file {path}:{line}: {message}")]
+    Line { path: String, line: usize, message: String },
+}
+
+/// `Ok` when `s` is a PHC string we can verify against.
+pub fn check_hash(s: &str) -> Result<(), String> {
+    let h = PasswordHash::new(s)
+        .map_err(|e| format!("not a PHC password hash ({e}); make one with `edge-gateway hash-password`"))?;
+    match h.algorithm.as_str() {
+        "argon2id" | "argon2i" | "argon2d" => Ok(()),
+        other => Err(format!("hash algorithm {other:?} is not supported; use argon2 (`edge-gateway hash-password`)")),
+    }
+}
+
+/// A new argon2id PHC string for `password` (default parameters).
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 with default params").to_string()
+}
+
+struct User {
+    hash: String,
+    publish: Option<Vec<String>>,
+}
+
+/// Outcome of a login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    /// Allowed; `publish` lists the allowed topic prefixes (None = anywhere).
+    Ok {
+        user: Option<String>,
+        publish: Option<Arc<[String]>>,
+    },
+    BadCredentials,
+    NotAuthorized,
+}
+
+pub struct Users {
+    users: HashMap<String, User>,
+    allow_anonymous: bool,
+    /// Fingerprints of passwords that verified, per user.
+    verified: Mutex<HashMap<String, u64>>,
+    keys: std::collections::hash_map::RandomState,
+    one_at_a_time: Semaphore,
+}
+
+impl Users {
+    pub fn load(cfg: &BrokerConfig) -> Result<Users, AuthError> {
+        let mut users = HashMap::new();
+        if let Some(path) = &cfg.password_file {
+            for (name, hash) in read_password_file(path)? {
+                users.insert(name, User { hash, publish: None });
+            }
+        }
+        for u in &cfg.users {
+            users.insert(u.name.clone(), User { hash: u.password_hash.clone(), publish: u.publish.clone() });
+        }
+        Ok(Users {
+            users,
+            allow_anonymous: cfg.allow_anonymous,
+            verified: Mutex::new(HashMap::new()),
+            keys: Default::default(),
+            one_at_a_time: Semaphore::new(1),
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.users.len()
+    }
+
+    fn fingerprint(&self, password: &[u8]) -> u64 {
+        let mut h = self.keys.build_hasher();
+        h.write(password);
+        h.finish()
+    }
+
+    /// Check a CONNECT's credentials (None = no username).
+    pub async fn login(self: &Arc<Self>, creds: Option<(&str, &str)>) -> Login {
+        let Some((name, password)) = creds else {
+            return if self.allow_anonymous { Login::Ok { user: None, publish: None } } else { Login::NotAuthorized };
+        };
+        let Some(user) = self.users.get(name) else {
+            return Login::BadCredentials;
+        };
+        let ok = Login::Ok { user: Some(name.to_string()), publish: user.publish.clone().map(Into::into) };
+        let fp = self.fingerprint(password.as_bytes());
+        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(name) == Some(&fp) {
+            return ok;
+        }
+        let Ok(_permit) = self.one_at_a_time.acquire().await else {
+            return Login::NotAuthorized;
+        };
+        let (hash, pw) = (user.hash.clone(), password.to_string());
+        let verified = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash).is_ok_and(|h| argon2::Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
+        })
+        .await
+        .unwrap_or(false);
+        if verified {
+            self.verified.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), fp);
+            ok
+        } else {
+            Login::BadCredentials
+        }
+    }
+}
+
+/// May a client with these prefixes publish to `topic`?
+pub fn may_publish(publish: &Option<Arc<[String]>>, topic: &str) -> bool {
+    publish.as_ref().is_none_or(|prefixes| prefixes.iter().any(|p| topic.starts_with(p.as_str())))
+}
+
+fn read_password_file(path: &Path) -> Result<Vec<(String, String)>, AuthError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: shown.clone(), source })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let err = |message: String| AuthError::Line { path: shown.clone(), line: i + 1, message };
+        let (name, hash) = line.split_once(':').ok_or_else(|| err("expected `user:PHC-hash`".into()))?;
+        if name.is_empty() {
+            return Err(err("empty user name".into()));
+        }
+        check_hash(hash).map_err(err)?;
+        out.push((name.to_string(), hash.to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passwords_verify_and_prefixes_limit_publishing() {
+        let hash = hash_password("s3cret");
+        assert!(check_hash(&hash).is_ok(), "{hash}");
+        assert!(check_hash("plain").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("passwd");
+        std::fs::write(&file, format!("# comment\nbob:{hash}\n")).unwrap();
+        let cfg = BrokerConfig {
+            password_file: Some(file.clone()),
+            users: vec![crate::config::BrokerUser {
+                name: "site1".into(),
+                password_hash: hash.clone(),
+                publish: Some(vec!["sensors/site1-".into()]),
+            }],
+            ..Default::default()
+        };
+        let users = Arc::new(Users::load(&cfg).unwrap());
+        assert_eq!(users.login(None).await, Login::NotAuthorized);
+        assert_eq!(users.login(Some(("bob", "nope"))).await, Login::BadCredentials);
+        assert_eq!(users.login(Some(("eve", "s3cret"))).await, Login::BadCredentials);
+        assert_eq!(users.login(Some(("bob", "s3cret"))).await, Login::Ok { user: Some("bob".into()), publish: None });
+        // Remembered: the second login does not verify again, and a wrong password still fails.
+        assert!(matches!(users.login(Some(("bob", "s3cret"))).await, Login::Ok { .. }));
+        assert_eq!(users.login(Some(("bob", "s3cret!"))).await, Login::BadCredentials);
+        let Login::Ok { publish, .. } = users.login(Some(("site1", "s3cret"))).await else { panic!() };
+        assert!(may_publish(&publish, "sensors/site1-w1/hr"));
+        assert!(!may_publish(&publish, "sensors/site2-w1/hr"));
+        assert!(may_publish(&None, "anything"));
+
+        std::fs::write(&file, "bob\n").unwrap();
+        let e = Users::load(&cfg).err().unwrap().to_string();
+        assert!(e.contains("passwd:1:"), "{e}");
+    }
+}

@@ -1,0 +1,722 @@
+//! The embedded MQTT broker for LAN devices and dashboards (rumqttd 0.20).
+//!
+//! LAN devices publish readings to `ingest` (`sensors/{device}/{sensor}`);
+//! [`crate::source::lan`] takes them off a local rumqttd link into the same
+//! dedup → batch → queue path as serial readings. Every accepted reading,
+//! from any source, is republished retained on `republish`
+//! (`readings/{device}/{sensor}`), and the gateway's status on
+//! `status_topic` every `status_interval`.
+//!
+//! ## What runs where, and who stops it
+//! * rumqttd's router: one OS thread of its own (`Router::spawn`). rumqttd
+//!   has no way to stop it (#771): it ends with the process.
+//! * rumqttd's listeners, internal only: an MQTT 3.1.1 and an MQTT 5 server
+//!   on loopback ports, as tasks on a current-thread runtime in the
+//!   `broker-internal` thread (rumqttd's connection code blocks on channel
+//!   sends, so it must not share our runtime). A supervisor restarts a
+//!   server whose task ends or that stops answering CONNECTs, on a new port.
+//!   They require an internal password, so local processes cannot bypass
+//!   the front door.
+//! * Our front door ([`proxy`]): one tokio task per public listener (tcp,
+//!   tls, websocket) on the main runtime, one task per client.
+//! * The ingest task ([`crate::source::lan`]) on the main runtime, reading
+//!   the local link with its async `next()`.
+//! * The `broker-publish` thread: republishes readings and status through
+//!   the local link (its `send` blocks when the router is busy).
+//! * The ack task: takes the pipeline's acks for LAN devices (the LAN
+//!   source's ack route) into [`Durable`], which the front door waits on
+//!   before it forwards a PUBACK/PUBCOMP when `broker.ack = "durable"`.
+//!   It ends with the pipeline, the route's only sender.
+//!
+//! Shutdown ([`Broker::stop`]): the listeners close every client
+//! connection, the internal servers stop, and the ingest task hands over
+//! what the router already forwarded — all before the pipeline drains, so
+//! the last LAN readings reach the queue. The publish thread ends when the
+//! pipeline drops its sender.
+//!
+//! ## rumqttd 0.20 problems handled at our boundary
+//! * A rejected client id (`/ + # $`) that connects twice panics inside the
+//!   listener while holding a mutex (#1062): ids are %-escaped by the proxy.
+//! * A stalled TLS or WebSocket handshake blocks the whole listener: ours
+//!   run in per-connection tasks with `connect_timeout`.
+//! * `Broker::start()` blocks and returns Ok even when the port is taken:
+//!   we bind the public ports ourselves, first, and fail with the port named.
+//! * No connection limit before CONNECT, no CONNACK code on a failed login,
+//!   no ACLs: the proxy counts connections, answers CONNACK 3/4/5, and
+//!   checks each PUBLISH's topic (and the will's) against the user's allowed
+//!   prefixes.
+//! * No backpressure from a slow subscriber: rumqttd skips ahead for it and
+//!   loses what it had not read. [`Flow`] holds publishers back instead.
+
+pub mod auth;
+pub mod proxy;
+pub mod topic;
+
+use crate::config::{BrokerConfig, Config};
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::reading::{Ack, Incoming, PortId, Reading};
+use crate::shutdown::{self, Shutdown};
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use topic::TopicPattern;
+use tracing::{error, info, warn};
+
+/// Readings waiting to be republished; past this they are dropped (counted):
+/// republishing is best effort and must never slow the pipeline.
+const REPUBLISH_CHANNEL: usize = 8192;
+/// rumqttd keeps every published message in per-filter in-memory segments
+/// until they rotate out (3 MiB a filter here, kept once filled): this bounds
+/// the broker's memory, and how far a subscriber may lag before rumqttd skips
+/// messages for it. Smaller segments cost no throughput in the bench and cut
+/// its peak RSS from 60 to 46 MiB.
+const SEGMENT_BYTES: usize = 512 << 10;
+const SEGMENT_COUNT: usize = 6;
+/// How far (topic + payload bytes) the ingest task may lag behind what the
+/// front door let into the ingest topics before the front door stops reading
+/// from publishers: well inside rumqttd's retention above, so rumqttd never
+/// skips a LAN reading; TCP pushes back on the devices instead.
+const INGEST_LAG_LIMIT: u64 = 1 << 20;
+/// Consecutive CONNECTs the internal server left unanswered before it is restarted.
+const INTERNAL_FAILURES_BEFORE_RESTART: u32 = 3;
+const INTERNAL_USER: &str = "edge-gateway-proxy";
+const LINK_CLIENT_ID: &str = "edge-gateway";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr} (broker.{key}): {source}")]
+    Listen { key: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("broker.{key} {path}: {message}")]
+    Tls { key: &'static str, path: String, message: String },
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("internal broker: {0}")]
+    Internal(String),
+}
+
+/// `site1/dev1` → `site1%2Fdev1`: the characters rumqttd refuses in client
+/// ids, and `%` itself so that the mapping stays one-to-one.
+pub fn escape_client_id(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for c in id.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            '+' => out.push_str("%2B"),
+            '#' => out.push_str("%23"),
+            '$' => out.push_str("%24"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Debug builds only: `EDGE_GATEWAY_BROKER_RAW_CLIENT_IDS=1` hands client ids
+/// to rumqttd unescaped, so a test can wedge it for real (#1062) and watch
+/// the supervisor restart it. A release binary ignores the variable.
+fn raw_client_ids() -> bool {
+    cfg!(debug_assertions) && std::env::var_os("EDGE_GATEWAY_BROKER_RAW_CLIENT_IDS").is_some()
+}
+
+/// The internal rumqttd servers, as the proxy sees them.
+pub struct Internal {
+    v4: AtomicU16,
+    v5: AtomicU16,
+    password: String,
+    failures: AtomicU32,
+    restart: Notify,
+}
+
+impl Internal {
+    pub fn login(&self) -> rumqttd::protocol::Login {
+        rumqttd::protocol::Login { username: INTERNAL_USER.into(), password: self.password.clone() }
+    }
+    pub fn addr(&self, v5: bool) -> SocketAddr {
+        let port = if v5 { &self.v5 } else { &self.v4 }.load(Ordering::Relaxed);
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+    }
+    pub fn healthy(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+    pub fn failed(&self) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= INTERNAL_FAILURES_BEFORE_RESTART {
+            self.failures.store(0, Ordering::Relaxed);
+            self.restart.notify_waiters();
+        }
+    }
+}
+
+/// Flow control between the front door and the ingest task.
+///
+/// rumqttd acks a PUBLISH once it is in its in-memory log and drops the
+/// oldest log segment when the log is full, whether or not every subscriber
+/// has read it; it has no backpressure from a slow subscriber to the
+/// publishers. So the front door counts what it lets into the ingest topics,
+/// the ingest task counts what it took, and publishers wait while the
+/// difference is over a limit (1 MiB).
+///
+/// The two counts can drift apart (a PUBLISH rumqttd refused, a QoS 2
+/// resend it deduplicated): when publishers are held back while the ingest
+/// task sits waiting for the router with nothing to take, the difference is
+/// not real, and it is forgotten.
+pub struct Flow {
+    admitted: AtomicU64,
+    taken: AtomicU64,
+    limit: u64,
+    room: Notify,
+    /// The ingest task is waiting for rumqttd (not busy, not held by the pipeline).
+    idle: AtomicBool,
+}
+
+impl Flow {
+    pub fn new(limit: u64) -> Flow {
+        Flow {
+            admitted: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+            limit,
+            room: Notify::new(),
+            idle: AtomicBool::new(true),
+        }
+    }
+
+    pub fn lag(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed).saturating_sub(self.taken.load(Ordering::Relaxed))
+    }
+
+    /// Wait until there is room, then count `bytes` as admitted.
+    pub async fn admit(&self, bytes: u64) {
+        let mut idle_polls = 0;
+        while self.lag() >= self.limit {
+            // The timeout covers a wake-up that raced with the check.
+            if tokio::time::timeout(Duration::from_millis(5), self.room.notified()).await.is_err()
+                && self.idle.load(Ordering::Relaxed)
+            {
+                idle_polls += 1;
+                if idle_polls >= 10 {
+                    self.admitted.store(self.taken.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            } else {
+                idle_polls = 0;
+            }
+        }
+        self.admitted.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The ingest task took `bytes`.
+    pub fn taken(&self, bytes: u64) {
+        self.taken.fetch_add(bytes, Ordering::Relaxed);
+        if self.lag() < self.limit {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// The ingest task waits for rumqttd (true) or works (false).
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::Relaxed);
+    }
+}
+
+/// The pipeline's acks for LAN devices, which the front door waits on
+/// before it forwards a PUBACK or PUBCOMP when `broker.ack = "durable"`.
+///
+/// A reading `(device, seq)` registered at generation `g` (the count of the
+/// device's acks so far) is durable once an ack for the device numbered
+/// after `g` says `seq` or more. Acks are cumulative, and "after
+/// registration" keeps an old high ack from covering a device that restarted
+/// its counter (the pipeline then acks from the new, lower seqs).
+#[derive(Default)]
+pub struct Durable {
+    /// device → (latest acked seq, number of acks so far)
+    acked: Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    changed: Notify,
+}
+
+impl Durable {
+    pub fn acked(&self, ack: &Ack) {
+        let mut m = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(ack.device.clone()).or_insert((0, 0));
+        *e = (ack.seq, e.1 + 1);
+        drop(m);
+        self.changed.notify_waiters();
+    }
+
+    /// The device's ack generation now: pass it to [`Durable::wait`].
+    pub fn generation(&self, device: &str) -> u64 {
+        self.acked.lock().unwrap_or_else(|e| e.into_inner()).get(device).map_or(0, |e| e.1)
+    }
+
+    fn is_durable(&self, device: &str, seq: u64, generation: u64) -> bool {
+        self.acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .is_some_and(|(acked, g)| *g > generation && *acked >= seq)
+    }
+
+    /// Wait until `(device, seq)`, registered at `generation`, is durable.
+    pub async fn wait(&self, device: &str, seq: u64, generation: u64) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_durable(device, seq, generation) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// What the status message reports, gathered on the publish thread.
+pub struct StatusSource {
+    pub gateway: String,
+    pub queue: Arc<Mutex<Queue>>,
+    pub upstream_configured: bool,
+}
+
+/// A running broker; see the module docs for what it owns.
+pub struct Broker {
+    stop: Shutdown,
+    listeners: JoinSet<()>,
+    ingest: tokio::task::JoinHandle<()>,
+    acks: tokio::task::JoinHandle<()>,
+    internal: Option<std::thread::JoinHandle<()>>,
+    publisher: Option<std::thread::JoinHandle<()>>,
+    /// For the pipeline: every accepted reading goes here (see
+    /// `Pipeline::set_republish`). Held until [`Broker::finish`] so the
+    /// status keeps going even when `republish` is disabled.
+    pub republish: Option<mpsc::Sender<Reading>>,
+    pub local_addrs: Vec<(&'static str, SocketAddr)>,
+}
+
+impl Broker {
+    /// Bind the listeners (failing with the port named if one is taken),
+    /// start rumqttd and the ingest and publish sides.
+    /// LAN readings reach the pipeline as coming from `port`; the pipeline's
+    /// acks for them come back on `acks`.
+    pub async fn start(
+        cfg: &Config,
+        tx: mpsc::Sender<Incoming>,
+        port: PortId,
+        acks: mpsc::Receiver<Ack>,
+        metrics: Arc<Metrics>,
+        status: StatusSource,
+    ) -> Result<Broker, BrokerError> {
+        let b = &cfg.broker;
+        // Bind first: nothing is started if a port is taken.
+        let mut bound = Vec::new();
+        for (key, addr) in [("tcp", b.tcp), ("tls", b.tls), ("websocket", b.websocket)] {
+            if let Some(addr) = addr {
+                let l = TcpListener::bind(addr).await.map_err(|source| BrokerError::Listen { key, addr, source })?;
+                bound.push((key, l));
+            }
+        }
+        let tls = match b.tls {
+            Some(_) => Some(tls_acceptor(b)?),
+            None => None,
+        };
+        let users = Arc::new(auth::Users::load(b)?);
+        let ingest = TopicPattern::parse(&b.ingest).map_err(BrokerError::Internal)?;
+        let republish = if b.republish.is_empty() {
+            None
+        } else {
+            Some(TopicPattern::parse(&b.republish).map_err(BrokerError::Internal)?)
+        };
+
+        let router_tx = Router::new(0, router_config(b)).spawn();
+        let internal = Arc::new(Internal {
+            v4: AtomicU16::new(0),
+            v5: AtomicU16::new(0),
+            password: random_secret(),
+            failures: AtomicU32::new(0),
+            restart: Notify::new(),
+        });
+        let stop = Shutdown::new();
+        let internal_thread = {
+            let (internal, router_tx, settings, stop) =
+                (internal.clone(), router_tx.clone(), b.clone(), stop.subscribe());
+            let password = internal.password.clone();
+            // rumqttd does not export the router channel's type: a closure carries it.
+            let servers = move |p4: u16, p5: u16| {
+                use rumqttd::protocol::{v4::V4, v5::V5};
+                let v4 = Server::new(server_settings(&settings, "internal-v4", p4, &password), router_tx.clone(), V4);
+                let v5 = Server::new(server_settings(&settings, "internal-v5", p5, &password), router_tx.clone(), V5);
+                (v4, v5)
+            };
+            std::thread::Builder::new()
+                .name("broker-internal".into())
+                .spawn(move || run_internal(internal, servers, stop))
+                .map_err(|e| BrokerError::Internal(format!("cannot start its thread: {e}")))?
+        };
+        wait_internal_ready(&internal).await?;
+
+        // One local link: its receiving half feeds ingest, its sending half publishes.
+        let filter = ingest.filter();
+        let (link_tx, link_rx) = tokio::task::spawn_blocking(move || -> Result<(LinkTx, LinkRx), String> {
+            let (mut tx, rx, _ack) = LinkBuilder::new(LINK_CLIENT_ID, router_tx).build().map_err(|e| e.to_string())?;
+            tx.subscribe(filter).map_err(|e| e.to_string())?;
+            Ok((tx, rx))
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+        .map_err(BrokerError::Internal)?;
+
+        let flow = Arc::new(Flow::new(INGEST_LAG_LIMIT));
+        let ingest_task = tokio::spawn(crate::source::lan::run(
+            link_rx,
+            ingest.clone(),
+            flow.clone(),
+            port,
+            tx,
+            metrics.clone(),
+            stop.subscribe(),
+        ));
+
+        let (rp_tx, rp_rx) = mpsc::channel(REPUBLISH_CHANNEL);
+        let publisher = {
+            let (topic, every, m) = (b.status_topic.clone(), b.status_interval, metrics.clone());
+            std::thread::Builder::new()
+                .name("broker-publish".into())
+                .spawn(move || run_publisher(link_tx, rp_rx, republish, topic, every, status, m))
+                .map_err(|e| BrokerError::Internal(format!("cannot start its thread: {e}")))?
+        };
+
+        // Ends when the pipeline, the route's only sender, is gone.
+        let durable = Arc::new(Durable::default());
+        let ack_task = {
+            let (durable, mut acks) = (durable.clone(), acks);
+            tokio::spawn(async move {
+                while let Some(ack) = acks.recv().await {
+                    durable.acked(&ack);
+                }
+            })
+        };
+
+        let shared = Arc::new(proxy::Shared {
+            users,
+            internal,
+            connections: Arc::new(tokio::sync::Semaphore::new(b.max_connections)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new((4 * b.max_connections).max(256))),
+            connect_timeout: b.connect_timeout,
+            max_payload: b.max_payload as usize,
+            metrics,
+            refusal_log: Default::default(),
+            ingest,
+            flow,
+            escape_ids: !raw_client_ids(),
+            durable: (b.ack == crate::config::BrokerAck::Durable).then_some(durable),
+        });
+        let mut listeners = JoinSet::new();
+        let mut local_addrs = Vec::new();
+        for (key, l) in bound {
+            let kind = match key {
+                "tls" => proxy::Kind::Tls(tls.clone().expect("tls acceptor built when tls is set")),
+                "websocket" => proxy::Kind::Ws,
+                _ => proxy::Kind::Tcp,
+            };
+            if let Ok(a) = l.local_addr() {
+                info!("broker: {key} listening on {a}");
+                local_addrs.push((key, a));
+            }
+            listeners.spawn(proxy::serve(l, kind, shared.clone(), stop.subscribe()));
+        }
+        info!(
+            "broker: ingest {:?}, republish {:?}, status {:?}, {} user(s), anonymous {}",
+            b.ingest,
+            b.republish,
+            b.status_topic,
+            shared.users.count(),
+            if b.allow_anonymous { "allowed" } else { "refused" }
+        );
+        Ok(Broker {
+            stop,
+            listeners,
+            ingest: ingest_task,
+            acks: ack_task,
+            internal: Some(internal_thread),
+            publisher: Some(publisher),
+            republish: Some(rp_tx),
+            local_addrs,
+        })
+    }
+
+    /// Close every listener and client, stop the internal servers, and let
+    /// the ingest task hand over what rumqttd already forwarded.
+    pub async fn stop(&mut self, budget: Duration) {
+        self.stop.trigger();
+        let end = tokio::time::Instant::now() + budget;
+        let _ = tokio::time::timeout_at(end, async { while self.listeners.join_next().await.is_some() {} }).await;
+        self.listeners.abort_all();
+        if tokio::time::timeout_at(end, &mut self.ingest).await.is_err() {
+            warn!("broker: ingest did not finish within {budget:?}");
+            self.ingest.abort();
+        }
+        if let Some(t) = self.internal.take() {
+            let _ = tokio::time::timeout_at(end, tokio::task::spawn_blocking(move || t.join())).await;
+        }
+    }
+
+    /// After the pipeline has stopped (and dropped its republish sender).
+    pub async fn finish(&mut self, budget: Duration) {
+        self.republish = None;
+        self.acks.abort();
+        if let Some(t) = self.publisher.take() {
+            let _ = tokio::time::timeout(budget, tokio::task::spawn_blocking(move || t.join())).await;
+        }
+    }
+}
+
+fn router_config(b: &BrokerConfig) -> RouterConfig {
+    RouterConfig {
+        // Our proxy enforces max_connections; the router only needs room
+        // for them, our local link, and sessions being replaced.
+        max_connections: b.max_connections + 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: SEGMENT_BYTES,
+        max_segment_count: SEGMENT_COUNT,
+        ..Default::default()
+    }
+}
+
+fn random_secret() -> String {
+    let mut b = [0u8; 24];
+    OsRng.fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn server_settings(b: &BrokerConfig, name: &str, port: u16, password: &str) -> ServerSettings {
+    let mut auth = std::collections::HashMap::new();
+    auth.insert(INTERNAL_USER.to_string(), password.to_string());
+    ServerSettings {
+        name: name.to_string(),
+        listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: b.connect_timeout.as_millis().min(u16::MAX as u128) as u16,
+            // The proxy already enforces max_payload on whole packets.
+            max_payload_size: b.max_payload as usize + 70_000,
+            max_inflight_count: 100,
+            auth: Some(auth),
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+/// The internal servers' thread: a current-thread runtime supervising one
+/// MQTT 3.1.1 and one MQTT 5 rumqttd server until shutdown.
+fn run_internal(
+    internal: Arc<Internal>,
+    servers: impl Fn(u16, u16) -> (Server<rumqttd::protocol::v4::V4>, Server<rumqttd::protocol::v5::V5>),
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        error!("broker: cannot build the internal runtime");
+        return;
+    };
+    rt.block_on(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (Ok(p4), Ok(p5)) = (free_port(), free_port()) else {
+                error!("broker: no free loopback port for the internal listeners");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            internal.v4.store(p4, Ordering::Relaxed);
+            internal.v5.store(p5, Ordering::Relaxed);
+            let (mut s4, mut s5) = servers(p4, p5);
+            let started = tokio::time::Instant::now();
+            tokio::select! {
+                biased;
+                _ = shutdown::wait(&mut stop) => return,
+                _ = internal.restart.notified() => warn!("broker: internal listener stopped answering; restarting it"),
+                r = s4.start(LinkType::Remote) => warn!("broker: internal v4 listener ended: {r:?}; restarting it"),
+                r = s5.start(LinkType::Remote) => warn!("broker: internal v5 listener ended: {r:?}; restarting it"),
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::select! {
+                _ = shutdown::wait(&mut stop) => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+}
+
+/// Wait until both internal ports are bound (checked by failing to bind them).
+async fn wait_internal_ready(internal: &Internal) -> Result<(), BrokerError> {
+    let taken = |a: SocketAddr| std::net::TcpListener::bind(a).is_err();
+    for _ in 0..250 {
+        let (a4, a5) = (internal.addr(false), internal.addr(true));
+        if a4.port() != 0 && a5.port() != 0 && taken(a4) && taken(a5) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(BrokerError::Internal("internal listeners did not start within 5 s".into()))
+}
+
+fn tls_acceptor(b: &BrokerConfig) -> Result<tokio_rustls::TlsAcceptor, BrokerError> {
+    use rustls_pemfile::Item;
+    let (cert_path, key_path) = (b.tls_cert.as_ref().expect("validated"), b.tls_key.as_ref().expect("validated"));
+    let err = |key, path: &std::path::Path, message: String| BrokerError::Tls {
+        key,
+        path: path.display().to_string(),
+        message,
+    };
+    let read = |key, path: &std::path::Path| std::fs::read(path).map_err(|e| err(key, path, e.to_string()));
+    let cert_pem = read("tls_cert", cert_path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| err("tls_cert", cert_path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("tls_cert", cert_path, "no PEM certificate in it".into()));
+    }
+    let key_pem = read("tls_key", key_path)?;
+    let key = rustls_pemfile::read_all(&mut key_pem.as_slice())
+        .filter_map(Result::ok)
+        .find_map(|item| match item {
+            Item::Pkcs1Key(k) => Some(k.into()),
+            Item::Pkcs8Key(k) => Some(k.into()),
+            Item::Sec1Key(k) => Some(k.into()),
+            _ => None,
+        })
+        .ok_or_else(|| err("tls_key", key_path, "no PEM private key in it".into()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("tls", cert_path, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| err("tls_key", key_path, format!("does not fit the certificate: {e}")))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The publish thread: republish readings (retained) and the status.
+fn run_publisher(
+    mut link: LinkTx,
+    mut rx: mpsc::Receiver<Reading>,
+    republish: Option<TopicPattern>,
+    status_topic: String,
+    every: Duration,
+    status: StatusSource,
+    metrics: Arc<Metrics>,
+) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
+        error!("broker: cannot build the publish runtime");
+        return;
+    };
+    rt.block_on(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => {
+                        if let Some(p) = &republish {
+                            let topic = p.topic(&r.device, &r.sensor);
+                            let mut payload = crate::wire::encode_reading_jsonl(&r);
+                            payload.pop(); // the '\n'
+                            if link.send(Packet::Publish(Publish::new(topic.into_bytes(), payload, true), None)).await.is_err() {
+                                error!("broker: the router is gone; republishing stops");
+                                return;
+                            }
+                            Metrics::inc(&metrics.readings_republished);
+                        }
+                    }
+                    None => return,
+                },
+                _ = tick.tick(), if !status_topic.is_empty() => {
+                    let payload = status_json(&status, &metrics);
+                    let _ = link.send(Packet::Publish(Publish::new(status_topic.clone().into_bytes(), payload, true), None)).await;
+                }
+            }
+        }
+    });
+}
+
+fn status_json(s: &StatusSource, m: &Metrics) -> Vec<u8> {
+    let q = s.queue.lock().unwrap_or_else(|e| e.into_inner()).status();
+    let serial: serde_json::Map<String, serde_json::Value> =
+        m.ports().into_iter().map(|(name, c)| (name, serde_json::Value::Bool(c.connected))).collect();
+    let v = serde_json::json!({
+        "gateway": s.gateway,
+        "ts": crate::reading::now_ms(),
+        "queue": { "batches": q.batches, "readings": q.readings, "bytes": q.bytes },
+        "upstream": match (s.upstream_configured, Metrics::get(&m.upstream_connected)) {
+            (false, _) => "not configured",
+            (true, 0) => "disconnected",
+            _ => "connected",
+        },
+        "delivered": { "batches": Metrics::get(&m.batches_delivered), "readings": Metrics::get(&m.readings_delivered) },
+        "sources": { "serial": serial, "lan_clients": Metrics::get(&m.broker_connections) },
+        "readings_accepted": Metrics::get(&m.readings_accepted),
+        "duplicates_dropped": Metrics::get(&m.duplicates_dropped),
+    });
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn flow_holds_publishers_while_ingest_lags_and_forgets_phantom_lag() {
+        let flow = Arc::new(Flow::new(100));
+        flow.set_idle(false);
+        flow.admit(60).await;
+        flow.admit(60).await; // lag 120 >= 100: the next one waits
+        let f = flow.clone();
+        let waiting = tokio::spawn(async move { f.admit(10).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "held while the busy ingest lags");
+        flow.taken(60);
+        waiting.await.unwrap();
+        assert_eq!(flow.lag(), 70);
+        // 200 bytes rumqttd never delivered: once ingest is idle, the lag is forgotten.
+        flow.admit(200).await;
+        flow.set_idle(true);
+        tokio::time::timeout(Duration::from_secs(1), flow.admit(1)).await.expect("phantom lag forgotten");
+        assert_eq!(flow.lag(), 1);
+    }
+
+    #[tokio::test]
+    async fn durable_needs_an_ack_after_registration() {
+        let d = Durable::default();
+        let ack = |seq| Ack { device: "w".into(), seq };
+        d.acked(&ack(500));
+        // The device restarted its counter: seq 1 is not covered by the old 500.
+        let g = d.generation("w");
+        assert!(tokio::time::timeout(Duration::from_millis(50), d.wait("w", 1, g)).await.is_err());
+        d.acked(&ack(1));
+        tokio::time::timeout(Duration::from_millis(50), d.wait("w", 1, g)).await.expect("acked after registration");
+        let g = d.generation("w");
+        d.acked(&ack(3));
+        tokio::time::timeout(Duration::from_millis(50), d.wait("w", 2, g)).await.expect("cumulative");
+    }
+
+    #[test]
+    fn client_ids_escape_one_to_one() {
+        assert_eq!(escape_client_id("site1/dev1"), "site1%2Fdev1");
+        assert_eq!(escape_client_id("a+#$%b"), "a%2B%23%24%25b");
+        assert_ne!(escape_client_id("site1%2Fdev1"), escape_client_id("site1/dev1"));
+        assert_eq!(escape_client_id("plain-id"), "plain-id");
+    }
+}

@@ -1,0 +1,542 @@
+//! Our front door: every LAN client connects here, never to rumqttd directly.
+//!
+//! rumqttd 0.20's listener can be wedged or abused (see the crate docs in
+//! [`crate::broker`]), so each public listener is a tokio acceptor of ours
+//! that never awaits a client in its accept loop. Per connection, in a task
+//! of its own and within `connect_timeout`, it finishes the TLS or WebSocket
+//! handshake and reads the CONNECT, then:
+//! * refuses what rumqttd would mishandle, with a proper CONNACK code: bad
+//!   credentials (4 / 0x86), no credentials (5 / 0x87), too many clients
+//!   (3 / 0x88), MQTT 3.1 (1);
+//! * rewrites the client id so rumqttd accepts it (`/ + # $ %` are
+//!   %-escaped: `site1/dev1` → `site1%2Fdev1`; rumqttd 0.20 rejects such ids
+//!   and then panics on the second try, #1062), turns keep-alive 0 (which
+//!   rumqttd refuses without a CONNACK) into 65535 s, and swaps the client's
+//!   credentials for the internal ones;
+//! * forwards the connection to rumqttd's internal listener on loopback,
+//!   checking each PUBLISH on the way: bigger than `max_payload` or outside
+//!   the user's allowed prefixes closes the connection (MQTT 3.1.1 has no
+//!   negative PUBACK; closing is what §3.3.5 allows).
+
+use super::auth::{self, Login, Users};
+use super::{Internal, escape_client_id};
+use crate::metrics::Metrics;
+use crate::shutdown;
+use crate::wire;
+use bytes::BytesMut;
+use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet, Protocol, v4::V4, v5::V5};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout_at};
+use tracing::{debug, info, warn};
+
+/// Largest CONNECT we read (will message included): bounds memory per handshake.
+const MAX_CONNECT: usize = 64 * 1024;
+/// Bytes a PUBLISH may carry beyond its payload (topic, packet id, v5 properties).
+const PUBLISH_OVERHEAD: usize = 65_535 + 2 + 2 + 4096;
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+#[derive(Clone)]
+pub enum Kind {
+    Tcp,
+    Tls(tokio_rustls::TlsAcceptor),
+    Ws,
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Tls(_) => "tls",
+            Kind::Ws => "websocket",
+        }
+    }
+}
+
+pub struct Shared {
+    pub users: Arc<Users>,
+    pub internal: Arc<Internal>,
+    /// Connected clients (after a successful CONNACK).
+    pub connections: Arc<Semaphore>,
+    /// Connections still in their handshake (TLS/WS/CONNECT).
+    pub handshakes: Arc<Semaphore>,
+    pub connect_timeout: Duration,
+    pub max_payload: usize,
+    pub metrics: Arc<Metrics>,
+    /// When a refusal was last logged at info, and how many were not since.
+    pub refusal_log: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+    /// PUBLISHes to these topics wait for room in `flow`.
+    pub ingest: super::topic::TopicPattern,
+    pub flow: Arc<super::Flow>,
+    /// False only in a debug build told to (see `raw_client_ids`).
+    pub escape_ids: bool,
+    /// With `broker.ack = "durable"`: PUBACK/PUBCOMP for readings wait for this.
+    pub durable: Option<Arc<super::Durable>>,
+}
+
+/// Accept on `listener` until shutdown, then close every connection it made.
+pub async fn serve(listener: TcpListener, kind: Kind, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut conns = JoinSet::new();
+    let mut last_refusal_log: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown::wait(&mut stop) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = listener.accept() => match r {
+                Ok((sock, peer)) => {
+                    // Past the handshake limit the oldest half-open
+                    // connections keep their slots until their timeout;
+                    // newcomers are closed at once rather than queued.
+                    let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                        Metrics::inc(&shared.metrics.broker_refused);
+                        if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            last_refusal_log = Some(std::time::Instant::now());
+                            warn!("broker {}: too many connections in their handshake, closing {peer}", kind.name());
+                        }
+                        continue;
+                    };
+                    let _ = sock.set_nodelay(true);
+                    conns.spawn(handle(sock, peer, kind.clone(), shared.clone(), permit));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("broker {}: accept failed: {e}", kind.name());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+}
+
+async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Shared>, handshake: OwnedSemaphorePermit) {
+    let deadline = Instant::now() + shared.connect_timeout;
+    let name = kind.name();
+    let mut client: Box<dyn Io> = match kind {
+        Kind::Tcp => Box::new(sock),
+        Kind::Tls(acceptor) => match timeout_at(deadline, acceptor.accept(sock)).await {
+            Ok(Ok(s)) => Box::new(s),
+            Ok(Err(e)) => return refused(&shared, name, peer, &format!("TLS handshake failed: {e}")),
+            Err(_) => return refused(&shared, name, peer, "TLS handshake timed out"),
+        },
+        Kind::Ws => match timeout_at(deadline, async_tungstenite::tokio::accept_hdr_async(sock, WsMqtt)).await {
+            Ok(Ok(ws)) => Box::new(ws_stream_tungstenite::WsStream::new(ws)),
+            Ok(Err(e)) => return refused(&shared, name, peer, &format!("WebSocket handshake failed: {e}")),
+            Err(_) => return refused(&shared, name, peer, "WebSocket handshake timed out"),
+        },
+    };
+    let mut buf = BytesMut::with_capacity(256);
+    let raw = match timeout_at(deadline, read_packet(&mut client, &mut buf, MAX_CONNECT)).await {
+        Ok(Ok(Some(p))) => p,
+        Ok(Ok(None)) => return refused(&shared, name, peer, "closed before CONNECT"),
+        Ok(Err(e)) => return refused(&shared, name, peer, &e),
+        Err(_) => return refused(&shared, name, peer, "no CONNECT within connect_timeout"),
+    };
+    let level = match protocol_level(&raw) {
+        Ok(l) => l,
+        Err(e) => return refused(&shared, name, peer, &e),
+    };
+    let v5 = level == 5;
+    if level != 4 && level != 5 {
+        let _ = write_connack(&mut client, false, ConnectReturnCode::RefusedProtocolVersion).await;
+        return refused(&shared, name, peer, &format!("MQTT protocol level {level} (3.1.1 and 5 are supported)"));
+    }
+    let mut raw = raw;
+    let parsed = if v5 { V5.read_mut(&mut raw, MAX_CONNECT) } else { V4.read_mut(&mut raw, MAX_CONNECT) };
+    let Ok(Packet::Connect(mut connect, props, will, will_props, login)) = parsed else {
+        return refused(&shared, name, peer, "malformed CONNECT");
+    };
+    let creds = login.as_ref().map(|l| (l.username.as_str(), l.password.as_str()));
+    let user_name = creds.map(|c| c.0.to_string());
+    let publish = match shared.users.login(creds).await {
+        Login::Ok { publish, .. } => publish,
+        Login::BadCredentials => {
+            let _ = write_connack(&mut client, v5, ConnectReturnCode::BadUserNamePassword).await;
+            return refused(
+                &shared,
+                name,
+                peer,
+                &format!("bad username or password (user {:?})", user_name.unwrap_or_default()),
+            );
+        }
+        Login::NotAuthorized => {
+            let _ = write_connack(&mut client, v5, ConnectReturnCode::NotAuthorized).await;
+            return refused(&shared, name, peer, "no username and allow_anonymous = false");
+        }
+    };
+    // rumqttd publishes the will itself: it must obey the same prefixes.
+    if let Some(w) = &will
+        && !auth::may_publish(&publish, &String::from_utf8_lossy(&w.topic))
+    {
+        let _ = write_connack(&mut client, v5, ConnectReturnCode::NotAuthorized).await;
+        return refused(&shared, name, peer, "will topic outside the user's publish prefixes");
+    }
+    let Ok(slot) = shared.connections.clone().try_acquire_owned() else {
+        let code = if v5 { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
+        let _ = write_connack(&mut client, v5, code).await;
+        return refused(&shared, name, peer, "max_connections reached");
+    };
+    drop(handshake);
+
+    // The CONNECT rumqttd will see.
+    let client_id = connect.client_id.clone();
+    if shared.escape_ids {
+        connect.client_id = escape_client_id(&connect.client_id);
+    }
+    if connect.keep_alive == 0 {
+        connect.keep_alive = u16::MAX;
+    }
+    let internal_login = Some(shared.internal.login());
+    let mut out = BytesMut::new();
+    let packet = Packet::Connect(connect, props, will, will_props, internal_login);
+    let written = if v5 { V5.write(packet, &mut out) } else { V4.write(packet, &mut out) };
+    if written.is_err() {
+        return refused(&shared, name, peer, "CONNECT could not be re-encoded");
+    }
+    let addr = shared.internal.addr(v5);
+    let connected = timeout_at(deadline, async {
+        let mut up = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let _ = up.set_nodelay(true);
+        up.write_all(&out).await.map_err(|e| e.to_string())?;
+        // rumqttd's CONNACK, forwarded as is: the client's session starts here.
+        let mut ack = BytesMut::with_capacity(64);
+        match read_packet(&mut up, &mut ack, MAX_CONNECT).await? {
+            Some(p) if p.first().is_some_and(|b| b >> 4 == 2) => Ok((up, p, ack)),
+            Some(_) => Err("expected CONNACK".to_string()),
+            None => Err("closed before CONNACK".to_string()),
+        }
+    })
+    .await;
+    let (mut up, connack, rest) = match connected {
+        Ok(Ok(x)) => {
+            shared.internal.healthy();
+            x
+        }
+        Ok(Err(e)) => {
+            shared.internal.failed();
+            let code = if v5 { ConnectReturnCode::ServerUnavailable } else { ConnectReturnCode::ServiceUnavailable };
+            let _ = write_connack(&mut client, v5, code).await;
+            return refused(&shared, name, peer, &format!("internal broker: {e}"));
+        }
+        Err(_) => {
+            shared.internal.failed();
+            let code = if v5 { ConnectReturnCode::ServerUnavailable } else { ConnectReturnCode::ServiceUnavailable };
+            let _ = write_connack(&mut client, v5, code).await;
+            return refused(&shared, name, peer, "internal broker did not answer CONNECT");
+        }
+    };
+    if client.write_all(&connack).await.is_err() || client.write_all(&rest).await.is_err() {
+        return;
+    }
+    let accepted = connack.len() >= 4 && connack[3] == 0;
+    if !accepted {
+        debug!("broker {name}: {peer} client {client_id:?} refused by the broker (code {:?})", connack.get(3));
+        return;
+    }
+    Metrics::inc(&shared.metrics.broker_connections);
+    debug!("broker {name}: {peer} connected as {client_id:?}");
+    let why = relay(&mut client, &mut up, buf, &publish, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
+    Metrics::sub(&shared.metrics.broker_connections, 1);
+    match why {
+        End::Closed => debug!("broker {name}: {client_id:?} ({peer}) disconnected"),
+        End::Denied(topic) => {
+            Metrics::inc(&shared.metrics.broker_denied_publishes);
+            warn!("broker {name}: {client_id:?} ({peer}) may not publish to {topic:?}; disconnected");
+        }
+        End::TooBig(n) => {
+            Metrics::inc(&shared.metrics.broker_denied_publishes);
+            warn!("broker {name}: {client_id:?} ({peer}) sent a {n}-byte packet over max_payload; disconnected");
+        }
+        End::Malformed => warn!("broker {name}: {client_id:?} ({peer}) sent a malformed packet; disconnected"),
+    }
+    drop(slot);
+}
+
+/// Count a refused connection; log it at debug, and at info at most once a
+/// second (an attack must not flood the journal).
+fn refused(shared: &Shared, listener: &str, peer: SocketAddr, why: &str) {
+    Metrics::inc(&shared.metrics.broker_refused);
+    debug!("broker {listener}: refused {peer}: {why}");
+    let mut log = shared.refusal_log.lock().unwrap_or_else(|e| e.into_inner());
+    if log.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        log.1 += 1;
+        return;
+    }
+    let more = std::mem::take(&mut log.1);
+    log.0 = Some(std::time::Instant::now());
+    let more = if more > 0 { format!(" ({more} more refused since the last report)") } else { String::new() };
+    info!("broker {listener}: refused {peer}: {why}{more}");
+}
+
+async fn write_connack(client: &mut Box<dyn Io>, v5: bool, code: ConnectReturnCode) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(8);
+    let packet = Packet::ConnAck(ConnAck { session_present: false, code }, None);
+    let _ = if v5 { V5.write(packet, &mut out) } else { V4.write(packet, &mut out) };
+    client.write_all(&out).await?;
+    client.flush().await?;
+    // Let the client read it before the close (a reset could discard it).
+    let _ = client.shutdown().await;
+    Ok(())
+}
+
+enum End {
+    Closed,
+    Denied(String),
+    TooBig(usize),
+    Malformed,
+}
+
+/// Copy both ways until either side closes; client → broker packet by packet,
+/// and broker → client too when acks wait for durability.
+async fn relay(
+    client: &mut Box<dyn Io>,
+    up: &mut TcpStream,
+    mut buf: BytesMut,
+    publish: &Option<Arc<[String]>>,
+    shared: &Shared,
+    v5: bool,
+    max_packet: usize,
+) -> End {
+    let (mut up_r, mut up_w) = up.split();
+    let (mut cl_r, mut cl_w) = tokio::io::split(client);
+    // Packet ids of readings whose final ack must wait: id → (ack packet type, device, seq, generation).
+    // QoS 1: the PUBACK (4). QoS 2: the PUBCOMP (7), because rumqttd hands a
+    // QoS 2 message on only at PUBREL, which the client sends after PUBREC:
+    // holding the PUBREC would wait for ever.
+    let held: std::sync::Mutex<std::collections::HashMap<u16, (u8, String, u64, u64)>> = Default::default();
+    let down = async {
+        let Some(durable) = &shared.durable else {
+            let _ = tokio::io::copy(&mut up_r, &mut cl_w).await;
+            return End::Closed;
+        };
+        let mut b = BytesMut::with_capacity(4096);
+        loop {
+            while let Frame::Len { total, header } = frame_len(&b) {
+                if b.len() < total {
+                    break;
+                }
+                let p = b.split_to(total);
+                let kind = p[0] >> 4;
+                // PUBACK (4) or PUBCOMP (7): wait until the reading is on disk.
+                if (kind == 4 || kind == 7) && total >= header + 2 {
+                    let id = u16::from_be_bytes([p[header], p[header + 1]]);
+                    let waiting = {
+                        let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
+                        match h.get(&id) {
+                            Some((k, ..)) if *k == kind => h.remove(&id),
+                            _ => None,
+                        }
+                    };
+                    if let Some((_, device, seq, generation)) = waiting {
+                        durable.wait(&device, seq, generation).await;
+                    }
+                }
+                if cl_w.write_all(&p).await.is_err() {
+                    return End::Closed;
+                }
+            }
+            if b.capacity() - b.len() < 4096 {
+                b.reserve(4096);
+            }
+            match up_r.read_buf(&mut b).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => {}
+            }
+        }
+    };
+    let upward = async {
+        loop {
+            // Forward every complete packet in the buffer, checking PUBLISHes.
+            loop {
+                match frame_len(&buf) {
+                    Frame::Need => break,
+                    Frame::Bad => return End::Malformed,
+                    Frame::Len { total, .. } if total > max_packet => return End::TooBig(total),
+                    Frame::Len { total, header } => {
+                        if buf.len() < total {
+                            buf.reserve(total - buf.len());
+                            break;
+                        }
+                        let packet = buf.split_to(total);
+                        if packet[0] >> 4 == 3
+                            && let Some(topic) = publish_topic(&packet[header..])
+                        {
+                            if !topic.is_empty() && !auth::may_publish(publish, topic) {
+                                return End::Denied(topic.to_string());
+                            }
+                            if let Some((device, sensor)) = shared.ingest.matches(topic) {
+                                let payload_len = publish_payload_len(&packet, header, v5);
+                                shared.flow.admit((topic.len() + payload_len) as u64).await;
+                                let qos = (packet[0] >> 1) & 3;
+                                if let Some(durable) = &shared.durable
+                                    && qos > 0
+                                {
+                                    let at = header + 2 + topic.len();
+                                    let id = u16::from_be_bytes([packet[at], packet[at + 1]]);
+                                    let payload = &packet[packet.len() - payload_len..];
+                                    // Only what the ingest will accept with a seq gets an ack from the pipeline.
+                                    if let Ok((r, _)) = wire::parse_mqtt_payload(payload, device, sensor, 0)
+                                        && let Some(seq) = r.seq
+                                    {
+                                        let ack = if qos == 1 { 4 } else { 7 };
+                                        let g = durable.generation(&r.device);
+                                        held.lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .insert(id, (ack, r.device, seq, g));
+                                    }
+                                }
+                            }
+                        }
+                        if up_w.write_all(&packet).await.is_err() {
+                            return End::Closed;
+                        }
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(4096);
+            }
+            match cl_r.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        e = down => e,
+        e = upward => e,
+    }
+}
+
+enum Frame {
+    Need,
+    Bad,
+    Len { total: usize, header: usize },
+}
+
+/// Length of the MQTT packet at the start of `b` (fixed header included).
+fn frame_len(b: &[u8]) -> Frame {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let Some(&byte) = b.get(1 + i) else { return Frame::Need };
+        len |= ((byte & 0x7f) as usize) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Frame::Len { total: 2 + i + len, header: 2 + i };
+        }
+    }
+    Frame::Bad
+}
+
+/// The topic of a PUBLISH (variable header first), if it is UTF-8.
+fn publish_topic(body: &[u8]) -> Option<&str> {
+    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+    std::str::from_utf8(body.get(2..2 + n)?).ok()
+}
+
+/// Payload length of a whole PUBLISH packet whose fixed header is `header` bytes.
+fn publish_payload_len(packet: &[u8], header: usize, v5: bool) -> usize {
+    let qos = (packet[0] >> 1) & 3;
+    let topic = u16::from_be_bytes([packet[header], packet[header + 1]]) as usize;
+    let mut at = header + 2 + topic + if qos > 0 { 2 } else { 0 };
+    if v5 {
+        // Properties: a variable byte integer length, then that many bytes.
+        let mut len = 0usize;
+        for i in 0..4 {
+            let Some(&b) = packet.get(at) else { return 0 };
+            at += 1;
+            len |= ((b & 0x7f) as usize) << (7 * i);
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        at += len;
+    }
+    packet.len().saturating_sub(at)
+}
+
+/// Read one whole packet into a fresh buffer (extra bytes stay in `buf`).
+async fn read_packet<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<BytesMut>, String> {
+    loop {
+        match frame_len(buf) {
+            Frame::Bad => return Err("malformed packet length".into()),
+            Frame::Len { total, .. } if total > max => return Err(format!("first packet of {total} bytes is too big")),
+            Frame::Len { total, .. } if buf.len() >= total => return Ok(Some(buf.split_to(total))),
+            _ => {}
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(1024);
+        }
+        match r.read_buf(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// The protocol level byte of a CONNECT, after checking it is one.
+fn protocol_level(p: &[u8]) -> Result<u8, String> {
+    if p[0] != 0x10 {
+        return Err(format!("first packet is not CONNECT (type {})", p[0] >> 4));
+    }
+    let Frame::Len { header, .. } = frame_len(p) else { return Err("malformed CONNECT".into()) };
+    let body = &p[header..];
+    let n = u16::from_be_bytes([*body.first().ok_or("short CONNECT")?, *body.get(1).ok_or("short CONNECT")?]) as usize;
+    let name = body.get(2..2 + n).ok_or("short CONNECT")?;
+    let level = *body.get(2 + n).ok_or("short CONNECT")?;
+    match name {
+        b"MQTT" => Ok(level),
+        b"MQIsdp" => Ok(3),
+        _ => Err("not an MQTT CONNECT".into()),
+    }
+}
+
+/// Answers the WebSocket upgrade with the `mqtt` subprotocol clients ask for.
+struct WsMqtt;
+
+impl async_tungstenite::tungstenite::handshake::server::Callback for WsMqtt {
+    fn on_request(
+        self,
+        _request: &async_tungstenite::tungstenite::handshake::server::Request,
+        mut response: async_tungstenite::tungstenite::handshake::server::Response,
+    ) -> Result<
+        async_tungstenite::tungstenite::handshake::server::Response,
+        async_tungstenite::tungstenite::handshake::server::ErrorResponse,
+    > {
+        response.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().expect("static header value"));
+        Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_and_topics() {
+        assert!(matches!(frame_len(&[0x30]), Frame::Need));
+        assert!(matches!(frame_len(&[0x30, 0x05]), Frame::Len { total: 7, header: 2 }));
+        assert!(matches!(frame_len(&[0x30, 0x80, 0x01]), Frame::Len { total: 131, header: 3 }));
+        assert!(matches!(frame_len(&[0x30, 0xff, 0xff, 0xff, 0xff]), Frame::Bad));
+        assert_eq!(publish_topic(&[0, 3, b'a', b'/', b'b', 1, 2]), Some("a/b"));
+        assert_eq!(publish_topic(&[0, 9, b'a']), None);
+        // QoS 1 PUBLISH "a/b", id 7, payload "xyz"; then the same in MQTT 5 with 2 property bytes.
+        let v4 = [0x32, 10, 0, 3, b'a', b'/', b'b', 0, 7, b'x', b'y', b'z'];
+        assert_eq!(publish_payload_len(&v4, 2, false), 3);
+        let v5 = [0x32, 13, 0, 3, b'a', b'/', b'b', 0, 7, 2, 0x23, 1, b'x', b'y', b'z'];
+        assert_eq!(publish_payload_len(&v5, 2, true), 3);
+    }
+}

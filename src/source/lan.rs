@@ -1,0 +1,161 @@
+//! LAN MQTT input: readings LAN devices publish into the embedded broker.
+//!
+//! One task reads the broker's local link (subscribed to the `ingest`
+//! filter, e.g. `sensors/+/+`) with rumqttd's async `next()`, takes device
+//! and sensor from the topic and the rest from the JSON payload
+//! ([`wire::parse_mqtt_payload`]), and hands each reading to the pipeline
+//! like any other source, waiting when the pipeline is behind.
+//!
+//! A LAN device's ack is MQTT's: PUBACK (QoS 1) or PUBCOMP (QoS 2). With
+//! `broker.ack = "received"` rumqttd sends it once the message is in its
+//! in-memory log, before the reading is in our queue (README "LAN MQTT" says
+//! where that leaves the window); with `"durable"` the front door holds it
+//! until the pipeline's ack for the reading comes back on this source's ack
+//! route ([`crate::broker::Durable`]).
+//!
+//! Malformed payloads are counted per topic ([`Metrics::topic`]) and skipped.
+//!
+//! Each message taken is reported to [`Flow`], which holds LAN publishers
+//! back in the front door while this task is behind (rumqttd itself would
+//! drop what a slow subscriber has not read yet).
+
+use crate::broker::Flow;
+use crate::broker::topic::TopicPattern;
+use crate::metrics::Metrics;
+use crate::reading::{Incoming, PortId, now_ms};
+use crate::shutdown;
+use crate::wire;
+use rumqttd::Notification;
+use rumqttd::local::LinkRx;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+/// Topics counted one by one; past this many, the rest share one counter,
+/// so a client inventing topics cannot grow the metrics without bound.
+const MAX_COUNTED_TOPICS: usize = 4096;
+const OTHER_TOPICS: &str = "(other topics)";
+const MALFORMED_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// At shutdown, what the router already forwarded is taken until it stays quiet this long.
+const DRAIN_QUIET: Duration = Duration::from_millis(150);
+
+/// Runs until `stop` fires, then drains what the router already forwarded.
+pub async fn run(
+    mut link: LinkRx,
+    pattern: TopicPattern,
+    flow: Arc<Flow>,
+    port: PortId,
+    tx: mpsc::Sender<Incoming>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ingest = Ingest { pattern, flow, port, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown::wait(&mut stop) => break,
+            n = idle_next(&ingest.flow, &mut link) => match n {
+                Ok(Some(n)) => {
+                    if !ingest.take(&mut link, n).await {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    error!("broker: local link closed ({e}); LAN ingest stops");
+                    return;
+                }
+            },
+        }
+    }
+    // The listeners are closed by now; take what the router still holds.
+    let mut drained = 0u64;
+    while let Ok(Ok(Some(n))) = tokio::time::timeout(DRAIN_QUIET, link.next()).await {
+        drained += 1;
+        if !ingest.take(&mut link, n).await {
+            break;
+        }
+    }
+    info!("broker: LAN ingest stopped ({drained} notifications drained)");
+}
+
+/// `link.next()`, telling [`Flow`] while it waits for rumqttd.
+async fn idle_next(flow: &Flow, link: &mut LinkRx) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+    flow.set_idle(true);
+    let n = link.next().await;
+    flow.set_idle(false);
+    n
+}
+
+struct Ingest {
+    pattern: TopicPattern,
+    flow: Arc<Flow>,
+    port: PortId,
+    tx: mpsc::Sender<Incoming>,
+    metrics: Arc<Metrics>,
+    topics: HashSet<String>,
+    last_log: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Ingest {
+    /// Returns false when the pipeline is gone.
+    async fn take(&mut self, link: &mut LinkRx, n: Notification) -> bool {
+        let publish = match n {
+            Notification::Forward(f) => f.publish,
+            // The router paused us because our buffer filled: ask for more.
+            Notification::Unschedule => {
+                if let Err(e) = link.wake().await {
+                    error!("broker: cannot resume the local link: {e}");
+                }
+                return true;
+            }
+            _ => return true,
+        };
+        let topic = String::from_utf8_lossy(&publish.topic);
+        // Counted as taken once handed over (or skipped), below.
+        let bytes = (publish.topic.len() + publish.payload.len()) as u64;
+        let key = self.counter_key(&topic);
+        let parsed = match self.pattern.matches(&topic) {
+            Some((device, sensor)) => {
+                wire::parse_mqtt_payload(&publish.payload, device, sensor, now_ms()).map_err(|e| e.to_string())
+            }
+            None => Err("topic does not fit the ingest pattern".to_string()),
+        };
+        match parsed {
+            Ok((reading, ts_from_device)) => {
+                self.metrics.topic(&key, |c| c.readings += 1);
+                let sent = self.tx.send(Incoming { reading, ts_from_device, port: self.port }).await.is_ok();
+                self.flow.taken(bytes);
+                sent
+            }
+            Err(e) => {
+                self.flow.taken(bytes);
+                self.metrics.topic(&key, |c| c.malformed += 1);
+                let now = Instant::now();
+                if self.last_log.is_some_and(|t| now.duration_since(t) < MALFORMED_LOG_INTERVAL) {
+                    self.suppressed += 1;
+                } else {
+                    let more = std::mem::take(&mut self.suppressed);
+                    let more = if more > 0 { format!(" ({more} more since the last report)") } else { String::new() };
+                    warn!("broker: malformed reading on {topic:?}: {e}{more}");
+                    self.last_log = Some(now);
+                }
+                true
+            }
+        }
+    }
+
+    fn counter_key(&mut self, topic: &str) -> String {
+        if self.topics.contains(topic) {
+            return topic.to_string();
+        }
+        if self.topics.len() >= MAX_COUNTED_TOPICS {
+            return OTHER_TOPICS.to_string();
+        }
+        self.topics.insert(topic.to_string());
+        topic.to_string()
+    }
+}
