@@ -402,3 +402,103 @@ fn a_batch_over_the_brokers_maximum_packet_size_is_dropped_and_counted_not_retri
     let got = decode_all(&sub.messages());
     assert!(got.readings.len() >= 5, "the small batches went through: {}", got.readings.len());
 }
+
+/// A scripted MQTT 5 peer (not a broker: it only plays the receiver's side
+/// of QoS 2) that answers the first batch's PUBLISH with PUBREC 0x97
+/// "quota exceeded", as Mosquitto 2.0.11 does to a busy publisher, and
+/// every later one normally, delivering at PUBREL. Returns the payloads
+/// delivered.
+fn refusing_peer(listener: std::net::TcpListener, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<Vec<u8>> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let mut pending = std::collections::HashMap::new();
+    let mut delivered = Vec::new();
+    let mut refused_one = false;
+    while !stop.load(Ordering::Relaxed) {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => continue,
+        }
+        loop {
+            // One frame: fixed header, remaining length, body.
+            let (mut len, mut i) = (0usize, 1);
+            while i < buf.len() && i <= 4 {
+                len |= ((buf[i] & 0x7f) as usize) << (7 * (i - 1));
+                i += 1;
+                if buf[i - 1] & 0x80 == 0 {
+                    break;
+                }
+            }
+            if buf.len() < 2 || buf.len() < i + len {
+                break;
+            }
+            let (kind, flags, body) = (buf[0] >> 4, buf[0] & 0x0f, buf[i..i + len].to_vec());
+            buf.drain(..i + len);
+            let mut out = Vec::new();
+            match kind {
+                // CONNECT → CONNACK: no session, Receive Maximum 10.
+                1 => out.extend_from_slice(&[0x20, 6, 0, 0, 3, 0x21, 0, 10]),
+                3 => {
+                    let qos = (flags >> 1) & 3;
+                    let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
+                    let pid = [body[2 + tlen], body[3 + tlen]];
+                    let props = body[4 + tlen] as usize; // small property lengths only
+                    let payload = body[5 + tlen + props..].to_vec();
+                    if qos == 1 {
+                        out.extend_from_slice(&[0x40, 2, pid[0], pid[1]]);
+                    } else if !refused_one {
+                        refused_one = true;
+                        out.extend_from_slice(&[0x50, 3, pid[0], pid[1], 0x97]);
+                    } else {
+                        pending.entry(pid).or_insert(payload);
+                        out.extend_from_slice(&[0x50, 2, pid[0], pid[1]]);
+                    }
+                }
+                6 => {
+                    let pid = [body[0], body[1]];
+                    if let Some(p) = pending.remove(&pid) {
+                        delivered.push(p);
+                    }
+                    out.extend_from_slice(&[0x70, 2, pid[0], pid[1]]);
+                }
+                12 => out.extend_from_slice(&[0xD0, 0]),
+                _ => {}
+            }
+            s.write_all(&out).unwrap();
+        }
+    }
+    delivered
+}
+
+#[test]
+fn a_pubrec_with_quota_exceeded_is_not_a_delivery_the_batch_is_sent_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let peer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || refusing_peer(listener, stop))
+    };
+    let up = format!(
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nallow_plaintext = true\nprotocol = \"5\"\nreconnect_min = \"100ms\"\n"
+    );
+    let (mut devices, cfg) = fleet_with(dir.path(), 2, 31, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    let gw = Gateway::start(&cfg);
+    stream(&mut devices, 300, Duration::from_millis(2));
+    all_acked(&mut devices, &gw);
+    assert!(wait_until(Duration::from_secs(20), || queue_status(&cfg)["batches"] == 0), "queue not drained");
+    let log = terminate(gw);
+    stop.store(true, Ordering::Relaxed);
+    let payloads = peer.join().unwrap();
+    let got = decode_all(&payloads.into_iter().map(|p| (String::new(), p)).collect::<Vec<_>>());
+    assert_eq!(missing_and_doubled(&devices, &got), (600, 0, 0), "{log}");
+    assert_eq!(summary_number(&log, "refused by the broker"), 1, "{log}");
+    assert!(log.contains("reason 0x97"), "{log}");
+}

@@ -542,7 +542,12 @@ impl Uplink {
             if inflight >= inflight_max {
                 break;
             }
-            if f.stage != Stage::Unsent || f.retry_at.is_some_and(|t| t > now) {
+            if f.retry_at.is_some_and(|t| t > now) {
+                // Refused and pausing: back off as a whole, and keep later
+                // batches behind it (only those already in flight can overtake it).
+                break;
+            }
+            if f.stage != Stage::Unsent {
                 continue;
             }
             let len = codec::publish_len(proto, &self.topic, qos, f.payload.len());
