@@ -49,18 +49,8 @@ fn s(x: &[u8]) -> Vec<u8> {
     [&(x.len() as u16).to_be_bytes()[..], x].concat()
 }
 
-fn remaining_len(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
+fn remaining_len(n: usize, out: &mut Vec<u8>) {
+    edge_gateway::uplink::codec::put_varint(out, n)
 }
 
 /// Connect with MQTT 3.1.1 and wait for a successful CONNACK.

@@ -50,12 +50,6 @@ fn assert_exactly_once(devices: &[SimDevice], dump: &[serde_json::Value]) {
     assert_eq!(dump.len(), expected, "the queue holds readings nobody sent");
 }
 
-fn summary_number(log: &str, pattern: &str) -> u64 {
-    // "… 123 readings dropped (queue full) …" → 123
-    let i = log.rfind(pattern).unwrap_or_else(|| panic!("{pattern:?} not in log:\n{log}"));
-    log[..i].split_whitespace().last().unwrap().parse().unwrap()
-}
-
 #[test]
 fn ten_thousand_readings_with_duplicates_and_garbage_are_queued_once_and_acked() {
     let dir = tempfile::tempdir().unwrap();

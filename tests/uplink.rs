@@ -75,11 +75,6 @@ fn terminate(gw: Gateway) -> String {
     text
 }
 
-fn summary_number(log: &str, pattern: &str) -> u64 {
-    let i = log.rfind(pattern).unwrap_or_else(|| panic!("{pattern:?} not in log:\n{log}"));
-    log[..i].split_whitespace().last().unwrap().parse().unwrap()
-}
-
 #[test]
 fn twenty_thousand_readings_exactly_once_through_five_sigkills_and_a_15s_broker_outage() {
     let dir = tempfile::tempdir().unwrap();

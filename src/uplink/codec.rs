@@ -123,7 +123,8 @@ const P_RETAIN_AVAILABLE: u8 = 0x25;
 const P_MAXIMUM_PACKET_SIZE: u8 = 0x27;
 const P_REASON_STRING: u8 = 0x1F;
 
-fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+/// MQTT's variable byte integer (remaining length, property lengths).
+pub fn put_varint(out: &mut Vec<u8>, mut n: usize) {
     loop {
         let mut b = (n % 128) as u8;
         n /= 128;

@@ -203,3 +203,10 @@ pub fn all_acked(devices: &mut [SimDevice], gw: &Gateway) {
         assert!(done, "not all acked: {:?}\n{}", d.stats(), gw.log_text());
     }
 }
+
+/// The number just before `pattern` in the last log line that has it:
+/// "… 123 readings dropped (queue full) …" → 123.
+pub fn summary_number(log: &str, pattern: &str) -> u64 {
+    let i = log.rfind(pattern).unwrap_or_else(|| panic!("{pattern:?} not in log:\n{log}"));
+    log[..i].split_whitespace().last().unwrap().parse().unwrap()
+}
