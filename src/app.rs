@@ -2,6 +2,8 @@
 //!
 //! Ownership, start to stop:
 //! * one tokio task per serial port ([`crate::source::serial::run`]);
+//! * one tokio task for Bluetooth LE ([`crate::source::ble::run`]), which
+//!   owns a task per `[[ble]]` device;
 //! * one OS thread for the [`Pipeline`], with a single-threaded runtime of its
 //!   own, because it fsyncs and fsync must not stall the ports' runtime;
 //! * the signal handler, which starts shutdown.
@@ -16,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::reading::{Ack, Incoming, PortId, now_ms};
 use crate::shutdown::{self, Shutdown};
-use crate::source::serial;
+use crate::source::{ble, serial};
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +70,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             sources_stop.subscribe(),
         ));
     }
+    if !cfg.ble.is_empty() {
+        // BLE readings carry `ble::BLE_PORT`, which has no ack route.
+        sources.spawn(ble::run(
+            cfg.ble.clone(),
+            cfg.ble_scan.clone(),
+            tx.clone(),
+            metrics.clone(),
+            sources_stop.subscribe(),
+        ));
+    }
     // Held until the end: the pipeline must outlive its sources, even when
     // there are none (a gateway with no ports still owns its queue).
     let _tx = tx;
@@ -77,7 +89,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .name("pipeline".into())
         .spawn(move || run_pipeline(pipeline, rx, ack_routes, stop_rx))
         .context("cannot start the pipeline thread")?;
-    tracing::info!("edge-gateway {} running with {} serial port(s)", cfg.gateway.id, cfg.serial.len());
+    tracing::info!(
+        "edge-gateway {} running with {} serial port(s), {} BLE device(s)",
+        cfg.gateway.id,
+        cfg.serial.len(),
+        cfg.ble.len()
+    );
 
     wait_for_signal().await?;
     tracing::info!("stopping: closing the open batch into the queue");

@@ -1,1 +1,2 @@
+pub mod ble;
 pub mod serial;
