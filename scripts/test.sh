@@ -5,8 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive for real, added as features need them
-# (serial tests need only the kernel's PTYs).
+# (serial tests need only the kernel's PTYs), installed only when the tool
+# is missing.
 need_apt=()
+# BLE tests: a private dbus-daemon carries the fake BlueZ.
+command -v dbus-daemon >/dev/null || need_apt+=(dbus)
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run $0" >&2
     exit 1

@@ -647,6 +647,8 @@ impl Device {
         let p = &found.peripheral;
         let device = self.device_id(found);
         let addr = address_string(&found.address);
+        // Link events from before this attempt (e.g. our own disconnect) are stale.
+        while self.events.try_recv().is_ok() {}
         match tokio::time::timeout(CONNECT_TIMEOUT, p.connect()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return DevEnd::Lost(format!("cannot connect to {addr}: {}", describe(&e))),
@@ -709,7 +711,11 @@ impl Device {
                 _ = self.found.changed() => if self.replaced(found) { return DevEnd::Replaced },
                 ev = self.events.recv() => match ev {
                     None => return DevEnd::Shutdown,
-                    Some(DevEvent::Disconnected) => return DevEnd::Lost(format!("link to {addr} lost")),
+                    // Signals race: a `Connected=false` from before this
+                    // connection may arrive after it. BlueZ's word decides.
+                    Some(DevEvent::Disconnected) => if !matches!(timeout(p.is_connected()).await, Ok(true)) {
+                        return DevEnd::Lost(format!("link to {addr} lost"));
+                    },
                     Some(DevEvent::Rssi(rssi)) => if let Err(end) = self.rssi(&device, rssi).await { return end },
                     Some(DevEvent::ServiceData(_)) => {}
                 },
