@@ -31,6 +31,8 @@ const INGEST_CHANNEL: usize = 16_384;
 /// Overall budget between the signal and exit (the CLI promises 5 s).
 const PIPELINE_STOP_BUDGET: Duration = Duration::from_secs(4);
 const SOURCE_STOP_BUDGET: Duration = Duration::from_millis(800);
+/// BLE tasks stop delivering at once; this bounds their unsubscribe/disconnect.
+const BLE_STOP_BUDGET: Duration = Duration::from_millis(200);
 
 /// Run the gateway until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -70,16 +72,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             sources_stop.subscribe(),
         ));
     }
-    if !cfg.ble.is_empty() {
-        // BLE readings carry `ble::BLE_PORT`, which has no ack route.
-        sources.spawn(ble::run(
-            cfg.ble.clone(),
-            cfg.ble_scan.clone(),
-            tx.clone(),
-            metrics.clone(),
-            sources_stop.subscribe(),
-        ));
-    }
+    // BLE readings carry `ble::BLE_PORT`, which has no ack route. BLE stops
+    // first at shutdown (it needs no final acks, and a notification that
+    // came after the pipeline's last drain would be lost: BLE devices never
+    // resend).
+    let ble_stop = Shutdown::new();
+    let ble_task = (!cfg.ble.is_empty()).then(|| {
+        tokio::spawn(ble::run(cfg.ble.clone(), cfg.ble_scan.clone(), tx.clone(), metrics.clone(), ble_stop.subscribe()))
+    });
     // Held until the end: the pipeline must outlive its sources, even when
     // there are none (a gateway with no ports still owns its queue).
     let _tx = tx;
@@ -97,6 +97,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
 
     wait_for_signal().await?;
+    if let Some(mut task) = ble_task {
+        ble_stop.trigger();
+        if tokio::time::timeout(BLE_STOP_BUDGET, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
     tracing::info!("stopping: closing the open batch into the queue");
     pipeline_stop.trigger();
     let joined = tokio::task::spawn_blocking(move || worker.join());

@@ -248,6 +248,24 @@ fn bluez_restart_is_survived() {
 }
 
 #[test]
+fn adapter_unplugged_and_back() {
+    let (_dir, _bus, fake, cfg, gw, stats) = hr_gateway("", "");
+    send_hr(&fake, HR_ADDR, 400..420);
+    fake.unplug_adapter();
+    assert!(
+        wait_until(Duration::from_secs(10), || gw.log_text().contains("no Bluetooth adapter")),
+        "{}",
+        gw.log_text()
+    );
+    fake.plug_adapter();
+    assert!(fake.wait_notifying(HR_ADDR, 0x2A37, Duration::from_secs(30)), "{}", gw.log_text());
+    send_hr(&fake, HR_ADDR, 420..440);
+    let log = stop(gw);
+    assert_hr_exactly_once(&queue_dump(&cfg), HR_ADDR, 400..440);
+    assert_eq!(stats.connects.load(Ordering::SeqCst), 2, "{log}");
+}
+
+#[test]
 fn silent_device_trips_the_watchdog_and_reconnects() {
     let (_dir, _bus, fake, cfg, gw, stats) = hr_gateway("stale_after = \"1s\"\n", "");
     send_hr(&fake, HR_ADDR, 300..310);
@@ -290,4 +308,48 @@ fn scan_watchdog_restarts_discovery_then_power_cycles() {
     let by_key = common::count_by_key(&queue_dump(&cfg));
     assert_eq!(by_key.get(&(addr.to_string(), "battery".to_string(), 1)), Some(&1), "{by_key:?}");
     assert_eq!(by_key.get(&(addr.to_string(), "battery".to_string(), 2)), Some(&1), "{by_key:?}");
+}
+
+#[test]
+fn battery_read_and_custom_jsonl_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::start();
+    let mut fake = FakeBluez::start(&bus.address);
+    let bat = "C0:FF:EE:00:00:03";
+    let band = "C0:FF:EE:00:00:04";
+    fake.add_gatt_device(
+        bat,
+        "Tag",
+        vec![CharSpec { service: 0x180F, uuid: 0x2A19, flags: &["read", "notify"], value: vec![77] }],
+    );
+    fake.add_gatt_device(
+        band,
+        "Band",
+        vec![CharSpec { service: 0xFFE0, uuid: 0xFFE1, flags: &["notify"], value: vec![] }],
+    );
+    let ble = format!(
+        "[[ble]]\nname = \"tag\"\nmatch = {{ address = \"{bat}\" }}\ndevice = \"tag-1\"\nprofile = \"battery\"\n\n\
+         [[ble]]\nname = \"band\"\nmatch = {{ address = \"{band}\", service = \"ffe0\" }}\ndevice = \"band-1\"\nprofile = \"custom\"\n\
+         service = \"ffe0\"\ncharacteristic = \"0000ffe1-0000-1000-8000-00805f9b34fb\"\nframing = \"jsonl\"\n"
+    );
+    let cfg = write_config(dir.path(), &ble, "");
+    let gw = start(&cfg, &bus);
+    assert!(fake.wait_notifying(bat, 0x2A19, Duration::from_secs(20)), "{}", gw.log_text());
+    assert!(fake.wait_notifying(band, 0xFFE1, Duration::from_secs(20)), "{}", gw.log_text());
+    assert!(fake.notify(bat, 0x2A19, &[76]));
+    // A jsonl line split over two notifications (20-byte ATT payloads), then a resend of it.
+    let line = br#"{"sensor":"steps","seq":5,"ts":1764000000000,"value":1234}
+"#;
+    assert!(fake.notify(band, 0xFFE1, &line[..20]));
+    assert!(fake.notify(band, 0xFFE1, &line[20..]));
+    assert!(fake.notify(band, 0xFFE1, line));
+    assert!(fake.notify(band, 0xFFE1, b"not json\n"));
+    let log = stop(gw);
+    let dump = queue_dump(&cfg);
+    let bat_values: Vec<_> = dump.iter().filter(|r| r["device"] == "tag-1").map(|r| r["value"].clone()).collect();
+    assert_eq!(bat_values, [serde_json::json!(77.0), serde_json::json!(76.0)], "{dump:?}");
+    let steps: Vec<_> = dump.iter().filter(|r| r["device"] == "band-1").collect();
+    assert_eq!(steps.len(), 1, "{dump:?}");
+    assert_eq!((steps[0]["sensor"].as_str(), steps[0]["seq"].as_u64()), (Some("steps"), Some(5)));
+    assert!(log.contains("malformed"), "{log}");
 }

@@ -442,6 +442,41 @@ impl FakeBluez {
         self.up();
     }
 
+    /// The USB dongle is pulled: the adapter and its devices vanish
+    /// (InterfacesRemoved), BlueZ itself stays.
+    pub fn unplug_adapter(&self) {
+        let conn = self.conn().clone();
+        let devices = self.devices.clone();
+        self.rt.block_on(async move {
+            let server = conn.object_server();
+            for d in &devices {
+                let _ = server.remove::<Device1, _>(dev_path(&d.address).as_str()).await;
+                for i in 0..d.chars.len() {
+                    let (sp, cp) = char_paths(&d.address, &d.chars, i);
+                    let _ = server.remove::<GattCharacteristic1, _>(cp.as_str()).await;
+                    let _ = server.remove::<GattService1, _>(sp.as_str()).await;
+                }
+            }
+            let _ = server.remove::<Adapter1, _>(HCI0).await;
+        });
+    }
+
+    /// The dongle is back: adapter and devices reappear, disconnected.
+    pub fn plug_adapter(&self) {
+        let conn = self.conn().clone();
+        let (devices, stats) = (self.devices.clone(), self.adapter.clone());
+        self.rt
+            .block_on(async move {
+                let server = conn.object_server();
+                server.at(HCI0, Adapter1 { powered: true, discovering: false, stats }).await?;
+                for d in &devices {
+                    add_device(server, d).await?;
+                }
+                zbus::Result::Ok(())
+            })
+            .expect("plug adapter");
+    }
+
     fn conn(&self) -> &zbus::Connection {
         self.conn.as_ref().expect("fake BlueZ is up")
     }

@@ -117,6 +117,21 @@ struct Found {
     session: u64,
 }
 
+/// What the hub knows of a peripheral it has seen.
+#[derive(Clone, Copy)]
+enum Class {
+    /// The `[[ble]]` entry at this index.
+    Device(usize),
+    /// None of ours.
+    Other,
+    /// None of ours so far, but it had no name yet (a `name_prefix` may
+    /// match once it has one): asked again after this instant.
+    Unnamed(Instant),
+}
+
+/// How long an unnamed, unmatched device is left alone before BlueZ is asked again.
+const UNNAMED_RECHECK: Duration = Duration::from_secs(30);
+
 /// What the hub forwards to a device task.
 #[derive(Debug)]
 enum DevEvent {
@@ -177,7 +192,8 @@ pub async fn run(
             matched: None,
         });
     }
-    let mut hub = Hub { scan, handles, shutdown, session: 0, classified: HashMap::new(), manager: None };
+    let mut hub =
+        Hub { scan, handles, shutdown, session: 0, classified: HashMap::new(), manager: None, last_power_cycle: None };
     hub.run().await;
     // Device tasks watch the same shutdown signal; they end on their own.
     while tasks.join_next().await.is_some() {}
@@ -193,9 +209,10 @@ struct Hub {
     handles: Vec<DeviceHandle>,
     shutdown: watch::Receiver<bool>,
     session: u64,
-    /// Peripheral → index of the handle it matched (`None`: matches none).
-    classified: HashMap<PeripheralId, Option<usize>>,
+    /// What each peripheral seen this session is.
+    classified: HashMap<PeripheralId, Class>,
     manager: Option<Manager>,
+    last_power_cycle: Option<Instant>,
 }
 
 impl Hub {
@@ -323,7 +340,15 @@ impl Hub {
                             }
                             restarted_scan = true;
                             last_advert = Instant::now();
+                        } else if !self.may_power_cycle() {
+                            // Connected devices would be dropped: only restart discovery.
+                            let _ = timeout(adapter.stop_scan()).await;
+                            if let Err(e) = timeout(adapter.start_scan(ScanFilter::default())).await {
+                                return HubEnd::Lost(format!("cannot restart scanning on {name}: {e}"));
+                            }
+                            last_advert = Instant::now();
                         } else {
+                            self.last_power_cycle = Some(Instant::now());
                             warn!("ble: still no advertisement on {name}, power-cycling the adapter");
                             if let Err(e) = set_powered(&name, &[false, true]).await {
                                 return HubEnd::Lost(format!("cannot power-cycle {name}: {e}"));
@@ -334,6 +359,14 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Power-cycling drops every connection, so it is only done when no
+    /// device is connected, and at most once per 10 × `scan_stale_after`
+    /// (a sensor that is simply away must not cycle the radio forever).
+    fn may_power_cycle(&self) -> bool {
+        !self.handles.iter().any(|h| h.connected.load(Ordering::Relaxed))
+            && self.last_power_cycle.is_none_or(|t| t.elapsed() >= self.scan.scan_stale_after * 10)
     }
 
     /// The scan watchdog only applies while some device needs adverts:
@@ -368,7 +401,7 @@ impl Hub {
                 }
             }
             CentralEvent::DeviceDisconnected(id) => {
-                if let Some(Some(i)) = self.classified.get(&id) {
+                if let Some(Class::Device(i)) = self.classified.get(&id) {
                     forward(&self.handles[*i], DevEvent::Disconnected);
                 }
             }
@@ -380,8 +413,11 @@ impl Hub {
     /// Which configured device `id` is, asking BlueZ once per peripheral
     /// and session; hands a newly matched peripheral to its device task.
     async fn classify(&mut self, adapter: &Adapter, id: &PeripheralId) -> Option<usize> {
-        if let Some(known) = self.classified.get(id) {
-            return *known;
+        match self.classified.get(id) {
+            Some(Class::Device(i)) => return Some(*i),
+            Some(Class::Other) => return None,
+            Some(Class::Unnamed(recheck)) if Instant::now() < *recheck => return None,
+            _ => {}
         }
         let peripheral = timeout(adapter.peripheral(id)).await.ok()?;
         let props = timeout(peripheral.properties()).await.ok()??;
@@ -393,13 +429,15 @@ impl Hub {
                 && h.cfg.matcher.name_prefix.as_deref().is_none_or(|p| name.is_some_and(|n| n.starts_with(p)))
                 && h.service.is_none_or(|s| props.services.contains(&s) || props.service_data.contains_key(&s))
         });
-        // A device without a name yet may match a name_prefix later.
-        if found.is_some() || name.is_some() {
-            if self.classified.len() >= CLASSIFY_CACHE_MAX {
-                self.classified.retain(|_, v| v.is_some());
-            }
-            self.classified.insert(id.clone(), found);
+        let class = match (found, name) {
+            (Some(i), _) => Class::Device(i),
+            (None, Some(_)) => Class::Other,
+            (None, None) => Class::Unnamed(Instant::now() + UNNAMED_RECHECK),
+        };
+        if self.classified.len() >= CLASSIFY_CACHE_MAX {
+            self.classified.retain(|_, v| matches!(v, Class::Device(_)));
         }
+        self.classified.insert(id.clone(), class);
         let i = found?;
         let h = &mut self.handles[i];
         h.matched = Some(id.clone());
@@ -435,12 +473,15 @@ fn is_advert(ev: &CentralEvent) -> bool {
     )
 }
 
-/// Errors that say the D-Bus connection itself is unusable (as opposed to
-/// BlueZ being away: `ServiceUnknown`, `UnknownObject`, `org.bluez.Error.*`).
+/// Errors after which the hub makes a new D-Bus connection: the bus said
+/// this one is gone, or a call got no answer at all (a dead bus connection
+/// inside btleplug reports nothing, its calls just hang). BlueZ being away
+/// (`ServiceUnknown`, `UnknownObject`, `org.bluez.Error.*`) keeps it.
 fn bus_level(reason: &str) -> bool {
     reason.contains("org.freedesktop.DBus.Error.Disconnected")
         || reason.contains("org.freedesktop.DBus.Error.NoServer")
         || reason.contains("cannot connect to the system D-Bus")
+        || reason.contains("no answer within")
 }
 
 async fn timeout<T>(f: impl Future<Output = btleplug::Result<T>>) -> Result<T, String> {
@@ -651,6 +692,8 @@ impl Device {
         while self.events.try_recv().is_ok() {}
         match tokio::time::timeout(CONNECT_TIMEOUT, p.connect()).await {
             Ok(Ok(())) => {}
+            // Still connected from before a hub session change: carry on.
+            Ok(Err(e)) if describe(&e).contains("org.bluez.Error.AlreadyConnected") => {}
             Ok(Err(e)) => return DevEnd::Lost(format!("cannot connect to {addr}: {}", describe(&e))),
             Err(_) => return DevEnd::Lost(format!("cannot connect to {addr}: no answer within {CONNECT_TIMEOUT:?}")),
         }
@@ -857,6 +900,7 @@ mod tests {
     #[test]
     fn bus_level_errors() {
         assert!(bus_level("x [org.freedesktop.DBus.Error.Disconnected]"));
+        assert!(bus_level("cannot list adapters: no answer within 10s"));
         assert!(!bus_level("x [org.freedesktop.DBus.Error.ServiceUnknown]"));
     }
 }
