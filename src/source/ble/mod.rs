@@ -180,6 +180,7 @@ pub async fn run(
             last_rssi: None,
             malformed_log: None,
             ever_connected: false,
+            session_ok: false,
         };
         tasks.spawn(dev.run());
         handles.push(DeviceHandle {
@@ -192,8 +193,16 @@ pub async fn run(
             matched: None,
         });
     }
-    let mut hub =
-        Hub { scan, handles, shutdown, session: 0, classified: HashMap::new(), manager: None, last_power_cycle: None };
+    let mut hub = Hub {
+        scan,
+        handles,
+        shutdown,
+        session: 0,
+        classified: HashMap::new(),
+        manager: None,
+        last_power_cycle: None,
+        scanned: false,
+    };
     hub.run().await;
     // Device tasks watch the same shutdown signal; they end on their own.
     while tasks.join_next().await.is_some() {}
@@ -213,6 +222,8 @@ struct Hub {
     classified: HashMap<PeripheralId, Class>,
     manager: Option<Manager>,
     last_power_cycle: Option<Instant>,
+    /// The current session got as far as scanning.
+    scanned: bool,
 }
 
 impl Hub {
@@ -221,12 +232,20 @@ impl Hub {
         let mut last_failure: Option<String> = None;
         loop {
             let started = Instant::now();
+            self.scanned = false;
             let end = self.session().await;
+            if let HubEnd::Shutdown = end {
+                return;
+            }
             // Whatever was found in that session is stale now.
             self.classified.clear();
             for h in &mut self.handles {
                 h.matched = None;
                 h.found.send_replace(None);
+            }
+            if self.scanned {
+                // It worked for a while: a repeat of the old failure is news.
+                last_failure = None;
             }
             match end {
                 HubEnd::Shutdown => return,
@@ -303,6 +322,7 @@ impl Hub {
             return HubEnd::Lost(format!("cannot start scanning on {name}: {e}"));
         }
         info!("ble: scanning on {name} for {} device(s)", self.handles.len());
+        self.scanned = true;
         let mut health = tokio::time::interval(self.scan.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_advert = Instant::now();
@@ -563,6 +583,8 @@ struct Device {
     last_rssi: Option<Instant>,
     malformed_log: Option<Instant>,
     ever_connected: bool,
+    /// The current attempt connected and subscribed.
+    session_ok: bool,
 }
 
 impl Device {
@@ -599,6 +621,9 @@ impl Device {
                     continue;
                 }
                 DevEnd::Lost(reason) => {
+                    if std::mem::take(&mut self.session_ok) {
+                        last_failure = None;
+                    }
                     if last_failure.as_deref() != Some(reason.as_str()) {
                         warn!("ble {name}: {reason}; reconnecting");
                         last_failure = Some(reason);
@@ -718,6 +743,7 @@ impl Device {
         if can_notify && let Err(e) = timeout(p.subscribe(&ch)).await {
             return DevEnd::Lost(format!("cannot subscribe to {addr}: {e}"));
         }
+        self.session_ok = true;
         let again = std::mem::replace(&mut self.ever_connected, true);
         self.connected.store(true, Ordering::Relaxed);
         self.metrics.port(&self.port_name, |c| {
