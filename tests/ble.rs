@@ -248,6 +248,23 @@ fn bluez_restart_is_survived() {
 }
 
 #[test]
+fn system_bus_restart_is_survived() {
+    let (_dir, mut bus, mut fake, cfg, gw, stats) = hr_gateway("", "");
+    send_hr(&fake, HR_ADDR, 500..520);
+    std::thread::sleep(Duration::from_millis(300));
+    fake.down();
+    bus.restart();
+    fake.up();
+    assert!(fake.wait_notifying(HR_ADDR, 0x2A37, Duration::from_secs(40)), "{}", gw.log_text());
+    send_hr(&fake, HR_ADDR, 520..540);
+    let log = stop(gw);
+    assert_hr_exactly_once(&queue_dump(&cfg), HR_ADDR, 500..540);
+    assert_eq!(stats.connects.load(Ordering::SeqCst), 2, "{log}");
+    // btleplug's connection to the old bus hangs; the hub notices, and connects anew.
+    assert!(log.contains("BlueZ or the bus gone (no answer within 3s)"), "{log}");
+}
+
+#[test]
 fn adapter_unplugged_and_back() {
     let (_dir, _bus, fake, cfg, gw, stats) = hr_gateway("", "");
     send_hr(&fake, HR_ADDR, 400..420);

@@ -24,7 +24,7 @@ use zbus::{ObjectServer, interface};
 pub struct Bus {
     child: Child,
     pub address: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Bus {
@@ -34,6 +34,24 @@ impl Bus {
             panic!("`dbus-daemon` not found: install it with `apt-get install dbus` (Debian package `dbus`)");
         }
         let dir = tempfile::tempdir().expect("temp dir");
+        let (child, address) = Self::spawn(&dir);
+        Bus { child, address, dir }
+    }
+
+    /// The system bus dies and comes back at the same address (every
+    /// client connection is lost).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.path().join("bus"));
+        let (child, address) = Self::spawn(&self.dir);
+        assert_eq!(address, self.address, "same socket");
+        self.child = child;
+        self.address = address;
+    }
+
+    fn spawn(dir: &tempfile::TempDir) -> (Child, String) {
+        let exe = "dbus-daemon";
         let conf = dir.path().join("bus.conf");
         std::fs::write(
             &conf,
@@ -66,9 +84,11 @@ impl Bus {
             .expect("start dbus-daemon");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("dbus-daemon prints its address");
-        let address = line.trim().to_string();
+        // Without the `guid=`: like the real system bus address, it stays
+        // valid when the daemon restarts (libdbus refuses a changed guid).
+        let address = line.trim().split(",guid=").next().unwrap_or_default().to_string();
         assert!(!address.is_empty(), "dbus-daemon printed no address");
-        Bus { child, address, _dir: dir }
+        (child, address)
     }
 }
 

@@ -235,18 +235,18 @@ pub fn decode(data: &[u8], mac: [u8; 6], bindkey: Option<&[u8; 16]>) -> Result<P
         }
         let (ct, tail) = rest.split_at(rest.len() - 8);
         let (counter, mic) = tail.split_at(4);
-        let mut nonce = [0u8; 13];
-        nonce[..6].copy_from_slice(&mac);
-        nonce[6..8].copy_from_slice(&SERVICE_UUID16.to_le_bytes());
-        nonce[8] = info;
-        nonce[9..].copy_from_slice(counter);
+        let counter = u32::from_le_bytes([counter[0], counter[1], counter[2], counter[3]]);
         let buf = &mut plain[..ct.len()];
         buf.copy_from_slice(ct);
-        let cipher = ccm::Ccm::<Aes128, U4, U13>::new(GenericArray::from_slice(key));
-        cipher
-            .decrypt_in_place_detached(GenericArray::from_slice(&nonce), &[], buf, GenericArray::from_slice(mic))
+        ccm::Ccm::<Aes128, U4, U13>::new(GenericArray::from_slice(key))
+            .decrypt_in_place_detached(
+                GenericArray::from_slice(&nonce(mac, info, counter)),
+                &[],
+                buf,
+                GenericArray::from_slice(mic),
+            )
             .map_err(|_| BthomeError::Decrypt)?;
-        p.counter = Some(u32::from_le_bytes([counter[0], counter[1], counter[2], counter[3]]));
+        p.counter = Some(counter);
         &plain[..ct.len()]
     } else {
         if bindkey.is_some() {
@@ -287,18 +287,30 @@ fn parse_objects(mut rest: &[u8], p: &mut Packet) -> Result<(), BthomeError> {
     Ok(())
 }
 
+/// The AES-CCM nonce: MAC (as written), UUID16 (little-endian), device info, counter.
+fn nonce(mac: [u8; 6], info: u8, counter: u32) -> [u8; 13] {
+    let mut n = [0u8; 13];
+    n[..6].copy_from_slice(&mac);
+    n[6..8].copy_from_slice(&SERVICE_UUID16.to_le_bytes());
+    n[8] = info;
+    n[9..].copy_from_slice(&counter.to_le_bytes());
+    n
+}
+
 /// Encrypt objects into BTHome v2 service data (the device side: used by
 /// the fake devices in tests and benches).
 pub fn encrypt(objects: &[u8], mac: [u8; 6], key: &[u8; 16], counter: u32) -> Vec<u8> {
-    let info = 0x41u8;
-    let mut nonce = [0u8; 13];
-    nonce[..6].copy_from_slice(&mac);
-    nonce[6..8].copy_from_slice(&SERVICE_UUID16.to_le_bytes());
-    nonce[8] = info;
-    nonce[9..].copy_from_slice(&counter.to_le_bytes());
+    encrypt_with_info(objects, mac, key, counter, 0x41)
+}
+
+/// [`encrypt`] with another device-information byte (e.g. 0x43: MAC
+/// included; the caller inserts the MAC after it).
+pub fn encrypt_with_info(objects: &[u8], mac: [u8; 6], key: &[u8; 16], counter: u32, info: u8) -> Vec<u8> {
     let mut buf = objects.to_vec();
     let cipher = ccm::Ccm::<Aes128, U4, U13>::new(GenericArray::from_slice(key));
-    let tag = cipher.encrypt_in_place_detached(GenericArray::from_slice(&nonce), &[], &mut buf).expect("short payload");
+    let tag = cipher
+        .encrypt_in_place_detached(GenericArray::from_slice(&nonce(mac, info, counter)), &[], &mut buf)
+        .expect("CCM takes any BTHome-sized payload");
     let mut out = vec![info];
     out.extend_from_slice(&buf);
     out.extend_from_slice(&counter.to_le_bytes());
@@ -433,31 +445,11 @@ mod tests {
         assert_eq!(decode(&[0x20, 0x01, 1], MAC, None), Err(BthomeError::Version(1)));
         // MAC included (bit 1), reversed in the advert; used for the nonce.
         let key = parse_bindkey(KEY).unwrap();
-        let enc = encrypt(&[0x01, 42], MAC, &key, 5);
-        let mut adv = vec![enc[0] | 0x02];
-        adv.extend(MAC.iter().rev());
-        // The info byte is in the nonce, so re-encrypt with it.
-        let mut nonce_info_adv = encrypt_with_info(&[0x01, 42], MAC, &key, 5, 0x43);
-        nonce_info_adv.splice(1..1, MAC.iter().rev().copied());
-        let p = decode(&nonce_info_adv, [0; 6], Some(&key)).unwrap();
+        let mut adv = encrypt_with_info(&[0x01, 42], MAC, &key, 5, 0x43);
+        adv.splice(1..1, MAC.iter().rev().copied());
+        let p = decode(&adv, [0; 6], Some(&key)).unwrap();
         assert_eq!(val(&p, "battery"), 42.0);
-        assert!(decode(&adv[..4], MAC, None).is_err());
-    }
-
-    fn encrypt_with_info(objects: &[u8], mac: [u8; 6], key: &[u8; 16], counter: u32, info: u8) -> Vec<u8> {
-        let mut nonce = [0u8; 13];
-        nonce[..6].copy_from_slice(&mac);
-        nonce[6..8].copy_from_slice(&SERVICE_UUID16.to_le_bytes());
-        nonce[8] = info;
-        nonce[9..].copy_from_slice(&counter.to_le_bytes());
-        let mut buf = objects.to_vec();
-        let cipher = ccm::Ccm::<Aes128, U4, U13>::new(GenericArray::from_slice(key));
-        let tag = cipher.encrypt_in_place_detached(GenericArray::from_slice(&nonce), &[], &mut buf).unwrap();
-        let mut out = vec![info];
-        out.extend_from_slice(&buf);
-        out.extend_from_slice(&counter.to_le_bytes());
-        out.extend_from_slice(&tag);
-        out
+        assert!(matches!(decode(&adv[..4], MAC, None), Err(BthomeError::Truncated { .. })));
     }
 
     #[test]

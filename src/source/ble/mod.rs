@@ -64,6 +64,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(40);
 /// One GATT operation (discover, read, subscribe).
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The health check reads one adapter property, which BlueZ answers in
+/// milliseconds; silence this long means the bus connection is dead.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// The hub forgets devices it classified once it knows this many.
 const CLASSIFY_CACHE_MAX: usize = 4096;
 const MALFORMED_LOG_INTERVAL: Duration = Duration::from_secs(5);
@@ -345,9 +348,12 @@ impl Hub {
                     }
                 },
                 _ = health.tick() => {
-                    // btleplug never reports a lost BlueZ: ask.
-                    if let Err(e) = timeout(adapter.adapter_info()).await {
-                        return HubEnd::Lost(format!("BlueZ or {name} gone ({e})"));
+                    // btleplug never reports a lost BlueZ or bus: ask. A lost
+                    // bus shows as a call that is never answered.
+                    match tokio::time::timeout(HEALTH_TIMEOUT, adapter.adapter_info()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return HubEnd::Lost(format!("BlueZ or {name} gone ({})", describe(&e))),
+                        Err(_) => return HubEnd::Lost(format!("BlueZ or the bus gone (no answer within {HEALTH_TIMEOUT:?})")),
                     }
                     if !self.wants_adverts() {
                         last_advert = Instant::now();
