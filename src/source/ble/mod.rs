@@ -640,8 +640,12 @@ impl Device {
             if started.elapsed() >= STABLE_SESSION {
                 backoff = BACKOFF_MIN;
             }
-            if !sleep_or_stop(&mut self.shutdown, backoff).await {
-                return;
+            // A new hub session (BlueZ back, adapter back) cuts the backoff short.
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.shutdown) => return,
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.found.changed() => {}
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
