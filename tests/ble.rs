@@ -49,9 +49,9 @@ fn stop(gw: Gateway) -> String {
 
 /// A heart-rate notification: u16 HR `hr`, and RR intervals when `i` is even.
 fn hr_value(hr: u16, i: usize) -> Vec<u8> {
-    let mut v = vec![if i % 2 == 0 { 0x11 } else { 0x01 }];
+    let mut v = vec![if i.is_multiple_of(2) { 0x11 } else { 0x01 }];
     v.extend_from_slice(&hr.to_le_bytes());
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         v.extend_from_slice(&[0x00, 0x04, 0x00, 0x02]); // 1 s, 0.5 s
     }
     v

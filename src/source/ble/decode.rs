@@ -68,7 +68,7 @@ pub fn heart_rate(data: &[u8]) -> Result<Decoded, DecodeError> {
         rest = &rest[2..];
     }
     if flags & 0x10 != 0 {
-        if rest.is_empty() || rest.len() % 2 != 0 {
+        if rest.is_empty() || !rest.len().is_multiple_of(2) {
             return Err(DecodeError::Truncated { what: "RR intervals", need: rest.len() + 1, got: rest.len() });
         }
         let rr: Vec<f64> = rest.chunks_exact(2).map(|c| u16le(c) as f64 / 1024.0).collect();
@@ -81,8 +81,8 @@ pub fn heart_rate(data: &[u8]) -> Result<Decoded, DecodeError> {
 /// NRes, ±INFINITY, reserved), which carry no measurement.
 pub fn ieee11073_float(raw: u32) -> Option<f64> {
     let mantissa = raw & 0x00FF_FFFF;
-    // 0x7FFFFF NaN, 0x800000 NRes, 0x7FFFFE +INF, 0x800002 -INF, 0x800001 reserved.
-    if matches!(mantissa, 0x7F_FFFE | 0x7F_FFFF | 0x80_0000 | 0x80_0001 | 0x80_0002) {
+    // 0x7FFFFE +INF, 0x7FFFFF NaN, 0x800000 NRes, 0x800001 reserved, 0x800002 -INF.
+    if (0x7F_FFFE..=0x80_0002).contains(&mantissa) {
         return None;
     }
     let m = ((mantissa << 8) as i32 >> 8) as f64; // sign-extend 24 bits
