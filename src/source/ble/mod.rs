@@ -154,6 +154,36 @@ struct DeviceHandle {
     matched: Option<PeripheralId>,
 }
 
+/// A `[[ble]]` entry's `match`, parsed.
+#[derive(Debug, Clone, Copy)]
+pub struct Matcher<'a> {
+    pub address: Option<[u8; 6]>,
+    pub name_prefix: Option<&'a str>,
+    pub service: Option<Uuid>,
+}
+
+impl Matcher<'_> {
+    /// Whether an advertiser is this device: every key given must match.
+    /// A service matches when advertised as a service UUID or as service data.
+    pub fn matches(
+        &self,
+        address: &[u8; 6],
+        name: Option<&str>,
+        services: &[Uuid],
+        service_data: &HashMap<Uuid, Vec<u8>>,
+    ) -> bool {
+        self.address.is_none_or(|a| a == *address)
+            && self.name_prefix.is_none_or(|p| name.is_some_and(|n| n.starts_with(p)))
+            && self.service.is_none_or(|s| services.contains(&s) || service_data.contains_key(&s))
+    }
+}
+
+impl DeviceHandle {
+    fn matcher(&self) -> Matcher<'_> {
+        Matcher { address: self.address, name_prefix: self.cfg.matcher.name_prefix.as_deref(), service: self.service }
+    }
+}
+
 /// Run every `[[ble]]` device until `shutdown` fires. Never returns an
 /// error: BlueZ and radio problems are retried (see the module doc).
 pub async fn run(
@@ -450,10 +480,7 @@ impl Hub {
         let address = parse_address(&props.address.to_string())?;
         let name = props.local_name.as_deref();
         let found = self.handles.iter().position(|h| {
-            h.matched.is_none()
-                && h.address.is_none_or(|a| a == address)
-                && h.cfg.matcher.name_prefix.as_deref().is_none_or(|p| name.is_some_and(|n| n.starts_with(p)))
-                && h.service.is_none_or(|s| props.services.contains(&s) || props.service_data.contains_key(&s))
+            h.matched.is_none() && h.matcher().matches(&address, name, &props.services, &props.service_data)
         });
         let class = match (found, name) {
             (Some(i), _) => Class::Device(i),
@@ -931,6 +958,25 @@ mod tests {
         assert_eq!(parse_uuid("180d").unwrap().to_string(), "0000180d-0000-1000-8000-00805f9b34fb");
         assert_eq!(parse_uuid("0000180D-0000-1000-8000-00805F9B34FB"), parse_uuid("180D"));
         assert!(parse_uuid("18").is_none());
+    }
+
+    #[test]
+    fn matching_needs_every_key_given() {
+        let addr = [1, 2, 3, 4, 5, 6];
+        let hr = parse_uuid("180d").unwrap();
+        let bthome = parse_uuid("fcd2").unwrap();
+        let data: HashMap<Uuid, Vec<u8>> = [(bthome, vec![0x40])].into();
+        let none = HashMap::new();
+        let m = Matcher { address: None, name_prefix: Some("Polar"), service: None };
+        assert!(m.matches(&addr, Some("Polar H10 1"), &[], &none));
+        assert!(!m.matches(&addr, Some("Garmin"), &[], &none));
+        assert!(!m.matches(&addr, None, &[], &none), "no name yet is no match");
+        let m = Matcher { address: Some(addr), name_prefix: None, service: Some(hr) };
+        assert!(m.matches(&addr, None, &[hr], &none));
+        assert!(!m.matches(&addr, None, &[], &none), "service missing");
+        assert!(!m.matches(&[9; 6], None, &[hr], &none), "other address");
+        let m = Matcher { address: None, name_prefix: None, service: Some(bthome) };
+        assert!(m.matches(&addr, None, &[], &data), "service data counts as the service");
     }
 
     #[test]
