@@ -341,7 +341,7 @@ impl Hub {
             Err(e) => return HubEnd::Lost(e),
         };
         self.session += 1;
-        if let Ok(CentralState::PoweredOff) = adapter.adapter_state().await {
+        if let Ok(Ok(CentralState::PoweredOff)) = tokio::time::timeout(OP_TIMEOUT, adapter.adapter_state()).await {
             info!("ble: adapter {name} is off, powering it on");
             if let Err(e) = set_powered(&name, &[true]).await {
                 return HubEnd::Lost(format!("cannot power on {name}: {e}"));
@@ -388,20 +388,17 @@ impl Hub {
                     if !self.wants_adverts() {
                         last_advert = Instant::now();
                     } else if last_advert.elapsed() >= self.scan.scan_stale_after {
-                        if !restarted_scan {
-                            warn!("ble: no advertisement on {name} for {:?}, restarting discovery", self.scan.scan_stale_after);
+                        if !restarted_scan || !self.may_power_cycle() {
+                            // Power-cycling would drop connected devices: then
+                            // restarting discovery is all the watchdog does.
+                            if !restarted_scan {
+                                warn!("ble: no advertisement on {name} for {:?}, restarting discovery", self.scan.scan_stale_after);
+                            }
                             let _ = timeout(adapter.stop_scan()).await;
                             if let Err(e) = timeout(adapter.start_scan(ScanFilter::default())).await {
                                 return HubEnd::Lost(format!("cannot restart scanning on {name}: {e}"));
                             }
                             restarted_scan = true;
-                            last_advert = Instant::now();
-                        } else if !self.may_power_cycle() {
-                            // Connected devices would be dropped: only restart discovery.
-                            let _ = timeout(adapter.stop_scan()).await;
-                            if let Err(e) = timeout(adapter.start_scan(ScanFilter::default())).await {
-                                return HubEnd::Lost(format!("cannot restart scanning on {name}: {e}"));
-                            }
                             last_advert = Instant::now();
                         } else {
                             self.last_power_cycle = Some(Instant::now());
