@@ -38,11 +38,13 @@ fn start(cfg: &Path, bus: &Bus) -> Gateway {
     gw
 }
 
-/// Let in-flight D-Bus signals land, stop the gateway, return its log.
+/// Let in-flight D-Bus signals land, stop the gateway, return its whole log
+/// (with the per-port counters it prints at exit).
 fn stop(gw: Gateway) -> String {
     std::thread::sleep(Duration::from_millis(700));
-    let log = gw.log_text();
+    let path = gw.log.clone();
     let (code, _) = gw.terminate();
+    let log = std::fs::read_to_string(path).unwrap_or_default();
     assert_eq!(code, Some(0), "{log}");
     log
 }
@@ -103,7 +105,7 @@ fn heart_rate_strap_100_notifications_exactly_once() {
     assert_hr_exactly_once(&dump, HR_ADDR, 1000..1100);
     assert_eq!(dump.len(), 150, "100 HR + 50 RR readings");
     assert_eq!(stats.connects.load(Ordering::SeqCst), 1);
-    assert!(log.contains("malformed"), "{log}");
+    assert!(log.contains("port ble:strap: 150 readings, 1 malformed, 0 reconnects"), "{log}");
 }
 
 #[test]
@@ -183,7 +185,9 @@ fn three_bthome_sensors_one_encrypted_dedup_by_packet_id() {
     // Sensor 3 with a plaintext advert (downgrade) and garbage: skipped, counted.
     fake.advertise(addrs[2], vec![0x40, 0x00, 77, 0x01, 5]);
     fake.advertise(addrs[0], vec![0x40, 0x02, 0x01]);
-    stop(gw);
+    let log = stop(gw);
+    assert!(log.contains("port ble:env1: ") && log.contains(" 1 malformed"), "{log}");
+    assert!(log.contains("plaintext advert from a device with a bindkey"), "{log}");
     let dump = queue_dump(&cfg);
     let by_key = common::count_by_key(&dump.iter().filter(|r| r["sensor"] != "rssi").cloned().collect::<Vec<_>>());
     let devices = [addrs[0], "env-2", addrs[2]];
