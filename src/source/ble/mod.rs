@@ -686,7 +686,8 @@ impl Device {
                 biased;
                 _ = stopped(&mut self.shutdown) => return None,
                 r = self.found.changed() => if r.is_err() { return None },
-                _ = self.events.recv() => {}
+                // The hub is gone only at shutdown.
+                ev = self.events.recv() => if ev.is_none() { return None },
             }
         }
     }
