@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive for real, added as features need them
 # (serial tests need only the kernel's PTYs), each installed only when its
-# tool is missing: "tool:package".
+# tool is missing: "tool:package". (dbus: a private dbus-daemon carries the
+# fake BlueZ of the BLE tests.)
 need_apt=()
-for pair in mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients openssl:openssl; do
+for pair in mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients openssl:openssl dbus-daemon:dbus; do
     tool=${pair%%:*} pkg=${pair#*:}
     if ! command -v "$tool" >/dev/null && [[ " ${need_apt[*]} " != *" $pkg "* ]]; then
         need_apt+=("$pkg")

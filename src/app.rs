@@ -4,6 +4,8 @@
 //! * one tokio task per serial port ([`crate::source::serial::run`]);
 //! * with `[broker] enabled`, the embedded MQTT broker ([`Broker`]), which
 //!   owns its listeners, the LAN ingest task and its threads;
+//! * one tokio task for Bluetooth LE ([`crate::source::ble::run`]), which
+//!   owns a task per `[[ble]]` device;
 //! * one OS thread for the [`Pipeline`], with a single-threaded runtime of its
 //!   own, because it fsyncs and fsync must not stall the ports' runtime;
 //! * one OS thread for the [`Uplink`] (when `[upstream]` is configured), for
@@ -25,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::reading::{Ack, Incoming, PortId, now_ms};
 use crate::shutdown::{self, Shutdown};
-use crate::source::serial;
+use crate::source::{ble, serial};
 use crate::uplink::{self, Uplink};
 use anyhow::Context;
 use std::sync::Arc;
@@ -42,6 +44,8 @@ const SOURCE_STOP_BUDGET: Duration = Duration::from_millis(800);
 /// The uplink stops alongside the pipeline; this is what it may take beyond it.
 const UPLINK_STOP_BUDGET: Duration = Duration::from_millis(700);
 const BROKER_STOP_BUDGET: Duration = Duration::from_millis(600);
+/// BLE tasks stop delivering at once; this bounds their unsubscribe/disconnect.
+const BLE_STOP_BUDGET: Duration = Duration::from_millis(200);
 
 /// Run the gateway until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -108,6 +112,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         debug_assert_eq!(ack_routes.len(), lan_port);
         ack_routes.push(ack_tx);
     }
+    // BLE readings carry `ble::BLE_PORT`, which has no ack route. BLE stops
+    // first at shutdown (it needs no final acks, and a notification that
+    // came after the pipeline's last drain would be lost: BLE devices never
+    // resend).
+    let ble_stop = Shutdown::new();
+    let ble_task = (!cfg.ble.is_empty()).then(|| {
+        tokio::spawn(ble::run(cfg.ble.clone(), cfg.ble_scan.clone(), tx.clone(), metrics.clone(), ble_stop.subscribe()))
+    });
     // Held until the end: the pipeline must outlive its sources, even when
     // there are none (a gateway with no ports still owns its queue).
     let _tx = tx;
@@ -130,12 +142,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .name("pipeline".into())
         .spawn(move || run_pipeline(pipeline, rx, ack_routes, stop_rx))
         .context("cannot start the pipeline thread")?;
-    tracing::info!("edge-gateway {} running with {} serial port(s)", cfg.gateway.id, cfg.serial.len());
+    tracing::info!(
+        "edge-gateway {} running with {} serial port(s), {} BLE device(s)",
+        cfg.gateway.id,
+        cfg.serial.len(),
+        cfg.ble.len()
+    );
 
     wait_for_signal().await?;
     if let Some(b) = &mut broker {
         tracing::info!("stopping: closing the broker's clients");
         b.stop(BROKER_STOP_BUDGET).await;
+    }
+    if let Some(mut task) = ble_task {
+        ble_stop.trigger();
+        if tokio::time::timeout(BLE_STOP_BUDGET, &mut task).await.is_err() {
+            task.abort();
+        }
     }
     tracing::info!("stopping: closing the open batch into the queue");
     pipeline_stop.trigger();

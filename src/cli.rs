@@ -174,10 +174,11 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
         String::new()
     };
     println!(
-        "{}: ok: gateway {}, {} serial port(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format}){broker}",
+        "{}: ok: gateway {}, {} serial port(s), {} BLE device(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format}){broker}",
         path.display(),
         c.gateway.id,
         c.serial.len(),
+        c.ble.len(),
         c.gateway.data_dir.display(),
         s.max_bytes,
         p.batch_max_readings,

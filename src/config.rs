@@ -16,6 +16,12 @@ pub struct Config {
     pub gateway: GatewayConfig,
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
+    /// Bluetooth LE wearables and sensors, one entry per device.
+    #[serde(default)]
+    pub ble: Vec<BleConfig>,
+    /// Settings shared by every `[[ble]]` device (adapter, scan watchdog).
+    #[serde(default)]
+    pub ble_scan: BleScanConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
     #[serde(default)]
@@ -63,6 +69,89 @@ pub struct SerialConfig {
 
 fn default_baud() -> u32 {
     115_200
+}
+
+/// What a `[[ble]]` device speaks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BleProfile {
+    /// Heart Rate service 0x180D, notify 0x2A37.
+    HeartRate,
+    /// Health Thermometer service 0x1809, indicate 0x2A1C.
+    HealthThermometer,
+    /// Battery service 0x180F, read + notify 0x2A19.
+    Battery,
+    /// BTHome v2 advertisements (service data 0xFCD2); never connected.
+    Bthome,
+    /// Any service/characteristic carrying `jsonl` or `cobs` frames.
+    Custom,
+}
+
+/// Which advertiser a `[[ble]]` entry is: every key given must match.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BleMatch {
+    pub name_prefix: Option<String>,
+    /// `AA:BB:CC:DD:EE:FF`.
+    pub address: Option<String>,
+    /// An advertised service UUID (`"180d"` or the full 128-bit form).
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BleConfig {
+    /// Short name used in logs and metrics.
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: BleMatch,
+    /// Device id of the readings (default: the BLE address).
+    #[serde(default)]
+    pub device: Option<String>,
+    pub profile: BleProfile,
+    /// BTHome: 32 hex digits, for encrypted adverts.
+    #[serde(default)]
+    pub bindkey: Option<String>,
+    /// Custom profile: service and characteristic UUIDs, and the framing.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub characteristic: Option<String>,
+    #[serde(default)]
+    pub framing: Option<Framing>,
+    /// An `rssi` reading at most this often (default: none).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub rssi_interval: Option<Duration>,
+    /// Connected devices: no notification for this long → reconnect.
+    #[serde(default = "default_stale_after", deserialize_with = "de_duration")]
+    pub stale_after: Duration,
+}
+
+fn default_stale_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BleScanConfig {
+    /// BlueZ adapter, e.g. `hci0` (default: the first one).
+    pub adapter: Option<String>,
+    /// No advertisement for this long → restart discovery; as long again → power-cycle the adapter.
+    #[serde(deserialize_with = "de_duration")]
+    pub scan_stale_after: Duration,
+    /// How often BlueZ and the adapter are checked to be there.
+    #[serde(deserialize_with = "de_duration")]
+    pub health_interval: Duration,
+}
+
+impl Default for BleScanConfig {
+    fn default() -> Self {
+        BleScanConfig {
+            adapter: None,
+            scan_stale_after: Duration::from_secs(60),
+            health_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -411,6 +500,10 @@ pub struct BrokerUser {
     pub publish: Option<Vec<String>>,
 }
 
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
@@ -553,7 +646,61 @@ impl Config {
                 ));
             }
         }
-        self.broker.validate()
+        self.broker.validate()?;
+        self.validate_ble()
+    }
+
+    fn validate_ble(&self) -> Result<(), (String, String)> {
+        use crate::source::ble::{parse_address, parse_uuid};
+        let bad = |k: String, m: &str| Err((k, m.to_string()));
+        for (i, b) in self.ble.iter().enumerate() {
+            let k = |key: &str| format!("ble.{i}.{key}");
+            if b.name.is_empty() || self.ble[..i].iter().any(|o| o.name == b.name) {
+                return Err((k("name"), format!("must be non-empty and unique (got {:?})", b.name)));
+            }
+            let m = &b.matcher;
+            if m.name_prefix.is_none() && m.address.is_none() && m.service.is_none() {
+                return bad(k("match"), "needs at least one of name_prefix, address, service");
+            }
+            if m.address.as_deref().is_some_and(|a| parse_address(a).is_none()) {
+                return bad(k("match.address"), "must be a BLE address like \"AA:BB:CC:DD:EE:FF\"");
+            }
+            if m.service.as_deref().is_some_and(|u| parse_uuid(u).is_none()) {
+                return bad(k("match.service"), "must be a UUID: \"180d\" or \"0000180d-0000-1000-8000-00805f9b34fb\"");
+            }
+            if b.device.as_deref().is_some_and(|d| !valid_id(d)) {
+                return bad(k("device"), "must be 1-64 characters of letters, digits, '-', '_' or '.'");
+            }
+            let custom = b.profile == BleProfile::Custom;
+            for (key, v) in [("service", &b.service), ("characteristic", &b.characteristic)] {
+                match v {
+                    None if custom => return bad(k(key), "is required by profile \"custom\""),
+                    Some(_) if !custom => return bad(k(key), "is only for profile \"custom\""),
+                    Some(u) if parse_uuid(u).is_none() => return bad(k(key), "must be a UUID"),
+                    _ => {}
+                }
+            }
+            if b.framing.is_some() && !custom {
+                return bad(k("framing"), "is only for profile \"custom\"");
+            }
+            match (&b.bindkey, b.profile) {
+                (Some(_), p) if p != BleProfile::Bthome => return bad(k("bindkey"), "is only for profile \"bthome\""),
+                (Some(key), _) if crate::source::ble::bthome::parse_bindkey(key).is_none() => {
+                    return bad(k("bindkey"), "must be 32 hex digits (16 bytes)");
+                }
+                _ => {}
+            }
+            if b.stale_after.is_zero() {
+                return bad(k("stale_after"), "must be greater than 0");
+            }
+            if b.rssi_interval.is_some_and(|d| d.is_zero()) {
+                return bad(k("rssi_interval"), "must be greater than 0 (leave it out for no rssi readings)");
+            }
+        }
+        if self.ble_scan.scan_stale_after.is_zero() || self.ble_scan.health_interval.is_zero() {
+            return bad("ble_scan".into(), "durations must be greater than 0");
+        }
+        Ok(())
     }
 }
 
@@ -806,6 +953,66 @@ fsync_interval = "100ms"
         assert!(e.contains("key `broker.tls`") && e.contains("tls_cert"), "{e}");
         let e = err(&base.replace("tcp = ", "tpc = "));
         assert!(e.contains("tpc"), "unknown keys are errors: {e}");
+    }
+
+    const BLE: &str = r#"
+[gateway]
+id = "gw-1"
+data_dir = "/tmp/x"
+
+[[ble]]
+name = "strap"
+match = { name_prefix = "Polar H10" }
+profile = "heart_rate"
+
+[[ble]]
+name = "env"
+match = { address = "A4:C1:38:00:11:22" }
+profile = "bthome"
+bindkey = "231d39c1d7cc1ab1aee224cd096db932"
+rssi_interval = "30s"
+
+[[ble]]
+name = "band"
+match = { service = "6e400001-b5a3-f393-e0a9-e50e24dcca9e" }
+device = "band-7"
+profile = "custom"
+service = "6e400001-b5a3-f393-e0a9-e50e24dcca9e"
+characteristic = "6e400003-b5a3-f393-e0a9-e50e24dcca9e"
+framing = "cobs"
+stale_after = "5s"
+"#;
+
+    #[test]
+    fn ble_entries_parse_with_defaults() {
+        let c = Config::parse(BLE, "gw.toml").unwrap();
+        assert_eq!(c.ble.len(), 3);
+        assert_eq!(c.ble[0].profile, BleProfile::HeartRate);
+        assert_eq!(c.ble[0].stale_after, Duration::from_secs(30));
+        assert_eq!(c.ble[0].rssi_interval, None);
+        assert_eq!(c.ble[1].rssi_interval, Some(Duration::from_secs(30)));
+        assert_eq!(c.ble[2].framing, Some(Framing::Cobs));
+        assert_eq!(c.ble_scan, BleScanConfig::default());
+    }
+
+    #[test]
+    fn ble_errors_name_the_key() {
+        let e = err(&BLE.replace("profile = \"heart_rate\"", "profile = \"heart_rate\"\ncolour = 1"));
+        assert!(e.starts_with("gw.toml:10:1: ") && e.contains("colour"), "{e}");
+        let e = err(&BLE.replace("A4:C1:38:00:11:22", "A4:C1:38"));
+        assert!(e.starts_with("gw.toml:13:11: key `ble.1.match.address`"), "{e}");
+        let e = err(&BLE.replace("231d39c1d7cc1ab1aee224cd096db932", "abc"));
+        assert!(e.starts_with("gw.toml:15:1: key `ble.1.bindkey`"), "{e}");
+        let e = err(&BLE.replace("characteristic = \"6e400003-b5a3-f393-e0a9-e50e24dcca9e\"\n", ""));
+        assert!(e.contains("key `ble.2.characteristic`") && e.contains("required"), "{e}");
+        let e = err(&BLE.replace("match = { name_prefix = \"Polar H10\" }", "match = {}"));
+        assert!(e.starts_with("gw.toml:8:1: key `ble.0.match`"), "{e}");
+        let e = err(&BLE.replace("profile = \"heart_rate\"", "profile = \"ecg\""));
+        assert!(e.contains("key `ble.0.profile`"), "{e}");
+        let e = err(&BLE.replace("name = \"env\"", "name = \"strap\""));
+        assert!(e.contains("key `ble.1.name`"), "{e}");
+        let e = err(&BLE.replace("stale_after = \"5s\"", "stale_after = \"0s\""));
+        assert!(e.starts_with("gw.toml:26:1: key `ble.2.stale_after`"), "{e}");
     }
 
     #[test]

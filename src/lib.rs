@@ -3,9 +3,12 @@
 //! The modules follow the path of a reading:
 //!
 //! * [`source`] — where readings come in: [`source::serial`] (charging docks,
-//!   BLE-UART dongles) and [`source::lan`] (LAN devices publishing into the
-//!   embedded MQTT broker, [`broker`]). Each source parses its wire format ([`wire`]) into a
-//!   [`reading::Incoming`] and writes acks back to the device.
+//!   BLE-UART dongles), [`source::ble`] (Bluetooth LE wearables and BTHome
+//!   sensors through BlueZ) and [`source::lan`] (LAN devices publishing into
+//!   the embedded MQTT broker, [`broker`]). Each source parses its wire format
+//!   ([`wire`], or the BLE decoders) into a [`reading::Incoming`]; serial
+//!   writes acks back to the device, LAN devices get MQTT acks, BLE devices
+//!   take none.
 //! * [`pipeline`] — [`pipeline::dedup`] drops what a device resent,
 //!   [`pipeline::batch`] groups readings into [`reading::Batch`]es, and
 //!   [`pipeline::acks`] turns durable readings into cumulative acks.

@@ -143,7 +143,12 @@ fn crash_between_commit_and_ack_and_during_checkpoint_loses_nothing() {
         let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", point)]);
         // Signal handlers must be in place before the SIGTERM below.
         assert!(wait_until(Duration::from_secs(30), || gw.log_text().contains("running")), "{}", gw.log_text());
+        // Stop writing once the gateway is gone: a device writing into a
+        // dock nobody reads blocks when the PTY buffer is full.
         for _ in 0..300 {
+            if gw.child.try_wait().unwrap().is_some() {
+                break;
+            }
             d.send_next().unwrap();
             d.resend_if_stalled().unwrap();
             std::thread::sleep(Duration::from_micros(500));
@@ -158,9 +163,12 @@ fn crash_between_commit_and_ack_and_during_checkpoint_loses_nothing() {
             // loaded machine the 300 readings may have fit in fewer commits
             // than the point waits for.
             wait_until(Duration::from_secs(60), || {
+                if gw.child.try_wait().unwrap().is_some() {
+                    return true;
+                }
                 let _ = d.send_next();
                 let _ = d.resend_if_stalled();
-                gw.child.try_wait().unwrap().is_some()
+                false
             }),
             "crash point {point} never reached:\n{}",
             gw.log_text()

@@ -1,2 +1,3 @@
+pub mod ble;
 pub mod lan;
 pub mod serial;
