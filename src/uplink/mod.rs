@@ -561,6 +561,7 @@ impl Uplink {
                 Metrics::inc(&self.metrics.batches_too_large);
                 f.stage = Stage::Done;
                 f.readings = 0;
+                f.payload = Vec::new(); // not counted as delivered
                 continue;
             }
             if f.maybe_sent {
@@ -596,7 +597,12 @@ impl Uplink {
                 Packet::PubRec { pid, reason } | Packet::PubAck { pid, reason } if pid != STATUS_PID => {
                     let is_rec = matches!(p, Packet::PubRec { .. });
                     let Some(f) = self.find(pid, Stage::AwaitRec) else {
-                        tracing::debug!("uplink: ack for unknown packet id {pid}");
+                        if is_rec && self.find(pid, Stage::AwaitComp).is_some() {
+                            // A repeated PUBREC: our PUBREL may be lost; send it again.
+                            codec::encode_pubrel(pid, out);
+                        } else {
+                            tracing::debug!("uplink: ack for unknown packet id {pid}");
+                        }
                         continue;
                     };
                     if reason >= 0x80 {
