@@ -398,80 +398,108 @@ fn a_batch_over_the_brokers_maximum_packet_size_is_dropped_and_counted_not_retri
     assert!(got.readings.len() >= 5, "the small batches went through: {}", got.readings.len());
 }
 
-/// A scripted MQTT 5 peer (not a broker: it only plays the receiver's side
-/// of QoS 2) that answers the first batch's PUBLISH with PUBREC 0x97
-/// "quota exceeded", as Mosquitto 2.0.11 does to a busy publisher, and
-/// every later one normally, delivering at PUBREL. Returns the payloads
+/// A scripted MQTT peer (not a broker: it only plays the receiver's side of
+/// QoS 2, delivering at PUBREL) for answers Mosquitto gives only under
+/// conditions a test cannot set up on demand. `refuse_first`: answer the
+/// first batch's PUBLISH with PUBREC 0x97 "quota exceeded", as Mosquitto
+/// 2.0.11 does to a busy publisher. `only_311`: answer an MQTT 5 CONNECT
+/// like a 3.1.1-only broker (CONNACK 0x01, hang up). Returns the payloads
 /// delivered.
-fn refusing_peer(listener: std::net::TcpListener, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<Vec<u8>> {
+fn scripted_peer(
+    listener: std::net::TcpListener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refuse_first: bool,
+    only_311: bool,
+) -> Vec<Vec<u8>> {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
-    let (mut s, _) = listener.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 65536];
+    listener.set_nonblocking(true).unwrap();
     let mut pending = std::collections::HashMap::new();
     let mut delivered = Vec::new();
-    let mut refused_one = false;
-    while !stop.load(Ordering::Relaxed) {
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => continue,
-        }
-        loop {
-            // One frame: fixed header, remaining length, body.
-            let (mut len, mut i) = (0usize, 1);
-            while i < buf.len() && i <= 4 {
-                len |= ((buf[i] & 0x7f) as usize) << (7 * (i - 1));
-                i += 1;
-                if buf[i - 1] & 0x80 == 0 {
+    let mut refused_one = !refuse_first;
+    'accept: while !stop.load(Ordering::Relaxed) {
+        let Ok((mut s, _)) = listener.accept() else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let (mut buf, mut chunk, mut v5) = (Vec::new(), [0u8; 65536], false);
+        while !stop.load(Ordering::Relaxed) {
+            match s.read(&mut chunk) {
+                Ok(0) => continue 'accept,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) => continue,
+            }
+            loop {
+                // One frame: fixed header, remaining length, body.
+                let (mut len, mut i) = (0usize, 1);
+                while i < buf.len() && i <= 4 {
+                    len |= ((buf[i] & 0x7f) as usize) << (7 * (i - 1));
+                    i += 1;
+                    if buf[i - 1] & 0x80 == 0 {
+                        break;
+                    }
+                }
+                if buf.len() < 2 || buf.len() < i + len {
                     break;
                 }
-            }
-            if buf.len() < 2 || buf.len() < i + len {
-                break;
-            }
-            let (kind, flags, body) = (buf[0] >> 4, buf[0] & 0x0f, buf[i..i + len].to_vec());
-            buf.drain(..i + len);
-            let mut out = Vec::new();
-            match kind {
-                // CONNECT → CONNACK: no session, Receive Maximum 10.
-                1 => out.extend_from_slice(&[0x20, 6, 0, 0, 3, 0x21, 0, 10]),
-                3 => {
-                    let qos = (flags >> 1) & 3;
-                    let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
-                    let pid = [body[2 + tlen], body[3 + tlen]];
-                    let props = body[4 + tlen] as usize; // small property lengths only
-                    let payload = body[5 + tlen + props..].to_vec();
-                    if qos == 1 {
-                        out.extend_from_slice(&[0x40, 2, pid[0], pid[1]]);
-                    } else if !refused_one {
-                        refused_one = true;
-                        out.extend_from_slice(&[0x50, 3, pid[0], pid[1], 0x97]);
-                    } else {
-                        pending.entry(pid).or_insert(payload);
-                        out.extend_from_slice(&[0x50, 2, pid[0], pid[1]]);
+                let (kind, flags, body) = (buf[0] >> 4, buf[0] & 0x0f, buf[i..i + len].to_vec());
+                buf.drain(..i + len);
+                let mut out = Vec::new();
+                match kind {
+                    1 => {
+                        v5 = body[6] == 5; // after the protocol name "MQTT"
+                        if v5 && only_311 {
+                            let _ = s.write_all(&[0x20, 2, 0, 1]);
+                            continue 'accept;
+                        }
+                        // No session; MQTT 5: Receive Maximum 10.
+                        out.extend_from_slice(if v5 { &[0x20, 6, 0, 0, 3, 0x21, 0, 10][..] } else { &[0x20, 2, 0, 0] });
                     }
-                }
-                6 => {
-                    let pid = [body[0], body[1]];
-                    if let Some(p) = pending.remove(&pid) {
-                        delivered.push(p);
+                    3 => {
+                        let qos = (flags >> 1) & 3;
+                        let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
+                        let pid = [body[2 + tlen], body[3 + tlen]];
+                        // (only empty or small MQTT 5 property lists here)
+                        let at = 4 + tlen + if v5 { 1 + body[4 + tlen] as usize } else { 0 };
+                        let payload = body[at..].to_vec();
+                        if qos == 1 {
+                            out.extend_from_slice(&[0x40, 2, pid[0], pid[1]]);
+                        } else if !refused_one {
+                            refused_one = true;
+                            out.extend_from_slice(&[0x50, 3, pid[0], pid[1], 0x97]);
+                        } else {
+                            pending.entry(pid).or_insert(payload);
+                            out.extend_from_slice(&[0x50, 2, pid[0], pid[1]]);
+                        }
                     }
-                    out.extend_from_slice(&[0x70, 2, pid[0], pid[1]]);
+                    6 => {
+                        let pid = [body[0], body[1]];
+                        if let Some(p) = pending.remove(&pid) {
+                            delivered.push(p);
+                        }
+                        out.extend_from_slice(&[0x70, 2, pid[0], pid[1]]);
+                    }
+                    12 => out.extend_from_slice(&[0xD0, 0]),
+                    _ => {}
                 }
-                12 => out.extend_from_slice(&[0xD0, 0]),
-                _ => {}
+                if s.write_all(&out).is_err() {
+                    continue 'accept;
+                }
             }
-            s.write_all(&out).unwrap();
         }
     }
     delivered
 }
 
-#[test]
-fn a_pubrec_with_quota_exceeded_is_not_a_delivery_the_batch_is_sent_again() {
+/// Two PTY devices × 300 readings through the gateway to a scripted peer;
+/// returns (devices, payloads the peer delivered, gateway log).
+fn through_scripted_peer(
+    refuse_first: bool,
+    only_311: bool,
+    upstream_extra: &str,
+) -> (Vec<SimDevice>, Received, String) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -479,10 +507,10 @@ fn a_pubrec_with_quota_exceeded_is_not_a_delivery_the_batch_is_sent_again() {
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let peer = {
         let stop = stop.clone();
-        std::thread::spawn(move || refusing_peer(listener, stop))
+        std::thread::spawn(move || scripted_peer(listener, stop, refuse_first, only_311))
     };
     let up = format!(
-        "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nallow_plaintext = true\nprotocol = \"5\"\nreconnect_min = \"100ms\"\n"
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nallow_plaintext = true\nreconnect_min = \"100ms\"\n{upstream_extra}\n"
     );
     let (mut devices, cfg) = fleet_with(dir.path(), 2, 31, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
     let gw = Gateway::start(&cfg);
@@ -493,7 +521,21 @@ fn a_pubrec_with_quota_exceeded_is_not_a_delivery_the_batch_is_sent_again() {
     stop.store(true, Ordering::Relaxed);
     let payloads = peer.join().unwrap();
     let got = decode_all(&payloads.into_iter().map(|p| (String::new(), p)).collect::<Vec<_>>());
+    (devices, got, log)
+}
+
+#[test]
+fn a_pubrec_with_quota_exceeded_is_not_a_delivery_the_batch_is_sent_again() {
+    let (devices, got, log) = through_scripted_peer(true, false, "protocol = \"5\"");
     assert_eq!(missing_and_doubled(&devices, &got), (600, 0, 0), "{log}");
     assert_eq!(summary_number(&log, "refused by the broker"), 1, "{log}");
     assert!(log.contains("reason 0x97"), "{log}");
+}
+
+#[test]
+fn protocol_auto_falls_back_to_3_1_1_when_the_broker_refuses_version_5() {
+    let (devices, got, log) = through_scripted_peer(false, true, "");
+    assert_eq!(missing_and_doubled(&devices, &got), (600, 0, 0), "{log}");
+    assert!(log.contains("refused MQTT 5; falling back to 3.1.1"), "{log}");
+    assert!(log.contains("connected (MQTT 3.1.1"), "{log}");
 }
