@@ -91,7 +91,12 @@ fn twenty_thousand_readings_exactly_once_through_five_sigkills_and_a_15s_broker_
         &up,
     );
     let mut gw = Gateway::start(&cfg);
-    let mut rng = XorShift::new(2026);
+    // A new kill schedule each run (say EDGE_GATEWAY_TEST_SEED=N to repeat one).
+    let seed = std::env::var("EDGE_GATEWAY_TEST_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("kill schedule seed: EDGE_GATEWAY_TEST_SEED={seed}");
+    let mut rng = XorShift::new(seed);
     // 1,000 steps of 20 readings over ~25 s; 5 kills at random moments;
     // the broker is down from 5 s to 20 s.
     let start = Instant::now();
@@ -131,7 +136,7 @@ fn twenty_thousand_readings_exactly_once_through_five_sigkills_and_a_15s_broker_
     assert_eq!(
         (missing, doubled),
         (0, 0),
-        "of {expected} readings: {missing} missing, {doubled} duplicated\n{}",
+        "of {expected} readings: {missing} missing, {doubled} duplicated (EDGE_GATEWAY_TEST_SEED={seed})\n{}",
         log.lines().filter(|l| l.contains("uplink") || l.contains("upstream")).collect::<Vec<_>>().join("\n")
     );
     assert_eq!(got.total_readings, expected, "readings nobody sent arrived");
