@@ -413,7 +413,7 @@ impl Uplink {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut out = Vec::with_capacity(64 * 1024);
 
-        self.resume(connack.session_present, qos)?;
+        self.resume(connack.session_present)?;
         codec::encode_publish(proto, &self.status_topic, b"online", 1, true, false, STATUS_PID, &mut out);
 
         let mut last_sent = Instant::now();
@@ -488,7 +488,7 @@ impl Uplink {
     }
 
     /// Put the window in the state the new session needs.
-    fn resume(&mut self, session_present: bool, qos: u8) -> Result<(), UplinkError> {
+    fn resume(&mut self, session_present: bool) -> Result<(), UplinkError> {
         if session_present {
             // `send_ready` re-sends these: PUBLISH with DUP=1, or PUBREL.
             for f in self.window.iter_mut() {
@@ -519,10 +519,11 @@ impl Uplink {
             );
             Metrics::add(&self.metrics.batches_resent_session_lost, resent);
         }
-        if qos == 2 && !self.log.is_empty() {
+        if !self.log.is_empty() {
             // Must be durable before any of them goes out again: a stale
             // entry would make a restart send PUBREL for a batch the broker
-            // never got, and take its PUBCOMP for delivery.
+            // never got, and take its PUBCOMP for delivery. (Also at QoS 1:
+            // entries left by an earlier QoS 2 run would do the same.)
             self.log.clear().map_err(|e| UplinkError::Setup(format!("cannot clear uplink.pubrec: {e}")))?;
         }
         Ok(())
