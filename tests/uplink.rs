@@ -98,15 +98,19 @@ fn twenty_thousand_readings_exactly_once_through_five_sigkills_and_a_15s_broker_
     eprintln!("kill schedule seed: EDGE_GATEWAY_TEST_SEED={seed}");
     let mut rng = XorShift::new(seed);
     // 1,000 steps of 20 readings over ~25 s; 5 kills at random moments;
-    // the broker is down from 5 s to 20 s.
+    // the broker is down from 5 s to 20 s. EDGE_GATEWAY_SOAK_KILLS=N makes
+    // it N kills over max(25 s, N s) by hand.
+    let n_kills: u64 = std::env::var("EDGE_GATEWAY_SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let span_ms = 22_000.max(n_kills * 1000);
+    let pace = Duration::from_millis((span_ms + 3000) / 1000);
     let start = Instant::now();
-    let mut kills: Vec<Duration> = (0..5).map(|_| Duration::from_millis(500 + rng.below(22_000))).collect();
+    let mut kills: Vec<Duration> = (0..n_kills).map(|_| Duration::from_millis(500 + rng.below(span_ms))).collect();
     kills.sort();
     let (down_at, up_at) = (Duration::from_secs(5), Duration::from_secs(20));
     let mut broker_down = false;
     let mut logs = String::new();
     for _ in 0..1000 {
-        stream(&mut devices, 1, Duration::from_millis(22));
+        stream(&mut devices, 1, pace);
         let t = start.elapsed();
         if kills.first().is_some_and(|k| t >= *k) {
             kills.remove(0);
