@@ -548,3 +548,40 @@ fn protocol_auto_falls_back_to_3_1_1_when_the_broker_refuses_version_5() {
     assert!(log.contains("refused MQTT 5; falling back to 3.1.1"), "{log}");
     assert!(log.contains("connected (MQTT 3.1.1"), "{log}");
 }
+
+#[test]
+fn username_and_password_file_log_in_and_a_wrong_password_is_refused_without_logging_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let broker = Mosquitto::start_with_password(&dir.path().join("broker"), &certs, "gw1", "s3cret-Pa55");
+    let sub = Subscriber::start(broker.plain_port, "auth-sub", TOPIC, &dir.path().join("sub.out"));
+    for (name, password, delivers) in [("right", "s3cret-Pa55\n", true), ("wrong", "not-it-9x\n", false)] {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let pw = d.join("password");
+        std::fs::write(&pw, password).unwrap();
+        let up = upstream(
+            &broker,
+            &certs.ca,
+            &format!("username = \"gw1\"\npassword_file = {:?}\nclient_id = \"gw-{name}\"", pw),
+        );
+        let (mut devices, cfg) = fleet_with(&d, 1, 41, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+        let gw = Gateway::start(&cfg);
+        stream(&mut devices, 100, Duration::from_millis(2));
+        all_acked(&mut devices, &gw);
+        if delivers {
+            let got = wait_delivered(&sub, &devices, Duration::from_secs(20));
+            let log = terminate(gw);
+            assert_eq!(missing_and_doubled(&devices, &got), (100, 0, 0), "{log}");
+            assert!(!log.contains("s3cret"), "the password is in the log");
+        } else {
+            std::thread::sleep(Duration::from_secs(2));
+            let log = terminate(gw);
+            // Mosquitto 2.0.11 answers a wrong password under MQTT 5 with 0x87.
+            assert!(log.contains("not authorized") || log.contains("bad user name or password"), "{log}");
+            assert_eq!(log.matches("cannot connect").count(), 1, "one warning per series: {log}");
+            assert!(!log.contains("not-it-9x"), "the password is in the log");
+            assert_eq!(queue_status(&cfg)["readings"], 100, "queue intact");
+        }
+    }
+}

@@ -91,17 +91,48 @@ impl Mosquitto {
 
     /// [`Mosquitto::start`] with `extra` global config lines.
     pub fn start_with(dir: &Path, certs: &Certs, require_certificate: bool, extra: &str) -> Mosquitto {
+        Self::start_full(dir, certs, require_certificate, extra, None)
+    }
+
+    /// The TLS listener takes only `user` with `password` (anonymous clients
+    /// are refused there); the plain listener stays open for the test's subscriber.
+    pub fn start_with_password(dir: &Path, certs: &Certs, user: &str, password: &str) -> Mosquitto {
+        need("mosquitto_passwd", "mosquitto");
+        std::fs::create_dir_all(dir).unwrap();
+        let file = dir.join("passwd");
+        let ok = Command::new("mosquitto_passwd")
+            .args(["-c", "-b"])
+            .arg(&file)
+            .args([user, password])
+            .status()
+            .expect("mosquitto_passwd")
+            .success();
+        assert!(ok, "mosquitto_passwd failed");
+        Self::start_full(dir, certs, false, "", Some(&file))
+    }
+
+    fn start_full(
+        dir: &Path,
+        certs: &Certs,
+        require_certificate: bool,
+        extra: &str,
+        passwd: Option<&Path>,
+    ) -> Mosquitto {
         need("mosquitto", "mosquitto");
         std::fs::create_dir_all(dir).unwrap();
         let (tls_port, plain_port) = (free_port(), free_port());
         let conf = dir.join("mosquitto.conf");
         let text = format!(
-            "per_listener_settings false\nallow_anonymous true\nuser root\n\
+            "per_listener_settings true\nuser root\n\
              persistence true\npersistence_location {db}/\nautosave_interval 1\n\
              max_queued_messages 1000000\n{extra}\n\
              log_dest file {db}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-             listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate {req}\n\
-             listener {plain_port} 127.0.0.1\n",
+             listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate {req}\n{auth}\n\
+             listener {plain_port} 127.0.0.1\nallow_anonymous true\n",
+            auth = match passwd {
+                Some(f) => format!("allow_anonymous false\npassword_file {}", f.display()),
+                None => "allow_anonymous true".into(),
+            },
             db = dir.display(),
             ca = certs.ca.display(),
             cert = certs.server_cert.display(),
