@@ -173,8 +173,28 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     } else {
         String::new()
     };
+    // Where batches go (never the password: only whether one is set).
+    let upstream = match &c.upstream {
+        Some(u) => format!(
+            ", upstream {} as {} (QoS {}, MQTT {}, {})",
+            u.url,
+            u.client_id_for(&c.gateway.id),
+            u.qos,
+            match u.protocol {
+                crate::config::MqttProtocol::Auto => "auto",
+                crate::config::MqttProtocol::V5 => "5",
+                crate::config::MqttProtocol::V311 => "3.1.1",
+            },
+            match (&u.cert_file, &u.username) {
+                (Some(_), _) => "client certificate",
+                (None, Some(_)) => "user + password file",
+                (None, None) => "no login",
+            }
+        ),
+        None => ", no upstream (batches stay queued)".to_string(),
+    };
     println!(
-        "{}: ok: gateway {}, {} serial port(s), {} BLE device(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format}){broker}",
+        "{}: ok: gateway {}, {} serial port(s), {} BLE device(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format}){broker}{upstream}",
         path.display(),
         c.gateway.id,
         c.serial.len(),

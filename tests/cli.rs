@@ -22,6 +22,30 @@ fn check_config_accepts_the_shipped_configs() {
 }
 
 #[test]
+fn check_config_summarises_the_upstream_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "hunter2-secret\n").unwrap();
+    let body = format!(
+        "{BASE}\n[upstream]\nurl = \"mqtts://cloud.example:8883\"\nusername = \"gw\"\npassword_file = {:?}\nqos = 1\n",
+        pw.display().to_string()
+    );
+    let (code, out, err) = check(dir.path(), &body);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("upstream mqtts://cloud.example:8883 as edge-gateway-gw (QoS 1, MQTT auto, user + password file)"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"));
+    let (_, out, _) = check(dir.path(), BASE);
+    assert!(out.contains("no upstream (batches stay queued)"), "{out}");
+    // Plaintext is refused unless asked for, naming the key.
+    let (code, _, err) = check(dir.path(), &body.replace("mqtts://", "mqtt://"));
+    assert_eq!(code, 1);
+    assert!(err.contains("key `upstream.url`") && err.contains("allow_plaintext"), "{err}");
+}
+
+#[test]
 fn check_config_names_path_line_col_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let shown = dir.path().join("gw.toml").display().to_string();
