@@ -16,16 +16,6 @@ use std::time::Duration;
 const PIPELINE: &str = "batch_max_age = \"50ms\"\nbatch_max_readings = 200";
 const STORE: &str = "fsync_interval = \"50ms\"";
 
-fn need(tool: &str, package: &str) {
-    let found =
-        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-    assert!(found, "`{tool}` not found: install it with `sudo apt-get install -y {package}` (scripts/test.sh does)");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A gateway config with a `[broker]` table (`broker` is its body) and optional serial ports.
 fn config(dir: &Path, ports: &[Port], broker: &str) -> PathBuf {
     config_with(dir, ports, PIPELINE, broker)

@@ -90,10 +90,7 @@ fn ten_thousand_readings_with_duplicates_and_garbage_are_queued_once_and_acked()
 
 /// SIGTERM, assert exit 0 within 5 s, return the log.
 fn gw_terminate(gw: Gateway) -> String {
-    let log = gw.log.clone();
-    let (code, took) = gw.terminate();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(code, Some(0), "{text}");
+    let (text, took) = terminate_ok(gw);
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
     text
 }

@@ -68,11 +68,7 @@ fn gw_exited(gw: &mut Gateway) -> bool {
 }
 
 fn terminate(gw: Gateway) -> String {
-    let log = gw.log.clone();
-    let (code, _) = gw.terminate();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(code, Some(0), "{text}");
-    text
+    terminate_ok(gw).0
 }
 
 #[test]

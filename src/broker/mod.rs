@@ -574,7 +574,8 @@ async fn wait_internal_ready(internal: &Internal) -> Result<(), BrokerError> {
 }
 
 fn tls_acceptor(b: &BrokerConfig) -> Result<tokio_rustls::TlsAcceptor, BrokerError> {
-    use rustls_pemfile::Item;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let (cert_path, key_path) = (b.tls_cert.as_ref().expect("validated"), b.tls_key.as_ref().expect("validated"));
     let err = |key, path: &std::path::Path, message: String| BrokerError::Tls {
         key,
@@ -583,22 +584,16 @@ fn tls_acceptor(b: &BrokerConfig) -> Result<tokio_rustls::TlsAcceptor, BrokerErr
     };
     let read = |key, path: &std::path::Path| std::fs::read(path).map_err(|e| err(key, path, e.to_string()));
     let cert_pem = read("tls_cert", cert_path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| err("tls_cert", cert_path, e.to_string()))?;
     if certs.is_empty() {
         return Err(err("tls_cert", cert_path, "no PEM certificate in it".into()));
     }
     let key_pem = read("tls_key", key_path)?;
-    let key = rustls_pemfile::read_all(&mut key_pem.as_slice())
-        .filter_map(Result::ok)
-        .find_map(|item| match item {
-            Item::Pkcs1Key(k) => Some(k.into()),
-            Item::Pkcs8Key(k) => Some(k.into()),
-            Item::Sec1Key(k) => Some(k.into()),
-            _ => None,
-        })
-        .ok_or_else(|| err("tls_key", key_path, "no PEM private key in it".into()))?;
+    // The first PKCS#1, PKCS#8 or SEC1 key in the file.
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| err("tls_key", key_path, "no PEM private key in it".into()))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -102,14 +102,7 @@ impl PubrecLog {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(ids.len() * REC);
-        for &id in ids {
-            let at = buf.len();
-            buf.push(b'R');
-            buf.extend_from_slice(&id.to_le_bytes());
-            let crc = CRC.checksum(&buf[at..]);
-            buf.extend_from_slice(&crc.to_le_bytes());
-        }
+        let buf = encode(ids.iter().copied());
         self.file.write_all(&buf)?;
         crate::crashpoint::hit("before-pubrec-sync");
         self.file.sync_data()?;
@@ -140,14 +133,7 @@ impl PubrecLog {
     }
 
     fn rewrite(&mut self) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(self.ids.len() * REC);
-        for &id in &self.ids {
-            let at = buf.len();
-            buf.push(b'R');
-            buf.extend_from_slice(&id.to_le_bytes());
-            let crc = CRC.checksum(&buf[at..]);
-            buf.extend_from_slice(&crc.to_le_bytes());
-        }
+        let buf = encode(self.ids.iter().copied());
         let tmp = self.path.with_extension("pubrec.tmp");
         drop(replace_file(&tmp, &self.path, &buf, &mut self.fsyncs)?);
         if let Some(dir) = self.path.parent() {
@@ -157,6 +143,19 @@ impl PubrecLog {
         self.bytes = buf.len() as u64;
         Ok(())
     }
+}
+
+/// `[b'R'][id u64 LE][crc32 u32 LE]` per id.
+fn encode(ids: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(ids.len() * REC);
+    for id in ids {
+        let at = buf.len();
+        buf.push(b'R');
+        buf.extend_from_slice(&id.to_le_bytes());
+        let crc = CRC.checksum(&buf[at..]);
+        buf.extend_from_slice(&crc.to_le_bytes());
+    }
+    buf
 }
 
 #[cfg(test)]

@@ -103,11 +103,6 @@ struct Flight {
     retry_at: Option<Instant>,
 }
 
-/// Why a session ended.
-enum SessionEnd {
-    Stopped,
-}
-
 pub struct Uplink {
     cfg: UpstreamConfig,
     url: BrokerUrl,
@@ -225,7 +220,7 @@ impl Uplink {
                     Metrics::set(&self.metrics.upstream_connected, 0);
                     self.commit_acks(true);
                     match r {
-                        Ok(SessionEnd::Stopped) => break,
+                        Ok(()) => break, // stopped
                         Err(e) => {
                             tracing::warn!("upstream {target}: connection lost: {e}");
                             last_reason = e.to_string();
@@ -394,13 +389,15 @@ impl Uplink {
         Ok(())
     }
 
+    /// One connection: `Ok` once `stop` fired (offline sent, DISCONNECT),
+    /// `Err` when the connection was lost or the broker ended it.
     async fn session(
         &mut self,
         stream: Box<dyn Stream>,
         connack: ConnAck,
         mut inbuf: Vec<u8>,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<SessionEnd, UplinkError> {
+    ) -> Result<(), UplinkError> {
         let proto = self.protocol;
         let inflight_max = (self.cfg.max_inflight as usize).min(connack.receive_maximum.unwrap_or(u16::MAX) as usize);
         let max_packet = connack.maximum_packet_size.unwrap_or(u32::MAX) as usize;
@@ -456,7 +453,7 @@ impl Uplink {
                         wr.write_all(&out).await?;
                         wr.shutdown().await
                     }).await;
-                    return Ok(SessionEnd::Stopped);
+                    return Ok(());
                 }
                 n = rd.read(&mut rbuf) => {
                     let n = n?;

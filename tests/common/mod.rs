@@ -210,3 +210,24 @@ pub fn summary_number(log: &str, pattern: &str) -> u64 {
     let i = log.rfind(pattern).unwrap_or_else(|| panic!("{pattern:?} not in log:\n{log}"));
     log[..i].split_whitespace().last().unwrap().parse().unwrap()
 }
+
+/// Fail (not skip) when a tool is missing, saying how to get it.
+pub fn need(tool: &str, package: &str) {
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    assert!(found, "`{tool}` not found: install it with `sudo apt-get install -y {package}` (scripts/test.sh does)");
+}
+
+/// A loopback port nobody listens on (just now).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// SIGTERM; asserts exit status 0; returns the log and how long the exit took.
+pub fn terminate_ok(gw: Gateway) -> (String, Duration) {
+    let log = gw.log.clone();
+    let (code, took) = gw.terminate();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(0), "{text}");
+    (text, took)
+}

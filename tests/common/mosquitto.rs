@@ -9,15 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Fail (not skip) when a tool is missing, saying how to get it.
-pub fn need(tool: &str, package: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap().status.success();
-    assert!(found, "`{tool}` not found: install it with `apt-get install -y {package}` (or run ./scripts/test.sh)");
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+pub use super::{free_port, need};
 
 /// PEM files: a CA, a server cert for `localhost` signed by it, a client
 /// cert signed by it, an expired client cert, and an unrelated CA.
