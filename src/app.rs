@@ -1,16 +1,19 @@
 //! Wires the parts together and owns every task.
 //!
 //! Ownership, start to stop:
-//! * one tokio task per serial port ([`crate::source::serial::run`]);
+//! * one tokio task per serial port ([`crate::source::serial::run`]), each
+//!   with its own stop signal so a reload can remove one;
 //! * with `[broker] enabled`, the embedded MQTT broker ([`Broker`]), which
 //!   owns its listeners, the LAN ingest task and its threads;
 //! * one tokio task for Bluetooth LE ([`crate::source::ble::run`]), which
 //!   owns a task per `[[ble]]` device;
 //! * one OS thread for the [`Pipeline`], with a single-threaded runtime of its
-//!   own, because it fsyncs and fsync must not stall the ports' runtime;
+//!   own, because it fsyncs and fsync must not stall the ports' runtime. It
+//!   also sends systemd's `WATCHDOG=1` (see [`crate::service`]);
 //! * one OS thread for the [`Uplink`] (when `[upstream]` is configured), for
 //!   the same reason;
-//! * the signal handler, which starts shutdown.
+//! * the `/metrics` server and a heartbeat task (watchdog beat, `STATUS=`);
+//! * the signal loop: SIGTERM/SIGINT stop, SIGHUP reloads the config.
 //!
 //! Shutdown runs in two stages so no reading is stranded: first the
 //! pipeline drains its channel, seals the open batch, commits, checkpoints
@@ -20,19 +23,32 @@
 //! handed to the pipeline before the pipeline drains (with `broker.ack =
 //! "received"` LAN devices were PUBACKed already, so nothing of theirs may
 //! be left behind).
+//!
+//! A reload (SIGHUP) re-reads the file. An invalid file is refused with its
+//! `PATH:LINE:COL` and the running config stays. Otherwise serial ports and
+//! BLE devices that were added, removed or changed are started/stopped, a
+//! changed `[upstream]` reconnects, and sections that need a restart
+//! (`[gateway]`, `[pipeline]`, `[store]`, `[broker]`, `[metrics]`, `[log]`)
+//! are logged as such and keep their running values. The queue is never
+//! touched by a reload.
 
 use crate::broker::{Broker, StatusSource};
-use crate::config::Config;
+use crate::config::{Config, SerialConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::reading::{Ack, Incoming, PortId, now_ms};
+use crate::queue::Queue;
+use crate::reading::{Ack, Incoming, LAN_PORT, PortId, now_ms};
+use crate::service::{Beat, Notifier, Watchdog};
 use crate::shutdown::{self, Shutdown};
 use crate::source::{ble, serial};
 use crate::uplink::{self, Uplink};
 use anyhow::Context;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 /// Readings waiting between the sources and the pipeline. Enough to ride
 /// out one slow fsync at full rate; beyond it the ports are back-pressured
@@ -46,9 +62,41 @@ const UPLINK_STOP_BUDGET: Duration = Duration::from_millis(700);
 const BROKER_STOP_BUDGET: Duration = Duration::from_millis(600);
 /// BLE tasks stop delivering at once; this bounds their unsubscribe/disconnect.
 const BLE_STOP_BUDGET: Duration = Duration::from_millis(200);
+/// How often the heartbeat task refreshes `STATUS=`.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
 
-/// Run the gateway until SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Ack routes by port: serial ports come and go with reloads.
+type Routes = Arc<Mutex<HashMap<PortId, mpsc::Sender<Ack>>>>;
+
+struct SerialTask {
+    cfg: SerialConfig,
+    port_id: PortId,
+    stop: Shutdown,
+    task: JoinHandle<()>,
+}
+
+struct BleTask {
+    stop: Shutdown,
+    task: JoinHandle<()>,
+}
+
+/// The parts a reload can change, and what they need to restart.
+struct Sources {
+    cfg: Config,
+    serial: BTreeMap<String, SerialTask>,
+    next_port: PortId,
+    routes: Routes,
+    ble: Option<BleTask>,
+    uplink: Option<(Shutdown, std::thread::JoinHandle<()>)>,
+    uplink_beat: Beat,
+    tx: mpsc::Sender<Incoming>,
+    metrics: Arc<Metrics>,
+    queue: Arc<Mutex<Queue>>,
+}
+
+/// Run the gateway until SIGTERM or SIGINT; SIGHUP reloads `config_path`.
+pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let notifier = Arc::new(Notifier::from_env());
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
     let (mut pipeline, report) = Pipeline::open(&cfg, metrics.clone())
@@ -67,24 +115,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         report.replayed_records,
         started.elapsed()
     );
+    let queue = pipeline.queue_handle();
 
-    let sources_stop = Shutdown::new();
     let pipeline_stop = Shutdown::new();
     let (tx, rx) = mpsc::channel(INGEST_CHANNEL);
+    let routes: Routes = Arc::default();
     // The broker first: a taken port must stop start-up before anything runs.
     let mut broker = None;
-    // LAN readings' port id: their acks come back after the serial ports'.
-    let lan_port = cfg.serial.len();
-    let mut lan_acks = None;
     if cfg.broker.enabled {
         let (ack_tx, ack_rx) = mpsc::channel(1024);
-        lan_acks = Some(ack_tx);
+        routes.lock().unwrap_or_else(|e| e.into_inner()).insert(LAN_PORT, ack_tx);
         let status = StatusSource {
             gateway: cfg.gateway.id.clone(),
-            queue: pipeline.queue_handle(),
+            queue: queue.clone(),
             upstream_configured: cfg.upstream.is_some(),
         };
-        let b = Broker::start(&cfg, tx.clone(), lan_port, ack_rx, metrics.clone(), status)
+        let b = Broker::start(&cfg, tx.clone(), LAN_PORT, ack_rx, metrics.clone(), status)
             .await
             .context("cannot start the embedded MQTT broker")?;
         if !cfg.broker.republish.is_empty()
@@ -94,75 +140,70 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         broker = Some(b);
     }
-    let mut ack_routes = Vec::new();
-    let mut sources = tokio::task::JoinSet::new();
-    for (port_id, port) in cfg.serial.iter().enumerate() {
-        let (ack_tx, ack_rx) = mpsc::channel(256);
-        ack_routes.push(ack_tx);
-        sources.spawn(serial::run(
-            port.clone(),
-            port_id,
-            tx.clone(),
-            ack_rx,
-            metrics.clone(),
-            sources_stop.subscribe(),
-        ));
+
+    let mut watchdog = Watchdog::new(notifier.clone());
+    let runtime_beat = watchdog.beat("async runtime");
+    let uplink_beat = watchdog.beat("uplink");
+    let mut sources = Sources {
+        cfg: cfg.clone(),
+        serial: BTreeMap::new(),
+        next_port: 0,
+        routes: routes.clone(),
+        ble: None,
+        uplink: None,
+        uplink_beat,
+        tx: tx.clone(),
+        metrics: metrics.clone(),
+        queue: queue.clone(),
+    };
+    for port in &cfg.serial {
+        sources.start_serial(port.clone());
     }
-    if let Some(ack_tx) = lan_acks {
-        debug_assert_eq!(ack_routes.len(), lan_port);
-        ack_routes.push(ack_tx);
-    }
-    // BLE readings carry `ble::BLE_PORT`, which has no ack route. BLE stops
-    // first at shutdown (it needs no final acks, and a notification that
-    // came after the pipeline's last drain would be lost: BLE devices never
-    // resend).
-    let ble_stop = Shutdown::new();
-    let ble_task = (!cfg.ble.is_empty()).then(|| {
-        tokio::spawn(ble::run(cfg.ble.clone(), cfg.ble_scan.clone(), tx.clone(), metrics.clone(), ble_stop.subscribe()))
-    });
+    sources.start_ble();
+    sources.start_uplink().context("cannot start the uplink")?;
     // Held until the end: the pipeline must outlive its sources, even when
     // there are none (a gateway with no ports still owns its queue).
     let _tx = tx;
 
-    let uplink_stop = Shutdown::new();
-    let uplink = match &cfg.upstream {
-        Some(up) => {
-            let u = Uplink::new(up, &cfg.gateway.id, &cfg.gateway.data_dir, pipeline.queue_handle(), metrics.clone())
-                .context("cannot start the uplink")?;
-            Some(uplink::spawn(u, uplink_stop.subscribe()).context("cannot start the uplink thread")?)
-        }
-        None => {
-            tracing::info!("no [upstream] configured: batches stay in the queue");
-            None
-        }
-    };
-
     let stop_rx = pipeline_stop.subscribe();
     let worker = std::thread::Builder::new()
         .name("pipeline".into())
-        .spawn(move || run_pipeline(pipeline, rx, ack_routes, stop_rx))
+        .spawn(move || run_pipeline(pipeline, rx, routes, stop_rx, watchdog))
         .context("cannot start the pipeline thread")?;
+
+    let side_stop = Shutdown::new();
+    let metrics_task = start_metrics(&cfg, metrics.clone(), queue.clone(), started, side_stop.subscribe()).await;
+    let heartbeat = tokio::spawn(heartbeat(
+        runtime_beat,
+        notifier.clone(),
+        metrics.clone(),
+        queue.clone(),
+        cfg.upstream.is_some(),
+        side_stop.subscribe(),
+    ));
     tracing::info!(
-        "edge-gateway {} running with {} serial port(s), {} BLE device(s)",
+        "edge-gateway {} running with {} serial port(s), {} BLE device(s), ready in {:.0?}",
         cfg.gateway.id,
         cfg.serial.len(),
-        cfg.ble.len()
+        cfg.ble.len(),
+        started.elapsed()
     );
+    notifier.notify("READY=1");
+    notifier.status(&status_line(&metrics, &queue, cfg.upstream.is_some(), 0.0));
 
-    wait_for_signal().await?;
+    signal_loop(&mut sources, config_path.as_deref(), &notifier).await?;
+    notifier.notify("STOPPING=1\nSTATUS=stopping: sealing the open batch into the queue");
     if let Some(b) = &mut broker {
         tracing::info!("stopping: closing the broker's clients");
         b.stop(BROKER_STOP_BUDGET).await;
     }
-    if let Some(mut task) = ble_task {
-        ble_stop.trigger();
-        if tokio::time::timeout(BLE_STOP_BUDGET, &mut task).await.is_err() {
-            task.abort();
-        }
-    }
+    sources.stop_ble().await;
     tracing::info!("stopping: closing the open batch into the queue");
     pipeline_stop.trigger();
-    uplink_stop.trigger();
+    let uplink = sources.uplink.take();
+    if let Some((stop, _)) = &uplink {
+        stop.trigger();
+    }
     let joined = tokio::task::spawn_blocking(move || worker.join());
     let _rx = match tokio::time::timeout(PIPELINE_STOP_BUDGET, joined).await {
         Ok(Ok(Ok(Ok(rx)))) => Some(rx),
@@ -179,20 +220,334 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None
         }
     };
-    if let Some(u) = uplink {
+    if let Some((_, u)) = uplink {
         let joined = tokio::task::spawn_blocking(move || u.join());
         if tokio::time::timeout(UPLINK_STOP_BUDGET, joined).await.is_err() {
             tracing::warn!("uplink did not stop within {UPLINK_STOP_BUDGET:?}");
         }
     }
-    sources_stop.trigger();
-    let _ = tokio::time::timeout(SOURCE_STOP_BUDGET, async { while sources.join_next().await.is_some() {} }).await;
-    sources.abort_all();
+    sources.stop_all_serial().await;
     if let Some(b) = &mut broker {
         b.finish(SOURCE_STOP_BUDGET).await;
     }
+    side_stop.trigger();
+    let _ = heartbeat.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     log_summary(&metrics);
     Ok(())
+}
+
+impl Sources {
+    fn start_serial(&mut self, port: SerialConfig) {
+        let port_id = self.next_port;
+        self.next_port += 1;
+        let (ack_tx, ack_rx) = mpsc::channel(256);
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(port_id, ack_tx);
+        let stop = Shutdown::new();
+        let span = tracing::info_span!("serial", source = "serial");
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            serial::run(port.clone(), port_id, self.tx.clone(), ack_rx, self.metrics.clone(), stop.subscribe()),
+            span,
+        ));
+        self.serial.insert(port.name.clone(), SerialTask { cfg: port, port_id, stop, task });
+    }
+
+    async fn stop_serial(&mut self, name: &str) {
+        let Some(t) = self.serial.remove(name) else { return };
+        t.stop.trigger();
+        let mut task = t.task;
+        if tokio::time::timeout(SOURCE_STOP_BUDGET, &mut task).await.is_err() {
+            task.abort();
+        }
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.port_id);
+        self.metrics.forget_port(name);
+    }
+
+    async fn stop_all_serial(&mut self) {
+        let mut set = tokio::task::JoinSet::new();
+        let mut aborts = Vec::new();
+        for t in std::mem::take(&mut self.serial).into_values() {
+            t.stop.trigger();
+            aborts.push(t.task.abort_handle());
+            set.spawn(t.task);
+        }
+        let _ = tokio::time::timeout(SOURCE_STOP_BUDGET, async { while set.join_next().await.is_some() {} }).await;
+        aborts.iter().for_each(|a| a.abort());
+    }
+
+    /// BLE readings carry `ble::BLE_PORT`, which has no ack route. BLE stops
+    /// first at shutdown (it needs no final acks, and a notification that
+    /// came after the pipeline's last drain would be lost: BLE devices never
+    /// resend).
+    fn start_ble(&mut self) {
+        if self.cfg.ble.is_empty() {
+            return;
+        }
+        let stop = Shutdown::new();
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            ble::run(
+                self.cfg.ble.clone(),
+                self.cfg.ble_scan.clone(),
+                self.tx.clone(),
+                self.metrics.clone(),
+                stop.subscribe(),
+            ),
+            tracing::info_span!("ble", source = "ble"),
+        ));
+        self.ble = Some(BleTask { stop, task });
+    }
+
+    async fn stop_ble(&mut self) {
+        if let Some(BleTask { stop, mut task }) = self.ble.take() {
+            stop.trigger();
+            if tokio::time::timeout(BLE_STOP_BUDGET, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+    }
+
+    fn start_uplink(&mut self) -> anyhow::Result<()> {
+        let Some(up) = &self.cfg.upstream else {
+            tracing::info!("no [upstream] configured: batches stay in the queue");
+            // Nothing to prove alive.
+            self.uplink_beat.park();
+            return Ok(());
+        };
+        let u = Uplink::new(
+            up,
+            &self.cfg.gateway.id,
+            &self.cfg.gateway.data_dir,
+            self.queue.clone(),
+            self.metrics.clone(),
+        )?;
+        let stop = Shutdown::new();
+        let thread = uplink::spawn(u, stop.subscribe(), Some(self.uplink_beat.clone()))
+            .context("cannot start the uplink thread")?;
+        self.uplink = Some((stop, thread));
+        Ok(())
+    }
+
+    /// Stop the uplink thread and wait for it: two uplinks must never share
+    /// the PUBREC log.
+    async fn stop_uplink(&mut self) {
+        let Some((stop, thread)) = self.uplink.take() else { return };
+        stop.trigger();
+        let t0 = Instant::now();
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        // After the join: its ticker cannot beat any more.
+        self.uplink_beat.park();
+        if t0.elapsed() > Duration::from_secs(2) {
+            tracing::warn!("reload: the uplink took {:.1?} to stop", t0.elapsed());
+        }
+    }
+
+    /// Apply a new, valid config (see the module doc).
+    async fn apply(&mut self, new: Config) {
+        let old = &self.cfg;
+        let restart_only: Vec<&str> = [
+            ("[gateway]", old.gateway != new.gateway),
+            ("[pipeline]", old.pipeline != new.pipeline),
+            ("[store]", old.store != new.store),
+            ("[broker]", old.broker != new.broker),
+            ("[metrics]", old.metrics != new.metrics),
+            ("[log]", old.log != new.log),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect();
+        if !restart_only.is_empty() {
+            tracing::warn!(
+                "reload: {} changed; these take effect at the next restart (running values kept)",
+                restart_only.join(", ")
+            );
+        }
+        let mut changes = Vec::new();
+        // Serial ports: by name; a changed entry is stopped and started again.
+        let wanted: BTreeMap<String, SerialConfig> = new.serial.iter().map(|p| (p.name.clone(), p.clone())).collect();
+        let gone: Vec<String> = self
+            .serial
+            .iter()
+            .filter(|(name, t)| wanted.get(*name) != Some(&t.cfg))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            self.stop_serial(name).await;
+            if !wanted.contains_key(name) {
+                changes.push(format!("serial {name} removed"));
+            }
+        }
+        for (name, port) in wanted {
+            if !self.serial.contains_key(&name) {
+                changes.push(if gone.contains(&name) {
+                    format!("serial {name} changed")
+                } else {
+                    format!("serial {name} added")
+                });
+                self.start_serial(port);
+            }
+        }
+        self.cfg.serial = new.serial.clone();
+        // BLE: one hub owns the adapter, so any change restarts it.
+        if self.cfg.ble != new.ble || self.cfg.ble_scan != new.ble_scan {
+            self.stop_ble().await;
+            for b in &self.cfg.ble {
+                if !new.ble.iter().any(|n| n.name == b.name) {
+                    self.metrics.forget_port(&format!("ble:{}", b.name));
+                }
+            }
+            changes.push(format!("BLE restarted with {} device(s)", new.ble.len()));
+            self.cfg.ble = new.ble.clone();
+            self.cfg.ble_scan = new.ble_scan.clone();
+            self.start_ble();
+        }
+        // Upstream: a new session (the PUBREC log handles a different broker).
+        if self.cfg.upstream != new.upstream {
+            self.stop_uplink().await;
+            Metrics::set(&self.metrics.upstream_connected, 0);
+            let previous = std::mem::replace(&mut self.cfg.upstream, new.upstream.clone());
+            match self.start_uplink() {
+                Ok(()) => changes.push("upstream reconnecting with the new settings".to_string()),
+                Err(e) => {
+                    tracing::error!(
+                        "reload: cannot start the uplink with the new [upstream] ({e:#}); keeping the old one"
+                    );
+                    self.cfg.upstream = previous;
+                    if let Err(e) = self.start_uplink() {
+                        tracing::error!("reload: the old uplink does not start either: {e:#}");
+                    }
+                }
+            }
+        }
+        Metrics::inc(&self.metrics.reloads);
+        if changes.is_empty() {
+            tracing::info!("reload: config re-read; no source or upstream changes");
+        } else {
+            tracing::info!("reload: {}", changes.join(", "));
+        }
+    }
+}
+
+/// Wait for SIGTERM/SIGINT; SIGHUP reloads the config in between.
+async fn signal_loop(sources: &mut Sources, config_path: Option<&Path>, notifier: &Notifier) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let Some(path) = config_path else {
+                    tracing::warn!("SIGHUP: no config file to re-read");
+                    continue;
+                };
+                notifier.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+                match Config::load(path) {
+                    Ok(new) => sources.apply(new).await,
+                    Err(e) => {
+                        Metrics::inc(&sources.metrics.reloads_failed);
+                        tracing::error!("reload refused, keeping the running config: {e}");
+                    }
+                }
+                notifier.notify("READY=1");
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in µs, which `Type=notify-reload` wants with RELOADING=1.
+fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
+
+/// Bind `[metrics] listen` and serve. A taken port is logged, not fatal:
+/// collecting readings matters more than being scraped.
+async fn start_metrics(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    queue: Arc<Mutex<Queue>>,
+    started: Instant,
+    stop: watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    if !cfg.metrics.enabled {
+        return None;
+    }
+    let listener = match tokio::net::TcpListener::bind(cfg.metrics.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("metrics: cannot listen on {}: {e}; /metrics is off until restart", cfg.metrics.listen);
+            return None;
+        }
+    };
+    tracing::info!("metrics on http://{}/metrics", listener.local_addr().unwrap_or(cfg.metrics.listen));
+    let (gateway, max_bytes, upstream) = (cfg.gateway.id.clone(), cfg.store.max_bytes, cfg.upstream.is_some());
+    let render: crate::metrics::http::Render = Arc::new(move || {
+        let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
+        crate::metrics::render::render(&crate::metrics::render::Snapshot {
+            metrics: &metrics,
+            gateway: &gateway,
+            queue: st,
+            queue_max_bytes: max_bytes,
+            upstream_configured: upstream,
+            uptime_s: started.elapsed().as_secs_f64(),
+            now_ms: now_ms(),
+        })
+    });
+    Some(tokio::spawn(crate::metrics::http::serve(listener, render, stop)))
+}
+
+/// Beats for the watchdog (proving this runtime runs) and refreshes the
+/// one-line `STATUS=` that `systemctl status` shows.
+async fn heartbeat(
+    beat: Beat,
+    notifier: Arc<Notifier>,
+    metrics: Arc<Metrics>,
+    queue: Arc<Mutex<Queue>>,
+    upstream: bool,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(beat.every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last, mut last_count) = (Instant::now(), Metrics::get(&metrics.readings_accepted));
+    loop {
+        tokio::select! {
+            _ = shutdown::wait(&mut stop) => return,
+            _ = tick.tick() => {}
+        }
+        beat.beat();
+        crate::crashpoint::stall("heartbeat");
+        if last.elapsed() >= STATUS_EVERY {
+            let count = Metrics::get(&metrics.readings_accepted);
+            let rate = (count - last_count) as f64 / last.elapsed().as_secs_f64();
+            (last, last_count) = (Instant::now(), count);
+            notifier.status(&status_line(&metrics, &queue, upstream, rate));
+        }
+    }
+}
+
+fn status_line(m: &Metrics, queue: &Mutex<Queue>, upstream: bool, rate: f64) -> String {
+    let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
+    let ports = m.ports();
+    let up = ports.values().filter(|p| p.connected).count();
+    let age = st.oldest_created_ms.map(|t| now_ms().saturating_sub(t) / 1000).unwrap_or(0);
+    format!(
+        "{rate:.0} readings/s in, {} duplicates dropped; queue {} batches ({} KiB, oldest {age} s); upstream {}, {} readings delivered; links {up}/{} up",
+        Metrics::get(&m.duplicates_dropped),
+        st.batches,
+        st.bytes / 1024,
+        match (upstream, Metrics::get(&m.upstream_connected)) {
+            (false, _) => "not configured",
+            (true, 0) => "disconnected",
+            _ => "connected",
+        },
+        Metrics::get(&m.readings_delivered),
+        ports.len()
+    )
 }
 
 /// The counters, once, at exit: what a test or an operator reading the
@@ -239,29 +594,19 @@ fn log_summary(m: &Metrics) {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
-}
-
 /// The pipeline thread's loop: take readings as they come, wake for batch
-/// ages and group commits, and route acks back to their ports.
+/// ages, group commits and watchdog pings, and route acks back to their ports.
 fn run_pipeline(
     mut p: Pipeline,
     mut rx: mpsc::Receiver<Incoming>,
-    routes: Vec<mpsc::Sender<Ack>>,
+    routes: Routes,
     mut stop: watch::Receiver<bool>,
+    mut watchdog: Watchdog,
 ) -> anyhow::Result<mpsc::Receiver<Incoming>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let rx = rt.block_on(async move {
         loop {
-            let deadline = tokio::time::Instant::from_std(p.next_deadline());
+            let deadline = tokio::time::Instant::from_std(p.next_deadline().min(watchdog.next_due()));
             tokio::select! {
                 biased;
                 _ = shutdown::wait(&mut stop) => break,
@@ -282,6 +627,8 @@ fn run_pipeline(
                 _ = tokio::time::sleep_until(deadline) => {}
             }
             send_acks(&routes, p.tick(Instant::now()));
+            crate::crashpoint::stall("pipeline-loop");
+            watchdog.alive(Instant::now());
         }
         // Whatever the sources handed over is the pipeline's to keep.
         let (now, ms) = (Instant::now(), now_ms());
@@ -296,11 +643,15 @@ fn run_pipeline(
     Ok(rx)
 }
 
-fn send_acks(routes: &[mpsc::Sender<Ack>], acks: Vec<(PortId, Ack)>) {
+fn send_acks(routes: &Routes, acks: Vec<(PortId, Ack)>) {
+    if acks.is_empty() {
+        return;
+    }
+    let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
     for (port, ack) in acks {
         // A full or closed route means the port is busy or down: the device
         // resends, and its duplicate triggers a fresh cumulative ack.
-        if let Some(route) = routes.get(port) {
+        if let Some(route) = routes.get(&port) {
             let _ = route.try_send(ack);
         }
     }

@@ -25,6 +25,16 @@ enum Cmd {
     },
     /// Validate a config file: exit 0 with a summary, or 1 with PATH:LINE:COL.
     CheckConfig { path: PathBuf },
+    /// Ask a running gateway how it is (its `/metrics`): a small table, exit
+    /// 0 when healthy, 1 when not (upstream down, a link down, queue 90 %
+    /// full), 2 when it cannot be reached.
+    Status {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Ask this address instead of the config's `[metrics] listen`.
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+    },
     /// Inspect the on-disk queue (safe while the gateway runs).
     Queue {
         #[command(subcommand)]
@@ -74,12 +84,18 @@ enum QueueCmd {
     },
 }
 
+/// Where the Debian package puts the config.
+const DEFAULT_CONFIG: &str = "/etc/edge-gateway/gateway.toml";
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        crate::service::init_logging(None);
+    }
     let result = match cli.cmd {
         Cmd::Run { config } => run(&config),
         Cmd::CheckConfig { path } => check_config(&path),
+        Cmd::Status { config, addr } => return status(&config, addr),
         Cmd::Queue { cmd: QueueCmd::Status { config } } => queue_status(&config),
         Cmd::Queue { cmd: QueueCmd::Dump { config } } => queue_dump(&config),
         Cmd::Decode => decode(),
@@ -95,19 +111,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // rumqttd logs every ordinary disconnect as an error; our broker module
-    // logs what matters. RUST_LOG=rumqttd=debug brings it back.
-    let filter = if std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rumqttd")) {
-        filter
-    } else {
-        filter.add_directive("rumqttd=off".parse().expect("static directive"))
-    };
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
 fn load(path: &Path) -> anyhow::Result<Config> {
     // The error already reads PATH:LINE:COL: key: message.
     Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
@@ -115,13 +118,44 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = load(path)?;
+    crate::service::init_logging(Some(&cfg.log.level));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("edge-gateway")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(crate::app::run(cfg))
+    rt.block_on(crate::app::run(cfg, Some(path.to_path_buf())))
+}
+
+fn status(config: &Path, addr: Option<std::net::SocketAddr>) -> ExitCode {
+    let addr = match addr {
+        Some(a) => a,
+        None => match load(config) {
+            Ok(c) if c.metrics.enabled => c.metrics.listen,
+            Ok(_) => {
+                eprintln!("edge-gateway: {}: [metrics] is disabled; nothing to ask", config.display());
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("edge-gateway: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match crate::metrics::http::fetch(addr, std::time::Duration::from_secs(3)) {
+        Ok(text) => {
+            let r = crate::metrics::status::report(&crate::metrics::status::parse(&text));
+            print!("{}", r.text);
+            if r.healthy { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(e) => {
+            eprintln!(
+                "edge-gateway: cannot reach the gateway's metrics at http://{addr}/metrics: {e} (is it running?)"
+            );
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn hash_password() -> anyhow::Result<()> {

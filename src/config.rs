@@ -32,6 +32,55 @@ pub struct Config {
     /// The embedded MQTT broker for LAN devices and dashboards.
     #[serde(default)]
     pub broker: BrokerConfig,
+    /// Prometheus text at `/metrics` (read by `edge-gateway status`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Where to listen: loopback by default (the numbers name devices).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true, listen: default_metrics_listen() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9898))
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `edge_gateway::uplink=debug,info`.
+    /// `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: default_log_level() }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_string()
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -647,6 +696,9 @@ impl Config {
             }
         }
         self.broker.validate()?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad("log.level", "is not a log filter (try \"info\", \"debug\" or \"edge_gateway=debug,info\")");
+        }
         self.validate_ble()
     }
 

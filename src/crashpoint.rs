@@ -7,23 +7,27 @@
 //! Compiled in debug builds only: a release binary ignores the variable.
 
 #[cfg(debug_assertions)]
-pub fn hit(name: &str) {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
-    static HITS: AtomicU64 = AtomicU64::new(0);
-    let target = TARGET.get_or_init(|| {
-        let v = std::env::var("EDGE_GATEWAY_CRASH_AT").ok()?;
+use std::sync::{OnceLock, atomic::AtomicU64};
+
+/// `VAR=NAME[:N]`, parsed once; true the N-th time (and after) NAME is reached.
+#[cfg(debug_assertions)]
+fn reached(var: &str, name: &str, target: &OnceLock<Option<(String, u64)>>, hits: &AtomicU64) -> bool {
+    let target = target.get_or_init(|| {
+        let v = std::env::var(var).ok()?;
         let (n, count) = match v.split_once(':') {
             Some((n, c)) => (n.to_string(), c.parse().unwrap_or(1)),
             None => (v, 1),
         };
         Some((n, count))
     });
-    if let Some((n, count)) = target
-        && n == name
-        && HITS.fetch_add(1, Ordering::SeqCst) + 1 >= *count
-    {
+    matches!(target, Some((n, count)) if n == name && hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= *count)
+}
+
+#[cfg(debug_assertions)]
+pub fn hit(name: &str) {
+    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    if reached("EDGE_GATEWAY_CRASH_AT", name, &TARGET, &HITS) {
         eprintln!("crash point {name} reached: aborting");
         std::process::abort();
     }
@@ -32,3 +36,22 @@ pub fn hit(name: &str) {
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn hit(_name: &str) {}
+
+/// `EDGE_GATEWAY_STALL_AT=NAME[:N]`: the N-th time the thread reaches NAME
+/// it sleeps for good, like a thread stuck in a hung fsync. The watchdog
+/// test uses it to show that a stalled pipeline stops `WATCHDOG=1`.
+#[cfg(debug_assertions)]
+pub fn stall(name: &str) {
+    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    if reached("EDGE_GATEWAY_STALL_AT", name, &TARGET, &HITS) {
+        eprintln!("stall point {name} reached: this thread stops here");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn stall(_name: &str) {}

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod queue;
 pub mod reading;
+pub mod service;
 pub mod shutdown;
 pub mod sim;
 pub mod source;

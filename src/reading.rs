@@ -194,8 +194,24 @@ impl Batch {
     }
 }
 
-/// Where a reading came in, so its ack can go back the same way.
+/// Where a reading came in, so its ack can go back the same way. Serial
+/// ports get small numbers, handed out as they are configured (a reload
+/// never reuses one); the two below are fixed.
 pub type PortId = usize;
+
+/// BLE readings: BLE devices take no acks, so this port has no ack route.
+pub const BLE_PORT: PortId = usize::MAX;
+/// Readings from LAN devices through the embedded broker.
+pub const LAN_PORT: PortId = usize::MAX - 1;
+
+/// The kind of source behind a port, for metrics labels.
+pub fn source_kind(port: PortId) -> &'static str {
+    match port {
+        BLE_PORT => "ble",
+        LAN_PORT => "lan",
+        _ => "serial",
+    }
+}
 
 /// A reading on its way from a source to the pipeline.
 #[derive(Clone, Debug)]

@@ -19,9 +19,14 @@ pub mod batch;
 pub mod dedup;
 
 use crate::config::{Config, FsyncPolicy};
+use crate::metrics::DeviceCounters;
 use crate::metrics::Metrics;
 use crate::queue::{AppendOutcome, CRC, OpenReport, Queue, QueueError, QueueOptions};
-use crate::reading::{Ack, Batch, Format, Incoming, PortId, Reading, now_ms};
+use crate::reading::{Ack, Batch, Format, Incoming, PortId, Reading, now_ms, source_kind};
+use std::collections::HashMap;
+
+/// Source kinds, in the order of [`Pipeline`]'s per-device tallies.
+const KINDS: [&str; 3] = ["serial", "lan", "ble"];
 use acks::{AckSnapshot, AckTracker};
 use batch::Batcher;
 use dedup::{Dedup, DedupSnapshot, Verdict};
@@ -81,6 +86,9 @@ pub struct Pipeline {
     clock: fn() -> u64,
     /// Where accepted readings are republished (the embedded broker), if anywhere.
     republish: Option<tokio::sync::mpsc::Sender<Reading>>,
+    /// Per-device counts since the last tick, handed to [`Metrics`] in one go.
+    /// Keyed by device, then by source kind (serial, lan, ble).
+    tallies: HashMap<String, [DeviceCounters; 3]>,
 }
 
 pub fn queue_dir(cfg: &Config) -> PathBuf {
@@ -128,6 +136,7 @@ impl Pipeline {
             last_error_log: None,
             clock,
             republish: None,
+            tallies: HashMap::new(),
         };
         let mut report = StartReport { queue: qreport, ..Default::default() };
         let state = match read_state(&me.state_path) {
@@ -201,7 +210,9 @@ impl Pipeline {
         if reading.seq.is_some() {
             self.acks.route(&reading.device, port, now_ms);
         }
-        match self.dedup.check(&reading, ts_from_device, now_ms) {
+        let verdict = self.dedup.check(&reading, ts_from_device, now_ms);
+        self.tally(port, &reading.device, verdict);
+        match verdict {
             Verdict::Duplicate => {
                 Metrics::inc(&self.metrics.duplicates_dropped);
                 if reading.seq.is_some() {
@@ -223,6 +234,34 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    fn tally(&mut self, port: PortId, device: &str, verdict: Verdict) {
+        let kind = KINDS.iter().position(|k| *k == source_kind(port)).unwrap_or(0);
+        // No allocation once the device is known: this runs per reading.
+        let t = match self.tallies.get_mut(device) {
+            Some(t) => &mut t[kind],
+            None => &mut self.tallies.entry(device.to_string()).or_default()[kind],
+        };
+        match verdict {
+            Verdict::Accept => t.readings += 1,
+            Verdict::Duplicate => t.duplicates += 1,
+        }
+    }
+
+    /// Hand the per-device counts to [`Metrics`] (once per tick).
+    fn flush_tallies(&mut self) {
+        if self.tallies.is_empty() {
+            return;
+        }
+        let drained = self.tallies.drain().flat_map(|(device, per_kind)| {
+            KINDS
+                .iter()
+                .zip(per_kind)
+                .filter(|(_, c)| c.readings + c.duplicates > 0)
+                .map(move |(k, c)| ((*k, device.clone()), c))
+        });
+        self.metrics.add_devices(drained);
     }
 
     /// Close a batch into the queue (not yet durable).
@@ -320,6 +359,7 @@ impl Pipeline {
     /// Returns the acks to write to the devices.
     pub fn tick(&mut self, now: Instant) -> Vec<(PortId, Ack)> {
         let ms = (self.clock)();
+        self.flush_tallies();
         if let Some(b) = self.batcher.poll_age(now) {
             self.seal(b, now, ms);
         }
@@ -363,6 +403,7 @@ impl Pipeline {
 
     /// Shutdown: everything in the open batch goes to disk; returns the final acks.
     pub fn close(&mut self) -> Vec<(PortId, Ack)> {
+        self.flush_tallies();
         if let Err(e) = self.checkpoint() {
             tracing::error!("final checkpoint failed: {e}");
         }

@@ -680,7 +680,7 @@ impl Uplink {
         if let Some(id) = last {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = q.ack_through(id) {
-                tracing::error!("uplink: cannot ack batch {id} in the queue: {e}");
+                tracing::error!(batch = id, "uplink: cannot ack batch {id} in the queue: {e}");
                 return;
             }
             crate::crashpoint::hit("after-pubcomp-ack");
@@ -741,9 +741,27 @@ async fn continue_after(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 }
 
 /// Start the uplink on its own thread; returns its join handle.
-pub fn spawn(uplink: Uplink, stop: watch::Receiver<bool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+///
+/// `beat`, if given, is beaten from the uplink's own runtime, so the systemd watchdog learns when this thread is wedged.
+pub fn spawn(
+    uplink: Uplink,
+    stop: watch::Receiver<bool>,
+    beat: Option<crate::service::Beat>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("uplink".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("uplink runtime");
-        rt.block_on(uplink.run(stop));
+        if let Some(beat) = beat {
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(beat.every());
+                loop {
+                    tick.tick().await;
+                    beat.beat();
+                }
+            });
+        }
+        rt.block_on(tracing::Instrument::instrument(
+            uplink.run(stop),
+            tracing::info_span!("uplink", source = "uplink"),
+        ));
     })
 }

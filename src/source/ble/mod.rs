@@ -36,7 +36,7 @@ pub mod decode;
 
 use crate::config::{BleConfig, BleProfile, BleScanConfig, Framing};
 use crate::metrics::Metrics;
-use crate::reading::{Incoming, PortId, Reading, Value, now_ms};
+use crate::reading::{Incoming, Reading, Value, now_ms};
 use crate::wire::{self, FrameSplitter};
 use btleplug::api::{
     Central, CentralEvent, CentralState, CharPropFlags, Characteristic, Manager as _, Peripheral as _, ScanFilter,
@@ -54,7 +54,7 @@ use uuid::Uuid;
 
 /// The port id of every BLE reading: no ack route exists for it, so the
 /// pipeline's acks for BLE devices are dropped (BLE devices do not resend).
-pub const BLE_PORT: PortId = usize::MAX;
+pub use crate::reading::BLE_PORT;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -215,7 +215,8 @@ pub async fn run(
             ever_connected: false,
             session_ok: false,
         };
-        tasks.spawn(dev.run());
+        let span = tracing::info_span!("device", device = %cfg.name);
+        tasks.spawn(tracing::Instrument::instrument(dev.run(), span));
         handles.push(DeviceHandle {
             address: cfg.matcher.address.as_deref().and_then(parse_address),
             service: cfg.matcher.service.as_deref().and_then(parse_uuid),

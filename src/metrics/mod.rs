@@ -3,7 +3,13 @@
 //! Plain atomics behind one `Arc`, so the hot path pays one relaxed add per
 //! event. Per-port and per-device counters live in small mutex-guarded maps:
 //! they change on every reading too, but a gateway has tens of ports, not
-//! millions. The Prometheus endpoint (service issue) renders this struct.
+//! millions. [`render`] turns this struct into Prometheus text, [`http`]
+//! serves it on `[metrics] listen`, and [`status`] reads it back for the
+//! `edge-gateway status` command.
+
+pub mod http;
+pub mod render;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -64,8 +70,19 @@ pub struct Metrics {
     pub readings_republished: AtomicU64,
     /// Readings not republished because the broker's publisher was behind.
     pub republish_dropped: AtomicU64,
+    /// Config reloads applied / refused (invalid new config).
+    pub reloads: AtomicU64,
+    pub reloads_failed: AtomicU64,
     per_port: Mutex<BTreeMap<String, PortCounters>>,
     per_topic: Mutex<BTreeMap<String, TopicCounters>>,
+    per_device: Mutex<BTreeMap<(&'static str, String), DeviceCounters>>,
+}
+
+/// Readings per device, as the pipeline saw them (after every source).
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCounters {
+    pub readings: u64,
+    pub duplicates: u64,
 }
 
 /// LAN MQTT ingest counters, per topic.
@@ -119,5 +136,26 @@ impl Metrics {
 
     pub fn topics(&self) -> BTreeMap<String, TopicCounters> {
         self.per_topic.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A port (serial or `ble:NAME`) removed by a config reload: its link
+    /// state and counters go, so `/metrics` shows what is configured.
+    pub fn forget_port(&self, port: &str) {
+        self.per_port.lock().unwrap_or_else(|e| e.into_inner()).remove(port);
+    }
+
+    /// Add the pipeline's per-device tallies (it batches them, so the hot
+    /// path takes this lock once per tick, not once per reading).
+    pub fn add_devices(&self, tallies: impl IntoIterator<Item = ((&'static str, String), DeviceCounters)>) {
+        let mut map = self.per_device.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, t) in tallies {
+            let c = map.entry(key).or_default();
+            c.readings += t.readings;
+            c.duplicates += t.duplicates;
+        }
+    }
+
+    pub fn devices(&self) -> BTreeMap<(&'static str, String), DeviceCounters> {
+        self.per_device.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

@@ -1,0 +1,100 @@
+//! `GET /metrics` over HTTP/1.1, just enough for Prometheus and
+//! `edge-gateway status`: one request per connection, a few at a time,
+//! bounded reads and timeouts. A web framework would be most of the binary
+//! for two routes.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+/// Renders the page at scrape time.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// At most this many scrapes at once; more wait in the accept backlog.
+const MAX_CONNECTIONS: usize = 8;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// Serve until `stop` fires.
+pub async fn serve(listener: TcpListener, render: Render, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = crate::shutdown::wait(&mut stop) => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let conn = tokio::select! {
+            _ = crate::shutdown::wait(&mut stop) => return,
+            c = listener.accept() => c,
+        };
+        let Ok((stream, _)) = conn else {
+            // EMFILE and friends: do not spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, render)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, render: Render) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "").await;
+        }
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let mut parts = line.lines().next().unwrap_or_default().split_whitespace();
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let path = path.split('?').next().unwrap_or_default();
+    match (method, path) {
+        ("GET", "/metrics") => {
+            let body = render();
+            respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await
+        }
+        ("GET", "/") => respond(&mut stream, "200 OK", "text/plain", "edge-gateway: see /metrics\n").await,
+        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "GET only\n").await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Fetch `/metrics` from a running gateway (for `edge-gateway status`).
+pub fn fetch(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP header end"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        let status = head.lines().next().unwrap_or_default().to_string();
+        return Err(std::io::Error::other(format!("answered {status}")));
+    }
+    Ok(body.to_string())
+}
