@@ -23,6 +23,20 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The whole story on this machine, no hardware: simulated docks and
+    /// Wi-Fi sensors, the gateway, a cloud on loopback that goes away
+    /// half-way; a live line per second, a tally at the end.
+    Demo {
+        /// How long the devices stream.
+        #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// How long the cloud is away (from half-way).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        outage: std::time::Duration,
+        /// Keep the demo's directory (config, queue, gateway log).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Validate a config file: exit 0 with a summary, or 1 with PATH:LINE:COL.
     CheckConfig { path: PathBuf },
     /// Ask a running gateway how it is (its `/metrics`): a small table, exit
@@ -96,6 +110,7 @@ pub fn main() -> ExitCode {
         Cmd::Run { config } => run(&config),
         Cmd::CheckConfig { path } => check_config(&path),
         Cmd::Status { config, addr } => return status(&config, addr),
+        Cmd::Demo { duration, outage, keep } => crate::demo::run(crate::demo::DemoOptions { duration, outage, keep }),
         Cmd::Queue { cmd: QueueCmd::Status { config } } => queue_status(&config),
         Cmd::Queue { cmd: QueueCmd::Dump { config } } => queue_dump(&config),
         Cmd::Decode => decode(),

@@ -30,6 +30,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod crashpoint;
+pub mod demo;
 pub mod metrics;
 pub mod pipeline;
 pub mod queue;

@@ -431,7 +431,9 @@ fn listening_ports(pid: u32) -> Vec<u16> {
 fn a_disabled_broker_listens_nowhere() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let body = format!("enabled = false\ntcp = \"127.0.0.1:{port}\"\nallow_anonymous = true");
+    // (/metrics off too: this test counts every listening socket.)
+    let body =
+        format!("enabled = false\ntcp = \"127.0.0.1:{port}\"\nallow_anonymous = true\n\n[metrics]\nenabled = false");
     let cfg = config(dir.path(), &[], &body);
     let gw = Gateway::start(&cfg);
     assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("running with")), "{}", gw.log_text());
@@ -439,7 +441,7 @@ fn a_disabled_broker_listens_nowhere() {
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
     gw.terminate();
     // Control: enabled, the same check sees the public port (and rumqttd's two loopback ones).
-    let cfg = config(dir.path(), &[], &body.replace("enabled = false", "enabled = true"));
+    let cfg = config(dir.path(), &[], &body.replacen("enabled = false", "enabled = true", 1));
     let gw = start(&cfg);
     let ports = listening_ports(gw.child.id());
     assert!(ports.contains(&port) && ports.len() == 3, "{ports:?}");

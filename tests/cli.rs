@@ -130,3 +130,26 @@ fn a_second_gateway_on_the_same_data_dir_is_refused() {
     assert!(err.to_lowercase().contains("lock") || err.contains("in use"), "{err}");
     gw.kill9();
 }
+
+/// `edge-gateway demo`, the README's first command: devices, gateway and a
+/// cloud that goes away half-way; every reading handed over arrives once.
+#[test]
+fn demo_delivers_everything_once_through_an_outage() {
+    let out = std::process::Command::new(common::bin())
+        .args(["demo", "--duration", "6s", "--outage", "2s"])
+        .output()
+        .expect("run demo");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("cloud DOWN") && text.contains("the cloud is back"), "{text}");
+    let done = text.lines().find(|l| l.starts_with("done:")).unwrap_or_else(|| panic!("{text}"));
+    let num = |after: &str| -> u64 {
+        let i = done.find(after).unwrap_or_else(|| panic!("{after:?} in {done}")) + after.len();
+        done[i..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (handed, received) = (num("devices handed over "), num("the cloud received "));
+    assert!(handed > 300, "{done}");
+    assert_eq!(handed, received, "{done}");
+    assert!(done.contains(&format!("{handed} acked")) && done.contains(" 0 batches twice"), "{done}");
+    assert!(done.contains("exit status: 0"), "{done}");
+}

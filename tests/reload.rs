@@ -75,7 +75,13 @@ fn sighup_adds_and_removes_ports_reconnects_upstream_and_refuses_bad_config() {
 
     // 3. A dock removed (and a restart-only section changed): dockA stops,
     //    its wearable gets no more acks; the [pipeline] change is named.
-    write_config_extra(dir.path(), &[Port { ..port_b }], "batch_max_age = \"60ms\"", "fsync_interval = \"10ms\"", &metrics);
+    write_config_extra(
+        dir.path(),
+        &[Port { ..port_b }],
+        "batch_max_age = \"60ms\"",
+        "fsync_interval = \"10ms\"",
+        &metrics,
+    );
     hup(&gw);
     wait_log(&gw, "reload: serial dockA removed", 1);
     assert!(gw.log_text().contains("[pipeline] changed; these take effect at the next restart"), "{}", gw.log_text());
