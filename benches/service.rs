@@ -34,7 +34,10 @@ fn free_port() -> u16 {
 fn config_text(dir: &Path) -> String {
     let mut s = format!("[gateway]\nid = \"bench\"\ndata_dir = {:?}\n\n", dir.join("data").display().to_string());
     for i in 0..3 {
-        s += &format!("[[serial]]\nname = \"dock{i}\"\npath = {:?}\n\n", dir.join(format!("dock{i}")).display().to_string());
+        s += &format!(
+            "[[serial]]\nname = \"dock{i}\"\npath = {:?}\n\n",
+            dir.join(format!("dock{i}")).display().to_string()
+        );
     }
     s += &format!(
         "[store]\nmax_bytes = \"2GiB\"\n\n[broker]\nenabled = true\ntcp = \"127.0.0.1:{}\"\nallow_anonymous = true\n\n\
@@ -123,7 +126,9 @@ fn stop(mut s: Started) {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse().ok()))
+        })
         .flatten()
         .unwrap_or(0)
 }
@@ -182,7 +187,10 @@ fn main() {
     if full {
         if drop_caches() {
             let cold = ready_times(&cfg_full, &notify, runs, true);
-            println!("  start → READY=1, {:>4} MiB backlog:      median {cold:>8.1?} of {runs} (caches dropped before each)", backlog >> 20);
+            println!(
+                "  start → READY=1, {:>4} MiB backlog:      median {cold:>8.1?} of {runs} (caches dropped before each)",
+                backlog >> 20
+            );
         } else {
             println!("  (cold-cache runs skipped: /proc/sys/vm/drop_caches is not writable)");
         }

@@ -374,3 +374,68 @@ fn battery_read_and_custom_jsonl_profile() {
     assert_eq!((steps[0]["sensor"].as_str(), steps[0]["seq"].as_u64()), (Some("steps"), Some(5)));
     assert!(log.contains("malformed"), "{log}");
 }
+
+/// SIGHUP with a `[[ble]]` added, then one removed: the hub restarts with
+/// the new list, the added strap is connected and delivers, the removed one
+/// is disconnected and delivers no more; every value queued exactly once.
+#[test]
+fn reload_adds_and_removes_ble_devices() {
+    const HR2_ADDR: &str = "C0:FF:EE:00:00:03";
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::start();
+    let mut fake = FakeBluez::start(&bus.address);
+    let s1 = fake.add_gatt_device(HR_ADDR, "Polar H10 1111", hr_chars());
+    let s2 = fake.add_gatt_device(HR2_ADDR, "Polar H10 2222", hr_chars());
+    let strap = |name: &str, addr: &str| {
+        format!("[[ble]]\nname = \"{name}\"\nmatch = {{ address = \"{addr}\" }}\nprofile = \"heart_rate\"\n")
+    };
+    let cfg = write_config(dir.path(), &strap("one", HR_ADDR), "");
+    let gw = start(&cfg, &bus);
+    let hup = || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(gw.child.id() as i32), nix::sys::signal::Signal::SIGHUP)
+            .unwrap()
+    };
+    assert!(fake.wait_notifying(HR_ADDR, 0x2A37, Duration::from_secs(20)), "{}", gw.log_text());
+    send_hr(&fake, HR_ADDR, 1000..1010);
+    assert_eq!(s2.connects.load(Ordering::SeqCst), 0, "not configured yet");
+
+    write_config(dir.path(), &(strap("one", HR_ADDR) + &strap("two", HR2_ADDR)), "");
+    hup();
+    assert!(
+        wait_until(Duration::from_secs(15), || gw.log_text().contains("reload: BLE restarted with 2 device(s)")),
+        "{}",
+        gw.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || s1.connects.load(Ordering::SeqCst) >= 2
+            && fake.is_notifying(HR_ADDR, 0x2A37)),
+        "{}",
+        gw.log_text()
+    );
+    assert!(fake.wait_notifying(HR2_ADDR, 0x2A37, Duration::from_secs(20)), "{}", gw.log_text());
+    send_hr(&fake, HR_ADDR, 1010..1020);
+    send_hr(&fake, HR2_ADDR, 2000..2010);
+
+    write_config(dir.path(), &strap("two", HR2_ADDR), "");
+    hup();
+    assert!(
+        wait_until(Duration::from_secs(15), || gw.log_text().contains("reload: BLE restarted with 1 device(s)")),
+        "{}",
+        gw.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || s2.connects.load(Ordering::SeqCst) >= 2
+            && fake.is_notifying(HR2_ADDR, 0x2A37)),
+        "{}",
+        gw.log_text()
+    );
+    send_hr(&fake, HR2_ADDR, 2010..2020);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s1.connects.load(Ordering::SeqCst), 2, "a removed strap is not connected again");
+    assert!(!fake.is_notifying(HR_ADDR, 0x2A37), "the removed strap was left subscribed");
+    let log = stop(gw);
+    let dump = queue_dump(&cfg);
+    assert_hr_exactly_once(&dump, HR_ADDR, 1000..1020);
+    assert_hr_exactly_once(&dump, HR2_ADDR, 2000..2020);
+    assert!(!log.contains("port ble:one:"), "a removed device leaves the counters: {log}");
+}
