@@ -65,7 +65,6 @@ pub fn render(s: &Snapshot<'_>) -> String {
 
     o.family("info", "gauge", "Constant 1, labelled with the version and gateway id.");
     o.sample("info", &[("version", env!("CARGO_PKG_VERSION")), ("gateway", s.gateway)], 1);
-    o.one("uptime_seconds", "gauge", "Seconds since the gateway started.", format!("{:.1}", s.uptime_s));
 
     // Readings in, per source and device (as the pipeline saw them).
     let devices = m.devices();
@@ -77,8 +76,6 @@ pub fn render(s: &Snapshot<'_>) -> String {
     for ((source, device), c) in &devices {
         o.sample("device_duplicates_total", &[("source", source), ("device", device)], c.duplicates);
     }
-    o.one("readings_accepted_total", "counter", "Readings accepted by dedup, all sources.", g(&m.readings_accepted));
-    o.one("duplicates_dropped_total", "counter", "Duplicates dropped by dedup, all sources.", g(&m.duplicates_dropped));
 
     // Links: serial ports and BLE devices; LAN topics for malformed input.
     let ports = m.ports();
@@ -110,97 +107,122 @@ pub fn render(s: &Snapshot<'_>) -> String {
         o.sample("malformed_total", &[("source", "lan"), ("link", topic)], c.malformed);
     }
 
-    // The queue.
-    o.one("batches_queued_total", "counter", "Batches appended to the queue.", g(&m.batches_queued));
-    o.one("queue_commits_total", "counter", "Queue group commits (fsyncs).", g(&m.queue_commits));
-    o.one("queue_batches", "gauge", "Batches queued and not yet delivered.", s.queue.batches);
-    o.one("queue_readings", "gauge", "Readings queued and not yet delivered.", s.queue.readings);
-    o.one("queue_bytes", "gauge", "Bytes queued and not yet delivered.", s.queue.bytes);
-    o.one("queue_max_bytes", "gauge", "The queue's configured limit (store.max_bytes).", s.queue_max_bytes);
+    // Drops by policy and re-sends, labelled by why.
     let age = s.queue.oldest_created_ms.map(|t| s.now_ms.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);
-    o.one("queue_oldest_age_seconds", "gauge", "Age of the oldest undelivered batch.", format!("{age:.1}"));
     o.family("readings_dropped_total", "counter", "Readings lost to the queue-full policy.");
     o.sample("readings_dropped_total", &[("policy", "drop_oldest")], g(&m.readings_dropped_full));
     o.sample("readings_dropped_total", &[("policy", "reject_new")], g(&m.readings_rejected_full));
-    o.one(
-        "batches_rejected_total",
-        "counter",
-        "Batches refused by reject_new (not acked; devices resend).",
-        g(&m.batches_rejected_full),
-    );
-    o.one(
-        "queue_repaired_bytes_total",
-        "counter",
-        "Torn bytes cut off the queue tail at start-up.",
-        g(&m.queue_repaired_bytes),
-    );
-    o.one(
-        "queue_corrupt_records_total",
-        "counter",
-        "Corrupt records skipped at start-up.",
-        g(&m.queue_corrupt_records),
-    );
-    o.one("acks_sent_total", "counter", "Acks written back to devices.", g(&m.acks_sent));
-
-    // Upstream.
-    o.one("upstream_configured", "gauge", "1 when [upstream] is configured.", u8::from(s.upstream_configured));
-    o.one("upstream_connected", "gauge", "1 while the uplink has a session.", g(&m.upstream_connected));
-    o.one("upstream_connects_total", "counter", "Sessions established upstream.", g(&m.upstream_connects));
-    o.one(
-        "upstream_connect_failures_total",
-        "counter",
-        "Failed upstream connection attempts.",
-        g(&m.upstream_connect_failures),
-    );
-    o.one(
-        "batches_delivered_total",
-        "counter",
-        "Batches completed upstream (PUBCOMP/PUBACK).",
-        g(&m.batches_delivered),
-    );
-    o.one("readings_delivered_total", "counter", "Readings in delivered batches.", g(&m.readings_delivered));
     o.family("batches_resent_total", "counter", "Batches sent again, by why.");
     o.sample("batches_resent_total", &[("reason", "dup_publish")], g(&m.publishes_resent_dup));
     o.sample("batches_resent_total", &[("reason", "pubrel")], g(&m.pubrels_resent));
     o.sample("batches_resent_total", &[("reason", "session_lost")], g(&m.batches_resent_session_lost));
     o.sample("batches_resent_total", &[("reason", "refused")], g(&m.batches_refused));
-    o.one(
-        "batches_too_large_total",
-        "counter",
-        "Batches over the broker's maximum packet size (dropped).",
-        g(&m.batches_too_large),
-    );
-    o.one(
-        "batches_corrupt_skipped_total",
-        "counter",
-        "Corrupt queue records skipped by the uplink.",
-        g(&m.batches_corrupt_skipped),
-    );
 
-    // The embedded broker.
-    o.one("broker_connections", "gauge", "LAN MQTT clients connected now.", g(&m.broker_connections));
-    o.one("broker_refused_total", "counter", "LAN connections refused.", g(&m.broker_refused));
-    o.one(
-        "broker_denied_publishes_total",
-        "counter",
-        "Clients disconnected for a forbidden publish.",
-        g(&m.broker_denied_publishes),
-    );
-    o.one("readings_republished_total", "counter", "Readings republished on the broker.", g(&m.readings_republished));
-    o.one(
-        "republish_dropped_total",
-        "counter",
-        "Readings not republished (publisher behind).",
-        g(&m.republish_dropped),
-    );
-
-    o.one("reloads_total", "counter", "Config reloads applied (SIGHUP).", g(&m.reloads));
-    o.one(
-        "reloads_failed_total",
-        "counter",
-        "Config reloads refused (invalid config; old one kept).",
-        g(&m.reloads_failed),
-    );
+    // Unlabelled families: (name, type, help, value).
+    let singles: [(&str, &str, &str, String); 29] = [
+        ("uptime_seconds", "gauge", "Seconds since the gateway started.", format!("{:.1}", s.uptime_s)),
+        (
+            "readings_accepted_total",
+            "counter",
+            "Readings accepted by dedup, all sources.",
+            g(&m.readings_accepted).to_string(),
+        ),
+        (
+            "duplicates_dropped_total",
+            "counter",
+            "Duplicates dropped by dedup, all sources.",
+            g(&m.duplicates_dropped).to_string(),
+        ),
+        ("batches_queued_total", "counter", "Batches appended to the queue.", g(&m.batches_queued).to_string()),
+        ("queue_commits_total", "counter", "Queue group commits (fsyncs).", g(&m.queue_commits).to_string()),
+        ("queue_batches", "gauge", "Batches queued and not yet delivered.", s.queue.batches.to_string()),
+        ("queue_readings", "gauge", "Readings queued and not yet delivered.", s.queue.readings.to_string()),
+        ("queue_bytes", "gauge", "Bytes queued and not yet delivered.", s.queue.bytes.to_string()),
+        ("queue_max_bytes", "gauge", "The queue's configured limit (store.max_bytes).", s.queue_max_bytes.to_string()),
+        ("queue_oldest_age_seconds", "gauge", "Age of the oldest undelivered batch.", format!("{age:.1}")),
+        (
+            "batches_rejected_total",
+            "counter",
+            "Batches refused by reject_new (not acked; devices resend).",
+            g(&m.batches_rejected_full).to_string(),
+        ),
+        (
+            "queue_repaired_bytes_total",
+            "counter",
+            "Torn bytes cut off the queue tail at start-up.",
+            g(&m.queue_repaired_bytes).to_string(),
+        ),
+        (
+            "queue_corrupt_records_total",
+            "counter",
+            "Corrupt records skipped at start-up.",
+            g(&m.queue_corrupt_records).to_string(),
+        ),
+        ("acks_sent_total", "counter", "Acks written back to devices.", g(&m.acks_sent).to_string()),
+        (
+            "upstream_configured",
+            "gauge",
+            "1 when [upstream] is configured.",
+            u8::from(s.upstream_configured).to_string(),
+        ),
+        ("upstream_connected", "gauge", "1 while the uplink has a session.", g(&m.upstream_connected).to_string()),
+        ("upstream_connects_total", "counter", "Sessions established upstream.", g(&m.upstream_connects).to_string()),
+        (
+            "upstream_connect_failures_total",
+            "counter",
+            "Failed upstream connection attempts.",
+            g(&m.upstream_connect_failures).to_string(),
+        ),
+        (
+            "batches_delivered_total",
+            "counter",
+            "Batches completed upstream (PUBCOMP/PUBACK).",
+            g(&m.batches_delivered).to_string(),
+        ),
+        ("readings_delivered_total", "counter", "Readings in delivered batches.", g(&m.readings_delivered).to_string()),
+        (
+            "batches_too_large_total",
+            "counter",
+            "Batches over the broker's maximum packet size (dropped).",
+            g(&m.batches_too_large).to_string(),
+        ),
+        (
+            "batches_corrupt_skipped_total",
+            "counter",
+            "Corrupt queue records skipped by the uplink.",
+            g(&m.batches_corrupt_skipped).to_string(),
+        ),
+        ("broker_connections", "gauge", "LAN MQTT clients connected now.", g(&m.broker_connections).to_string()),
+        ("broker_refused_total", "counter", "LAN connections refused.", g(&m.broker_refused).to_string()),
+        (
+            "broker_denied_publishes_total",
+            "counter",
+            "Clients disconnected for a forbidden publish.",
+            g(&m.broker_denied_publishes).to_string(),
+        ),
+        (
+            "readings_republished_total",
+            "counter",
+            "Readings republished on the broker.",
+            g(&m.readings_republished).to_string(),
+        ),
+        (
+            "republish_dropped_total",
+            "counter",
+            "Readings not republished (publisher behind).",
+            g(&m.republish_dropped).to_string(),
+        ),
+        ("reloads_total", "counter", "Config reloads applied (SIGHUP).", g(&m.reloads).to_string()),
+        (
+            "reloads_failed_total",
+            "counter",
+            "Config reloads refused (invalid config; old one kept).",
+            g(&m.reloads_failed).to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in singles {
+        o.one(name, kind, help, value);
+    }
     o.0
 }
 
