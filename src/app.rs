@@ -125,11 +125,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     if cfg.broker.enabled {
         let (ack_tx, ack_rx) = mpsc::channel(1024);
         routes.lock().unwrap_or_else(|e| e.into_inner()).insert(LAN_PORT, ack_tx);
-        let status = StatusSource {
-            gateway: cfg.gateway.id.clone(),
-            queue: queue.clone(),
-            upstream_configured: cfg.upstream.is_some(),
-        };
+        let status = StatusSource { gateway: cfg.gateway.id.clone(), queue: queue.clone() };
         let b = Broker::start(&cfg, tx.clone(), LAN_PORT, ack_rx, metrics.clone(), status)
             .await
             .context("cannot start the embedded MQTT broker")?;
@@ -173,14 +169,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
 
     let side_stop = Shutdown::new();
     let metrics_task = start_metrics(&cfg, metrics.clone(), queue.clone(), started, side_stop.subscribe()).await;
-    let heartbeat = tokio::spawn(heartbeat(
-        runtime_beat,
-        notifier.clone(),
-        metrics.clone(),
-        queue.clone(),
-        cfg.upstream.is_some(),
-        side_stop.subscribe(),
-    ));
+    let heartbeat =
+        tokio::spawn(heartbeat(runtime_beat, notifier.clone(), metrics.clone(), queue.clone(), side_stop.subscribe()));
     tracing::info!(
         "edge-gateway {} running with {} serial port(s), {} BLE device(s), ready in {:.0?}",
         cfg.gateway.id,
@@ -189,7 +179,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         started.elapsed()
     );
     notifier.notify("READY=1");
-    notifier.status(&status_line(&metrics, &queue, cfg.upstream.is_some(), 0.0));
+    notifier.status(&status_line(&metrics, &queue, 0.0));
 
     signal_loop(&mut sources, config_path.as_deref(), &notifier).await?;
     notifier.notify("STOPPING=1\nSTATUS=stopping: sealing the open batch into the queue");
@@ -309,6 +299,7 @@ impl Sources {
     }
 
     fn start_uplink(&mut self) -> anyhow::Result<()> {
+        Metrics::set(&self.metrics.upstream_configured, u64::from(self.cfg.upstream.is_some()));
         let Some(up) = &self.cfg.upstream else {
             tracing::info!("no [upstream] configured: batches stay in the queue");
             // Nothing to prove alive.
@@ -485,7 +476,7 @@ async fn start_metrics(
         }
     };
     tracing::info!("metrics on http://{}/metrics", listener.local_addr().unwrap_or(cfg.metrics.listen));
-    let (gateway, max_bytes, upstream) = (cfg.gateway.id.clone(), cfg.store.max_bytes, cfg.upstream.is_some());
+    let (gateway, max_bytes) = (cfg.gateway.id.clone(), cfg.store.max_bytes);
     let render: crate::metrics::http::Render = Arc::new(move || {
         let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
         crate::metrics::render::render(&crate::metrics::render::Snapshot {
@@ -493,7 +484,6 @@ async fn start_metrics(
             gateway: &gateway,
             queue: st,
             queue_max_bytes: max_bytes,
-            upstream_configured: upstream,
             uptime_s: started.elapsed().as_secs_f64(),
             now_ms: now_ms(),
         })
@@ -508,7 +498,6 @@ async fn heartbeat(
     notifier: Arc<Notifier>,
     metrics: Arc<Metrics>,
     queue: Arc<Mutex<Queue>>,
-    upstream: bool,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(beat.every());
@@ -525,12 +514,12 @@ async fn heartbeat(
             let count = Metrics::get(&metrics.readings_accepted);
             let rate = (count - last_count) as f64 / last.elapsed().as_secs_f64();
             (last, last_count) = (Instant::now(), count);
-            notifier.status(&status_line(&metrics, &queue, upstream, rate));
+            notifier.status(&status_line(&metrics, &queue, rate));
         }
     }
 }
 
-fn status_line(m: &Metrics, queue: &Mutex<Queue>, upstream: bool, rate: f64) -> String {
+fn status_line(m: &Metrics, queue: &Mutex<Queue>, rate: f64) -> String {
     let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
     let ports = m.ports();
     let up = ports.values().filter(|p| p.connected).count();
@@ -540,7 +529,7 @@ fn status_line(m: &Metrics, queue: &Mutex<Queue>, upstream: bool, rate: f64) -> 
         Metrics::get(&m.duplicates_dropped),
         st.batches,
         st.bytes / 1024,
-        match (upstream, Metrics::get(&m.upstream_connected)) {
+        match (Metrics::get(&m.upstream_configured) > 0, Metrics::get(&m.upstream_connected)) {
             (false, _) => "not configured",
             (true, 0) => "disconnected",
             _ => "connected",

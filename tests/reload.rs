@@ -116,6 +116,8 @@ fn sighup_adds_and_removes_ports_reconnects_upstream_and_refuses_bad_config() {
     // 50 from wrist-a (acked while dockA lived) + 30 from wrist-b.
     let r = wait_received(&sub, Duration::from_secs(30), |r| r.readings.len() >= 80);
     assert_eq!(r.readings.len(), 80, "{}", gw.log_text());
+    let m = edge_gateway::metrics::http::fetch(([127, 0, 0, 1], mport).into(), Duration::from_secs(3)).unwrap();
+    assert!(m.contains("edge_gateway_upstream_configured 1\n"), "{m}");
 
     // 5. The upstream changed (another topic): a new session; new readings go there.
     write(dir.path(), &[Port { ..port_b }], &upstream("batches/{gateway}/v2"));

@@ -280,7 +280,6 @@ impl Durable {
 pub struct StatusSource {
     pub gateway: String,
     pub queue: Arc<Mutex<Queue>>,
-    pub upstream_configured: bool,
 }
 
 /// A running broker; see the module docs for what it owns.
@@ -655,7 +654,7 @@ fn status_json(s: &StatusSource, m: &Metrics) -> Vec<u8> {
         "gateway": s.gateway,
         "ts": crate::reading::now_ms(),
         "queue": { "batches": q.batches, "readings": q.readings, "bytes": q.bytes },
-        "upstream": match (s.upstream_configured, Metrics::get(&m.upstream_connected)) {
+        "upstream": match (Metrics::get(&m.upstream_configured) > 0, Metrics::get(&m.upstream_connected)) {
             (false, _) => "not configured",
             (true, 0) => "disconnected",
             _ => "connected",

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub queue_corrupt_records: AtomicU64,
     /// Acks written back to devices.
     pub acks_sent: AtomicU64,
+    /// 1 while `[upstream]` is configured (a reload can change it).
+    pub upstream_configured: AtomicU64,
     /// 1 while the uplink has a session with the upstream broker.
     pub upstream_connected: AtomicU64,
     /// Sessions established with the upstream broker.

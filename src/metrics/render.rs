@@ -13,7 +13,6 @@ pub struct Snapshot<'a> {
     pub gateway: &'a str,
     pub queue: QueueStatus,
     pub queue_max_bytes: u64,
-    pub upstream_configured: bool,
     pub uptime_s: f64,
     pub now_ms: u64,
 }
@@ -159,12 +158,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
             g(&m.queue_corrupt_records).to_string(),
         ),
         ("acks_sent_total", "counter", "Acks written back to devices.", g(&m.acks_sent).to_string()),
-        (
-            "upstream_configured",
-            "gauge",
-            "1 when [upstream] is configured.",
-            u8::from(s.upstream_configured).to_string(),
-        ),
+        ("upstream_configured", "gauge", "1 when [upstream] is configured.", g(&m.upstream_configured).to_string()),
         ("upstream_connected", "gauge", "1 while the uplink has a session.", g(&m.upstream_connected).to_string()),
         ("upstream_connects_total", "counter", "Sessions established upstream.", g(&m.upstream_connects).to_string()),
         (
@@ -233,6 +227,7 @@ mod tests {
     #[test]
     fn families_labels_and_escaping() {
         let m = Metrics::default();
+        Metrics::set(&m.upstream_configured, 1);
         Metrics::add(&m.batches_delivered, 7);
         m.port("dock0", |c| {
             c.connected = true;
@@ -248,7 +243,6 @@ mod tests {
             gateway: "gw",
             queue: QueueStatus { batches: 2, readings: 9, bytes: 100, oldest_created_ms: Some(1_000) },
             queue_max_bytes: 1000,
-            upstream_configured: true,
             uptime_s: 1.0,
             now_ms: 3_500,
         });

@@ -204,12 +204,12 @@ mod tests {
     use crate::queue::QueueStatus;
 
     fn page(m: &Metrics, upstream: bool, queue_bytes: u64) -> String {
+        Metrics::set(&m.upstream_configured, u64::from(upstream));
         render(&Snapshot {
             metrics: m,
             gateway: "gw-1",
             queue: QueueStatus { batches: 1, readings: 3, bytes: queue_bytes, oldest_created_ms: None },
             queue_max_bytes: 1000,
-            upstream_configured: upstream,
             uptime_s: 65.0,
             now_ms: 0,
         })
