@@ -242,8 +242,10 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
         ),
         None => ", no upstream (batches stay queued)".to_string(),
     };
+    let metrics =
+        if c.metrics.enabled { format!(", metrics on http://{}/metrics", c.metrics.listen) } else { String::new() };
     println!(
-        "{}: ok: gateway {}, {} serial port(s), {} BLE device(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format}){broker}{upstream}",
+        "{}: ok: gateway {}, {} serial port(s), {} BLE device(s), data in {}, queue max {} bytes ({when_full}, fsync {fsync}), batches of <= {} readings / {} bytes / {} ({format}){broker}{upstream}{metrics}",
         path.display(),
         c.gateway.id,
         c.serial.len(),
