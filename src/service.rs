@@ -194,10 +194,13 @@ pub fn init_logging(level: Option<&str>) {
     } else {
         filter.add_directive("rumqttd=off".parse().expect("static directive"))
     };
-    let journal = systemd_journal_logger::connected_to_journal()
-        .then(|| systemd_journal_logger::JournalLog::new().ok())
-        .flatten()
-        .map(|j| j.with_syslog_identifier("edge-gateway".to_string()));
+    // Stderr is the journal *and* journald's socket is there (else every
+    // line would vanish): structured entries. Otherwise plain stderr.
+    let journal = (systemd_journal_logger::connected_to_journal()
+        && std::path::Path::new("/run/systemd/journal/socket").exists())
+    .then(|| systemd_journal_logger::JournalLog::new().ok())
+    .flatten()
+    .map(|j| j.with_syslog_identifier("edge-gateway".to_string()));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match journal {
         Some(j) => registry.with(crate::service::journal::JournalLayer::new(j)).try_init(),
