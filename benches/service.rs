@@ -31,7 +31,7 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn config_text(dir: &Path) -> String {
+fn config_text(dir: &Path, store: &str) -> String {
     let mut s = format!("[gateway]\nid = \"bench\"\ndata_dir = {:?}\n\n", dir.join("data").display().to_string());
     for i in 0..3 {
         s += &format!(
@@ -40,7 +40,7 @@ fn config_text(dir: &Path) -> String {
         );
     }
     s += &format!(
-        "[store]\nmax_bytes = \"2GiB\"\n\n[broker]\nenabled = true\ntcp = \"127.0.0.1:{}\"\nallow_anonymous = true\n\n\
+        "[store]\nmax_bytes = \"2GiB\"\n{store}\n\n[broker]\nenabled = true\ntcp = \"127.0.0.1:{}\"\nallow_anonymous = true\n\n\
          [metrics]\nlisten = \"127.0.0.1:{}\"\n\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nallow_plaintext = true\n",
         free_port(),
         free_port(),
@@ -52,7 +52,7 @@ fn config_text(dir: &Path) -> String {
 /// Fill the queue to `bytes` through the real pipeline, then close it (seal,
 /// commit, checkpoint) as a clean stop does.
 fn fill(dir: &Path, bytes: u64) {
-    let mut cfg = Config::parse(&config_text(dir), "bench.toml").unwrap();
+    let mut cfg = Config::parse(&config_text(dir, ""), "bench.toml").unwrap();
     cfg.upstream = None;
     let (mut p, _) = Pipeline::open(&cfg, Arc::new(Metrics::default())).unwrap();
     let q = p.queue_handle();
@@ -167,8 +167,10 @@ fn main() {
         std::fs::create_dir_all(d).unwrap();
     }
     let (cfg_empty, cfg_full) = (empty.join("gateway.toml"), full_q.join("gateway.toml"));
-    std::fs::write(&cfg_empty, config_text(&empty)).unwrap();
-    std::fs::write(&cfg_full, config_text(&full_q)).unwrap();
+    std::fs::write(&cfg_empty, config_text(&empty, "")).unwrap();
+    std::fs::write(&cfg_full, config_text(&full_q, "")).unwrap();
+    let cfg_scan = full_q.join("scan.toml");
+    std::fs::write(&cfg_scan, config_text(&full_q, "open_check = \"full\"")).unwrap();
     let notify = base.join("notify.sock");
 
     println!("service bench ({})", if full { "full" } else { "smoke" });
@@ -184,12 +186,20 @@ fn main() {
         backlog >> 20,
         warm_full.as_secs_f64() / warm_empty.as_secs_f64()
     );
+    let scan = ready_times(&cfg_scan, &notify, runs, false);
+    println!(
+        "  the same with open_check = \"full\":        median {scan:>8.1?} of {runs} (warm; every record CRC-checked)"
+    );
     if full {
         if drop_caches() {
             let cold = ready_times(&cfg_full, &notify, runs, true);
             println!(
                 "  start → READY=1, {:>4} MiB backlog:      median {cold:>8.1?} of {runs} (caches dropped before each)",
                 backlog >> 20
+            );
+            let cold = ready_times(&cfg_scan, &notify, runs, true);
+            println!(
+                "  the same with open_check = \"full\":        median {cold:>8.1?} of {runs} (caches dropped before each)"
             );
         } else {
             println!("  (cold-cache runs skipped: /proc/sys/vm/drop_caches is not writable)");

@@ -220,7 +220,7 @@ fn batches(dump: &[serde_json::Value]) -> BTreeSet<u64> {
 #[test]
 fn torn_tail_and_flipped_byte_are_repaired_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let (cfg, d, _) = fill(dir.path(), "segment_bytes = 4096", 400, Duration::from_secs(20));
+    let (cfg, d, _) = fill(dir.path(), "segment_bytes = 4096\nopen_check = \"full\"", 400, Duration::from_secs(20));
     assert_eq!(d.stats().pending, 0);
     let before = queue_dump(&cfg);
     assert_eq!(before.len(), 400);
