@@ -53,9 +53,7 @@ dir=$([ "$profile" = dev ] && echo debug || echo release)
 bin="${CARGO_TARGET_DIR:-target}/$triple/$dir/edge-gateway"
 echo "$bin"
 if [ "$deb" = 1 ]; then
-    # The binary is built above; cargo-deb only packages it (and would
-    # strip it with the target's objcopy/strip, which the cross binutils
-    # provide).
-    cargo deb --no-build --target "$triple" --profile "$profile" --no-strip --locked >&2
-    ls -t "${CARGO_TARGET_DIR:-target}/$triple/debian/"edge-gateway_*.deb | head -1
+    # The binary is built above; cargo-deb only packages it (the release
+    # profile strips already). It prints the .deb's path.
+    cargo deb --no-build --target "$triple" --profile "$profile" --no-strip --locked | tail -1
 fi
