@@ -25,6 +25,12 @@ if ((${#need_apt[@]})); then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
+# tests/package.rs builds the .deb with cargo-deb, which Debian does not
+# package: built from crates.io when missing (about 1.5 min here).
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "installing: cargo-deb 3.8.0 (cargo install)"
+    cargo install cargo-deb --locked --version 3.8.0
+fi
 
 # Debug builds: a release build of this tree costs minutes and tests do not
 # need it. Benchmarks are compiled (so they cannot rot) but not run.

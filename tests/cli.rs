@@ -14,7 +14,7 @@ const BASE: &str = "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n\n[pipeline]\
 
 #[test]
 fn check_config_accepts_the_shipped_configs() {
-    for f in ["config/gateway.example.toml", "config/demo.toml"] {
+    for f in ["config/gateway.example.toml", "config/demo.toml", "config/gateway.pi.toml"] {
         let (code, out, err) = cli(&["check-config", f]);
         assert_eq!(code, 0, "{f}: {err}");
         assert!(out.contains(": ok: gateway ") && out.lines().count() == 1, "{out}");

@@ -306,12 +306,28 @@ fn reject_new_stops_acking_so_the_device_keeps_its_data() {
 
 #[test]
 fn unplugged_dock_resumes_after_replug_without_restart() {
+    let log = replug_dock(&[]);
+    assert!(!log.contains("termios fallback"), "{log}");
+}
+
+/// The serial driver's ENOSYS fallback (plain termios, as under qemu-user),
+/// forced in a debug build: the same unplug/replug run, and the fallback is
+/// announced once for the port, not once per connection.
+#[test]
+fn termios_fallback_streams_acks_and_survives_a_replug() {
+    let log = replug_dock(&[("EDGE_GATEWAY_FORCE_TERMIOS", "1")]);
+    assert_eq!(log.matches("using the plain termios fallback").count(), 1, "{log}");
+}
+
+/// 50 readings, the dock unplugged, a new dock at the same path, 50 more:
+/// all 100 queued exactly once. Returns the gateway's log.
+fn replug_dock(env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("dock0");
     let (mut d, p) = device("wrist-00", Framing::Jsonl, 5, 0.0);
     edge_gateway::sim::point_symlink(&link, &p).unwrap();
     let cfg = write_config(dir.path(), &[Port { name: "dock0", path: &link, framing: "jsonl" }], PIPELINE, STORE);
-    let gw = Gateway::start(&cfg);
+    let gw = Gateway::start_with_env(&cfg, env);
     for _ in 0..50 {
         d.send_next().unwrap();
     }
@@ -338,6 +354,7 @@ fn unplugged_dock_resumes_after_replug_without_restart() {
     let want: HashMap<_, _> =
         created.iter().map(|r| ((r.device.clone(), r.sensor.clone(), r.seq.unwrap()), 1)).collect();
     assert_eq!(counts, want);
+    log
 }
 
 #[test]

@@ -11,15 +11,22 @@
 //! device keeps every unacked reading and resends it: a resend that reaches
 //! the pipeline as a duplicate is acked again, and that fresh ack covers
 //! everything the dropped one did.
+//!
+//! Ports are opened through tokio-serial. Where its set-up fails with ENOSYS
+//! (it asks for the `TCGETS2` ioctl, which qemu-user 7.2 and old kernels
+//! lack), the port is opened with plain termios instead ([`fallback`]): raw
+//! mode at the configured baud rate, driven through tokio's `AsyncFd`.
 
 use crate::config::SerialConfig;
 use crate::metrics::Metrics;
 use crate::reading::{Ack, Incoming, PortId, now_ms};
 use crate::wire::{self, FrameSplitter, WireError};
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
@@ -98,6 +105,7 @@ pub async fn run(
         splitter,
         malformed_log: RateLimit::default(),
         ever_connected: false,
+        fallback_logged: false,
     }
     .run()
     .await
@@ -122,6 +130,8 @@ struct Port {
     splitter: FrameSplitter,
     malformed_log: RateLimit,
     ever_connected: bool,
+    /// The termios fallback is announced once per port, not per reconnect.
+    fallback_logged: bool,
 }
 
 /// Completes when shutdown is requested or can no longer be requested.
@@ -144,7 +154,7 @@ impl Port {
             if *self.shutdown.borrow() {
                 return;
             }
-            match tokio_serial::new(path.as_str(), self.cfg.baud).open_native_async() {
+            match self.open(&path) {
                 Ok(mut stream) => {
                     info!(port = %name, "serial {name}: {path} connected");
                     let again = self.ever_connected;
@@ -157,11 +167,7 @@ impl Port {
                     });
                     let started = Instant::now();
                     let end = self.session(&mut stream).await;
-                    // TIOCEXCL outlives our fd while anything else holds the
-                    // tty open, and would then make our own reopen fail
-                    // (EBUSY) unless running as root. Best effort: a port
-                    // that is gone cannot be unlocked and needs no unlocking.
-                    let _ = stream.set_exclusive(false);
+                    stream.release();
                     drop(stream);
                     self.metrics.port(&name, |c| c.connected = false);
                     match end {
@@ -182,8 +188,7 @@ impl Port {
                         backoff = BACKOFF_MIN;
                     }
                 }
-                Err(e) => {
-                    let msg = e.to_string();
+                Err(msg) => {
                     if last_failure.as_deref() != Some(msg.as_str()) {
                         warn!(port = %name, "serial {name}: cannot open {path}: {msg} (will retry)");
                         last_failure = Some(msg);
@@ -195,6 +200,32 @@ impl Port {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
+    }
+
+    /// Open the port with tokio-serial, or with plain termios where that
+    /// fails with ENOSYS (see the module doc). Errors are log text.
+    fn open(&mut self, path: &str) -> Result<Link, String> {
+        let forced = fallback::forced();
+        if !forced {
+            match tokio_serial::new(path, self.cfg.baud).open_native_async() {
+                Ok(stream) => return Ok(Link::Native(stream)),
+                // serialport turns an errno it has no kind for into its text.
+                Err(e) if e.description != nix::errno::Errno::ENOSYS.desc() => return Err(e.to_string()),
+                Err(_) => {}
+            }
+        }
+        let port = fallback::TermiosPort::open(path.as_ref(), self.cfg.baud).map_err(|e| e.to_string())?;
+        if !self.fallback_logged {
+            self.fallback_logged = true;
+            let why = if forced {
+                "forced by EDGE_GATEWAY_FORCE_TERMIOS"
+            } else {
+                "the serial driver's set-up failed with ENOSYS: no TCGETS2 (qemu-user or an old kernel)"
+            };
+            warn!(port = %self.cfg.name, "serial {}: {path}: using the plain termios fallback at {} baud ({why})",
+                self.cfg.name, self.cfg.baud);
+        }
+        Ok(Link::Termios(port))
     }
 
     /// Wait out a backoff while the port is down, dropping acks for it.
@@ -216,7 +247,7 @@ impl Port {
         }
     }
 
-    async fn session(&mut self, port: &mut SerialStream) -> End {
+    async fn session(&mut self, port: &mut Link) -> End {
         // A partial frame from before the reconnect may belong to another device.
         self.splitter.reset();
         let mut buf = vec![0u8; 4096];
@@ -279,7 +310,7 @@ impl Port {
     /// Hand one reading to the pipeline, waiting for room (backpressure),
     /// while still writing acks: the pipeline may need its acks to drain
     /// before it makes room for more readings.
-    async fn deliver(&mut self, port: &mut SerialStream, inc: Incoming) -> Result<(), End> {
+    async fn deliver(&mut self, port: &mut Link, inc: Incoming) -> Result<(), End> {
         let mut inc = Some(inc);
         loop {
             tokio::select! {
@@ -343,7 +374,7 @@ impl Port {
 
     /// Write `first` and every queued ack in one go. Returns only port
     /// errors that end the session.
-    async fn write_acks(&mut self, port: &mut SerialStream, first: Ack) -> io::Result<()> {
+    async fn write_acks(&mut self, port: &mut Link, first: Ack) -> io::Result<()> {
         let acks = self.take_acks(Some(first));
         let bytes = self.encode_acks(&acks);
         let write = async {
@@ -365,7 +396,7 @@ impl Port {
         }
     }
 
-    async fn flush_acks_on_shutdown(&mut self, port: &mut SerialStream) {
+    async fn flush_acks_on_shutdown(&mut self, port: &mut Link) {
         let acks = self.take_acks(None);
         if acks.is_empty() {
             return;
@@ -377,6 +408,57 @@ impl Port {
         };
         if let Ok(Ok(())) = tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, write).await {
             Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
+        }
+    }
+}
+
+/// An open port: tokio-serial's, or the termios fallback's.
+enum Link {
+    Native(SerialStream),
+    Termios(fallback::TermiosPort),
+}
+
+impl Link {
+    /// TIOCEXCL outlives our fd while anything else holds the tty open, and
+    /// would then make our own reopen fail (EBUSY) unless running as root.
+    /// Best effort: a port that is gone cannot be unlocked and needs no
+    /// unlocking.
+    fn release(&mut self) {
+        let _ = match self {
+            Link::Native(s) => s.set_exclusive(false).map_err(io::Error::from),
+            Link::Termios(t) => t.set_exclusive(false),
+        };
+    }
+}
+
+impl AsyncRead for Link {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Link::Native(s) => Pin::new(s).poll_read(cx, buf),
+            Link::Termios(t) => Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Link::Native(s) => Pin::new(s).poll_write(cx, buf),
+            Link::Termios(t) => Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Link::Native(s) => Pin::new(s).poll_flush(cx),
+            Link::Termios(t) => Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Link::Native(s) => Pin::new(s).poll_shutdown(cx),
+            Link::Termios(t) => Pin::new(t).poll_shutdown(cx),
         }
     }
 }
@@ -406,5 +488,206 @@ impl RateLimit {
         self.last = Some(now);
         let held = std::mem::take(&mut self.suppressed);
         Some(held + n - 1)
+    }
+}
+
+/// Plain termios for ports the serial driver cannot set up (see the module
+/// doc): `TCGETS`/`TCSETS` through libc, raw mode, the configured baud rate,
+/// TIOCEXCL like tokio-serial, and a nonblocking fd driven by `AsyncFd`.
+pub mod fallback {
+    use nix::errno::Errno;
+    use nix::fcntl::OFlag;
+    use nix::libc;
+    use nix::sys::termios::{self, BaudRate, ControlFlags, SetArg};
+    use std::fs::File;
+    use std::io::{self, Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// Debug builds only: `EDGE_GATEWAY_FORCE_TERMIOS` (any value) makes
+    /// every port use the fallback, so tests can drive it on a host whose
+    /// driver works.
+    pub fn forced() -> bool {
+        cfg!(debug_assertions) && std::env::var_os("EDGE_GATEWAY_FORCE_TERMIOS").is_some()
+    }
+
+    /// The termios constant for a standard rate; other rates need `TCSETS2`.
+    pub fn baud_rate(baud: u32) -> Option<BaudRate> {
+        use BaudRate::*;
+        Some(match baud {
+            1200 => B1200,
+            2400 => B2400,
+            4800 => B4800,
+            9600 => B9600,
+            19_200 => B19200,
+            38_400 => B38400,
+            57_600 => B57600,
+            115_200 => B115200,
+            230_400 => B230400,
+            460_800 => B460800,
+            500_000 => B500000,
+            576_000 => B576000,
+            921_600 => B921600,
+            1_000_000 => B1000000,
+            1_500_000 => B1500000,
+            2_000_000 => B2000000,
+            3_000_000 => B3000000,
+            _ => return None,
+        })
+    }
+
+    pub struct TermiosPort {
+        fd: AsyncFd<File>,
+    }
+
+    impl TermiosPort {
+        /// Open `path` exclusively in raw mode at `baud` (8N1, no flow
+        /// control, modem lines ignored). Needs a tokio runtime.
+        pub fn open(path: &Path, baud: u32) -> io::Result<TermiosPort> {
+            let speed = baud_rate(baud).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{baud} baud is not a standard rate"))
+            })?;
+            let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+            let file = File::from(nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())?);
+            // SAFETY: the File owns its fd for as long as the AsyncFd holds it.
+            let port = TermiosPort { fd: unsafe { AsyncFd::register(file) }? };
+            port.set_exclusive(true)?;
+            let mut t = termios::tcgetattr(port.fd.get_ref())?;
+            termios::cfmakeraw(&mut t);
+            t.control_flags |= ControlFlags::CREAD | ControlFlags::CLOCAL;
+            t.control_flags &= !(ControlFlags::CSTOPB | ControlFlags::CRTSCTS);
+            termios::cfsetspeed(&mut t, speed)?;
+            termios::tcsetattr(port.fd.get_ref(), SetArg::TCSANOW, &t)?;
+            Ok(port)
+        }
+
+        /// TIOCEXCL on or off (see `Link::release`).
+        pub fn set_exclusive(&self, on: bool) -> io::Result<()> {
+            let req = if on { libc::TIOCEXCL } else { libc::TIOCNXCL };
+            // SAFETY: TIOCEXCL/TIOCNXCL take no argument; the fd is open.
+            Errno::result(unsafe { libc::ioctl(self.fd.as_raw_fd(), req) })?;
+            Ok(())
+        }
+    }
+
+    impl AsyncRead for TermiosPort {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            loop {
+                let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+                match guard.try_io(|f| f.get_ref().read(buf.initialize_unfilled())) {
+                    Ok(Ok(n)) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Ok(Err(e)) => return Poll::Ready(Err(e)),
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+    }
+
+    impl AsyncWrite for TermiosPort {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            loop {
+                let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+                match guard.try_io(|f| f.get_ref().write(buf)) {
+                    Ok(r) => return Poll::Ready(r),
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+
+        /// Written bytes are already in the kernel's tty buffer.
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::sim::open_pty;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        #[test]
+        fn standard_rates_map_and_odd_ones_are_refused() {
+            assert_eq!(baud_rate(115_200), Some(BaudRate::B115200));
+            assert_eq!(baud_rate(9600), Some(BaudRate::B9600));
+            assert_eq!(baud_rate(250_000), None);
+        }
+
+        /// TIOCGEXCL: whether TIOCEXCL is set (root bypasses the lock, so
+        /// a second open would not show it).
+        fn exclusive(fd: &impl AsRawFd) -> bool {
+            let mut on: libc::c_int = 0;
+            // SAFETY: TIOCGEXCL writes one int.
+            Errno::result(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGEXCL, &mut on) }).unwrap();
+            on != 0
+        }
+
+        /// Read exactly `n` bytes from the PTY master, failing after 5 s.
+        fn read_master(master: &File, n: usize) -> Vec<u8> {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            use std::os::fd::AsFd;
+            let mut got = Vec::new();
+            while got.len() < n {
+                let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+                assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1, "PTY master: nothing to read");
+                let mut buf = vec![0u8; n - got.len()];
+                let k = (&*master).read(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..k]);
+            }
+            got
+        }
+
+        /// On a real PTY left cooked (echo, canonical, CR/LF mapping): the
+        /// port comes up raw at the configured speed and exclusive, and
+        /// bytes cross both ways through `AsyncFd` unchanged.
+        #[tokio::test]
+        async fn opens_a_pty_raw_at_the_baud_rate_and_moves_bytes_both_ways() {
+            let pty = open_pty().unwrap();
+            let mut t = termios::tcgetattr(&pty.slave).unwrap();
+            t.local_flags |= termios::LocalFlags::ECHO | termios::LocalFlags::ICANON;
+            t.output_flags |= termios::OutputFlags::OPOST | termios::OutputFlags::ONLCR;
+            termios::tcsetattr(&pty.slave, SetArg::TCSANOW, &t).unwrap();
+
+            let mut port = TermiosPort::open(&pty.slave_path, 57_600).unwrap();
+            let t = termios::tcgetattr(&pty.slave).unwrap();
+            assert_eq!(termios::cfgetospeed(&t), BaudRate::B57600);
+            assert!(!t.local_flags.intersects(termios::LocalFlags::ECHO | termios::LocalFlags::ICANON));
+            assert!(!t.output_flags.contains(termios::OutputFlags::OPOST));
+            assert!(t.control_flags.contains(ControlFlags::CREAD | ControlFlags::CLOCAL));
+            assert!(exclusive(&pty.slave), "TIOCEXCL not set");
+
+            // Canonical mode would hold back the bytes after the newline.
+            let sent = b"{\"seq\":1}\n\x00\x01";
+            (&pty.master).write_all(sent).unwrap();
+            let mut got = Vec::new();
+            while got.len() < sent.len() {
+                let mut buf = [0u8; 64];
+                let n = tokio::time::timeout(std::time::Duration::from_secs(5), port.read(&mut buf))
+                    .await
+                    .expect("read timed out")
+                    .unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got, sent);
+
+            // No echo of what came in, and no \n -> \r\n on the way out.
+            port.write_all(b"ack 1\n").await.unwrap();
+            port.flush().await.unwrap();
+            assert_eq!(read_master(&pty.master, 6), b"ack 1\n");
+
+            port.set_exclusive(false).unwrap();
+            assert!(!exclusive(&pty.slave), "TIOCNXCL did not clear the lock");
+        }
     }
 }
