@@ -45,7 +45,7 @@ if ((${#missing[@]})); then
     exit 1
 fi
 # busybox must be static: it runs in a guest without libc.
-if ! file_out=$(LC_ALL=C readelf -d "$(command -v busybox)" 2>&1) || grep -q NEEDED <<<"$file_out"; then
+if ldd "$(command -v busybox)" >/dev/null 2>&1; then
     echo "power-cut rig: $(command -v busybox) is not static; install busybox-static" >&2
     exit 1
 fi
@@ -94,10 +94,15 @@ fi
 cargo build --locked --bin edge-gateway
 bin=$target/debug/edge-gateway
 
-# The initramfs: busybox, modules, init, config, the binary (stripped: the
-# guest needs no line tables and cpio/unpack time follows size) and the
-# libraries ldd names, at the same paths. Uncompressed: unpacking is a copy.
-stage=$assets/initramfs
+work=${work:-$assets/runs/$(date +%Y%m%d-%H%M%S)-$$}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+
+# The initramfs (per run, so runs can go in parallel): busybox, modules,
+# init, config, the binary (stripped: the guest needs no line tables, and
+# unpacking time follows size) and the libraries ldd names, at the same
+# paths. Uncompressed: unpacking is a copy.
+stage=$work/initramfs
 rm -rf "$stage"
 mkdir -p "$stage"/{bin,etc,lib/modules,proc,sys,dev,data}
 cp "$(command -v busybox)" "$stage/bin/busybox"
@@ -109,9 +114,9 @@ for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
     mkdir -p "$stage$(dirname "$lib")"
     cp -L "$lib" "$stage$lib"
 done
-(cd "$stage" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) >"$assets/initrd.cpio"
+(cd "$stage" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) >"$work/initrd.cpio"
+rm -rf "$stage"
 
-export POWERCUT_KERNEL=$assets/kernel/vmlinuz POWERCUT_INITRD=$assets/initrd.cpio
+export POWERCUT_KERNEL=$assets/kernel/vmlinuz POWERCUT_INITRD=$work/initrd.cpio POWERCUT_WORK=$work
 export POWERCUT_CYCLES=$cycles POWERCUT_RATE=$rate POWERCUT_SEED=$seed
-export POWERCUT_WORK=${work:-$assets/runs/$(date +%Y%m%d-%H%M%S)-$$}
 exec cargo test --locked --test powercut -- --ignored --nocapture
