@@ -37,5 +37,5 @@ fi
 cargo build --all-targets --locked
 cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-2}"
 # The power-cut rig, short: the real binary in a VM, its power cut 20 times
-# at random moments (~4 min; README "Power-cut rig"). The long soak is run by hand.
+# at random moments (~3 min; README "Power-cut rig"). The long soak is run by hand.
 tests/powercut/run.sh --cycles "${POWERCUT_CYCLES:-20}"
