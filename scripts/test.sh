@@ -7,14 +7,20 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests drive for real, added as features need them
 # (serial tests need only the kernel's PTYs), each installed only when its
 # tool is missing: "tool:package". (dbus: a private dbus-daemon carries the
-# fake BlueZ of the BLE tests.)
+# fake BlueZ of the BLE tests; qemu, nbdkit, a static busybox, cpio,
+# mkfs.ext4 and strip build and run the power-cut rig's VM.)
 need_apt=()
-for pair in mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients openssl:openssl dbus-daemon:dbus; do
+for pair in mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients openssl:openssl dbus-daemon:dbus \
+    qemu-system-x86_64:qemu-system-x86 nbdkit:nbdkit busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs strip:binutils; do
     tool=${pair%%:*} pkg=${pair#*:}
     if ! command -v "$tool" >/dev/null && [[ " ${need_apt[*]} " != *" $pkg "* ]]; then
         need_apt+=("$pkg")
     fi
 done
+# The rig's guest has no libc: a dynamically linked busybox cannot run there.
+if command -v busybox >/dev/null && ldd "$(command -v busybox)" >/dev/null 2>&1; then
+    need_apt+=(busybox-static)
+fi
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run $0" >&2
     exit 1
@@ -36,3 +42,6 @@ fi
 # need it. Benchmarks are compiled (so they cannot rot) but not run.
 cargo build --all-targets --locked
 cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-2}"
+# The power-cut rig, short: the real binary in a VM, its power cut 20 times
+# at random moments (~3 min; README "Power-cut rig"). The long soak is run by hand.
+tests/powercut/run.sh --cycles "${POWERCUT_CYCLES:-20}"

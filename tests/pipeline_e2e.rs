@@ -181,6 +181,41 @@ fn crash_between_commit_and_ack_and_during_checkpoint_loses_nothing() {
     }
 }
 
+#[test]
+fn a_device_is_named_by_a_checkpoint_soon_after_its_first_ack() {
+    // Found by the power-cut rig: the periodic checkpoint comes every 60 s,
+    // so a gateway whose power was cut sooner after a device's first ack
+    // restarted without the device in its state, held its acks for a whole
+    // ack_gap_timeout, and after every further early cut held them again:
+    // power cycling every minute, the wearable was never acked. Now its
+    // first ack forces a checkpoint. Crash right after that checkpoint; the
+    // restarted gateway must ack the device at once, not after the 30 s.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, p) = device("wrist-00", Framing::Jsonl, 5, 0.0);
+    let pipeline = "batch_max_age = \"50ms\"\nack_gap_timeout = \"30s\"";
+    let cfg = write_config(dir.path(), &[Port { name: "dock0", path: &p, framing: "jsonl" }], pipeline, STORE);
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", "after-checkpoint:1")]);
+    let crashed = wait_until(Duration::from_secs(15), || {
+        if gw.child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        let _ = d.send_next();
+        let _ = d.resend_if_stalled();
+        std::thread::sleep(Duration::from_millis(5));
+        false
+    });
+    assert!(crashed && gw.log_text().contains("crash point"), "no checkpoint after the first ack:\n{}", gw.log_text());
+    gw = Gateway::start(&cfg);
+    for _ in 0..20 {
+        d.send_next().unwrap();
+    }
+    let t = Instant::now();
+    assert!(d.wait_all_acked(Duration::from_secs(10)).unwrap(), "held after a restart: {:?}\n{}", d.stats(), gw.log_text());
+    assert!(t.elapsed() < Duration::from_secs(10));
+    gw_terminate(gw);
+    assert_exactly_once(std::slice::from_ref(&d), &queue_dump(&cfg));
+}
+
 /// Fill a queue through the binary: one device, `n` readings, batches of 10.
 /// `settle`: how long to wait for the last acks (all of them, unless the queue refuses).
 fn fill(dir: &std::path::Path, store: &str, n: usize, settle: Duration) -> (PathBuf, SimDevice, String) {

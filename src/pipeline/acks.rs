@@ -73,11 +73,19 @@ pub struct AckTracker {
     /// from its first durable seq (see the module doc).
     restarted: bool,
     devices: HashMap<String, DeviceAck>,
+    /// A device got its first watermark since the last checkpoint: until a
+    /// checkpoint names it, a restart would hold it again for a gap timeout.
+    newly_named: bool,
 }
 
 impl AckTracker {
     pub fn new(gap_timeout: std::time::Duration) -> Self {
-        AckTracker { gap_timeout_ms: gap_timeout.as_millis() as u64, restarted: false, devices: HashMap::new() }
+        AckTracker {
+            gap_timeout_ms: gap_timeout.as_millis() as u64,
+            restarted: false,
+            devices: HashMap::new(),
+            newly_named: false,
+        }
     }
 
     /// This is a restart: devices unknown to the restored state wait for a
@@ -127,6 +135,7 @@ impl AckTracker {
         let timeout = self.gap_timeout_ms;
         let hold = self.restarted;
         let d = self.dev(device);
+        let was_named = d.watermark.is_some();
         d.refused.remove(&seq);
         let hold = hold || d.refused.first().is_some_and(|&r| r < seq) || !d.above.is_empty();
         match d.watermark {
@@ -145,6 +154,7 @@ impl AckTracker {
         }
         d.dirty = true;
         Self::advance(d, now_ms, timeout, false);
+        self.newly_named |= !was_named && d.watermark.is_some();
     }
 
     /// A reading of `device` was refused by the queue: it never becomes
@@ -213,7 +223,9 @@ impl AckTracker {
         for (name, d) in self.devices.iter_mut() {
             // A non-empty `above` (gap or held device) always has a gap clock.
             if d.gap_since_ms.is_some() {
+                let was_named = d.watermark.is_some();
                 Self::advance(d, now_ms, timeout, true);
+                self.newly_named |= !was_named && d.watermark.is_some();
             }
             if !d.dirty {
                 continue;
@@ -226,11 +238,21 @@ impl AckTracker {
         out
     }
 
+    /// Whether a device got its first watermark since [`Self::snapshot`]
+    /// last ran. Such a device should be checkpointed soon: the checkpoint is
+    /// what spares it the wait for its first ack after a restart, and power
+    /// cuts may come sooner than the periodic checkpoint (found by the
+    /// power-cut rig).
+    pub fn newly_named(&self) -> bool {
+        self.newly_named
+    }
+
     pub fn watermark(&self, device: &str) -> Option<u64> {
         self.devices.get(device).and_then(|d| d.watermark)
     }
 
-    pub fn snapshot(&self) -> AckSnapshot {
+    pub fn snapshot(&mut self) -> AckSnapshot {
+        self.newly_named = false;
         AckSnapshot {
             devices: self
                 .devices

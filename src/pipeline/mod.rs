@@ -39,6 +39,10 @@ use std::time::{Duration, Instant};
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 /// Least time between checkpoints forced by reclaiming segments.
 const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(5);
+/// Least time between checkpoints forced by a device's first ack: new
+/// devices are named within a second, and a fleet switched on at once costs
+/// a state write per second, not one per device.
+const NEW_DEVICE_CHECKPOINT_GAP: Duration = Duration::from_secs(1);
 const STATE_MAGIC: &[u8; 4] = b"EGS1";
 
 #[derive(Debug, thiserror::Error)]
@@ -352,6 +356,9 @@ impl Pipeline {
         if let Some(t) = self.dirty_since {
             d = d.min(t + self.fsync_interval);
         }
+        if self.acks.newly_named() {
+            d = d.min(self.last_checkpoint + NEW_DEVICE_CHECKPOINT_GAP);
+        }
         d
     }
 
@@ -368,7 +375,8 @@ impl Pipeline {
         }
         let since = now.duration_since(self.last_checkpoint);
         let reclaim = self.queue().reclaimable() && since >= CHECKPOINT_MIN_GAP;
-        if (reclaim || (self.changed_since_checkpoint && since >= CHECKPOINT_EVERY))
+        let new_device = self.acks.newly_named() && since >= NEW_DEVICE_CHECKPOINT_GAP;
+        if (reclaim || new_device || (self.changed_since_checkpoint && since >= CHECKPOINT_EVERY))
             && let Err(e) = self.checkpoint()
         {
             self.log_error(format_args!("checkpoint failed: {e}"));

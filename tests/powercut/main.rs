@@ -1,0 +1,510 @@
+//! The power-cut rig (README "Power-cut rig"): the real binary in a VM whose
+//! disk keeps exactly what was flushed, its power cut at random moments.
+//!
+//! Run it with `tests/powercut/run.sh --cycles N`, which builds the guest
+//! (kernel, initramfs with the debug binary) and then runs this ignored test.
+//!
+//! Per cycle: boot the VM (QEMU, TCG) with its data disk behind nbdkit's
+//! cache filter in writeback mode, so a write the guest has not flushed
+//! lives only in nbdkit's memory; let the simulated wearable on the host
+//! stream readings to the gateway over a virtio console port, while the
+//! uplink delivers to a Mosquitto on the host; then cut the power: SIGKILL
+//! nbdkit first (the unflushed writes are gone) and QEMU second. The wearable
+//! keeps running across cycles, holding what was not acked and resending it,
+//! as a real one does. After the last cycle the gateway runs until every
+//! reading is acked and delivered, and the run checks: every acked reading
+//! reached the upstream subscriber exactly once, and nothing reached it twice.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use common::mosquitto::{Mosquitto, Received, Subscriber, decode_all, make_certs};
+use common::{need, wait_until};
+use edge_gateway::config::Framing;
+use edge_gateway::sim::{SimConfig, SimDevice, XorShift, open_pty};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const DEVICE: &str = "wrist-01";
+/// The gateway's log line once every task runs.
+const READY: &str = "running with";
+const TOPIC: &str = "gateways/powercut-gw/readings";
+/// Longest a boot may take until the gateway says it runs (TCG is slow, and
+/// the machine may be busy building).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// After the last cut: how long the gateway gets to take and deliver the rest.
+const FINAL_TIMEOUT: Duration = Duration::from_secs(180);
+
+struct Settings {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    cycles: u32,
+    rate: f64,
+    seed: u64,
+    work: PathBuf,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let path = |k: &str| {
+            PathBuf::from(var(k).unwrap_or_else(|| panic!("{k} is not set: run the rig with tests/powercut/run.sh")))
+        };
+        let seed = var("POWERCUT_SEED").map(|s| s.parse().expect("POWERCUT_SEED is a number")).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+        });
+        Settings {
+            kernel: path("POWERCUT_KERNEL"),
+            initrd: path("POWERCUT_INITRD"),
+            cycles: var("POWERCUT_CYCLES").map_or(30, |c| c.parse().expect("POWERCUT_CYCLES is a number")),
+            rate: var("POWERCUT_RATE").map_or(40.0, |r| r.parse().expect("POWERCUT_RATE is a number")),
+            seed,
+            work: path("POWERCUT_WORK"),
+        }
+    }
+}
+
+/// What the wearable knows, as of its last step.
+#[derive(Clone, Copy, Debug, Default)]
+struct DeviceView {
+    /// Every reading with seq <= this was acked (the device forgot it).
+    acked_through: u64,
+    /// Readings created: seqs 1..=created.
+    created: u64,
+    pending: usize,
+}
+
+/// The simulated wearable on its own thread: it keeps creating readings at
+/// `rate` (while `produce` is set) and resends what is not acked, whether or
+/// not a gateway is there. Its writes block while the VM is off and the PTY's
+/// buffer is full, as a UART's would stall; hence the thread.
+struct Wearable {
+    view: Arc<Mutex<DeviceView>>,
+    produce: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    dock: PathBuf,
+}
+
+impl Wearable {
+    fn start(rate: f64, seed: u64) -> Wearable {
+        let pty = open_pty().expect("openpty");
+        let dock = pty.slave_path.clone();
+        let mut cfg = SimConfig::new(DEVICE, Framing::Jsonl);
+        cfg.seed = seed;
+        // Long enough not to flood a gateway that is still booting, short
+        // enough that a lost ack is repaired within a cycle.
+        cfg.resend_after = Duration::from_secs(1);
+        let mut dev = SimDevice::on_pty(cfg, pty).expect("sim device");
+        let view = Arc::new(Mutex::new(DeviceView::default()));
+        let produce = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (v, p, s) = (view.clone(), produce.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let every = Duration::from_secs_f64(1.0 / rate);
+            let mut next = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                if p.load(Ordering::Relaxed) && Instant::now() >= next {
+                    dev.send_next().expect("device write");
+                    next += every;
+                    // After a stall (blocked write) do not burst to catch up.
+                    next = next.max(Instant::now() - every);
+                }
+                dev.resend_if_stalled().expect("device resend");
+                let st = dev.stats();
+                *v.lock().unwrap() = DeviceView {
+                    acked_through: st.acked_through.unwrap_or(0),
+                    created: dev.next_seq() - 1,
+                    pending: st.pending,
+                };
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Wearable { view, produce, stop, thread: Some(thread), dock }
+    }
+
+    fn view(&self) -> DeviceView {
+        *self.view.lock().unwrap()
+    }
+}
+
+impl Drop for Wearable {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Its thread may be blocked writing to a PTY nobody reads: leave it.
+        if let Some(t) = self.thread.take()
+            && t.is_finished()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One boot of the VM: nbdkit serving the data disk through its writeback
+/// cache, and QEMU.
+struct Vm {
+    nbd: Child,
+    qemu: Child,
+    booted: Instant,
+    serial: PathBuf,
+    /// When the gateway said it runs (since power-on), once seen.
+    ready: Option<Duration>,
+}
+
+/// Markers the guest's console shows, with when each first appeared.
+#[derive(Default, Debug, Clone)]
+struct Console {
+    text: String,
+}
+
+impl Console {
+    fn has(&self, s: &str) -> bool {
+        self.text.contains(s)
+    }
+    /// "queue repaired at start-up: cut N torn bytes, skipped M corrupt records"
+    fn repaired(&self) -> (u64, u64) {
+        let Some(i) = self.text.find("queue repaired at start-up: cut ") else { return (0, 0) };
+        let words: Vec<&str> = self.text[i..].split_whitespace().collect();
+        // queue repaired at start-up: cut N torn bytes, skipped M corrupt
+        (words.get(5).and_then(|w| w.parse().ok()).unwrap_or(0), words.get(9).and_then(|w| w.parse().ok()).unwrap_or(0))
+    }
+}
+
+impl Vm {
+    fn boot(s: &Settings, disk: &Path, dock: &Path, port: u16, cycle: u32, eager: bool) -> Vm {
+        let sock = s.work.join("nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let nbd = Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&sock)
+            .args(["--filter=cache", "file"])
+            .arg(disk)
+            .arg("cache=writeback")
+            // The cache filter keeps its (unflushed) blocks in a temp file here.
+            .env("TMPDIR", &s.work)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nbdkit");
+        assert!(wait_until(Duration::from_secs(10), || sock.exists()), "nbdkit did not create {}", sock.display());
+        let serial = s.work.join(format!("console-{cycle:04}.log"));
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-monitor", "none"])
+            .args(["-nodefaults", "-no-user-config"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-kernel")
+            .arg(&s.kernel)
+            .arg("-initrd")
+            .arg(&s.initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet panic=-1 pc.port={port} pc.eager={}", eager as u8))
+            .arg("-drive")
+            .arg(format!("file=nbd+unix:///?socket={},format=raw,if=virtio,cache=writeback", sock.display()))
+            .args(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"])
+            .args(["-device", "virtio-serial-pci", "-chardev"])
+            .arg(format!("serial,id=dock,path={}", dock.display()))
+            .args(["-device", "virtconsole,chardev=dock"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // QEMU goes when this test does, however it ends.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let booted = Instant::now();
+        let qemu = cmd.spawn().expect("spawn qemu-system-x86_64");
+        Vm { nbd, qemu, booted, serial, ready: None }
+    }
+
+    fn console(&self) -> Console {
+        let raw = std::fs::read(&self.serial).unwrap_or_default();
+        Console { text: String::from_utf8_lossy(&raw).into_owned() }
+    }
+
+    /// Read the console; fail on what must never happen after a cut.
+    fn poll(&mut self) -> Console {
+        let c = self.console();
+        if self.ready.is_none() && c.has(READY) {
+            self.ready = Some(self.booted.elapsed());
+        }
+        assert!(!c.has("POWERCUT: MOUNT FAILED"), "the data disk did not mount after a cut:\n{}", c.text);
+        assert!(!c.has("POWERCUT: GATEWAY EXITED"), "the gateway exited:\n{}", c.text);
+        if let Ok(Some(st)) = self.qemu.try_wait() {
+            panic!("qemu exited ({st}):\n{}", c.text);
+        }
+        c
+    }
+
+    /// Wait until `f(console)` holds; returns when (since power-on).
+    fn wait(&mut self, timeout: Duration, f: impl Fn(&Console) -> bool) -> Option<Duration> {
+        let end = Instant::now() + timeout;
+        loop {
+            if f(&self.poll()) {
+                return Some(self.booted.elapsed());
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_for(&mut self, marker: &str, timeout: Duration) -> Option<Duration> {
+        self.wait(timeout, |c| c.has(marker))
+    }
+
+    /// Sleep until `at` after power-on, watching the console.
+    fn until(&mut self, at: Duration) {
+        let _ = self.wait(at.saturating_sub(self.booted.elapsed()), |_| false);
+    }
+
+    /// The power cut: the disk's volatile cache goes first, then the machine.
+    fn cut(mut self) -> Console {
+        let _ = self.nbd.kill();
+        let _ = self.nbd.wait();
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+        self.console()
+    }
+}
+
+/// `seq` → how many times the subscriber got it.
+fn counts(r: &Received) -> std::collections::HashMap<u64, usize> {
+    let mut m = std::collections::HashMap::new();
+    for ((dev, _, seq), n) in &r.readings {
+        assert_eq!(dev, DEVICE, "a reading of an unknown device arrived");
+        *m.entry(*seq).or_default() += n;
+    }
+    m
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Cut {
+    /// Anywhere from power-on to shortly after the gateway runs: kernel,
+    /// journal replay, queue open and repair, dedup replay.
+    Boot,
+    /// Within the gateway's start-up proper (after the mount).
+    Startup,
+    /// While the gateway runs and the uplink keeps up.
+    Running,
+    /// The broker was down for a while (a backlog built up) and has just
+    /// come back: cut while the backlog drains.
+    Drain,
+}
+
+impl Cut {
+    fn name(self) -> &'static str {
+        match self {
+            Cut::Boot => "boot",
+            Cut::Startup => "startup",
+            Cut::Running => "running",
+            Cut::Drain => "drain",
+        }
+    }
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[test]
+#[ignore = "the power-cut rig: run it with tests/powercut/run.sh --cycles N"]
+fn power_cuts_lose_and_double_nothing() {
+    for (tool, pkg) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nbdkit", "nbdkit"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("mosquitto", "mosquitto"),
+        ("mosquitto_sub", "mosquitto-clients"),
+    ] {
+        need(tool, pkg);
+    }
+    let s = Settings::from_env();
+    std::fs::create_dir_all(&s.work).unwrap();
+    println!(
+        "power-cut rig: seed {} (repeat with --seed {}), {} cycles, {} readings/s, work dir {}",
+        s.seed,
+        s.seed,
+        s.cycles,
+        s.rate,
+        s.work.display()
+    );
+    let mut rng = XorShift::new(s.seed);
+
+    let disk = s.work.join("disk.raw");
+    let ok = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk).arg("64M").status().expect("mkfs.ext4");
+    assert!(ok.success(), "mkfs.ext4 failed");
+
+    let certs = make_certs(&s.work);
+    let mut broker = Mosquitto::start(&s.work.join("mosquitto"), &certs, false);
+    let sub = Subscriber::start(broker.plain_port, "powercut-sub", TOPIC, &s.work.join("received.txt"));
+    let dev = Wearable::start(s.rate, s.seed);
+
+    let mut table = std::fs::File::create(s.work.join("cycles.tsv")).unwrap();
+    let header = "cycle\tcut\tat_s\twriteback\tbroker\tacked\tdelivered\tdup\trepaired_bytes\tcorrupt_records\tstartup_s";
+    writeln!(table, "{header}").unwrap();
+    println!("{header}");
+
+    let mut startups = Vec::new();
+    let mut repaired = Vec::new();
+    let mut ready_estimate = Duration::from_secs(12);
+    let mut dups_seen = 0usize;
+    for cycle in 1..=s.cycles {
+        let mode = match rng.below(100) {
+            // The first cut comes after the device's first ack (see below).
+            _ if cycle == 1 => Cut::Running,
+            0..20 => Cut::Boot,
+            20..35 => Cut::Startup,
+            35..75 => Cut::Running,
+            _ => Cut::Drain,
+        };
+        // Now and then the broker is away for a whole cycle: the queue keeps
+        // a backlog across the cut, drained after the next boot.
+        let broker_away = mode != Cut::Drain && rng.chance(0.15);
+        if broker_away || mode == Cut::Drain {
+            broker.stop();
+        }
+        // Half the boots write back eagerly (see tests/powercut/init).
+        let eager = rng.chance(0.5);
+        let mut vm = Vm::boot(&s, &disk, &dev.dock, broker.plain_port, cycle, eager);
+        match mode {
+            Cut::Boot => {
+                let frac = 0.1 + rng.below(1000) as f64 / 1000.0;
+                vm.until(Duration::from_secs_f64(secs(ready_estimate) * frac));
+            }
+            Cut::Startup => {
+                let t = vm.wait_for("POWERCUT: starting gateway", BOOT_TIMEOUT);
+                let t = t.unwrap_or_else(|| panic!("no gateway start within {BOOT_TIMEOUT:?}:\n{}", vm.console().text));
+                vm.until(t + Duration::from_millis(rng.below(600)));
+            }
+            Cut::Running | Cut::Drain => {
+                let Some(t) = vm.wait_for(READY, BOOT_TIMEOUT) else {
+                    panic!("the gateway did not start within {BOOT_TIMEOUT:?}:\n{}", vm.console().text)
+                };
+                if mode == Cut::Drain {
+                    // A backlog first, then the broker returns; cut once the
+                    // uplink is connected again and draining.
+                    vm.until(t + Duration::from_millis(1500 + rng.below(3000)));
+                    broker.restart();
+                    let back = vm.wait(Duration::from_secs(20), |c| c.has("connected after"));
+                    let back = back.unwrap_or_else(|| panic!("the uplink did not reconnect:\n{}", vm.console().text));
+                    vm.until(back + Duration::from_millis(rng.below(1200)));
+                } else {
+                    if cycle == 1 {
+                        // A cut before the first run's first checkpoint
+                        // names the device would hold its acks for
+                        // ack_gap_timeout (30 s) of talking, longer than a
+                        // cycle, after every later boot.
+                        let acked = wait_until(BOOT_TIMEOUT, || dev.view().acked_through > 0);
+                        assert!(acked, "the device got no ack:\n{}", vm.console().text);
+                        vm.until(vm.booted.elapsed() + Duration::from_secs(2));
+                    }
+                    vm.until(vm.booted.elapsed().max(t) + Duration::from_millis(100 + rng.below(6000)));
+                }
+            }
+        }
+        let at = vm.booted.elapsed();
+        let startup = vm.ready;
+        let console = vm.cut();
+        if broker_away {
+            broker.restart();
+        }
+        if let Some(t) = startup {
+            startups.push(secs(t));
+            // Boot cuts aim at the whole start-up, so track its length.
+            ready_estimate = Duration::from_secs_f64(percentile(&startups, 0.5));
+        }
+        let (torn, corrupt) = console.repaired();
+        if console.has("queue open:") {
+            repaired.push(torn);
+        }
+        let view = dev.view();
+        let got = counts(&decode_all(&sub.messages()));
+        let dup = got.values().filter(|&&n| n > 1).count();
+        if dup > dups_seen {
+            println!("DUPLICATE: {} readings arrived more than once so far (cycle {cycle})", dup);
+            dups_seen = dup;
+        }
+        let row = format!(
+            "{cycle}\t{}\t{:.2}\t{}\t{}\t{}\t{}\t{dup}\t{torn}\t{corrupt}\t{}",
+            mode.name(),
+            secs(at),
+            if eager { "eager" } else { "default" },
+            if broker_away { "away" } else if mode == Cut::Drain { "back" } else { "up" },
+            view.acked_through,
+            got.len(),
+            startup.map_or("-".into(), |t| format!("{:.2}", secs(t))),
+        );
+        writeln!(table, "{row}").unwrap();
+        println!("{row}");
+    }
+
+    // The last boot: no cut. The wearable stops creating readings and the
+    // gateway gets everything acked and delivered.
+    let mut vm = Vm::boot(&s, &disk, &dev.dock, broker.plain_port, s.cycles + 1, false);
+    let ready = vm.wait_for(READY, BOOT_TIMEOUT);
+    assert!(ready.is_some(), "the gateway did not start after the last cut:\n{}", vm.console().text);
+    let (torn, _) = vm.console().repaired();
+    repaired.push(torn);
+    startups.push(secs(ready.unwrap()));
+    dev.produce.store(false, Ordering::Relaxed);
+    let all_acked = wait_until(FINAL_TIMEOUT, || dev.view().pending == 0);
+    let view = dev.view();
+    assert!(all_acked, "readings still unacked after {FINAL_TIMEOUT:?}: {view:?}\n{}", vm.console().text);
+    let all_delivered = wait_until(FINAL_TIMEOUT, || counts(&decode_all(&sub.messages())).len() as u64 >= view.created);
+    // A moment more, so a late duplicate has its chance to show up.
+    std::thread::sleep(Duration::from_secs(2));
+    let console = vm.cut();
+    let got = counts(&decode_all(&sub.messages()));
+    sub.stop();
+    drop(broker);
+
+    let lost: Vec<u64> = (1..=view.acked_through).filter(|q| !got.contains_key(q)).collect();
+    let mut dup: Vec<(u64, usize)> = got.iter().filter(|(_, n)| **n > 1).map(|(q, n)| (*q, *n)).collect();
+    dup.sort();
+    let unknown = got.keys().filter(|q| **q == 0 || **q > view.created).count();
+    let cut_cycles = repaired.iter().filter(|b| **b > 0).count();
+    println!(
+        "power-cut rig: {} cycles, seed {}: {} readings created, {} acked, {} delivered, lost {}, duplicated {}, unknown {}",
+        s.cycles,
+        s.seed,
+        view.created,
+        view.acked_through,
+        got.len(),
+        lost.len(),
+        dup.len(),
+        unknown
+    );
+    println!(
+        "power-cut rig: torn tails repaired at {} of {} boots (bytes: median {}, max {}); start-up after cut (qemu start → gateway running): median {:.1} s, p90 {:.1} s",
+        cut_cycles,
+        repaired.len(),
+        percentile(&repaired.iter().filter(|b| **b > 0).map(|b| *b as f64).collect::<Vec<_>>(), 0.5),
+        repaired.iter().max().copied().unwrap_or(0),
+        percentile(&startups, 0.5),
+        percentile(&startups, 0.9),
+    );
+    assert!(all_delivered, "not every reading was delivered in {FINAL_TIMEOUT:?}; last console:\n{}", console.text);
+    assert!(lost.is_empty(), "acked readings lost (seed {}): {:?}", s.seed, &lost[..lost.len().min(50)]);
+    assert!(dup.is_empty(), "readings delivered twice (seed {}): {:?}", s.seed, &dup[..dup.len().min(50)]);
+    assert_eq!(unknown, 0, "readings nobody sent arrived");
+    // The disk image is the bulk of the work dir; the logs stay.
+    let _ = std::fs::remove_file(&disk);
+}
