@@ -210,7 +210,12 @@ fn a_device_is_named_by_a_checkpoint_soon_after_its_first_ack() {
         d.send_next().unwrap();
     }
     let t = Instant::now();
-    assert!(d.wait_all_acked(Duration::from_secs(10)).unwrap(), "held after a restart: {:?}\n{}", d.stats(), gw.log_text());
+    assert!(
+        d.wait_all_acked(Duration::from_secs(10)).unwrap(),
+        "held after a restart: {:?}\n{}",
+        d.stats(),
+        gw.log_text()
+    );
     assert!(t.elapsed() < Duration::from_secs(10));
     gw_terminate(gw);
     assert_exactly_once(std::slice::from_ref(&d), &queue_dump(&cfg));

@@ -55,7 +55,8 @@ impl Settings {
             PathBuf::from(var(k).unwrap_or_else(|| panic!("{k} is not set: run the rig with tests/powercut/run.sh")))
         };
         let seed = var("POWERCUT_SEED").map(|s| s.parse().expect("POWERCUT_SEED is a number")).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+                % 1_000_000_007
         });
         Settings {
             kernel: path("POWERCUT_KERNEL"),
@@ -358,7 +359,8 @@ fn power_cuts_lose_and_double_nothing() {
     let dev = Wearable::start(s.rate, s.seed);
 
     let mut table = std::fs::File::create(s.work.join("cycles.tsv")).unwrap();
-    let header = "cycle\tcut\tat_s\twriteback\tbroker\tacked\tdelivered\tdup\trepaired_bytes\tcorrupt_records\tstartup_s";
+    let header =
+        "cycle\tcut\tat_s\twriteback\tbroker\tacked\tdelivered\tdup\trepaired_bytes\tcorrupt_records\tstartup_s";
     writeln!(table, "{header}").unwrap();
     println!("{header}");
 
@@ -447,7 +449,13 @@ fn power_cuts_lose_and_double_nothing() {
             mode.name(),
             secs(at),
             if eager { "eager" } else { "default" },
-            if broker_away { "away" } else if mode == Cut::Drain { "back" } else { "up" },
+            if broker_away {
+                "away"
+            } else if mode == Cut::Drain {
+                "back"
+            } else {
+                "up"
+            },
             view.acked_through,
             got.len(),
             startup.map_or("-".into(), |t| format!("{:.2}", secs(t))),
