@@ -204,12 +204,15 @@ pub const BLE_PORT: PortId = usize::MAX;
 /// Readings from LAN devices through the embedded broker.
 pub const LAN_PORT: PortId = usize::MAX - 1;
 
-/// The kind of source behind a port, for metrics labels.
-pub fn source_kind(port: PortId) -> &'static str {
+/// Source kinds, for metrics labels; [`source_index`] indexes this.
+pub const SOURCE_KINDS: [&str; 3] = ["serial", "lan", "ble"];
+
+/// The kind of source behind a port, as an index into [`SOURCE_KINDS`].
+pub fn source_index(port: PortId) -> usize {
     match port {
-        BLE_PORT => "ble",
-        LAN_PORT => "lan",
-        _ => "serial",
+        BLE_PORT => 2,
+        LAN_PORT => 1,
+        _ => 0,
     }
 }
 

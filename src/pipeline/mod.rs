@@ -22,11 +22,9 @@ use crate::config::{Config, FsyncPolicy};
 use crate::metrics::DeviceCounters;
 use crate::metrics::Metrics;
 use crate::queue::{AppendOutcome, CRC, OpenReport, Queue, QueueError, QueueOptions};
-use crate::reading::{Ack, Batch, Format, Incoming, PortId, Reading, now_ms, source_kind};
+use crate::reading::{Ack, Batch, Format, Incoming, PortId, Reading, SOURCE_KINDS, now_ms, source_index};
 use std::collections::HashMap;
 
-/// Source kinds, in the order of [`Pipeline`]'s per-device tallies.
-const KINDS: [&str; 3] = ["serial", "lan", "ble"];
 use acks::{AckSnapshot, AckTracker};
 use batch::Batcher;
 use dedup::{Dedup, DedupSnapshot, Verdict};
@@ -91,8 +89,8 @@ pub struct Pipeline {
     /// Where accepted readings are republished (the embedded broker), if anywhere.
     republish: Option<tokio::sync::mpsc::Sender<Reading>>,
     /// Per-device counts since the last tick, handed to [`Metrics`] in one go.
-    /// Keyed by device, then by source kind (serial, lan, ble).
-    tallies: HashMap<String, [DeviceCounters; 3]>,
+    /// Keyed by device, then by source kind ([`SOURCE_KINDS`]).
+    tallies: HashMap<String, [DeviceCounters; SOURCE_KINDS.len()]>,
 }
 
 pub fn queue_dir(cfg: &Config) -> PathBuf {
@@ -241,7 +239,7 @@ impl Pipeline {
     }
 
     fn tally(&mut self, port: PortId, device: &str, verdict: Verdict) {
-        let kind = KINDS.iter().position(|k| *k == source_kind(port)).unwrap_or(0);
+        let kind = source_index(port);
         // No allocation once the device is known: this runs per reading.
         let t = match self.tallies.get_mut(device) {
             Some(t) => &mut t[kind],
@@ -259,7 +257,7 @@ impl Pipeline {
             return;
         }
         let drained = self.tallies.drain().flat_map(|(device, per_kind)| {
-            KINDS
+            SOURCE_KINDS
                 .iter()
                 .zip(per_kind)
                 .filter(|(_, c)| c.readings + c.duplicates > 0)
