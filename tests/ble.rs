@@ -391,10 +391,7 @@ fn reload_adds_and_removes_ble_devices() {
     };
     let cfg = write_config(dir.path(), &strap("one", HR_ADDR), "");
     let gw = start(&cfg, &bus);
-    let hup = || {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(gw.child.id() as i32), nix::sys::signal::Signal::SIGHUP)
-            .unwrap()
-    };
+    let hup = || gw.signal(nix::sys::signal::Signal::SIGHUP);
     assert!(fake.wait_notifying(HR_ADDR, 0x2A37, Duration::from_secs(20)), "{}", gw.log_text());
     send_hr(&fake, HR_ADDR, 1000..1010);
     assert_eq!(s2.connects.load(Ordering::SeqCst), 0, "not configured yet");

@@ -152,8 +152,7 @@ fn crash_between_commit_and_ack_and_during_checkpoint_loses_nothing() {
         }
         if point.starts_with("before-state") {
             // The checkpoint runs at shutdown: ask for one.
-            let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            gw.signal(nix::sys::signal::Signal::SIGTERM);
         }
         assert!(
             // Keep the device talking until the point is reached: on a

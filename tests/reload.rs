@@ -8,14 +8,9 @@ mod common;
 use common::mosquitto::{Mosquitto, Subscriber, make_certs, wait_received};
 use common::*;
 use edge_gateway::config::Framing;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use std::path::Path;
 use std::time::Duration;
-
-fn hup(gw: &Gateway) {
-    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGHUP).unwrap();
-}
 
 /// Wait for the n-th occurrence of `needle` in the log.
 fn wait_log(gw: &Gateway, needle: &str, n: usize) {
@@ -49,7 +44,7 @@ fn sighup_adds_and_removes_ports_reconnects_upstream_and_refuses_bad_config() {
 
     // 1. A dock added: it starts, its wearable gets acks.
     write(dir.path(), &[Port { ..port_a }, Port { ..port_b }], &metrics);
-    hup(&gw);
+    gw.signal(Signal::SIGHUP);
     wait_log(&gw, "reload: serial dockB added", 1);
     for _ in 0..20 {
         a.send_next().unwrap();
@@ -61,7 +56,7 @@ fn sighup_adds_and_removes_ports_reconnects_upstream_and_refuses_bad_config() {
     // 2. An invalid file: refused with PATH:LINE:COL and the key; both docks keep working.
     let good = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, good.replace("batch_max_age = \"50ms\"", "batch_max_age = \"soon\"")).unwrap();
-    hup(&gw);
+    gw.signal(Signal::SIGHUP);
     wait_log(&gw, "reload refused, keeping the running config", 1);
     let log = gw.log_text();
     let line = log.lines().find(|l| l.contains("reload refused")).unwrap();
@@ -82,7 +77,7 @@ fn sighup_adds_and_removes_ports_reconnects_upstream_and_refuses_bad_config() {
         "fsync_interval = \"10ms\"",
         &metrics,
     );
-    hup(&gw);
+    gw.signal(Signal::SIGHUP);
     wait_log(&gw, "reload: serial dockA removed", 1);
     assert!(gw.log_text().contains("[pipeline] changed; these take effect at the next restart"), "{}", gw.log_text());
     let acked_a = a.stats().acked_through;
@@ -93,7 +88,7 @@ fn sighup_adds_and_removes_ports_reconnects_upstream_and_refuses_bad_config() {
     a.resend_if_stalled().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(a.stats().acked_through, acked_a, "a removed dock must not ack");
-    let m = edge_gateway::metrics::http::fetch(([127, 0, 0, 1], mport).into(), Duration::from_secs(3)).unwrap();
+    let m = fetch_metrics(mport);
     assert!(!m.contains("link=\"dockA\""), "a removed port leaves /metrics:\n{m}");
     assert!(m.contains("edge_gateway_link_up{source=\"serial\",link=\"dockB\"} 1"), "{m}");
     assert!(m.contains("edge_gateway_reloads_total 2\n") && m.contains("edge_gateway_reloads_failed_total 1\n"), "{m}");
@@ -111,17 +106,17 @@ fn sighup_adds_and_removes_ports_reconnects_upstream_and_refuses_bad_config() {
         )
     };
     write(dir.path(), &[Port { ..port_b }], &upstream("batches/{gateway}/readings"));
-    hup(&gw);
+    gw.signal(Signal::SIGHUP);
     wait_log(&gw, "reload: upstream reconnecting with the new settings", 1);
     // 50 from wrist-a (acked while dockA lived) + 30 from wrist-b.
     let r = wait_received(&sub, Duration::from_secs(30), |r| r.readings.len() >= 80);
     assert_eq!(r.readings.len(), 80, "{}", gw.log_text());
-    let m = edge_gateway::metrics::http::fetch(([127, 0, 0, 1], mport).into(), Duration::from_secs(3)).unwrap();
+    let m = fetch_metrics(mport);
     assert!(m.contains("edge_gateway_upstream_configured 1\n"), "{m}");
 
     // 5. The upstream changed (another topic): a new session; new readings go there.
     write(dir.path(), &[Port { ..port_b }], &upstream("batches/{gateway}/v2"));
-    hup(&gw);
+    gw.signal(Signal::SIGHUP);
     wait_log(&gw, "reload: upstream reconnecting with the new settings", 2);
     for _ in 0..15 {
         b.send_next().unwrap();

@@ -63,10 +63,6 @@ fn metrics_extra(port: u16) -> String {
     format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
 }
 
-fn fetch_metrics(port: u16) -> String {
-    edge_gateway::metrics::http::fetch(([127, 0, 0, 1], port).into(), Duration::from_secs(3)).expect("GET /metrics")
-}
-
 /// The value of one sample line, e.g. `edge_gateway_link_up{source="serial",link="dock0"}`.
 fn sample(text: &str, head: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(head)?.strip_prefix(' ')?.parse().ok())
@@ -107,8 +103,7 @@ fn notify_ready_status_watchdog_and_stopping() {
     assert!((5..=14).contains(&pings), "{pings} WATCHDOG=1 in 2 s with WATCHDOG_USEC=400000");
     assert!(dev.wait_all_acked(Duration::from_secs(10)).unwrap(), "{:?}", dev.stats());
 
-    let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
     notify.wait_for("STOPPING=1", Duration::from_secs(5), &gw);
     let (log, _) = terminate_ok(gw);
     assert!(log.contains("40 readings accepted"), "{log}");

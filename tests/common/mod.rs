@@ -95,11 +95,15 @@ impl Gateway {
         self.stop_with(nix::sys::signal::Signal::SIGTERM)
     }
 
+    /// Send `sig` without waiting (SIGHUP to reload, SIGTERM to watch the stop).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).expect("kill(2)");
+    }
+
     /// Send `sig` and wait; returns the exit code and how long it took.
     pub fn stop_with(mut self, sig: nix::sys::signal::Signal) -> (Option<i32>, Duration) {
         let t = Instant::now();
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, sig);
+        self.signal(sig);
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
@@ -216,6 +220,11 @@ pub fn need(tool: &str, package: &str) {
     let found =
         Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
     assert!(found, "`{tool}` not found: install it with `sudo apt-get install -y {package}` (scripts/test.sh does)");
+}
+
+/// `GET /metrics` from a gateway whose `[metrics] listen` is 127.0.0.1:`port`.
+pub fn fetch_metrics(port: u16) -> String {
+    edge_gateway::metrics::http::fetch(([127, 0, 0, 1], port).into(), Duration::from_secs(3)).expect("GET /metrics")
 }
 
 /// A loopback port nobody listens on (just now).
