@@ -47,19 +47,8 @@ fn subscriber(port: u16, filters: &[&str], inbox: Inbox, stop: Arc<AtomicBool>) 
         s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let mut out = Vec::new();
-        codec::encode_connect(
-            &Connect {
-                protocol: Protocol::V311,
-                client_id: &format!("bench-sub-{}", std::process::id()),
-                keep_alive_secs: 0,
-                clean_start: true,
-                session_expiry_secs: 0,
-                will: None,
-                username: None,
-                password: None,
-            },
-            &mut out,
-        );
+        let id = format!("bench-sub-{}", std::process::id());
+        codec::encode_connect(&Connect::anonymous(Protocol::V311, &id, 0), &mut out);
         for (i, f) in filters.iter().enumerate() {
             codec::encode_subscribe(Protocol::V311, i as u16 + 1, f, 2, &mut out);
         }

@@ -250,19 +250,7 @@ fn lan_device(port: u16, name: &str, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let mut out = Vec::new();
-        codec::encode_connect(
-            &Connect {
-                protocol: Protocol::V311,
-                client_id: name,
-                keep_alive_secs: 30,
-                clean_start: true,
-                session_expiry_secs: 0,
-                will: None,
-                username: None,
-                password: None,
-            },
-            &mut out,
-        );
+        codec::encode_connect(&Connect::anonymous(Protocol::V311, name, 30), &mut out);
         if s.write_all(&out).is_err() || !matches!(read_packet(&mut s), Some(Packet::ConnAck(c)) if c.code == 0) {
             std::thread::sleep(Duration::from_millis(200));
             continue;

@@ -43,6 +43,23 @@ pub struct Connect<'a> {
     pub password: Option<&'a [u8]>,
 }
 
+impl<'a> Connect<'a> {
+    /// A clean-session CONNECT without will or login (the demo's LAN
+    /// sensors, bench clients).
+    pub fn anonymous(protocol: Protocol, client_id: &'a str, keep_alive_secs: u16) -> Self {
+        Connect {
+            protocol,
+            client_id,
+            keep_alive_secs,
+            clean_start: true,
+            session_expiry_secs: 0,
+            will: None,
+            username: None,
+            password: None,
+        }
+    }
+}
+
 /// What a CONNACK said. Limits are `None` when the server sent none (MQTT
 /// 3.1.1 never does).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
