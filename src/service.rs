@@ -15,6 +15,7 @@
 //!   the journal (`$JOURNAL_STREAM`, what systemd sets for a service),
 //!   otherwise human-readable lines on stderr.
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,8 +78,6 @@ fn socket_addr(path: &[u8]) -> Option<std::os::unix::net::SocketAddr> {
         _ => None,
     }
 }
-
-use std::os::unix::ffi::OsStrExt;
 
 /// A loop that must keep running for the gateway to be alive. The loop
 /// calls [`Beat::beat`] each time round; [`Watchdog`] reads the age.

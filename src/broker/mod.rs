@@ -513,7 +513,7 @@ fn server_settings(b: &BrokerConfig, name: &str, port: u16, password: &str) -> S
 }
 
 /// A loopback port nobody listens on right now.
-fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 

@@ -67,10 +67,6 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     result
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> anyhow::Result<()> {
     // The docks and their wearables.
     let mut devices = Vec::new();
@@ -83,6 +79,7 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
         cfg.duplicate_probability = 0.05;
         devices.push(SimDevice::on_pty(cfg, pty)?);
     }
+    use crate::broker::free_port;
     let (broker_port, metrics_port) = (free_port()?, free_port()?);
     let config = dir.join("gateway.toml");
     std::fs::write(
