@@ -67,8 +67,9 @@ fn fill(dir: &Path, bytes: u64) {
                 seq: Some(seq),
                 ts: 1_764_000_000_000 + seq * 100,
                 value: Value::Number(60.0 + (seq % 40) as f64),
+                boot: None,
             };
-            p.ingest(Incoming { reading, ts_from_device: true, port: 0 }, now, ms);
+            p.ingest(Incoming::new(reading, true, 0), now, ms);
         }
         seq += 1;
         if seq % 2048 == 0 {

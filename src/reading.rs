@@ -102,6 +102,11 @@ pub struct Reading {
     /// Unix time in milliseconds (the device's, or the receive time when it sent none).
     pub ts: u64,
     pub value: Value,
+    /// The device's boot counter, when its firmware sends one: `seq` counts
+    /// within a boot, so `(device, boot, seq)` names a reading even across
+    /// reboots that restart the counter. Absent from JSON when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<u32>,
 }
 
 impl Reading {
@@ -132,8 +137,30 @@ pub enum Format {
 }
 
 /// First two bytes of a postcard batch: never the start of a JSON document,
-/// so `decode` can tell the formats apart.
+/// so `decode` can tell the formats apart. Version 1 readings have no
+/// `boot`; a batch where no reading has one is still written as version 1,
+/// so older readers keep working until a device sends `boot`.
 pub const POSTCARD_MAGIC: [u8; 2] = [0xEB, 0x01];
+/// A postcard batch whose readings carry `boot` (postcard is not
+/// self-describing, so a new field needs a new version).
+pub const POSTCARD_MAGIC_V2: [u8; 2] = [0xEB, 0x02];
+
+/// A reading as postcard version 1 stored it (no `boot`).
+#[derive(Serialize, Deserialize)]
+struct ReadingV1 {
+    device: String,
+    sensor: String,
+    seq: Option<u64>,
+    ts: u64,
+    value: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BatchV1 {
+    gateway: String,
+    batch: u64,
+    readings: Vec<ReadingV1>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -149,7 +176,25 @@ impl Batch {
     pub fn encode(&self, format: Format) -> Vec<u8> {
         match format {
             Format::Json => serde_json::to_vec(self).expect("batch serializes"),
-            Format::Postcard => postcard::to_extend(self, POSTCARD_MAGIC.to_vec()).expect("batch serializes"),
+            Format::Postcard if self.readings.iter().all(|r| r.boot.is_none()) => {
+                let v1 = BatchV1 {
+                    gateway: self.gateway.clone(),
+                    batch: self.batch,
+                    readings: self
+                        .readings
+                        .iter()
+                        .map(|r| ReadingV1 {
+                            device: r.device.clone(),
+                            sensor: r.sensor.clone(),
+                            seq: r.seq,
+                            ts: r.ts,
+                            value: r.value.clone(),
+                        })
+                        .collect(),
+                };
+                postcard::to_extend(&v1, POSTCARD_MAGIC.to_vec()).expect("batch serializes")
+            }
+            Format::Postcard => postcard::to_extend(self, POSTCARD_MAGIC_V2.to_vec()).expect("batch serializes"),
         }
     }
 
@@ -160,6 +205,17 @@ impl Batch {
             return Err(DecodeError::Empty);
         }
         if let Some(rest) = payload.strip_prefix(&POSTCARD_MAGIC[..]) {
+            let v1: BatchV1 = postcard::from_bytes(rest)?;
+            Ok(Batch {
+                gateway: v1.gateway,
+                batch: v1.batch,
+                readings: v1
+                    .readings
+                    .into_iter()
+                    .map(|r| Reading { device: r.device, sensor: r.sensor, seq: r.seq, ts: r.ts, value: r.value, boot: None })
+                    .collect(),
+            })
+        } else if let Some(rest) = payload.strip_prefix(&POSTCARD_MAGIC_V2[..]) {
             Ok(postcard::from_bytes(rest)?)
         } else {
             Ok(serde_json::from_slice(trimmed)?)
@@ -167,7 +223,8 @@ impl Batch {
     }
 
     /// The readings as the flat JSON lines every tool of ours prints:
-    /// `{"gateway","batch","device","sensor","seq","ts","value"}`.
+    /// `{"gateway","batch","device","sensor","seq","ts","value"}`, plus
+    /// `"boot"` for readings that carry one.
     pub fn json_lines(&self) -> impl Iterator<Item = String> + '_ {
         self.readings.iter().map(move |r| {
             #[derive(Serialize)]
@@ -179,6 +236,8 @@ impl Batch {
                 seq: Option<u64>,
                 ts: u64,
                 value: &'a Value,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                boot: Option<u32>,
             }
             serde_json::to_string(&Line {
                 gateway: &self.gateway,
@@ -188,6 +247,7 @@ impl Batch {
                 seq: r.seq,
                 ts: r.ts,
                 value: &r.value,
+                boot: r.boot,
             })
             .expect("reading serializes")
         })
@@ -224,13 +284,25 @@ pub struct Incoming {
     pub ts_from_device: bool,
     /// The source port (index into the pipeline's ack routes).
     pub port: PortId,
+    /// A BTHome packet id: not a sequence (a u8 that wraps), it only says
+    /// "the same measurement as the device's previous advert" when repeated.
+    pub packet_id: Option<u8>,
 }
 
-/// A cumulative acknowledgement: every reading of `device` with `seq <= seq` is durable.
+impl Incoming {
+    pub fn new(reading: Reading, ts_from_device: bool, port: PortId) -> Incoming {
+        Incoming { reading, ts_from_device, port, packet_id: None }
+    }
+}
+
+/// A cumulative acknowledgement: every reading of `device` (of boot `boot`,
+/// when the device sends one) with `seq <= seq` is durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
     pub device: String,
     pub seq: u64,
+    /// The boot the ack is about: an ack never covers readings of another boot.
+    pub boot: Option<u32>,
 }
 
 pub fn now_ms() -> u64 {
@@ -252,6 +324,7 @@ mod tests {
                     seq: Some(17),
                     ts: 1_764_000_000_000,
                     value: Value::Number(72.0),
+                    boot: None,
                 },
                 Reading {
                     device: "wrist-02".into(),
@@ -259,6 +332,7 @@ mod tests {
                     seq: None,
                     ts: 5,
                     value: Value::Array(vec![0.8, 0.81]),
+                    boot: None,
                 },
             ],
         }

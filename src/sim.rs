@@ -325,7 +325,7 @@ impl SimDevice {
             _ => Value::Number(self.rng.below(10_000) as f64 / 100.0),
         };
         // A fixed epoch plus seq keeps runs reproducible and resends identical.
-        Reading { device: self.cfg.device.clone(), sensor, seq: Some(seq), ts: 1_764_000_000_000 + seq, value }
+        Reading { device: self.cfg.device.clone(), sensor, seq: Some(seq), ts: 1_764_000_000_000 + seq, value, boot: None }
     }
 
     fn write_reading(&mut self, r: &Reading) -> io::Result<()> {
@@ -420,7 +420,7 @@ impl SimDevice {
     }
 
     fn make_probe(&self) -> Reading {
-        Reading { device: self.cfg.device.clone(), sensor: "probe".into(), seq: None, ts: 0, value: Value::Number(1.0) }
+        Reading { device: self.cfg.device.clone(), sensor: "probe".into(), seq: None, ts: 0, value: Value::Number(1.0), boot: None }
     }
 
     /// Resend every pending reading if acks made no progress for
@@ -549,7 +549,7 @@ mod tests {
                 splitter.feed(&buf[..n], |f| got.push(wire::parse_reading(framing, f.unwrap(), None, 0).unwrap().0));
             }
             assert_eq!(got, dev.created());
-            gw.write_all(&wire::encode_ack(framing, &Ack { device: "w1".into(), seq: 2 }).unwrap()).unwrap();
+            gw.write_all(&wire::encode_ack(framing, &Ack { device: "w1".into(), seq: 2, boot: None }).unwrap()).unwrap();
             let t = Instant::now();
             while dev.stats().pending != 1 {
                 assert!(t.elapsed() < Duration::from_secs(5));

@@ -12,12 +12,17 @@
 //!     `device` is used, and when there is none the line is malformed.
 //!   - `seq` (optional): u64 per-device counter, the resend/ack key.
 //!   - `ts` (optional): unix milliseconds; when absent the receive time is used.
+//!   - `boot` (optional): u32, the device's boot counter, bumped by the
+//!     firmware at each start; `seq` then counts within the boot (from 0 for
+//!     an immediate first ack), and `(device, boot, seq)` names a reading.
 //!   - `value` (required): a number or an array of numbers.
 //!   - Unknown fields are ignored, so firmware can add fields before we read them.
 //!
 //!   The gateway answers with cumulative acks, one per line:
 //!   `{"ack":{"device":"wrist-01","seq":17}}` — "everything from `wrist-01`
-//!   with `seq <= 17` is durable, forget it".
+//!   with `seq <= 17` is durable, forget it". For readings that carried a
+//!   `boot` the ack names it, `{"ack":{"device":"wrist-01","boot":7,"seq":17}}`,
+//!   and covers readings of that boot only.
 //! * **cobs** — binary frames, see [`frame`] for the exact byte layout.
 //!
 //! Any frame (line or COBS frame) longer than [`MAX_FRAME_LEN`] bytes between
@@ -79,7 +84,17 @@ pub mod frame {
     //! Frame::Ack     = varint(1)
     //!                  str          device
     //!                  u64          seq       (cumulative: all seq <= this are durable)
+    //! Frame::ReadingBoot = varint(2)
+    //!                  u32          boot      (the device's boot counter)
+    //!                  ...          the fields of Frame::Reading, in the same order
+    //! Frame::AckBoot = varint(3)
+    //!                  str          device
+    //!                  u32          boot      (covers readings of this boot only)
+    //!                  u64          seq
     //! ```
+    //!
+    //! A device that sends `ReadingBoot` gets `AckBoot`; one that sends
+    //! `Reading` gets `Ack`, as before boot ids existed.
     //!
     //! Example: `Ack { device: "w1", seq: 300 }` has body `01 02 77 31 AC 02`,
     //! CRC-32 `0x3FA3A42D`, i.e. `01 02 77 31 AC 02 2D A4 A3 3F` before COBS;
@@ -96,7 +111,8 @@ pub mod frame {
     /// Most numbers in one `value`.
     pub const MAX_VALUES: usize = 16;
     /// Longest possible `body` (a Reading with every field at its maximum).
-    pub const MAX_BODY_LEN: usize = 1 + (1 + 1 + MAX_ID) + (1 + MAX_ID) + (1 + 10) + (1 + 10) + (1 + 8 * MAX_VALUES);
+    pub const MAX_BODY_LEN: usize =
+        1 + 5 + (1 + 1 + MAX_ID) + (1 + MAX_ID) + (1 + 10) + (1 + 10) + (1 + 8 * MAX_VALUES);
     /// Longest possible encoded frame, trailing 0x00 included: a buffer this
     /// big always suffices for [`encode`].
     pub const MAX_ENCODED_LEN: usize = cobs_max_len(MAX_BODY_LEN + 4) + 1;
@@ -125,6 +141,8 @@ pub mod frame {
     pub enum Frame {
         Reading(WireReading),
         Ack { device: heapless::String<MAX_ID>, seq: u64 },
+        ReadingBoot { boot: u32, reading: WireReading },
+        AckBoot { device: heapless::String<MAX_ID>, boot: u32, seq: u64 },
     }
 
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,20 +262,28 @@ fn check_id(field: &'static str, id: &str) -> Result<(), WireError> {
     Err(WireError::BadId { field, value: id.chars().take(80).collect(), reason })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
     device: Option<&str>,
     sensor: &str,
     seq: Option<u64>,
     ts: Option<u64>,
     value: Value,
+    boot: Option<u32>,
     default_device: Option<&str>,
     now_ms: u64,
 ) -> Result<(Reading, bool), WireError> {
     let device = device.or(default_device).ok_or(WireError::MissingDevice)?;
     check_id("device", device)?;
     check_id("sensor", sensor)?;
-    let reading =
-        Reading { device: device.to_string(), sensor: sensor.to_string(), seq, ts: ts.unwrap_or(now_ms), value };
+    let reading = Reading {
+        device: device.to_string(),
+        sensor: sensor.to_string(),
+        seq,
+        ts: ts.unwrap_or(now_ms),
+        value,
+        boot,
+    };
     Ok((reading, ts.is_some()))
 }
 
@@ -271,10 +297,11 @@ pub fn parse_jsonl(line: &[u8], default_device: Option<&str>, now_ms: u64) -> Re
         seq: Option<u64>,
         ts: Option<u64>,
         value: Value,
+        boot: Option<u32>,
     }
     let l: Line = serde_json::from_slice(line)?;
     let sensor = l.sensor.ok_or(WireError::MissingSensor)?;
-    finish(l.device.as_deref(), &sensor, l.seq, l.ts, l.value, default_device, now_ms)
+    finish(l.device.as_deref(), &sensor, l.seq, l.ts, l.value, l.boot, default_device, now_ms)
 }
 
 /// Parse a LAN MQTT payload, `{"seq":12,"ts":1764000000000,"value":97}`
@@ -293,6 +320,7 @@ pub fn parse_mqtt_payload(
         seq: Option<u64>,
         ts: Option<u64>,
         value: Value,
+        boot: Option<u32>,
     }
     let p: Payload = serde_json::from_slice(payload)?;
     for (field, said, topic) in [("device", &p.device, device), ("sensor", &p.sensor, sensor)] {
@@ -303,7 +331,7 @@ pub fn parse_mqtt_payload(
             return Err(WireError::TopicMismatch { field, payload, topic: topic.to_string() });
         }
     }
-    finish(Some(device), sensor, p.seq, p.ts, p.value, None, now_ms)
+    finish(Some(device), sensor, p.seq, p.ts, p.value, p.boot, None, now_ms)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -316,12 +344,14 @@ struct AckLine<'a> {
 struct AckBody<'a> {
     #[serde(borrow)]
     device: std::borrow::Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot: Option<u32>,
     seq: u64,
 }
 
-/// `{"ack":{"device":"…","seq":N}}\n`
+/// `{"ack":{"device":"…","seq":N}}\n`, or with `"boot":B` before `seq`.
 pub fn encode_ack_jsonl(ack: &Ack) -> Vec<u8> {
-    let line = AckLine { ack: AckBody { device: ack.device.as_str().into(), seq: ack.seq } };
+    let line = AckLine { ack: AckBody { device: ack.device.as_str().into(), boot: ack.boot, seq: ack.seq } };
     // Serializing a struct of a string and an integer cannot fail.
     let mut out = serde_json::to_vec(&line).unwrap_or_default();
     out.push(b'\n');
@@ -331,7 +361,7 @@ pub fn encode_ack_jsonl(ack: &Ack) -> Vec<u8> {
 /// Parse an ack line (without its `\n`), as a device does.
 pub fn parse_ack_jsonl(line: &[u8]) -> Result<Ack, WireError> {
     let l: AckLine = serde_json::from_slice(line)?;
-    Ok(Ack { device: l.ack.device.into_owned(), seq: l.ack.seq })
+    Ok(Ack { device: l.ack.device.into_owned(), seq: l.ack.seq, boot: l.ack.boot })
 }
 
 /// A reading as one jsonl line, `\n` included (what a device sends). `ts`
@@ -345,8 +375,10 @@ pub fn encode_reading_jsonl(r: &Reading) -> Vec<u8> {
         seq: Option<u64>,
         ts: u64,
         value: &'a Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        boot: Option<u32>,
     }
-    let line = Line { device: &r.device, sensor: &r.sensor, seq: r.seq, ts: r.ts, value: &r.value };
+    let line = Line { device: &r.device, sensor: &r.sensor, seq: r.seq, ts: r.ts, value: &r.value, boot: r.boot };
     let mut out = serde_json::to_vec(&line).unwrap_or_default();
     out.push(b'\n');
     out
@@ -358,15 +390,16 @@ pub fn reading_from_frame(
     default_device: Option<&str>,
     now_ms: u64,
 ) -> Result<(Reading, bool), WireError> {
-    let w = match f {
-        frame::Frame::Reading(w) => w,
-        frame::Frame::Ack { .. } => return Err(WireError::UnexpectedAck),
+    let (w, boot) = match f {
+        frame::Frame::Reading(w) => (w, None),
+        frame::Frame::ReadingBoot { boot, reading } => (reading, Some(boot)),
+        frame::Frame::Ack { .. } | frame::Frame::AckBoot { .. } => return Err(WireError::UnexpectedAck),
     };
     let value = match w.value.as_slice() {
         [x] => Value::Number(*x),
         xs => Value::Array(xs.to_vec()),
     };
-    finish(w.device.as_deref(), &w.sensor, w.seq, w.ts, value, default_device, now_ms)
+    finish(w.device.as_deref(), &w.sensor, w.seq, w.ts, value, boot, default_device, now_ms)
 }
 
 /// Decode and parse one cobs frame (bytes between delimiters, modified in place).
@@ -409,20 +442,30 @@ pub fn encode_reading_cobs(r: &Reading) -> Result<Vec<u8>, WireError> {
         ts: Some(r.ts),
         value,
     };
-    encode_frame(&frame::Frame::Reading(w))
+    match r.boot {
+        None => encode_frame(&frame::Frame::Reading(w)),
+        Some(boot) => encode_frame(&frame::Frame::ReadingBoot { boot, reading: w }),
+    }
 }
 
 /// An ack as one cobs frame, trailing 0x00 included. Fails only for a device
 /// id that no reading could have carried (empty, > 64 bytes, control chars).
 pub fn encode_ack_cobs(ack: &Ack) -> Result<Vec<u8>, WireError> {
-    encode_frame(&frame::Frame::Ack { device: id_string("device", &ack.device)?, seq: ack.seq })
+    let device = id_string("device", &ack.device)?;
+    match ack.boot {
+        None => encode_frame(&frame::Frame::Ack { device, seq: ack.seq }),
+        Some(boot) => encode_frame(&frame::Frame::AckBoot { device, boot, seq: ack.seq }),
+    }
 }
 
 /// Decode an ack frame (bytes between delimiters), as a device does.
 pub fn parse_ack_cobs(buf: &mut [u8]) -> Result<Ack, WireError> {
     match frame::decode(buf)? {
-        frame::Frame::Ack { device, seq } => Ok(Ack { device: device.as_str().to_string(), seq }),
-        frame::Frame::Reading(_) => Err(WireError::UnexpectedReading),
+        frame::Frame::Ack { device, seq } => Ok(Ack { device: device.as_str().to_string(), seq, boot: None }),
+        frame::Frame::AckBoot { device, boot, seq } => {
+            Ok(Ack { device: device.as_str().to_string(), seq, boot: Some(boot) })
+        }
+        frame::Frame::Reading(_) | frame::Frame::ReadingBoot { .. } => Err(WireError::UnexpectedReading),
     }
 }
 
@@ -562,7 +605,7 @@ mod tests {
     }
 
     fn reading(seq: u64, value: Value) -> Reading {
-        Reading { device: "wrist-01".into(), sensor: "heart_rate".into(), seq: Some(seq), ts: 1_764_000_000_000, value }
+        Reading { device: "wrist-01".into(), sensor: "heart_rate".into(), seq: Some(seq), ts: 1_764_000_000_000, value, boot: None }
     }
 
     fn split_all(framing: Framing, chunks: &[&[u8]]) -> Vec<Result<Vec<u8>, String>> {
@@ -638,7 +681,7 @@ mod tests {
 
     #[test]
     fn ack_jsonl_round_trip() {
-        let ack = Ack { device: "wrist-01".into(), seq: 17 };
+        let ack = Ack { device: "wrist-01".into(), seq: 17, boot: None };
         let line = encode_ack_jsonl(&ack);
         assert_eq!(line, b"{\"ack\":{\"device\":\"wrist-01\",\"seq\":17}}\n");
         assert_eq!(parse_ack_jsonl(&line[..line.len() - 1]).unwrap(), ack);
@@ -673,13 +716,16 @@ mod tests {
     #[test]
     fn biggest_frame_fits_the_declared_bounds() {
         let id: heapless::String<64> = "x".repeat(64).as_str().try_into().unwrap();
-        let f = Frame::Reading(WireReading {
-            device: Some(id.clone()),
-            sensor: id,
-            seq: Some(u64::MAX),
-            ts: Some(u64::MAX),
-            value: heapless::Vec::from_slice(&[f64::MAX; 16]).unwrap(),
-        });
+        let f = Frame::ReadingBoot {
+            boot: u32::MAX,
+            reading: WireReading {
+                device: Some(id.clone()),
+                sensor: id,
+                seq: Some(u64::MAX),
+                ts: Some(u64::MAX),
+                value: heapless::Vec::from_slice(&[f64::MAX; 16]).unwrap(),
+            },
+        };
         assert_eq!(postcard::to_allocvec(&f).unwrap().len(), frame::MAX_BODY_LEN);
         let mut out = [0u8; frame::MAX_ENCODED_LEN];
         let n = frame::encode(&f, &mut out).unwrap();
@@ -701,7 +747,7 @@ mod tests {
             assert!(!bytes.contains(&0));
             assert_eq!(parse_cobs(&mut bytes, None, NOW).unwrap(), (r, true));
         }
-        let ack = Ack { device: "wrist-01".into(), seq: 99 };
+        let ack = Ack { device: "wrist-01".into(), seq: 99, boot: None };
         let mut bytes = encode_ack_cobs(&ack).unwrap();
         bytes.pop();
         assert_eq!(parse_ack_cobs(&mut bytes.clone()).unwrap(), ack);
@@ -772,7 +818,7 @@ mod tests {
             encode_reading_cobs(&reading(1, Value::Array(vec![0.0; 17]))),
             Err(WireError::TooManyValues(17))
         ));
-        assert!(encode_ack_cobs(&Ack { device: "d".repeat(65), seq: 1 }).is_err());
+        assert!(encode_ack_cobs(&Ack { device: "d".repeat(65), seq: 1, boot: None }).is_err());
     }
 
     #[test]

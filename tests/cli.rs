@@ -80,6 +80,7 @@ fn decode_reads_both_formats_from_stdin() {
             seq: Some(3),
             ts: 1000,
             value: Value::Number(61.0),
+            boot: None,
         }],
     };
     for f in [Format::Json, Format::Postcard] {

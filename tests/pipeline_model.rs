@@ -66,6 +66,7 @@ impl Device {
             seq: Some(seq),
             ts: 1_764_000_000_000 + seq * 10,
             value: Value::Number(rng.below(200) as f64),
+            boot: None,
         };
         self.pending.insert(seq, r.clone());
         self.created.push(r.clone());
@@ -178,7 +179,7 @@ fn run(seed: u64, steps: usize) -> (u64, u64) {
     let feed = |p: &mut Pipeline, r: Reading, virtual_ms: u64| {
         let now = base + Duration::from_millis(virtual_ms);
         CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
-        p.ingest(Incoming { reading: r, ts_from_device: true, port: 0 }, now, clock());
+        p.ingest(Incoming::new(r, true, 0), now, clock());
     };
     let deliver = |devices: &mut Vec<Device>, acks: Vec<(usize, edge_gateway::Ack)>, rng: &mut XorShift| {
         for (_, a) in acks {

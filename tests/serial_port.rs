@@ -98,7 +98,7 @@ impl Gateway {
                     let h = highest.entry(inc.reading.device.clone()).or_insert(seq);
                     *h = (*h).max(seq);
                     tokio::time::sleep_until(acks_from).await;
-                    let _ = ack_tx.send(Ack { device: inc.reading.device, seq: *h }).await;
+                    let _ = ack_tx.send(Ack { device: inc.reading.device, seq: *h, boot: None }).await;
                 }
             }
         });
@@ -327,7 +327,7 @@ async fn shutdown_writes_acks_already_received_then_stops() {
     assert_eq!(inc.reading.seq, Some(1));
 
     // The ack and the shutdown arrive together: the ack must still go out.
-    ack_tx.send(Ack { device: "wrist-03".into(), seq: 1 }).await.unwrap();
+    ack_tx.send(Ack { device: "wrist-03".into(), seq: 1, boot: None }).await.unwrap();
     let t = Instant::now();
     stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops within 1 s").unwrap();

@@ -235,15 +235,24 @@ impl Flow {
 /// its counter (the pipeline then acks from the new, lower seqs).
 #[derive(Default)]
 pub struct Durable {
-    /// device → (latest acked seq, number of acks so far)
+    /// [`Durable::key`] → (latest acked seq, number of acks so far)
     acked: Mutex<std::collections::HashMap<String, (u64, u64)>>,
     changed: Notify,
 }
 
 impl Durable {
+    /// Who an ack speaks for: the device, and its boot when it sends one
+    /// (each boot has its own seqs and acks). NUL cannot be in a device id.
+    pub fn key(device: &str, boot: Option<u32>) -> String {
+        match boot {
+            None => device.to_string(),
+            Some(b) => format!("{device}\0{b}"),
+        }
+    }
+
     pub fn acked(&self, ack: &Ack) {
         let mut m = self.acked.lock().unwrap_or_else(|e| e.into_inner());
-        let e = m.entry(ack.device.clone()).or_insert((0, 0));
+        let e = m.entry(Self::key(&ack.device, ack.boot)).or_insert((0, 0));
         *e = (ack.seq, e.1 + 1);
         drop(m);
         self.changed.notify_waiters();
@@ -694,7 +703,7 @@ mod tests {
     #[tokio::test]
     async fn durable_needs_an_ack_after_registration() {
         let d = Durable::default();
-        let ack = |seq| Ack { device: "w".into(), seq };
+        let ack = |seq| Ack { device: "w".into(), seq, boot: None };
         d.acked(&ack(500));
         // The device restarted its counter: seq 1 is not covered by the old 500.
         let g = d.generation("w");
@@ -704,6 +713,13 @@ mod tests {
         let g = d.generation("w");
         d.acked(&ack(3));
         tokio::time::timeout(Duration::from_millis(50), d.wait("w", 2, g)).await.expect("cumulative");
+        // An ack of another boot covers nothing of this one.
+        let k = Durable::key("w", Some(2));
+        let g = d.generation(&k);
+        d.acked(&Ack { device: "w".into(), seq: 9, boot: Some(1) });
+        assert!(tokio::time::timeout(Duration::from_millis(50), d.wait(&k, 0, g)).await.is_err());
+        d.acked(&Ack { device: "w".into(), seq: 0, boot: Some(2) });
+        tokio::time::timeout(Duration::from_millis(50), d.wait(&k, 0, g)).await.expect("same boot");
     }
 
     #[test]

@@ -388,10 +388,9 @@ async fn relay(
                                         && let Some(seq) = r.seq
                                     {
                                         let ack = if qos == 1 { 4 } else { 7 };
-                                        let g = durable.generation(&r.device);
-                                        held.lock()
-                                            .unwrap_or_else(|e| e.into_inner())
-                                            .insert(id, (ack, r.device, seq, g));
+                                        let who = super::Durable::key(&r.device, r.boot);
+                                        let g = durable.generation(&who);
+                                        held.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (ack, who, seq, g));
                                     }
                                 }
                             }

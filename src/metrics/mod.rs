@@ -21,6 +21,9 @@ pub struct Metrics {
     pub readings_accepted: AtomicU64,
     /// Readings dropped because they were already accepted (device resends).
     pub duplicates_dropped: AtomicU64,
+    /// Of those: resends of a seq an ack already covers, whose dedup key was
+    /// forgotten (window or memory bound); answered with the ack, not stored.
+    pub stale_resends: AtomicU64,
     /// Batches appended to the queue.
     pub batches_queued: AtomicU64,
     /// Encoded batch bytes appended to the queue (payloads only).

@@ -118,7 +118,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
     o.sample("batches_resent_total", &[("reason", "refused")], g(&m.batches_refused));
 
     // Unlabelled families: (name, type, help, value).
-    let singles: [(&str, &str, &str, String); 29] = [
+    let singles: [(&str, &str, &str, String); 30] = [
         ("uptime_seconds", "gauge", "Seconds since the gateway started.", format!("{:.1}", s.uptime_s)),
         (
             "readings_accepted_total",
@@ -131,6 +131,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
             "counter",
             "Duplicates dropped by dedup, all sources.",
             g(&m.duplicates_dropped).to_string(),
+        ),
+        (
+            "stale_resends_total",
+            "counter",
+            "Resends of readings an ack already covered (counted in duplicates_dropped_total too); acked again, not stored.",
+            g(&m.stale_resends).to_string(),
         ),
         ("batches_queued_total", "counter", "Batches appended to the queue.", g(&m.batches_queued).to_string()),
         ("queue_commits_total", "counter", "Queue group commits (fsyncs).", g(&m.queue_commits).to_string()),

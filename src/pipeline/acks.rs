@@ -39,9 +39,13 @@
 //! * a duplicate means the device missed an ack, so the current watermark is
 //!   sent again after the next commit.
 
-use crate::reading::{Ack, PortId};
+use crate::reading::{Ack, LAN_PORT, PortId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
+
+/// Who an ack speaks for: a device, and its boot when its firmware sends one
+/// (seqs count within a boot, so each boot has a watermark of its own).
+type Who = (String, Option<u32>);
 
 #[derive(Debug, Default)]
 struct DeviceAck {
@@ -58,6 +62,24 @@ struct DeviceAck {
     /// Seqs the queue refused (full) and that have not become durable since:
     /// the device still holds them, so no gap below them is ever given up on.
     refused: BTreeSet<u64>,
+    /// Ranges at or below the watermark that were given up on, never stored:
+    /// a reading in one is stored if it ever comes (the device did hold it),
+    /// not answered as "already covered". Bounded by [`MAX_SKIPPED`].
+    skipped: Vec<(u64, u64)>,
+    /// The incarnation before a counter restart: `(watermark, newest ts)`. A
+    /// reading no newer than it and at or below its watermark is a stale
+    /// resend of the old incarnation, already stored.
+    prev: Option<(u64, u64)>,
+}
+
+/// What a reading dedup let through is, as far as the acks know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Not stored yet: queue it.
+    New,
+    /// Already covered by an ack (durable earlier, its dedup key forgotten):
+    /// answer with the ack again, do not store it twice.
+    Covered,
 }
 
 /// Silence longer than this means the device was away: a gap's clock restarts.
@@ -67,12 +89,68 @@ const AWAY_MS: u64 = 5_000;
 /// in memory either.
 const MAX_ABOVE: usize = 65_536;
 
+/// Bound on the skipped ranges kept per device (oldest forgotten first).
+const MAX_SKIPPED: usize = 16;
+
+/// Whether acks to this port are cumulative in the device's eyes. A serial
+/// (or unknown) port's device forgets everything at or below an ack, so an
+/// ack must never start above a seq the gateway did not see. LAN devices get
+/// one MQTT ack per message, for that message only, so the front door can
+/// use the watermark from the first durable seq on.
+fn cumulative(port: Option<PortId>) -> bool {
+    port != Some(LAN_PORT)
+}
+
+impl DeviceAck {
+    fn in_skipped(&self, seq: u64) -> bool {
+        self.skipped.iter().any(|&(a, b)| a <= seq && seq <= b)
+    }
+
+    fn skip(&mut self, from: u64, to: u64) {
+        if from > to {
+            return;
+        }
+        if self.skipped.len() >= MAX_SKIPPED {
+            self.skipped.remove(0);
+        }
+        self.skipped.push((from, to));
+    }
+
+    /// A skipped seq came after all and is being stored: from now on it is
+    /// covered like any other.
+    fn unskip(&mut self, seq: u64) {
+        if let Some(i) = self.skipped.iter().position(|&(a, b)| a <= seq && seq <= b) {
+            let (a, b) = self.skipped.remove(i);
+            if a < seq {
+                self.skipped.push((a, seq - 1));
+            }
+            if seq < b {
+                self.skipped.push((seq + 1, b));
+            }
+            while self.skipped.len() > MAX_SKIPPED {
+                self.skipped.remove(0);
+            }
+        }
+    }
+
+    /// A new incarnation of the device (its counter restarted): nothing of
+    /// the old watermark applies, and nothing below its first seq is known.
+    fn restart(&mut self) {
+        if let Some(w) = self.watermark {
+            self.prev = Some((w, self.max_ts));
+        }
+        self.watermark = None;
+        self.above.clear();
+        self.refused.clear();
+        self.skipped.clear();
+        self.gap_since_ms = None;
+        self.dirty = true;
+    }
+}
+
 pub struct AckTracker {
     gap_timeout_ms: u64,
-    /// Set after a restart: a device without a watermark does not get one
-    /// from its first durable seq (see the module doc).
-    restarted: bool,
-    devices: HashMap<String, DeviceAck>,
+    devices: HashMap<Who, DeviceAck>,
     /// A device got its first watermark since the last checkpoint: until a
     /// checkpoint names it, a restart would hold it again for a gap timeout.
     newly_named: bool,
@@ -80,30 +158,18 @@ pub struct AckTracker {
 
 impl AckTracker {
     pub fn new(gap_timeout: std::time::Duration) -> Self {
-        AckTracker {
-            gap_timeout_ms: gap_timeout.as_millis() as u64,
-            restarted: false,
-            devices: HashMap::new(),
-            newly_named: false,
-        }
+        AckTracker { gap_timeout_ms: gap_timeout.as_millis() as u64, devices: HashMap::new(), newly_named: false }
     }
 
-    /// This is a restart: devices unknown to the restored state wait for a
-    /// gap timeout of talking before their first ack.
-    pub fn restarted(&mut self) {
-        self.restarted = true;
-    }
-
-    fn dev(&mut self, device: &str) -> &mut DeviceAck {
-        if !self.devices.contains_key(device) {
-            self.devices.insert(device.to_string(), DeviceAck::default());
-        }
-        self.devices.get_mut(device).expect("just inserted")
+    fn dev(&mut self, device: &str, boot: Option<u32>) -> &mut DeviceAck {
+        // No allocation once the device is known: this runs per reading.
+        let key = (device.to_string(), boot);
+        self.devices.entry(key).or_default()
     }
 
     /// The device sent a reading through `port` (acks go back there).
-    pub fn route(&mut self, device: &str, port: PortId, now_ms: u64) {
-        let d = self.dev(device);
+    pub fn route(&mut self, device: &str, boot: Option<u32>, port: PortId, now_ms: u64) {
+        let d = self.dev(device, boot);
         d.port = Some(port);
         if now_ms.saturating_sub(d.last_seen_ms) > AWAY_MS && d.gap_since_ms.is_some() {
             // Back from being away: the gap has to outlast a timeout of talk.
@@ -112,40 +178,58 @@ impl AckTracker {
         d.last_seen_ms = now_ms;
     }
 
-    /// A reading was accepted by dedup (not yet durable). Detects a counter
-    /// restart; see the module doc.
-    pub fn accepted(&mut self, device: &str, seq: u64, ts: u64, ts_from_device: bool) {
-        let d = self.dev(device);
-        if !ts_from_device {
-            return;
+    /// A reading dedup let through (not yet durable): is it new, or covered
+    /// by an ack already? Detects a counter restart; see the module doc.
+    pub fn accepted(&mut self, device: &str, boot: Option<u32>, seq: u64, ts: u64, ts_from_device: bool) -> Seen {
+        let d = self.dev(device, boot);
+        // With a boot id, seqs never restart within it: the timestamp rule
+        // is for devices without one.
+        if ts_from_device && boot.is_none() {
+            if d.prev.is_some_and(|(w, t)| seq <= w && ts <= t) {
+                return Seen::Covered;
+            }
+            let newer = ts > d.max_ts;
+            if newer && d.watermark.is_some_and(|w| seq <= w) && !d.in_skipped(seq) {
+                d.restart();
+            }
+            d.max_ts = d.max_ts.max(ts);
         }
-        let newer = ts > d.max_ts;
-        d.max_ts = d.max_ts.max(ts);
-        if newer && d.watermark.is_some_and(|w| seq <= w) {
-            d.watermark = seq.checked_sub(1);
-            d.above.clear();
-            d.refused.clear();
-            d.gap_since_ms = None;
-            d.dirty = true;
+        match d.watermark {
+            Some(w) if seq <= w && !d.in_skipped(seq) => Seen::Covered,
+            _ => Seen::New,
         }
     }
 
-    /// A reading of `device` with `seq` (device time `ts`) is now durable.
-    pub fn durable(&mut self, device: &str, seq: u64, now_ms: u64) {
+    /// A reading of `device` with `seq` is now durable.
+    pub fn durable(&mut self, device: &str, boot: Option<u32>, seq: u64, now_ms: u64) {
         let timeout = self.gap_timeout_ms;
-        let hold = self.restarted;
-        let d = self.dev(device);
+        let d = self.dev(device, boot);
         let was_named = d.watermark.is_some();
         d.refused.remove(&seq);
-        let hold = hold || d.refused.first().is_some_and(|&r| r < seq) || !d.above.is_empty();
+        let cumulative = cumulative(d.port);
+        let hold = d.refused.first().is_some_and(|&r| r < seq) || !d.above.is_empty();
         match d.watermark {
-            None if hold => {
+            // Nothing can be below 0: a device that counts from 0 is acked at once.
+            None if seq == 0 && !hold => d.watermark = Some(0),
+            None if !cumulative && !hold => {
+                d.watermark = Some(seq);
+                d.skip(0, seq.saturating_sub(1).min(seq));
+                if seq == 0 {
+                    d.skipped.pop();
+                }
+            }
+            // First contact (or a new incarnation): the device may hold seqs
+            // below this one that never arrived (a port opened mid-line, a
+            // garbled first frame). They wait as an open gap.
+            None => {
                 d.above.insert(seq);
                 d.gap_since_ms.get_or_insert(now_ms);
             }
-            None => d.watermark = Some(seq),
-            // Already covered (a stale resend dedup no longer remembered).
-            Some(w) if seq <= w => return,
+            Some(w) if seq <= w => {
+                // Covered: a stale resend, or a skipped seq that came after all.
+                d.unskip(seq);
+                return;
+            }
             Some(w) if seq == w + 1 => d.watermark = Some(seq),
             Some(_) => {
                 d.above.insert(seq);
@@ -159,8 +243,8 @@ impl AckTracker {
 
     /// A reading of `device` was refused by the queue: it never becomes
     /// durable here, and the device keeps it.
-    pub fn refused(&mut self, device: &str, seq: u64) {
-        let d = self.dev(device);
+    pub fn refused(&mut self, device: &str, boot: Option<u32>, seq: u64) {
+        let d = self.dev(device, boot);
         if d.watermark.is_none_or(|w| seq > w) && d.refused.len() < MAX_ABOVE {
             d.refused.insert(seq);
         }
@@ -168,8 +252,8 @@ impl AckTracker {
 
     /// Replay at start-up: the device timestamps of queued readings, so a
     /// stale resend after a restart is still recognised as stale.
-    pub fn seen_ts(&mut self, device: &str, ts: u64) {
-        let d = self.dev(device);
+    pub fn seen_ts(&mut self, device: &str, boot: Option<u32>, ts: u64) {
+        let d = self.dev(device, boot);
         d.max_ts = d.max_ts.max(ts);
     }
 
@@ -198,10 +282,19 @@ impl AckTracker {
             // A refused seq inside the gap is known to exist: wait for it.
             let next = *d.above.first().expect("not empty");
             let refused_inside = d.refused.range(..next).next().is_some();
-            if (allow_skip && expired && talking && !refused_inside) || d.above.len() > MAX_ABOVE {
-                // Give up on the gap (or on finding anything below an unknown
+            // A LAN device's acks are per message: nothing to wait for below
+            // its first seq (see `cumulative`).
+            let first_lan = d.watermark.is_none() && !cumulative(d.port) && !refused_inside;
+            if first_lan || (allow_skip && expired && talking && !refused_inside) || d.above.len() > MAX_ABOVE {
+                // Give up on the gap (or on finding anything below a new
                 // device's first seq): the missing seqs never existed.
-                d.watermark = d.above.pop_first();
+                let from = d.watermark.map_or(0, |w| w + 1);
+                d.skip(from, next.saturating_sub(1).max(from.min(next)));
+                if from >= next {
+                    d.skipped.pop();
+                }
+                d.above.pop_first();
+                d.watermark = Some(next);
                 d.gap_since_ms = if d.above.is_empty() { None } else { Some(now_ms) };
                 d.dirty = true;
                 continue;
@@ -211,8 +304,8 @@ impl AckTracker {
     }
 
     /// The device resent something already durable or pending: ack it again.
-    pub fn duplicate(&mut self, device: &str) {
-        self.dev(device).dirty = true;
+    pub fn duplicate(&mut self, device: &str, boot: Option<u32>) {
+        self.dev(device, boot).dirty = true;
     }
 
     /// Acks to send now, one per device that changed, with its port.
@@ -220,7 +313,7 @@ impl AckTracker {
     pub fn take_acks(&mut self, now_ms: u64) -> Vec<(PortId, Ack)> {
         let mut out = Vec::new();
         let timeout = self.gap_timeout_ms;
-        for (name, d) in self.devices.iter_mut() {
+        for ((name, boot), d) in self.devices.iter_mut() {
             // A non-empty `above` (gap or held device) always has a gap clock.
             if d.gap_since_ms.is_some() {
                 let was_named = d.watermark.is_some();
@@ -232,7 +325,7 @@ impl AckTracker {
             }
             if let (Some(port), Some(w)) = (d.port, d.watermark) {
                 d.dirty = false;
-                out.push((port, Ack { device: name.clone(), seq: w }));
+                out.push((port, Ack { device: name.clone(), seq: w, boot: *boot }));
             }
         }
         out
@@ -247,8 +340,8 @@ impl AckTracker {
         self.newly_named
     }
 
-    pub fn watermark(&self, device: &str) -> Option<u64> {
-        self.devices.get(device).and_then(|d| d.watermark)
+    pub fn watermark(&self, device: &str, boot: Option<u32>) -> Option<u64> {
+        self.devices.get(&(device.to_string(), boot)).and_then(|d| d.watermark)
     }
 
     pub fn snapshot(&mut self) -> AckSnapshot {
@@ -257,21 +350,31 @@ impl AckTracker {
             devices: self
                 .devices
                 .iter()
-                // A device held without a watermark (unknown after a
-                // restart) must be kept too: its durable seqs are covered by
-                // this checkpoint and will not be replayed.
-                .filter(|(_, d)| d.watermark.is_some() || !d.above.is_empty())
-                .map(|(n, d)| (n.clone(), d.watermark, d.max_ts, d.above.iter().copied().collect()))
+                // A device held without a watermark (first contact) must be
+                // kept too: its durable seqs are covered by this checkpoint
+                // and will not be replayed.
+                .filter(|(_, d)| d.watermark.is_some() || !d.above.is_empty() || d.prev.is_some())
+                .map(|((n, boot), d)| SnapAck {
+                    device: n.clone(),
+                    boot: *boot,
+                    watermark: d.watermark,
+                    max_ts: d.max_ts,
+                    above: d.above.iter().copied().collect(),
+                    skipped: d.skipped.clone(),
+                    prev: d.prev,
+                })
                 .collect(),
         }
     }
 
     pub fn restore(&mut self, snap: AckSnapshot, now_ms: u64) {
-        for (name, w, max_ts, above) in snap.devices {
-            let d = self.dev(&name);
-            d.watermark = w;
-            d.max_ts = max_ts;
-            d.above = above.into_iter().collect();
+        for s in snap.devices {
+            let d = self.dev(&s.device, s.boot);
+            d.watermark = s.watermark;
+            d.max_ts = s.max_ts;
+            d.above = s.above.into_iter().collect();
+            d.skipped = s.skipped;
+            d.prev = s.prev;
             if !d.above.is_empty() {
                 d.gap_since_ms = Some(now_ms);
             }
@@ -281,7 +384,44 @@ impl AckTracker {
 
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct AckSnapshot {
+    devices: Vec<SnapAck>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct SnapAck {
+    device: String,
+    boot: Option<u32>,
+    watermark: Option<u64>,
+    max_ts: u64,
+    above: Vec<u64>,
+    skipped: Vec<(u64, u64)>,
+    prev: Option<(u64, u64)>,
+}
+
+/// The state file's ack part before boot ids (state format 1).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct AckSnapshotV1 {
     devices: Vec<(String, Option<u64>, u64, Vec<u64>)>,
+}
+
+impl From<AckSnapshotV1> for AckSnapshot {
+    fn from(v1: AckSnapshotV1) -> AckSnapshot {
+        AckSnapshot {
+            devices: v1
+                .devices
+                .into_iter()
+                .map(|(device, watermark, max_ts, above)| SnapAck {
+                    device,
+                    boot: None,
+                    watermark,
+                    max_ts,
+                    above,
+                    skipped: Vec::new(),
+                    prev: None,
+                })
+                .collect(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -289,167 +429,241 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    const N: Option<u32> = None;
+
     fn acks(t: &mut AckTracker, now: u64) -> Vec<u64> {
         t.take_acks(now).into_iter().map(|(_, a)| a.seq).collect()
+    }
+
+    /// A tracker that already acked `a` through `w` on port 0.
+    fn named(w: u64) -> AckTracker {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", N, 0, 0);
+        for s in 0..=w {
+            t.durable("a", N, s, 0);
+        }
+        assert_eq!(acks(&mut t, 0), vec![w]);
+        t
     }
 
     #[test]
     fn contiguous_run_is_acked_once_per_change() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0, 0);
-        for s in 5..=9 {
-            t.durable("a", s, 0);
+        t.route("a", N, 0, 0);
+        for s in 0..=9 {
+            t.durable("a", N, s, 0);
         }
         assert_eq!(acks(&mut t, 0), vec![9]);
         assert_eq!(acks(&mut t, 0), Vec::<u64>::new());
-        t.duplicate("a");
+        t.duplicate("a", N);
         assert_eq!(acks(&mut t, 0), vec![9]);
     }
 
     #[test]
     fn gap_holds_the_ack_until_filled() {
-        let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0, 0);
-        t.durable("a", 1, 0);
-        t.durable("a", 3, 0);
-        t.durable("a", 4, 0);
-        assert_eq!(acks(&mut t, 1), vec![1]);
-        t.durable("a", 2, 2);
+        let mut t = named(1);
+        t.durable("a", N, 3, 0);
+        t.durable("a", N, 4, 0);
+        assert_eq!(acks(&mut t, 1), vec![1], "not past the gap at 2");
+        t.durable("a", N, 2, 2);
         assert_eq!(acks(&mut t, 2), vec![4]);
     }
 
     #[test]
     fn gap_is_skipped_after_the_timeout_of_a_talking_device() {
-        let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 3, 0);
-        t.durable("a", 1, 0);
-        t.durable("a", 5, 0);
+        let mut t = named(1);
+        t.route("a", N, 3, 0);
+        t.durable("a", N, 5, 0);
         // The device keeps resending (5 and later) without ever sending 2..4.
         for ms in (0..=30_000).step_by(1000) {
-            t.route("a", 3, ms);
+            t.route("a", N, 3, ms);
         }
         assert_eq!(acks(&mut t, 29_999), vec![1]);
         let out = t.take_acks(30_000);
-        assert_eq!(out, vec![(3, Ack { device: "a".into(), seq: 5 })]);
+        assert_eq!(out, vec![(3, Ack { device: "a".into(), seq: 5, boot: None })]);
     }
 
+    /// L2: a port opened mid-line garbles seq 41; 42 arrives first. An ack of
+    /// 42 would free 41, which the gateway never stored.
     #[test]
-    fn after_a_restart_an_unknown_device_is_not_acked_past_what_it_may_still_hold() {
+    fn first_contact_never_acks_above_a_seq_it_did_not_see() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.restarted();
-        t.route("a", 0, 0);
-        // 738 was sent to the previous run and lost; 739 is new.
-        t.durable("a", 739, 0);
-        assert!(acks(&mut t, 0).is_empty(), "739 must not cover 738");
-        // The resend brings 738: still nothing acked until the device has
-        // talked for the timeout (737 might come too).
-        t.route("a", 0, 500);
-        t.durable("a", 738, 500);
+        t.route("a", N, 0, 0);
+        t.durable("a", N, 42, 0);
+        assert!(acks(&mut t, 0).is_empty(), "42 must not cover 41");
+        // The resend brings 41: still nothing until the device has talked for
+        // the timeout (40 might come too).
+        t.route("a", N, 0, 500);
+        t.durable("a", N, 41, 500);
         assert!(acks(&mut t, 500).is_empty());
-        for ms in (1000..=30_000).step_by(1000) {
-            t.route("a", 0, ms);
+        for ms in (1000..=30_500).step_by(1000) {
+            t.route("a", N, 0, ms);
         }
-        assert_eq!(acks(&mut t, 30_000), vec![739]);
-        // A device never seen before waits the same way (it cannot be told
-        // from one the last run lost readings of) ...
-        t.route("b", 0, 40_000);
-        t.durable("b", 5, 40_000);
-        assert!(t.take_acks(40_000).iter().all(|(_, a)| a.device != "b"));
-        // ... while a device with a watermark is acked at once.
-        t.route("a", 0, 40_000);
-        t.durable("a", 740, 40_000);
-        assert_eq!(acks(&mut t, 40_000), vec![740]);
+        assert_eq!(acks(&mut t, 30_500), vec![42]);
+        // A device that counts from 0 needs no wait: nothing is below 0.
+        t.route("b", N, 0, 40_000);
+        t.durable("b", N, 0, 40_000);
+        assert_eq!(t.take_acks(40_000), vec![(0, Ack { device: "b".into(), seq: 0, boot: None })]);
     }
 
     #[test]
-    fn on_a_first_run_a_new_device_is_acked_at_once() {
+    fn a_lan_device_gets_its_watermark_from_its_first_durable_seq() {
+        // LAN acks are per message (the front door's PUBACK), not cumulative
+        // in the device's eyes: no reason to wait.
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("b", 0, 0);
-        t.durable("b", 5, 0);
-        assert_eq!(acks(&mut t, 0), vec![5]);
+        t.route("l", N, LAN_PORT, 0);
+        t.durable("l", N, 7, 0);
+        assert_eq!(acks(&mut t, 0), vec![7]);
     }
 
     #[test]
     fn a_refused_seq_is_never_skipped_past() {
-        let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0, 0);
-        t.durable("a", 1, 0);
-        t.refused("a", 2); // queue full
-        t.durable("a", 3, 0); // space again
+        let mut t = named(1);
+        t.refused("a", N, 2); // queue full
+        t.durable("a", N, 3, 0); // space again
         for ms in (0..=120_000).step_by(1000) {
-            t.route("a", 0, ms); // the device keeps resending 2, refused each time
-            t.refused("a", 2);
+            t.route("a", N, 0, ms); // the device keeps resending 2, refused each time
+            t.refused("a", N, 2);
         }
         assert_eq!(acks(&mut t, 120_000), vec![1], "2 exists: never ack past it");
-        t.durable("a", 2, 121_000);
+        t.durable("a", N, 2, 121_000);
         assert_eq!(acks(&mut t, 121_000), vec![3]);
     }
 
     #[test]
     fn a_device_that_is_away_is_never_skipped_past() {
-        let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0, 0);
-        t.durable("a", 1, 0);
-        t.durable("a", 5, 0);
+        let mut t = named(1);
+        t.durable("a", N, 5, 0);
         assert_eq!(acks(&mut t, 0), vec![1]);
         // Unplugged for a minute: nothing moves.
         assert!(acks(&mut t, 60_000).is_empty());
         // Back: its resend brings 2..4 well within a fresh timeout.
-        t.route("a", 0, 60_000);
+        t.route("a", N, 0, 60_000);
         assert!(acks(&mut t, 61_000).is_empty(), "the gap clock restarted on return");
         for s in 2..=4 {
-            t.durable("a", s, 61_000);
+            t.durable("a", N, s, 61_000);
         }
         assert_eq!(acks(&mut t, 61_000), vec![5]);
     }
 
+    /// L2 on a counter restart: the new incarnation's first seq that arrives
+    /// is not its first; the watermark must not restart from it.
     #[test]
-    fn counter_restart_restarts_the_watermark() {
+    fn counter_restart_waits_for_the_new_incarnation_like_a_first_contact() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0, 0);
-        t.accepted("a", 100, 5000, true);
-        t.durable("a", 100, 0);
+        t.route("a", N, 0, 0);
+        assert_eq!(t.accepted("a", N, 0, 4000, true), Seen::New);
+        t.durable("a", N, 0, 0);
+        for s in 1..=100 {
+            assert_eq!(t.accepted("a", N, s, 5000 + s, true), Seen::New);
+            t.durable("a", N, s, 0);
+        }
         assert_eq!(acks(&mut t, 1), vec![100]);
-        // The device rebooted: seq 3 again, but with a newer clock.
-        t.accepted("a", 3, 6000, true);
-        assert!(acks(&mut t, 1).iter().all(|&a| a < 3), "never ack the new incarnation early");
-        t.durable("a", 3, 1);
-        t.accepted("a", 4, 6001, true);
-        t.durable("a", 4, 1);
-        assert_eq!(acks(&mut t, 1), vec![4]);
+        // The device rebooted: its seq 3 was garbled, 4 arrives with a newer clock.
+        assert_eq!(t.accepted("a", N, 4, 9000, true), Seen::New);
+        t.durable("a", N, 4, 1);
+        assert!(acks(&mut t, 1).is_empty(), "neither the old 100 nor 4 may be acked: 3 is unseen");
+        t.route("a", N, 0, 500);
+        assert_eq!(t.accepted("a", N, 3, 8999, true), Seen::New, "the resend of 3 is new, not stale");
+        t.durable("a", N, 3, 500);
+        // 1 and 2 may still come; once the device has talked for the timeout without them:
+        for ms in (1000..=31_000).step_by(1000) {
+            t.route("a", N, 0, ms);
+        }
+        assert_eq!(acks(&mut t, 31_000), vec![4]);
+        // A stale resend of the old incarnation (old ts) stays covered.
+        assert_eq!(t.accepted("a", N, 50, 5050, true), Seen::Covered);
     }
 
+    /// D1: a seq an ack covers is answered, not stored again.
     #[test]
-    fn a_stale_resend_does_not_drag_the_watermark_back() {
+    fn a_stale_resend_is_covered_and_does_not_drag_the_watermark_back() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", 0, 0);
-        for s in 1..=100 {
-            t.accepted("a", s, 1000 + s, true);
-            t.durable("a", s, 0);
+        t.route("a", N, 0, 0);
+        for s in 0..=100 {
+            assert_eq!(t.accepted("a", N, s, 1000 + s, true), Seen::New);
+            t.durable("a", N, s, 0);
         }
         assert_eq!(acks(&mut t, 0), vec![100]);
         // seq 7 again, with its old timestamp (dedup had forgotten it), and a
         // device without timestamps: both are covered already.
-        t.accepted("a", 7, 1007, true);
-        t.durable("a", 7, 0);
-        t.accepted("a", 8, 999_999, false);
-        t.durable("a", 8, 0);
-        t.accepted("a", 101, 1101, true);
-        t.durable("a", 101, 0);
+        assert_eq!(t.accepted("a", N, 7, 1007, true), Seen::Covered);
+        assert_eq!(t.accepted("a", N, 8, 999_999, false), Seen::Covered);
+        assert_eq!(t.accepted("a", N, 101, 1101, true), Seen::New);
+        t.durable("a", N, 101, 0);
         assert_eq!(acks(&mut t, 0), vec![101]);
+    }
+
+    #[test]
+    fn a_skipped_seq_that_comes_after_all_is_stored_once() {
+        let mut t = named(1);
+        t.durable("a", N, 5, 0);
+        for ms in (0..=30_000).step_by(1000) {
+            t.route("a", N, 0, ms);
+        }
+        assert_eq!(acks(&mut t, 30_000), vec![5]);
+        // 3 was given up on (never stored): if it comes, store it...
+        assert_eq!(t.accepted("a", N, 3, 0, false), Seen::New);
+        t.durable("a", N, 3, 30_000);
+        // ... once.
+        assert_eq!(t.accepted("a", N, 3, 0, false), Seen::Covered);
+        assert_eq!(t.accepted("a", N, 4, 0, false), Seen::New);
+        assert_eq!(t.accepted("a", N, 1, 0, false), Seen::Covered);
+    }
+
+    #[test]
+    fn boots_have_watermarks_of_their_own() {
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.route("a", Some(6), 0, 0);
+        for s in 0..=40 {
+            t.durable("a", Some(6), s, 0);
+        }
+        // Rebooted: boot 7 counts from 0 again, same values, no clock.
+        t.route("a", Some(7), 0, 0);
+        assert_eq!(t.accepted("a", Some(7), 0, 0, false), Seen::New);
+        t.durable("a", Some(7), 0, 0);
+        let mut out = t.take_acks(0);
+        out.sort_by_key(|(_, a)| a.boot);
+        assert_eq!(
+            out,
+            vec![
+                (0, Ack { device: "a".into(), seq: 40, boot: Some(6) }),
+                (0, Ack { device: "a".into(), seq: 0, boot: Some(7) })
+            ]
+        );
+        assert_eq!(t.accepted("a", Some(6), 3, 0, false), Seen::Covered);
+        assert_eq!(t.accepted("a", Some(7), 3, 0, false), Seen::New);
     }
 
     #[test]
     fn no_port_no_ack_until_routed_and_snapshot_round_trip() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.durable("a", 7, 0);
-        t.durable("a", 9, 0);
+        t.durable("a", N, 0, 0);
+        t.durable("a", N, 1, 0);
+        t.durable("a", N, 3, 0);
+        t.durable("b", Some(2), 0, 0);
         assert!(t.take_acks(0).is_empty());
         let snap = t.snapshot();
+        let bytes = postcard::to_allocvec(&snap).unwrap();
         let mut u = AckTracker::new(Duration::from_secs(30));
-        u.restore(snap, 0);
-        u.route("a", 1, 0);
-        u.durable("a", 8, 0);
-        assert_eq!(acks(&mut u, 0), vec![9]);
+        u.restore(postcard::from_bytes(&bytes).unwrap(), 0);
+        u.route("a", N, 1, 0);
+        u.durable("a", N, 2, 0);
+        assert_eq!(acks(&mut u, 0), vec![3]);
+        u.route("b", Some(2), 1, 0);
+        u.duplicate("b", Some(2));
+        assert_eq!(u.take_acks(0), vec![(1, Ack { device: "b".into(), seq: 0, boot: Some(2) })]);
+    }
+
+    #[test]
+    fn a_format_1_snapshot_converts() {
+        let v1 = AckSnapshotV1 { devices: vec![("a".into(), Some(9), 77, vec![11])] };
+        let bytes = postcard::to_allocvec(&v1).unwrap();
+        let snap: AckSnapshot = postcard::from_bytes::<AckSnapshotV1>(&bytes).unwrap().into();
+        let mut t = AckTracker::new(Duration::from_secs(30));
+        t.restore(snap, 0);
+        t.route("a", N, 0, 0);
+        t.durable("a", N, 10, 0);
+        assert_eq!(acks(&mut t, 0), vec![11]);
     }
 }

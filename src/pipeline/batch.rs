@@ -80,7 +80,7 @@ mod tests {
     use crate::reading::Value;
 
     fn r(i: u64) -> Reading {
-        Reading { device: "d".into(), sensor: "s".into(), seq: Some(i), ts: i, value: Value::Number(1.0) }
+        Reading { device: "d".into(), sensor: "s".into(), seq: Some(i), ts: i, value: Value::Number(1.0), boot: None }
     }
 
     #[test]

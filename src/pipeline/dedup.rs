@@ -1,33 +1,59 @@
 //! Drops readings a device sent again.
 //!
 //! Devices resend everything not yet acked, so overlap is normal, not an
-//! error. A reading is a duplicate when its `(device, sensor, seq)` — or
-//! `(device, sensor, ts)` when it has no seq and the device stamped it — was
-//! accepted within `dedup_window`. Readings with neither seq nor a device
-//! timestamp cannot be told apart from a resend and are always accepted.
+//! error. A reading is a duplicate when its `(device, boot, sensor, seq)` —
+//! or `(device, boot, sensor, ts)` when it has no seq and the device stamped
+//! it — was accepted within `dedup_window` *with the same content*: the same
+//! value and, when the device stamps its readings, the same timestamp (a
+//! resend carries the `ts` of the original). `boot` is the device's boot
+//! counter when its firmware sends one. Readings with neither seq nor a
+//! device timestamp cannot be told apart from a resend and are always
+//! accepted.
 //!
-//! A key seen again *with a different value* is not a duplicate: the device
-//! rebooted and restarted its counter. Storing a 32-bit fingerprint of the
-//! value per key makes that distinction for four bytes.
+//! A key seen again *with other content* is not a duplicate: the device
+//! rebooted and restarted its counter. Without a boot id that is told by the
+//! timestamp (a new incarnation stamps a newer `ts`) or, for devices without
+//! a clock, only by the value: such a device must send `boot` or never
+//! restart its counter (README, firmware section). Two 32-bit fingerprints
+//! per key, of the value and of value + ts, make the distinction.
+//!
+//! BTHome sensors number their adverts with a packet id, a `u8` that wraps
+//! every 256 measurements: not a sequence. A reading repeats the previous one
+//! only if the device's *last* packet id, for that sensor, is the same, with
+//! the same value, within [`PACKET_REPEAT_MS`].
 //!
 //! Memory is bounded per device (`max_per_device` keys, oldest evicted
 //! first) and by time (keys older than the window are pruned). Sensor names
-//! are interned per device so a key is 24 bytes, not a heap string.
+//! are interned per device so a key does not hold a heap string.
 
 use crate::reading::{Reading, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 
+/// A repeated BTHome packet id is a repeat only this soon after the last
+/// advert (sensors repeat an advert for a few seconds; after 256 new
+/// measurements the id comes round again).
+pub const PACKET_REPEAT_MS: u64 = 60_000;
+
+const KIND_SEQ: u8 = 0;
+const KIND_TS: u8 = 1;
+const KIND_PACKET: u8 = 2;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     sensor: u32,
-    by_ts: bool,
+    kind: u8,
+    boot: Option<u32>,
     n: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Entry {
+    /// Fingerprint of the value.
     fp: u32,
+    /// Fingerprint of value and ts (never 0; 0 = unknown, from a state file
+    /// written before it existed). For packet keys: the packet id + 1.
+    fpt: u32,
     at_ms: u64,
 }
 
@@ -89,20 +115,27 @@ pub struct Dedup {
     devices: HashMap<String, DeviceKeys>,
 }
 
+// FNV-1a: stable across runs and versions (it is persisted), unlike std's
+// randomly seeded hasher.
+fn fnv(h: &mut u32, x: u64) {
+    for b in x.to_le_bytes() {
+        *h = (*h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+}
+
 fn fingerprint(v: &Value) -> u32 {
-    // FNV-1a over the value's bits: stable across runs and versions (it is
-    // persisted), unlike std's randomly seeded hasher.
     let mut h: u32 = 0x811c_9dc5;
-    let mut eat = |x: f64| {
-        for b in x.to_bits().to_le_bytes() {
-            h = (h ^ b as u32).wrapping_mul(0x0100_0193);
-        }
-    };
     match v {
-        Value::Number(x) => eat(*x),
-        Value::Array(xs) => xs.iter().copied().for_each(&mut eat),
+        Value::Number(x) => fnv(&mut h, x.to_bits()),
+        Value::Array(xs) => xs.iter().for_each(|x| fnv(&mut h, x.to_bits())),
     }
     h
+}
+
+fn fingerprint_ts(fp: u32, ts: u64) -> u32 {
+    let mut h = fp;
+    fnv(&mut h, ts);
+    h.max(1)
 }
 
 impl Dedup {
@@ -111,31 +144,62 @@ impl Dedup {
     }
 
     fn key_of(dev: &mut DeviceKeys, r: &Reading, ts_from_device: bool) -> Option<Key> {
-        match r.seq {
-            Some(n) => Some(Key { sensor: dev.sensor(&r.sensor), by_ts: false, n }),
-            None if ts_from_device => Some(Key { sensor: dev.sensor(&r.sensor), by_ts: true, n: r.ts }),
-            None => None,
-        }
+        let (kind, n) = match r.seq {
+            Some(n) => (KIND_SEQ, n),
+            None if ts_from_device => (KIND_TS, r.ts),
+            None => return None,
+        };
+        Some(Key { sensor: dev.sensor(&r.sensor), kind, boot: r.boot, n })
     }
 
     /// Decide on one reading and, if accepted, remember it (as of `now_ms`).
     pub fn check(&mut self, r: &Reading, ts_from_device: bool, now_ms: u64) -> Verdict {
+        self.check_with_packet(r, ts_from_device, None, now_ms)
+    }
+
+    /// [`Dedup::check`] for a reading that may carry a BTHome packet id.
+    pub fn check_with_packet(
+        &mut self,
+        r: &Reading,
+        ts_from_device: bool,
+        packet_id: Option<u8>,
+        now_ms: u64,
+    ) -> Verdict {
         let dev = match self.devices.get_mut(&r.device) {
             Some(d) => d,
             None => self.devices.entry(r.device.clone()).or_default(),
         };
+        let fp = fingerprint(&r.value);
+        let oldest = now_ms.saturating_sub(self.window_ms);
+        if let (None, Some(id)) = (r.seq, packet_id) {
+            let key = Key { sensor: dev.sensor(&r.sensor), kind: KIND_PACKET, boot: r.boot, n: 0 };
+            let fpt = id as u32 + 1;
+            let repeat_since = now_ms.saturating_sub(PACKET_REPEAT_MS.min(self.window_ms));
+            if let Some(e) = dev.seen.get(&key)
+                && e.fp == fp
+                && e.fpt == fpt
+                && e.at_ms >= repeat_since
+            {
+                return Verdict::Duplicate;
+            }
+            dev.insert(key, Entry { fp, fpt, at_ms: now_ms });
+            dev.prune(oldest, self.max_per_device);
+            return Verdict::Accept;
+        }
         let Some(key) = Self::key_of(dev, r, ts_from_device) else {
             return Verdict::Accept;
         };
-        let fp = fingerprint(&r.value);
-        let oldest = now_ms.saturating_sub(self.window_ms);
+        let fpt = fingerprint_ts(fp, r.ts);
         if let Some(e) = dev.seen.get(&key)
             && e.fp == fp
             && e.at_ms >= oldest
+            // A device that stamps its readings resends the same ts; the
+            // stored reading, being the same device's, was stamped too.
+            && (!ts_from_device || e.fpt == 0 || e.fpt == fpt)
         {
             return Verdict::Duplicate;
         }
-        dev.insert(key, Entry { fp, at_ms: now_ms });
+        dev.insert(key, Entry { fp, fpt, at_ms: now_ms });
         dev.prune(oldest, self.max_per_device);
         Verdict::Accept
     }
@@ -146,12 +210,12 @@ impl Dedup {
     pub fn forget(&mut self, r: &Reading) {
         let Some(dev) = self.devices.get_mut(&r.device) else { return };
         // Without seq, `ts` was the device's own only if a key exists for it.
-        let key = match r.seq {
-            Some(n) => dev.sensor_idx.get(&r.sensor).map(|&s| Key { sensor: s, by_ts: false, n }),
-            None => dev.sensor_idx.get(&r.sensor).map(|&s| Key { sensor: s, by_ts: true, n: r.ts }),
+        let (kind, n) = match r.seq {
+            Some(n) => (KIND_SEQ, n),
+            None => (KIND_TS, r.ts),
         };
-        if let Some(k) = key {
-            dev.seen.remove(&k);
+        if let Some(&sensor) = dev.sensor_idx.get(&r.sensor) {
+            dev.seen.remove(&Key { sensor, kind, boot: r.boot, n });
         }
     }
 
@@ -160,8 +224,11 @@ impl Dedup {
         let dev = self.devices.entry(r.device.clone()).or_default();
         // Replayed readings lost the "ts from device" bit; a seq-less reading
         // is keyed by ts, which at worst keeps one receive-time key too many.
+        // The ts fingerprint is only compared for readings stamped by the
+        // device, whose resends carry this same ts.
         let key = Self::key_of(dev, r, true).expect("with ts_from_device every reading has a key");
-        dev.insert(key, Entry { fp: fingerprint(&r.value), at_ms });
+        let fp = fingerprint(&r.value);
+        dev.insert(key, Entry { fp, fpt: fingerprint_ts(fp, r.ts), at_ms });
     }
 
     /// Drop keys older than the window for every device (devices that went
@@ -198,7 +265,15 @@ impl Dedup {
                         .order
                         .iter()
                         .filter(|(k, e)| d.is_live(k, e))
-                        .map(|&(k, e)| (k.sensor, k.by_ts, k.n, e.fp, e.at_ms))
+                        .map(|&(k, e)| SnapKey {
+                            sensor: k.sensor,
+                            kind: k.kind,
+                            boot: k.boot,
+                            n: k.n,
+                            fp: e.fp,
+                            fpt: e.fpt,
+                            at_ms: e.at_ms,
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -211,8 +286,11 @@ impl Dedup {
             for s in &d.sensors {
                 keys.sensor(s);
             }
-            for (sensor, by_ts, n, fp, at_ms) in d.keys {
-                keys.insert(Key { sensor, by_ts, n }, Entry { fp, at_ms });
+            for k in d.keys {
+                keys.insert(
+                    Key { sensor: k.sensor, kind: k.kind, boot: k.boot, n: k.n },
+                    Entry { fp: k.fp, fpt: k.fpt, at_ms: k.at_ms },
+                );
             }
             self.devices.insert(d.name, keys);
         }
@@ -228,7 +306,52 @@ pub struct DedupSnapshot {
 struct SnapDevice {
     name: String,
     sensors: Vec<String>,
-    keys: Vec<(u32, bool, u64, u32, u64)>,
+    keys: Vec<SnapKey>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct SnapKey {
+    sensor: u32,
+    kind: u8,
+    boot: Option<u32>,
+    n: u64,
+    fp: u32,
+    fpt: u32,
+    at_ms: u64,
+}
+
+/// The state file's dedup part before boot ids (state format 1): keys of
+/// `(sensor, by_ts, n, value fingerprint, at_ms)`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DedupSnapshotV1 {
+    devices: Vec<(String, Vec<String>, Vec<(u32, bool, u64, u32, u64)>)>,
+}
+
+impl From<DedupSnapshotV1> for DedupSnapshot {
+    fn from(v1: DedupSnapshotV1) -> DedupSnapshot {
+        DedupSnapshot {
+            devices: v1
+                .devices
+                .into_iter()
+                .map(|(name, sensors, keys)| SnapDevice {
+                    name,
+                    sensors,
+                    keys: keys
+                        .into_iter()
+                        .map(|(sensor, by_ts, n, fp, at_ms)| SnapKey {
+                            sensor,
+                            kind: if by_ts { KIND_TS } else { KIND_SEQ },
+                            boot: None,
+                            n,
+                            fp,
+                            fpt: 0,
+                            at_ms,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,7 +360,7 @@ mod tests {
     use std::time::Duration;
 
     fn r(dev: &str, sensor: &str, seq: Option<u64>, ts: u64, v: f64) -> Reading {
-        Reading { device: dev.into(), sensor: sensor.into(), seq, ts, value: Value::Number(v) }
+        Reading { device: dev.into(), sensor: sensor.into(), seq, ts, value: Value::Number(v), boot: None }
     }
 
     #[test]

@@ -25,9 +25,9 @@ use crate::queue::{AppendOutcome, CRC, OpenReport, Queue, QueueError, QueueOptio
 use crate::reading::{Ack, Batch, Format, Incoming, PortId, Reading, SOURCE_KINDS, now_ms, source_index};
 use std::collections::HashMap;
 
-use acks::{AckSnapshot, AckTracker};
+use acks::{AckSnapshot, AckSnapshotV1, AckTracker, Seen};
 use batch::Batcher;
-use dedup::{Dedup, DedupSnapshot, Verdict};
+use dedup::{Dedup, DedupSnapshot, DedupSnapshotV1, Verdict};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,10 @@ const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(5);
 /// devices are named within a second, and a fleet switched on at once costs
 /// a state write per second, not one per device.
 const NEW_DEVICE_CHECKPOINT_GAP: Duration = Duration::from_secs(1);
-const STATE_MAGIC: &[u8; 4] = b"EGS1";
+/// State file format 2: keys and acks per device *boot*. Format 1 (before
+/// boot ids) is still read, so an upgrade keeps its dedup and ack state.
+const STATE_MAGIC: &[u8; 4] = b"EGS2";
+const STATE_MAGIC_V1: &[u8; 4] = b"EGS1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -57,6 +60,13 @@ struct State {
     covers_id: u64,
     dedup: DedupSnapshot,
     acks: AckSnapshot,
+}
+
+#[derive(Deserialize)]
+struct StateV1 {
+    covers_id: u64,
+    dedup: DedupSnapshotV1,
+    acks: AckSnapshotV1,
 }
 
 /// What start-up found, for logs and tests.
@@ -77,8 +87,8 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     fsync: FsyncPolicy,
     fsync_interval: Duration,
-    /// `(device, seq)` of readings appended but not yet committed.
-    uncommitted: Vec<(String, u64)>,
+    /// `(device, boot, seq)` of readings appended but not yet committed.
+    uncommitted: Vec<(String, Option<u32>, u64)>,
     dirty_since: Option<Instant>,
     state_path: PathBuf,
     last_checkpoint: Instant,
@@ -115,7 +125,6 @@ impl Pipeline {
         // A queue directory means an earlier run, which may have received
         // (and lost, unacked) readings of devices it never made durable.
         let qdir = queue_dir(cfg);
-        let first_run = !qdir.exists();
         let (queue, qreport) = Queue::open(&qdir, QueueOptions::from(&cfg.store))?;
         Metrics::add(&metrics.queue_repaired_bytes, qreport.truncated_bytes);
         Metrics::add(&metrics.queue_corrupt_records, qreport.corrupt_records);
@@ -157,14 +166,9 @@ impl Pipeline {
         let now = clock();
         let covers = state.covers_id;
         me.dedup.restore(state.dedup);
+        // A device the state does not know starts as at first contact:
+        // its first durable seqs wait as an open gap (see `acks`).
         me.acks.restore(state.acks, now);
-        // Before the replay: a device the state does not know may have sent
-        // the last run readings it lost, even if others of it are on disk
-        // (that run may itself have been one that never acked the device).
-        // Such a device waits before its first ack (see `acks`).
-        if !first_run {
-            me.acks.restarted();
-        }
         // Skip (and count) records that rotted in a sealed segment: one bad
         // record must not keep the gateway from starting.
         let (records, corrupt) = me.queue().read_valid_on_disk_after(covers)?;
@@ -177,9 +181,9 @@ impl Pipeline {
                 Ok(batch) => {
                     for r in &batch.readings {
                         me.dedup.remember(r, meta.created_ms);
-                        me.acks.seen_ts(&r.device, r.ts);
+                        me.acks.seen_ts(&r.device, r.boot, r.ts);
                         if let Some(seq) = r.seq {
-                            me.acks.durable(&r.device, seq, now);
+                            me.acks.durable(&r.device, r.boot, seq, now);
                         }
                     }
                     report.replayed_records += 1;
@@ -208,17 +212,27 @@ impl Pipeline {
 
     /// Take one reading from a source.
     pub fn ingest(&mut self, inc: Incoming, now: Instant, now_ms: u64) {
-        let Incoming { reading, ts_from_device, port } = inc;
+        let Incoming { reading, ts_from_device, port, packet_id } = inc;
         if reading.seq.is_some() {
-            self.acks.route(&reading.device, port, now_ms);
+            self.acks.route(&reading.device, reading.boot, port, now_ms);
         }
-        let verdict = self.dedup.check(&reading, ts_from_device, now_ms);
+        let mut verdict = self.dedup.check_with_packet(&reading, ts_from_device, packet_id, now_ms);
+        // A seq an ack already covers is not stored again, even when dedup
+        // forgot its key (a device redocked after the window): the device
+        // just missed the ack.
+        if verdict == Verdict::Accept
+            && let Some(seq) = reading.seq
+            && self.acks.accepted(&reading.device, reading.boot, seq, reading.ts, ts_from_device) == Seen::Covered
+        {
+            Metrics::inc(&self.metrics.stale_resends);
+            verdict = Verdict::Duplicate;
+        }
         self.tally(port, &reading.device, verdict);
         match verdict {
             Verdict::Duplicate => {
                 Metrics::inc(&self.metrics.duplicates_dropped);
                 if reading.seq.is_some() {
-                    self.acks.duplicate(&reading.device);
+                    self.acks.duplicate(&reading.device, reading.boot);
                 }
             }
             Verdict::Accept => {
@@ -227,9 +241,6 @@ impl Pipeline {
                     && tx.try_send(reading.clone()).is_err()
                 {
                     Metrics::inc(&self.metrics.republish_dropped);
-                }
-                if let Some(seq) = reading.seq {
-                    self.acks.accepted(&reading.device, seq, reading.ts, ts_from_device);
                 }
                 if let Some(batch) = self.batcher.push(reading, now) {
                     self.seal(batch, now, now_ms);
@@ -284,7 +295,8 @@ impl Pipeline {
                 }
                 Metrics::inc(&self.metrics.batches_queued);
                 Metrics::add(&self.metrics.batch_bytes_queued, payload.len() as u64);
-                self.uncommitted.extend(batch.readings.iter().filter_map(|r| r.seq.map(|s| (r.device.clone(), s))));
+                self.uncommitted
+                    .extend(batch.readings.iter().filter_map(|r| r.seq.map(|s| (r.device.clone(), r.boot, s))));
                 self.dirty_since.get_or_insert(now);
                 self.changed_since_checkpoint = true;
                 if self.fsync == FsyncPolicy::Always {
@@ -300,7 +312,7 @@ impl Pipeline {
                 for r in &batch.readings {
                     self.dedup.forget(r);
                     if let Some(seq) = r.seq {
-                        self.acks.refused(&r.device, seq);
+                        self.acks.refused(&r.device, r.boot, seq);
                     }
                 }
                 self.log_error(format_args!("batch of {} readings not queued: {e}", batch.readings.len()));
@@ -328,8 +340,8 @@ impl Pipeline {
                 crate::crashpoint::hit("after-commit");
                 Metrics::inc(&self.metrics.queue_commits);
                 let now = (self.clock)();
-                for (dev, seq) in self.uncommitted.drain(..) {
-                    self.acks.durable(&dev, seq, now);
+                for (dev, boot, seq) in self.uncommitted.drain(..) {
+                    self.acks.durable(&dev, boot, seq, now);
                 }
                 self.dirty_since = None;
             }
@@ -426,12 +438,16 @@ fn read_state(path: &Path) -> std::io::Result<Option<State>> {
         Err(e) => return Err(e),
     };
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    if bytes.len() < 8 || &bytes[..4] != STATE_MAGIC {
+    if bytes.len() < 8 || (&bytes[..4] != STATE_MAGIC && &bytes[..4] != STATE_MAGIC_V1) {
         return Err(bad("bad magic"));
     }
     let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
     if CRC.checksum(&bytes[8..]) != crc {
         return Err(bad("checksum mismatch"));
+    }
+    if &bytes[..4] == STATE_MAGIC_V1 {
+        let v1: StateV1 = postcard::from_bytes(&bytes[8..]).map_err(|e| bad(&e.to_string()))?;
+        return Ok(Some(State { covers_id: v1.covers_id, dedup: v1.dedup.into(), acks: v1.acks.into() }));
     }
     postcard::from_bytes(&bytes[8..]).map(Some).map_err(|e| bad(&e.to_string()))
 }
@@ -476,9 +492,11 @@ mod tests {
                 seq: Some(seq),
                 ts: 1000 + seq,
                 value: Value::Number(seq as f64),
+                boot: None,
             },
             ts_from_device: true,
             port: 0,
+            packet_id: None,
         }
     }
 
@@ -503,10 +521,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), "[store]\nfsync_interval = \"1h\"\n");
         let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
-        feed(&mut p, 1..=5); // one full batch, appended, not committed
+        feed(&mut p, 0..=4); // one full batch, appended, not committed
         assert!(p.tick(Instant::now()).is_empty(), "no ack before the fsync");
         p.commit();
-        assert_eq!(p.tick(Instant::now()), vec![(0, Ack { device: "d".into(), seq: 5 })]);
+        assert_eq!(p.tick(Instant::now()), vec![(0, Ack { device: "d".into(), seq: 4, boot: None })]);
     }
 
     #[test]
@@ -554,10 +572,11 @@ mod tests {
         let c = cfg(dir.path(), "[store]\nmax_bytes = 4096\nwhen_full = \"reject_new\"\n");
         let m = Arc::new(Metrics::default());
         let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
-        let mut seq = 0;
+        let (mut seq, mut next) = (0, 0);
         while Metrics::get(&m.batches_rejected_full) == 0 {
-            seq += 1;
+            seq = next;
             feed(&mut p, [seq]);
+            next += 1;
         }
         p.commit();
         let acked = p.tick(Instant::now()).pop().unwrap().1.seq;
@@ -569,5 +588,112 @@ mod tests {
         p.commit();
         assert_eq!(p.tick(Instant::now()).pop().unwrap().1.seq, acked + 5);
         assert_eq!(queued(&p), (acked + 1..=acked + 5).collect::<Vec<_>>());
+    }
+
+    fn reading(seq: u64, ts: u64, v: f64, boot: Option<u32>) -> Reading {
+        Reading { device: "d".into(), sensor: "hr".into(), seq: Some(seq), ts, value: Value::Number(v), boot }
+    }
+
+    /// Feeds readings, commits and returns the acks the device got.
+    fn round(p: &mut Pipeline, rs: &[Reading], from_device: bool) -> Vec<Ack> {
+        for r in rs {
+            p.ingest(Incoming::new(r.clone(), from_device, 0), Instant::now(), now_ms());
+        }
+        p.checkpoint().unwrap();
+        p.tick(Instant::now()).into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn all_queued(p: &Pipeline) -> Vec<Reading> {
+        let q = p.queue();
+        q.read_from(0, usize::MAX).unwrap().into_iter().flat_map(|(_, b)| Batch::decode(&b).unwrap().readings).collect()
+    }
+
+    /// L1: a device that reboots within the dedup window, restarts its
+    /// counter and repeats a value must get its new readings stored, and no
+    /// ack that covers them before they are.
+    #[test]
+    fn a_rebooted_device_repeating_values_is_stored_not_acked_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "");
+        let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
+        // A 0/1 sensor with a clock: seqs 0..=5 alternate values.
+        let first: Vec<_> = (0..=5).map(|s| reading(s, 10_000 + s, (s % 2) as f64, None)).collect();
+        let acks = round(&mut p, &first, true);
+        assert_eq!(acks.last().map(|a| a.seq), Some(5));
+        // Reboot: the counter restarts at 0 with the same values, a later clock.
+        let second: Vec<_> = (0..=2).map(|s| reading(s, 20_000 + s, (s % 2) as f64, None)).collect();
+        let acks = round(&mut p, &second, true);
+        assert!(acks.iter().all(|a| a.seq <= 2), "an ack above 2 would cover readings not sent yet: {acks:?}");
+        assert_eq!(all_queued(&p).len(), 9, "the three new readings are stored");
+        // The same with a boot id and no clock (ts is the receive time).
+        let (mut p, _) = {
+            let dir2 = tempfile::tempdir().unwrap();
+            let c2 = cfg(dir2.path(), "");
+            let r = Pipeline::open(&c2, Arc::default()).unwrap();
+            std::mem::forget(dir2);
+            r
+        };
+        let b1: Vec<_> = (0..=5).map(|s| reading(s, now_ms(), 1.0, Some(1))).collect();
+        assert_eq!(round(&mut p, &b1, false), vec![Ack { device: "d".into(), seq: 5, boot: Some(1) }]);
+        let b2: Vec<_> = (0..=2).map(|s| reading(s, now_ms(), 1.0, Some(2))).collect();
+        assert_eq!(round(&mut p, &b2, false), vec![Ack { device: "d".into(), seq: 2, boot: Some(2) }]);
+        assert_eq!(all_queued(&p).len(), 9);
+    }
+
+    /// D1: a wearable undocked before its ack and redocked after the dedup
+    /// window resends what it holds: acked again, not stored twice.
+    #[test]
+    fn a_resend_after_the_dedup_window_is_acked_not_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), "");
+        c.pipeline.dedup_window = Duration::from_millis(1);
+        let m = Arc::new(Metrics::default());
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        let rs: Vec<_> = (0..=4).map(|s| reading(s, 10_000 + s, 70.0, None)).collect();
+        assert_eq!(round(&mut p, &rs, true).last().map(|a| a.seq), Some(4));
+        std::thread::sleep(Duration::from_millis(5));
+        let acks = round(&mut p, &rs, true);
+        assert_eq!(acks, vec![Ack { device: "d".into(), seq: 4, boot: None }], "answered with the ack");
+        assert_eq!(all_queued(&p).len(), 5, "not stored twice");
+        assert_eq!(Metrics::get(&m.stale_resends), 5);
+        // And across a restart (the state file carries the watermark).
+        drop(p);
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        round(&mut p, &rs, true);
+        assert_eq!(all_queued(&p).len(), 5);
+    }
+
+    /// L3: BTHome packet ids wrap (u8); a sensor measuring every 2 s reuses
+    /// an id within the dedup window. Only a repeat of the *last* id is one.
+    #[test]
+    fn bthome_packet_ids_that_wrap_are_not_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "");
+        let m = Arc::new(Metrics::default());
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        let advert = |id: u8| Incoming {
+            packet_id: Some(id),
+            ..Incoming::new(
+                Reading { device: "th".into(), sensor: "humidity".into(), seq: None, ts: now_ms(), value: Value::Number(50.0), boot: None },
+                false,
+                crate::reading::BLE_PORT,
+            )
+        };
+        for i in 0..600u32 {
+            let id = (i % 256) as u8;
+            p.ingest(advert(id), Instant::now(), now_ms());
+            // Each advert is repeated (sensors send it several times).
+            p.ingest(advert(id), Instant::now(), now_ms());
+        }
+        p.checkpoint().unwrap();
+        assert_eq!(all_queued(&p).len(), 600, "every measurement once, across two wraps");
+        assert_eq!(Metrics::get(&m.duplicates_dropped), 600);
+        // The repeat rule survives a restart (state file).
+        drop(p);
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        p.ingest(advert((599 % 256) as u8), Instant::now(), now_ms());
+        p.checkpoint().unwrap();
+        assert_eq!(all_queued(&p).len(), 600);
     }
 }

@@ -127,7 +127,7 @@ impl Ingest {
         match parsed {
             Ok((reading, ts_from_device)) => {
                 self.metrics.topic(&key, |c| c.readings += 1);
-                let sent = self.tx.send(Incoming { reading, ts_from_device, port: self.port }).await.is_ok();
+                let sent = self.tx.send(Incoming::new(reading, ts_from_device, self.port)).await.is_ok();
                 self.flow.taken(bytes);
                 sent
             }

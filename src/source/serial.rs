@@ -289,7 +289,7 @@ impl Port {
         let (framing, default_device, port) = (self.cfg.framing, self.cfg.device.as_deref(), self.port_id);
         self.splitter.feed(chunk, |frame| {
             match frame.and_then(|f| wire::parse_reading(framing, f, default_device, now)) {
-                Ok((reading, ts_from_device)) => out.push(Incoming { reading, ts_from_device, port }),
+                Ok((reading, ts_from_device)) => out.push(Incoming::new(reading, ts_from_device, port)),
                 Err(e) => malformed.push(e),
             }
         });

@@ -718,10 +718,12 @@ impl Device {
                                     self.malformed(&format!("unknown BTHome object {id:#04x}, rest of the advert skipped"));
                                 }
                                 let now = now_ms();
-                                let seq = p.packet_id.map(u64::from);
+                                // The packet id is not a seq: a u8 that wraps, saying
+                                // only "same measurement as the last advert" when
+                                // repeated. Dedup treats it so (pipeline::dedup).
                                 for (sensor, value) in p.measurements {
-                                    let r = Reading { device: device.clone(), sensor, seq, ts: now, value };
-                                    if let Err(end) = self.deliver(r, false).await {
+                                    let r = Reading { device: device.clone(), sensor, seq: None, ts: now, value, boot: None };
+                                    if let Err(end) = self.deliver_advert(r, p.packet_id).await {
                                         return end;
                                     }
                                 }
@@ -891,6 +893,7 @@ impl Device {
                         seq: None,
                         ts: d.device_ts_ms.unwrap_or(now),
                         value: m.value,
+                        boot: None,
                     };
                     self.deliver(r, d.device_ts_ms.is_some()).await?;
                 }
@@ -915,6 +918,7 @@ impl Device {
             seq: None,
             ts: now_ms(),
             value: Value::Number(rssi as f64),
+            boot: None,
         };
         self.deliver(r, false).await
     }
@@ -928,7 +932,15 @@ impl Device {
     }
 
     async fn deliver(&mut self, reading: Reading, ts_from_device: bool) -> Result<(), DevEnd> {
-        let inc = Incoming { reading, ts_from_device, port: BLE_PORT };
+        self.send(Incoming::new(reading, ts_from_device, BLE_PORT)).await
+    }
+
+    /// A BTHome measurement, with the advert's packet id (if it has one).
+    async fn deliver_advert(&mut self, reading: Reading, packet_id: Option<u8>) -> Result<(), DevEnd> {
+        self.send(Incoming { packet_id, ..Incoming::new(reading, false, BLE_PORT) }).await
+    }
+
+    async fn send(&mut self, inc: Incoming) -> Result<(), DevEnd> {
         tokio::select! {
             biased;
             _ = stopped(&mut self.shutdown) => Err(DevEnd::Shutdown),
