@@ -212,7 +212,14 @@ impl Batch {
                 readings: v1
                     .readings
                     .into_iter()
-                    .map(|r| Reading { device: r.device, sensor: r.sensor, seq: r.seq, ts: r.ts, value: r.value, boot: None })
+                    .map(|r| Reading {
+                        device: r.device,
+                        sensor: r.sensor,
+                        seq: r.seq,
+                        ts: r.ts,
+                        value: r.value,
+                        boot: None,
+                    })
                     .collect(),
             })
         } else if let Some(rest) = payload.strip_prefix(&POSTCARD_MAGIC_V2[..]) {

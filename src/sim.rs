@@ -119,7 +119,10 @@ impl Malformed {
 pub struct SimConfig {
     pub device: String,
     pub sensors: Vec<String>,
-    /// `seq` of the first reading (a device that rebooted continues its count).
+    /// `seq` of the first reading (a device that rebooted continues its
+    /// count). 0 by default: nothing can be below it, so the gateway acks the
+    /// first reading at once (any other first seq waits `ack_gap_timeout` of
+    /// talking, since lower ones may exist that never arrived).
     pub first_seq: u64,
     pub framing: Framing,
     /// Resend everything pending after this long without ack progress.
@@ -136,7 +139,7 @@ impl SimConfig {
         SimConfig {
             device: device.to_string(),
             sensors: vec!["heart_rate".into(), "skin_temp".into(), "accel".into()],
-            first_seq: 1,
+            first_seq: 0,
             framing,
             resend_after: Duration::from_millis(500),
             duplicate_probability: 0.0,
@@ -325,7 +328,14 @@ impl SimDevice {
             _ => Value::Number(self.rng.below(10_000) as f64 / 100.0),
         };
         // A fixed epoch plus seq keeps runs reproducible and resends identical.
-        Reading { device: self.cfg.device.clone(), sensor, seq: Some(seq), ts: 1_764_000_000_000 + seq, value, boot: None }
+        Reading {
+            device: self.cfg.device.clone(),
+            sensor,
+            seq: Some(seq),
+            ts: 1_764_000_000_000 + seq,
+            value,
+            boot: None,
+        }
     }
 
     fn write_reading(&mut self, r: &Reading) -> io::Result<()> {
@@ -420,7 +430,14 @@ impl SimDevice {
     }
 
     fn make_probe(&self) -> Reading {
-        Reading { device: self.cfg.device.clone(), sensor: "probe".into(), seq: None, ts: 0, value: Value::Number(1.0), boot: None }
+        Reading {
+            device: self.cfg.device.clone(),
+            sensor: "probe".into(),
+            seq: None,
+            ts: 0,
+            value: Value::Number(1.0),
+            boot: None,
+        }
     }
 
     /// Resend every pending reading if acks made no progress for
@@ -549,7 +566,8 @@ mod tests {
                 splitter.feed(&buf[..n], |f| got.push(wire::parse_reading(framing, f.unwrap(), None, 0).unwrap().0));
             }
             assert_eq!(got, dev.created());
-            gw.write_all(&wire::encode_ack(framing, &Ack { device: "w1".into(), seq: 2, boot: None }).unwrap()).unwrap();
+            gw.write_all(&wire::encode_ack(framing, &Ack { device: "w1".into(), seq: 2, boot: None }).unwrap())
+                .unwrap();
             let t = Instant::now();
             while dev.stats().pending != 1 {
                 assert!(t.elapsed() < Duration::from_secs(5));

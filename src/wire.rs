@@ -276,14 +276,8 @@ fn finish(
     let device = device.or(default_device).ok_or(WireError::MissingDevice)?;
     check_id("device", device)?;
     check_id("sensor", sensor)?;
-    let reading = Reading {
-        device: device.to_string(),
-        sensor: sensor.to_string(),
-        seq,
-        ts: ts.unwrap_or(now_ms),
-        value,
-        boot,
-    };
+    let reading =
+        Reading { device: device.to_string(), sensor: sensor.to_string(), seq, ts: ts.unwrap_or(now_ms), value, boot };
     Ok((reading, ts.is_some()))
 }
 
@@ -605,7 +599,14 @@ mod tests {
     }
 
     fn reading(seq: u64, value: Value) -> Reading {
-        Reading { device: "wrist-01".into(), sensor: "heart_rate".into(), seq: Some(seq), ts: 1_764_000_000_000, value, boot: None }
+        Reading {
+            device: "wrist-01".into(),
+            sensor: "heart_rate".into(),
+            seq: Some(seq),
+            ts: 1_764_000_000_000,
+            value,
+            boot: None,
+        }
     }
 
     fn split_all(framing: Framing, chunks: &[&[u8]]) -> Vec<Result<Vec<u8>, String>> {

@@ -1,13 +1,30 @@
 //! Model-based test of the core promise, in process and fast: random
-//! devices send, resend and duplicate readings; the pipeline batches,
-//! commits, acks, checkpoints, is stopped cleanly or dropped as a SIGKILL
-//! would leave it, and is reopened. After every reopen and at the end:
+//! devices send, resend and duplicate readings, reboot, go away for longer
+//! than the dedup window and lose frames; the pipeline batches, commits,
+//! acks, checkpoints, is stopped cleanly or dropped as a SIGKILL would leave
+//! it, and is reopened. After every reopen and at the end:
 //!
-//! * every reading a device saw acked is queued or consumed, exactly once
-//!   (under `drop_oldest`, up to the counted evictions may be missing);
+//! * every reading a device saw acked is queued or consumed, exactly once —
+//!   or it is in a queue record the `drop_oldest` policy evicted, by id;
 //! * no reading is queued or consumed twice;
-//! * at the end, once devices resend what they hold, every reading ever
-//!   created is queued or consumed exactly once (less the counted evictions).
+//! * what is missing is exactly the evicted records' readings that were not
+//!   consumed (identity, not a count);
+//! * at the end, once devices resend what they hold, every reading a device
+//!   did not throw away itself is queued or consumed exactly once.
+//!
+//! Devices come in the kinds a gateway meets (README, firmware section):
+//!
+//! * **boot id**: sends `boot`, bumped at each start; its seq restarts at 0
+//!   per boot, and it keeps unacked readings across a reboot (flash);
+//! * **clock**: stamps `ts` from a clock that survives reboots; without a
+//!   boot id it restarts its counter at 0 on reboot and loses what it held
+//!   (RAM only);
+//! * **plain**: neither: it must not restart its counter, so a reboot only
+//!   reconnects it (its seq and its unacked readings persist).
+//!
+//! Every kind repeats values often (a 0/1 sensor, a battery %), loses the
+//! first frame after a (re)connect now and then (a port opened mid-line),
+//! and goes away for longer than `dedup_window` before resending.
 //!
 //! Runs use a large queue, a tiny `reject_new` one drained by a consumer
 //! (standing in for the uplink), or a tiny `drop_oldest` one that overflows.
@@ -18,9 +35,9 @@
 use edge_gateway::config::Config;
 use edge_gateway::metrics::Metrics;
 use edge_gateway::pipeline::Pipeline;
-use edge_gateway::reading::{Batch, Incoming, Reading, Value};
+use edge_gateway::reading::{Ack, Batch, Incoming, Reading, Value};
 use edge_gateway::sim::XorShift;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,51 +50,130 @@ fn clock() -> u64 {
     CLOCK.load(Ordering::SeqCst)
 }
 
+const DEDUP_WINDOW_MS: u64 = 3_000;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Boot,
+    Clock,
+    Plain,
+}
+
+/// What names one reading for the model, whatever the device kind:
+/// `(device, boot, seq, ts)`, with ts only for clocked devices (whose
+/// counter restarts) and 0 otherwise (a plain device's resend gets a new
+/// receive time).
+type Key = (String, Option<u32>, u64, u64);
+
 struct Device {
     name: String,
+    kind: Kind,
+    boot: u32,
     next_seq: u64,
-    pending: BTreeMap<u64, Reading>,
-    acked: Option<u64>,
+    /// Device clock (unix ms), for `Kind::Clock`.
+    clock_ms: u64,
+    /// Unacked readings, by (boot, seq).
+    pending: BTreeMap<(u32, u64), Reading>,
+    /// Readings an ack covered (the device forgot them).
+    acked: Vec<Reading>,
+    /// Readings the device threw away itself (a RAM-only reboot).
+    discarded: Vec<Reading>,
     created: Vec<Reading>,
     /// Virtual ms of the last full resend: real devices resend on a timer.
     last_resend_ms: u64,
+    /// The next frame it sends is lost (just (re)connected mid-line).
+    lose_next: bool,
+    /// Index in `created` of this incarnation's first reading: a RAM-only
+    /// device can resend nothing from before its last reboot.
+    incarnation: usize,
+    /// Away (undocked, out of range) until this virtual ms: sends nothing,
+    /// gets no acks.
+    away_until: u64,
 }
 
 impl Device {
     fn new(i: usize, rng: &mut XorShift) -> Device {
-        // Devices do not start at 1: they existed before this gateway.
+        let kind = [Kind::Boot, Kind::Clock, Kind::Plain][i % 3];
+        // Devices do not always start at 0: they existed before this gateway.
         Device {
             name: format!("dev-{i}"),
-            next_seq: 1 + rng.below(1000),
+            kind,
+            boot: rng.below(5) as u32,
+            next_seq: if rng.chance(0.5) { 0 } else { 1 + rng.below(1000) },
+            clock_ms: 1_764_000_000_000,
             pending: BTreeMap::new(),
-            acked: None,
+            acked: Vec::new(),
+            discarded: Vec::new(),
             created: Vec::new(),
             last_resend_ms: 0,
+            lose_next: rng.chance(0.5),
+            incarnation: 0,
+            away_until: 0,
         }
+    }
+
+    fn key(&self, r: &Reading) -> Key {
+        let ts = if self.kind == Kind::Clock { r.ts } else { 0 };
+        (r.device.clone(), r.boot, r.seq.unwrap(), ts)
     }
 
     fn create(&mut self, rng: &mut XorShift) -> Reading {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let sensor = ["hr", "temp", "spo2"][rng.below(3) as usize];
+        self.clock_ms += 10 + rng.below(50);
+        let sensor = ["hr", "temp", "door"][rng.below(3) as usize];
+        // Values repeat a lot: a 0/1 sensor, a resting heart rate.
+        let value = if rng.chance(0.6) { rng.below(2) as f64 } else { 60.0 + rng.below(5) as f64 };
         let r = Reading {
             device: self.name.clone(),
             sensor: sensor.into(),
             seq: Some(seq),
-            ts: 1_764_000_000_000 + seq * 10,
-            value: Value::Number(rng.below(200) as f64),
-            boot: None,
+            // Plain devices send no ts: the pipeline sees the receive time.
+            ts: self.clock_ms,
+            value: Value::Number(value),
+            boot: (self.kind == Kind::Boot).then_some(self.boot),
         };
-        self.pending.insert(seq, r.clone());
+        self.pending.insert((self.boot, seq), r.clone());
         self.created.push(r.clone());
         r
     }
 
-    fn ack(&mut self, seq: u64) {
-        if self.acked.is_none_or(|a| seq > a) {
-            self.acked = Some(seq);
+    fn ack(&mut self, a: &Ack) {
+        // Firmware rule (README): an ack at or above the next seq is from
+        // before a reboot (the gateway never acks what it was not sent):
+        // ignore it. Without it a device without boot id that reboots loses
+        // its first readings to the old incarnation's ack still on the wire.
+        if a.seq >= self.next_seq && a.boot.is_none_or(|b| b == self.boot) {
+            return;
         }
-        self.pending = self.pending.split_off(&(seq + 1));
+        let boot_of = |r: &Reading| r.boot;
+        let covered: Vec<(u32, u64)> = self
+            .pending
+            .iter()
+            .filter(|(_, r)| boot_of(r) == a.boot && r.seq.unwrap() <= a.seq)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in covered {
+            let r = self.pending.remove(&k).unwrap();
+            self.acked.push(r);
+        }
+    }
+
+    fn reboot(&mut self, rng: &mut XorShift) {
+        self.lose_next = rng.chance(0.5);
+        match self.kind {
+            Kind::Boot => {
+                self.boot += 1;
+                self.next_seq = 0;
+            }
+            Kind::Clock => {
+                self.next_seq = if rng.chance(0.5) { 0 } else { 1 };
+                let lost: Vec<Reading> = std::mem::take(&mut self.pending).into_values().collect();
+                self.discarded.extend(lost);
+                self.incarnation = self.created.len();
+            }
+            Kind::Plain => {}
+        }
     }
 }
 
@@ -92,7 +188,7 @@ fn config(dir: &std::path::Path, rng: &mut XorShift, mode: u64) -> Config {
     };
     let src = format!(
         "[gateway]\nid = \"model\"\ndata_dir = {:?}\n[pipeline]\nbatch_max_readings = {}\nbatch_max_age = \"40ms\"\nack_gap_timeout = \"2s\"\n\
-         batch_max_bytes = {batch_bytes:?}\n\
+         dedup_window = \"{DEDUP_WINDOW_MS}ms\"\nbatch_max_bytes = {batch_bytes:?}\n\
          [store]\nfsync_interval = \"30ms\"\nsegment_bytes = {}\nmax_bytes = {max_bytes:?}\nwhen_full = {when_full:?}\nopen_check = {:?}\n",
         dir.display().to_string(),
         1 + rng.below(20),
@@ -102,217 +198,300 @@ fn config(dir: &std::path::Path, rng: &mut XorShift, mode: u64) -> Config {
     Config::parse(&src, "model.toml").unwrap()
 }
 
-/// `(device, sensor, seq)` → copies in the queue (every record still live).
-fn queued(p: &Pipeline) -> HashMap<(String, String, u64), usize> {
-    let q = p.queue_handle();
-    let q = q.lock().unwrap();
-    let mut m = HashMap::new();
-    for (_, payload) in q.read_from(0, usize::MAX).unwrap() {
-        for r in Batch::decode(&payload).unwrap().readings {
-            *m.entry((r.device, r.sensor, r.seq.unwrap())).or_insert(0) += 1;
-        }
-    }
-    m
+struct Model {
+    devices: Vec<Device>,
+    /// Every record ever seen in the queue: id → its readings' keys.
+    records: HashMap<u64, Vec<Key>>,
+    /// Records `drop_oldest` evicted (from the pipeline's report), by id.
+    evicted: HashSet<u64>,
+    /// Consumed (delivered) readings, with copies.
+    delivered: HashMap<Key, usize>,
+    /// Highest record id in `records`.
+    seen_through: u64,
+    seed: u64,
 }
 
-type Key = (String, String, u64);
+impl Model {
+    fn key_of(&self, r: &Reading) -> Key {
+        let d = self.devices.iter().find(|d| d.name == r.device).unwrap();
+        d.key(r)
+    }
 
-/// A consumer (the future uplink) takes up to `n` batches off the queue and
-/// acknowledges them durably; what it took counts as delivered.
-fn consume(p: &Pipeline, n: usize, delivered: &mut HashMap<Key, usize>) {
-    let q = p.queue_handle();
-    let mut q = q.lock().unwrap();
-    let records = q.read_from(0, n).unwrap();
-    let Some((last, _)) = records.last() else { return };
-    let last = last.id;
-    for (_, payload) in records {
-        for r in Batch::decode(&payload).unwrap().readings {
-            *delivered.entry((r.device, r.sensor, r.seq.unwrap())).or_insert(0) += 1;
+    /// Remember which readings each new record holds (called after every
+    /// pipeline call, so no record is evicted unseen), and note what the
+    /// pipeline says it evicted.
+    fn observe(&mut self, p: &Pipeline) {
+        for ids in p.evicted_records() {
+            self.evicted.extend(ids.clone());
+        }
+        let q = p.queue_handle();
+        let q = q.lock().unwrap();
+        for (meta, payload) in q.read_all_on_disk_after(self.seen_through).unwrap() {
+            let keys: Vec<Key> = Batch::decode(&payload).unwrap().readings.iter().map(|r| self.key_of(r)).collect();
+            self.records.insert(meta.id, keys);
+            self.seen_through = self.seen_through.max(meta.id);
         }
     }
-    q.ack_through(last).unwrap();
-    q.commit().unwrap();
-}
 
-/// `dropped`: readings the `drop_oldest` policy evicted (counted); acked
-/// readings may be missing up to that many, never more.
-fn check(p: &Pipeline, devices: &[Device], delivered: &HashMap<Key, usize>, dropped: u64, seed: u64, step: usize) {
-    let mut q = queued(p);
-    for (k, n) in delivered {
-        *q.entry(k.clone()).or_insert(0) += n;
-    }
-    if let Some((k, n)) = q.iter().find(|(_, n)| **n > 1) {
-        panic!("seed {seed} step {step}: {k:?} is queued or delivered {n} times");
-    }
-    let mut missing = Vec::new();
-    for d in devices {
-        for r in d.created.iter().filter(|r| d.acked.is_some_and(|a| r.seq.unwrap() <= a)) {
-            let k = (r.device.clone(), r.sensor.clone(), r.seq.unwrap());
-            if !q.contains_key(&k) {
-                missing.push(k);
+    /// `key` → copies in the queue (live records).
+    fn queued(&mut self, p: &Pipeline) -> HashMap<Key, usize> {
+        self.observe(p);
+        let q = p.queue_handle();
+        let q = q.lock().unwrap();
+        let mut m = HashMap::new();
+        for (meta, _) in q.read_from(0, usize::MAX).unwrap() {
+            for k in &self.records[&meta.id] {
+                *m.entry(k.clone()).or_insert(0) += 1;
             }
         }
+        m
     }
-    assert!(
-        missing.len() as u64 <= dropped,
-        "seed {seed} step {step}: {} acked readings are neither queued nor delivered ({dropped} dropped by policy): {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
+
+    /// A consumer (the uplink) takes up to `n` batches off the queue and
+    /// acknowledges them durably; what it took counts as delivered.
+    fn consume(&mut self, p: &Pipeline, n: usize) {
+        let q = p.queue_handle();
+        let mut q = q.lock().unwrap();
+        let records = q.read_from(0, n).unwrap();
+        let Some((last, _)) = records.last() else { return };
+        let last = last.id;
+        for (_, payload) in records {
+            for r in Batch::decode(&payload).unwrap().readings {
+                *self.delivered.entry(self.key_of(&r)).or_insert(0) += 1;
+            }
+        }
+        q.ack_through(last).unwrap();
+        q.commit().unwrap();
+    }
+
+    fn check(&mut self, p: &Pipeline, step: usize) {
+        let seed = self.seed;
+        let mut have = self.queued(p);
+        for (k, n) in &self.delivered {
+            *have.entry(k.clone()).or_insert(0) += n;
+        }
+        if let Some((k, n)) = have.iter().find(|(_, n)| **n > 1) {
+            panic!("seed {seed} step {step}: {k:?} is queued or delivered {n} times");
+        }
+        // Readings of evicted records that were never delivered: lost by policy.
+        let evicted: HashSet<&Key> = self
+            .evicted
+            .iter()
+            .flat_map(|id| {
+                self.records.get(id).unwrap_or_else(|| panic!("seed {seed}: evicted record {id} never seen"))
+            })
+            .filter(|k| !self.delivered.contains_key(*k))
+            .collect();
+        // (An evicted reading may be queued again: its device, not acked, resent it.)
+        let mut missing = Vec::new();
+        for d in &self.devices {
+            for r in &d.acked {
+                let k = d.key(r);
+                if !have.contains_key(&k) && !evicted.contains(&k) {
+                    missing.push(k);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "seed {seed} step {step}: {} acked readings are neither queued, delivered nor in an evicted record: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
 }
 
-/// Returns how many batches the queue refused and how many readings it
-/// evicted (to prove both policies ran).
-fn run(seed: u64, steps: usize) -> (u64, u64) {
+/// Returns how many batches the queue refused, how many readings it
+/// evicted, and how many reboots and stale resends the run had (to prove
+/// each path ran).
+fn run(seed: u64, steps: usize) -> [u64; 4] {
     let mut rng = XorShift::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &mut rng, seed % 3);
     // Only `reject_new` queues need a consumer to make progress; without one,
     // the small `drop_oldest` queue really overflows.
     let consumer = cfg.store.when_full == edge_gateway::config::WhenFull::RejectNew;
-    let mut devices: Vec<Device> = (0..3).map(|i| Device::new(i, &mut rng)).collect();
+    let mut m = Model {
+        devices: (0..3).map(|i| Device::new(i, &mut rng)).collect(),
+        records: HashMap::new(),
+        evicted: HashSet::new(),
+        delivered: HashMap::new(),
+        seen_through: 0,
+        seed,
+    };
     let base = Instant::now();
     let mut virtual_ms = 0u64;
-    let mut delivered: HashMap<Key, usize> = HashMap::new();
+    let mut reboots = 0;
     let metrics = Arc::new(Metrics::default());
     let (mut p, _) = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap();
-    let feed = |p: &mut Pipeline, r: Reading, virtual_ms: u64| {
+    let trace = std::env::var("MODEL_TRACE").is_ok();
+    // One frame from device `d` to the pipeline (or lost on the wire).
+    let feed = |p: &mut Pipeline, dev: &mut Device, r: Reading, virtual_ms: u64| {
+        if std::mem::take(&mut dev.lose_next) {
+            return;
+        }
         let now = base + Duration::from_millis(virtual_ms);
         CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
-        p.ingest(Incoming::new(r, true, 0), now, clock());
+        let from_device = dev.kind != Kind::Plain;
+        let r = if from_device { r } else { Reading { ts: clock(), ..r } };
+        p.ingest(Incoming::new(r, from_device, 0), now, clock());
     };
-    let deliver = |devices: &mut Vec<Device>, acks: Vec<(usize, edge_gateway::Ack)>, rng: &mut XorShift| {
+    let deliver = |devices: &mut Vec<Device>, acks: Vec<(usize, Ack)>, rng: &mut XorShift, now_ms: u64, lossy: bool| {
         for (_, a) in acks {
-            // Acks get lost on the wire too.
-            if std::env::var("MODEL_TRACE").is_ok() {
+            if trace {
                 eprintln!("  ack {a:?}");
             }
-            if rng.chance(0.9) {
-                devices.iter_mut().find(|d| d.name == a.device).unwrap().ack(a.seq);
+            let dev = devices.iter_mut().find(|d| d.name == a.device).unwrap();
+            // Acks get lost on the wire too, and never reach a device that is away.
+            if (!lossy || rng.chance(0.9)) && dev.away_until <= now_ms {
+                dev.ack(&a);
             }
         }
     };
-    let trace = std::env::var("MODEL_TRACE").is_ok();
+    let resend_all = |p: &mut Pipeline, dev: &mut Device, virtual_ms: u64| {
+        let pending: Vec<Reading> = dev.pending.values().cloned().collect();
+        for r in pending {
+            feed(p, dev, r, virtual_ms);
+        }
+    };
     for step in 0..steps {
-        let d = rng.below(devices.len() as u64) as usize;
+        let d = rng.below(m.devices.len() as u64) as usize;
         let op = rng.below(100);
         if trace {
             eprintln!(
-                "step {step}: dev {d} op {op} pending {:?} acked {:?}",
-                devices[d].pending.keys().collect::<Vec<_>>(),
-                devices[d].acked
+                "step {step}: dev {d} op {op} pending {:?} acked {}",
+                m.devices[d].pending.keys().collect::<Vec<_>>(),
+                m.devices[d].acked.len()
             );
         }
+        let away = m.devices[d].away_until > virtual_ms;
+        if away && op < 69 {
+            continue; // it is not here to do anything
+        }
         // A device's resend timer (1 s virtual) fires before it does anything else.
-        if !devices[d].pending.is_empty() && virtual_ms.saturating_sub(devices[d].last_resend_ms) >= 1000 {
-            devices[d].last_resend_ms = virtual_ms;
-            let pending: Vec<Reading> = devices[d].pending.values().cloned().collect();
-            for r in pending {
-                feed(&mut p, r, virtual_ms);
-            }
+        if !away && !m.devices[d].pending.is_empty() && virtual_ms.saturating_sub(m.devices[d].last_resend_ms) >= 1000 {
+            m.devices[d].last_resend_ms = virtual_ms;
+            resend_all(&mut p, &mut m.devices[d], virtual_ms);
         }
         match op {
-            0..=54 => {
-                let r = devices[d].create(&mut rng);
-                feed(&mut p, r, virtual_ms);
+            0..=49 => {
+                let r = m.devices[d].create(&mut rng);
+                feed(&mut p, &mut m.devices[d], r, virtual_ms);
             }
-            55..=64 => {
-                // Resend everything pending (a device's timeout).
-                let pending: Vec<Reading> = devices[d].pending.values().cloned().collect();
-                for r in pending {
-                    feed(&mut p, r, virtual_ms);
-                }
-            }
-            65..=72 => {
-                // A duplicate of anything recent, acked or not.
-                let n = devices[d].created.len();
+            50..=57 => resend_all(&mut p, &mut m.devices[d], virtual_ms),
+            58..=63 => {
+                // A duplicate of anything recent, acked or not, of this boot.
+                // (A RAM-only device has nothing from before its reboot.)
+                let dev = &m.devices[d];
+                let n = dev.created.len() - dev.incarnation;
                 if n > 0 {
-                    let r = devices[d].created[n - 1 - rng.below(n.min(50) as u64) as usize].clone();
-                    feed(&mut p, r, virtual_ms);
+                    let r = dev.created[dev.created.len() - 1 - rng.below(n.min(50) as u64) as usize].clone();
+                    feed(&mut p, &mut m.devices[d], r, virtual_ms);
                 }
             }
-            89..=92 if consumer => consume(&p, 1 + rng.below(5) as usize, &mut delivered),
+            64..=66 => {
+                reboots += 1;
+                m.devices[d].reboot(&mut rng);
+            }
+            67..=68 => {
+                // Away (undocked, out of range) for longer than the dedup
+                // window; back, it loses a frame now and then and resends
+                // what it holds (its resend timer has long fired).
+                m.devices[d].away_until = virtual_ms + DEDUP_WINDOW_MS + 500 + rng.below(2000);
+                m.devices[d].lose_next = rng.chance(0.5);
+            }
+            89..=90 if consumer => m.consume(&p, 1 + rng.below(3) as usize),
             89..=92 => {}
-            73..=88 => {
-                virtual_ms += rng.below(60);
+            69..=88 => {
+                // Time passes: up to 400 ms, so a device (picked every third
+                // step or so) still resends within its 1 s timer.
+                virtual_ms += rng.below(400);
                 CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
                 let acks = p.tick(base + Duration::from_millis(virtual_ms));
-                deliver(&mut devices, acks, &mut rng);
+                deliver(&mut m.devices, acks, &mut rng, virtual_ms, true);
             }
             93..=96 => {
                 // SIGKILL: nothing more runs; whatever was written stays.
+                m.observe(&p);
                 drop(p);
                 p = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap().0;
-                check(&p, &devices, &delivered, Metrics::get(&metrics.readings_dropped_full), seed, step);
+                m.check(&p, step);
             }
             _ => {
                 let acks = p.close();
-                deliver(&mut devices, acks, &mut rng);
+                m.observe(&p);
+                deliver(&mut m.devices, acks, &mut rng, virtual_ms, true);
                 drop(p);
                 p = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap().0;
-                check(&p, &devices, &delivered, Metrics::get(&metrics.readings_dropped_full), seed, step);
+                m.check(&p, step);
             }
         }
+        m.observe(&p);
     }
     // Drain: devices resend what they hold until all of it is acked.
     for round in 0.. {
-        if round >= 50 {
-            let q = queued(&p);
-            for d in &devices {
-                let held: Vec<_> = d
-                    .pending
-                    .values()
-                    .map(|r| {
-                        (
-                            r.seq.unwrap(),
-                            r.sensor.clone(),
-                            q.contains_key(&(r.device.clone(), r.sensor.clone(), r.seq.unwrap())),
-                        )
-                    })
-                    .collect();
-                eprintln!("{}: acked {:?}, pending (seq, sensor, queued?) {:?}", d.name, d.acked, held);
+        if round >= 80 {
+            let q = m.queued(&p);
+            for d in &m.devices {
+                let held: Vec<_> =
+                    d.pending.values().map(|r| (r.boot, r.seq.unwrap(), q.contains_key(&d.key(r)))).collect();
+                eprintln!("{} ({:?}): pending (boot, seq, queued?) {:?}", d.name, d.kind, held);
             }
             panic!("seed {seed}: acks never caught up");
         }
-        if devices.iter().all(|d| d.pending.is_empty()) {
+        if m.devices.iter().all(|d| d.pending.is_empty()) {
             break;
+        }
+        for d in m.devices.iter_mut() {
+            d.away_until = 0; // everyone is back for the drain
         }
         // The consumer keeps up, so a full queue refuses nothing for long.
         if consumer {
-            consume(&p, usize::MAX, &mut delivered);
+            m.consume(&p, usize::MAX);
         }
-        let all: Vec<Reading> = devices.iter().flat_map(|d| d.pending.values().cloned()).collect();
-        for r in all {
-            feed(&mut p, r, virtual_ms);
+        for d in 0..m.devices.len() {
+            resend_all(&mut p, &mut m.devices[d], virtual_ms);
         }
         // Devices resend every 500 ms (virtual): well inside the 2 s gap timeout.
         virtual_ms += 500;
         CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
         let acks = p.close();
-        for (_, a) in acks {
-            devices.iter_mut().find(|d| d.name == a.device).unwrap().ack(a.seq);
-        }
+        m.observe(&p);
+        deliver(&mut m.devices, acks, &mut rng, virtual_ms, false);
     }
-    check(&p, &devices, &delivered, Metrics::get(&metrics.readings_dropped_full), seed, steps);
-    let mut all = queued(&p);
-    for (k, n) in &delivered {
+    m.check(&p, steps);
+    let mut all = m.queued(&p);
+    for (k, n) in &m.delivered {
         *all.entry(k.clone()).or_insert(0) += n;
     }
-    let created: usize = devices.iter().map(|d| d.created.len()).sum();
-    let dropped = Metrics::get(&metrics.readings_dropped_full) as usize;
-    assert!(
-        all.len() <= created && all.len() + dropped >= created,
-        "seed {seed}: {} of {created} readings queued or delivered, {dropped} dropped by policy",
-        all.len()
-    );
     assert!(all.values().all(|&n| n == 1), "seed {seed}: ... exactly once");
-    (Metrics::get(&metrics.batches_rejected_full), Metrics::get(&metrics.readings_dropped_full))
+    // Every reading a device did not throw away is here, or evicted by name.
+    let evicted: HashSet<Key> = m.evicted.iter().flat_map(|id| m.records[id].clone()).collect();
+    for d in &m.devices {
+        for r in d.created.iter().filter(|r| !d.discarded.contains(r)) {
+            let k = d.key(r);
+            assert!(all.contains_key(&k) || evicted.contains(&k), "seed {seed}: {k:?} ({:?}) never stored", d.kind);
+        }
+    }
+    [
+        Metrics::get(&metrics.batches_rejected_full),
+        Metrics::get(&metrics.readings_dropped_full),
+        reboots,
+        Metrics::get(&metrics.stale_resends),
+    ]
 }
 
 #[test]
-fn random_sends_resends_duplicates_kills_and_restarts_keep_exactly_once() {
+fn random_sends_resends_reboots_absences_kills_and_restarts_keep_exactly_once() {
     let seeds: u64 = std::env::var("EDGE_GATEWAY_MODEL_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
-    let (refused, dropped) = (1..=seeds).map(|seed| run(seed, 600)).fold((0, 0), |(r, d), (r1, d1)| (r + r1, d + d1));
+    let first: u64 = std::env::var("EDGE_GATEWAY_MODEL_FIRST_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let totals = (first..first + seeds).map(|seed| run(seed, 600)).fold([0; 4], |mut t, r| {
+        t.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+        t
+    });
+    let [refused, dropped, reboots, stale] = totals;
     assert!(refused > 0, "no run filled its queue: the reject_new path went untested");
     assert!(dropped > 0, "no run evicted anything: the drop_oldest path went untested");
+    assert!(reboots > 0, "no device rebooted");
+    assert!(stale > 0, "no resend came after its dedup key expired: the covered-seq path went untested");
 }

@@ -212,6 +212,7 @@ async fn device_resends_until_acked_and_the_late_acks_cover_everything() {
     let gw = Gateway::start_holding_acks(PORT, &pty.slave_path, Framing::Cobs, Duration::from_millis(1500));
     let mut cfg = SimConfig::new("wrist-05", Framing::Cobs);
     cfg.resend_after = Duration::from_millis(300);
+    cfg.first_seq = 1;
     let mut dev = SimDevice::on_pty(cfg, pty).unwrap();
     let dev = device(move || {
         send_and_wait_acked(&mut dev, 50);
@@ -317,7 +318,9 @@ async fn shutdown_writes_acks_already_received_then_stops() {
         metrics.clone(),
         stop_rx,
     ));
-    let mut dev = SimDevice::on_pty(SimConfig::new("wrist-03", Framing::Jsonl), pty).unwrap();
+    let mut sim = SimConfig::new("wrist-03", Framing::Jsonl);
+    sim.first_seq = 1;
+    let mut dev = SimDevice::on_pty(sim, pty).unwrap();
     let mut dev = device(move || {
         dev.send_next().unwrap();
         dev

@@ -66,10 +66,12 @@ struct DeviceAck {
     /// a reading in one is stored if it ever comes (the device did hold it),
     /// not answered as "already covered". Bounded by [`MAX_SKIPPED`].
     skipped: Vec<(u64, u64)>,
-    /// The incarnation before a counter restart: `(watermark, newest ts)`. A
-    /// reading no newer than it and at or below its watermark is a stale
-    /// resend of the old incarnation, already stored.
+    /// The incarnation before a counter restart: `(highest seq, newest ts)`.
+    /// A reading no newer than it is the old incarnation's: at or below its
+    /// highest seq it is a stale resend, and it never moves this watermark.
     prev: Option<(u64, u64)>,
+    /// Highest seq accepted in this incarnation (durable or not yet).
+    max_seq: Option<u64>,
 }
 
 /// What a reading dedup let through is, as far as the acks know.
@@ -102,6 +104,11 @@ fn cumulative(port: Option<PortId>) -> bool {
 }
 
 impl DeviceAck {
+    /// The highest seq this incarnation has shown: acked, durable or accepted.
+    fn high(&self) -> Option<u64> {
+        self.watermark.max(self.above.last().copied()).max(self.max_seq)
+    }
+
     fn in_skipped(&self, seq: u64) -> bool {
         self.skipped.iter().any(|&(a, b)| a <= seq && seq <= b)
     }
@@ -136,9 +143,10 @@ impl DeviceAck {
     /// A new incarnation of the device (its counter restarted): nothing of
     /// the old watermark applies, and nothing below its first seq is known.
     fn restart(&mut self) {
-        if let Some(w) = self.watermark {
-            self.prev = Some((w, self.max_ts));
+        if let Some(high) = self.high() {
+            self.prev = Some((high, self.max_ts));
         }
+        self.max_seq = None;
         self.watermark = None;
         self.above.clear();
         self.refused.clear();
@@ -154,11 +162,18 @@ pub struct AckTracker {
     /// A device got its first watermark since the last checkpoint: until a
     /// checkpoint names it, a restart would hold it again for a gap timeout.
     newly_named: bool,
+    /// A device's counter restart was detected since the last snapshot.
+    restarted: bool,
 }
 
 impl AckTracker {
     pub fn new(gap_timeout: std::time::Duration) -> Self {
-        AckTracker { gap_timeout_ms: gap_timeout.as_millis() as u64, devices: HashMap::new(), newly_named: false }
+        AckTracker {
+            gap_timeout_ms: gap_timeout.as_millis() as u64,
+            devices: HashMap::new(),
+            newly_named: false,
+            restarted: false,
+        }
     }
 
     fn dev(&mut self, device: &str, boot: Option<u32>) -> &mut DeviceAck {
@@ -182,28 +197,54 @@ impl AckTracker {
     /// by an ack already? Detects a counter restart; see the module doc.
     pub fn accepted(&mut self, device: &str, boot: Option<u32>, seq: u64, ts: u64, ts_from_device: bool) -> Seen {
         let d = self.dev(device, boot);
+        let mut restarted = false;
         // With a boot id, seqs never restart within it: the timestamp rule
-        // is for devices without one.
+        // is for devices without one. A seq at or below the highest this
+        // incarnation showed, with a newer clock, is a new incarnation's
+        // (a resend carries its old ts; a gap filled late is older than
+        // what came after it).
         if ts_from_device && boot.is_none() {
-            if d.prev.is_some_and(|(w, t)| seq <= w && ts <= t) {
+            if d.prev.is_some_and(|(high, t)| seq <= high && ts <= t) {
                 return Seen::Covered;
             }
             let newer = ts > d.max_ts;
-            if newer && d.watermark.is_some_and(|w| seq <= w) && !d.in_skipped(seq) {
+            // (A skipped seq that comes late is older than what came after it.)
+            if newer && d.high().is_some_and(|h| seq <= h) {
                 d.restart();
+                restarted = true;
             }
             d.max_ts = d.max_ts.max(ts);
         }
-        match d.watermark {
+        let seen = match d.watermark {
             Some(w) if seq <= w && !d.in_skipped(seq) => Seen::Covered,
+            // Durable already, waiting above a gap (found by the model test).
+            _ if d.above.contains(&seq) => Seen::Covered,
             _ => Seen::New,
+        };
+        if seen == Seen::New {
+            d.max_seq = d.max_seq.max(Some(seq));
         }
+        // A restart must reach the state file before anything of the new
+        // incarnation is stored: replayed readings cannot tell incarnations
+        // apart (found by the model test). See `take_restarted`.
+        self.restarted |= restarted;
+        seen
     }
 
     /// A reading of `device` with `seq` is now durable.
     pub fn durable(&mut self, device: &str, boot: Option<u32>, seq: u64, now_ms: u64) {
+        self.durable_at(device, boot, seq, u64::MAX, now_ms)
+    }
+
+    /// [`Self::durable`] for a reading stamped `ts`: a reading of the
+    /// incarnation before a counter restart (no newer than it) is stored,
+    /// but moves nothing of the new one.
+    pub fn durable_at(&mut self, device: &str, boot: Option<u32>, seq: u64, ts: u64, now_ms: u64) {
         let timeout = self.gap_timeout_ms;
         let d = self.dev(device, boot);
+        if d.prev.is_some_and(|(_, t)| ts <= t) {
+            return;
+        }
         let was_named = d.watermark.is_some();
         d.refused.remove(&seq);
         let cumulative = cumulative(d.port);
@@ -273,6 +314,12 @@ impl AckTracker {
                 d.watermark = Some(w + 1);
                 continue;
             }
+            // Nothing is below 0: a first contact that reached 0 is no gap.
+            if d.watermark.is_none() && d.above.first() == Some(&0) {
+                d.above.pop_first();
+                d.watermark = Some(0);
+                continue;
+            }
             if d.above.is_empty() {
                 d.gap_since_ms = None;
                 return;
@@ -340,12 +387,21 @@ impl AckTracker {
         self.newly_named
     }
 
+    /// Whether [`Self::accepted`] saw a counter restart since the last
+    /// snapshot. The caller must checkpoint before storing the reading that
+    /// showed it: the queue's records do not say which incarnation a
+    /// reading belongs to, so a replay must never span a restart.
+    pub fn restarted_since_snapshot(&self) -> bool {
+        self.restarted
+    }
+
     pub fn watermark(&self, device: &str, boot: Option<u32>) -> Option<u64> {
         self.devices.get(&(device.to_string(), boot)).and_then(|d| d.watermark)
     }
 
     pub fn snapshot(&mut self) -> AckSnapshot {
         self.newly_named = false;
+        self.restarted = false;
         AckSnapshot {
             devices: self
                 .devices
@@ -362,6 +418,7 @@ impl AckTracker {
                     above: d.above.iter().copied().collect(),
                     skipped: d.skipped.clone(),
                     prev: d.prev,
+                    max_seq: d.max_seq,
                 })
                 .collect(),
         }
@@ -375,6 +432,7 @@ impl AckTracker {
             d.above = s.above.into_iter().collect();
             d.skipped = s.skipped;
             d.prev = s.prev;
+            d.max_seq = s.max_seq;
             if !d.above.is_empty() {
                 d.gap_since_ms = Some(now_ms);
             }
@@ -396,6 +454,7 @@ struct SnapAck {
     above: Vec<u64>,
     skipped: Vec<(u64, u64)>,
     prev: Option<(u64, u64)>,
+    max_seq: Option<u64>,
 }
 
 /// The state file's ack part before boot ids (state format 1).
@@ -418,6 +477,7 @@ impl From<AckSnapshotV1> for AckSnapshot {
                     above,
                     skipped: Vec::new(),
                     prev: None,
+                    max_seq: None,
                 })
                 .collect(),
         }

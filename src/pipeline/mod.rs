@@ -87,8 +87,8 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     fsync: FsyncPolicy,
     fsync_interval: Duration,
-    /// `(device, boot, seq)` of readings appended but not yet committed.
-    uncommitted: Vec<(String, Option<u32>, u64)>,
+    /// `(device, boot, seq, ts)` of readings appended but not yet committed.
+    uncommitted: Vec<(String, Option<u32>, u64, u64)>,
     dirty_since: Option<Instant>,
     state_path: PathBuf,
     last_checkpoint: Instant,
@@ -101,7 +101,12 @@ pub struct Pipeline {
     /// Per-device counts since the last tick, handed to [`Metrics`] in one go.
     /// Keyed by device, then by source kind ([`SOURCE_KINDS`]).
     tallies: HashMap<String, [DeviceCounters; SOURCE_KINDS.len()]>,
+    /// Ids of the records `drop_oldest` evicted, newest last (bounded).
+    evicted: std::collections::VecDeque<std::ops::RangeInclusive<u64>>,
 }
+
+/// How many eviction ranges [`Pipeline::evicted_records`] remembers.
+const MAX_EVICTED_RANGES: usize = 4096;
 
 pub fn queue_dir(cfg: &Config) -> PathBuf {
     cfg.gateway.data_dir.join("queue")
@@ -148,6 +153,7 @@ impl Pipeline {
             clock,
             republish: None,
             tallies: HashMap::new(),
+            evicted: Default::default(),
         };
         let mut report = StartReport { queue: qreport, ..Default::default() };
         let state = match read_state(&me.state_path) {
@@ -183,7 +189,7 @@ impl Pipeline {
                         me.dedup.remember(r, meta.created_ms);
                         me.acks.seen_ts(&r.device, r.boot, r.ts);
                         if let Some(seq) = r.seq {
-                            me.acks.durable(&r.device, r.boot, seq, now);
+                            me.acks.durable_at(&r.device, r.boot, seq, r.ts, now);
                         }
                     }
                     report.replayed_records += 1;
@@ -197,6 +203,12 @@ impl Pipeline {
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue records `drop_oldest` evicted in this run, as id ranges (the
+    /// last [`MAX_EVICTED_RANGES`] evictions): what was lost, by name.
+    pub fn evicted_records(&self) -> impl Iterator<Item = &std::ops::RangeInclusive<u64>> {
+        self.evicted.iter()
     }
 
     /// The queue, shared with its readers (the uplink).
@@ -226,6 +238,13 @@ impl Pipeline {
         {
             Metrics::inc(&self.metrics.stale_resends);
             verdict = Verdict::Duplicate;
+        }
+        // A counter restart is on disk before the new incarnation's first
+        // reading is (see `AckTracker::restarted_since_snapshot`). Rare: a reboot.
+        if self.acks.restarted_since_snapshot()
+            && let Err(e) = self.checkpoint()
+        {
+            self.log_error(format_args!("checkpoint after a device's counter restart failed: {e}"));
         }
         self.tally(port, &reading.device, verdict);
         match verdict {
@@ -283,20 +302,28 @@ impl Pipeline {
         let batch = Batch { gateway: self.gateway.clone(), batch: q.next_id(), readings };
         let payload = batch.encode(self.format);
         let result = q.append(batch.readings.len() as u32, now_ms, &payload);
+        let evicted = q.last_evicted();
         drop(q);
         crate::crashpoint::hit("after-append");
         match result {
             Ok(AppendOutcome::Appended { dropped_records, dropped_readings }) => {
-                if dropped_records > 0 {
+                if let Some(ids) = evicted.filter(|_| dropped_records > 0) {
                     Metrics::add(&self.metrics.readings_dropped_full, dropped_readings);
                     self.log_error(format_args!(
-                        "queue full: dropped the oldest {dropped_records} batches ({dropped_readings} readings)"
+                        "queue full: dropped the oldest {dropped_records} batches ({dropped_readings} readings), \
+                         records {}..={}",
+                        ids.start(),
+                        ids.end()
                     ));
+                    if self.evicted.len() >= MAX_EVICTED_RANGES {
+                        self.evicted.pop_front();
+                    }
+                    self.evicted.push_back(ids);
                 }
                 Metrics::inc(&self.metrics.batches_queued);
                 Metrics::add(&self.metrics.batch_bytes_queued, payload.len() as u64);
                 self.uncommitted
-                    .extend(batch.readings.iter().filter_map(|r| r.seq.map(|s| (r.device.clone(), r.boot, s))));
+                    .extend(batch.readings.iter().filter_map(|r| r.seq.map(|s| (r.device.clone(), r.boot, s, r.ts))));
                 self.dirty_since.get_or_insert(now);
                 self.changed_since_checkpoint = true;
                 if self.fsync == FsyncPolicy::Always {
@@ -340,8 +367,8 @@ impl Pipeline {
                 crate::crashpoint::hit("after-commit");
                 Metrics::inc(&self.metrics.queue_commits);
                 let now = (self.clock)();
-                for (dev, boot, seq) in self.uncommitted.drain(..) {
-                    self.acks.durable(&dev, boot, seq, now);
+                for (dev, boot, seq, ts) in self.uncommitted.drain(..) {
+                    self.acks.durable_at(&dev, boot, seq, ts, now);
                 }
                 self.dirty_since = None;
             }
@@ -675,7 +702,14 @@ mod tests {
         let advert = |id: u8| Incoming {
             packet_id: Some(id),
             ..Incoming::new(
-                Reading { device: "th".into(), sensor: "humidity".into(), seq: None, ts: now_ms(), value: Value::Number(50.0), boot: None },
+                Reading {
+                    device: "th".into(),
+                    sensor: "humidity".into(),
+                    seq: None,
+                    ts: now_ms(),
+                    value: Value::Number(50.0),
+                    boot: None,
+                },
                 false,
                 crate::reading::BLE_PORT,
             )

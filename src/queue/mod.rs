@@ -357,6 +357,8 @@ pub struct Queue {
     /// A failed write may have left garbage at the end of the last segment:
     /// never append after it.
     force_roll: bool,
+    /// Ids of the records the last append evicted (`drop_oldest`), if any.
+    last_evicted: Option<std::ops::RangeInclusive<u64>>,
     /// An fsync failed: refuse writes (see module docs).
     failed: bool,
     fsyncs: u64,
@@ -659,6 +661,7 @@ impl Queue {
             seg_dirty: false,
             seg_dir_dirty: false,
             force_roll: false,
+            last_evicted: None,
             failed: false,
             fsyncs,
             indexed_segments,
@@ -724,6 +727,7 @@ impl Queue {
         // Plan evictions first but apply them only once the write succeeded,
         // so a failed append changes nothing.
         let first_live = self.first_live();
+        self.last_evicted = None;
         let (mut evict, mut freed, mut dropped_readings) = (0usize, 0u64, 0u64);
         if self.live_bytes + size > max {
             if self.opts.when_full == WhenFull::RejectNew {
@@ -767,9 +771,16 @@ impl Queue {
 
         if evict > 0 {
             let last_dropped = self.index[first_live + evict - 1].id;
+            self.last_evicted = Some(self.index[first_live].id..=last_dropped);
             self.move_head(last_dropped);
         }
         Ok(AppendOutcome::Appended { dropped_records: evict as u64, dropped_readings })
+    }
+
+    /// The ids of the records the last [`Queue::append`] evicted to make
+    /// room (`drop_oldest`); `None` when it evicted nothing.
+    pub fn last_evicted(&self) -> Option<std::ops::RangeInclusive<u64>> {
+        self.last_evicted.clone()
     }
 
     /// Commit what the current segment holds (so only the newest segment ever
