@@ -553,6 +553,7 @@ mod tests {
             let mut gw = std::fs::OpenOptions::new().read(true).write(true).open(&pty.slave_path).unwrap();
             let mut cfg = SimConfig::new("w1", framing);
             cfg.resend_after = Duration::from_millis(50);
+            cfg.first_seq = 1;
             let mut dev = SimDevice::on_pty(cfg, pty).unwrap();
             for _ in 0..3 {
                 dev.send_next().unwrap();
