@@ -231,6 +231,22 @@ impl AckTracker {
         seen
     }
 
+    /// Dedup remembers this seq of the device with another device `ts`: a new
+    /// incarnation reused it, whatever the clocks say (two reboots in a row
+    /// can make a new incarnation's first readings look older than the last
+    /// one's; found by the model test). For devices without boot id.
+    pub fn reused(&mut self, device: &str, ts: u64) {
+        let d = self.dev(device, None);
+        d.restart();
+        // Older than this reading is the old incarnation's; this one (and
+        // anything newer) is the new one's.
+        if let Some(p) = d.prev.as_mut() {
+            p.1 = p.1.min(ts.saturating_sub(1));
+        }
+        d.max_ts = d.max_ts.max(ts);
+        self.restarted = true;
+    }
+
     /// A reading of `device` with `seq` is now durable.
     pub fn durable(&mut self, device: &str, boot: Option<u32>, seq: u64, now_ms: u64) {
         self.durable_at(device, boot, seq, u64::MAX, now_ms)

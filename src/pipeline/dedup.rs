@@ -165,6 +165,20 @@ impl Dedup {
         packet_id: Option<u8>,
         now_ms: u64,
     ) -> Verdict {
+        self.check_full(r, ts_from_device, packet_id, now_ms).0
+    }
+
+    /// [`Dedup::check_with_packet`], also saying whether an accepted
+    /// reading's key was remembered with *other* content: for a device that
+    /// stamps `ts`, the same seq with another ts is a new incarnation's
+    /// reading (a resend carries its original ts).
+    pub fn check_full(
+        &mut self,
+        r: &Reading,
+        ts_from_device: bool,
+        packet_id: Option<u8>,
+        now_ms: u64,
+    ) -> (Verdict, bool) {
         let dev = match self.devices.get_mut(&r.device) {
             Some(d) => d,
             None => self.devices.entry(r.device.clone()).or_default(),
@@ -180,14 +194,14 @@ impl Dedup {
                 && e.fpt == fpt
                 && e.at_ms >= repeat_since
             {
-                return Verdict::Duplicate;
+                return (Verdict::Duplicate, false);
             }
             dev.insert(key, Entry { fp, fpt, at_ms: now_ms });
             dev.prune(oldest, self.max_per_device);
-            return Verdict::Accept;
+            return (Verdict::Accept, false);
         }
         let Some(key) = Self::key_of(dev, r, ts_from_device) else {
-            return Verdict::Accept;
+            return (Verdict::Accept, false);
         };
         let fpt = fingerprint_ts(fp, r.ts);
         if let Some(e) = dev.seen.get(&key)
@@ -197,11 +211,14 @@ impl Dedup {
             // stored reading, being the same device's, was stamped too.
             && (!ts_from_device || e.fpt == 0 || e.fpt == fpt)
         {
-            return Verdict::Duplicate;
+            return (Verdict::Duplicate, false);
         }
+        let reused = ts_from_device
+            && r.seq.is_some()
+            && dev.seen.get(&key).is_some_and(|e| e.at_ms >= oldest && e.fpt != 0 && e.fpt != fpt);
         dev.insert(key, Entry { fp, fpt, at_ms: now_ms });
         dev.prune(oldest, self.max_per_device);
-        Verdict::Accept
+        (Verdict::Accept, reused)
     }
 
     /// Un-accept a reading whose batch the queue refused (`reject_new`): the

@@ -228,7 +228,10 @@ impl Pipeline {
         if reading.seq.is_some() {
             self.acks.route(&reading.device, reading.boot, port, now_ms);
         }
-        let mut verdict = self.dedup.check_with_packet(&reading, ts_from_device, packet_id, now_ms);
+        let (mut verdict, reused) = self.dedup.check_full(&reading, ts_from_device, packet_id, now_ms);
+        if reused && reading.boot.is_none() {
+            self.acks.reused(&reading.device, reading.ts);
+        }
         // A seq an ack already covers is not stored again, even when dedup
         // forgot its key (a device redocked after the window): the device
         // just missed the ack.
@@ -238,13 +241,6 @@ impl Pipeline {
         {
             Metrics::inc(&self.metrics.stale_resends);
             verdict = Verdict::Duplicate;
-        }
-        // A counter restart is on disk before the new incarnation's first
-        // reading is (see `AckTracker::restarted_since_snapshot`). Rare: a reboot.
-        if self.acks.restarted_since_snapshot()
-            && let Err(e) = self.checkpoint()
-        {
-            self.log_error(format_args!("checkpoint after a device's counter restart failed: {e}"));
         }
         self.tally(port, &reading.device, verdict);
         match verdict {
@@ -265,6 +261,17 @@ impl Pipeline {
                     self.seal(batch, now, now_ms);
                 }
             }
+        }
+        // A counter restart goes to the state file together with the new
+        // incarnation's first reading, committed: the queue's records do not
+        // say which incarnation a reading is of, so no replay may span a
+        // restart (see `AckTracker::restarted_since_snapshot`). And not
+        // before that reading is durable: the snapshot holds its dedup key.
+        // Rare: a reboot of a device without boot id.
+        if self.acks.restarted_since_snapshot()
+            && let Err(e) = self.checkpoint()
+        {
+            self.log_error(format_args!("checkpoint after a device's counter restart failed: {e}"));
         }
     }
 
