@@ -328,6 +328,7 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
     let mut reboots = 0;
     let metrics = Arc::new(Metrics::default());
     let (mut p, _) = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap();
+    p.start_clock_at(base);
     let trace = std::env::var("MODEL_TRACE").is_ok();
     // One frame from device `d` to the pipeline (or lost on the wire).
     let feed = |p: &mut Pipeline, dev: &mut Device, r: Reading, virtual_ms: u64| {
@@ -424,6 +425,7 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
                 m.observe(&p);
                 drop(p);
                 p = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap().0;
+                p.start_clock_at(base + Duration::from_millis(virtual_ms));
                 m.check(&p, step);
             }
             _ => {
@@ -432,6 +434,7 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
                 deliver(&mut m.devices, acks, &mut rng, virtual_ms, true);
                 drop(p);
                 p = Pipeline::open_with_clock(&cfg, metrics.clone(), clock).unwrap().0;
+                p.start_clock_at(base + Duration::from_millis(virtual_ms));
                 m.check(&p, step);
             }
         }

@@ -235,8 +235,16 @@ impl AckTracker {
     /// incarnation reused it, whatever the clocks say (two reboots in a row
     /// can make a new incarnation's first readings look older than the last
     /// one's; found by the model test). For devices without boot id.
-    pub fn reused(&mut self, device: &str, ts: u64) {
+    ///
+    /// `old_ts` is the ts the seq was remembered with: only a conflict
+    /// inside the current incarnation (newer than its start) is a restart; a
+    /// key of an incarnation already left behind says nothing (the current
+    /// one's late first frame reusing it, found by the model test).
+    pub fn reused(&mut self, device: &str, ts: u64, old_ts: u64) {
         let d = self.dev(device, None);
+        if d.prev.is_some_and(|(_, t)| old_ts <= t) {
+            return;
+        }
         d.restart();
         // Older than this reading is the old incarnation's; this one (and
         // anything newer) is the new one's.

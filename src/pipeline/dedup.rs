@@ -14,8 +14,8 @@
 //! rebooted and restarted its counter. Without a boot id that is told by the
 //! timestamp (a new incarnation stamps a newer `ts`) or, for devices without
 //! a clock, only by the value: such a device must send `boot` or never
-//! restart its counter (README, firmware section). Two 32-bit fingerprints
-//! per key, of the value and of value + ts, make the distinction.
+//! restart its counter (README, firmware section). A 32-bit fingerprint of
+//! the value and the ts per key make the distinction.
 //!
 //! BTHome sensors number their adverts with a packet id, a `u8` that wraps
 //! every 256 measurements: not a sequence. A reading repeats the previous one
@@ -35,6 +35,9 @@ use std::collections::{HashMap, VecDeque};
 /// measurements the id comes round again).
 pub const PACKET_REPEAT_MS: u64 = 60_000;
 
+/// An entry restored from a format-1 state file, which kept no ts.
+const TS_UNKNOWN: u64 = u64::MAX;
+
 const KIND_SEQ: u8 = 0;
 const KIND_TS: u8 = 1;
 const KIND_PACKET: u8 = 2;
@@ -51,9 +54,9 @@ struct Key {
 struct Entry {
     /// Fingerprint of the value.
     fp: u32,
-    /// Fingerprint of value and ts (never 0; 0 = unknown, from a state file
-    /// written before it existed). For packet keys: the packet id + 1.
-    fpt: u32,
+    /// The reading's `ts` ([`TS_UNKNOWN`] from a state file written before
+    /// it was kept). For packet keys: the packet id.
+    ts: u64,
     at_ms: u64,
 }
 
@@ -132,12 +135,6 @@ fn fingerprint(v: &Value) -> u32 {
     h
 }
 
-fn fingerprint_ts(fp: u32, ts: u64) -> u32 {
-    let mut h = fp;
-    fnv(&mut h, ts);
-    h.max(1)
-}
-
 impl Dedup {
     pub fn new(window: std::time::Duration, max_per_device: usize) -> Self {
         Dedup { window_ms: window.as_millis() as u64, max_per_device, devices: HashMap::new() }
@@ -168,9 +165,9 @@ impl Dedup {
         self.check_full(r, ts_from_device, packet_id, now_ms).0
     }
 
-    /// [`Dedup::check_with_packet`], also saying whether an accepted
-    /// reading's key was remembered with *other* content: for a device that
-    /// stamps `ts`, the same seq with another ts is a new incarnation's
+    /// [`Dedup::check_with_packet`], also saying, for an accepted reading of
+    /// a device that stamps `ts`, the `ts` its seq was remembered with when
+    /// that differs: the same seq with another ts is another incarnation's
     /// reading (a resend carries its original ts).
     pub fn check_full(
         &mut self,
@@ -178,7 +175,7 @@ impl Dedup {
         ts_from_device: bool,
         packet_id: Option<u8>,
         now_ms: u64,
-    ) -> (Verdict, bool) {
+    ) -> (Verdict, Option<u64>) {
         let dev = match self.devices.get_mut(&r.device) {
             Some(d) => d,
             None => self.devices.entry(r.device.clone()).or_default(),
@@ -187,36 +184,37 @@ impl Dedup {
         let oldest = now_ms.saturating_sub(self.window_ms);
         if let (None, Some(id)) = (r.seq, packet_id) {
             let key = Key { sensor: dev.sensor(&r.sensor), kind: KIND_PACKET, boot: r.boot, n: 0 };
-            let fpt = id as u32 + 1;
+            let id = id as u64;
             let repeat_since = now_ms.saturating_sub(PACKET_REPEAT_MS.min(self.window_ms));
             if let Some(e) = dev.seen.get(&key)
                 && e.fp == fp
-                && e.fpt == fpt
+                && e.ts == id
                 && e.at_ms >= repeat_since
             {
-                return (Verdict::Duplicate, false);
+                return (Verdict::Duplicate, None);
             }
-            dev.insert(key, Entry { fp, fpt, at_ms: now_ms });
+            dev.insert(key, Entry { fp, ts: id, at_ms: now_ms });
             dev.prune(oldest, self.max_per_device);
-            return (Verdict::Accept, false);
+            return (Verdict::Accept, None);
         }
         let Some(key) = Self::key_of(dev, r, ts_from_device) else {
-            return (Verdict::Accept, false);
+            return (Verdict::Accept, None);
         };
-        let fpt = fingerprint_ts(fp, r.ts);
         if let Some(e) = dev.seen.get(&key)
             && e.fp == fp
             && e.at_ms >= oldest
             // A device that stamps its readings resends the same ts; the
             // stored reading, being the same device's, was stamped too.
-            && (!ts_from_device || e.fpt == 0 || e.fpt == fpt)
+            && (!ts_from_device || e.ts == TS_UNKNOWN || e.ts == r.ts)
         {
-            return (Verdict::Duplicate, false);
+            return (Verdict::Duplicate, None);
         }
-        let reused = ts_from_device
-            && r.seq.is_some()
-            && dev.seen.get(&key).is_some_and(|e| e.at_ms >= oldest && e.fpt != 0 && e.fpt != fpt);
-        dev.insert(key, Entry { fp, fpt, at_ms: now_ms });
+        let reused = dev
+            .seen
+            .get(&key)
+            .filter(|e| ts_from_device && r.seq.is_some() && e.at_ms >= oldest && e.ts != TS_UNKNOWN && e.ts != r.ts)
+            .map(|e| e.ts);
+        dev.insert(key, Entry { fp, ts: r.ts, at_ms: now_ms });
         dev.prune(oldest, self.max_per_device);
         (Verdict::Accept, reused)
     }
@@ -245,7 +243,7 @@ impl Dedup {
         // device, whose resends carry this same ts.
         let key = Self::key_of(dev, r, true).expect("with ts_from_device every reading has a key");
         let fp = fingerprint(&r.value);
-        dev.insert(key, Entry { fp, fpt: fingerprint_ts(fp, r.ts), at_ms });
+        dev.insert(key, Entry { fp, ts: r.ts, at_ms });
     }
 
     /// Drop keys older than the window for every device (devices that went
@@ -288,7 +286,7 @@ impl Dedup {
                             boot: k.boot,
                             n: k.n,
                             fp: e.fp,
-                            fpt: e.fpt,
+                            ts: e.ts,
                             at_ms: e.at_ms,
                         })
                         .collect(),
@@ -306,7 +304,7 @@ impl Dedup {
             for k in d.keys {
                 keys.insert(
                     Key { sensor: k.sensor, kind: k.kind, boot: k.boot, n: k.n },
-                    Entry { fp: k.fp, fpt: k.fpt, at_ms: k.at_ms },
+                    Entry { fp: k.fp, ts: k.ts, at_ms: k.at_ms },
                 );
             }
             self.devices.insert(d.name, keys);
@@ -333,7 +331,7 @@ struct SnapKey {
     boot: Option<u32>,
     n: u64,
     fp: u32,
-    fpt: u32,
+    ts: u64,
     at_ms: u64,
 }
 
@@ -361,7 +359,7 @@ impl From<DedupSnapshotV1> for DedupSnapshot {
                             boot: None,
                             n,
                             fp,
-                            fpt: 0,
+                            ts: TS_UNKNOWN,
                             at_ms,
                         })
                         .collect(),

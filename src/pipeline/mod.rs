@@ -92,6 +92,10 @@ pub struct Pipeline {
     dirty_since: Option<Instant>,
     state_path: PathBuf,
     last_checkpoint: Instant,
+    /// The latest `now` a caller passed in ([`Pipeline::ingest`],
+    /// [`Pipeline::tick`]): checkpoints use it, so a test that drives time
+    /// gets the same run every time.
+    last_now: Instant,
     changed_since_checkpoint: bool,
     last_error_log: Option<Instant>,
     /// Wall clock in unix ms; a test can drive it.
@@ -148,6 +152,7 @@ impl Pipeline {
             dirty_since: None,
             state_path: dir.join("state.bin"),
             last_checkpoint: Instant::now(),
+            last_now: Instant::now(),
             changed_since_checkpoint: false,
             last_error_log: None,
             clock,
@@ -211,6 +216,14 @@ impl Pipeline {
         self.evicted.iter()
     }
 
+    /// Start the pipeline's monotonic clock at `now` instead of the real
+    /// `Instant::now()` of [`Pipeline::open`]: for tests that drive time, so
+    /// that a run is the same every time.
+    pub fn start_clock_at(&mut self, now: Instant) {
+        self.last_checkpoint = now;
+        self.last_now = now;
+    }
+
     /// The queue, shared with its readers (the uplink).
     pub fn queue_handle(&self) -> Arc<Mutex<Queue>> {
         self.queue.clone()
@@ -225,12 +238,13 @@ impl Pipeline {
     /// Take one reading from a source.
     pub fn ingest(&mut self, inc: Incoming, now: Instant, now_ms: u64) {
         let Incoming { reading, ts_from_device, port, packet_id } = inc;
+        self.last_now = self.last_now.max(now);
         if reading.seq.is_some() {
             self.acks.route(&reading.device, reading.boot, port, now_ms);
         }
         let (mut verdict, reused) = self.dedup.check_full(&reading, ts_from_device, packet_id, now_ms);
-        if reused && reading.boot.is_none() {
-            self.acks.reused(&reading.device, reading.ts);
+        if let Some(old_ts) = reused.filter(|_| reading.boot.is_none()) {
+            self.acks.reused(&reading.device, reading.ts, old_ts);
         }
         // A seq an ack already covers is not stored again, even when dedup
         // forgot its key (a device redocked after the window): the device
@@ -409,6 +423,7 @@ impl Pipeline {
     /// Time-driven work: close aged batches, group commit, checkpoint.
     /// Returns the acks to write to the devices.
     pub fn tick(&mut self, now: Instant) -> Vec<(PortId, Ack)> {
+        self.last_now = self.last_now.max(now);
         let ms = (self.clock)();
         self.flush_tallies();
         if let Some(b) = self.batcher.poll_age(now) {
@@ -433,7 +448,7 @@ impl Pipeline {
     /// Seal, commit, write the state file, then let the queue delete what
     /// is consumed. Order matters: state first, deletion after.
     pub fn checkpoint(&mut self) -> Result<(), PipelineError> {
-        let now = Instant::now();
+        let now = self.last_now.max(self.last_checkpoint);
         if let Some(b) = self.batcher.take() {
             self.seal(b, now, (self.clock)());
         }
