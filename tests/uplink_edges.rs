@@ -403,6 +403,32 @@ fn deaf_peer(stop: Arc<AtomicBool>) -> (u16, std::thread::JoinHandle<usize>) {
     (port, h)
 }
 
+/// Append `n` batches of ~140 KB (10 readings of 2,000 numbers each) to
+/// the gateway's queue before it starts; returns their batch numbers.
+fn prefill(cfg: &Path, n: u64) -> Vec<u64> {
+    use edge_gateway::reading::{Batch, Format, Reading, Value};
+    let c = edge_gateway::config::Config::load(cfg).unwrap();
+    let dir = edge_gateway::pipeline::queue_dir(&c);
+    let (mut q, _) = edge_gateway::queue::Queue::open(&dir, (&c.store).into()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let readings = (0..10)
+            .map(|j| Reading {
+                device: "bulk".into(),
+                sensor: "spectrum".into(),
+                seq: Some(i * 10 + j + 1),
+                ts: 1_700_000_000_000 + i * 10 + j,
+                value: Value::Array((0..2000).map(|k| k as f64 * 1.25).collect()),
+            })
+            .collect();
+        let b = Batch { gateway: "test-gw".into(), batch: q.next_id(), readings };
+        ids.push(b.batch);
+        q.append(10, 0, &b.encode(Format::Json)).unwrap();
+    }
+    q.commit().unwrap();
+    ids
+}
+
 /// A peer that accepts and stops reading: the uplink's write gives up after
 /// keep-alive x 1.5 and reconnects; a reload stops a stuck uplink at once
 /// (even with a 60 s keep-alive), and the gateway stops within its budget.
@@ -421,6 +447,8 @@ fn s2_a_peer_that_stops_reading_cannot_wedge_writes_reloads_or_the_stop() {
     };
     let (mut devices, cfg) =
         fleet_with(dir.path(), 2, 61, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &(deaf("2s") + &metrics(mport)));
+    // A backlog of ~14 MB, more than the socket buffers hold (wmem max 4 MB here).
+    let backlog = prefill(&cfg, 100);
     let gw = Gateway::start(&cfg);
     stream(&mut devices, 500, Duration::from_millis(1));
     all_acked(&mut devices, &gw);
@@ -462,8 +490,14 @@ fn s2_a_peer_that_stops_reading_cannot_wedge_writes_reloads_or_the_stop() {
         gw.log_text()
     );
     // Everything reaches the real broker once (the deaf peer delivered nothing).
-    let got = wait_all(&sub, &devices, Duration::from_secs(30));
+    let got = wait_received(&sub, Duration::from_secs(60), |r| {
+        backlog.iter().all(|b| r.batches.contains_key(&("test-gw".to_string(), *b)))
+            && created(&devices).iter().all(|k| r.readings.contains_key(k))
+    });
     assert_eq!(missing_and_doubled(&devices, &got), (1400, 0, 0), "{}", gw.log_text());
+    for b in &backlog {
+        assert_eq!(got.batches.get(&("test-gw".to_string(), *b)), Some(&1), "backlog batch {b}");
+    }
 
     // Stuck again, then SIGTERM: the gateway exits (terminate_ok allows 10 s; the budget is 5 s).
     repoint(&cfg, &deaf("60s"));

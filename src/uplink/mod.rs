@@ -980,10 +980,8 @@ impl Uplink {
                 "upstream broker refused batch {id} (reason {reason:#04x}, {name}, {}); retrying in {pause:?}",
                 match kind {
                     Refusal::Transient => "transient".to_string(),
-                    Refusal::Permanent => format!(
-                        "permanent: moved to the dead-letter store after {} attempt(s)",
-                        self.cfg.dead_letter_after
-                    ),
+                    Refusal::Permanent =>
+                        format!("permanent: dead-lettered after {} attempt(s)", self.cfg.dead_letter_after),
                 }
             );
         } else {
