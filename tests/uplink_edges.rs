@@ -116,8 +116,8 @@ fn repoint(cfg: &Path, up: &str) {
     let text = std::fs::read_to_string(cfg).unwrap();
     let at = text.find("[upstream]").expect("an [upstream] table");
     let rest = &text[at..];
-    // Keep a `[metrics]` table that follows it.
-    let tail = rest.find("\n[metrics]").map(|i| &rest[i..]).unwrap_or("");
+    // Keep a `[metrics]` table that follows it, unless `up` brings its own.
+    let tail = rest.find("\n[metrics]").filter(|_| !up.contains("[metrics]")).map(|i| &rest[i..]).unwrap_or("");
     std::fs::write(cfg, format!("{}{up}{tail}", &text[..at])).unwrap();
 }
 
@@ -701,6 +701,11 @@ fn l6_sigkilled_mosquitto_with_autosave_stays_within_the_documented_bound() {
     let certs = make_certs(dir.path());
     let mut broker = Mosquitto::start(&dir.path().join("broker"), &certs, false);
     let sub = Subscriber::start(broker.plain_port, "l6-sub", TOPIC, &dir.path().join("sub.out"));
+    // The subscriber's session on disk before the first kill (else a kill
+    // before the first autosave takes its subscription along).
+    broker.stop();
+    broker.restart();
+    std::thread::sleep(Duration::from_secs(2));
     let up = upstream_tls(broker.tls_port, &certs.ca, "");
     let (mut devices, cfg) = fleet_with(dir.path(), 4, 66, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
     let gw = Gateway::start(&cfg);
@@ -763,21 +768,21 @@ fn a_broker_without_retained_messages_still_gets_every_batch() {
     assert_eq!(missing_and_doubled(&devices, &got), (200, 0, 0), "{log}");
 }
 
-/// Mosquitto's `max_keepalive 2` reaches an MQTT 5 client as Server Keep
-/// Alive 2: the uplink must ping within that, or Mosquitto drops it after
-/// 3 s of quiet (our own keep-alive here is 60 s).
+/// Mosquitto's `max_keepalive 10` (its minimum) reaches an MQTT 5 client as
+/// Server Keep Alive 10: the uplink must ping within that, or Mosquitto
+/// drops it after 15 s of quiet (our own keep-alive here is 60 s).
 #[test]
 fn server_keep_alive_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
-    let broker = Mosquitto::start_with(&dir.path().join("broker"), &certs, false, "max_keepalive 2");
+    let broker = Mosquitto::start_with(&dir.path().join("broker"), &certs, false, "max_keepalive 10");
     let mport = free_port();
     let up = upstream_tls(broker.tls_port, &certs.ca, "").replace("keep_alive = \"5s\"", "keep_alive = \"60s\"")
         + &metrics(mport);
     let cfg = write_config_extra(dir.path(), &[], "", "", &up);
     let gw = Gateway::start(&cfg);
     assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("connected (MQTT 5")), "{}", gw.log_text());
-    std::thread::sleep(Duration::from_secs(8));
+    std::thread::sleep(Duration::from_secs(17));
     let m = fetch_metrics(mport);
     let (log, _) = terminate_ok(gw);
     assert!(log.contains("Server Keep Alive"), "{log}");
