@@ -59,6 +59,8 @@ const PIPELINE_STOP_BUDGET: Duration = Duration::from_secs(4);
 const SOURCE_STOP_BUDGET: Duration = Duration::from_millis(800);
 /// The uplink stops alongside the pipeline; this is what it may take beyond it.
 const UPLINK_STOP_BUDGET: Duration = Duration::from_millis(700);
+/// What a reload waits for the old uplink (it stops at once unless wedged).
+const UPLINK_RELOAD_BUDGET: Duration = Duration::from_secs(3);
 const BROKER_STOP_BUDGET: Duration = Duration::from_millis(600);
 /// BLE tasks stop delivering at once; this bounds their unsubscribe/disconnect.
 const BLE_STOP_BUDGET: Duration = Duration::from_millis(200);
@@ -88,6 +90,8 @@ struct Sources {
     routes: Routes,
     ble: Option<BleTask>,
     uplink: Option<(Shutdown, std::thread::JoinHandle<()>)>,
+    /// An uplink thread that did not stop may still own the PUBREC log.
+    uplink_wedged: bool,
     uplink_beat: Beat,
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
@@ -147,6 +151,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         routes: routes.clone(),
         ble: None,
         uplink: None,
+        uplink_wedged: false,
         uplink_beat,
         tx: tx.clone(),
         metrics: metrics.clone(),
@@ -300,6 +305,7 @@ impl Sources {
 
     fn start_uplink(&mut self) -> anyhow::Result<()> {
         Metrics::set(&self.metrics.upstream_configured, u64::from(self.cfg.upstream.is_some()));
+        anyhow::ensure!(!self.uplink_wedged, "the previous uplink never stopped; restart the gateway");
         let Some(up) = &self.cfg.upstream else {
             tracing::info!("no [upstream] configured: batches stay in the queue");
             // Nothing to prove alive.
@@ -320,18 +326,29 @@ impl Sources {
         Ok(())
     }
 
-    /// Stop the uplink thread and wait for it: two uplinks must never share
-    /// the PUBREC log.
-    async fn stop_uplink(&mut self) {
-        let Some((stop, thread)) = self.uplink.take() else { return };
+    /// Stop the uplink thread and wait for it, at most
+    /// `UPLINK_RELOAD_BUDGET`: two uplinks must never share the PUBREC log,
+    /// so false (and no new uplink) when it did not stop. Its beat then goes
+    /// stale and the watchdog restarts the gateway.
+    async fn stop_uplink(&mut self) -> bool {
+        let Some((stop, thread)) = self.uplink.take() else { return true };
         stop.trigger();
         let t0 = Instant::now();
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        // After the join: its ticker cannot beat any more.
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        if tokio::time::timeout(UPLINK_RELOAD_BUDGET, joined).await.is_err() {
+            tracing::error!(
+                "reload: the uplink did not stop within {UPLINK_RELOAD_BUDGET:?}; not starting a second one beside it \
+                 (the watchdog restarts the gateway)"
+            );
+            self.uplink_wedged = true;
+            return false;
+        }
+        // After the join: its loop cannot beat any more.
         self.uplink_beat.park();
-        if t0.elapsed() > Duration::from_secs(2) {
+        if t0.elapsed() > Duration::from_secs(1) {
             tracing::warn!("reload: the uplink took {:.1?} to stop", t0.elapsed());
         }
+        true
     }
 
     /// Apply a new, valid config (see the module doc).
@@ -394,8 +411,9 @@ impl Sources {
             self.start_ble();
         }
         // Upstream: a new session (the PUBREC log handles a different broker).
-        if self.cfg.upstream != new.upstream {
-            self.stop_uplink().await;
+        if self.cfg.upstream != new.upstream && !self.stop_uplink().await {
+            changes.push("upstream NOT restarted (the old uplink is stuck)".to_string());
+        } else if self.cfg.upstream != new.upstream {
             Metrics::set(&self.metrics.upstream_connected, 0);
             let previous = std::mem::replace(&mut self.cfg.upstream, new.upstream.clone());
             match self.start_uplink() {

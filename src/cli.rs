@@ -96,6 +96,33 @@ enum QueueCmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Batches the upstream broker refused for good (the dead-letter store,
+    /// `data_dir/uplink.dead`).
+    Dead {
+        #[command(subcommand)]
+        cmd: DeadCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCmd {
+    /// Print every dead reading as one JSON line: gateway, batch, device,
+    /// sensor, seq, ts, value, reason, reason_code (safe while the gateway runs).
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Put every dead batch back into the queue, unchanged (same gateway and
+    /// batch number), once the cause is fixed. Needs the gateway stopped.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Delete every dead batch for good. Needs the gateway stopped.
+    Drop {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 /// Where the Debian package puts the config.
@@ -113,6 +140,9 @@ pub fn main() -> ExitCode {
         Cmd::Demo { duration, outage, keep } => crate::demo::run(crate::demo::DemoOptions { duration, outage, keep }),
         Cmd::Queue { cmd: QueueCmd::Status { config } } => queue_status(&config),
         Cmd::Queue { cmd: QueueCmd::Dump { config } } => queue_dump(&config),
+        Cmd::Queue { cmd: QueueCmd::Dead { cmd: DeadCmd::List { config } } } => dead_list(&config),
+        Cmd::Queue { cmd: QueueCmd::Dead { cmd: DeadCmd::Replay { config } } } => dead_replay(&config),
+        Cmd::Queue { cmd: QueueCmd::Dead { cmd: DeadCmd::Drop { config } } } => dead_drop(&config),
         Cmd::Decode => decode(),
         Cmd::HashPassword => hash_password(),
         Cmd::Simulate { link, device, rate, framing, count } => simulate(&link, &device, rate, framing, count),
@@ -314,6 +344,92 @@ fn print_records(out: &mut impl Write, records: &[crate::queue::Record]) -> anyh
             Err(e) => eprintln!("edge-gateway: record {} is not a batch: {e}", meta.id),
         }
     }
+    Ok(())
+}
+
+fn dead_list(path: &Path) -> anyhow::Result<()> {
+    let cfg = load(path)?;
+    let dir = &cfg.gateway.data_dir;
+    let dead = crate::uplink::dead::read(dir)
+        .with_context(|| format!("cannot read {}", dir.join(crate::uplink::dead::FILE_NAME).display()))?;
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    for d in &dead {
+        let batch = match Batch::decode(&d.payload) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("edge-gateway: dead batch (queue record {}) is not a batch: {e}", d.queue_id);
+                continue;
+            }
+        };
+        for line in batch.json_lines() {
+            let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&line)?;
+            v.insert("reason".into(), d.reason.clone().into());
+            v.insert("reason_code".into(), d.reason_code.into());
+            writeln!(out, "{}", serde_json::Value::Object(v))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The queue for writing, which only works while the gateway is stopped.
+fn open_queue_exclusive(cfg: &Config) -> anyhow::Result<Queue> {
+    let dir = crate::pipeline::queue_dir(cfg);
+    match Queue::open(&dir, crate::queue::QueueOptions::from(&cfg.store)) {
+        Ok((q, _)) => Ok(q),
+        Err(crate::queue::QueueError::Locked) => anyhow::bail!(
+            "the gateway is running (it holds {}): stop it first (e.g. `systemctl stop edge-gateway`)",
+            dir.join("lock").display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot open the queue in {}", dir.display())),
+    }
+}
+
+fn dead_replay(path: &Path) -> anyhow::Result<()> {
+    use crate::uplink::dead::DeadStore;
+    let cfg = load(path)?;
+    let mut q = open_queue_exclusive(&cfg)?;
+    let dir = &cfg.gateway.data_dir;
+    let mut store =
+        DeadStore::open(dir).with_context(|| format!("cannot open the dead-letter store in {}", dir.display()))?;
+    let dead = crate::uplink::dead::read(dir)?;
+    let mut replayed = 0;
+    let mut readings = 0u64;
+    for d in &dead {
+        // Never let a replay evict live batches (drop_oldest) or fail half-way.
+        if q.status().bytes + d.payload.len() as u64 + 64 > cfg.store.max_bytes {
+            eprintln!(
+                "edge-gateway: the queue is full; {} batch(es) stay in the dead-letter store",
+                dead.len() - replayed
+            );
+            break;
+        }
+        q.append(d.readings, d.created_ms, &d.payload)?;
+        replayed += 1;
+        readings += d.readings as u64;
+    }
+    // Durable in the queue before they leave the store: a crash in between
+    // queues them twice, as the same (gateway, batch), which consumers dedup.
+    q.commit()?;
+    store.clear()?;
+    for d in &dead[replayed..] {
+        store.append(d).map_err(|e| anyhow::anyhow!("cannot keep the batches not replayed: {e}"))?;
+    }
+    eprintln!("edge-gateway: {replayed} dead batch(es) ({readings} readings) queued again");
+    Ok(())
+}
+
+fn dead_drop(path: &Path) -> anyhow::Result<()> {
+    use crate::uplink::dead::DeadStore;
+    let cfg = load(path)?;
+    let _q = open_queue_exclusive(&cfg)?;
+    let dir = &cfg.gateway.data_dir;
+    let mut store =
+        DeadStore::open(dir).with_context(|| format!("cannot open the dead-letter store in {}", dir.display()))?;
+    let n = store.batches();
+    store.clear()?;
+    eprintln!("edge-gateway: dropped {n} dead batch(es)");
     Ok(())
 }
 

@@ -344,6 +344,11 @@ pub struct UpstreamConfig {
     /// TCP connect + TLS handshake + CONNACK, at most.
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// Attempts before a batch the broker refuses with a permanent reason
+    /// code (0x87 not authorized, 0x90, 0x95, 0x99, ...) goes to the
+    /// dead-letter store (`edge-gateway queue dead list`).
+    #[serde(default = "default_dead_letter_after")]
+    pub dead_letter_after: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -378,6 +383,9 @@ fn default_reconnect_min() -> Duration {
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+fn default_dead_letter_after() -> u32 {
+    5
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
@@ -444,6 +452,9 @@ impl UpstreamConfig {
         }
         if !(1..=2).contains(&self.qos) {
             return bad("qos", format!("must be 1 or 2 (got {})", self.qos));
+        }
+        if self.dead_letter_after == 0 || self.dead_letter_after > 1000 {
+            return bad("dead_letter_after", "must be 1..=1000 attempts".into());
         }
         if self.max_inflight == 0 || self.max_inflight > 1000 {
             return bad("max_inflight", "must be 1..=1000".into());

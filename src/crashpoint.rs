@@ -55,3 +55,38 @@ pub fn stall(name: &str) {
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn stall(_name: &str) {}
+
+/// `EDGE_GATEWAY_STALL_AT=NAME[:N]` for async loops: the N-th time the task
+/// reaches NAME it awaits forever, like a task stuck on a write to a peer
+/// that stopped reading. Unlike [`stall`] the thread and its runtime stay
+/// free, so only a watchdog fed by the loop itself (not by a timer task
+/// beside it) notices.
+#[cfg(debug_assertions)]
+pub async fn stall_async(name: &str) {
+    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    if reached("EDGE_GATEWAY_STALL_AT", name, &TARGET, &HITS) {
+        eprintln!("stall point {name} reached: this task stops here");
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub async fn stall_async(_name: &str) {}
+
+/// `EDGE_GATEWAY_FAIL_AT=NAME[:N]`: true the N-th time (and after) NAME is
+/// reached, so the caller reports an I/O error there (e.g. a failed
+/// fdatasync, which a test cannot provoke on a healthy disk).
+#[cfg(debug_assertions)]
+pub fn fail(name: &str) -> bool {
+    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    reached("EDGE_GATEWAY_FAIL_AT", name, &TARGET, &HITS)
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn fail(_name: &str) -> bool {
+    false
+}

@@ -65,6 +65,19 @@ pub struct Metrics {
     pub batches_too_large: AtomicU64,
     /// Queue records found corrupt when read for sending (skipped).
     pub batches_corrupt_skipped: AtomicU64,
+    /// Batches (and their readings) moved to the dead-letter store after
+    /// permanent refusals (see `uplink::dead`).
+    pub batches_dead_lettered: AtomicU64,
+    pub readings_dead_lettered: AtomicU64,
+    /// Batches in the dead-letter store now (a gauge).
+    pub dead_letter_batches: AtomicU64,
+    /// `uplink.pubrec` was written for another broker URL / client id (or
+    /// by an older version) and was reset; the next connect starts clean.
+    pub pubrec_log_resets: AtomicU64,
+    /// MQTT version of the current upstream session: 5, 4 (= 3.1.1), 0 when none.
+    pub upstream_mqtt_version: AtomicU64,
+    /// Upstream sessions ended because a write did not finish within keep-alive x 1.5.
+    pub upstream_write_timeouts: AtomicU64,
     /// LAN MQTT clients connected through the embedded broker now (a gauge).
     pub broker_connections: AtomicU64,
     /// Broker connections refused: handshake timeouts, bad CONNECTs, logins, limits.

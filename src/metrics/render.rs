@@ -118,7 +118,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
     o.sample("batches_resent_total", &[("reason", "refused")], g(&m.batches_refused));
 
     // Unlabelled families: (name, type, help, value).
-    let singles: [(&str, &str, &str, String); 30] = [
+    let singles: [(&str, &str, &str, String); 36] = [
         ("uptime_seconds", "gauge", "Seconds since the gateway started.", format!("{:.1}", s.uptime_s)),
         (
             "readings_accepted_total",
@@ -191,6 +191,42 @@ pub fn render(s: &Snapshot<'_>) -> String {
             "counter",
             "Corrupt queue records skipped by the uplink.",
             g(&m.batches_corrupt_skipped).to_string(),
+        ),
+        (
+            "batches_dead_lettered_total",
+            "counter",
+            "Batches refused for good and moved to the dead-letter store.",
+            g(&m.batches_dead_lettered).to_string(),
+        ),
+        (
+            "readings_dead_lettered_total",
+            "counter",
+            "Readings in batches moved to the dead-letter store.",
+            g(&m.readings_dead_lettered).to_string(),
+        ),
+        (
+            "dead_letter_batches",
+            "gauge",
+            "Batches in the dead-letter store (queue dead list/replay/drop).",
+            g(&m.dead_letter_batches).to_string(),
+        ),
+        (
+            "pubrec_log_resets_total",
+            "counter",
+            "PUBREC logs reset because they belonged to another broker or client id.",
+            g(&m.pubrec_log_resets).to_string(),
+        ),
+        (
+            "upstream_mqtt_version",
+            "gauge",
+            "MQTT version of the upstream session (5, 4 = 3.1.1, 0 = none).",
+            g(&m.upstream_mqtt_version).to_string(),
+        ),
+        (
+            "upstream_write_timeouts_total",
+            "counter",
+            "Upstream sessions ended by a write stuck for keep-alive x 1.5.",
+            g(&m.upstream_write_timeouts).to_string(),
         ),
         ("broker_connections", "gauge", "LAN MQTT clients connected now.", g(&m.broker_connections).to_string()),
         ("broker_refused_total", "counter", "LAN connections refused.", g(&m.broker_refused).to_string()),

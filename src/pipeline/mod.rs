@@ -130,7 +130,8 @@ impl Pipeline {
         clock: fn() -> u64,
     ) -> Result<(Pipeline, StartReport), PipelineError> {
         let dir = &cfg.gateway.data_dir;
-        std::fs::create_dir_all(dir).map_err(|source| PipelineError::State { path: dir.clone(), source })?;
+        crate::queue::create_dir_all_durable(dir)
+            .map_err(|source| PipelineError::State { path: dir.clone(), source })?;
         // A queue directory means an earlier run, which may have received
         // (and lost, unacked) readings of devices it never made durable.
         let qdir = queue_dir(cfg);

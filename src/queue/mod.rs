@@ -273,6 +273,28 @@ pub(crate) fn replace_file(tmp: &Path, path: &Path, bytes: &[u8], fsyncs: &mut u
     Ok(f)
 }
 
+/// `create_dir_all`, and fsync the parent of every directory it created
+/// (top down), so a power cut cannot take the new directory, and everything
+/// later made durable inside it, with it.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.as_os_str().is_empty() && !d.exists() {
+        missing.push(d.to_path_buf());
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    fs::create_dir_all(dir)?;
+    let mut fsyncs = 0;
+    for created in missing.iter().rev() {
+        let parent = created.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        sync_dir(parent, &mut fsyncs)?;
+    }
+    Ok(())
+}
+
 /// fsync a directory so entries created, renamed or removed in it are durable.
 pub(crate) fn sync_dir(dir: &Path, fsyncs: &mut u64) -> io::Result<()> {
     File::open(dir)?.sync_all()?;

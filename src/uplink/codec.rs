@@ -71,6 +71,8 @@ pub struct ConnAck {
     pub maximum_packet_size: Option<u32>,
     pub maximum_qos: Option<u8>,
     pub retain_available: Option<bool>,
+    /// Server Keep Alive (0x13): the keep-alive the client must use instead of its own.
+    pub server_keep_alive: Option<u16>,
     pub reason_string: Option<String>,
     /// The reply was 2 bytes long: a 3.1.1-style CONNACK (a pre-5 broker
     /// answering a v5 CONNECT says "unacceptable protocol version" this way).
@@ -139,6 +141,7 @@ const P_MAXIMUM_QOS: u8 = 0x24;
 const P_RETAIN_AVAILABLE: u8 = 0x25;
 const P_MAXIMUM_PACKET_SIZE: u8 = 0x27;
 const P_REASON_STRING: u8 = 0x1F;
+const P_SERVER_KEEP_ALIVE: u8 = 0x13;
 
 /// MQTT's variable byte integer (remaining length, property lengths).
 pub fn put_varint(out: &mut Vec<u8>, mut n: usize) {
@@ -419,6 +422,7 @@ fn parse_connack(b: &[u8]) -> Result<ConnAck, CodecError> {
                 P_MAXIMUM_PACKET_SIZE => c.maximum_packet_size = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
                 P_MAXIMUM_QOS => c.maximum_qos = Some(v[0]),
                 P_RETAIN_AVAILABLE => c.retain_available = Some(v[0] == 1),
+                P_SERVER_KEEP_ALIVE => c.server_keep_alive = Some(u16::from_be_bytes([v[0], v[1]])),
                 P_REASON_STRING => c.reason_string = Some(String::from_utf8_lossy(&v[2..]).into_owned()),
                 _ => {}
             }
@@ -477,8 +481,11 @@ mod tests {
 
     #[test]
     fn connack_v5_properties_are_read_and_unknown_ones_skipped() {
-        // session present, success, props: receive max 20, user property, max packet 1000, reason string "ok"
-        let mut props = vec![0x21, 0, 20, 0x26, 0, 1, b'k', 0, 1, b'v', 0x27, 0, 0, 3, 0xE8, 0x1F, 0, 2, b'o', b'k'];
+        // session present, success, props: receive max 20, user property, max packet 1000, reason string "ok",
+        // server keep alive 7, retain available 0
+        let mut props = vec![
+            0x21, 0, 20, 0x26, 0, 1, b'k', 0, 1, b'v', 0x27, 0, 0, 3, 0xE8, 0x1F, 0, 2, b'o', b'k', 0x13, 0, 7, 0x25, 0,
+        ];
         let mut body = vec![1, 0];
         put_varint(&mut body, props.len());
         body.append(&mut props);
@@ -488,6 +495,7 @@ mod tests {
         assert!(c.session_present && !c.short_form);
         assert_eq!((c.code, c.receive_maximum, c.maximum_packet_size), (0, Some(20), Some(1000)));
         assert_eq!(c.reason_string.as_deref(), Some("ok"));
+        assert_eq!((c.server_keep_alive, c.retain_available), (Some(7), Some(false)));
         // A 3.1.1 broker refusing a v5 CONNECT: 2 bytes, code 1.
         let Packet::ConnAck(c) = one(Protocol::V5, &[0x20, 2, 0, 1]) else { panic!() };
         assert!(c.short_form && c.code == 1);

@@ -35,58 +35,211 @@ pub fn packet_id(batch: u64) -> u16 {
     (batch % 65534) as u16 + 1
 }
 
+/// A write to one of the uplink's logs failed. `Write`: nothing is
+/// recorded (a partial write was cut off again), the caller may retry
+/// later. `Sync`: fdatasync failed, so what is on disk is unknown; like the
+/// queue, the gateway exits (status 75) and trusts only what it reads back
+/// at the next start.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("write failed: {0}")]
+    Write(io::Error),
+    #[error("fdatasync failed: {0}")]
+    Sync(io::Error),
+}
+
+/// Why [`PubrecLog::open`] started from an empty log although the file had
+/// entries or named a broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reset {
+    /// The log was written for another broker URL or client id.
+    OtherBroker { was: String, entries: usize },
+    /// A log without a broker record (written by an older version) that
+    /// still had entries.
+    Unknown { entries: usize },
+}
+
 pub struct PubrecLog {
     path: PathBuf,
     file: File,
     ids: BTreeSet<u64>,
+    /// Batches whose PUBCOMP (or QoS 1 PUBACK) arrived while their queue ack
+    /// may not be durable yet: they are delivered, whatever became of the
+    /// broker's session, and must never be sent again.
+    completed: BTreeSet<u64>,
     bytes: u64,
+    /// `url client-id` of the broker session these entries belong to.
+    identity: String,
+    /// The file starts with `identity`: a session under it was established
+    /// (CONNACK) since the log was last reset. Until then the uplink
+    /// connects with Clean Start, so the broker drops any session it kept
+    /// for us from an earlier time.
+    confirmed: bool,
     pub fsyncs: u64,
+    /// Tests: the next write stops after this many bytes with ENOSPC.
+    #[cfg(test)]
+    short_write: Option<usize>,
+}
+
+/// `[b'I'][len u16 LE][identity][crc32 u32 LE]`: the first record.
+fn encode_identity(identity: &str) -> Vec<u8> {
+    let id = &identity.as_bytes()[..identity.len().min(u16::MAX as usize)];
+    let mut buf = vec![b'I'];
+    buf.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    buf.extend_from_slice(id);
+    let crc = CRC.checksum(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// The identity record at the start of `buf`: (identity, its length).
+fn decode_identity(buf: &[u8]) -> Option<(String, usize)> {
+    if buf.first() != Some(&b'I') {
+        return None;
+    }
+    let n = u16::from_le_bytes(buf.get(1..3)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(buf.get(3 + n..7 + n)?.try_into().ok()?);
+    if CRC.checksum(&buf[..3 + n]) != crc {
+        return None;
+    }
+    Some((String::from_utf8_lossy(&buf[3..3 + n]).into_owned(), 7 + n))
 }
 
 impl PubrecLog {
-    /// Load the log in `dir`, keeping entries above `acked_through` (the
-    /// queue's durable head); a torn or corrupt tail is ignored.
-    pub fn open(dir: &Path, acked_through: u64) -> io::Result<PubrecLog> {
+    /// Load the log in `dir` for the broker session `identity` (broker URL
+    /// and client id), keeping entries above `acked_through` (the queue's
+    /// durable head); a torn or corrupt tail is ignored. A log written for
+    /// another identity (or by an older version, without one) is emptied,
+    /// durably, and the reason returned: its PUBRECs came from another
+    /// broker, and a PUBREL for them here would be answered with PUBCOMP
+    /// for a message this broker never had.
+    pub fn open(dir: &Path, acked_through: u64, identity: &str) -> io::Result<(PubrecLog, Option<Reset>)> {
         let path = dir.join("uplink.pubrec");
         let mut ids = BTreeSet::new();
+        let mut completed = BTreeSet::new();
         let mut valid = 0u64;
         let mut on_disk = 0u64;
+        let mut found = None;
+        let mut entries = 0;
         match File::open(&path) {
             Ok(mut f) => {
                 let mut buf = Vec::new();
                 f.read_to_end(&mut buf)?;
                 on_disk = buf.len() as u64;
-                for r in buf.chunks_exact(REC) {
-                    if r[0] != b'R' || CRC.checksum(&r[..9]) != u32::from_le_bytes(r[9..].try_into().unwrap()) {
+                let mut at = 0;
+                if let Some((id, n)) = decode_identity(&buf) {
+                    found = Some(id);
+                    at = n;
+                }
+                valid = at as u64;
+                for r in buf[at..].chunks_exact(REC) {
+                    if !matches!(r[0], b'R' | b'C')
+                        || CRC.checksum(&r[..9]) != u32::from_le_bytes(r[9..].try_into().unwrap())
+                    {
                         break;
                     }
                     valid += REC as u64;
                     let id = u64::from_le_bytes(r[1..9].try_into().unwrap());
-                    if id > acked_through {
+                    if id <= acked_through {
+                        continue;
+                    }
+                    if r[0] == b'R' {
+                        entries += 1;
                         ids.insert(id);
+                    } else {
+                        completed.insert(id);
                     }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+        let confirmed = found.as_deref() == Some(identity);
+        let reset = match found {
+            _ if confirmed => None,
+            Some(was) => Some(Reset::OtherBroker { was, entries: ids.len() }),
+            None if entries > 0 => Some(Reset::Unknown { entries: ids.len() }),
+            None => None,
+        };
+        if !confirmed {
+            ids.clear();
+        }
         let mut log = PubrecLog {
             file: OpenOptions::new().create(true).append(true).open(&path)?,
             path,
             ids,
+            completed,
             bytes: valid,
+            identity: identity.to_string(),
+            confirmed,
             fsyncs: 0,
+            #[cfg(test)]
+            short_write: None,
         };
         if on_disk == 0 {
             sync_dir(dir, &mut log.fsyncs)?;
-        } else if valid != on_disk || log.ids.len() as u64 * REC as u64 != valid {
+        } else if !confirmed {
+            // No PUBREC entries and no identity until a clean session
+            // confirms one (completed batches stay completed).
+            log.rewrite()?;
+        } else if valid != on_disk || log.entry_bytes() + identity_len(identity) != valid {
             log.rewrite()?;
         }
-        Ok(log)
+        Ok((log, reset))
+    }
+
+    /// A session under this log's identity was established since the log
+    /// was reset (see [`PubrecLog::confirm`]).
+    pub fn confirmed(&self) -> bool {
+        self.confirmed
+    }
+
+    /// The broker accepted a Clean Start session: from now on the log's
+    /// entries belong to it. Empties the log and writes the identity,
+    /// durably (before any PUBLISH of the session goes out).
+    pub fn confirm(&mut self) -> io::Result<()> {
+        self.ids.clear();
+        self.confirmed = true;
+        self.rewrite()
     }
 
     pub fn contains(&self, id: u64) -> bool {
         self.ids.contains(&id)
+    }
+
+    /// Batch `id` was completed upstream (PUBCOMP/PUBACK) by an earlier
+    /// run whose queue ack did not become durable.
+    pub fn is_completed(&self, id: u64) -> bool {
+        self.completed.contains(&id)
+    }
+
+    /// PUBREC entries above `id` (batches beyond the uplink's window) that
+    /// were not completed.
+    pub fn count_above(&self, id: u64) -> usize {
+        self.ids.range(id + 1..).filter(|i| !self.completed.contains(i)).count()
+    }
+
+    /// Note that `ids` were completed upstream. Written without an fsync of
+    /// its own: the next PUBREC's fdatasync (or the kernel) carries it, and
+    /// a note lost in a power cut only means a batch may be sent again
+    /// after a lost session (as before it was noted). A failed write is cut
+    /// off and ignored for the same reason.
+    pub fn record_completed(&mut self, ids: &[u64]) {
+        if ids.is_empty() || !self.confirmed {
+            return;
+        }
+        let buf = encode_kind(b'C', ids.iter().copied());
+        if let Err(e) = self.write(&buf) {
+            tracing::debug!("uplink.pubrec: cannot note completed batches: {e}");
+            let _ = self.file.set_len(self.bytes);
+            return;
+        }
+        self.bytes += buf.len() as u64;
+        self.completed.extend(ids);
+    }
+
+    fn entry_bytes(&self) -> u64 {
+        ((self.ids.len() + self.completed.len()) * REC) as u64
     }
 
     pub fn len(&self) -> usize {
@@ -98,14 +251,25 @@ impl PubrecLog {
     }
 
     /// Make "PUBREC seen" durable for `ids`: one write, one fdatasync.
-    pub fn record(&mut self, ids: &[u64]) -> io::Result<()> {
+    pub fn record(&mut self, ids: &[u64]) -> Result<(), WriteError> {
         if ids.is_empty() {
             return Ok(());
         }
+        debug_assert!(self.confirmed, "PUBRECs before the session was confirmed");
         let buf = encode(ids.iter().copied());
-        self.file.write_all(&buf)?;
+        if let Err(e) = self.write(&buf) {
+            // Cut a partial record off: the next append must start on a
+            // record boundary, or every entry after it would be unreadable.
+            if let Err(t) = self.file.set_len(self.bytes) {
+                return Err(WriteError::Sync(io::Error::other(format!("{e}; and cutting it off failed: {t}"))));
+            }
+            return Err(WriteError::Write(e));
+        }
         crate::crashpoint::hit("before-pubrec-sync");
-        self.file.sync_data()?;
+        if crate::crashpoint::fail("pubrec-sync") {
+            return Err(WriteError::Sync(io::Error::other("injected fdatasync failure (EDGE_GATEWAY_FAIL_AT)")));
+        }
+        self.file.sync_data().map_err(WriteError::Sync)?;
         self.fsyncs += 1;
         self.bytes += buf.len() as u64;
         self.ids.extend(ids);
@@ -116,24 +280,32 @@ impl PubrecLog {
     /// entries are no longer needed. Rewrites the file when it is big.
     pub fn forget_through(&mut self, durable_head: u64) -> io::Result<()> {
         self.ids = self.ids.split_off(&(durable_head + 1));
-        if self.bytes >= COMPACT_AT && (self.ids.len() * REC) as u64 <= self.bytes / 2 {
+        self.completed = self.completed.split_off(&(durable_head + 1));
+        if self.bytes >= COMPACT_AT && self.entry_bytes() <= self.bytes / 2 {
             self.rewrite()?;
         }
         Ok(())
     }
 
-    /// The broker lost the session: no PUBREC it sent still counts.
-    pub fn clear(&mut self) -> io::Result<()> {
+    /// The broker lost the session: no PUBREC it sent still counts
+    /// (completed batches stay completed).
+    pub fn clear(&mut self) -> Result<(), WriteError> {
         self.ids.clear();
-        self.file.set_len(0)?;
-        self.file.sync_data()?;
+        if !self.completed.is_empty() {
+            return self.rewrite().map_err(WriteError::Sync);
+        }
+        let keep = if self.confirmed { identity_len(&self.identity) } else { 0 };
+        self.file.set_len(keep).map_err(WriteError::Write)?;
+        self.file.sync_data().map_err(WriteError::Sync)?;
         self.fsyncs += 1;
-        self.bytes = 0;
+        self.bytes = keep;
         Ok(())
     }
 
     fn rewrite(&mut self) -> io::Result<()> {
-        let buf = encode(self.ids.iter().copied());
+        let mut buf = if self.confirmed { encode_identity(&self.identity) } else { Vec::new() };
+        buf.extend(encode(self.ids.iter().copied()));
+        buf.extend(encode_kind(b'C', self.completed.iter().copied()));
         let tmp = self.path.with_extension("pubrec.tmp");
         drop(replace_file(&tmp, &self.path, &buf, &mut self.fsyncs)?);
         if let Some(dir) = self.path.parent() {
@@ -145,12 +317,39 @@ impl PubrecLog {
     }
 }
 
+impl PubrecLog {
+    #[cfg(not(test))]
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)
+    }
+
+    #[cfg(test)]
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self.short_write {
+            Some(n) if n < buf.len() => {
+                self.file.write_all(&buf[..n])?;
+                Err(io::Error::from_raw_os_error(28)) // ENOSPC
+            }
+            _ => self.file.write_all(buf),
+        }
+    }
+}
+
+fn identity_len(identity: &str) -> u64 {
+    encode_identity(identity).len() as u64
+}
+
 /// `[b'R'][id u64 LE][crc32 u32 LE]` per id.
 fn encode(ids: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
+    encode_kind(b'R', ids)
+}
+
+/// `[kind][id u64 LE][crc32 u32 LE]` per id: `R` = PUBREC seen, `C` = completed.
+fn encode_kind(kind: u8, ids: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
     let mut buf = Vec::with_capacity(ids.len() * REC);
     for id in ids {
         let at = buf.len();
-        buf.push(b'R');
+        buf.push(kind);
         buf.extend_from_slice(&id.to_le_bytes());
         let crc = CRC.checksum(&buf[at..]);
         buf.extend_from_slice(&crc.to_le_bytes());
@@ -163,55 +362,128 @@ mod tests {
     use super::*;
     use std::fs;
 
+    const A: &str = "mqtts://a.example:8883 gw-1";
+    const B: &str = "mqtts://b.example:8883 gw-1";
+
+    /// Open for `A`, confirming a fresh log as a Clean Start CONNACK would.
+    fn open(dir: &Path, acked: u64) -> PubrecLog {
+        let (mut log, _) = PubrecLog::open(dir, acked, A).unwrap();
+        if !log.confirmed() {
+            log.confirm().unwrap();
+        }
+        log
+    }
+
     #[test]
     fn entries_survive_reopen_and_acked_ones_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = PubrecLog::open(dir.path(), 0).unwrap();
+        let mut log = open(dir.path(), 0);
         log.record(&[3, 4, 5]).unwrap();
         log.record(&[7]).unwrap();
         drop(log);
-        let log = PubrecLog::open(dir.path(), 4).unwrap();
+        let log = open(dir.path(), 4);
         assert!(!log.contains(3) && !log.contains(4) && log.contains(5) && log.contains(7));
-        // The reopen rewrote the file down to the live entries.
-        assert_eq!(fs::metadata(dir.path().join("uplink.pubrec")).unwrap().len(), 2 * REC as u64);
+        // The reopen rewrote the file down to the identity and the live entries.
+        assert_eq!(fs::metadata(dir.path().join("uplink.pubrec")).unwrap().len(), identity_len(A) + 2 * REC as u64);
     }
 
     #[test]
     fn a_torn_tail_is_ignored_and_clear_is_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = PubrecLog::open(dir.path(), 0).unwrap();
+        let mut log = open(dir.path(), 0);
         log.record(&[1, 2]).unwrap();
         drop(log);
         let p = dir.path().join("uplink.pubrec");
         let mut bytes = fs::read(&p).unwrap();
         bytes.extend_from_slice(&[b'R', 9, 9]); // torn
         fs::write(&p, &bytes).unwrap();
-        let mut log = PubrecLog::open(dir.path(), 0).unwrap();
+        let mut log = open(dir.path(), 0);
         assert!(log.contains(1) && log.contains(2) && log.len() == 2);
         log.record(&[3]).unwrap();
         drop(log);
-        let mut log = PubrecLog::open(dir.path(), 0).unwrap();
+        let mut log = open(dir.path(), 0);
         assert_eq!(log.len(), 3, "a record appended after the repaired tail is readable");
         log.clear().unwrap();
         drop(log);
-        assert!(PubrecLog::open(dir.path(), 0).unwrap().is_empty());
+        let (log, reset) = PubrecLog::open(dir.path(), 0, A).unwrap();
+        assert!(log.is_empty() && log.confirmed() && reset.is_none(), "clear keeps the identity");
     }
 
     #[test]
     fn compaction_keeps_live_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = PubrecLog::open(dir.path(), 0).unwrap();
+        let mut log = open(dir.path(), 0);
         let ids: Vec<u64> = (1..=6000).collect();
         for chunk in ids.chunks(100) {
             log.record(chunk).unwrap();
         }
         log.forget_through(5990).unwrap();
-        assert!(fs::metadata(dir.path().join("uplink.pubrec")).unwrap().len() < 20 * REC as u64);
+        assert!(fs::metadata(dir.path().join("uplink.pubrec")).unwrap().len() < 20 * REC as u64 + identity_len(A));
         log.record(&[6001]).unwrap();
         drop(log);
-        let log = PubrecLog::open(dir.path(), 0).unwrap();
+        let log = open(dir.path(), 0);
         assert_eq!(log.len(), 11);
         assert!(log.contains(5991) && log.contains(6001));
+    }
+
+    #[test]
+    fn a_log_from_another_broker_or_client_id_starts_clean_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 0);
+        log.record(&[5, 6]).unwrap();
+        drop(log);
+        // Same URL, same client id: kept.
+        let (log, reset) = PubrecLog::open(dir.path(), 0, A).unwrap();
+        assert!(log.confirmed() && reset.is_none() && log.len() == 2);
+        drop(log);
+        // Another broker: emptied, not confirmed (Clean Start next), and durably so.
+        let (log, reset) = PubrecLog::open(dir.path(), 0, B).unwrap();
+        assert_eq!(reset, Some(Reset::OtherBroker { was: A.into(), entries: 2 }));
+        assert!(!log.confirmed() && log.is_empty());
+        drop(log);
+        // Back to A before B was ever confirmed: nothing of A's is left either.
+        let (log, reset) = PubrecLog::open(dir.path(), 0, A).unwrap();
+        assert!(log.is_empty() && !log.confirmed() && reset.is_none(), "{reset:?}");
+    }
+
+    #[test]
+    fn a_log_without_identity_with_entries_is_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        // What the previous version wrote: bare `R` records.
+        fs::write(dir.path().join("uplink.pubrec"), encode([8u64, 9].into_iter())).unwrap();
+        let (log, reset) = PubrecLog::open(dir.path(), 0, A).unwrap();
+        assert_eq!(reset, Some(Reset::Unknown { entries: 2 }));
+        assert!(log.is_empty() && !log.confirmed());
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_off_so_later_records_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 0);
+        log.record(&[1]).unwrap();
+        log.short_write = Some(7); // ENOSPC after 7 bytes
+        assert!(matches!(log.record(&[2, 3]), Err(WriteError::Write(_))));
+        assert!(!log.contains(2), "not recorded");
+        log.short_write = None;
+        log.record(&[4]).unwrap();
+        drop(log);
+        let log = open(dir.path(), 0);
+        assert!(log.contains(1) && log.contains(4) && !log.contains(2) && log.len() == 2);
+    }
+
+    #[test]
+    fn completed_batches_survive_reopen_a_lost_session_and_a_broker_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 0);
+        log.record(&[3, 4, 5]).unwrap();
+        log.record_completed(&[3, 4]);
+        drop(log);
+        let mut log = open(dir.path(), 0);
+        assert!(log.is_completed(3) && log.is_completed(4) && !log.is_completed(5));
+        log.clear().unwrap(); // the broker lost the session
+        drop(log);
+        let (log, _) = PubrecLog::open(dir.path(), 3, B).unwrap();
+        assert!(log.is_empty() && !log.is_completed(3) && log.is_completed(4), "acked ones are forgotten");
     }
 
     #[test]

@@ -2,36 +2,62 @@
 //!
 //! One batch = one queue record = one MQTT message on `topic`. A batch
 //! leaves the queue (`ack_through`) only after PUBCOMP (QoS 2) or PUBACK
-//! (QoS 1). The QoS 2 sender is our own ([`codec`] + this file), because
-//! each step must happen in a known order relative to the disk:
+//! (QoS 1), or after it was moved to the dead-letter store ([`dead`]). The
+//! QoS 2 sender is our own ([`codec`] + this file), because each step must
+//! happen in a known order relative to the disk:
 //!
 //! | step | on disk first | after a crash the next run sends |
 //! |---|---|---|
 //! | PUBLISH batch N | nothing: its packet id is [`inflight::packet_id`]`(N)` | PUBLISH, DUP=1, same id |
 //! | PUBREC for N arrives | "N got PUBREC" in [`inflight::PubrecLog`], fdatasynced | PUBREL, same id |
-//! | PUBCOMP for N arrives | nothing yet; the ack of N reaches the queue's ledger at the next commit | PUBREL again (answered with PUBCOMP) |
+//! | PUBCOMP for N arrives | "N completed" appended to the same log (no fsync of its own); the ack of N reaches the queue's ledger at the next commit | nothing if the note survived; else PUBREL again (answered with PUBCOMP) |
+//! | broker refuses N for good | N in `uplink.dead`, fdatasynced, then acked in the queue | nothing (`queue dead replay` sends it again) |
 //!
-//! A resumed session (CONNACK session-present) gets exactly those packets.
-//! A lost session (broker restarted without persistence, session expired)
-//! gets every unfinished batch again as a new message, counted in
+//! The PUBREC log names the broker URL and client id it belongs to; a log
+//! written for another broker is reset, and the next CONNECT asks for a
+//! Clean Start so the broker drops any session it kept for us.
+//!
+//! A resumed session (CONNACK session-present) gets exactly the packets in
+//! the last column; every PUBLISH sent again carries DUP=1. A lost session
+//! (broker restarted without persistence, session expired), and a
+//! session-present that cannot be trusted (it follows a CONNECT whose
+//! CONNACK never came, which may have created that session) gets every
+//! unfinished batch again as a new message, counted in
 //! `batches_resent_session_lost`; consumers dedup by `(gateway, batch)`.
-//! Under MQTT 5 a PUBREC/PUBACK with a reason code >= 0x80 (e.g. 0x97 quota
-//! exceeded) means "not delivered": the batch is sent again after a pause.
+//! The same happens to a batch whose re-sent PUBREL the broker answers with
+//! PUBCOMP 0x92 (packet identifier not found, MQTT 5).
+//!
+//! Under MQTT 5 a PUBREC/PUBACK with a reason code >= 0x80 means "not
+//! delivered" ([`classify`]): transient codes (0x97 quota exceeded, 0x89
+//! server busy, ...) are retried with backoff for as long as it takes;
+//! permanent ones (0x87 not authorized, 0x90, 0x95, 0x99, ...) are retried
+//! `dead_letter_after` times, then the batch goes to the dead-letter store
+//! and later batches flow again.
+//!
+//! Every write to the broker is bounded by keep-alive x 1.5 (the broker's
+//! Server Keep Alive when it sends one) and gives way to `stop`. The
+//! uplink's loop feeds the systemd watchdog itself ([`crate::service::Beat`]),
+//! beating through waits that are bounded, so a loop stuck anywhere else
+//! stops `WATCHDOG=1`.
 //!
 //! The uplink runs on its own OS thread with a single-threaded runtime: it
-//! reads the queue and fsyncs its log, and must not stall the sources.
+//! reads the queue and fsyncs its logs, and must not stall the sources.
 
 pub mod codec;
+pub mod dead;
 pub mod inflight;
 pub mod tls;
 
 use crate::config::{BrokerUrl, MqttProtocol, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueError};
+use crate::service::Beat;
 use crate::shutdown;
 use codec::{ConnAck, Connect, Packet, Protocol, Will};
-use inflight::{PubrecLog, STATUS_PID, packet_id};
+use dead::{DeadBatch, DeadStore};
+use inflight::{PubrecLog, STATUS_PID, WriteError, packet_id};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,6 +74,57 @@ const REFUSAL_PAUSE: Duration = Duration::from_millis(200);
 const SESSION_EXPIRY: u32 = u32::MAX;
 /// Largest packet we accept from the broker (it only sends small acks).
 const MAX_INCOMING: usize = 1 << 20;
+/// Bound on one write when keep-alive is off (0).
+const WRITE_LIMIT_NO_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// What a PUBREC/PUBACK reason code >= 0x80 means for the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The broker may take it later: retry with backoff, for as long as it takes.
+    Transient,
+    /// The broker will refuse it again (its content, size, topic or our
+    /// rights): retry `dead_letter_after` times, then dead-letter it.
+    Permanent,
+}
+
+/// Classify a refusal. Transient: 0x89 server busy, 0x91 packet identifier
+/// in use, 0x93 receive maximum exceeded, 0x96 message rate too high, 0x97
+/// quota exceeded, 0x9F connection rate exceeded. Everything else >= 0x80
+/// (0x80 unspecified, 0x83 implementation specific, 0x87 not authorized,
+/// 0x90 topic name invalid, 0x95 packet too large, 0x99 payload format
+/// invalid, 0x9A retain not supported, ...) is permanent: a code nobody
+/// listed is retried a few times, then kept in the dead-letter store rather
+/// than blocking every later batch.
+pub fn classify(reason: u8) -> Refusal {
+    match reason {
+        0x89 | 0x91 | 0x93 | 0x96 | 0x97 | 0x9F => Refusal::Transient,
+        _ => Refusal::Permanent,
+    }
+}
+
+/// The MQTT 5 name of a PUBREC/PUBACK/DISCONNECT reason code.
+pub fn reason_name(reason: u8) -> &'static str {
+    match reason {
+        0x00 => "success",
+        0x10 => "no matching subscribers",
+        0x80 => "unspecified error",
+        0x83 => "implementation specific error",
+        0x87 => "not authorized",
+        0x89 => "server busy",
+        0x90 => "topic name invalid",
+        0x91 => "packet identifier in use",
+        0x92 => "packet identifier not found",
+        0x93 => "receive maximum exceeded",
+        0x95 => "packet too large",
+        0x96 => "message rate too high",
+        0x97 => "quota exceeded",
+        0x99 => "payload format invalid",
+        0x9A => "retain not supported",
+        0x9B => "QoS not supported",
+        0x9F => "connection rate exceeded",
+        _ => "refused",
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -59,10 +136,14 @@ pub enum UplinkError {
     Refused(String),
     #[error("broker does not speak MQTT {0}")]
     ProtocolRefused(&'static str),
+    #[error("broker does not support a retained Will (CONNACK 0x9a)")]
+    RetainRefused,
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("a write to the broker did not finish within {0:?} (keep-alive x 1.5): the peer stopped reading")]
+    WriteTimeout(Duration),
     #[error("connection closed by the broker")]
     Closed,
     #[error("no packet from the broker for {0:?} (keep-alive)")]
@@ -86,21 +167,42 @@ enum Stage {
     NeedRel,
     /// PUBREC durable, PUBREL sent; waiting for PUBCOMP.
     AwaitComp,
-    /// Delivered (or skipped); leaves the queue when everything before it has.
+    /// Delivered, dead-lettered or skipped; leaves the queue when everything before it has.
     Done,
 }
 
 struct Flight {
     id: u64,
     readings: u32,
+    created_ms: u64,
     payload: Vec<u8>,
     stage: Stage,
     /// A PUBLISH for it may have reached the broker before (an earlier
-    /// connection or run): the next PUBLISH carries DUP=1 if the session
-    /// was resumed.
+    /// connection or run): the next PUBLISH carries DUP=1.
     maybe_sent: bool,
+    /// The PUBREL outstanding for it was sent again after a reconnect or
+    /// restart (so a PUBCOMP 0x92 is ambiguous).
+    rel_resent: bool,
     /// Refused by the broker: not before this instant.
     retry_at: Option<Instant>,
+    /// Refusals so far (reason >= 0x80).
+    refusals: u32,
+}
+
+impl Flight {
+    fn skipped(id: u64) -> Flight {
+        Flight {
+            id,
+            readings: 0,
+            created_ms: 0,
+            payload: Vec::new(),
+            stage: Stage::Done,
+            maybe_sent: false,
+            rel_resent: false,
+            retry_at: None,
+            refusals: 0,
+        }
+    }
 }
 
 pub struct Uplink {
@@ -114,6 +216,7 @@ pub struct Uplink {
     queue: Arc<Mutex<Queue>>,
     commits: watch::Receiver<u64>,
     log: PubrecLog,
+    dead: DeadStore,
     metrics: Arc<Metrics>,
     window: VecDeque<Flight>,
     /// Highest queue id pulled into `window`.
@@ -126,11 +229,40 @@ pub struct Uplink {
     last_commit: Instant,
     refusal_pause: Duration,
     rng: crate::sim::XorShift,
+    /// Batches up to this one may have been published by an earlier run
+    /// (or connection) whose session the broker may still hold: their
+    /// PUBLISH carries DUP=1.
+    maybe_sent_through: u64,
+    /// The Will and the status messages are retained (until the broker says
+    /// it does not support retained messages).
+    retain: bool,
+    /// A CONNECT went out and no CONNACK came back: the broker may have
+    /// created a session for us that we never heard of.
+    awaiting_connack: bool,
+    /// So the next session-present=1 may be that session, not ours.
+    suspect_session: bool,
+    /// Fed by the loop itself; `None` without a watchdog.
+    beat: Option<Beat>,
+}
+
+/// Await `fut`, beating `beat` meanwhile. Only for waits bounded by a
+/// timeout of their own: what is stuck beyond its bound must stop beating.
+async fn beating<F: Future>(beat: &Option<Beat>, fut: F) -> F::Output {
+    let Some(b) = beat else { return fut.await };
+    let mut fut = std::pin::pin!(fut);
+    let mut tick = tokio::time::interval(b.every());
+    loop {
+        tokio::select! {
+            r = &mut fut => return r,
+            _ = tick.tick() => b.beat(),
+        }
+    }
 }
 
 impl Uplink {
     /// Prepare the uplink: read TLS files and the password, load the PUBREC
-    /// log. Fails on bad files, so `run` refuses to start with them.
+    /// log and the dead-letter store. Fails on bad files, so `run` refuses
+    /// to start with them.
     pub fn new(
         cfg: &UpstreamConfig,
         gateway: &str,
@@ -155,17 +287,48 @@ impl Uplink {
             }
             None => None,
         };
-        let (head, commits) = {
+        let (head, last, commits) = {
             let q = queue.lock().unwrap_or_else(|e| e.into_inner());
-            (q.durable_head(), q.subscribe_commits())
+            (q.durable_head(), q.committed_id(), q.subscribe_commits())
         };
-        let log = PubrecLog::open(data_dir, head)
+        let client_id = cfg.client_id_for(gateway);
+        let identity = session_identity(&url, &client_id);
+        let (log, reset) = PubrecLog::open(data_dir, head, &identity)
             .map_err(|e| UplinkError::Setup(format!("cannot open {}/uplink.pubrec: {e}", data_dir.display())))?;
+        match reset {
+            Some(inflight::Reset::OtherBroker { was, entries }) => {
+                Metrics::inc(&metrics.pubrec_log_resets);
+                Metrics::add(&metrics.batches_resent_session_lost, entries as u64);
+                tracing::warn!(
+                    "uplink.pubrec was written for {was:?}, not {identity:?}: starting clean ({entries} batch(es) \
+                     PUBREC'd there are sent again as new messages; the first connect asks for a Clean Start)"
+                );
+            }
+            Some(inflight::Reset::Unknown { entries }) => {
+                Metrics::inc(&metrics.pubrec_log_resets);
+                Metrics::add(&metrics.batches_resent_session_lost, entries as u64);
+                tracing::warn!(
+                    "uplink.pubrec names no broker (older version): starting clean ({entries} batch(es) sent again \
+                     as new messages; the first connect asks for a Clean Start)"
+                );
+            }
+            None => {}
+        }
+        let dead = DeadStore::open(data_dir)
+            .map_err(|e| UplinkError::Setup(format!("cannot open {}/{}: {e}", data_dir.display(), dead::FILE_NAME)))?;
+        Metrics::set(&metrics.dead_letter_batches, dead.batches());
+        if dead.batches() > 0 {
+            tracing::warn!(
+                "{} batch(es) in the dead-letter store {} (see `edge-gateway queue dead list`)",
+                dead.batches(),
+                dead.path().display()
+            );
+        }
         let protocol = if cfg.protocol == MqttProtocol::V311 { Protocol::V311 } else { Protocol::V5 };
         let seed = crate::reading::now_ms() ^ u64::from(std::process::id()) << 32;
         Ok(Uplink {
             url,
-            client_id: cfg.client_id_for(gateway),
+            client_id,
             topic: cfg.topic.replace("{gateway}", gateway),
             status_topic: cfg.status_topic.replace("{gateway}", gateway),
             password,
@@ -173,6 +336,7 @@ impl Uplink {
             queue,
             commits,
             log,
+            dead,
             metrics,
             window: VecDeque::new(),
             cursor: head,
@@ -182,49 +346,84 @@ impl Uplink {
             last_commit: Instant::now(),
             refusal_pause: REFUSAL_PAUSE,
             rng: crate::sim::XorShift::new(seed),
+            // Any batch already queued may have been published by the last run.
+            maybe_sent_through: last,
+            retain: true,
+            awaiting_connack: false,
+            suspect_session: false,
+            beat: None,
             cfg: cfg.clone(),
         })
     }
 
+    fn alive(&self) {
+        if let Some(b) = &self.beat {
+            b.beat();
+        }
+    }
+
     /// Connect, drain, reconnect with backoff, until `stop`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        // Batches a previous run may have published: the first window's worth.
-        self.mark_previous_run();
         let mut backoff = self.cfg.reconnect_min;
         let mut failures = 0u64;
         let mut last_reason = String::new();
         let target = format!("{}:{}", self.url.host, self.url.port);
+        // The last attempt was an MQTT 5 CONNECT the broker explicitly
+        // refused as a version it does not speak: this one speaks 3.1.1.
+        let mut fallback = false;
         while !*stop.borrow() {
-            let attempt = tokio::time::timeout(self.cfg.connect_timeout, self.connect());
-            let res = tokio::select! {
-                r = attempt => r.unwrap_or(Err(UplinkError::Timeout(self.cfg.connect_timeout))),
-                _ = shutdown::wait(&mut stop) => break,
+            self.alive();
+            self.protocol = match self.cfg.protocol {
+                MqttProtocol::V311 => Protocol::V311,
+                MqttProtocol::V5 => Protocol::V5,
+                MqttProtocol::Auto if fallback => Protocol::V311,
+                MqttProtocol::Auto => Protocol::V5,
             };
+            fallback = false;
+            let beat = self.beat.clone();
+            let timeout = self.cfg.connect_timeout;
+            let res = {
+                let attempt = beating(&beat, tokio::time::timeout(timeout, self.connect()));
+                tokio::select! {
+                    r = attempt => r.unwrap_or(Err(UplinkError::Timeout(timeout))),
+                    _ = shutdown::wait(&mut stop) => break,
+                }
+            };
+            if res.is_err() && self.awaiting_connack {
+                self.suspect_session = true;
+            }
+            self.awaiting_connack = false;
             let err = match res {
                 Ok((stream, connack, leftover)) => {
-                    if failures > 0 {
-                        tracing::info!("upstream {target}: connected after {failures} failed attempt(s)");
-                    } else {
-                        tracing::info!(
-                            "upstream {target}: connected (MQTT {}, session {})",
-                            if self.protocol == Protocol::V5 { "5" } else { "3.1.1" },
-                            if connack.session_present { "resumed" } else { "new" }
-                        );
-                    }
+                    let suspect = std::mem::take(&mut self.suspect_session);
+                    tracing::info!(
+                        "upstream {target}: connected (MQTT {}, session {}){}",
+                        if self.protocol == Protocol::V5 { "5" } else { "3.1.1" },
+                        match (connack.session_present, suspect) {
+                            (true, false) => "resumed",
+                            (true, true) => "present, not trusted",
+                            (false, _) => "new",
+                        },
+                        if failures > 0 { format!(" after {failures} failed attempt(s)") } else { String::new() }
+                    );
                     failures = 0;
                     last_reason.clear();
                     backoff = self.cfg.reconnect_min;
                     Metrics::inc(&self.metrics.upstream_connects);
                     Metrics::set(&self.metrics.upstream_connected, 1);
-                    let r = self.session(stream, connack, leftover, &mut stop).await;
+                    let r = self.session(stream, connack, leftover, suspect, &mut stop).await;
                     Metrics::set(&self.metrics.upstream_connected, 0);
+                    Metrics::set(&self.metrics.upstream_mqtt_version, 0);
                     self.commit_acks(true);
                     match r {
                         Ok(()) => break, // stopped
                         Err(e) => {
                             tracing::warn!("upstream {target}: connection lost: {e}");
                             last_reason = e.to_string();
-                            continue_after(&mut stop, self.jitter(self.cfg.reconnect_min)).await;
+                            let pause = self.jitter(self.cfg.reconnect_min);
+                            if !beating(&beat, continue_after(&mut stop, pause)).await {
+                                break;
+                            }
                             continue;
                         }
                     }
@@ -232,8 +431,22 @@ impl Uplink {
                 Err(UplinkError::ProtocolRefused(v))
                     if self.cfg.protocol == MqttProtocol::Auto && self.protocol == Protocol::V5 =>
                 {
-                    tracing::info!("upstream {target}: broker refused MQTT {v}; falling back to 3.1.1");
-                    self.protocol = Protocol::V311;
+                    // Only an explicit answer counts (CONNACK 0x84, or a
+                    // 3.1.1-style CONNACK 1); a hang-up before CONNACK is a
+                    // busy broker, a proxy or a restart, not a version.
+                    tracing::info!(
+                        "upstream {target}: broker refused MQTT {v}; falling back to 3.1.1 for this connection \
+                         (MQTT 5 is tried again on the next)"
+                    );
+                    fallback = true;
+                    continue;
+                }
+                Err(UplinkError::RetainRefused) if self.retain => {
+                    tracing::info!(
+                        "upstream {target}: broker does not support retained messages; the Will and status \
+                         messages go out unretained"
+                    );
+                    self.retain = false;
                     continue;
                 }
                 Err(e) => e,
@@ -251,12 +464,9 @@ impl Uplink {
             } else {
                 tracing::debug!("upstream {target}: attempt {failures} failed: {reason}");
             }
-            if self.cfg.protocol == MqttProtocol::Auto && self.protocol == Protocol::V311 && failures % 2 == 0 {
-                self.protocol = Protocol::V5; // the broker may have been upgraded
-            }
             let pause = self.jitter(backoff);
             backoff = (backoff * 2).min(self.cfg.reconnect_max);
-            if !continue_after(&mut stop, pause).await {
+            if !beating(&beat, continue_after(&mut stop, pause)).await {
                 break;
             }
         }
@@ -268,15 +478,6 @@ impl Uplink {
     fn jitter(&mut self, d: Duration) -> Duration {
         let ms = d.as_millis().max(2) as u64;
         Duration::from_millis(ms / 2 + self.rng.below(ms / 2 + 1))
-    }
-
-    fn mark_previous_run(&mut self) {
-        if let Err(e) = self.fill(self.cfg.max_inflight as usize) {
-            tracing::warn!("uplink: cannot read the queue: {e}");
-        }
-        for f in self.window.iter_mut() {
-            f.maybe_sent = true;
-        }
     }
 
     async fn connect(&mut self) -> Result<(Box<dyn Stream>, ConnAck, Vec<u8>), UplinkError> {
@@ -298,23 +499,30 @@ impl Uplink {
                 protocol: self.protocol,
                 client_id: &self.client_id,
                 keep_alive_secs: self.cfg.keep_alive.as_secs() as u16,
-                clean_start: false,
+                // Until the PUBREC log is confirmed for this broker and
+                // client id, any session the broker kept for us is stale.
+                clean_start: !self.log.confirmed(),
                 session_expiry_secs: SESSION_EXPIRY,
-                will: Some(Will { topic: &self.status_topic, payload: will_payload, qos: 1, retain: true }),
+                will: Some(Will { topic: &self.status_topic, payload: will_payload, qos: 1, retain: self.retain }),
                 username: self.cfg.username.as_deref(),
                 password: self.password.as_deref(),
             },
             &mut out,
         );
+        self.awaiting_connack = true;
         s.write_all(&out).await?;
         let mut buf = Vec::with_capacity(256);
         loop {
             match codec::decode(self.protocol, &buf, MAX_INCOMING) {
                 Ok(Some((Packet::ConnAck(c), n))) => {
+                    self.awaiting_connack = false;
                     buf.drain(..n);
                     let v5 = self.protocol == Protocol::V5;
                     if v5 && (c.code == 0x84 || (c.short_form && c.code == 1)) {
                         return Err(UplinkError::ProtocolRefused("5"));
+                    }
+                    if v5 && !c.short_form && c.code == 0x9A && self.retain {
+                        return Err(UplinkError::RetainRefused);
                     }
                     if c.code != 0 {
                         return Err(UplinkError::Refused(connack_reason(v5 && !c.short_form, c.code, &c)));
@@ -326,10 +534,8 @@ impl Uplink {
                 Err(e) => return Err(UplinkError::Protocol(e.to_string())),
             }
             if s.read_buf(&mut buf).await? == 0 {
-                // Some 3.1.1-only brokers just hang up on a v5 CONNECT.
-                if self.protocol == Protocol::V5 && self.cfg.protocol == MqttProtocol::Auto {
-                    return Err(UplinkError::ProtocolRefused("5"));
-                }
+                // Not a version refusal: a broker at max_connections, a
+                // proxy in front of a restarting broker, a load balancer.
                 return Err(UplinkError::Closed);
             }
         }
@@ -354,14 +560,7 @@ impl Uplink {
                         Err(QueueError::Corrupt { id, path }) => {
                             tracing::error!(id, path = %path.display(), "queue record corrupt on disk; skipped");
                             Metrics::inc(&self.metrics.batches_corrupt_skipped);
-                            self.window.push_back(Flight {
-                                id,
-                                readings: 0,
-                                payload: Vec::new(),
-                                stage: Stage::Done,
-                                maybe_sent: false,
-                                retry_at: None,
-                            });
+                            self.window.push_back(Flight::skipped(id));
                             self.cursor = id;
                             continue;
                         }
@@ -375,14 +574,24 @@ impl Uplink {
             }
             for (meta, payload) in recs {
                 self.cursor = meta.id;
-                let stage = if self.log.contains(meta.id) { Stage::NeedRel } else { Stage::Unsent };
+                let stage = if self.log.is_completed(meta.id) {
+                    // Completed by an earlier run: never sent again.
+                    Stage::Done
+                } else if self.log.contains(meta.id) {
+                    Stage::NeedRel
+                } else {
+                    Stage::Unsent
+                };
                 self.window.push_back(Flight {
                     id: meta.id,
                     readings: meta.readings,
+                    created_ms: meta.created_ms,
                     payload,
                     stage,
-                    maybe_sent: stage == Stage::NeedRel,
+                    maybe_sent: stage == Stage::NeedRel || meta.id <= self.maybe_sent_through,
+                    rel_resent: false,
                     retry_at: None,
+                    refusals: 0,
                 });
             }
         }
@@ -396,9 +605,11 @@ impl Uplink {
         stream: Box<dyn Stream>,
         connack: ConnAck,
         mut inbuf: Vec<u8>,
+        suspect: bool,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), UplinkError> {
         let proto = self.protocol;
+        Metrics::set(&self.metrics.upstream_mqtt_version, if proto == Protocol::V5 { 5 } else { 4 });
         let inflight_max = (self.cfg.max_inflight as usize).min(connack.receive_maximum.unwrap_or(u16::MAX) as usize);
         let max_packet = connack.maximum_packet_size.unwrap_or(u32::MAX) as usize;
         let mut qos = self.cfg.qos;
@@ -406,30 +617,76 @@ impl Uplink {
             tracing::warn!("upstream broker accepts at most QoS {}; publishing at that", connack.maximum_qos.unwrap());
             qos = connack.maximum_qos.unwrap().max(1);
         }
-        let keep_alive = self.cfg.keep_alive;
+        let keep_alive = match connack.server_keep_alive {
+            Some(k) if Duration::from_secs(k.into()) != self.cfg.keep_alive => {
+                tracing::info!("upstream broker sets keep-alive to {k} s (Server Keep Alive); using it");
+                Duration::from_secs(k.into())
+            }
+            _ => self.cfg.keep_alive,
+        };
+        let write_limit = if keep_alive.is_zero() { WRITE_LIMIT_NO_KEEPALIVE } else { keep_alive + keep_alive / 2 };
+        if connack.retain_available == Some(false) && self.retain {
+            tracing::info!(
+                "upstream broker does not support retained messages; status messages (and the Will, from the \
+                 next connect) go out unretained"
+            );
+            self.retain = false;
+        }
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut out = Vec::with_capacity(64 * 1024);
 
-        self.resume(connack.session_present)?;
-        codec::encode_publish(proto, &self.status_topic, b"online", 1, true, false, STATUS_PID, &mut out);
+        if connack.session_present && suspect {
+            tracing::warn!(
+                "upstream broker says it kept our session, but an earlier CONNECT got no CONNACK and may have \
+                 created that session: treating it as lost"
+            );
+        }
+        self.resume(connack.session_present && !suspect)?;
+        if !self.log.confirmed() {
+            // A Clean Start session: the log now belongs to this broker and
+            // client id, durably before anything of this session goes out.
+            self.log.confirm().map_err(|e| UplinkError::Setup(format!("cannot write uplink.pubrec: {e}")))?;
+        }
+        codec::encode_publish(proto, &self.status_topic, b"online", 1, self.retain, false, STATUS_PID, &mut out);
 
+        let beat = self.beat.clone();
+        let beat_every = beat.as_ref().map_or(Duration::from_secs(3600), |b| b.every());
         let mut last_sent = Instant::now();
         let mut last_heard = Instant::now();
         let mut ping_out = false;
         let mut rbuf = vec![0u8; 64 * 1024];
         loop {
+            self.alive();
+            crate::crashpoint::stall_async("uplink-loop").await;
             // Fill the window and put every sendable batch on the wire.
             if let Err(e) = self.fill(inflight_max) {
                 tracing::warn!("uplink: cannot read the queue: {e}");
             }
             self.send_ready(proto, qos, inflight_max, max_packet, &mut out);
             if !out.is_empty() {
-                wr.write_all(&out).await?;
+                // Bounded, and it gives way to `stop`: a peer that stopped
+                // reading must not wedge the uplink, a reload or the exit.
+                let write = beating(&beat, tokio::time::timeout(write_limit, wr.write_all(&out)));
+                let r = tokio::select! {
+                    biased;
+                    _ = shutdown::wait(stop) => {
+                        tracing::info!("uplink: stopping in the middle of a write (the broker publishes our Will)");
+                        return Ok(());
+                    }
+                    r = write => r,
+                };
+                match r {
+                    Err(_) => {
+                        Metrics::inc(&self.metrics.upstream_write_timeouts);
+                        return Err(UplinkError::WriteTimeout(write_limit));
+                    }
+                    Ok(r) => r?,
+                }
                 out.clear();
                 last_sent = Instant::now();
             }
             let now = Instant::now();
-            let mut wake = now + Duration::from_secs(3600);
+            let mut wake = now + beat_every;
             if !keep_alive.is_zero() {
                 wake = wake.min(last_heard + keep_alive + keep_alive / 2);
                 if !ping_out {
@@ -447,7 +704,7 @@ impl Uplink {
             tokio::select! {
                 biased;
                 _ = shutdown::wait(stop) => {
-                    codec::encode_publish(proto, &self.status_topic, b"offline", 1, true, false, STATUS_PID, &mut out);
+                    codec::encode_publish(proto, &self.status_topic, b"offline", 1, self.retain, false, STATUS_PID, &mut out);
                     codec::encode_disconnect(&mut out);
                     let _ = tokio::time::timeout(Duration::from_millis(500), async {
                         wr.write_all(&out).await?;
@@ -495,9 +752,12 @@ impl Uplink {
                     _ => {}
                 }
             }
+            // Whatever this run published may be in the session.
+            self.maybe_sent_through = self.maybe_sent_through.max(self.cursor);
             return Ok(());
         }
         // The broker has no state for us: nothing it PUBREC'd is safe.
+        // (Done batches were completed: they are never sent again.)
         let mut resent = 0;
         for f in self.window.iter_mut() {
             if matches!(f.stage, Stage::AwaitRec | Stage::AwaitComp | Stage::NeedRel)
@@ -508,22 +768,37 @@ impl Uplink {
             }
             f.maybe_sent = false;
         }
-        let unseen = self.log.len() as u64;
-        if resent > 0 || unseen > 0 {
+        // PUBREC'd batches not in the window yet go out again as new too.
+        let beyond = self.log.count_above(self.cursor) as u64;
+        self.maybe_sent_through = 0;
+        if resent + beyond > 0 {
             tracing::warn!(
-                "upstream broker has no session for us: re-sending {resent} unfinished batch(es) as new messages \
-                 (consumers dedup by (gateway, batch))"
+                "upstream broker has no session for us: re-sending {} unfinished batch(es) as new messages \
+                 (consumers dedup by (gateway, batch))",
+                resent + beyond
             );
-            Metrics::add(&self.metrics.batches_resent_session_lost, resent);
+            Metrics::add(&self.metrics.batches_resent_session_lost, resent + beyond);
         }
         if !self.log.is_empty() {
             // Must be durable before any of them goes out again: a stale
             // entry would make a restart send PUBREL for a batch the broker
             // never got, and take its PUBCOMP for delivery. (Also at QoS 1:
             // entries left by an earlier QoS 2 run would do the same.)
-            self.log.clear().map_err(|e| UplinkError::Setup(format!("cannot clear uplink.pubrec: {e}")))?;
+            self.log.clear().map_err(|e| self.log_failed("clear", e))?;
         }
         Ok(())
+    }
+
+    /// A failed write to `uplink.pubrec`: a failed fdatasync is fatal (as in
+    /// the queue, only a fresh read of the disk knows what is on it).
+    fn log_failed(&self, what: &str, e: WriteError) -> UplinkError {
+        if let WriteError::Sync(e) = &e {
+            tracing::error!(
+                "uplink.pubrec: {what}: fdatasync failed: {e}; exiting (status 75) to re-read it on restart"
+            );
+            std::process::exit(75);
+        }
+        UplinkError::Setup(format!("cannot {what} uplink.pubrec: {e}"))
     }
 
     fn send_ready(&mut self, proto: Protocol, qos: u8, inflight_max: usize, max_packet: usize, out: &mut Vec<u8>) {
@@ -533,13 +808,16 @@ impl Uplink {
         for f in self.window.iter_mut().filter(|f| f.stage == Stage::NeedRel) {
             codec::encode_pubrel(packet_id(f.id), out);
             Metrics::inc(&self.metrics.pubrels_resent);
+            tracing::debug!(batch = f.id, "PUBREL re-sent for batch {}", f.id);
             f.stage = Stage::AwaitComp;
+            f.rel_resent = true;
             inflight += 1;
         }
-        for f in self.window.iter_mut() {
+        for i in 0..self.window.len() {
             if inflight >= inflight_max {
                 break;
             }
+            let f = &mut self.window[i];
             if f.retry_at.is_some_and(|t| t > now) {
                 // Refused and pausing: back off as a whole, and keep later
                 // batches behind it (only those already in flight can overtake it).
@@ -550,16 +828,11 @@ impl Uplink {
             }
             let len = codec::publish_len(proto, &self.topic, qos, f.payload.len());
             if len > max_packet {
-                tracing::error!(
-                    batch = f.id,
-                    "batch of {} readings is {len} bytes, over the broker's maximum packet size {max_packet}; \
-                     dropped from the queue (lower pipeline.batch_max_bytes)",
-                    f.readings
-                );
                 Metrics::inc(&self.metrics.batches_too_large);
-                f.stage = Stage::Done;
-                f.readings = 0;
-                f.payload = Vec::new(); // not counted as delivered
+                let reason = format!(
+                    "{len} bytes, over the broker's maximum packet size {max_packet} (lower pipeline.batch_max_bytes)"
+                );
+                self.dead_letter(i, 0x95, reason);
                 continue;
             }
             if f.maybe_sent {
@@ -568,6 +841,7 @@ impl Uplink {
             codec::encode_publish(proto, &self.topic, &f.payload, qos, false, f.maybe_sent, packet_id(f.id), out);
             f.stage = Stage::AwaitRec;
             f.maybe_sent = true;
+            f.rel_resent = false;
             f.retry_at = None;
             inflight += 1;
         }
@@ -582,6 +856,7 @@ impl Uplink {
     ) -> Result<(), UplinkError> {
         let mut consumed = 0;
         let mut pubrecs = Vec::new();
+        let mut completed = Vec::new();
         loop {
             let p = match codec::decode(proto, &inbuf[consumed..], MAX_INCOMING) {
                 Ok(Some((p, n))) => {
@@ -612,33 +887,59 @@ impl Uplink {
                         pubrecs.push(f.id);
                     } else {
                         f.stage = Stage::Done;
+                        completed.push(f.id);
                     }
                 }
                 Packet::PubComp { pid, reason } => {
                     if let Some(f) = self.find(pid, Stage::AwaitComp) {
+                        if reason == 0x92 {
+                            // "Packet identifier not found": either the broker
+                            // completed it before we last heard (our PUBREL was
+                            // a re-send), or it lost the message with its
+                            // session state (restored an old save, or the
+                            // session is not the one we left). Only a new
+                            // PUBLISH cannot lose it; consumers dedup a copy
+                            // by (gateway, batch).
+                            let id = f.id;
+                            tracing::warn!(
+                                batch = id,
+                                "upstream broker does not know batch {id}'s packet id (PUBCOMP 0x92{}): sending \
+                                 it again as a new message",
+                                if f.rel_resent { " after a re-sent PUBREL" } else { "" }
+                            );
+                            f.stage = Stage::Unsent;
+                            f.maybe_sent = false;
+                            f.rel_resent = false;
+                            Metrics::inc(&self.metrics.batches_resent_session_lost);
+                            continue;
+                        }
                         if reason != 0 {
-                            // 0x92: the broker no longer knows the id, i.e. it
-                            // completed it before we last heard (our PUBREL
-                            // was a re-send).
                             tracing::debug!(batch = f.id, "PUBCOMP reason {reason:#x}");
                         }
                         f.stage = Stage::Done;
+                        completed.push(f.id);
                     }
                 }
                 Packet::PubRel { pid, .. } => codec::encode_pubcomp(pid, out),
                 Packet::Disconnect { reason } => {
-                    return Err(UplinkError::Refused(format!("broker sent DISCONNECT, reason {reason:#04x}")));
+                    return Err(UplinkError::Refused(format!(
+                        "broker sent DISCONNECT, reason {reason:#04x} ({})",
+                        reason_name(reason)
+                    )));
                 }
                 _ => {}
             }
         }
         inbuf.drain(..consumed);
+        // Before the PUBREC fdatasync, so it carries these notes too.
+        self.log.record_completed(&completed);
         if !pubrecs.is_empty() {
-            self.log.record(&pubrecs).map_err(|e| UplinkError::Setup(format!("cannot write uplink.pubrec: {e}")))?;
+            self.log.record(&pubrecs).map_err(|e| self.log_failed("write", e))?;
             crate::crashpoint::hit("after-pubrec-sync");
             for id in pubrecs {
                 if let Some(f) = self.window.iter_mut().find(|f| f.id == id) {
                     f.stage = Stage::AwaitComp;
+                    f.rel_resent = false;
                     codec::encode_pubrel(packet_id(id), out);
                 }
             }
@@ -652,15 +953,99 @@ impl Uplink {
 
     fn refused(&mut self, id: u64, reason: u8) {
         Metrics::inc(&self.metrics.batches_refused);
-        let pause = self.jitter(self.refusal_pause);
-        self.refusal_pause = (self.refusal_pause * 2).min(self.cfg.reconnect_max);
-        tracing::warn!(batch = id, "upstream broker refused batch {id} (reason {reason:#04x}); retrying in {pause:?}");
-        if let Some(f) = self.window.iter_mut().find(|f| f.id == id) {
-            f.stage = Stage::Unsent;
-            // Refused means the broker dropped it: the retry is a new message.
-            f.maybe_sent = false;
-            f.retry_at = Some(Instant::now() + pause);
+        let Some(i) = self.window.iter().position(|f| f.id == id) else { return };
+        self.window[i].refusals += 1;
+        let refusals = self.window[i].refusals;
+        let kind = classify(reason);
+        let name = reason_name(reason);
+        if kind == Refusal::Permanent && refusals >= self.cfg.dead_letter_after {
+            let why = format!("refused {refusals} time(s) by the broker, last with reason {reason:#04x} ({name})");
+            self.dead_letter(i, reason, why);
+            return;
         }
+        let pause = match kind {
+            Refusal::Transient => {
+                let p = self.jitter(self.refusal_pause);
+                self.refusal_pause = (self.refusal_pause * 2).min(self.cfg.reconnect_max);
+                p
+            }
+            Refusal::Permanent => {
+                let d = (REFUSAL_PAUSE * 2u32.saturating_pow(refusals - 1)).min(self.cfg.reconnect_max);
+                self.jitter(d)
+            }
+        };
+        if refusals == 1 {
+            tracing::warn!(
+                batch = id,
+                "upstream broker refused batch {id} (reason {reason:#04x}, {name}, {}); retrying in {pause:?}",
+                match kind {
+                    Refusal::Transient => "transient".to_string(),
+                    Refusal::Permanent =>
+                        format!("permanent: dead-lettered after {} attempt(s)", self.cfg.dead_letter_after),
+                }
+            );
+        } else {
+            tracing::debug!(batch = id, "batch {id} refused again (reason {reason:#04x}, attempt {refusals})");
+        }
+        let f = &mut self.window[i];
+        f.stage = Stage::Unsent;
+        // Refused means the broker dropped it: the retry is a new message.
+        f.maybe_sent = false;
+        f.retry_at = Some(Instant::now() + pause);
+    }
+
+    /// Move `window[i]` to the dead-letter store (durably), then let it
+    /// leave the queue like a delivered batch.
+    fn dead_letter(&mut self, i: usize, code: u8, reason: String) {
+        let f = &self.window[i];
+        let rec = DeadBatch {
+            queue_id: f.id,
+            readings: f.readings,
+            created_ms: f.created_ms,
+            dead_ms: crate::reading::now_ms(),
+            reason_code: code,
+            reason: reason.clone(),
+            payload: f.payload.clone(),
+        };
+        let (id, readings) = (f.id, f.readings);
+        match self.dead.append(&rec) {
+            Ok(()) => {}
+            Err(WriteError::Write(e)) => {
+                tracing::error!(
+                    batch = id,
+                    "cannot write batch {id} to the dead-letter store {}: {e}; it stays in the queue and is tried again",
+                    self.dead.path().display()
+                );
+                let pause = self.cfg.reconnect_max;
+                let f = &mut self.window[i];
+                f.stage = Stage::Unsent;
+                f.maybe_sent = false;
+                f.retry_at = Some(Instant::now() + pause);
+                return;
+            }
+            Err(WriteError::Sync(e)) => {
+                tracing::error!(
+                    "dead-letter store {}: fdatasync failed: {e}; exiting (status 75) to re-read it on restart",
+                    self.dead.path().display()
+                );
+                std::process::exit(75);
+            }
+        }
+        crate::crashpoint::hit("after-dead-letter");
+        Metrics::inc(&self.metrics.batches_dead_lettered);
+        Metrics::add(&self.metrics.readings_dead_lettered, readings as u64);
+        Metrics::set(&self.metrics.dead_letter_batches, self.dead.batches());
+        tracing::error!(
+            batch = id,
+            "batch {id} ({readings} readings) moved to the dead-letter store {}: {reason}; \
+             `edge-gateway queue dead list` shows it, `queue dead replay` queues it again once the cause is fixed",
+            self.dead.path().display()
+        );
+        let f = &mut self.window[i];
+        f.stage = Stage::Done;
+        f.readings = 0;
+        f.payload = Vec::new(); // not counted as delivered
+        f.retry_at = None;
     }
 
     /// Pop delivered batches off the front and ack them in the queue.
@@ -714,6 +1099,11 @@ impl Uplink {
     }
 }
 
+/// What the PUBREC log is tied to: scheme, host, port and client id.
+fn session_identity(url: &BrokerUrl, client_id: &str) -> String {
+    format!("{}://{}:{} {client_id}", if url.tls { "mqtts" } else { "mqtt" }, url.host, url.port)
+}
+
 fn connack_reason(v5: bool, code: u8, c: &ConnAck) -> String {
     let what = match (v5, code) {
         (false, 1) | (true, 0x84) => "unsupported protocol version",
@@ -742,26 +1132,130 @@ async fn continue_after(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 
 /// Start the uplink on its own thread; returns its join handle.
 ///
-/// `beat`, if given, is beaten from the uplink's own runtime, so the systemd watchdog learns when this thread is wedged.
+/// `beat`, if given, is beaten by the uplink's own loop (and through its
+/// bounded waits), so the systemd watchdog learns when the loop is wedged,
+/// even while the thread and its runtime are free.
 pub fn spawn(
-    uplink: Uplink,
+    mut uplink: Uplink,
     stop: watch::Receiver<bool>,
     beat: Option<crate::service::Beat>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    uplink.beat = beat;
     std::thread::Builder::new().name("uplink".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("uplink runtime");
-        if let Some(beat) = beat {
-            rt.spawn(async move {
-                let mut tick = tokio::time::interval(beat.every());
-                loop {
-                    tick.tick().await;
-                    beat.beat();
-                }
-            });
-        }
         rt.block_on(tracing::Instrument::instrument(
             uplink.run(stop),
             tracing::info_span!("uplink", source = "uplink"),
         ));
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, StoreConfig};
+    use crate::queue::QueueOptions;
+
+    fn cfg(extra: &str) -> UpstreamConfig {
+        let src = format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"/nonexistent\"\n[upstream]\nurl = \"mqtt://127.0.0.1:1\"\nallow_plaintext = true\nmax_inflight = 3\n{extra}"
+        );
+        Config::parse(&src, "t.toml").unwrap().upstream.unwrap()
+    }
+
+    /// An uplink over a queue holding `n` committed batches.
+    fn uplink(dir: &Path, n: u64, extra: &str) -> Uplink {
+        let (mut q, _) = Queue::open(&dir.join("queue"), QueueOptions::from(&StoreConfig::default())).unwrap();
+        for i in 0..n {
+            q.append(1, i, format!("batch {i}").as_bytes()).unwrap();
+        }
+        q.commit().unwrap();
+        let queue = Arc::new(Mutex::new(q));
+        Uplink::new(&cfg(extra), "gw", dir, queue, Arc::new(Metrics::default())).unwrap()
+    }
+
+    #[test]
+    fn reason_codes_are_classified() {
+        for c in [0x89, 0x91, 0x93, 0x96, 0x97, 0x9F] {
+            assert_eq!(classify(c), Refusal::Transient, "{c:#x}");
+        }
+        for c in [0x80, 0x83, 0x87, 0x90, 0x95, 0x99, 0x9A, 0xA2] {
+            assert_eq!(classify(c), Refusal::Permanent, "{c:#x}");
+        }
+    }
+
+    /// Every batch already queued at start-up may have been published by
+    /// the previous run, not only the first window's worth: each one's first
+    /// PUBLISH in a resumed session carries DUP=1.
+    #[test]
+    fn every_batch_queued_before_a_restart_goes_out_with_dup_in_a_resumed_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = uplink(dir.path(), 10, "");
+        u.log.confirm().unwrap();
+        u.resume(true).unwrap();
+        let mut dups = Vec::new();
+        for _ in 0..4 {
+            u.fill(3).unwrap();
+            let mut out = Vec::new();
+            u.send_ready(Protocol::V5, 2, 3, usize::MAX, &mut out);
+            let mut at = 0;
+            while let Some((p, n)) = codec::decode(Protocol::V5, &out[at..], 1 << 20).unwrap() {
+                at += n;
+                if let Packet::Publish(p) = p {
+                    dups.push(p.dup);
+                }
+            }
+            // Complete them all.
+            for f in u.window.iter_mut() {
+                f.stage = Stage::Done;
+            }
+            u.advance();
+        }
+        assert_eq!(dups.len(), 10);
+        assert!(dups.iter().all(|d| *d), "DUP flags {dups:?}");
+    }
+
+    /// Lost session: PUBREC entries beyond the window are counted (they go
+    /// out again as new messages), completed ones are neither counted nor sent.
+    #[test]
+    fn a_lost_session_counts_log_entries_beyond_the_window_and_skips_completed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = uplink(dir.path(), 10, "");
+        u.log.confirm().unwrap();
+        u.log.record(&[2, 3, 7, 8]).unwrap();
+        u.log.record_completed(&[2, 3]);
+        drop(u);
+        let mut u = uplink(dir.path(), 0, "");
+        assert!(u.log.confirmed());
+        u.resume(false).unwrap();
+        assert_eq!(Metrics::get(&u.metrics.batches_resent_session_lost), 2, "7 and 8");
+        u.fill(3).unwrap();
+        let stages: Vec<(u64, Stage)> = u.window.iter().map(|f| (f.id, f.stage)).collect();
+        assert_eq!(stages, [(1, Stage::Unsent), (2, Stage::Done), (3, Stage::Done)]);
+    }
+
+    /// A permanently refused batch is retried `dead_letter_after` times, then
+    /// stored and let go; a transient refusal is never dead-lettered.
+    #[test]
+    fn permanent_refusals_end_in_the_dead_letter_store_transient_ones_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = uplink(dir.path(), 2, "dead_letter_after = 3");
+        u.fill(3).unwrap();
+        for _ in 0..10 {
+            u.refused(2, 0x97);
+        }
+        assert_eq!(u.window[1].stage, Stage::Unsent);
+        for i in 1..=3 {
+            u.refused(1, 0x87);
+            assert_eq!(u.window[0].stage == Stage::Done, i == 3, "after {i} refusals");
+        }
+        let dead = dead::read(dir.path()).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].queue_id, dead[0].reason_code, dead[0].payload.as_slice()), (1, 0x87, &b"batch 0"[..]));
+        assert!(dead[0].reason.contains("not authorized"), "{}", dead[0].reason);
+        u.advance();
+        assert_eq!(u.acked, 1, "the dead batch left the queue");
+        assert_eq!(Metrics::get(&u.metrics.batches_delivered), 0, "and was not counted as delivered");
+        assert_eq!(Metrics::get(&u.metrics.dead_letter_batches), 1);
+    }
 }

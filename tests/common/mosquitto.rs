@@ -137,6 +137,40 @@ impl Mosquitto {
         m
     }
 
+    /// [`Mosquitto::start_with`], plus `tls_extra` lines in the TLS
+    /// listener's own section (with `per_listener_settings` that is where
+    /// `acl_file` goes). The plain listener stays open to anyone.
+    pub fn start_tls_extra(dir: &Path, certs: &Certs, extra: &str, tls_extra: &str) -> Mosquitto {
+        need("mosquitto", "mosquitto");
+        std::fs::create_dir_all(dir).unwrap();
+        let (tls_port, plain_port) = (free_port(), free_port());
+        let conf = dir.join("mosquitto.conf");
+        let text = format!(
+            "per_listener_settings true\nuser root\n\
+             persistence true\npersistence_location {db}/\nautosave_interval 1\n\
+             max_queued_messages 1000000\n{extra}\n\
+             log_dest file {db}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
+             listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate false\n\
+             allow_anonymous true\n{tls_extra}\n\
+             listener {plain_port} 127.0.0.1\nallow_anonymous true\n",
+            db = dir.display(),
+            ca = certs.ca.display(),
+            cert = certs.server_cert.display(),
+            key = certs.server_key.display(),
+        );
+        std::fs::write(&conf, text).unwrap();
+        let mut m = Mosquitto { dir: dir.to_path_buf(), tls_port, plain_port, conf, child: None };
+        m.restart();
+        m
+    }
+
+    /// SIGHUP: Mosquitto re-reads its config's ACL and password files.
+    pub fn reload(&self) {
+        if let Some(c) = &self.child {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGHUP).unwrap();
+        }
+    }
+
     /// Start again on the same ports (after `stop` or `kill9`).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
