@@ -20,7 +20,12 @@
 //! * Our front door ([`proxy`]): one tokio task per public listener (tcp,
 //!   tls, websocket) on the main runtime, one task per client.
 //! * The ingest task ([`crate::source::lan`]) on the main runtime, reading
-//!   the local link with its async `next()`.
+//!   the local link with its async `next()`. It is supervised: should it
+//!   ever stop on its own (the link closed), rumqttd would go on acking
+//!   LAN publishes nobody takes, so the broker closes every LAN connection
+//!   and listener at once and the gateway exits non-zero for systemd to
+//!   restart it ([`Broker::failure`]). No client can close the link by
+//!   taking its id ([`LINK_CLIENT_ID`], [`internal_client_id`]).
 //! * The `broker-publish` thread: republishes readings and status through
 //!   the local link (its `send` blocks when the router is busy).
 //! * The ack task: takes the pipeline's acks for LAN devices (the LAN
@@ -42,9 +47,14 @@
 //! * `Broker::start()` blocks and returns Ok even when the port is taken:
 //!   we bind the public ports ourselves, first, and fail with the port named.
 //! * No connection limit before CONNECT, no CONNACK code on a failed login,
-//!   no ACLs: the proxy counts connections, answers CONNACK 3/4/5, and
-//!   checks each PUBLISH's topic (and the will's) against the user's allowed
-//!   prefixes.
+//!   no ACLs: the proxy counts connections (globally, per address and per
+//!   user), answers CONNACK 3/4/5, and checks each PUBLISH's topic (and the
+//!   will's) against the user's allowed prefixes.
+//! * A client id that connects again replaces the older connection, the
+//!   local link's included: ids are `user:id` (see [`internal_client_id`]).
+//! * MQTT 5 topic aliases (rumqttd advertises 4096) would carry PUBLISHes
+//!   past the topic checks with an empty topic: the proxy removes the
+//!   advertisement from the CONNACK and refuses empty topics.
 //! * No backpressure from a slow subscriber: rumqttd skips ahead for it and
 //!   loses what it had not read. [`Flow`] holds publishers back instead.
 

@@ -8,15 +8,22 @@
 //! * refuses what rumqttd would mishandle, with a proper CONNACK code: bad
 //!   credentials (4 / 0x86), no credentials (5 / 0x87), too many clients
 //!   (3 / 0x88), MQTT 3.1 (1);
-//! * rewrites the client id so rumqttd accepts it (`/ + # $ %` are
-//!   %-escaped: `site1/dev1` → `site1%2Fdev1`; rumqttd 0.20 rejects such ids
-//!   and then panics on the second try, #1062), turns keep-alive 0 (which
-//!   rumqttd refuses without a CONNACK) into 65535 s, and swaps the client's
+//! * rewrites the client id to `user:id` (both %-escaped: `/ + # $ % :`;
+//!   rumqttd 0.20 rejects such ids and then panics on the second try,
+//!   #1062), so users cannot kick or take over each other's sessions and no
+//!   client can take the local link's id; turns keep-alive 0 (which rumqttd
+//!   refuses without a CONNACK) into 600 s, and swaps the client's
 //!   credentials for the internal ones;
+//! * before all that, limits what one address, one user and one login may
+//!   hold ([`super::limits`], docs/security.md): half-open connections per
+//!   address, a first-byte deadline, password-check backoff per address,
+//!   connections per user;
 //! * forwards the connection to rumqttd's internal listener on loopback,
-//!   checking each PUBLISH on the way: bigger than `max_payload` or outside
-//!   the user's allowed prefixes closes the connection (MQTT 3.1.1 has no
-//!   negative PUBACK; closing is what §3.3.5 allows).
+//!   checking each PUBLISH on the way: bigger than `max_payload`, outside
+//!   the user's allowed prefixes, to the empty topic (MQTT 5 topic aliases:
+//!   we advertise none) or for more devices than the user may have closes
+//!   the connection (MQTT 3.1.1 has no negative PUBACK; closing is what
+//!   §3.3.5 allows).
 
 use super::auth::{self, Login, Users};
 use super::limits::{DeviceLimit, Limits, Slot};
@@ -399,6 +406,7 @@ enum End {
 
 /// Copy both ways until either side closes; client → broker packet by packet,
 /// and broker → client too when acks wait for durability.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     client: &mut Box<dyn Io>,
     up: &mut TcpStream,
