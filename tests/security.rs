@@ -666,6 +666,13 @@ fn low_per_user_cap_websocket_origins_and_keep_alive_zero() {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(&c).unwrap();
     assert_eq!(connack_code(&mut s), Some(0), "keep-alive 0");
+    // And the gateway's end of the socket has TCP keep-alive on (`ss -o` shows its timer).
+    need("ss", "iproute2");
+    let me = s.local_addr().unwrap().port();
+    let ss = Command::new("ss").args(["-tnoH", "state", "established"]).output().unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    let line = ss.lines().find(|l| l.contains(&format!("127.0.0.1:{port} ")) && l.contains(&format!(":{me} ")));
+    assert!(line.is_some_and(|l| l.contains("keepalive")), "no TCP keep-alive on the gateway's socket:\n{ss}");
 
     // WebSocket Origin: a foreign page is refused, the dashboard and non-browser clients are not.
     let ws = |origin: Option<&str>| {
