@@ -669,10 +669,17 @@ fn low_per_user_cap_websocket_origins_and_keep_alive_zero() {
     // And the gateway's end of the socket has TCP keep-alive on (`ss -o` shows its timer).
     need("ss", "iproute2");
     let me = s.local_addr().unwrap().port();
-    let ss = Command::new("ss").args(["-tnoH", "state", "established"]).output().unwrap();
-    let ss = String::from_utf8_lossy(&ss.stdout);
-    let line = ss.lines().find(|l| l.contains(&format!("127.0.0.1:{port} ")) && l.contains(&format!(":{me} ")));
-    assert!(line.is_some_and(|l| l.contains("keepalive")), "no TCP keep-alive on the gateway's socket:\n{ss}");
+    // (Polled: while a segment is unacknowledged the timer shown is the retransmit one.)
+    let mut ss = String::new();
+    let keepalive = wait_until(Duration::from_secs(5), || {
+        let out = Command::new("ss").args(["-tnoH", "state", "established"]).output().unwrap();
+        ss = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = ss.lines();
+        lines.any(|l| {
+            l.contains(&format!("127.0.0.1:{port} ")) && l.contains(&format!(":{me} ")) && l.contains("keepalive")
+        })
+    });
+    assert!(keepalive, "no TCP keep-alive on the gateway's socket:\n{ss}");
 
     // WebSocket Origin: a foreign page is refused, the dashboard and non-browser clients are not.
     let ws = |origin: Option<&str>| {
