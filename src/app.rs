@@ -103,6 +103,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     let notifier = Arc::new(Notifier::from_env());
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
+    crate::perms::private_data_dir(&cfg.gateway.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.gateway.data_dir.display()))?;
+    crate::perms::warn_readable_secrets(&cfg, config_path.as_deref());
     let (mut pipeline, report) = Pipeline::open(&cfg, metrics.clone())
         .with_context(|| format!("cannot open the queue in {}", cfg.gateway.data_dir.display()))?;
     let q = &report.queue;
@@ -186,7 +189,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     notifier.notify("READY=1");
     notifier.status(&status_line(&metrics, &queue, 0.0));
 
-    signal_loop(&mut sources, config_path.as_deref(), &notifier).await?;
+    // LAN ingest stopping on its own ends the run like SIGTERM, then exits
+    // non-zero so systemd restarts the gateway (Restart=on-failure).
+    let broker_failure = broker.as_ref().map(|b| b.failure());
+    let failed = tokio::select! {
+        r = signal_loop(&mut sources, config_path.as_deref(), &notifier) => { r?; None }
+        why = async { match broker_failure { Some(f) => f.await, None => std::future::pending().await } } => Some(why),
+    };
     notifier.notify("STOPPING=1\nSTATUS=stopping: sealing the open batch into the queue");
     if let Some(b) = &mut broker {
         tracing::info!("stopping: closing the broker's clients");
@@ -231,7 +240,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         let _ = t.await;
     }
     log_summary(&metrics);
-    Ok(())
+    match failed {
+        Some(why) => anyhow::bail!("LAN ingest stopped ({why}); exiting so that the service is restarted"),
+        None => Ok(()),
+    }
 }
 
 impl Sources {
@@ -494,6 +506,13 @@ async fn start_metrics(
         }
     };
     tracing::info!("metrics on http://{}/metrics", listener.local_addr().unwrap_or(cfg.metrics.listen));
+    if !cfg.metrics.listen.ip().is_loopback() {
+        tracing::warn!(
+            "metrics: {} is not loopback: /metrics has no authentication and names workers' devices; \
+             anyone on that network can read it (bind 127.0.0.1 and scrape through SSH or a proxy)",
+            cfg.metrics.listen
+        );
+    }
     let (gateway, max_bytes) = (cfg.gateway.id.clone(), cfg.store.max_bytes);
     let render: crate::metrics::http::Render = Arc::new(move || {
         let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();

@@ -166,6 +166,8 @@ fn run(path: &Path) -> anyhow::Result<()> {
     crate::service::init_logging(Some(&cfg.log.level));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Well under the unit's TasksMax=256 (docs/security.md).
+        .max_blocking_threads(64)
         .enable_all()
         .thread_name("edge-gateway")
         .build()

@@ -517,6 +517,16 @@ pub struct BrokerConfig {
     pub connect_timeout: Duration,
     /// When a LAN device's QoS 1/2 reading is acknowledged (PUBACK / PUBCOMP).
     pub ack: BrokerAck,
+    /// Connections in their handshake (before CONNACK) from one address
+    /// (IPv4, or IPv6 /64); more from it are closed at once. See docs/security.md.
+    pub max_handshakes_per_address: usize,
+    /// Connected clients per user (anonymous clients count as one user); absent: only `max_connections`.
+    pub max_connections_per_user: Option<usize>,
+    /// Distinct device ids one LAN user (anonymous clients together) may publish readings for.
+    pub max_devices_per_user: usize,
+    /// Browser origins allowed to open the WebSocket listener (`Origin` header,
+    /// e.g. `"https://dashboard.example"`); empty: any. Non-browser clients send none and are let in.
+    pub websocket_origins: Vec<String>,
 }
 
 /// `broker.ack`: when LAN devices get their PUBACK (QoS 1) or PUBCOMP (QoS 2).
@@ -550,6 +560,10 @@ impl Default for BrokerConfig {
             status_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             ack: BrokerAck::Received,
+            max_handshakes_per_address: 32,
+            max_connections_per_user: None,
+            max_devices_per_user: 1024,
+            websocket_origins: Vec::new(),
         }
     }
 }
@@ -788,6 +802,15 @@ impl BrokerConfig {
         }
         if self.connect_timeout.is_zero() {
             return bad("connect_timeout", "must be greater than 0".into());
+        }
+        if self.max_handshakes_per_address == 0 {
+            return bad("max_handshakes_per_address", "must be at least 1".into());
+        }
+        if self.max_connections_per_user == Some(0) {
+            return bad("max_connections_per_user", "must be at least 1 (leave it out for no per-user cap)".into());
+        }
+        if self.max_devices_per_user == 0 {
+            return bad("max_devices_per_user", "must be at least 1".into());
         }
         let ingest = match TopicPattern::parse(&self.ingest) {
             Ok(p) => p,

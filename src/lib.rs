@@ -32,6 +32,7 @@ pub mod config;
 pub mod crashpoint;
 pub mod demo;
 pub mod metrics;
+pub mod perms;
 pub mod pipeline;
 pub mod queue;
 pub mod reading;

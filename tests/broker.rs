@@ -235,10 +235,13 @@ fn hostile_clients_do_not_keep_normal_clients_out() {
         &format!(
             "enabled = true\ntcp = \"127.0.0.1:{port}\"\ntls = \"127.0.0.1:{tls_port}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
              max_connections = {max}\nmax_payload = \"64KiB\"\nconnect_timeout = \"3s\"\n\
+             max_handshakes_per_address = 1024\n\
              [[broker.users]]\nname = \"dev\"\npassword_hash = \"{h}\"\n\
              [[broker.users]]\nname = \"site1\"\npassword_hash = \"{h}\"\npublish = [\"sensors/site1-\"]\n"
         ),
     );
+    // Every client here comes from 127.0.0.1: this test checks the global
+    // limits; the per-address ones (and their cost) are tests/security.rs's.
     let gw = start(&cfg);
     let auth = ["-u", "dev", "-P", "good-pass"];
     let mut seq = 0;

@@ -132,7 +132,11 @@ fn maintainer_scripts_make_the_user_groups_and_data_dir_and_purge_removes_them()
         if getent group bluetooth >/dev/null; then groupdel bluetooth; fi
         # As dpkg runs them (deb-systemd-helper refuses to run otherwise).
         export DPKG_MAINTSCRIPT_PACKAGE=edge-gateway
+        # dpkg unpacks the conffile (0644 root:root) before postinst runs.
+        mkdir -p /etc/edge-gateway
+        install -m 0644 "$root/etc/edge-gateway/gateway.toml" /etc/edge-gateway/gateway.toml
         DPKG_MAINTSCRIPT_NAME=postinst sh "$ctl/postinst" configure
+        echo "config: $(stat -c '%U %G %a' /etc/edge-gateway/gateway.toml)"
         echo "passwd: $(getent passwd edge-gateway | cut -d: -f6-)"
         echo "groups: $(id -nG edge-gateway)"
         echo "datadir: $(stat -c '%U %G %a' /var/lib/edge-gateway)"
@@ -156,7 +160,9 @@ fn maintainer_scripts_make_the_user_groups_and_data_dir_and_purge_removes_them()
             assert!(groups.contains(&g), "{g} missing: {out}");
         }
     }
-    assert!(out.contains("datadir: edge-gateway edge-gateway 750\n"), "{out}");
+    assert!(out.contains("datadir: edge-gateway edge-gateway 700\n"), "{out}");
+    // It holds password hashes and bindkeys: the service's group reads it, nobody else.
+    assert!(out.contains("config: root edge-gateway 640\n"), "{out}");
     // Enabled: /lib is /usr/lib on merged-/usr systems, and the helper prefers it.
     let wants = out.lines().find(|l| l.starts_with("wants: ")).unwrap();
     assert!(

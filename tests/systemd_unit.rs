@@ -21,6 +21,12 @@ fn unit_for_test(dir: &std::path::Path) -> std::path::PathBuf {
         "ProtectSystem=strict",
         "SystemCallFilter=@system-service",
         "CapabilityBoundingSet=\n",
+        // issue 19: bounded memory and tasks, a private queue, TLS after the clock is set.
+        "MemoryMax=",
+        "TasksMax=",
+        "StateDirectoryMode=0700",
+        "UMask=0077",
+        "time-sync.target",
     ] {
         assert!(text.contains(want), "the unit lacks {want:?}");
     }

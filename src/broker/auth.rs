@@ -1,19 +1,42 @@
 //! Who may connect and where they may publish.
 //!
 //! Passwords are stored as PHC strings (argon2id by default; any argon2
-//! variant verifies). Verifying one costs tens of milliseconds and ~19 MiB
-//! with the default parameters, so at most one runs at a time, off the async
-//! runtime, and a success is remembered as a keyed 64-bit fingerprint of the
-//! password (never the password itself), so reconnecting devices do not pay
-//! again. Secrets are never logged.
+//! variant verifies). Verifying one costs tens of milliseconds (x86) to a
+//! few hundred (Raspberry Pi) and ~19 MiB with our parameters
+//! ([`HASH_PARAMS`]), so at most one runs at a time, off the async runtime,
+//! and a success is remembered as a keyed 64-bit fingerprint of the password
+//! (never the password itself), so reconnecting devices do not pay again.
+//! Secrets are never logged.
+//!
+//! Under attack (issue 19, H2): at most [`MAX_WAITING_CHECKS`] logins wait
+//! for a check, later ones are refused at once ([`Login::Busy`]) rather than
+//! queued behind them, and the caller bounds the wait by `connect_timeout`.
+//! An unknown user is checked against a dummy hash with the same
+//! parameters, so a refusal takes as long whether the name exists or not.
 
 use crate::config::BrokerConfig;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
+
+/// Logins that may wait for the one password check at a time; more are
+/// refused at once. Eight checks take ~0.2 s on x86 and ~1-2 s on a
+/// Raspberry Pi 3/4, inside the default 5 s `connect_timeout`.
+pub const MAX_WAITING_CHECKS: usize = 8;
+
+/// argon2id, 19 MiB, 2 passes, 1 lane: OWASP's first recommended setting
+/// (the argon2 crate's default, written out so an upgrade cannot change
+/// it). On a Pi it costs ~100-300 ms per check and 19 MiB while it runs;
+/// with one check at a time that is one core and 19 MiB at most under
+/// attack, while an offline guess at a leaked hash costs as much.
+/// `hash-password` uses these; verifying uses whatever the PHC string says.
+pub fn hash_params() -> argon2::Params {
+    argon2::Params::new(19 * 1024, 2, 1, None).expect("valid argon2 parameters")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -36,7 +59,10 @@ pub fn check_hash(s: &str) -> Result<(), String> {
 /// A new argon2id PHC string for `password` (default parameters).
 pub fn hash_password(password: &str) -> String {
     let salt = SaltString::generate(&mut OsRng);
-    argon2::Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 with default params").to_string()
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, hash_params())
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with valid params")
+        .to_string()
 }
 
 struct User {
@@ -54,6 +80,8 @@ pub enum Login {
     },
     BadCredentials,
     NotAuthorized,
+    /// Too many checks waiting: refused without one (try again later).
+    Busy,
 }
 
 pub struct Users {
@@ -62,26 +90,46 @@ pub struct Users {
     /// Fingerprints of passwords that verified, per user.
     verified: Mutex<HashMap<String, u64>>,
     keys: std::collections::hash_map::RandomState,
-    one_at_a_time: Semaphore,
+    one_at_a_time: Arc<Semaphore>,
+    /// Logins waiting for (or in) a password check.
+    waiting: AtomicUsize,
+    /// Checked for unknown users: a random password, hashed like the users'.
+    dummy: String,
+}
+
+/// Gives back a waiting place when the login ends or is dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Users {
+    /// Reads `password_file` and hashes the dummy password: blocking, tens
+    /// to hundreds of milliseconds (call it off the async runtime).
     pub fn load(cfg: &BrokerConfig) -> Result<Users, AuthError> {
         let mut users = HashMap::new();
+        let mut first_hash = None;
         if let Some(path) = &cfg.password_file {
             for (name, hash) in read_password_file(path)? {
+                first_hash.get_or_insert_with(|| hash.clone());
                 users.insert(name, User { hash, publish: None });
             }
         }
         for u in &cfg.users {
+            first_hash.get_or_insert_with(|| u.password_hash.clone());
             users.insert(u.name.clone(), User { hash: u.password_hash.clone(), publish: u.publish.clone() });
         }
         Ok(Users {
+            dummy: if users.is_empty() { String::new() } else { dummy_hash(first_hash.as_deref()) },
             users,
             allow_anonymous: cfg.allow_anonymous,
             verified: Mutex::new(HashMap::new()),
             keys: Default::default(),
-            one_at_a_time: Semaphore::new(1),
+            one_at_a_time: Arc::new(Semaphore::new(1)),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -100,23 +148,37 @@ impl Users {
         let Some((name, password)) = creds else {
             return if self.allow_anonymous { Login::Ok { user: None, publish: None } } else { Login::NotAuthorized };
         };
-        let Some(user) = self.users.get(name) else {
-            return Login::BadCredentials;
-        };
-        let ok = Login::Ok { user: Some(name.to_string()), publish: user.publish.clone().map(Into::into) };
+        let user = self.users.get(name);
         let fp = self.fingerprint(password.as_bytes());
-        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(name) == Some(&fp) {
-            return ok;
+        if user.is_some() && self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(name) == Some(&fp) {
+            return Login::Ok {
+                user: Some(name.to_string()),
+                publish: user.and_then(|u| u.publish.clone()).map(Into::into),
+            };
         }
-        let Ok(_permit) = self.one_at_a_time.acquire().await else {
-            return Login::NotAuthorized;
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING_CHECKS {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Login::Busy;
+        }
+        let _waiting = Waiting(&self.waiting);
+        let Ok(permit) = self.one_at_a_time.clone().acquire_owned().await else {
+            return Login::Busy;
         };
-        let (hash, pw) = (user.hash.clone(), password.to_string());
+        // Unknown users cost a check too (against the dummy), and fail.
+        let hash = user.map_or_else(|| self.dummy.clone(), |u| u.hash.clone());
+        let pw = password.to_string();
+        // The permit goes with the check: if this login is dropped (its
+        // connect_timeout passed), the next check still waits for this one.
         let verified = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             PasswordHash::new(&hash).is_ok_and(|h| argon2::Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
         })
         .await
         .unwrap_or(false);
+        let Some(user) = user else {
+            return Login::BadCredentials;
+        };
+        let ok = Login::Ok { user: Some(name.to_string()), publish: user.publish.clone().map(Into::into) };
         if verified {
             self.verified.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), fp);
             ok
@@ -124,6 +186,26 @@ impl Users {
             Login::BadCredentials
         }
     }
+}
+
+/// A hash of a random password with the parameters of `like` (a user's
+/// PHC string), or ours when it has none we can use.
+fn dummy_hash(like: Option<&str>) -> String {
+    let mut secret = [0u8; 16];
+    argon2::password_hash::rand_core::RngCore::fill_bytes(&mut OsRng, &mut secret);
+    let salt = SaltString::generate(&mut OsRng);
+    let parsed = like.and_then(|h| PasswordHash::new(h).ok());
+    let (algorithm, version, params) = parsed
+        .and_then(|h| {
+            let algorithm = argon2::Algorithm::try_from(h.algorithm).ok()?;
+            let version = h.version.and_then(|v| argon2::Version::try_from(v).ok()).unwrap_or_default();
+            Some((algorithm, version, argon2::Params::try_from(&h).ok()?))
+        })
+        .unwrap_or((argon2::Algorithm::Argon2id, argon2::Version::V0x13, hash_params()));
+    argon2::Argon2::new(algorithm, version, params)
+        .hash_password(&secret, &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_else(|_| hash_password("dummy"))
 }
 
 /// May a client with these prefixes publish to `topic`?

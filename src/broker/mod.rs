@@ -20,7 +20,12 @@
 //! * Our front door ([`proxy`]): one tokio task per public listener (tcp,
 //!   tls, websocket) on the main runtime, one task per client.
 //! * The ingest task ([`crate::source::lan`]) on the main runtime, reading
-//!   the local link with its async `next()`.
+//!   the local link with its async `next()`. It is supervised: should it
+//!   ever stop on its own (the link closed), rumqttd would go on acking
+//!   LAN publishes nobody takes, so the broker closes every LAN connection
+//!   and listener at once and the gateway exits non-zero for systemd to
+//!   restart it ([`Broker::failure`]). No client can close the link by
+//!   taking its id ([`LINK_CLIENT_ID`], [`internal_client_id`]).
 //! * The `broker-publish` thread: republishes readings and status through
 //!   the local link (its `send` blocks when the router is busy).
 //! * The ack task: takes the pipeline's acks for LAN devices (the LAN
@@ -42,13 +47,19 @@
 //! * `Broker::start()` blocks and returns Ok even when the port is taken:
 //!   we bind the public ports ourselves, first, and fail with the port named.
 //! * No connection limit before CONNECT, no CONNACK code on a failed login,
-//!   no ACLs: the proxy counts connections, answers CONNACK 3/4/5, and
-//!   checks each PUBLISH's topic (and the will's) against the user's allowed
-//!   prefixes.
+//!   no ACLs: the proxy counts connections (globally, per address and per
+//!   user), answers CONNACK 3/4/5, and checks each PUBLISH's topic (and the
+//!   will's) against the user's allowed prefixes.
+//! * A client id that connects again replaces the older connection, the
+//!   local link's included: ids are `user:id` (see [`internal_client_id`]).
+//! * MQTT 5 topic aliases (rumqttd advertises 4096) would carry PUBLISHes
+//!   past the topic checks with an empty topic: the proxy removes the
+//!   advertisement from the CONNACK and refuses empty topics.
 //! * No backpressure from a slow subscriber: rumqttd skips ahead for it and
 //!   loses what it had not read. [`Flow`] holds publishers back instead.
 
 pub mod auth;
+pub mod limits;
 pub mod proxy;
 pub mod topic;
 
@@ -89,7 +100,13 @@ const INGEST_LAG_LIMIT: u64 = 1 << 20;
 /// Consecutive CONNECTs the internal server left unanswered before it is restarted.
 const INTERNAL_FAILURES_BEFORE_RESTART: u32 = 3;
 const INTERNAL_USER: &str = "edge-gateway-proxy";
-const LINK_CLIENT_ID: &str = "edge-gateway";
+/// The local link's client id. No LAN client can produce it: the front door
+/// hands rumqttd only ids of the form `user:id` ([`internal_client_id`]),
+/// which always hold a `:`, and whose `%` is always followed by one of the
+/// escape codes below (`%in` is none). rumqttd drops the older connection
+/// when an id connects twice, so a client that could take this id would cut
+/// LAN ingest off (issue 19, C1).
+const LINK_CLIENT_ID: &str = "edge-gateway%ingest";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -104,12 +121,14 @@ pub enum BrokerError {
 }
 
 /// `site1/dev1` → `site1%2Fdev1`: the characters rumqttd refuses in client
-/// ids, and `%` itself so that the mapping stays one-to-one.
+/// ids, `:` (our user separator, see [`internal_client_id`]) and `%` itself
+/// so that the mapping stays one-to-one.
 pub fn escape_client_id(id: &str) -> String {
     let mut out = String::with_capacity(id.len());
     for c in id.chars() {
         match c {
             '%' => out.push_str("%25"),
+            ':' => out.push_str("%3A"),
             '/' => out.push_str("%2F"),
             '+' => out.push_str("%2B"),
             '#' => out.push_str("%23"),
@@ -118,6 +137,19 @@ pub fn escape_client_id(id: &str) -> String {
         }
     }
     out
+}
+
+/// The client id rumqttd sees for a client logged in as `user` (None:
+/// anonymous) with id `id`: `user:id`, both parts escaped, so one user can
+/// neither take over another user's session nor kick its connection (a
+/// second connection with the same id replaces the first), and no client
+/// can produce [`LINK_CLIENT_ID`]. An empty id stays empty: rumqttd then
+/// assigns a random one (and MQTT 5 clients are told it).
+pub fn internal_client_id(user: Option<&str>, id: &str) -> String {
+    if id.is_empty() {
+        return String::new();
+    }
+    format!("{}:{}", escape_client_id(user.unwrap_or("")), escape_client_id(id))
 }
 
 /// Debug builds only: `EDGE_GATEWAY_BROKER_RAW_CLIENT_IDS=1` hands client ids
@@ -304,9 +336,25 @@ pub struct Broker {
     /// status keeps going even when `republish` is disabled.
     pub republish: Option<mpsc::Sender<Reading>>,
     pub local_addrs: Vec<(&'static str, SocketAddr)>,
+    /// Becomes `Some(why)` if LAN ingest stopped on its own.
+    failed: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl Broker {
+    /// Resolves (with the reason) if LAN ingest ever stops on its own; by
+    /// then the broker has closed its listeners and every LAN connection.
+    pub fn failure(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut rx = self.failed.clone();
+        async move {
+            let why = rx.wait_for(|f| f.is_some()).await.map(|f| f.clone().unwrap_or_default());
+            match why {
+                Ok(why) => why,
+                // The supervisor is gone without a failure: never resolves.
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+
     /// Bind the listeners (failing with the port named if one is taken),
     /// start rumqttd and the ingest and publish sides.
     /// LAN readings reach the pipeline as coming from `port`; the pipeline's
@@ -332,7 +380,15 @@ impl Broker {
             Some(_) => Some(tls_acceptor(b)?),
             None => None,
         };
-        let users = Arc::new(auth::Users::load(b)?);
+        // Reading password_file and hashing the dummy password block.
+        let users = {
+            let b = b.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || auth::Users::load(&b))
+                    .await
+                    .map_err(|e| BrokerError::Internal(e.to_string()))??,
+            )
+        };
         let ingest = TopicPattern::parse(&b.ingest).map_err(BrokerError::Internal)?;
         let republish = if b.republish.is_empty() {
             None
@@ -379,15 +435,29 @@ impl Broker {
         .map_err(BrokerError::Internal)?;
 
         let flow = Arc::new(Flow::new(INGEST_LAG_LIMIT));
-        let ingest_task = tokio::spawn(crate::source::lan::run(
-            link_rx,
-            ingest.clone(),
-            flow.clone(),
-            port,
-            tx,
-            metrics.clone(),
-            stop.subscribe(),
-        ));
+        let (failed_tx, failed) = tokio::sync::watch::channel(None);
+        let ingest_task = {
+            let run = crate::source::lan::run(
+                link_rx,
+                ingest.clone(),
+                flow.clone(),
+                port,
+                tx,
+                metrics.clone(),
+                stop.subscribe(),
+            );
+            let gate = stop.clone();
+            tokio::spawn(async move {
+                if let Err(why) = run.await {
+                    // Nothing would take LAN readings any more, yet rumqttd
+                    // would go on acking them: close every LAN connection and
+                    // listener now, and let the gateway exit non-zero.
+                    error!("broker: LAN ingest stopped ({why}); closing the LAN listeners, the gateway will exit");
+                    gate.trigger();
+                    failed_tx.send_replace(Some(why));
+                }
+            })
+        };
 
         let (rp_tx, rp_rx) = mpsc::channel(REPUBLISH_CHANNEL);
         let publisher = {
@@ -422,6 +492,12 @@ impl Broker {
             flow,
             escape_ids: !raw_client_ids(),
             durable: (b.ack == crate::config::BrokerAck::Durable).then_some(durable),
+            limits: Arc::new(limits::Limits::new(
+                b.max_handshakes_per_address,
+                b.max_connections_per_user,
+                b.max_devices_per_user,
+            )),
+            ws_origins: b.websocket_origins.clone().into(),
         });
         let mut listeners = JoinSet::new();
         let mut local_addrs = Vec::new();
@@ -454,6 +530,7 @@ impl Broker {
             publisher: Some(publisher),
             republish: Some(rp_tx),
             local_addrs,
+            failed,
         })
     }
 
@@ -728,5 +805,14 @@ mod tests {
         assert_eq!(escape_client_id("a+#$%b"), "a%2B%23%24%25b");
         assert_ne!(escape_client_id("site1%2Fdev1"), escape_client_id("site1/dev1"));
         assert_eq!(escape_client_id("plain-id"), "plain-id");
+        assert_eq!(escape_client_id("a:b"), "a%3Ab");
+        // Users cannot reach each other's ids, nor the local link's.
+        assert_eq!(internal_client_id(Some("site1"), "dev1"), "site1:dev1");
+        assert_eq!(internal_client_id(None, "dev1"), ":dev1");
+        assert_ne!(internal_client_id(Some("a:b"), "c"), internal_client_id(Some("a"), "b:c"));
+        assert_eq!(internal_client_id(Some("u"), ""), "");
+        for (u, id) in [(None, LINK_CLIENT_ID), (Some("edge-gateway%ingest"), ""), (Some(""), "edge-gateway%ingest")] {
+            assert_ne!(internal_client_id(u, id), LINK_CLIENT_ID);
+        }
     }
 }

@@ -8,18 +8,26 @@
 //! * refuses what rumqttd would mishandle, with a proper CONNACK code: bad
 //!   credentials (4 / 0x86), no credentials (5 / 0x87), too many clients
 //!   (3 / 0x88), MQTT 3.1 (1);
-//! * rewrites the client id so rumqttd accepts it (`/ + # $ %` are
-//!   %-escaped: `site1/dev1` → `site1%2Fdev1`; rumqttd 0.20 rejects such ids
-//!   and then panics on the second try, #1062), turns keep-alive 0 (which
-//!   rumqttd refuses without a CONNACK) into 65535 s, and swaps the client's
+//! * rewrites the client id to `user:id` (both %-escaped: `/ + # $ % :`;
+//!   rumqttd 0.20 rejects such ids and then panics on the second try,
+//!   #1062), so users cannot kick or take over each other's sessions and no
+//!   client can take the local link's id; turns keep-alive 0 (which rumqttd
+//!   refuses without a CONNACK) into 600 s, and swaps the client's
 //!   credentials for the internal ones;
+//! * before all that, limits what one address, one user and one login may
+//!   hold ([`super::limits`], docs/security.md): half-open connections per
+//!   address, a first-byte deadline, password-check backoff per address,
+//!   connections per user;
 //! * forwards the connection to rumqttd's internal listener on loopback,
-//!   checking each PUBLISH on the way: bigger than `max_payload` or outside
-//!   the user's allowed prefixes closes the connection (MQTT 3.1.1 has no
-//!   negative PUBACK; closing is what §3.3.5 allows).
+//!   checking each PUBLISH on the way: bigger than `max_payload`, outside
+//!   the user's allowed prefixes, to the empty topic (MQTT 5 topic aliases:
+//!   we advertise none) or for more devices than the user may have closes
+//!   the connection (MQTT 3.1.1 has no negative PUBACK; closing is what
+//!   §3.3.5 allows).
 
 use super::auth::{self, Login, Users};
-use super::{Internal, escape_client_id};
+use super::limits::{DeviceLimit, Limits, Slot};
+use super::{Internal, internal_client_id};
 use crate::metrics::Metrics;
 use crate::shutdown;
 use crate::wire;
@@ -39,6 +47,21 @@ use tracing::{debug, info, warn};
 const MAX_CONNECT: usize = 64 * 1024;
 /// Bytes a PUBLISH may carry beyond its payload (topic, packet id, v5 properties).
 const PUBLISH_OVERHEAD: usize = 65_535 + 2 + 2 + 4096;
+/// A new connection must send its first byte (TLS ClientHello, HTTP
+/// upgrade or CONNECT) within this, or `connect_timeout` if shorter: idle
+/// sockets must not hold handshake slots for the whole `connect_timeout`.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The internal rumqttd listener must answer a CONNECT within this (its
+/// own budget, so a slow password check is never blamed on rumqttd).
+const INTERNAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client asking for keep-alive 0 ("none"; rumqttd refuses it) gets this
+/// instead: silent for 1.5 times as long, it is disconnected.
+const KEEP_ALIVE_FOR_ZERO: u16 = 600;
+/// TCP keep-alive on client sockets: a peer that vanished (power cut, Wi-Fi
+/// gone) is found after about 60 s + 4 × 15 s, whatever its MQTT keep-alive.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+const TCP_KEEPALIVE_PROBES: u32 = 4;
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -79,6 +102,10 @@ pub struct Shared {
     pub escape_ids: bool,
     /// With `broker.ack = "durable"`: PUBACK/PUBCOMP for readings wait for this.
     pub durable: Option<Arc<super::Durable>>,
+    /// Per-address, per-user and per-origin limits ([`super::limits`]).
+    pub limits: Arc<Limits>,
+    /// `broker.websocket_origins`: empty lets any Origin in.
+    pub ws_origins: Arc<[String]>,
 }
 
 /// Accept on `listener` until shutdown, then close every connection it made.
@@ -92,6 +119,16 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Arc<Shared>, mut s
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = listener.accept() => match r {
                 Ok((sock, peer)) => {
+                    // One address gets a share of the half-open slots
+                    // (issue 19, H1): past it, its newcomers are closed.
+                    let Some(mine) = shared.limits.handshake(peer.ip()) else {
+                        Metrics::inc(&shared.metrics.broker_refused);
+                        if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            last_refusal_log = Some(std::time::Instant::now());
+                            warn!("broker {}: too many connections in their handshake from {}, closing", kind.name(), peer.ip());
+                        }
+                        continue;
+                    };
                     // Past the handshake limit the oldest half-open
                     // connections keep their slots until their timeout;
                     // newcomers are closed at once rather than queued.
@@ -104,7 +141,12 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Arc<Shared>, mut s
                         continue;
                     };
                     let _ = sock.set_nodelay(true);
-                    conns.spawn(handle(sock, peer, kind.clone(), shared.clone(), permit));
+                    let keepalive = socket2::TcpKeepalive::new()
+                        .with_time(TCP_KEEPALIVE_IDLE)
+                        .with_interval(TCP_KEEPALIVE_INTERVAL)
+                        .with_retries(TCP_KEEPALIVE_PROBES);
+                    let _ = socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive);
+                    conns.spawn(handle(sock, peer, kind.clone(), shared.clone(), (permit, mine)));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -118,9 +160,22 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Arc<Shared>, mut s
     while conns.join_next().await.is_some() {}
 }
 
-async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Shared>, handshake: OwnedSemaphorePermit) {
+async fn handle(
+    sock: TcpStream,
+    peer: SocketAddr,
+    kind: Kind,
+    shared: Arc<Shared>,
+    handshake: (OwnedSemaphorePermit, Slot),
+) {
     let deadline = Instant::now() + shared.connect_timeout;
     let name = kind.name();
+    let first_byte = Instant::now() + FIRST_BYTE_TIMEOUT.min(shared.connect_timeout);
+    match timeout_at(first_byte, sock.peek(&mut [0u8; 1])).await {
+        Ok(Ok(0)) => return refused(&shared, name, peer, "closed before its first byte"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return refused(&shared, name, peer, &e.to_string()),
+        Err(_) => return refused(&shared, name, peer, "nothing sent within the first-byte timeout"),
+    }
     let mut client: Box<dyn Io> = match kind {
         Kind::Tcp => Box::new(sock),
         Kind::Tls(acceptor) => match timeout_at(deadline, acceptor.accept(sock)).await {
@@ -128,7 +183,16 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
             Ok(Err(e)) => return refused(&shared, name, peer, &format!("TLS handshake failed: {e}")),
             Err(_) => return refused(&shared, name, peer, "TLS handshake timed out"),
         },
-        Kind::Ws => match timeout_at(deadline, async_tungstenite::tokio::accept_hdr_async(sock, WsMqtt)).await {
+        Kind::Ws => match timeout_at(
+            deadline,
+            async_tungstenite::tokio::accept_hdr_async_with_config(
+                sock,
+                WsMqtt { origins: shared.ws_origins.clone() },
+                Some(ws_config(shared.max_payload)),
+            ),
+        )
+        .await
+        {
             Ok(Ok(ws)) => Box::new(ws_stream_tungstenite::WsStream::new(ws)),
             Ok(Err(e)) => return refused(&shared, name, peer, &format!("WebSocket handshake failed: {e}")),
             Err(_) => return refused(&shared, name, peer, "WebSocket handshake timed out"),
@@ -157,8 +221,27 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
     };
     let creds = login.as_ref().map(|l| (l.username.as_str(), l.password.as_str()));
     let user_name = creds.map(|c| c.0.to_string());
-    let publish = match shared.users.login(creds).await {
+    // An address that keeps failing waits, unchecked (issue 19, H2).
+    if let Some(left) = shared.limits.backoff(peer.ip()) {
+        let code = if v5 { ConnectReturnCode::ConnectionRateExceeded } else { ConnectReturnCode::ServiceUnavailable };
+        let _ = write_connack(&mut client, v5, code).await;
+        return refused(&shared, name, peer, &format!("failed logins from this address: backing off {left:.0?}"));
+    }
+    // The check must end within connect_timeout; the queue is bounded.
+    let outcome = timeout_at(deadline, shared.users.login(creds)).await.unwrap_or(Login::Busy);
+    match &outcome {
+        Login::Ok { .. } if creds.is_some() => shared.limits.login_ok(peer.ip()),
+        Login::BadCredentials => shared.limits.login_failed(peer.ip()),
+        _ => {}
+    }
+    let publish = match outcome {
         Login::Ok { publish, .. } => publish,
+        Login::Busy => {
+            Metrics::inc(&shared.metrics.broker_login_busy);
+            let code = if v5 { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
+            let _ = write_connack(&mut client, v5, code).await;
+            return refused(&shared, name, peer, "password checks busy (more waiting than can finish in time)");
+        }
         Login::BadCredentials => {
             let _ = write_connack(&mut client, v5, ConnectReturnCode::BadUserNamePassword).await;
             return refused(
@@ -185,15 +268,21 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
         let _ = write_connack(&mut client, v5, code).await;
         return refused(&shared, name, peer, "max_connections reached");
     };
+    let origin = user_name.clone().unwrap_or_default();
+    let Some(user_slot) = shared.limits.connection(&origin) else {
+        let code = if v5 { ConnectReturnCode::QuotaExceeded } else { ConnectReturnCode::ServiceUnavailable };
+        let _ = write_connack(&mut client, v5, code).await;
+        return refused(&shared, name, peer, &format!("max_connections_per_user reached (user {origin:?})"));
+    };
     drop(handshake);
 
     // The CONNECT rumqttd will see.
     let client_id = connect.client_id.clone();
     if shared.escape_ids {
-        connect.client_id = escape_client_id(&connect.client_id);
+        connect.client_id = internal_client_id(user_name.as_deref(), &connect.client_id);
     }
     if connect.keep_alive == 0 {
-        connect.keep_alive = u16::MAX;
+        connect.keep_alive = KEEP_ALIVE_FOR_ZERO;
     }
     let internal_login = Some(shared.internal.login());
     let mut out = BytesMut::new();
@@ -203,7 +292,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
         return refused(&shared, name, peer, "CONNECT could not be re-encoded");
     }
     let addr = shared.internal.addr(v5);
-    let connected = timeout_at(deadline, async {
+    let connected = timeout_at(Instant::now() + INTERNAL_CONNECT_TIMEOUT, async {
         let mut up = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let _ = up.set_nodelay(true);
         up.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -234,6 +323,9 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
             return refused(&shared, name, peer, "internal broker did not answer CONNECT");
         }
     };
+    // MQTT 5: rumqttd advertises topic aliases, which would let PUBLISHes
+    // through with an empty topic; we advertise none (issue 19, M2b).
+    let connack = if v5 { without_topic_aliases(connack) } else { connack };
     if client.write_all(&connack).await.is_err() || client.write_all(&rest).await.is_err() {
         return;
     }
@@ -244,7 +336,8 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
     }
     Metrics::inc(&shared.metrics.broker_connections);
     debug!("broker {name}: {peer} connected as {client_id:?}");
-    let why = relay(&mut client, &mut up, buf, &publish, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
+    let why =
+        relay(&mut client, &mut up, buf, &publish, &origin, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
     Metrics::sub(&shared.metrics.broker_connections, 1);
     match why {
         End::Closed => debug!("broker {name}: {client_id:?} ({peer}) disconnected"),
@@ -257,8 +350,22 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
             warn!("broker {name}: {client_id:?} ({peer}) sent a {n}-byte packet over max_payload; disconnected");
         }
         End::Malformed => warn!("broker {name}: {client_id:?} ({peer}) sent a malformed packet; disconnected"),
+        End::EmptyTopic => {
+            Metrics::inc(&shared.metrics.broker_denied_publishes);
+            warn!("broker {name}: {client_id:?} ({peer}) published to an empty topic (or a topic alias); disconnected");
+        }
+        End::TooManyDevices(limit) => {
+            Metrics::inc(&shared.metrics.broker_denied_publishes);
+            let what = match limit {
+                DeviceLimit::Devices(n) => format!("{n} devices (max_devices_per_user)"),
+                DeviceLimit::Sensors(n) => format!("{n} sensors on one device"),
+            };
+            warn!(
+                "broker {name}: {client_id:?} ({peer}) published for more than {what} as user {origin:?}; disconnected"
+            );
+        }
     }
-    drop(slot);
+    drop((slot, user_slot));
 }
 
 /// Count a refused connection; log it at debug, and at info at most once a
@@ -293,15 +400,19 @@ enum End {
     Denied(String),
     TooBig(usize),
     Malformed,
+    EmptyTopic,
+    TooManyDevices(DeviceLimit),
 }
 
 /// Copy both ways until either side closes; client → broker packet by packet,
 /// and broker → client too when acks wait for durability.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     client: &mut Box<dyn Io>,
     up: &mut TcpStream,
     mut buf: BytesMut,
     publish: &Option<Arc<[String]>>,
+    origin: &str,
     shared: &Shared,
     v5: bool,
     max_packet: usize,
@@ -370,10 +481,17 @@ async fn relay(
                         if packet[0] >> 4 == 3
                             && let Some(topic) = publish_topic(&packet[header..])
                         {
+                            // Invalid in MQTT 3.1.1, a topic alias in 5 (none advertised).
+                            if topic.is_empty() {
+                                return End::EmptyTopic;
+                            }
                             if !topic.is_empty() && !auth::may_publish(publish, topic) {
                                 return End::Denied(topic.to_string());
                             }
                             if let Some((device, sensor)) = shared.ingest.matches(topic) {
+                                if let Err(limit) = shared.limits.admit_reading(origin, device, sensor) {
+                                    return End::TooManyDevices(limit);
+                                }
                                 let payload_len = publish_payload_len(&packet, header, v5);
                                 shared.flow.admit((topic.len() + payload_len) as u64).await;
                                 let qos = (packet[0] >> 1) & 3;
@@ -503,18 +621,106 @@ fn protocol_level(p: &[u8]) -> Result<u8, String> {
     }
 }
 
-/// Answers the WebSocket upgrade with the `mqtt` subprotocol clients ask for.
-struct WsMqtt;
+/// WebSocket limits near `max_payload`: tungstenite's defaults (64 MiB
+/// messages, 16 MiB frames) let an unauthenticated client make us buffer
+/// that much before any check (issue 19, M1). One MQTT packet may span
+/// messages, so this bounds memory, not packets.
+fn ws_config(max_payload: usize) -> async_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let max = max_payload + PUBLISH_OVERHEAD;
+    async_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// A v5 CONNACK with its Topic Alias Maximum property (0x22) removed
+/// (absent means 0). rumqttd cannot parse a CONNACK (its server-side
+/// reader panics on one), so the properties are walked here. Anything we
+/// cannot walk is passed on unchanged.
+fn without_topic_aliases(connack: BytesMut) -> BytesMut {
+    fn varint(b: &[u8]) -> Option<(usize, usize)> {
+        let mut n = 0usize;
+        for (i, &x) in b.iter().take(4).enumerate() {
+            n |= ((x & 0x7f) as usize) << (7 * i);
+            if x & 0x80 == 0 {
+                return Some((n, i + 1));
+            }
+        }
+        None
+    }
+    fn encode(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let b = (n % 128) as u8;
+            n /= 128;
+            out.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                return;
+            }
+        }
+    }
+    let rebuilt = (|| {
+        let (_, fixed) = varint(connack.get(1..)?)?;
+        let body = connack.get(1 + fixed..)?;
+        let (props_len, n) = varint(body.get(2..)?)?;
+        let props = body.get(2 + n..2 + n + props_len)?;
+        let mut kept = Vec::with_capacity(props.len());
+        let mut i = 0;
+        while i < props.len() {
+            let str_len = |at: usize| Some(u16::from_be_bytes([*props.get(at)?, *props.get(at + 1)?]) as usize);
+            let len = match props[i] {
+                0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+                0x21 | 0x22 | 0x13 => 2,
+                0x11 | 0x27 => 4,
+                0x12 | 0x1A | 0x1C | 0x1F | 0x15 | 0x16 => 2 + str_len(i + 1)?,
+                0x26 => {
+                    let k = str_len(i + 1)?;
+                    2 + k + 2 + str_len(i + 3 + k)?
+                }
+                _ => return None,
+            };
+            let prop = props.get(i..i + 1 + len)?;
+            if prop[0] != 0x22 {
+                kept.extend_from_slice(prop);
+            }
+            i += 1 + len;
+        }
+        let mut rest = body[..2].to_vec();
+        encode(kept.len(), &mut rest);
+        rest.extend_from_slice(&kept);
+        rest.extend_from_slice(body.get(2 + n + props_len..)?);
+        let mut out = vec![connack[0]];
+        encode(rest.len(), &mut out);
+        out.extend_from_slice(&rest);
+        Some(BytesMut::from(&out[..]))
+    })();
+    rebuilt.unwrap_or(connack)
+}
+
+/// Answers the WebSocket upgrade with the `mqtt` subprotocol clients ask
+/// for; refuses (403) an `Origin` not in `broker.websocket_origins` when
+/// that list is set. Requests without `Origin` come from no browser.
+struct WsMqtt {
+    origins: Arc<[String]>,
+}
 
 impl async_tungstenite::tungstenite::handshake::server::Callback for WsMqtt {
     fn on_request(
         self,
-        _request: &async_tungstenite::tungstenite::handshake::server::Request,
+        request: &async_tungstenite::tungstenite::handshake::server::Request,
         mut response: async_tungstenite::tungstenite::handshake::server::Response,
     ) -> Result<
         async_tungstenite::tungstenite::handshake::server::Response,
         async_tungstenite::tungstenite::handshake::server::ErrorResponse,
     > {
+        if !self.origins.is_empty()
+            && let Some(origin) = request.headers().get("origin")
+            && !self.origins.iter().any(|o| o.as_bytes().eq_ignore_ascii_case(origin.as_bytes()))
+        {
+            let mut refusal = async_tungstenite::tungstenite::handshake::server::ErrorResponse::new(Some(
+                "Origin not allowed (broker.websocket_origins)\n".into(),
+            ));
+            *refusal.status_mut() = async_tungstenite::tungstenite::http::StatusCode::FORBIDDEN;
+            return Err(refusal);
+        }
         response.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().expect("static header value"));
         Ok(response)
     }
@@ -537,5 +743,17 @@ mod tests {
         assert_eq!(publish_payload_len(&v4, 2, false), 3);
         let v5 = [0x32, 13, 0, 3, b'a', b'/', b'b', 0, 7, 2, 0x23, 1, b'x', b'y', b'z'];
         assert_eq!(publish_payload_len(&v5, 2, true), 3);
+    }
+
+    #[test]
+    fn connack_loses_its_topic_alias_maximum_only() {
+        // Session present 0, success; properties: receive max 100, topic alias max 4096, max QoS 1.
+        let ack = [0x20, 11, 0, 0, 8, 0x21, 0, 100, 0x22, 0x10, 0, 0x24, 1];
+        let out = without_topic_aliases(BytesMut::from(&ack[..]));
+        assert_eq!(&out[..], &[0x20, 8, 0, 0, 5, 0x21, 0, 100, 0x24, 1]);
+        // Nothing to remove, or an unknown property: unchanged.
+        for same in [&[0x20, 3, 0, 0, 0][..], &[0x20, 5, 0, 0, 2, 0x7f, 1][..]] {
+            assert_eq!(&without_topic_aliases(BytesMut::from(same))[..], same);
+        }
     }
 }

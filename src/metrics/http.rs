@@ -13,8 +13,12 @@ use tokio::sync::{Semaphore, watch};
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// At most this many scrapes at once; more wait in the accept backlog.
-const MAX_CONNECTIONS: usize = 8;
+const MAX_CONNECTIONS: usize = 32;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The request line and headers must arrive within this: idle sockets must
+/// not hold the slots for the whole `REQUEST_TIMEOUT` (a scraper sends its
+/// request at once).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// Serve until `stop` fires.
@@ -45,8 +49,12 @@ pub async fn serve(listener: TcpListener, render: Render, mut stop: watch::Recei
 async fn answer(mut stream: TcpStream, render: Render) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
+    let headers_by = tokio::time::Instant::now() + HEADER_TIMEOUT;
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut chunk).await?;
+        let Ok(n) = tokio::time::timeout_at(headers_by, stream.read(&mut chunk)).await else {
+            return Ok(());
+        };
+        let n = n?;
         if n == 0 {
             return Ok(());
         }

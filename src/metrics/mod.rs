@@ -84,6 +84,9 @@ pub struct Metrics {
     pub broker_refused: AtomicU64,
     /// Clients disconnected for a PUBLISH they may not send (topic or size).
     pub broker_denied_publishes: AtomicU64,
+    /// Logins refused because too many password checks were waiting (or
+    /// would not finish within `connect_timeout`).
+    pub broker_login_busy: AtomicU64,
     /// Readings republished on the broker's `republish` topic.
     pub readings_republished: AtomicU64,
     /// Readings not republished because the broker's publisher was behind.

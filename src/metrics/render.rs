@@ -118,7 +118,9 @@ pub fn render(s: &Snapshot<'_>) -> String {
     o.sample("batches_resent_total", &[("reason", "refused")], g(&m.batches_refused));
 
     // Unlabelled families: (name, type, help, value).
-    let singles: [(&str, &str, &str, String); 36] = [
+    // A Vec, not an array: its length is not written down (every branch
+    // that adds a family used to conflict on it).
+    let singles: Vec<(&str, &str, &str, String)> = vec![
         ("uptime_seconds", "gauge", "Seconds since the gateway started.", format!("{:.1}", s.uptime_s)),
         (
             "readings_accepted_total",
@@ -235,6 +237,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
             "counter",
             "Clients disconnected for a forbidden publish.",
             g(&m.broker_denied_publishes).to_string(),
+        ),
+        (
+            "broker_login_busy_total",
+            "counter",
+            "LAN logins refused because the password checks were busy.",
+            g(&m.broker_login_busy).to_string(),
         ),
         (
             "readings_republished_total",

@@ -41,7 +41,11 @@ const MALFORMED_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// At shutdown, what the router already forwarded is taken until it stays quiet this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(150);
 
-/// Runs until `stop` fires, then drains what the router already forwarded.
+/// Runs until `stop` fires, then drains what the router already forwarded
+/// and returns Ok. Returns Err, at once, when it cannot go on (the local
+/// link closed, or the pipeline is gone while not stopping): the broker
+/// then closes its listeners and the gateway exits non-zero (see
+/// [`crate::broker`], "LAN ingest supervision").
 pub async fn run(
     mut link: LinkRx,
     pattern: TopicPattern,
@@ -50,7 +54,7 @@ pub async fn run(
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Result<(), String> {
     let mut ingest = Ingest { pattern, flow, port, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
     loop {
         tokio::select! {
@@ -59,13 +63,13 @@ pub async fn run(
             n = idle_next(&ingest.flow, &mut link) => match n {
                 Ok(Some(n)) => {
                     if !ingest.take(&mut link, n).await {
-                        return;
+                        return Err("the pipeline is gone".into());
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
                     error!("broker: local link closed ({e}); LAN ingest stops");
-                    return;
+                    return Err(format!("local link closed ({e})"));
                 }
             },
         }
@@ -79,6 +83,7 @@ pub async fn run(
         }
     }
     info!("broker: LAN ingest stopped ({drained} notifications drained)");
+    Ok(())
 }
 
 /// `link.next()`, telling [`Flow`] while it waits for rumqttd.
