@@ -13,6 +13,8 @@
 #   --when-full P  drop_oldest (a 32 MiB queue) or reject_new (a 16 KiB
 #               queue, full whenever the uplink is away for a few seconds);
 #               default: by the seed, so half the runs use each
+#   --bin PATH  run this edge-gateway binary instead of building one (e.g. a
+#               build with a planted bug, to see the rig catch it)
 #
 # This script prepares the guest (kernel, modules, busybox, the debug binary
 # and its libraries, cached under target/powercut/) and then runs the cycles
@@ -25,7 +27,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cd "$root"
 
-cycles=30 seed= rate=40 work= when_full=
+cycles=30 seed= rate=40 work= when_full= bin=
 while (($#)); do
     case $1 in
         --cycles) cycles=$2; shift 2 ;;
@@ -33,7 +35,8 @@ while (($#)); do
         --rate) rate=$2; shift 2 ;;
         --work) work=$2; shift 2 ;;
         --when-full) when_full=$2; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --bin) bin=$(realpath "$2"); shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -95,8 +98,10 @@ fi
 
 # The binary CI already builds (debug, dynamically linked): a no-op after
 # `cargo build --all-targets`.
-cargo build --locked --bin edge-gateway
-bin=$target/debug/edge-gateway
+if [ -z "$bin" ]; then
+    cargo build --locked --bin edge-gateway
+    bin=$target/debug/edge-gateway
+fi
 
 work=${work:-$assets/runs/$(date +%Y%m%d-%H%M%S)-$$}
 mkdir -p "$work"
