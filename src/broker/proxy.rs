@@ -36,7 +36,7 @@ use tokio::time::{Instant, timeout_at};
 use tracing::{debug, info, warn};
 
 /// Largest CONNECT we read (will message included): bounds memory per handshake.
-const MAX_CONNECT: usize = 64 * 1024;
+pub const MAX_CONNECT: usize = 64 * 1024;
 /// Bytes a PUBLISH may carry beyond its payload (topic, packet id, v5 properties).
 const PUBLISH_OVERHEAD: usize = 65_535 + 2 + 2 + 4096;
 
@@ -367,27 +367,21 @@ async fn relay(
                             break;
                         }
                         let packet = buf.split_to(total);
-                        if packet[0] >> 4 == 3
-                            && let Some(topic) = publish_topic(&packet[header..])
-                        {
+                        if let Some(p) = publish_parts(&packet, header, v5) {
+                            let topic = p.topic;
                             if !topic.is_empty() && !auth::may_publish(publish, topic) {
                                 return End::Denied(topic.to_string());
                             }
                             if let Some((device, sensor)) = shared.ingest.matches(topic) {
-                                let payload_len = publish_payload_len(&packet, header, v5);
-                                shared.flow.admit((topic.len() + payload_len) as u64).await;
-                                let qos = (packet[0] >> 1) & 3;
+                                shared.flow.admit((topic.len() + p.payload.len()) as u64).await;
                                 if let Some(durable) = &shared.durable
-                                    && qos > 0
+                                    && let Some(id) = p.id
                                 {
-                                    let at = header + 2 + topic.len();
-                                    let id = u16::from_be_bytes([packet[at], packet[at + 1]]);
-                                    let payload = &packet[packet.len() - payload_len..];
                                     // Only what the ingest will accept with a seq gets an ack from the pipeline.
-                                    if let Ok((r, _)) = wire::parse_mqtt_payload(payload, device, sensor, 0)
+                                    if let Ok((r, _)) = wire::parse_mqtt_payload(p.payload, device, sensor, 0)
                                         && let Some(seq) = r.seq
                                     {
-                                        let ack = if qos == 1 { 4 } else { 7 };
+                                        let ack = if p.qos == 1 { 4 } else { 7 };
                                         let g = durable.generation(&r.device);
                                         held.lock()
                                             .unwrap_or_else(|e| e.into_inner())
@@ -417,14 +411,17 @@ async fn relay(
     }
 }
 
-enum Frame {
+/// What [`frame_len`] found at the start of a buffer.
+pub enum Frame {
     Need,
     Bad,
     Len { total: usize, header: usize },
 }
 
 /// Length of the MQTT packet at the start of `b` (fixed header included).
-fn frame_len(b: &[u8]) -> Frame {
+/// This and the other parsing functions below are `pub` for the fuzz
+/// targets (fuzz/), which feed them what a LAN client could send.
+pub fn frame_len(b: &[u8]) -> Frame {
     let mut len = 0usize;
     for i in 0..4 {
         let Some(&byte) = b.get(1 + i) else { return Frame::Need };
@@ -434,6 +431,32 @@ fn frame_len(b: &[u8]) -> Frame {
         }
     }
     Frame::Bad
+}
+
+/// What the front door reads of a client's PUBLISH.
+pub struct PublishParts<'a> {
+    pub topic: &'a str,
+    pub qos: u8,
+    /// The packet id (QoS 1 and 2).
+    pub id: Option<u16>,
+    pub payload: &'a [u8],
+}
+
+/// Take a whole packet (fixed header of `header` bytes) apart if it is a
+/// PUBLISH with a UTF-8 topic.
+pub fn publish_parts(packet: &[u8], header: usize, v5: bool) -> Option<PublishParts<'_>> {
+    if packet[0] >> 4 != 3 {
+        return None;
+    }
+    let topic = publish_topic(&packet[header..])?;
+    let qos = (packet[0] >> 1) & 3;
+    let payload_len = publish_payload_len(packet, header, v5);
+    let id = (qos > 0).then(|| {
+        let at = header + 2 + topic.len();
+        u16::from_be_bytes([packet[at], packet[at + 1]])
+    });
+    let payload = &packet[packet.len() - payload_len..];
+    Some(PublishParts { topic, qos, id, payload })
 }
 
 /// The topic of a PUBLISH (variable header first), if it is UTF-8.
@@ -488,7 +511,7 @@ async fn read_packet<R: AsyncRead + Unpin + ?Sized>(
 }
 
 /// The protocol level byte of a CONNECT, after checking it is one.
-fn protocol_level(p: &[u8]) -> Result<u8, String> {
+pub fn protocol_level(p: &[u8]) -> Result<u8, String> {
     if p[0] != 0x10 {
         return Err(format!("first packet is not CONNECT (type {})", p[0] >> 4));
     }
