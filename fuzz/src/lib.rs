@@ -175,7 +175,9 @@ pub fn front_door(data: &[u8]) {
             Frame::Len { total, header } => {
                 let (packet, rest) = buf.split_at(total);
                 buf = rest;
-                if let Some(p) = proxy::publish_parts(packet, header, v5)
+                // Err: the front door closes the connection.
+                let Ok(parts) = proxy::publish_parts(packet, header, v5) else { return };
+                if let Some(p) = parts
                     && let Some((device, sensor)) = ingest.matches(p.topic)
                 {
                     let _ = wire::parse_mqtt_payload(p.payload, device, sensor, 0);

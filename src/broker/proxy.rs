@@ -367,7 +367,8 @@ async fn relay(
                             break;
                         }
                         let packet = buf.split_to(total);
-                        if let Some(p) = publish_parts(&packet, header, v5) {
+                        let Ok(parts) = publish_parts(&packet, header, v5) else { return End::Malformed };
+                        if let Some(p) = parts {
                             let topic = p.topic;
                             if !topic.is_empty() && !auth::may_publish(publish, topic) {
                                 return End::Denied(topic.to_string());
@@ -443,21 +444,29 @@ pub struct PublishParts<'a> {
 }
 
 /// Take a whole packet (fixed header of `header` bytes) apart if it is a
-/// PUBLISH with a UTF-8 topic.
-pub fn publish_parts(packet: &[u8], header: usize, v5: bool) -> Option<PublishParts<'_>> {
+/// PUBLISH with a UTF-8 topic (`Ok(None)` for anything else). A QoS 1 or 2
+/// PUBLISH that ends before its packet id is malformed (`Err`).
+pub fn publish_parts(packet: &[u8], header: usize, v5: bool) -> Result<Option<PublishParts<'_>>, Malformed> {
     if packet[0] >> 4 != 3 {
-        return None;
+        return Ok(None);
     }
-    let topic = publish_topic(&packet[header..])?;
+    let Some(topic) = publish_topic(&packet[header..]) else { return Ok(None) };
     let qos = (packet[0] >> 1) & 3;
     let payload_len = publish_payload_len(packet, header, v5);
-    let id = (qos > 0).then(|| {
+    let id = if qos > 0 {
         let at = header + 2 + topic.len();
-        u16::from_be_bytes([packet[at], packet[at + 1]])
-    });
+        let id = packet.get(at..at + 2).ok_or(Malformed)?;
+        Some(u16::from_be_bytes([id[0], id[1]]))
+    } else {
+        None
+    };
     let payload = &packet[packet.len() - payload_len..];
-    Some(PublishParts { topic, qos, id, payload })
+    Ok(Some(PublishParts { topic, qos, id, payload }))
 }
+
+/// A packet the front door closes the connection for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed;
 
 /// The topic of a PUBLISH (variable header first), if it is UTF-8.
 fn publish_topic(body: &[u8]) -> Option<&str> {
@@ -561,5 +570,32 @@ mod tests {
         assert_eq!(publish_payload_len(&v4, 2, false), 3);
         let v5 = [0x32, 13, 0, 3, b'a', b'/', b'b', 0, 7, 2, 0x23, 1, b'x', b'y', b'z'];
         assert_eq!(publish_payload_len(&v5, 2, true), 3);
+        let p = publish_parts(&v4, 2, false).unwrap().unwrap();
+        assert_eq!((p.topic, p.qos, p.id, p.payload), ("a/b", 1, Some(7), &b"xyz"[..]));
+        assert!(publish_parts(&[0x40, 2, 0, 7], 2, false).unwrap().is_none(), "a PUBACK");
+    }
+
+    /// Found by fuzzing (fuzz/regressions/front_door/): a QoS 1 or 2 PUBLISH
+    /// that ends right after its topic, or one byte into its packet id, read
+    /// past the packet (a panic in the connection's task) with
+    /// `broker.ack = "durable"`. It is malformed: the connection is closed.
+    #[test]
+    fn a_qos_publish_without_its_packet_id_is_malformed() {
+        for packet in [
+            &[0x32, 13, 0, 11, b's', b'e', b'n', b's', b'o', b'r', b's', b'/', b'a', b'/', b'b'][..],
+            &[0x34, 14, 0, 11, b's', b'e', b'n', b's', b'o', b'r', b's', b'/', b'a', b'/', b'b', 0],
+            &[0x34, 3, 0, 0, 0],
+        ] {
+            for v5 in [false, true] {
+                assert_eq!(publish_parts(packet, 2, v5).err(), Some(Malformed), "{packet:?}");
+            }
+        }
+        // QoS 0 has no packet id: the same bytes are a PUBLISH with an empty payload.
+        let p = publish_parts(
+            &[0x30, 13, 0, 11, b's', b'e', b'n', b's', b'o', b'r', b's', b'/', b'a', b'/', b'b'],
+            2,
+            false,
+        );
+        assert_eq!(p.unwrap().unwrap().payload, b"");
     }
 }
