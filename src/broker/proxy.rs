@@ -44,7 +44,7 @@ use tokio::time::{Instant, timeout_at};
 use tracing::{debug, info, warn};
 
 /// Largest CONNECT we read (will message included): bounds memory per handshake.
-const MAX_CONNECT: usize = 64 * 1024;
+pub const MAX_CONNECT: usize = 64 * 1024;
 /// Bytes a PUBLISH may carry beyond its payload (topic, packet id, v5 properties).
 const PUBLISH_OVERHEAD: usize = 65_535 + 2 + 2 + 4096;
 /// A new connection must send its first byte (TLS ClientHello, HTTP
@@ -478,9 +478,9 @@ async fn relay(
                             break;
                         }
                         let packet = buf.split_to(total);
-                        if packet[0] >> 4 == 3
-                            && let Some(topic) = publish_topic(&packet[header..])
-                        {
+                        let Ok(parts) = publish_parts(&packet, header, v5) else { return End::Malformed };
+                        if let Some(p) = parts {
+                            let topic = p.topic;
                             // Invalid in MQTT 3.1.1, a topic alias in 5 (none advertised).
                             if topic.is_empty() {
                                 return End::EmptyTopic;
@@ -492,20 +492,15 @@ async fn relay(
                                 if let Err(limit) = shared.limits.admit_reading(origin, device, sensor) {
                                     return End::TooManyDevices(limit);
                                 }
-                                let payload_len = publish_payload_len(&packet, header, v5);
-                                shared.flow.admit((topic.len() + payload_len) as u64).await;
-                                let qos = (packet[0] >> 1) & 3;
+                                shared.flow.admit((topic.len() + p.payload.len()) as u64).await;
                                 if let Some(durable) = &shared.durable
-                                    && qos > 0
+                                    && let Some(id) = p.id
                                 {
-                                    let at = header + 2 + topic.len();
-                                    let id = u16::from_be_bytes([packet[at], packet[at + 1]]);
-                                    let payload = &packet[packet.len() - payload_len..];
                                     // Only what the ingest will accept with a seq gets an ack from the pipeline.
-                                    if let Ok((r, _)) = wire::parse_mqtt_payload(payload, device, sensor, 0)
+                                    if let Ok((r, _)) = wire::parse_mqtt_payload(p.payload, device, sensor, 0)
                                         && let Some(seq) = r.seq
                                     {
-                                        let ack = if qos == 1 { 4 } else { 7 };
+                                        let ack = if p.qos == 1 { 4 } else { 7 };
                                         let who = super::Durable::key(&r.device, r.boot);
                                         let g = durable.generation(&who);
                                         held.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (ack, who, seq, g));
@@ -534,14 +529,17 @@ async fn relay(
     }
 }
 
-enum Frame {
+/// What [`frame_len`] found at the start of a buffer.
+pub enum Frame {
     Need,
     Bad,
     Len { total: usize, header: usize },
 }
 
 /// Length of the MQTT packet at the start of `b` (fixed header included).
-fn frame_len(b: &[u8]) -> Frame {
+/// This and the other parsing functions below are `pub` for the fuzz
+/// targets (fuzz/), which feed them what a LAN client could send.
+pub fn frame_len(b: &[u8]) -> Frame {
     let mut len = 0usize;
     for i in 0..4 {
         let Some(&byte) = b.get(1 + i) else { return Frame::Need };
@@ -552,6 +550,40 @@ fn frame_len(b: &[u8]) -> Frame {
     }
     Frame::Bad
 }
+
+/// What the front door reads of a client's PUBLISH.
+pub struct PublishParts<'a> {
+    pub topic: &'a str,
+    pub qos: u8,
+    /// The packet id (QoS 1 and 2).
+    pub id: Option<u16>,
+    pub payload: &'a [u8],
+}
+
+/// Take a whole packet (fixed header of `header` bytes) apart if it is a
+/// PUBLISH with a UTF-8 topic (`Ok(None)` for anything else). A QoS 1 or 2
+/// PUBLISH that ends before its packet id is malformed (`Err`).
+pub fn publish_parts(packet: &[u8], header: usize, v5: bool) -> Result<Option<PublishParts<'_>>, Malformed> {
+    if packet[0] >> 4 != 3 {
+        return Ok(None);
+    }
+    let Some(topic) = publish_topic(&packet[header..]) else { return Ok(None) };
+    let qos = (packet[0] >> 1) & 3;
+    let payload_len = publish_payload_len(packet, header, v5);
+    let id = if qos > 0 {
+        let at = header + 2 + topic.len();
+        let id = packet.get(at..at + 2).ok_or(Malformed)?;
+        Some(u16::from_be_bytes([id[0], id[1]]))
+    } else {
+        None
+    };
+    let payload = &packet[packet.len() - payload_len..];
+    Ok(Some(PublishParts { topic, qos, id, payload }))
+}
+
+/// A packet the front door closes the connection for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed;
 
 /// The topic of a PUBLISH (variable header first), if it is UTF-8.
 fn publish_topic(body: &[u8]) -> Option<&str> {
@@ -605,7 +637,7 @@ async fn read_packet<R: AsyncRead + Unpin + ?Sized>(
 }
 
 /// The protocol level byte of a CONNECT, after checking it is one.
-fn protocol_level(p: &[u8]) -> Result<u8, String> {
+pub fn protocol_level(p: &[u8]) -> Result<u8, String> {
     if p[0] != 0x10 {
         return Err(format!("first packet is not CONNECT (type {})", p[0] >> 4));
     }
@@ -743,6 +775,33 @@ mod tests {
         assert_eq!(publish_payload_len(&v4, 2, false), 3);
         let v5 = [0x32, 13, 0, 3, b'a', b'/', b'b', 0, 7, 2, 0x23, 1, b'x', b'y', b'z'];
         assert_eq!(publish_payload_len(&v5, 2, true), 3);
+        let p = publish_parts(&v4, 2, false).unwrap().unwrap();
+        assert_eq!((p.topic, p.qos, p.id, p.payload), ("a/b", 1, Some(7), &b"xyz"[..]));
+        assert!(publish_parts(&[0x40, 2, 0, 7], 2, false).unwrap().is_none(), "a PUBACK");
+    }
+
+    /// Found by fuzzing (fuzz/regressions/front_door/): a QoS 1 or 2 PUBLISH
+    /// that ends right after its topic, or one byte into its packet id, read
+    /// past the packet (a panic in the connection's task) with
+    /// `broker.ack = "durable"`. It is malformed: the connection is closed.
+    #[test]
+    fn a_qos_publish_without_its_packet_id_is_malformed() {
+        for packet in [
+            &[0x32, 13, 0, 11, b's', b'e', b'n', b's', b'o', b'r', b's', b'/', b'a', b'/', b'b'][..],
+            &[0x34, 14, 0, 11, b's', b'e', b'n', b's', b'o', b'r', b's', b'/', b'a', b'/', b'b', 0],
+            &[0x34, 3, 0, 0, 0],
+        ] {
+            for v5 in [false, true] {
+                assert_eq!(publish_parts(packet, 2, v5).err(), Some(Malformed), "{packet:?}");
+            }
+        }
+        // QoS 0 has no packet id: the same bytes are a PUBLISH with an empty payload.
+        let p = publish_parts(
+            &[0x30, 13, 0, 11, b's', b'e', b'n', b's', b'o', b'r', b's', b'/', b'a', b'/', b'b'],
+            2,
+            false,
+        );
+        assert_eq!(p.unwrap().unwrap().payload, b"");
     }
 
     #[test]

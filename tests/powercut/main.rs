@@ -12,8 +12,17 @@
 //! nbdkit first (the unflushed writes are gone) and QEMU second. The wearable
 //! keeps running across cycles, holding what was not acked and resending it,
 //! as a real one does. After the last cycle the gateway runs until every
-//! reading is acked and delivered, and the run checks: every acked reading
-//! reached the upstream subscriber exactly once, and nothing reached it twice.
+//! reading is acked and delivered and its queue is empty, is stopped, and the
+//! run checks: every reading reached the upstream subscriber exactly once.
+//!
+//! Disk models at a cut: "lose" (every write since the last flush is gone),
+//! "subset" (a random subset of the 4 KiB blocks written since the last
+//! flush survives, out of order, as an SD card's FTL may keep some and not
+//! others), and the "eio" phase, where every flush fails with EIO from some
+//! moment on (the cache filter's write-back goes through nbdkit's error
+//! filter): the gateway must exit with status 75 (`Pipeline::commit`), and
+//! the cut comes after that exit. Half the runs use `store.when_full =
+//! "reject_new"` with a 16 KiB queue, so cuts also land while it is full.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -46,6 +55,8 @@ struct Settings {
     rate: f64,
     seed: u64,
     work: PathBuf,
+    /// `store.when_full = "reject_new"` with a small queue (pc.full=1).
+    full: bool,
 }
 
 impl Settings {
@@ -65,6 +76,13 @@ impl Settings {
             rate: var("POWERCUT_RATE").map_or(40.0, |r| r.parse().expect("POWERCUT_RATE is a number")),
             seed,
             work: path("POWERCUT_WORK"),
+            // Half the runs: by the seed, unless chosen.
+            full: match var("POWERCUT_WHEN_FULL").as_deref() {
+                Some("reject_new") => true,
+                Some("drop_oldest") => false,
+                Some(other) => panic!("POWERCUT_WHEN_FULL is reject_new or drop_oldest, not {other}"),
+                None => seed % 2 == 1,
+            },
         }
     }
 }
@@ -154,6 +172,50 @@ struct Vm {
     serial: PathBuf,
     /// When the gateway said it runs (since power-on), once seen.
     ready: Option<Duration>,
+    /// The guest's control port (see tests/powercut/init): "hup", "term".
+    ctl: PathBuf,
+    /// The host's end of the port forward to the gateway's /metrics.
+    metrics_port: u16,
+    /// While it exists, every write the cache filter passes down (its
+    /// write-back at a flush) fails with EIO.
+    eio_file: PathBuf,
+    work: PathBuf,
+    /// The gateway may exit (status 75, after EIO) without failing the run.
+    exit_expected: bool,
+}
+
+/// What a flush-less cut leaves of the writes since the last flush.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Disk {
+    /// All of them vanish.
+    Lose,
+    /// Each 4 KiB block written since the last flush survives with a
+    /// probability drawn per cut (0.1-0.9), independently of the others.
+    Subset,
+}
+
+/// Figures of one cut's disk model: blocks written since the last flush,
+/// and how many of them were kept.
+#[derive(Clone, Copy, Default, Debug)]
+struct CutDisk {
+    dirty: u64,
+    kept: u64,
+}
+
+/// The gateway's queue as /metrics shows it.
+#[derive(Clone, Copy, Debug, Default)]
+struct QueueGauge {
+    batches: u64,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let v = rest.strip_prefix(' ')?;
+        v.trim().parse::<f64>().ok().map(|f| f as u64)
+    })
 }
 
 /// Markers the guest's console shows, with when each first appeared.
@@ -179,12 +241,25 @@ impl Vm {
     fn boot(s: &Settings, disk: &Path, dock: &Path, port: u16, cycle: u32, eager: bool) -> Vm {
         let sock = s.work.join("nbd.sock");
         let _ = std::fs::remove_file(&sock);
+        let eio_file = s.work.join("eio");
+        let _ = std::fs::remove_file(&eio_file);
+        // Client → cache → delay → error → file: writes stay in the cache until a
+        // flush writes them back; with the error file present that write-back
+        // fails, so the guest's flush fails with EIO and the blocks stay
+        // unflushed. (nbdkit 1.32's error filter has no flush error of its
+        // own; a failed write-back is how a flush fails on a real disk too.)
+        // 4 KiB cache blocks, ext4's block size, for the subset model. The
+        // write-back takes 4 ms a block (the delay filter), as an SD card's
+        // flush takes its time: without it a flush is instant, and a cut
+        // almost never finds a write the guest has not flushed yet.
         let nbd = Command::new("nbdkit")
             .args(["-f", "--exit-with-parent", "-U"])
             .arg(&sock)
-            .args(["--filter=cache", "file"])
+            .args(["--filter=cache", "--filter=delay", "--filter=error", "file"])
             .arg(disk)
-            .arg("cache=writeback")
+            .args(["cache=writeback", "cache-min-block-size=4096", "delay-write=4ms"])
+            .args(["error=EIO", "error-pwrite-rate=100%"])
+            .arg(format!("error-pwrite-file={}", eio_file.display()))
             // The cache filter keeps its (unflushed) blocks in a temp file here.
             .env("TMPDIR", &s.work)
             .stdout(Stdio::null())
@@ -193,6 +268,9 @@ impl Vm {
             .expect("spawn nbdkit");
         assert!(wait_until(Duration::from_secs(10), || sock.exists()), "nbdkit did not create {}", sock.display());
         let serial = s.work.join(format!("console-{cycle:04}.log"));
+        let ctl = s.work.join("ctl.sock");
+        let _ = std::fs::remove_file(&ctl);
+        let metrics_port = common::free_port();
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-monitor", "none"])
             .args(["-nodefaults", "-no-user-config"])
@@ -203,13 +281,20 @@ impl Vm {
             .arg("-initrd")
             .arg(&s.initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=-1 pc.port={port} pc.eager={}", eager as u8))
+            .arg(format!(
+                "console=ttyS0 quiet panic=-1 pc.port={port} pc.eager={} pc.full={}",
+                eager as u8, s.full as u8
+            ))
             .arg("-drive")
             .arg(format!("file=nbd+unix:///?socket={},format=raw,if=virtio,cache=writeback", sock.display()))
-            .args(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"])
+            .arg("-netdev")
+            .arg(format!("user,id=n0,hostfwd=tcp:127.0.0.1:{metrics_port}-:9898"))
+            .args(["-device", "virtio-net-pci,netdev=n0"])
             .args(["-device", "virtio-serial-pci", "-chardev"])
             .arg(format!("serial,id=dock,path={}", dock.display()))
-            .args(["-device", "virtconsole,chardev=dock"])
+            .args(["-device", "virtconsole,chardev=dock", "-chardev"])
+            .arg(format!("socket,id=ctl,path={},server=on,wait=off", ctl.display()))
+            .args(["-device", "virtconsole,chardev=ctl"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -222,7 +307,35 @@ impl Vm {
         }
         let booted = Instant::now();
         let qemu = cmd.spawn().expect("spawn qemu-system-x86_64");
-        Vm { nbd, qemu, booted, serial, ready: None }
+        Vm {
+            nbd,
+            qemu,
+            booted,
+            serial,
+            ready: None,
+            ctl,
+            metrics_port,
+            eio_file,
+            work: s.work.clone(),
+            exit_expected: false,
+        }
+    }
+
+    /// A line to the guest's control port (tests/powercut/init).
+    fn control(&self, cmd: &str) {
+        let mut c = std::os::unix::net::UnixStream::connect(&self.ctl).expect("connect to the VM's control port");
+        c.write_all(format!("{cmd}\n").as_bytes()).expect("write to the VM's control port");
+    }
+
+    /// The gateway's queue from its /metrics, if it answers.
+    fn queue(&self) -> Option<QueueGauge> {
+        let t = edge_gateway::metrics::http::fetch(([127, 0, 0, 1], self.metrics_port).into(), Duration::from_secs(2))
+            .ok()?;
+        Some(QueueGauge {
+            batches: metric(&t, "edge_gateway_queue_batches")?,
+            bytes: metric(&t, "edge_gateway_queue_bytes")?,
+            max_bytes: metric(&t, "edge_gateway_queue_max_bytes")?,
+        })
     }
 
     fn console(&self) -> Console {
@@ -237,7 +350,9 @@ impl Vm {
             self.ready = Some(self.booted.elapsed());
         }
         assert!(!c.has("POWERCUT: MOUNT FAILED"), "the data disk did not mount after a cut:\n{}", c.text);
-        assert!(!c.has("POWERCUT: GATEWAY EXITED"), "the gateway exited:\n{}", c.text);
+        if !self.exit_expected {
+            assert!(!c.has("POWERCUT: GATEWAY EXITED"), "the gateway exited:\n{}", c.text);
+        }
         if let Ok(Some(st)) = self.qemu.try_wait() {
             panic!("qemu exited ({st}):\n{}", c.text);
         }
@@ -267,14 +382,74 @@ impl Vm {
         let _ = self.wait(at.saturating_sub(self.booted.elapsed()), |_| false);
     }
 
-    /// The power cut: the disk's volatile cache goes first, then the machine.
-    fn cut(mut self) -> Console {
+    /// The power cut: the disk's volatile cache goes first (all of it, or
+    /// all but a random subset of its unflushed blocks), then the machine.
+    fn cut(mut self, disk_model: Disk, disk: &Path, rng: &mut XorShift) -> (Console, CutDisk) {
+        let mut fig = CutDisk::default();
+        if disk_model == Disk::Subset {
+            let pid = nix::unistd::Pid::from_raw(self.nbd.id() as i32);
+            // Frozen: nothing is written back while the subset is drawn.
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP nbdkit");
+            let p = 0.1 + rng.below(801) as f64 / 1000.0;
+            fig = keep_subset(pid.as_raw() as u32, &self.work, disk, p, rng);
+        }
         let _ = self.nbd.kill();
         let _ = self.nbd.wait();
         let _ = self.qemu.kill();
         let _ = self.qemu.wait();
-        self.console()
+        let _ = std::fs::remove_file(&self.eio_file);
+        (self.console(), fig)
     }
+}
+
+/// Write a random subset of nbdkit's dirty cache blocks to the disk image.
+///
+/// The cache filter keeps every block it holds in an unlinked temp file (in
+/// TMPDIR, our work dir), reachable through /proc/PID/fd. A block there is
+/// either clean (read from, or flushed to, the disk: the same bytes as in the
+/// image) or written since the last flush, so the blocks that differ from the
+/// image are exactly the unflushed writes (a write of the bytes already there
+/// changes nothing either way). Each survives with probability `p`.
+fn keep_subset(pid: u32, work: &Path, disk: &Path, p: f64, rng: &mut XorShift) -> CutDisk {
+    use nix::unistd::{Whence, lseek};
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 4096;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("nbdkit's fds");
+    let cache = fds
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| {
+                let t = t.to_string_lossy().into_owned();
+                t.starts_with(&*work.to_string_lossy()) && t.ends_with(" (deleted)")
+            })
+        })
+        .expect("nbdkit's cache file (an unlinked file in the work dir)");
+    let cache = std::fs::File::open(cache.path()).expect("open nbdkit's cache file");
+    let img = std::fs::OpenOptions::new().read(true).write(true).open(disk).expect("open the disk image");
+    let size = img.metadata().unwrap().len();
+    let mut fig = CutDisk::default();
+    let (mut a, mut b) = (vec![0u8; BLOCK as usize], vec![0u8; BLOCK as usize]);
+    let mut off = 0u64;
+    while off < size {
+        // Only the blocks the cache holds (its file is sparse).
+        let Ok(data) = lseek(&cache, off as i64, Whence::SeekData) else { break };
+        let end = lseek(&cache, data, Whence::SeekHole).expect("SEEK_HOLE") as u64;
+        let mut blk = data as u64 / BLOCK * BLOCK;
+        while blk < end.min(size) {
+            cache.read_exact_at(&mut a, blk).expect("read cache block");
+            img.read_exact_at(&mut b, blk).expect("read image block");
+            if a != b {
+                fig.dirty += 1;
+                if rng.below(1_000_000) < (p * 1_000_000.0) as u64 {
+                    img.write_all_at(&a, blk).expect("write image block");
+                    fig.kept += 1;
+                }
+            }
+            blk += BLOCK;
+        }
+        off = end;
+    }
+    fig
 }
 
 /// `seq` → how many times the subscriber got it.
@@ -299,6 +474,12 @@ enum Cut {
     /// The broker was down for a while (a backlog built up) and has just
     /// come back: cut while the backlog drains.
     Drain,
+    /// Just after a SIGHUP: the reloaded config restarts the serial port
+    /// and the uplink (tests/powercut/init switches two variants).
+    Reload,
+    /// Every flush fails with EIO from a random moment on; the gateway must
+    /// exit with status 75, and the power goes after that.
+    Eio,
 }
 
 impl Cut {
@@ -308,6 +489,8 @@ impl Cut {
             Cut::Startup => "startup",
             Cut::Running => "running",
             Cut::Drain => "drain",
+            Cut::Reload => "reload",
+            Cut::Eio => "eio",
         }
     }
 }
@@ -359,8 +542,7 @@ fn power_cuts_lose_and_double_nothing() {
     let dev = Wearable::start(s.rate, s.seed);
 
     let mut table = std::fs::File::create(s.work.join("cycles.tsv")).unwrap();
-    let header =
-        "cycle\tcut\tat_s\twriteback\tbroker\tacked\tdelivered\tdup\trepaired_bytes\tcorrupt_records\tstartup_s";
+    let header = "cycle\tcut\tdisk\tat_s\twriteback\tbroker\tqueue_bytes\tfull\tdirty_blocks\tkept_blocks\tacked\tdelivered\tdup\trepaired_bytes\tcorrupt_records\tstartup_s";
     writeln!(table, "{header}").unwrap();
     println!("{header}");
 
@@ -368,24 +550,37 @@ fn power_cuts_lose_and_double_nothing() {
     let mut repaired = Vec::new();
     let mut ready_estimate = Duration::from_secs(12);
     let mut dups_seen = 0usize;
+    let mut per_phase: std::collections::BTreeMap<&str, u32> = Default::default();
+    let (mut subset_cuts, mut dirty_total, mut kept_total) = (0u32, 0u64, 0u64);
+    let (mut eio_exits, mut reloads_done, mut full_cuts) = (0u32, 0u32, 0u32);
     for cycle in 1..=s.cycles {
         let mode = match rng.below(100) {
             // The first cut comes after the device's first ack (see below).
             _ if cycle == 1 => Cut::Running,
-            0..20 => Cut::Boot,
-            20..35 => Cut::Startup,
-            35..75 => Cut::Running,
-            _ => Cut::Drain,
+            0..16 => Cut::Boot,
+            16..28 => Cut::Startup,
+            28..52 => Cut::Running,
+            52..70 => Cut::Drain,
+            70..86 => Cut::Reload,
+            _ => Cut::Eio,
         };
+        let disk_model = if rng.chance(0.5) { Disk::Subset } else { Disk::Lose };
         // Now and then the broker is away for a whole cycle: the queue keeps
-        // a backlog across the cut, drained after the next boot.
-        let broker_away = mode != Cut::Drain && rng.chance(0.15);
+        // a backlog across the cut, drained after the next boot (and with
+        // the small reject_new queue, fills it). Not in an EIO cycle: with
+        // a full queue refusing every batch there is nothing to commit, so
+        // no failing flush.
+        let broker_away = !matches!(mode, Cut::Drain | Cut::Eio) && rng.chance(if s.full { 0.3 } else { 0.15 });
         if broker_away || mode == Cut::Drain {
             broker.stop();
         }
         // Half the boots write back eagerly (see tests/powercut/init).
         let eager = rng.chance(0.5);
         let mut vm = Vm::boot(&s, &disk, &dev.dock, broker.plain_port, cycle, eager);
+        let running = |vm: &mut Vm| {
+            let t = vm.wait_for(READY, BOOT_TIMEOUT);
+            t.unwrap_or_else(|| panic!("the gateway did not start within {BOOT_TIMEOUT:?}:\n{}", vm.console().text))
+        };
         match mode {
             Cut::Boot => {
                 let frac = 0.1 + rng.below(1000) as f64 / 1000.0;
@@ -396,37 +591,80 @@ fn power_cuts_lose_and_double_nothing() {
                 let t = t.unwrap_or_else(|| panic!("no gateway start within {BOOT_TIMEOUT:?}:\n{}", vm.console().text));
                 vm.until(t + Duration::from_millis(rng.below(600)));
             }
-            Cut::Running | Cut::Drain => {
-                let Some(t) = vm.wait_for(READY, BOOT_TIMEOUT) else {
-                    panic!("the gateway did not start within {BOOT_TIMEOUT:?}:\n{}", vm.console().text)
-                };
-                if mode == Cut::Drain {
-                    // A backlog first, then the broker returns; cut once the
-                    // uplink is connected again and draining.
-                    vm.until(t + Duration::from_millis(1500 + rng.below(3000)));
-                    broker.restart();
-                    let back = vm.wait(Duration::from_secs(20), |c| c.has("connected after"));
-                    let back = back.unwrap_or_else(|| panic!("the uplink did not reconnect:\n{}", vm.console().text));
-                    vm.until(back + Duration::from_millis(rng.below(1200)));
-                } else {
-                    if cycle == 1 {
-                        // A cut before the first run's first checkpoint
-                        // names the device would hold its acks for
-                        // ack_gap_timeout (30 s) of talking, longer than a
-                        // cycle, after every later boot.
-                        let acked = wait_until(BOOT_TIMEOUT, || dev.view().acked_through > 0);
-                        assert!(acked, "the device got no ack:\n{}", vm.console().text);
-                        vm.until(vm.booted.elapsed() + Duration::from_secs(2));
-                    }
-                    vm.until(vm.booted.elapsed().max(t) + Duration::from_millis(100 + rng.below(6000)));
+            Cut::Drain => {
+                let t = running(&mut vm);
+                // A backlog first, then the broker returns; cut once the
+                // uplink is connected again and draining.
+                vm.until(t + Duration::from_millis(1500 + rng.below(3000)));
+                broker.restart();
+                let back = vm.wait(Duration::from_secs(20), |c| c.has("connected after"));
+                let back = back.unwrap_or_else(|| panic!("the uplink did not reconnect:\n{}", vm.console().text));
+                vm.until(back + Duration::from_millis(rng.below(1200)));
+            }
+            Cut::Running => {
+                let t = running(&mut vm);
+                if cycle == 1 {
+                    // A cut before the first run's first checkpoint
+                    // names the device would hold its acks for
+                    // ack_gap_timeout (30 s) of talking, longer than a
+                    // cycle, after every later boot.
+                    let acked = wait_until(BOOT_TIMEOUT, || dev.view().acked_through > 0);
+                    assert!(acked, "the device got no ack:\n{}", vm.console().text);
+                    vm.until(vm.booted.elapsed() + Duration::from_secs(2));
                 }
+                vm.until(vm.booted.elapsed().max(t) + Duration::from_millis(100 + rng.below(6000)));
+            }
+            Cut::Reload => {
+                let t = running(&mut vm);
+                vm.until(t + Duration::from_millis(300 + rng.below(3000)));
+                vm.control("hup");
+                let sent = vm.wait_for("POWERCUT: sighup 1 sent", Duration::from_secs(10));
+                let sent = sent.unwrap_or_else(|| panic!("the guest did not send SIGHUP:\n{}", vm.console().text));
+                // Cut in the middle of the reload (serial port and uplink
+                // restarting) or shortly after it.
+                vm.until(sent + Duration::from_millis(rng.below(1500)));
+                let c = vm.console();
+                if c.text[c.text.find("POWERCUT: sighup 1 sent").unwrap()..].contains("reload: ") {
+                    reloads_done += 1;
+                }
+            }
+            Cut::Eio => {
+                let t = running(&mut vm);
+                vm.until(t + Duration::from_millis(200 + rng.below(4000)));
+                std::fs::write(&vm.eio_file, b"").unwrap();
+                vm.exit_expected = true;
+                let gone = vm.wait(Duration::from_secs(30), |c| c.has("POWERCUT: GATEWAY EXITED"));
+                let c = vm.console();
+                let gone = gone.unwrap_or_else(|| {
+                    panic!("the gateway kept running 30 s after its flushes began to fail with EIO:\n{}", c.text)
+                });
+                assert!(
+                    c.has("POWERCUT: GATEWAY EXITED 75") && c.has("queue commit failed"),
+                    "a failed flush must end the gateway through the exit-75 path (queue commit failed):\n{}",
+                    c.text
+                );
+                eio_exits += 1;
+                vm.until(gone + Duration::from_millis(rng.below(1000)));
             }
         }
         let at = vm.booted.elapsed();
         let startup = vm.ready;
-        let console = vm.cut();
+        // The queue at the cut (not during boot: nothing listens yet).
+        let gauge = if startup.is_some() && mode != Cut::Eio { vm.queue() } else { None };
+        // Full: the next batch (at most batch_max_bytes, 2 KiB in these
+        // runs) would not fit.
+        let full = s.full && gauge.is_some_and(|q| q.bytes + 2048 + 30 > q.max_bytes);
+        let (console, fig) = vm.cut(disk_model, &disk, &mut rng);
+        assert!(!console.has("reload refused"), "a reload was refused:\n{}", console.text);
         if broker_away {
             broker.restart();
+        }
+        *per_phase.entry(mode.name()).or_default() += 1;
+        full_cuts += full as u32;
+        if disk_model == Disk::Subset {
+            subset_cuts += 1;
+            dirty_total += fig.dirty;
+            kept_total += fig.kept;
         }
         if let Some(t) = startup {
             startups.push(secs(t));
@@ -445,8 +683,9 @@ fn power_cuts_lose_and_double_nothing() {
             dups_seen = dup;
         }
         let row = format!(
-            "{cycle}\t{}\t{:.2}\t{}\t{}\t{}\t{}\t{dup}\t{torn}\t{corrupt}\t{}",
+            "{cycle}\t{}\t{}\t{:.2}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{dup}\t{torn}\t{corrupt}\t{}",
             mode.name(),
+            if disk_model == Disk::Subset { "subset" } else { "lose" },
             secs(at),
             if eager { "eager" } else { "default" },
             if broker_away {
@@ -456,6 +695,10 @@ fn power_cuts_lose_and_double_nothing() {
             } else {
                 "up"
             },
+            gauge.map_or("-".into(), |q| q.bytes.to_string()),
+            if full { "full" } else { "-" },
+            fig.dirty,
+            fig.kept,
             view.acked_through,
             got.len(),
             startup.map_or("-".into(), |t| format!("{:.2}", secs(t))),
@@ -464,8 +707,9 @@ fn power_cuts_lose_and_double_nothing() {
         println!("{row}");
     }
 
-    // The last boot: no cut. The wearable stops creating readings and the
-    // gateway gets everything acked and delivered.
+    // The last boot: no cut. The wearable stops creating readings, the
+    // gateway gets everything acked and delivered, reports an empty queue
+    // and is stopped (SIGTERM, exit 0); only then the count.
     let mut vm = Vm::boot(&s, &disk, &dev.dock, broker.plain_port, s.cycles + 1, false);
     let ready = vm.wait_for(READY, BOOT_TIMEOUT);
     assert!(ready.is_some(), "the gateway did not start after the last cut:\n{}", vm.console().text);
@@ -476,11 +720,22 @@ fn power_cuts_lose_and_double_nothing() {
     let all_acked = wait_until(FINAL_TIMEOUT, || dev.view().pending == 0);
     let view = dev.view();
     assert!(all_acked, "readings still unacked after {FINAL_TIMEOUT:?}: {view:?}\n{}", vm.console().text);
-    let all_delivered = wait_until(FINAL_TIMEOUT, || counts(&decode_all(&sub.messages())).len() as u64 >= view.created);
-    // A moment more, so a late duplicate has its chance to show up.
-    std::thread::sleep(Duration::from_secs(2));
-    let console = vm.cut();
-    let got = counts(&decode_all(&sub.messages()));
+    let empty = wait_until(FINAL_TIMEOUT, || vm.queue().is_some_and(|q| q.batches == 0));
+    assert!(empty, "the queue is not empty after {FINAL_TIMEOUT:?}: {:?}\n{}", vm.queue(), vm.console().text);
+    // Delivered to the broker (PUBCOMP) is not yet printed by the
+    // subscriber: wait for it, bounded, then stop the gateway.
+    let _ = wait_until(Duration::from_secs(30), || decode_all(&sub.messages()).total_readings as u64 >= view.created);
+    vm.control("term");
+    vm.exit_expected = true;
+    let stopped = vm.wait_for("POWERCUT: GATEWAY EXITED", Duration::from_secs(30));
+    let console = vm.console();
+    assert!(stopped.is_some(), "the gateway did not stop on SIGTERM:\n{}", console.text);
+    assert!(console.has("POWERCUT: GATEWAY EXITED 0"), "the gateway's stop was not clean:\n{}", console.text);
+    // A late duplicate has its chance to show up.
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = vm.cut(Disk::Lose, &disk, &mut rng);
+    let received = decode_all(&sub.messages());
+    let got = counts(&received);
     sub.stop();
     drop(broker);
 
@@ -489,30 +744,48 @@ fn power_cuts_lose_and_double_nothing() {
     dup.sort();
     let unknown = got.keys().filter(|q| **q == 0 || **q > view.created).count();
     let cut_cycles = repaired.iter().filter(|b| **b > 0).count();
+    let phases: Vec<String> = per_phase.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!(
-        "power-cut rig: {} cycles, seed {}: {} readings created, {} acked, {} delivered, lost {}, duplicated {}, unknown {}",
+        "power-cut rig: {} cycles, seed {}, when_full {}: cuts per phase: {}",
         s.cycles,
         s.seed,
+        if s.full { "reject_new (16 KiB)" } else { "drop_oldest (32 MiB)" },
+        phases.join(", ")
+    );
+    println!(
+        "power-cut rig: disk: {} subset cuts kept {} of {} unflushed 4 KiB blocks, the rest lost everything unflushed; {} EIO cycles ended in exit 75; {} reload cuts after the reload finished; {} cuts with the queue full",
+        subset_cuts, kept_total, dirty_total, eio_exits, reloads_done, full_cuts
+    );
+    println!(
+        "power-cut rig: {} readings created, {} acked, {} delivered ({} in total), lost {}, duplicated {}, unknown {}",
         view.created,
         view.acked_through,
         got.len(),
+        received.total_readings,
         lost.len(),
         dup.len(),
         unknown
     );
     println!(
-        "power-cut rig: torn tails repaired at {} of {} boots (bytes: median {}, max {}); start-up after cut (qemu start → gateway running): median {:.1} s, p90 {:.1} s",
+        "power-cut rig: torn tails repaired at {} of {} boots (bytes: total {}, median {}, max {}); start-up after cut (qemu start → gateway running): median {:.1} s, p90 {:.1} s",
         cut_cycles,
         repaired.len(),
+        repaired.iter().sum::<u64>(),
         percentile(&repaired.iter().filter(|b| **b > 0).map(|b| *b as f64).collect::<Vec<_>>(), 0.5),
         repaired.iter().max().copied().unwrap_or(0),
         percentile(&startups, 0.5),
         percentile(&startups, 0.9),
     );
-    assert!(all_delivered, "not every reading was delivered in {FINAL_TIMEOUT:?}; last console:\n{}", console.text);
     assert!(lost.is_empty(), "acked readings lost (seed {}): {:?}", s.seed, &lost[..lost.len().min(50)]);
     assert!(dup.is_empty(), "readings delivered twice (seed {}): {:?}", s.seed, &dup[..dup.len().min(50)]);
     assert_eq!(unknown, 0, "readings nobody sent arrived");
+    // Every reading the wearable created was acked (pending 0), so exactly
+    // those arrived, each once.
+    assert_eq!(
+        received.total_readings as u64, view.created,
+        "after an empty queue and a clean stop, the subscriber must hold every created reading exactly once"
+    );
+    assert_eq!(got.len() as u64, view.created, "not every created reading was delivered");
     // The disk image is the bulk of the work dir; the logs stay.
     let _ = std::fs::remove_file(&disk);
 }

@@ -3,13 +3,18 @@
 # loses everything not flushed, its power cut at random moments, again and
 # again. See README "Power-cut rig".
 #
-#   tests/powercut/run.sh [--cycles N] [--seed S] [--rate R] [--work DIR]
+#   tests/powercut/run.sh [--cycles N] [--seed S] [--rate R] [--work DIR] [--when-full P]
 #
 #   --cycles N  power cuts (default 30)
 #   --seed S    repeat a run (the seed is printed at the start of every run)
 #   --rate R    readings per second from the simulated wearable (default 40)
 #   --work DIR  keep VM images and logs here (default: a fresh dir under
 #               target/powercut/runs/, kept when the run fails)
+#   --when-full P  drop_oldest (a 32 MiB queue) or reject_new (a 16 KiB
+#               queue, full whenever the uplink is away for a few seconds);
+#               default: by the seed, so half the runs use each
+#   --bin PATH  run this edge-gateway binary instead of building one (e.g. a
+#               build with a planted bug, to see the rig catch it)
 #
 # This script prepares the guest (kernel, modules, busybox, the debug binary
 # and its libraries, cached under target/powercut/) and then runs the cycles
@@ -22,14 +27,16 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cd "$root"
 
-cycles=30 seed= rate=40 work=
+cycles=30 seed= rate=40 work= when_full= bin=
 while (($#)); do
     case $1 in
         --cycles) cycles=$2; shift 2 ;;
         --seed) seed=$2; shift 2 ;;
         --rate) rate=$2; shift 2 ;;
         --work) work=$2; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --when-full) when_full=$2; shift 2 ;;
+        --bin) bin=$(realpath "$2"); shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -91,8 +98,10 @@ fi
 
 # The binary CI already builds (debug, dynamically linked): a no-op after
 # `cargo build --all-targets`.
-cargo build --locked --bin edge-gateway
-bin=$target/debug/edge-gateway
+if [ -z "$bin" ]; then
+    cargo build --locked --bin edge-gateway
+    bin=$target/debug/edge-gateway
+fi
 
 work=${work:-$assets/runs/$(date +%Y%m%d-%H%M%S)-$$}
 mkdir -p "$work"
@@ -118,5 +127,5 @@ done
 rm -rf "$stage"
 
 export POWERCUT_KERNEL=$assets/kernel/vmlinuz POWERCUT_INITRD=$work/initrd.cpio POWERCUT_WORK=$work
-export POWERCUT_CYCLES=$cycles POWERCUT_RATE=$rate POWERCUT_SEED=$seed
+export POWERCUT_CYCLES=$cycles POWERCUT_RATE=$rate POWERCUT_SEED=$seed POWERCUT_WHEN_FULL=$when_full
 exec cargo test --locked --test powercut -- --ignored --nocapture
