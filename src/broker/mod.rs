@@ -43,11 +43,12 @@
 //!   we bind the public ports ourselves, first, and fail with the port named.
 //! * No connection limit before CONNECT, no CONNACK code on a failed login,
 //!   no ACLs: the proxy counts connections, answers CONNACK 3/4/5, and
-//!   checks each PUBLISH's topic (and the will's) against the user's allowed
-//!   prefixes.
+//!   applies the ACL ([`acl`]) to PUBLISH, SUBSCRIBE, the will, and every
+//!   message on its way to a client.
 //! * No backpressure from a slow subscriber: rumqttd skips ahead for it and
 //!   loses what it had not read. [`Flow`] holds publishers back instead.
 
+pub mod acl;
 pub mod auth;
 pub mod proxy;
 pub mod topic;
@@ -295,6 +296,8 @@ pub struct Broker {
     /// status keeps going even when `republish` is disabled.
     pub republish: Option<mpsc::Sender<Reading>>,
     pub local_addrs: Vec<(&'static str, SocketAddr)>,
+    /// The ACL in force; a reload replaces it (see [`acl::Store::replace`]).
+    pub acl: Arc<acl::Store>,
 }
 
 impl Broker {
@@ -324,6 +327,7 @@ impl Broker {
             None => None,
         };
         let users = Arc::new(auth::Users::load(b)?);
+        let acl = Arc::new(acl::Store::new(acl::Acl::from_config(b)));
         let ingest = TopicPattern::parse(&b.ingest).map_err(BrokerError::Internal)?;
         let republish = if b.republish.is_empty() {
             None
@@ -402,6 +406,7 @@ impl Broker {
 
         let shared = Arc::new(proxy::Shared {
             users,
+            acl: acl.clone(),
             internal,
             connections: Arc::new(tokio::sync::Semaphore::new(b.max_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new((4 * b.max_connections).max(256))),
@@ -429,11 +434,12 @@ impl Broker {
             listeners.spawn(proxy::serve(l, kind, shared.clone(), stop.subscribe()));
         }
         info!(
-            "broker: ingest {:?}, republish {:?}, status {:?}, {} user(s), anonymous {}",
+            "broker: ingest {:?}, republish {:?}, status {:?}, {} user(s), {} ACL rule(s), anonymous {}",
             b.ingest,
             b.republish,
             b.status_topic,
             shared.users.count(),
+            acl.get().len(),
             if b.allow_anonymous { "allowed" } else { "refused" }
         );
         Ok(Broker {
@@ -445,6 +451,7 @@ impl Broker {
             publisher: Some(publisher),
             republish: Some(rp_tx),
             local_addrs,
+            acl,
         })
     }
 

@@ -117,8 +117,13 @@ pub fn render(s: &Snapshot<'_>) -> String {
     o.sample("batches_resent_total", &[("reason", "session_lost")], g(&m.batches_resent_session_lost));
     o.sample("batches_resent_total", &[("reason", "refused")], g(&m.batches_refused));
 
+    o.family("broker_acl_denied_total", "counter", "LAN MQTT publishes and subscriptions the ACL denied, per user.");
+    for ((user, action), n) in &m.acl_denials() {
+        o.sample("broker_acl_denied_total", &[("user", user), ("action", action)], *n);
+    }
+
     // Unlabelled families: (name, type, help, value).
-    let singles: [(&str, &str, &str, String); 29] = [
+    let singles: [(&str, &str, &str, String); 30] = [
         ("uptime_seconds", "gauge", "Seconds since the gateway started.", format!("{:.1}", s.uptime_s)),
         (
             "readings_accepted_total",
@@ -191,8 +196,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
         (
             "broker_denied_publishes_total",
             "counter",
-            "Clients disconnected for a forbidden publish.",
+            "LAN publishes refused (ACL or max_payload).",
             g(&m.broker_denied_publishes).to_string(),
+        ),
+        (
+            "broker_acl_filtered_total",
+            "counter",
+            "Messages not delivered to a LAN client that may not read them.",
+            g(&m.broker_acl_filtered).to_string(),
         ),
         (
             "readings_republished_total",
@@ -253,6 +264,22 @@ mod tests {
         assert!(text.contains("edge_gateway_device_duplicates_total{source=\"serial\",device=\"wrist-01\"} 1\n"));
         assert!(text.contains("edge_gateway_queue_oldest_age_seconds 2.5\n"));
         assert!(text.contains("edge_gateway_malformed_total{source=\"serial\",link=\"dock0\"} 2\n"));
+        m.acl_denied("", "publish");
+        m.acl_denied("nurse", "subscribe");
+        m.acl_denied("nurse", "subscribe");
+        let text = render(&Snapshot {
+            metrics: &m,
+            gateway: "gw",
+            queue: QueueStatus::default(),
+            queue_max_bytes: 1,
+            uptime_s: 1.0,
+            now_ms: 0,
+        });
+        assert!(
+            text.contains("edge_gateway_broker_acl_denied_total{user=\"nurse\",action=\"subscribe\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("edge_gateway_broker_acl_denied_total{user=\"\",action=\"publish\"} 1\n"), "{text}");
         // Every sample belongs to a family declared once.
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {
