@@ -498,6 +498,7 @@ pub struct BrokerConfig {
     /// Topic every accepted reading is republished to (retained); empty disables it.
     pub republish: String,
     /// Retained gateway status topic, refreshed every `status_interval`; empty disables it.
+    /// A `$` topic (the default) is not matched by `#` or `+/…` subscriptions (MQTT §4.7.2).
     pub status_topic: String,
     #[serde(deserialize_with = "de_duration")]
     pub status_interval: Duration,
@@ -583,7 +584,7 @@ impl Default for BrokerConfig {
             password_file: None,
             ingest: "sensors/{device}/{sensor}".into(),
             republish: "readings/{device}/{sensor}".into(),
-            status_topic: "gateway/status".into(),
+            status_topic: "$SYS/edge-gateway/status".into(),
             status_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             ack: BrokerAck::Received,

@@ -529,6 +529,18 @@ impl ClientAcl {
     }
 }
 
+/// rumqttd 0.20 matches no topic that starts with `$` and refuses such
+/// filters; MQTT wants them, unmatched by filters that start with a
+/// wildcard. So `$` topics (the gateway's `$SYS/edge-gateway/status`) live
+/// inside rumqttd behind this prefix, which the front door adds and strips.
+/// Clients may not use it themselves.
+pub const DOLLAR: char = '\u{7f}';
+
+/// The name rumqttd knows a topic (or filter) by.
+pub fn internal_topic(t: &str) -> std::borrow::Cow<'_, str> {
+    if t.starts_with('$') { format!("{DOLLAR}{t}").into() } else { t.into() }
+}
+
 /// What was denied, for the front door's metrics and log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
@@ -584,6 +596,9 @@ pub struct Gate {
     /// Ours (for what we filtered) and the client's are queued here.
     acks: InOrder,
     comps: InOrder,
+    /// The client's granted `$` filters: what rumqttd sends on `$` topics
+    /// reaches the client only through one of these (not through `#`).
+    dollar_subs: Vec<(String, Filter)>,
 }
 
 /// Acks owed to rumqttd, in the order it expects them.
@@ -631,6 +646,7 @@ impl Gate {
             pending_subs: Default::default(),
             acks: Default::default(),
             comps: Default::default(),
+            dollar_subs: Vec::new(),
         }
     }
 
@@ -655,7 +671,8 @@ impl Gate {
                 let Some(p) = wire::publish(packet, header, self.v5) else { return (Verdict::pass(), None) };
                 // An unknown alias: rumqttd ends the connection (protocol error).
                 let Some(topic) = self.resolve(&p) else { return (Verdict::pass(), None) };
-                if self.acl.may_publish(&topic) {
+                // `$` topics are the gateway's own.
+                if !topic.starts_with(['$', DOLLAR]) && self.acl.may_publish(&topic) {
                     return (Verdict::pass(), Some(topic));
                 }
                 let reply = match (p.qos, p.id) {
@@ -678,6 +695,7 @@ impl Gate {
                 _ => (Verdict::pass(), None),
             },
             8 => (self.subscribe(packet, header), None),
+            10 => (self.unsubscribe(packet, header), None),
             // The client's PUBACK/PUBREC/PUBCOMP for what rumqttd sent: in order.
             k @ (4 | 5 | 7) => {
                 let queue = if k == 7 { &mut self.comps } else { &mut self.acks };
@@ -695,9 +713,28 @@ impl Gate {
     fn subscribe(&mut self, packet: &[u8], header: usize) -> Verdict {
         // Malformed: forwarded untouched, rumqttd closes the connection.
         let Some(sub) = wire::subscribe(packet, header, self.v5) else { return Verdict::pass() };
-        let verdicts: Vec<Sub> = sub.filters.iter().map(|(f, _)| self.acl.subscribe(f)).collect();
+        let verdicts: Vec<Sub> = sub
+            .filters
+            .iter()
+            .map(|(f, _)| if f.starts_with(DOLLAR) { Sub::Deny } else { self.acl.subscribe(f) })
+            .collect();
+        let dollar = |f: &str| f.starts_with('$') && !f.starts_with("$share/");
+        for ((f, _), v) in sub.filters.iter().zip(&verdicts) {
+            if *v != Sub::Deny
+                && dollar(f)
+                && let Ok(parsed) = Filter::parse(f)
+            {
+                self.dollar_subs.retain(|(x, _)| x != f);
+                self.dollar_subs.push((f.clone(), parsed));
+            }
+        }
+        let renamed = sub.filters.iter().any(|(f, _)| dollar(f));
         if !verdicts.contains(&Sub::Deny) {
-            return Verdict::pass();
+            if !renamed {
+                return Verdict::pass();
+            }
+            let all: Vec<usize> = (0..verdicts.len()).collect();
+            return Verdict { rewritten: Some(wire::subscribe_with(packet, header, &sub, &all)), ..Default::default() };
         }
         let code = if self.v5 { NOT_AUTHORIZED } else { 0x80 };
         let denied: Vec<Denial> = sub
@@ -721,6 +758,16 @@ impl Gate {
         }
     }
 
+    /// UNSUBSCRIBE: `$` filters get their internal name.
+    fn unsubscribe(&mut self, packet: &[u8], header: usize) -> Verdict {
+        let Some(filters) = wire::unsubscribe(packet, header, self.v5) else { return Verdict::pass() };
+        if !filters.iter().any(|f| f.starts_with('$')) {
+            return Verdict::pass();
+        }
+        self.dollar_subs.retain(|(x, _)| !filters.contains(x));
+        Verdict { rewritten: wire::unsubscribe_renamed(packet, header, self.v5), ..Default::default() }
+    }
+
     /// A whole packet from rumqttd to the client.
     pub fn from_broker(&mut self, packet: &[u8], header: usize) -> Verdict {
         match packet[0] >> 4 {
@@ -728,13 +775,26 @@ impl Gate {
                 let Some(p) = wire::publish(packet, header, self.v5) else { return Verdict::pass() };
                 // rumqttd uses no topic aliases towards clients: the front
                 // door takes Topic Alias Maximum out of their CONNECT.
-                let readable = !p.topic.is_empty() && self.acl.may_read(&p.topic);
+                // A `$` topic: only through a `$` filter, under its own name.
+                let (topic, renamed) = match p.topic.strip_prefix(DOLLAR) {
+                    Some(t) => (t, true),
+                    None => (p.topic.as_str(), false),
+                };
+                let readable = !topic.is_empty()
+                    && (!renamed || self.dollar_subs.iter().any(|(_, f)| f.matches(topic)))
+                    && self.acl.may_read(topic);
+                let pass = || match renamed {
+                    false => Verdict::pass(),
+                    true => {
+                        Verdict { rewritten: Some(wire::publish_renamed(packet, header, topic)), ..Default::default() }
+                    }
+                };
                 let Some(id) = p.id else {
-                    return if readable { Verdict::pass() } else { Verdict { filtered: true, ..Default::default() } };
+                    return if readable { pass() } else { Verdict { filtered: true, ..Default::default() } };
                 };
                 if readable {
                     self.acks.expect(id, None);
-                    return Verdict::pass();
+                    return pass();
                 }
                 if p.qos == 2 {
                     self.dropped_qos2.insert(id);
@@ -900,12 +960,58 @@ pub mod wire {
         (!filters.is_empty()).then_some(Subscribe { id, filters_at, filters })
     }
 
-    /// The same SUBSCRIBE with only the filters numbered in `keep`.
+    /// The same SUBSCRIBE with only the filters numbered in `keep`, `$`
+    /// filters under their internal name.
     pub fn subscribe_with(p: &[u8], header: usize, s: &Subscribe, keep: &[usize]) -> Vec<u8> {
         let mut body = p[header..s.filters_at].to_vec();
         for i in keep {
-            body.extend_from_slice(&p[s.filters[*i].1.clone()]);
+            let (f, range) = &s.filters[*i];
+            let name = super::internal_topic(f);
+            body.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            body.extend_from_slice(name.as_bytes());
+            body.push(p[range.end - 1]);
         }
+        packet(p[0], &body)
+    }
+
+    /// The filters of an UNSUBSCRIBE.
+    pub fn unsubscribe(p: &[u8], header: usize, v5: bool) -> Option<Vec<String>> {
+        let mut at = header + 2;
+        if v5 {
+            let len = varint(p, &mut at)?;
+            at += len;
+        }
+        let mut out = Vec::new();
+        while at < p.len() {
+            let n = u16_at(p, at)? as usize;
+            out.push(std::str::from_utf8(p.get(at + 2..at + 2 + n)?).ok()?.to_string());
+            at += 2 + n;
+        }
+        Some(out)
+    }
+
+    /// The same UNSUBSCRIBE, `$` filters under their internal name.
+    pub fn unsubscribe_renamed(p: &[u8], header: usize, v5: bool) -> Option<Vec<u8>> {
+        let mut at = header + 2;
+        if v5 {
+            let len = varint(p, &mut at)?;
+            at += len;
+        }
+        let mut body = p.get(header..at)?.to_vec();
+        for f in unsubscribe(p, header, v5)? {
+            let name = super::internal_topic(&f);
+            body.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            body.extend_from_slice(name.as_bytes());
+        }
+        Some(packet(p[0], &body))
+    }
+
+    /// The same PUBLISH under another topic name.
+    pub fn publish_renamed(p: &[u8], header: usize, topic: &str) -> Vec<u8> {
+        let old = u16_at(p, header).unwrap_or(0) as usize;
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(p.get(header + 2 + old..).unwrap_or_default());
         packet(p[0], &body)
     }
 
@@ -1269,6 +1375,34 @@ mod tests {
         assert_eq!(v.rewritten, Some(vec![0x70, 2, 0, 5, 0x70, 2, 0, 6]));
         // An ack nothing waits for (an old session's) goes through as it is.
         assert!(g.from_client(&[0x40, 2, 0, 9], 2).0.forward);
+    }
+
+    #[test]
+    fn dollar_topics_reach_only_dollar_filters_under_their_own_name() {
+        let store = Arc::new(Store::new(acl(vec![])));
+        let mut g = Gate::new(ClientAcl::new(store, None, "c".into()), false);
+        let status = format!("{DOLLAR}$SYS/edge-gateway/status");
+        // Only `#`: rumqttd would send the status (it matches `#` inside), the gate drops it.
+        assert!(g.from_client(&subscribe_packet(1, &["#"], false), 2).0.forward);
+        let v = g.from_broker(&publish_packet(&status, 0, 0, None), 2);
+        assert!(v.filtered && !v.forward);
+        // `$SYS/#` goes to rumqttd under its internal name, and the status comes back as `$SYS/…`.
+        let (v, _) = g.from_client(&subscribe_packet(2, &["$SYS/#", "a"], false), 2);
+        assert_eq!(v.rewritten, Some(subscribe_packet(2, &[&format!("{DOLLAR}$SYS/#"), "a"], false)));
+        let v = g.from_broker(&publish_packet(&status, 1, 7, None), 2);
+        assert_eq!(v.rewritten, Some(publish_packet("$SYS/edge-gateway/status", 1, 7, None)));
+        // Unsubscribed: dropped again.
+        let unsub = [0xA2, 10, 0, 3, 0, 6, b'$', b'S', b'Y', b'S', b'/', b'#'];
+        let (v, _) = g.from_client(&unsub, 2);
+        let mut renamed = vec![0xA2, 11, 0, 3, 0, 7, 0x7f];
+        renamed.extend_from_slice(b"$SYS/#");
+        assert_eq!(v.rewritten, Some(renamed));
+        assert!(g.from_broker(&publish_packet(&status, 0, 0, None), 2).filtered);
+        // Clients publish no `$` topics, nor the internal prefix.
+        assert!(!g.from_client(&publish_packet("$SYS/x", 0, 0, None), 2).0.forward);
+        assert!(!g.from_client(&publish_packet(&status, 0, 0, None), 2).0.forward);
+        let (v, _) = g.from_client(&subscribe_packet(3, &[&format!("{DOLLAR}$SYS/#")], false), 2);
+        assert_eq!(v.reply, Some(wire::suback(3, false, &[0x80])));
     }
 
     #[test]

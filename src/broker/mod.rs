@@ -632,7 +632,7 @@ fn run_publisher(
                 r = rx.recv() => match r {
                     Some(r) => {
                         if let Some(p) = &republish {
-                            let topic = p.topic(&r.device, &r.sensor);
+                            let topic = acl::internal_topic(&p.topic(&r.device, &r.sensor)).into_owned();
                             let mut payload = crate::wire::encode_reading_jsonl(&r);
                             payload.pop(); // the '\n'
                             if link.send(Packet::Publish(Publish::new(topic.into_bytes(), payload, true), None)).await.is_err() {
@@ -646,7 +646,8 @@ fn run_publisher(
                 },
                 _ = tick.tick(), if !status_topic.is_empty() => {
                     let payload = status_json(&status, &metrics);
-                    let _ = link.send(Packet::Publish(Publish::new(status_topic.clone().into_bytes(), payload, true), None)).await;
+                    let topic = acl::internal_topic(&status_topic).into_owned();
+                    let _ = link.send(Packet::Publish(Publish::new(topic.into_bytes(), payload, true), None)).await;
                 }
             }
         }
