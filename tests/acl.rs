@@ -497,3 +497,29 @@ fn denied_publish_disconnect_is_configurable_and_check_config_names_bad_rules() 
     assert_ne!(code, 0);
     assert!(err.contains(&format!("gateway.toml:{line}:1: key `broker.acl.3.topic`")), "{err}");
 }
+
+#[test]
+fn the_status_is_a_dollar_topic_that_wildcards_do_not_match() {
+    need("mosquitto_sub", "mosquitto-clients");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // No ACL at all: only MQTT's `$` rule keeps the status away from `#`.
+    let cfg = write_cfg(dir.path(), port, &["u"], "status_interval = \"200ms\"", "", "");
+    let gw = start(&cfg);
+    let sub = |filter: &str, extra: &[&str]| {
+        let out = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-v", "-W", "2"])
+            .args(login("u"))
+            .args(extra)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for v in ["mqttv311", "mqttv5"] {
+        let status = sub("$SYS/#", &["-C", "1", "-V", v]);
+        assert!(status.starts_with("$SYS/edge-gateway/status {\"delivered\""), "{v}: {status:?}");
+        assert!(!sub("#", &["-V", v]).contains("status"), "{v}: `#` must not match a $ topic");
+        assert!(!sub("+/+/+", &["-V", v]).contains("status"), "{v}");
+    }
+    gw.terminate();
+}
