@@ -599,6 +599,11 @@ pub struct Gate {
     /// The client's granted `$` filters: what rumqttd sends on `$` topics
     /// reaches the client only through one of these (not through `#`).
     dollar_subs: Vec<(String, Filter)>,
+    /// rumqttd's topic aliases towards the client, and those the client knows.
+    out_aliases: std::collections::HashMap<u16, String>,
+    told_aliases: std::collections::HashMap<u16, String>,
+    /// The client's Maximum Packet Size (MQTT 5 CONNECT), which rumqttd ignores.
+    pub max_packet: Option<u32>,
 }
 
 /// Acks owed to rumqttd, in the order it expects them.
@@ -647,6 +652,9 @@ impl Gate {
             acks: Default::default(),
             comps: Default::default(),
             dollar_subs: Vec::new(),
+            out_aliases: Default::default(),
+            told_aliases: Default::default(),
+            max_packet: None,
         }
     }
 
@@ -773,16 +781,33 @@ impl Gate {
         match packet[0] >> 4 {
             3 => {
                 let Some(p) = wire::publish(packet, header, self.v5) else { return Verdict::pass() };
-                // rumqttd uses no topic aliases towards clients: the front
-                // door takes Topic Alias Maximum out of their CONNECT.
-                // A `$` topic: only through a `$` filter, under its own name.
-                let (topic, renamed) = match p.topic.strip_prefix(DOLLAR) {
-                    Some(t) => (t, true),
-                    None => (p.topic.as_str(), false),
+                // rumqttd's topic aliases towards the client: resolved here,
+                // and a name the client was never told (its first use was
+                // filtered out) is written out in full.
+                let full = match (p.topic.is_empty(), p.alias) {
+                    (false, Some(a)) => {
+                        self.out_aliases.insert(a, p.topic.clone());
+                        p.topic.clone()
+                    }
+                    (true, Some(a)) => self.out_aliases.get(&a).cloned().unwrap_or_default(),
+                    _ => p.topic.clone(),
                 };
-                let readable = !topic.is_empty()
-                    && (!renamed || self.dollar_subs.iter().any(|(_, f)| f.matches(topic)))
+                // A `$` topic: only through a `$` filter, under its own name.
+                let (topic, dollar) = match full.strip_prefix(DOLLAR) {
+                    Some(t) => (t, true),
+                    None => (full.as_str(), false),
+                };
+                // The client's Maximum Packet Size: what is bigger is not sent (MQTT 5 §3.1.2.11.4).
+                let fits = self.max_packet.is_none_or(|m| packet.len() <= m as usize);
+                let readable = fits
+                    && !topic.is_empty()
+                    && (!dollar || self.dollar_subs.iter().any(|(_, f)| f.matches(topic)))
                     && self.acl.may_read(topic);
+                let told = p.alias.is_none_or(|a| self.told_aliases.get(&a).is_some_and(|t| t == topic));
+                let renamed = dollar || (p.topic.is_empty() && !told);
+                if readable && let Some(a) = p.alias {
+                    self.told_aliases.insert(a, topic.to_string());
+                }
                 let pass = || match renamed {
                     false => Verdict::pass(),
                     true => {
@@ -1403,6 +1428,22 @@ mod tests {
         assert!(!g.from_client(&publish_packet(&status, 0, 0, None), 2).0.forward);
         let (v, _) = g.from_client(&subscribe_packet(3, &[&format!("{DOLLAR}$SYS/#")], false), 2);
         assert_eq!(v.reply, Some(wire::suback(3, false, &[0x80])));
+    }
+
+    #[test]
+    fn gate_resolves_rumqttds_aliases_and_keeps_the_clients_maximum_packet_size() {
+        let mut g = gate(true);
+        // Alias 3 first names a topic the client may not read: filtered.
+        let v = g.from_broker(&publish_packet("onlyRead/a", 0, 0, Some(&[0x23, 0, 3])), 2);
+        assert!(v.filtered);
+        let v = g.from_broker(&publish_packet("", 0, 0, Some(&[0x23, 0, 3])), 2);
+        assert!(v.filtered, "the alias alone does not get it through");
+        let v = g.from_broker(&publish_packet("open/b", 0, 0, Some(&[0x23, 0, 4])), 2);
+        assert!(v.forward);
+        assert!(g.from_broker(&publish_packet("", 0, 0, Some(&[0x23, 0, 4])), 2).forward);
+        g.max_packet = Some(20);
+        let v = g.from_broker(&publish_packet("open/too-big-for-the-client", 0, 0, Some(&[])), 2);
+        assert!(v.filtered && !v.forward);
     }
 
     #[test]

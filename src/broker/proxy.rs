@@ -189,11 +189,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
             return refused(&shared, name, peer, &format!("the ACL denies publishing the will to {topic:?}"));
         }
     }
-    // The gate reads topics of what rumqttd sends: no topic aliases, please.
-    let mut props = props;
-    if let Some(p) = props.as_mut() {
-        p.topic_alias_max = None;
-    }
+    let max_packet = props.as_ref().and_then(|p| p.max_packet_size);
     let Ok(slot) = shared.connections.clone().try_acquire_owned() else {
         let code = if v5 { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
         let _ = write_connack(&mut client, v5, code).await;
@@ -264,7 +260,9 @@ async fn handle(sock: TcpStream, peer: SocketAddr, kind: Kind, shared: Arc<Share
         );
     }
     let who = Who { listener: name, peer, client_id: client_id.clone(), user: user.unwrap_or_default() };
-    let gate = std::sync::Mutex::new(Gate::new(client_acl, v5));
+    let mut gate = Gate::new(client_acl, v5);
+    gate.max_packet = max_packet;
+    let gate = std::sync::Mutex::new(gate);
     let why = relay(&mut client, &mut up, buf, &gate, &who, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
     Metrics::sub(&shared.metrics.broker_connections, 1);
     match why {
