@@ -14,7 +14,10 @@
 //!   (VmHWM) after the load.
 //!
 //! A third row runs the gateway with `broker.ack = "durable"` (a tenth of
-//! the readings, one run): PUBACKs then wait for the queue's fsync.
+//! the readings, one run): PUBACKs then wait for the queue's fsync. Two more
+//! rows run both brokers with 20 ACL rules (`[[broker.acl]]`, and the
+//! equivalent Mosquitto `acl_file`), the rule that admits the bench's
+//! topics last, interleaved run by run with the rows without.
 //!
 //! Publishers are raw MQTT 3.1.1 clients (QoS 1, a window of 64 in flight,
 //! ~100-byte payloads), the same code against both brokers. Under `cargo
@@ -166,7 +169,42 @@ impl Drop for Server {
     }
 }
 
-fn gateway(dir: &Path, ack: &str) -> Server {
+/// 20 ACL rules where the one that lets the bench's publishes through comes
+/// last, so each PUBLISH is checked against all of them: 19 deny rules on
+/// other topics (some for other users and client ids), then allow `sensors/+/+`.
+/// As `[[broker.acl]]` tables and as the equivalent Mosquitto `acl_file`.
+const ACL_RULES: usize = 20;
+
+fn acl_toml() -> String {
+    let mut s = String::new();
+    for i in 0..ACL_RULES - 1 {
+        let who = match i % 3 {
+            0 => String::new(),
+            1 => format!("user = \"nurse-{i}\"\n"),
+            _ => format!("client_id = \"tablet-{i}-*\"\n"),
+        };
+        s += &format!(
+            "[[broker.acl]]\n{who}topic = \"ward-{i}/+/private/#\"\naccess = \"readwrite\"\npermission = \"deny\"\n"
+        );
+    }
+    s + "[[broker.acl]]\ntopic = \"sensors/+/+\"\naccess = \"readwrite\"\npermission = \"allow\"\n"
+}
+
+fn acl_file() -> String {
+    // Anonymous clients get the lines before the first `user` line; the
+    // per-user lines follow, as Mosquitto's format wants.
+    let mut anon = String::new();
+    let mut users = String::new();
+    for i in 0..ACL_RULES - 1 {
+        match i % 3 {
+            1 => users += &format!("user nurse-{i}\ntopic deny ward-{i}/+/private/#\n"),
+            _ => anon += &format!("topic deny ward-{i}/+/private/#\n"),
+        }
+    }
+    format!("{anon}topic readwrite sensors/+/+\n{users}")
+}
+
+fn gateway(dir: &Path, ack: &str, acl: bool) -> Server {
     let port = free_port();
     let _ = std::fs::remove_dir_all(dir.join("data"));
     let cfg = dir.join("gw.toml");
@@ -174,8 +212,9 @@ fn gateway(dir: &Path, ack: &str) -> Server {
         &cfg,
         format!(
             "[gateway]\nid = \"bench\"\ndata_dir = {:?}\n[store]\nmax_bytes = \"2GiB\"\n[broker]\nenabled = true\n\
-             tcp = \"127.0.0.1:{port}\"\nallow_anonymous = true\nmax_connections = 512\nack = \"{ack}\"\n",
-            dir.join("data").display().to_string()
+             tcp = \"127.0.0.1:{port}\"\nallow_anonymous = true\nmax_connections = 512\nack = \"{ack}\"\n{}",
+            dir.join("data").display().to_string(),
+            if acl { acl_toml() } else { String::new() },
         ),
     )
     .unwrap();
@@ -191,10 +230,15 @@ fn gateway(dir: &Path, ack: &str) -> Server {
     Server { child, port, config: Some(cfg) }
 }
 
-fn mosquitto(dir: &Path) -> Option<Server> {
+fn mosquitto(dir: &Path, acl: bool) -> Option<Server> {
     let port = free_port();
     let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+    let mut text = format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n");
+    if acl {
+        std::fs::write(dir.join("acl_file"), acl_file()).unwrap();
+        text += &format!("acl_file {}\n", dir.join("acl_file").display());
+    }
+    std::fs::write(&conf, text).unwrap();
     let child =
         Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
     wait_port(port);
@@ -291,19 +335,28 @@ fn main() {
         "{publishers} publishers x {per} readings, QoS 1, ~100 B payloads, window {WINDOW}; median of {runs} runs\n"
     );
     let mut gw_runs = Vec::new();
+    let mut gw_acl_runs = Vec::new();
     let mut mq_runs = Vec::new();
+    let mut mq_acl_runs = Vec::new();
+    // Interleaved, so each pair shares the machine's state of the moment.
     for _ in 0..runs {
-        let gw = gateway(dir.path(), "received");
+        let gw = gateway(dir.path(), "received", false);
         gw_runs.push(load(&gw, publishers, per));
         drop(gw);
-        if have_mosquitto && let Some(mq) = mosquitto(dir.path()) {
+        let gw = gateway(dir.path(), "received", true);
+        gw_acl_runs.push(load(&gw, publishers, per));
+        drop(gw);
+        if have_mosquitto && let Some(mq) = mosquitto(dir.path(), false) {
             mq_runs.push(load(&mq, publishers, per));
+        }
+        if have_mosquitto && let Some(mq) = mosquitto(dir.path(), true) {
+            mq_acl_runs.push(load(&mq, publishers, per));
         }
     }
     // broker.ack = "durable": acks wait for the queue's fsync, so far fewer readings in one run.
-    let durable_runs = vec![load(&gateway(dir.path(), "durable"), publishers, (per / 10).max(50))];
-    let gw_idle = idle_rss(&gateway(dir.path(), "received"), 100);
-    let mq_idle = if have_mosquitto { mosquitto(dir.path()).map(|m| idle_rss(&m, 100)) } else { None };
+    let durable_runs = vec![load(&gateway(dir.path(), "durable", false), publishers, (per / 10).max(50))];
+    let gw_idle = idle_rss(&gateway(dir.path(), "received", false), 100);
+    let mq_idle = if have_mosquitto { mosquitto(dir.path(), false).map(|m| idle_rss(&m, 100)) } else { None };
 
     let row = |name: &str, r: &[Run], idle: Option<u64>| {
         if r.is_empty() {
@@ -325,8 +378,15 @@ fn main() {
         "broker", "readings/s", "p99 PUBACK ms", "p99 queued ms", "RSS 100 idle MiB", "peak RSS MiB"
     );
     row("edge-gateway (rumqttd)", &gw_runs, Some(gw_idle));
+    row(&format!("  with {ACL_RULES} ACL rules"), &gw_acl_runs, None);
     row("  with ack = durable", &durable_runs, None);
     row("mosquitto", &mq_runs, mq_idle);
+    row(&format!("  with {ACL_RULES}-line acl_file"), &mq_acl_runs, None);
+    let rate = |r: &[Run]| median(r.iter().map(|x| x.rate).collect());
+    println!("\nedge-gateway with/without ACL readings/s: {:.3}x", rate(&gw_acl_runs) / rate(&gw_runs));
+    if !mq_runs.is_empty() && !mq_acl_runs.is_empty() {
+        println!("mosquitto with/without acl_file readings/s: {:.3}x", rate(&mq_acl_runs) / rate(&mq_runs));
+    }
     if let (Some(g), false) = (gw_runs.first(), mq_runs.is_empty()) {
         let _ = g;
         let ratio = median(gw_runs.iter().map(|x| x.rate).collect()) / median(mq_runs.iter().map(|x| x.rate).collect());

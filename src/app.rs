@@ -27,12 +27,14 @@
 //! A reload (SIGHUP) re-reads the file. An invalid file is refused with its
 //! `PATH:LINE:COL` and the running config stays. Otherwise serial ports and
 //! BLE devices that were added, removed or changed are started/stopped, a
-//! changed `[upstream]` reconnects, and sections that need a restart
-//! (`[gateway]`, `[pipeline]`, `[store]`, `[broker]`, `[metrics]`, `[log]`)
-//! are logged as such and keep their running values. The queue is never
+//! changed `[upstream]` reconnects, the broker's ACL (`[[broker.acl]]`,
+//! `denied_publish`, the users' `publish` prefixes) is replaced at once, and
+//! sections that need a restart (`[gateway]`, `[pipeline]`, `[store]`, the
+//! rest of `[broker]`, `[metrics]`, `[log]`) are logged as such and keep
+//! their running values. The queue is never
 //! touched by a reload.
 
-use crate::broker::{Broker, StatusSource};
+use crate::broker::{Broker, StatusSource, acl};
 use crate::config::{Config, SerialConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
@@ -96,6 +98,8 @@ struct Sources {
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     queue: Arc<Mutex<Queue>>,
+    /// The running broker's ACL, which a reload replaces at once.
+    broker_acl: Option<Arc<crate::broker::acl::Store>>,
 }
 
 /// Run the gateway until SIGTERM or SIGINT; SIGHUP reloads `config_path`.
@@ -159,6 +163,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         tx: tx.clone(),
         metrics: metrics.clone(),
         queue: queue.clone(),
+        broker_acl: broker.as_ref().map(|b| b.acl.clone()),
     };
     for port in &cfg.serial {
         sources.start_serial(port.clone());
@@ -370,7 +375,7 @@ impl Sources {
             ("[gateway]", old.gateway != new.gateway),
             ("[pipeline]", old.pipeline != new.pipeline),
             ("[store]", old.store != new.store),
-            ("[broker]", old.broker != new.broker),
+            ("[broker]", acl::without_acl(&old.broker) != acl::without_acl(&new.broker)),
             ("[metrics]", old.metrics != new.metrics),
             ("[log]", old.log != new.log),
         ]
@@ -384,6 +389,17 @@ impl Sources {
             );
         }
         let mut changes = Vec::new();
+        // The broker's ACL: in force for every connection's next packet.
+        if let Some(store) = &self.broker_acl
+            && store.replace(acl::Acl::from_config(&new.broker))
+        {
+            changes.push(format!("broker ACL replaced ({} rule(s))", store.get().len()));
+        }
+        self.cfg.broker.acl = new.broker.acl.clone();
+        self.cfg.broker.denied_publish = new.broker.denied_publish;
+        for u in &mut self.cfg.broker.users {
+            u.publish = new.broker.users.iter().find(|n| n.name == u.name).and_then(|n| n.publish.clone());
+        }
         // Serial ports: by name; a changed entry is stopped and started again.
         let wanted: BTreeMap<String, SerialConfig> = new.serial.iter().map(|p| (p.name.clone(), p.clone())).collect();
         let gone: Vec<String> = self

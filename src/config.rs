@@ -509,6 +509,7 @@ pub struct BrokerConfig {
     /// Topic every accepted reading is republished to (retained); empty disables it.
     pub republish: String,
     /// Retained gateway status topic, refreshed every `status_interval`; empty disables it.
+    /// A `$` topic (the default) is not matched by `#` or `+/…` subscriptions (MQTT §4.7.2).
     pub status_topic: String,
     #[serde(deserialize_with = "de_duration")]
     pub status_interval: Duration,
@@ -527,6 +528,54 @@ pub struct BrokerConfig {
     /// Browser origins allowed to open the WebSocket listener (`Origin` header,
     /// e.g. `"https://dashboard.example"`); empty: any. Non-browser clients send none and are let in.
     pub websocket_origins: Vec<String>,
+    /// Access control rules, first match wins (see [`crate::broker::acl`]);
+    /// with any rule here, what no rule allows is denied. Re-read on SIGHUP.
+    pub acl: Vec<AclRule>,
+    /// What a PUBLISH the ACL denies costs the client. Re-read on SIGHUP.
+    pub denied_publish: DeniedPublish,
+}
+
+/// `[[broker.acl]]`: one access rule.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// The user name it is for (`*` matches any run of characters); absent: every client, anonymous too.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The client id it is for (`*` as in `user`); absent: any.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// An MQTT topic filter; `%u` and `%c` stand for the client's user name and client id.
+    pub topic: String,
+    pub access: AclAccess,
+    pub permission: AclPermission,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AclAccess {
+    Publish,
+    Subscribe,
+    Readwrite,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AclPermission {
+    Allow,
+    Deny,
+}
+
+/// `broker.denied_publish`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeniedPublish {
+    /// Drop the message (counted, logged): MQTT 5 clients get PUBACK/PUBREC
+    /// 0x87 "not authorized", MQTT 3.1.1 clients a plain ack (as Mosquitto).
+    #[default]
+    Drop,
+    /// Close the connection (MQTT 3.1.1 §3.3.5 allows it).
+    Disconnect,
 }
 
 /// `broker.ack`: when LAN devices get their PUBACK (QoS 1) or PUBCOMP (QoS 2).
@@ -556,7 +605,7 @@ impl Default for BrokerConfig {
             password_file: None,
             ingest: "sensors/{device}/{sensor}".into(),
             republish: "readings/{device}/{sensor}".into(),
-            status_topic: "gateway/status".into(),
+            status_topic: "$SYS/edge-gateway/status".into(),
             status_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             ack: BrokerAck::Received,
@@ -564,6 +613,8 @@ impl Default for BrokerConfig {
             max_connections_per_user: None,
             max_devices_per_user: 1024,
             websocket_origins: Vec::new(),
+            acl: Vec::new(),
+            denied_publish: DeniedPublish::Drop,
         }
     }
 }
@@ -850,6 +901,19 @@ impl BrokerConfig {
                 return bad(&format!("users.{i}.password_hash"), e);
             }
         }
+        for (i, r) in self.acl.iter().enumerate() {
+            if let Err(e) = crate::broker::acl::check_filter(&r.topic) {
+                return bad(&format!("acl.{i}.topic"), format!("{e} (an MQTT topic filter, e.g. \"ward-3/#\")"));
+            }
+            for (k, v) in [("user", &r.user), ("client_id", &r.client_id)] {
+                if v.as_deref().is_some_and(str::is_empty) {
+                    return bad(
+                        &format!("acl.{i}.{k}"),
+                        "must not be empty (leave it out to match every client)".into(),
+                    );
+                }
+            }
+        }
         if self.enabled {
             if self.tcp.is_none() && self.tls.is_none() && self.websocket.is_none() {
                 return bad("enabled", "the broker needs at least one of tcp, tls, websocket".into());
@@ -1044,6 +1108,36 @@ fsync_interval = "100ms"
         assert!(e.contains("key `broker.tls`") && e.contains("tls_cert"), "{e}");
         let e = err(&base.replace("tcp = ", "tpc = "));
         assert!(e.contains("tpc"), "unknown keys are errors: {e}");
+    }
+
+    #[test]
+    fn acl_rules_parse_and_errors_name_the_key() {
+        let base = format!("{GOOD}\n[broker]\nenabled = true\ntcp = \"127.0.0.1:1883\"\nallow_anonymous = true\n");
+        let rule = |body: &str| {
+            format!(
+                "{base}\n[[broker.acl]]\ntopic = \"a/#\"\naccess = \"subscribe\"\npermission = \"allow\"\n\n[[broker.acl]]\n{body}\n"
+            )
+        };
+        let c = Config::parse(
+            &rule("user = \"nurse-*\"\ntopic = \"ward/%u/#\"\naccess = \"readwrite\"\npermission = \"deny\""),
+            "gw.toml",
+        )
+        .unwrap();
+        assert_eq!(c.broker.acl.len(), 2);
+        assert_eq!((c.broker.acl[1].access, c.broker.acl[1].permission), (AclAccess::Readwrite, AclPermission::Deny));
+        assert_eq!(c.broker.denied_publish, DeniedPublish::Drop);
+        let e = err(&rule("topic = \"a/#/b\"\naccess = \"publish\"\npermission = \"deny\""));
+        assert!(e.contains(":39:1: key `broker.acl.1.topic`") && e.contains("'#' must be"), "{e}");
+        let e = err(&rule("topic = \"a\"\naccess = \"write\"\npermission = \"deny\""));
+        assert!(e.contains("key `broker.acl.1.access`") && e.contains("unknown variant"), "{e}");
+        let e = err(&rule("topic = \"a\"\naccess = \"publish\"\npermission = \"maybe\""));
+        assert!(e.starts_with("gw.toml:41:14: key `broker.acl.1.permission`"), "{e}");
+        let e = err(&rule("client_id = \"\"\ntopic = \"a\"\naccess = \"publish\"\npermission = \"deny\""));
+        assert!(e.contains("key `broker.acl.1.client_id`"), "{e}");
+        let e = err(&rule("topic = \"a\"\naccess = \"publish\""));
+        assert!(e.contains("permission"), "{e}");
+        let e = err(&format!("{base}denied_publish = \"kick\"\n"));
+        assert!(e.contains("key `broker.denied_publish`"), "{e}");
     }
 
     const BLE: &str = r#"

@@ -48,8 +48,8 @@
 //!   we bind the public ports ourselves, first, and fail with the port named.
 //! * No connection limit before CONNECT, no CONNACK code on a failed login,
 //!   no ACLs: the proxy counts connections (globally, per address and per
-//!   user), answers CONNACK 3/4/5, and checks each PUBLISH's topic (and the
-//!   will's) against the user's allowed prefixes.
+//!   user), answers CONNACK 3/4/5, and applies the ACL ([`acl`]) to
+//!   PUBLISH, SUBSCRIBE, the will, and every message on its way to a client.
 //! * A client id that connects again replaces the older connection, the
 //!   local link's included: ids are `user:id` (see [`internal_client_id`]).
 //! * MQTT 5 topic aliases (rumqttd advertises 4096) would carry PUBLISHes
@@ -58,6 +58,7 @@
 //! * No backpressure from a slow subscriber: rumqttd skips ahead for it and
 //!   loses what it had not read. [`Flow`] holds publishers back instead.
 
+pub mod acl;
 pub mod auth;
 pub mod limits;
 pub mod proxy;
@@ -338,6 +339,8 @@ pub struct Broker {
     pub local_addrs: Vec<(&'static str, SocketAddr)>,
     /// Becomes `Some(why)` if LAN ingest stopped on its own.
     failed: tokio::sync::watch::Receiver<Option<String>>,
+    /// The ACL in force; a reload replaces it (see [`acl::Store::replace`]).
+    pub acl: Arc<acl::Store>,
 }
 
 impl Broker {
@@ -389,6 +392,7 @@ impl Broker {
                     .map_err(|e| BrokerError::Internal(e.to_string()))??,
             )
         };
+        let acl = Arc::new(acl::Store::new(acl::Acl::from_config(b)));
         let ingest = TopicPattern::parse(&b.ingest).map_err(BrokerError::Internal)?;
         let republish = if b.republish.is_empty() {
             None
@@ -481,6 +485,7 @@ impl Broker {
 
         let shared = Arc::new(proxy::Shared {
             users,
+            acl: acl.clone(),
             internal,
             connections: Arc::new(tokio::sync::Semaphore::new(b.max_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new((4 * b.max_connections).max(256))),
@@ -514,11 +519,12 @@ impl Broker {
             listeners.spawn(proxy::serve(l, kind, shared.clone(), stop.subscribe()));
         }
         info!(
-            "broker: ingest {:?}, republish {:?}, status {:?}, {} user(s), anonymous {}",
+            "broker: ingest {:?}, republish {:?}, status {:?}, {} user(s), {} ACL rule(s), anonymous {}",
             b.ingest,
             b.republish,
             b.status_topic,
             shared.users.count(),
+            acl.get().len(),
             if b.allow_anonymous { "allowed" } else { "refused" }
         );
         Ok(Broker {
@@ -531,6 +537,7 @@ impl Broker {
             republish: Some(rp_tx),
             local_addrs,
             failed,
+            acl,
         })
     }
 
@@ -711,7 +718,7 @@ fn run_publisher(
                 r = rx.recv() => match r {
                     Some(r) => {
                         if let Some(p) = &republish {
-                            let topic = p.topic(&r.device, &r.sensor);
+                            let topic = acl::internal_topic(&p.topic(&r.device, &r.sensor)).into_owned();
                             let mut payload = crate::wire::encode_reading_jsonl(&r);
                             payload.pop(); // the '\n'
                             if link.send(Packet::Publish(Publish::new(topic.into_bytes(), payload, true), None)).await.is_err() {
@@ -725,7 +732,8 @@ fn run_publisher(
                 },
                 _ = tick.tick(), if !status_topic.is_empty() => {
                     let payload = status_json(&status, &metrics);
-                    let _ = link.send(Packet::Publish(Publish::new(status_topic.clone().into_bytes(), payload, true), None)).await;
+                    let topic = acl::internal_topic(&status_topic).into_owned();
+                    let _ = link.send(Packet::Publish(Publish::new(topic.into_bytes(), payload, true), None)).await;
                 }
             }
         }

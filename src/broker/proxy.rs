@@ -19,13 +19,17 @@
 //!   address, a first-byte deadline, password-check backoff per address,
 //!   connections per user;
 //! * forwards the connection to rumqttd's internal listener on loopback,
-//!   checking each PUBLISH on the way: bigger than `max_payload`, outside
-//!   the user's allowed prefixes, to the empty topic (MQTT 5 topic aliases:
-//!   we advertise none) or for more devices than the user may have closes
-//!   the connection (MQTT 3.1.1 has no negative PUBACK; closing is what
-//!   §3.3.5 allows).
+//!   checking each PUBLISH on the way: bigger than `max_payload`, to the
+//!   empty topic (MQTT 5 topic aliases: we advertise none) or for more
+//!   devices than the user may have closes the connection (MQTT 3.1.1 has
+//!   no negative PUBACK; closing is what §3.3.5 allows);
+//! * applies the ACL ([`super::acl`]) both ways through an [`acl::Gate`]:
+//!   denied PUBLISHes are dropped (or close the connection with
+//!   `denied_publish = "disconnect"`), denied SUBSCRIBE filters get SUBACK
+//!   0x80 / 0x87, and no PUBLISH reaches a client that may not read its topic.
 
-use super::auth::{self, Login, Users};
+use super::acl::{self, ClientAcl, Denial, Gate};
+use super::auth::{Login, Users};
 use super::limits::{DeviceLimit, Limits, Slot};
 use super::{Internal, internal_client_id};
 use crate::metrics::Metrics;
@@ -85,6 +89,8 @@ impl Kind {
 
 pub struct Shared {
     pub users: Arc<Users>,
+    /// The ACL in force (a reload swaps it).
+    pub acl: Arc<acl::Store>,
     pub internal: Arc<Internal>,
     /// Connected clients (after a successful CONNACK).
     pub connections: Arc<Semaphore>,
@@ -234,8 +240,8 @@ async fn handle(
         Login::BadCredentials => shared.limits.login_failed(peer.ip()),
         _ => {}
     }
-    let publish = match outcome {
-        Login::Ok { publish, .. } => publish,
+    let user = match outcome {
+        Login::Ok { user, .. } => user,
         Login::Busy => {
             Metrics::inc(&shared.metrics.broker_login_busy);
             let code = if v5 { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
@@ -256,13 +262,17 @@ async fn handle(
             return refused(&shared, name, peer, "no username and allow_anonymous = false");
         }
     };
-    // rumqttd publishes the will itself: it must obey the same prefixes.
-    if let Some(w) = &will
-        && !auth::may_publish(&publish, &String::from_utf8_lossy(&w.topic))
-    {
-        let _ = write_connack(&mut client, v5, ConnectReturnCode::NotAuthorized).await;
-        return refused(&shared, name, peer, "will topic outside the user's publish prefixes");
+    // rumqttd publishes the will itself: it must obey the publish ACL now.
+    let mut client_acl = ClientAcl::new(shared.acl.clone(), user.clone(), connect.client_id.clone());
+    if let Some(w) = &will {
+        let topic = String::from_utf8_lossy(&w.topic).into_owned();
+        if !client_acl.may_publish(&topic) {
+            shared.metrics.acl_denied(user.as_deref().unwrap_or(""), "publish");
+            let _ = write_connack(&mut client, v5, ConnectReturnCode::NotAuthorized).await;
+            return refused(&shared, name, peer, &format!("the ACL denies publishing the will to {topic:?}"));
+        }
     }
+    let max_packet = props.as_ref().and_then(|p| p.max_packet_size);
     let Ok(slot) = shared.connections.clone().try_acquire_owned() else {
         let code = if v5 { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
         let _ = write_connack(&mut client, v5, code).await;
@@ -336,13 +346,20 @@ async fn handle(
     }
     Metrics::inc(&shared.metrics.broker_connections);
     debug!("broker {name}: {peer} connected as {client_id:?}");
-    let why =
-        relay(&mut client, &mut up, buf, &publish, &origin, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
+    if client_acl.dangerous() {
+        warn!(
+            "broker {name}: {client_id:?} ({peer}): '+' or '#' in its user name or client id, which an ACL rule substitutes; it may neither publish nor subscribe"
+        );
+    }
+    let who = Who { listener: name, peer, client_id: client_id.clone(), user: user.unwrap_or_default() };
+    let mut gate = Gate::new(client_acl, v5);
+    gate.max_packet = max_packet;
+    let gate = std::sync::Mutex::new(gate);
+    let why = relay(&mut client, &mut up, buf, &gate, &who, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
     Metrics::sub(&shared.metrics.broker_connections, 1);
     match why {
         End::Closed => debug!("broker {name}: {client_id:?} ({peer}) disconnected"),
         End::Denied(topic) => {
-            Metrics::inc(&shared.metrics.broker_denied_publishes);
             warn!("broker {name}: {client_id:?} ({peer}) may not publish to {topic:?}; disconnected");
         }
         End::TooBig(n) => {
@@ -404,41 +421,105 @@ enum End {
     TooManyDevices(DeviceLimit),
 }
 
-/// Copy both ways until either side closes; client → broker packet by packet,
-/// and broker → client too when acks wait for durability.
+/// Who is on a relayed connection, for the log and the per-user metrics.
+struct Who {
+    listener: &'static str,
+    peer: SocketAddr,
+    client_id: String,
+    /// The login's user name; empty for anonymous clients.
+    user: String,
+}
+
+/// ACL refusals are logged once per client and reason every this often,
+/// with the count of those not logged in between.
+const DENIAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct DenialLog {
+    /// (last logged, not logged since), for publishes and for subscribes.
+    publish: (Option<std::time::Instant>, u64),
+    subscribe: (Option<std::time::Instant>, u64),
+}
+
+impl DenialLog {
+    fn denied(&mut self, d: &Denial, who: &Who, shared: &Shared) {
+        let (slot, action, what) = match d {
+            Denial::Publish(t) => (&mut self.publish, "publish", format!("may not publish to {t:?}; dropped")),
+            Denial::Subscribe(f) => (&mut self.subscribe, "subscribe", format!("may not subscribe to {f:?}; refused")),
+        };
+        shared.metrics.acl_denied(&who.user, action);
+        if action == "publish" {
+            Metrics::inc(&shared.metrics.broker_denied_publishes);
+        }
+        if slot.0.is_some_and(|t| t.elapsed() < DENIAL_LOG_EVERY) {
+            slot.1 += 1;
+            return;
+        }
+        let more = std::mem::take(&mut slot.1);
+        slot.0 = Some(std::time::Instant::now());
+        let more =
+            if more > 0 { format!(" ({more} more {action} denials since the last report)") } else { String::new() };
+        warn!("broker {}: {:?} ({}, user {:?}) {what}{more}", who.listener, who.client_id, who.peer, who.user);
+    }
+}
+
+/// Copy both ways until either side closes, packet by packet, through the
+/// ACL [`Gate`]; broker → client acks wait for durability when configured.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     client: &mut Box<dyn Io>,
     up: &mut TcpStream,
     mut buf: BytesMut,
-    publish: &Option<Arc<[String]>>,
-    origin: &str,
+    gate: &std::sync::Mutex<Gate>,
+    who: &Who,
     shared: &Shared,
     v5: bool,
     max_packet: usize,
 ) -> End {
-    let (mut up_r, mut up_w) = up.split();
-    let (mut cl_r, mut cl_w) = tokio::io::split(client);
+    let (mut up_r, up_w) = up.split();
+    let (mut cl_r, cl_w) = tokio::io::split(client);
+    // Both directions write to both sides (acks the gate answers itself):
+    // whole packets under a lock.
+    let (up_w, cl_w) = (tokio::sync::Mutex::new(up_w), tokio::sync::Mutex::new(cl_w));
+    let gate = || gate.lock().unwrap_or_else(|e| e.into_inner());
+    let denials = std::sync::Mutex::new(DenialLog::default());
     // Packet ids of readings whose final ack must wait: id → (ack packet type, device, seq, generation).
     // QoS 1: the PUBACK (4). QoS 2: the PUBCOMP (7), because rumqttd hands a
     // QoS 2 message on only at PUBREL, which the client sends after PUBREC:
     // holding the PUBREC would wait for ever.
     let held: std::sync::Mutex<std::collections::HashMap<u16, (u8, String, u64, u64)>> = Default::default();
     let down = async {
-        let Some(durable) = &shared.durable else {
-            let _ = tokio::io::copy(&mut up_r, &mut cl_w).await;
-            return End::Closed;
-        };
         let mut b = BytesMut::with_capacity(4096);
         loop {
             while let Frame::Len { total, header } = frame_len(&b) {
                 if b.len() < total {
                     break;
                 }
-                let p = b.split_to(total);
+                let mut p = b.split_to(total);
                 let kind = p[0] >> 4;
+                // Acks to rumqttd must leave in the order the gate queued them:
+                // hold the writer while asking it (PUBLISH and PUBREL may produce one).
+                let mut w = if kind == 3 || kind == 6 { Some(up_w.lock().await) } else { None };
+                let v = gate().from_broker(&p, header);
+                if v.filtered {
+                    Metrics::inc(&shared.metrics.broker_acl_filtered);
+                }
+                if let (Some(reply), Some(w)) = (v.reply, w.as_mut())
+                    && w.write_all(&reply).await.is_err()
+                {
+                    return End::Closed;
+                }
+                drop(w);
+                if let Some(r) = v.rewritten {
+                    p = BytesMut::from(&r[..]);
+                } else if !v.forward {
+                    continue;
+                }
                 // PUBACK (4) or PUBCOMP (7): wait until the reading is on disk.
-                if (kind == 4 || kind == 7) && total >= header + 2 {
+                if let Some(durable) = &shared.durable
+                    && (kind == 4 || kind == 7)
+                    && total >= header + 2
+                {
                     let id = u16::from_be_bytes([p[header], p[header + 1]]);
                     let waiting = {
                         let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
@@ -451,7 +532,7 @@ async fn relay(
                         durable.wait(&device, seq, generation).await;
                     }
                 }
-                if cl_w.write_all(&p).await.is_err() {
+                if cl_w.lock().await.write_all(&p).await.is_err() {
                     return End::Closed;
                 }
             }
@@ -477,38 +558,71 @@ async fn relay(
                             buf.reserve(total - buf.len());
                             break;
                         }
-                        let packet = buf.split_to(total);
-                        let Ok(parts) = publish_parts(&packet, header, v5) else { return End::Malformed };
-                        if let Some(p) = parts {
-                            let topic = p.topic;
-                            // Invalid in MQTT 3.1.1, a topic alias in 5 (none advertised).
-                            if topic.is_empty() {
-                                return End::EmptyTopic;
+                        let mut packet = buf.split_to(total);
+                        // Invalid in MQTT 3.1.1, a topic alias in 5 (none advertised).
+                        if packet[0] >> 4 == 3 && publish_topic(&packet[header..]).is_some_and(str::is_empty) {
+                            return End::EmptyTopic;
+                        }
+                        // Client acks go to rumqttd in the gate's order: hold the writer.
+                        let mut w = if matches!(packet[0] >> 4, 4 | 5 | 7) { Some(up_w.lock().await) } else { None };
+                        let (v, resolved) = gate().from_client(&packet, header);
+                        for d in &v.denied {
+                            if let Denial::Publish(topic) = d
+                                && gate().acl.current().disconnect_denied()
+                            {
+                                shared.metrics.acl_denied(&who.user, "publish");
+                                Metrics::inc(&shared.metrics.broker_denied_publishes);
+                                return End::Denied(topic.clone());
                             }
-                            if !topic.is_empty() && !auth::may_publish(publish, topic) {
-                                return End::Denied(topic.to_string());
+                            denials.lock().unwrap_or_else(|e| e.into_inner()).denied(d, who, shared);
+                        }
+                        if let Some(reply) = v.reply
+                            && cl_w.lock().await.write_all(&reply).await.is_err()
+                        {
+                            return End::Closed;
+                        }
+                        if let Some(r) = v.rewritten {
+                            packet = BytesMut::from(&r[..]);
+                        } else if !v.forward {
+                            continue;
+                        }
+                        if let Some(w) = w.as_mut() {
+                            if w.write_all(&packet).await.is_err() {
+                                return End::Closed;
                             }
-                            if let Some((device, sensor)) = shared.ingest.matches(topic) {
-                                if let Err(limit) = shared.limits.admit_reading(origin, device, sensor) {
-                                    return End::TooManyDevices(limit);
-                                }
-                                shared.flow.admit((topic.len() + p.payload.len()) as u64).await;
-                                if let Some(durable) = &shared.durable
-                                    && let Some(id) = p.id
+                            continue;
+                        }
+                        let parts = if packet[0] >> 4 == 3 {
+                            match publish_parts(&packet, header, v5) {
+                                Ok(p) => p,
+                                Err(_) => return End::Malformed,
+                            }
+                        } else {
+                            None
+                        };
+                        if let Some(p) = parts
+                            && let Some(topic) = resolved.as_deref()
+                            && let Some((device, sensor)) = shared.ingest.matches(topic)
+                        {
+                            if let Err(limit) = shared.limits.admit_reading(&who.user, device, sensor) {
+                                return End::TooManyDevices(limit);
+                            }
+                            shared.flow.admit((topic.len() + p.payload.len()) as u64).await;
+                            if let Some(durable) = &shared.durable
+                                && let Some(id) = p.id
+                            {
+                                // Only what the ingest will accept with a seq gets an ack from the pipeline.
+                                if let Ok((r, _)) = wire::parse_mqtt_payload(p.payload, device, sensor, 0)
+                                    && let Some(seq) = r.seq
                                 {
-                                    // Only what the ingest will accept with a seq gets an ack from the pipeline.
-                                    if let Ok((r, _)) = wire::parse_mqtt_payload(p.payload, device, sensor, 0)
-                                        && let Some(seq) = r.seq
-                                    {
-                                        let ack = if p.qos == 1 { 4 } else { 7 };
-                                        let who = super::Durable::key(&r.device, r.boot);
-                                        let g = durable.generation(&who);
-                                        held.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (ack, who, seq, g));
-                                    }
+                                    let ack = if p.qos == 1 { 4 } else { 7 };
+                                    let key = super::Durable::key(&r.device, r.boot);
+                                    let g = durable.generation(&key);
+                                    held.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (ack, key, seq, g));
                                 }
                             }
                         }
-                        if up_w.write_all(&packet).await.is_err() {
+                        if up_w.lock().await.write_all(&packet).await.is_err() {
                             return End::Closed;
                         }
                     }

@@ -82,11 +82,13 @@ pub struct Metrics {
     pub broker_connections: AtomicU64,
     /// Broker connections refused: handshake timeouts, bad CONNECTs, logins, limits.
     pub broker_refused: AtomicU64,
-    /// Clients disconnected for a PUBLISH they may not send (topic or size).
+    /// PUBLISHes refused: denied by the ACL (dropped or disconnected), or over max_payload.
     pub broker_denied_publishes: AtomicU64,
     /// Logins refused because too many password checks were waiting (or
     /// would not finish within `connect_timeout`).
     pub broker_login_busy: AtomicU64,
+    /// PUBLISHes not delivered to a LAN client that may not read their topic.
+    pub broker_acl_filtered: AtomicU64,
     /// Readings republished on the broker's `republish` topic.
     pub readings_republished: AtomicU64,
     /// Readings not republished because the broker's publisher was behind.
@@ -97,6 +99,8 @@ pub struct Metrics {
     per_port: Mutex<BTreeMap<String, PortCounters>>,
     per_topic: Mutex<BTreeMap<String, TopicCounters>>,
     per_device: Mutex<BTreeMap<(&'static str, String), DeviceCounters>>,
+    /// ACL denials per (user, "publish" | "subscribe"); user "" = anonymous.
+    acl_denied: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 /// Readings per device, as the pipeline saw them (after every source).
@@ -174,6 +178,21 @@ impl Metrics {
             c.readings += t.readings;
             c.duplicates += t.duplicates;
         }
+    }
+
+    /// The broker's ACL denied `user` (empty: anonymous) a publish or a subscribe.
+    pub fn acl_denied(&self, user: &str, action: &'static str) {
+        let mut map = self.acl_denied.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(&(user.to_string(), action)) {
+            Some(n) => *n += 1,
+            None => {
+                map.insert((user.to_string(), action), 1);
+            }
+        }
+    }
+
+    pub fn acl_denials(&self) -> BTreeMap<(String, &'static str), u64> {
+        self.acl_denied.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn devices(&self) -> BTreeMap<(&'static str, String), DeviceCounters> {

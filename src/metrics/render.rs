@@ -117,6 +117,11 @@ pub fn render(s: &Snapshot<'_>) -> String {
     o.sample("batches_resent_total", &[("reason", "session_lost")], g(&m.batches_resent_session_lost));
     o.sample("batches_resent_total", &[("reason", "refused")], g(&m.batches_refused));
 
+    o.family("broker_acl_denied_total", "counter", "LAN MQTT publishes and subscriptions the ACL denied, per user.");
+    for ((user, action), n) in &m.acl_denials() {
+        o.sample("broker_acl_denied_total", &[("user", user), ("action", action)], *n);
+    }
+
     // Unlabelled families: (name, type, help, value).
     // A Vec, not an array: its length is not written down (every branch
     // that adds a family used to conflict on it).
@@ -235,7 +240,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
         (
             "broker_denied_publishes_total",
             "counter",
-            "Clients disconnected for a forbidden publish.",
+            "LAN publishes refused (ACL or max_payload).",
             g(&m.broker_denied_publishes).to_string(),
         ),
         (
@@ -243,6 +248,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
             "counter",
             "LAN logins refused because the password checks were busy.",
             g(&m.broker_login_busy).to_string(),
+        ),
+        (
+            "broker_acl_filtered_total",
+            "counter",
+            "Messages not delivered to a LAN client that may not read them.",
+            g(&m.broker_acl_filtered).to_string(),
         ),
         (
             "readings_republished_total",
@@ -303,6 +314,22 @@ mod tests {
         assert!(text.contains("edge_gateway_device_duplicates_total{source=\"serial\",device=\"wrist-01\"} 1\n"));
         assert!(text.contains("edge_gateway_queue_oldest_age_seconds 2.5\n"));
         assert!(text.contains("edge_gateway_malformed_total{source=\"serial\",link=\"dock0\"} 2\n"));
+        m.acl_denied("", "publish");
+        m.acl_denied("nurse", "subscribe");
+        m.acl_denied("nurse", "subscribe");
+        let text = render(&Snapshot {
+            metrics: &m,
+            gateway: "gw",
+            queue: QueueStatus::default(),
+            queue_max_bytes: 1,
+            uptime_s: 1.0,
+            now_ms: 0,
+        });
+        assert!(
+            text.contains("edge_gateway_broker_acl_denied_total{user=\"nurse\",action=\"subscribe\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("edge_gateway_broker_acl_denied_total{user=\"\",action=\"publish\"} 1\n"), "{text}");
         // Every sample belongs to a family declared once.
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {
