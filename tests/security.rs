@@ -401,6 +401,15 @@ fn h2_a_password_flood_locks_nobody_out_and_backs_the_flooder_off() {
     let mut s = connect_from("127.0.0.3", port);
     s.write_all(&connect_packet(5, "guesser-v5", Some(("dev", "good-pass")))).unwrap();
     assert_eq!(connack_code(&mut s), Some(0x9F), "MQTT 5: connection rate exceeded");
+    // A valid login in between does not wipe an address's failures: else
+    // one account would reset the backoff between guesses at another.
+    let mut codes = Vec::new();
+    for password in ["guess-1", "guess-2", "good-pass", "guess-3", "guess-4"] {
+        let mut s = connect_from("127.0.0.7", port);
+        s.write_all(&connect_packet(4, "mixed", Some(("dev", password)))).unwrap();
+        codes.push(connack_code(&mut s));
+    }
+    assert_eq!(codes, [Some(4), Some(4), Some(0), Some(4), Some(3)], "the third failure starts the backoff");
     // A first-time login from elsewhere is checked (nothing left queued).
     assert!(publish_from(port, "127.0.0.2", &["-u", "late", "-P", "good-pass"], "h2-late", 1), "{}", gw.log_text());
     let log = gw.log_text();
