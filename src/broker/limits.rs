@@ -7,7 +7,9 @@
 //! * failed logins put the address into an exponential backoff, during
 //!   which its CONNECTs are refused without a password check (this also
 //!   covers the remembered-password fast path, which would otherwise let
-//!   guesses through at network speed);
+//!   guesses through at network speed). A successful login does not clear
+//!   the count (else one valid account would reset the backoff between
+//!   guesses at another): it goes after 10 minutes without a failure;
 //! * connected clients are capped per user (optional);
 //! * the device ids (and sensors per device) a LAN user may publish
 //!   readings for are capped, since every new device/sensor pair costs
@@ -150,11 +152,6 @@ impl Limits {
         }
     }
 
-    /// A login from `ip` succeeded: its failures are forgotten.
-    pub fn login_ok(&self, ip: IpAddr) {
-        lock(&self.failures).remove(&AddrKey::from(ip));
-    }
-
     /// May `origin` publish a reading for `(device, sensor)`? Remembers the
     /// pair when it may.
     pub fn admit_reading(&self, origin: &str, device: &str, sensor: &str) -> Result<(), DeviceLimit> {
@@ -247,8 +244,6 @@ mod tests {
         }
         assert!(l.backoff(a).is_some_and(|d| d > Duration::from_secs(30) && d <= MAX_BACKOFF));
         assert_eq!(l.backoff("10.0.0.2".parse().unwrap()), None);
-        l.login_ok(a);
-        assert_eq!(l.backoff(a), None);
     }
 
     #[test]

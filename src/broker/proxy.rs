@@ -235,10 +235,8 @@ async fn handle(
     }
     // The check must end within connect_timeout; the queue is bounded.
     let outcome = timeout_at(deadline, shared.users.login(creds)).await.unwrap_or(Login::Busy);
-    match &outcome {
-        Login::Ok { .. } if creds.is_some() => shared.limits.login_ok(peer.ip()),
-        Login::BadCredentials => shared.limits.login_failed(peer.ip()),
-        _ => {}
+    if outcome == Login::BadCredentials {
+        shared.limits.login_failed(peer.ip());
     }
     let user = match outcome {
         Login::Ok { user, .. } => user,
