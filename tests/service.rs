@@ -89,6 +89,12 @@ fn notify_ready_status_watchdog_and_stopping() {
     assert!(gw.log_text().contains("queue open"), "{}", gw.log_text());
     let m = fetch_metrics(mport);
     assert!(m.contains("edge_gateway_info{"), "{m}");
+    // STATUS= may be its own datagram, a moment after READY=1: read until it
+    // comes (it was read for only 50 ms, and failed under load).
+    let end = Instant::now() + Duration::from_secs(10);
+    while !notify.got.iter().any(|(_, m)| m.starts_with("STATUS=")) && Instant::now() < end {
+        notify.pump(Duration::from_millis(50));
+    }
     let status = notify.got.iter().find(|(_, m)| m.starts_with("STATUS=")).map(|(_, m)| m.clone());
     let status = status.unwrap_or_else(|| panic!("no STATUS= with READY; got {:?}", notify.got));
     assert!(status.contains("readings/s in") && status.contains("queue"), "{status}");
