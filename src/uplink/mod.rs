@@ -933,6 +933,9 @@ impl Uplink {
         inbuf.drain(..consumed);
         // Before the PUBREC fdatasync, so it carries these notes too.
         self.log.record_completed(&completed);
+        for id in &completed {
+            tracing::debug!(batch = id, "batch {id} completed upstream");
+        }
         if !pubrecs.is_empty() {
             self.log.record(&pubrecs).map_err(|e| self.log_failed("write", e))?;
             crate::crashpoint::hit("after-pubrec-sync");
