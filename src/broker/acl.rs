@@ -637,6 +637,12 @@ impl InOrder {
     }
 }
 
+/// rumqttd's TOPIC_ALIAS_MAX: it disconnects a client using a bigger alias.
+const MAX_ALIAS: u16 = 4096;
+/// What a client's alias set on a denied PUBLISH resolves to: a topic with
+/// the internal prefix, which no client may publish to.
+const DENIED_ALIAS: &str = "\u{7f}denied";
+
 /// MQTT 5 "not authorized".
 const NOT_AUTHORIZED: u8 = 0x87;
 
@@ -660,6 +666,11 @@ impl Gate {
 
     /// The topic of a client's PUBLISH, its MQTT 5 alias resolved.
     pub fn resolve(&mut self, p: &wire::Publish) -> Option<String> {
+        // Out of rumqttd's range: passed on, rumqttd ends the connection
+        // (and this map stays within 4096 entries).
+        if p.alias.is_some_and(|a| a == 0 || a > MAX_ALIAS) {
+            return None;
+        }
         match (p.topic.is_empty(), p.alias) {
             (false, Some(a)) => {
                 self.aliases.insert(a, p.topic.clone());
@@ -693,6 +704,10 @@ impl Gate {
                     }
                     _ => None,
                 };
+                // Remember a denied alias by a short marker (denied again), not its topic.
+                if let Some(a) = p.alias {
+                    self.aliases.insert(a, DENIED_ALIAS.to_string());
+                }
                 (Verdict { reply, denied: vec![Denial::Publish(topic)], ..Default::default() }, None)
             }
             // PUBREL for a QoS 2 PUBLISH we took in place of rumqttd.
@@ -1340,6 +1355,9 @@ mod tests {
         assert!(v.forward && topic.as_deref() == Some("ok/x"));
         let (v, topic) = g.from_client(&publish_packet("", 1, 4, Some(&[0x23, 0, 5])), 2);
         assert!(v.forward && topic.as_deref() == Some("ok/x"));
+        // Aliases past rumqttd's 4096 are not kept here: rumqttd disconnects for them.
+        let (v, _) = g.from_client(&publish_packet("noWrite/y", 1, 5, Some(&[0x23, 0x20, 0])), 2);
+        assert!(v.forward && g.aliases.len() == 1, "{v:?}");
     }
 
     #[test]
