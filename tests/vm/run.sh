@@ -71,7 +71,7 @@ done
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" >"$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 & pids+=($!)
 sleep 0.5
-mosquitto_sub -h 127.0.0.1 -p "$port" -q 2 -t '#' -F '%x' >"$work/received.hex" 2>"$work/sub.log" & subpid=$!; pids+=($subpid)
+mosquitto_sub -h 127.0.0.1 -p "$port" -q 2 -t '#' -F '%t %x' >"$work/received.hex" 2>"$work/sub.log" & subpid=$!; pids+=($subpid)
 "$bin" simulate --link "$work/dock" --device field-wrist --rate 5 >"$work/sim.log" 2>&1 & simpid=$!; pids+=($simpid)
 for _ in $(seq 50); do [ -e "$work/dock" ] && break; sleep 0.1; done
 
@@ -163,7 +163,10 @@ kill "$simpid" 2>/dev/null || true; wait "$simpid" 2>/dev/null || true
 sleep 2; kill "$subpid"; wait "$subpid" 2>/dev/null || true
 sent=$(sed -n 's/^unplugged: \([0-9]*\) readings sent, \([0-9]*\) pending.*/\1 \2/p' "$work/sim.log")
 : >"$work/delivered.jsonl"
-while read -r hex; do echo "$hex" | xxd -r -p | "$bin" decode >>"$work/delivered.jsonl"; done <"$work/received.hex"
+# Batches only: the gateway's status messages (online/offline) are not batches.
+while read -r topic hex; do
+    echo "$hex" | xxd -r -p | "$bin" decode >>"$work/delivered.jsonl" 2>/dev/null || echo "$topic" >>"$work/not-batches"
+done <"$work/received.hex"
 total=$(wc -l <"$work/delivered.jsonl")
 uniq=$(grep -o '"device":"[^"]*","sensor":"[^"]*","seq":[0-9]*' "$work/delivered.jsonl" | sort -u | wc -l)
 set -- $sent
