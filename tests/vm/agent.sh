@@ -90,8 +90,9 @@ if [ $boot = 2 ]; then
     say "INFO boot 2 queue log: $first"
     # The dock keeps sending, so the queue is never empty for long: drained =
     # its oldest reading is younger than the reboot.
-    age() { edge-gateway queue status --config $cfg 2>/dev/null | sed -n 's/.*"oldest_age_s":\([0-9]*\).*/\1/p'; }
-    wait_for 180 sh -c "[ \"\$(edge-gateway queue status --config $cfg | sed -n 's/.*\"oldest_age_s\":\([0-9]*\).*/\1/p')\" -lt 5 ]"
+    age() { local a; a=$(edge-gateway queue status --config $cfg 2>/dev/null | sed -n 's/.*"oldest_age_s":\([0-9]*\).*/\1/p'); echo "${a:-0}"; }
+    young() { [ "$(age)" -lt 5 ]; }
+    wait_for 180 young
     check queue-drained "queue before reboot $(cat $state/queued) readings; now $(queued), oldest $(age) s" test "$(age)" -lt 5
     sec=$(systemd-analyze security edge-gateway --no-pager 2>&1 | tail -1)
     say "INFO security: $sec"
