@@ -159,9 +159,14 @@ wait $qpid || echo "field proof: qemu exited with $?"
 TQ=$(date +%s)
 
 # 6. Exactly once: every reading the dock created reached the subscriber once.
-kill "$simpid" 2>/dev/null || true; wait "$simpid" 2>/dev/null || true
+# SIGTERM, then SIGKILL: a dock whose port nobody reads blocks in write(2).
+kill "$simpid" 2>/dev/null || true
+for _ in $(seq 50); do kill -0 "$simpid" 2>/dev/null || break; sleep 0.1; done
+kill -9 "$simpid" 2>/dev/null || true; wait "$simpid" 2>/dev/null || true
 sleep 2; kill "$subpid"; wait "$subpid" 2>/dev/null || true
 sent=$(sed -n 's/^unplugged: \([0-9]*\) readings sent, \([0-9]*\) pending.*/\1 \2/p' "$work/sim.log")
+# Killed: its last one-second report instead.
+[ -n "$sent" ] || sent=$(sed -n 's/^sent \([0-9]*\) .*pending \([0-9]*\)$/\1 \2/p' "$work/sim.log" | tail -1)
 : >"$work/delivered.jsonl"
 # Batches only: the gateway's status messages (online/offline) are not batches.
 while read -r topic hex; do
