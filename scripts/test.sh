@@ -8,10 +8,12 @@ cd "$(dirname "$0")/.."
 # (serial tests need only the kernel's PTYs), each installed only when its
 # tool is missing: "tool:package". (dbus: a private dbus-daemon carries the
 # fake BlueZ of the BLE tests; qemu, nbdkit, a static busybox, cpio,
-# mkfs.ext4 and strip build and run the power-cut rig's VM.)
+# mkfs.ext4 and strip build and run the power-cut rig's VM; mmdebstrap and
+# xxd the field proof's Debian VM, tests/vm/.)
 need_apt=()
 for pair in mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients openssl:openssl dbus-daemon:dbus \
-    qemu-system-x86_64:qemu-system-x86 nbdkit:nbdkit busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs strip:binutils; do
+    qemu-system-x86_64:qemu-system-x86 nbdkit:nbdkit busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs strip:binutils \
+    mmdebstrap:mmdebstrap xxd:xxd; do
     tool=${pair%%:*} pkg=${pair#*:}
     if ! command -v "$tool" >/dev/null && [[ " ${need_apt[*]} " != *" $pkg "* ]]; then
         need_apt+=("$pkg")
@@ -45,3 +47,7 @@ cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-2}"
 # The power-cut rig, short: the real binary in a VM, its power cut 20 times
 # at random moments (~3 min; README "Power-cut rig"). The long soak is run by hand.
 tests/powercut/run.sh --cycles "${POWERCUT_CYCLES:-20}"
+# The field proof: the .deb installed with apt on Debian 12 with systemd as
+# PID 1 in a VM, every check once (~2.5 min warm; a first run also builds the
+# rootfs with mmdebstrap, ~7.5 min; docs/field-proof.md).
+tests/vm/run.sh
