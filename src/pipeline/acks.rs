@@ -179,7 +179,15 @@ impl AckTracker {
     fn dev(&mut self, device: &str, boot: Option<u32>) -> &mut DeviceAck {
         // No allocation once the device is known: this runs per reading.
         let key = (device.to_string(), boot);
-        self.devices.entry(key).or_default()
+        self.devices.entry(key).or_insert_with(|| {
+            // Once per device incarnation and gateway run: the journal's
+            // DEVICE= field finds it (`journalctl DEVICE=wrist-01`).
+            match boot {
+                Some(b) => tracing::info!(device, boot = b, "device {device} (boot {b}) seen"),
+                None => tracing::info!(device, "device {device} seen"),
+            }
+            DeviceAck::default()
+        })
     }
 
     /// The device sent a reading through `port` (acks go back there).
@@ -210,6 +218,7 @@ impl AckTracker {
             let newer = ts > d.max_ts;
             // (A skipped seq that comes late is older than what came after it.)
             if newer && d.high().is_some_and(|h| seq <= h) {
+                tracing::info!(device, "device {device} restarted its counter (seq {seq} again, with a newer clock)");
                 d.restart();
                 restarted = true;
             }
@@ -245,6 +254,7 @@ impl AckTracker {
         if d.prev.is_some_and(|(_, t)| old_ts <= t) {
             return;
         }
+        tracing::info!(device, "device {device} restarted its counter (a seq reused with another timestamp)");
         d.restart();
         // Older than this reading is the old incarnation's; this one (and
         // anything newer) is the new one's.
@@ -302,7 +312,7 @@ impl AckTracker {
             }
         }
         d.dirty = true;
-        Self::advance(d, now_ms, timeout, false);
+        Self::advance(device, d, now_ms, timeout, false);
         self.newly_named |= !was_named && d.watermark.is_some();
     }
 
@@ -322,7 +332,7 @@ impl AckTracker {
         d.max_ts = d.max_ts.max(ts);
     }
 
-    fn advance(d: &mut DeviceAck, now_ms: u64, gap_timeout_ms: u64, allow_skip: bool) {
+    fn advance(device: &str, d: &mut DeviceAck, now_ms: u64, gap_timeout_ms: u64, allow_skip: bool) {
         loop {
             // Refused seqs the watermark has passed (counter restart, bound) say nothing any more.
             while let (Some(w), Some(&r)) = (d.watermark, d.refused.first()) {
@@ -360,6 +370,14 @@ impl AckTracker {
                 // Give up on the gap (or on finding anything below a new
                 // device's first seq): the missing seqs never existed.
                 let from = d.watermark.map_or(0, |w| w + 1);
+                if from < next && !first_lan {
+                    let why = if d.above.len() > MAX_ABOVE { "too far ahead of the gap" } else { "gap timeout" };
+                    tracing::info!(
+                        device,
+                        "device {device}: seqs {from}..={} never came; acking past them ({why})",
+                        next - 1
+                    );
+                }
                 d.skip(from, next.saturating_sub(1).max(from.min(next)));
                 if from >= next {
                     d.skipped.pop();
@@ -388,7 +406,7 @@ impl AckTracker {
             // A non-empty `above` (gap or held device) always has a gap clock.
             if d.gap_since_ms.is_some() {
                 let was_named = d.watermark.is_some();
-                Self::advance(d, now_ms, timeout, true);
+                Self::advance(name, d, now_ms, timeout, true);
                 self.newly_named |= !was_named && d.watermark.is_some();
             }
             if !d.dirty {

@@ -640,6 +640,52 @@ mod tests {
         assert_eq!(queued(&p), (acked + 1..=acked + 5).collect::<Vec<_>>());
     }
 
+    /// The power-cut soak's reject_new finding: a refused batch holds the
+    /// device's ack below it for longer than `dedup_window` while readings
+    /// above it are stored. The device keeps resending those (they are above
+    /// its ack); once their dedup keys aged out they must be answered, not
+    /// stored a second time.
+    #[test]
+    fn readings_above_a_refused_gap_are_not_stored_twice_after_the_dedup_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), "[store]\nmax_bytes = 4096\nwhen_full = \"reject_new\"\n");
+        c.pipeline.dedup_window = Duration::from_millis(1);
+        let m = Arc::new(Metrics::default());
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        let mut next = 0;
+        while Metrics::get(&m.batches_rejected_full) == 0 {
+            feed(&mut p, [next]);
+            next += 1;
+        }
+        p.commit();
+        let acked = p.tick(Instant::now()).pop().unwrap().1.seq;
+        assert!(acked < next - 1, "the refused readings are not acked");
+        // Space comes back; the refused ones are still missing, newer ones get in.
+        let id = p.queue().committed_id();
+        p.queue().ack_through(id).unwrap();
+        let above: Vec<u64> = (next..next + 5).collect();
+        feed(&mut p, above.clone());
+        p.commit();
+        assert_eq!(p.tick(Instant::now()).pop().map(|(_, a)| a.seq), Some(acked), "the gap holds the ack");
+        let stored = queued(&p).len();
+        // Past the dedup window the device resends what is above its ack.
+        std::thread::sleep(Duration::from_millis(5));
+        let stale = Metrics::get(&m.stale_resends);
+        feed(&mut p, above.clone());
+        p.commit();
+        assert_eq!(queued(&p).len(), stored, "resends of durable readings above the gap stored again");
+        assert_eq!(Metrics::get(&m.stale_resends) - stale, 5);
+        // The refused ones come at last: everything is acked, once.
+        feed(&mut p, acked + 1..next);
+        p.commit();
+        assert_eq!(p.tick(Instant::now()).pop().map(|(_, a)| a.seq), Some(next + 4));
+        let mut all = queued(&p);
+        all.sort();
+        let n = all.len();
+        all.dedup();
+        assert_eq!(all.len(), n, "a reading queued twice");
+    }
+
     fn reading(seq: u64, ts: u64, v: f64, boot: Option<u32>) -> Reading {
         Reading { device: "d".into(), sensor: "hr".into(), seq: Some(seq), ts, value: Value::Number(v), boot }
     }

@@ -44,9 +44,9 @@ if [ $boot = 1 ]; then
     fields=""
     for f in SOURCE PORT DEVICE SYSLOG_IDENTIFIER CODE_FILE; do grep -q "\"$f\"" <<<"$j" && fields="$fields $f"; done
     srcs=$(grep -o '"SOURCE":"[a-z]*"' <<<"$j" | sort | uniq -c | tr -s ' \n' ' ')
-    # DEVICE= is only on rare serial events (an ack dropped while the port is
-    # down, an ack that cannot be encoded), none of which happen here.
-    check journal-fields "fields present:$fields; $srcs" grep -q "SOURCE PORT" <<<"$fields"
+    # DEVICE= comes with the pipeline's per-device events (a device first
+    # seen, a counter restart, a gap given up): the dock's wearable is seen.
+    check journal-fields "fields present:$fields; $srcs" grep -q "SOURCE PORT DEVICE" <<<"$fields"
     # Reload: a second serial port appears in the file; the running one stays.
     pid=$(prop MainPID)
     since=$(date '+%Y-%m-%d %H:%M:%S')
