@@ -624,13 +624,19 @@ impl Queue {
                     }
                 }
             }
-            let file = OpenOptions::new()
+            let file = match OpenOptions::new()
                 .read(true)
                 // Writable in every segment: if the last file turns out empty
                 // and is removed, the one before it becomes the append target.
                 .write(!readonly)
                 .open(&path)
-                .ctx("opening", &path)?;
+            {
+                Ok(f) => f,
+                // Reclaimed by a running gateway since it was read (seen in
+                // CI: `queue status` while the uplink drained).
+                Err(e) if readonly && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).ctx("opening", &path),
+            };
             last_id = records.last().unwrap().id;
             index.extend(records.iter().map(|r| Entry::new(r, first_id)));
             segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });

@@ -597,7 +597,9 @@ fn power_cuts_lose_and_double_nothing() {
                 // uplink is connected again and draining.
                 vm.until(t + Duration::from_millis(1500 + rng.below(3000)));
                 broker.restart();
-                let back = vm.wait(Duration::from_secs(20), |c| c.has("connected after"));
+                // The broker was away since boot, so any connect is the
+                // reconnect (src/uplink/mod.rs logs "connected (MQTT ..").
+                let back = vm.wait(Duration::from_secs(20), |c| c.has(": connected (MQTT"));
                 let back = back.unwrap_or_else(|| panic!("the uplink did not reconnect:\n{}", vm.console().text));
                 vm.until(back + Duration::from_millis(rng.below(1200)));
             }
