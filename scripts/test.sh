@@ -47,7 +47,12 @@ cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-2}"
 # The power-cut rig, short: the real binary in a VM, its power cut 20 times
 # at random moments (~3 min; README "Power-cut rig"). The long soak is run by hand.
 tests/powercut/run.sh --cycles "${POWERCUT_CYCLES:-20}"
-# The field proof: the .deb installed with apt on Debian 12 with systemd as
-# PID 1 in a VM, every check once (~2.5 min warm; a first run also builds the
-# rootfs with mmdebstrap, ~7.5 min; docs/field-proof.md).
-tests/vm/run.sh
+# The field proof (the .deb installed with apt on Debian 12, systemd as PID
+# 1, in a VM; docs/field-proof.md) takes ~10 min on a fresh machine (the
+# rootfs build alone is ~7.5 min), which does not fit the CI budget: run it
+# by hand with tests/vm/run.sh, or here with FIELD_PROOF=1.
+if [ "${FIELD_PROOF:-0}" = 1 ]; then
+    tests/vm/run.sh
+else
+    echo "field proof skipped (FIELD_PROOF=1 $0, or tests/vm/run.sh, runs it)"
+fi
