@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs what it needs,
-# then runs every test. `.ci/run` calls exactly this.
+# then runs every test. `.ci/run` calls exactly this (no arguments).
+#   --quick  unit and model tests only (seconds after a warm build; no tools needed)
+#   --rig    the power-cut rig alone (POWERCUT_CYCLES, default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+mode=${1:-all}
+case "$mode" in
+all | --rig) ;;
+--quick)
+    # The library's unit tests (queue crash model, dedup, acks, codecs,
+    # config) and the in-process pipeline model test: no child processes.
+    cargo test --locked --lib -- --test-threads="${TEST_THREADS:-2}"
+    exec cargo test --locked --test pipeline_model -- --test-threads="${TEST_THREADS:-2}"
+    ;;
+*)
+    echo "usage: $0 [--quick | --rig]" >&2
+    exit 2
+    ;;
+esac
 
 # Debian packages the tests drive for real, added as features need them
 # (serial tests need only the kernel's PTYs), each installed only when its
@@ -40,12 +57,16 @@ if ! cargo deb --version >/dev/null 2>&1; then
     cargo install cargo-deb --locked --version 3.8.0
 fi
 
+if [ "$mode" = --rig ]; then
+    exec tests/powercut/run.sh --cycles "${POWERCUT_CYCLES:-20}"
+fi
+
 # Debug builds: a release build of this tree costs minutes and tests do not
 # need it. Benchmarks are compiled (so they cannot rot) but not run.
 cargo build --all-targets --locked
 cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-2}"
 # The power-cut rig, short: the real binary in a VM, its power cut 20 times
-# at random moments (~3 min; README "Power-cut rig"). The long soak is run by hand.
+# at random moments (~3 min; docs/testing.md "Power-cut rig"). The long soak is run by hand.
 tests/powercut/run.sh --cycles "${POWERCUT_CYCLES:-20}"
 # The field proof (the .deb installed with apt on Debian 12, systemd as PID
 # 1, in a VM; docs/field-proof.md) takes ~10 min on a fresh machine (the

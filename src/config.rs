@@ -582,7 +582,7 @@ pub enum DeniedPublish {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerAck {
-    /// As soon as the broker has the message in memory (fast; see README for the window).
+    /// As soon as the broker has the message in memory (fast; see docs/lan-mqtt.md for the window).
     #[default]
     Received,
     /// Once the reading is fsynced in the queue (readings with a `seq`), like serial acks.

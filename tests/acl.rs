@@ -16,7 +16,7 @@ const PIPELINE: &str = "batch_max_age = \"50ms\"\nbatch_max_readings = 200";
 const STORE: &str = "fsync_interval = \"50ms\"";
 const PASSWORD: &str = "pw-acl";
 
-/// The seed's three examples (README "Access control"), then everything else allowed.
+/// The seed's three examples (docs/lan-mqtt.md "Access control"), then everything else allowed.
 const SEED_ACL: &str = r##"
 [[broker.acl]]
 user = "username1"

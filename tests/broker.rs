@@ -547,6 +547,6 @@ fn acked_then_killed(ack: &str) -> usize {
 fn with_ack_durable_a_puback_means_the_reading_is_on_disk() {
     need("mosquitto_pub", "mosquitto-clients");
     assert_eq!(acked_then_killed("durable"), 80, "every acked reading survives SIGKILL");
-    // The window `received` leaves open (README "LAN MQTT"): acked, then lost.
+    // The window `received` leaves open (docs/lan-mqtt.md): acked, then lost.
     assert!(acked_then_killed("received") < 80, "with ack = received the same kill loses acked readings");
 }

@@ -1,7 +1,7 @@
 //! What real wearables do at the edges, against the real binary: a
 //! hand-driven device on a kernel PTY writes jsonl lines and reads the acks.
-//! Each test is the field event an issue reproduced (README, firmware
-//! section; docs/exactly-once.md): a device that reboots and repeats a value,
+//! Each test is the field event an issue reproduced (docs/firmware-protocol.md;
+//! docs/exactly-once.md): a device that reboots and repeats a value,
 //! a dock opened mid-line, a wearable redocked after the dedup window.
 
 mod common;

@@ -12,7 +12,7 @@
 //! * at the end, once devices resend what they hold, every reading a device
 //!   did not throw away itself is queued or consumed exactly once.
 //!
-//! Devices come in the kinds a gateway meets (README, firmware section):
+//! Devices come in the kinds a gateway meets (docs/firmware-protocol.md):
 //!
 //! * **boot id**: sends `boot`, bumped at each start; its seq restarts at 0
 //!   per boot, and it keeps unacked readings across a reboot (flash);
@@ -139,7 +139,7 @@ impl Device {
     }
 
     fn ack(&mut self, a: &Ack) {
-        // Firmware rule (README): an ack at or above the next seq is from
+        // Firmware rule (docs/firmware-protocol.md): an ack at or above the next seq is from
         // before a reboot (the gateway never acks what it was not sent):
         // ignore it. Without it a device without boot id that reboots loses
         // its first readings to the old incarnation's ack still on the wire.

@@ -1155,7 +1155,7 @@ mod tests {
         assert!(!glob("ab*ba", "aba"), "prefix and suffix may not share characters");
     }
 
-    /// The seed's three examples, as the README writes them.
+    /// The seed's three examples, as docs/lan-mqtt.md writes them.
     fn seed() -> Acl {
         use AclAccess::*;
         acl(vec![

@@ -22,7 +22,7 @@
 //!   old high ack would cover readings the new incarnation has not sent yet
 //!   (a lower ack is always safe; a higher one is not). Without device
 //!   timestamps a counter restart cannot be told from a stale resend, so
-//!   devices without `ts` must not reset `seq` (README);
+//!   devices without `ts` must not reset `seq` (docs/firmware-protocol.md);
 //! * a device the gateway knows nothing about starts its watermark at its
 //!   first durable seq: devices send oldest first, so nothing below it is
 //!   pending. Except right after a restart: the previous run may have

@@ -14,7 +14,7 @@
 //! rebooted and restarted its counter. Without a boot id that is told by the
 //! timestamp (a new incarnation stamps a newer `ts`) or, for devices without
 //! a clock, only by the value: such a device must send `boot` or never
-//! restart its counter (README, firmware section). A 32-bit fingerprint of
+//! restart its counter (docs/firmware-protocol.md). A 32-bit fingerprint of
 //! the value and the ts per key make the distinction.
 //!
 //! BTHome sensors number their adverts with a packet id, a `u8` that wraps

@@ -8,7 +8,7 @@
 //!
 //! A LAN device's ack is MQTT's: PUBACK (QoS 1) or PUBCOMP (QoS 2). With
 //! `broker.ack = "received"` rumqttd sends it once the message is in its
-//! in-memory log, before the reading is in our queue (README "LAN MQTT" says
+//! in-memory log, before the reading is in our queue (docs/lan-mqtt.md says
 //! where that leaves the window); with `"durable"` the front door holds it
 //! until the pipeline's ack for the reading comes back on this source's ack
 //! route ([`crate::broker::Durable`]).

@@ -1,4 +1,4 @@
-//! The power-cut rig (README "Power-cut rig"): the real binary in a VM whose
+//! The power-cut rig (docs/testing.md "Power-cut rig"): the real binary in a VM whose
 //! disk keeps exactly what was flushed, its power cut at random moments.
 //!
 //! Run it with `tests/powercut/run.sh --cycles N`, which builds the guest

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Power-cut rig: the real edge-gateway binary in a small VM whose virtual disk
 # loses everything not flushed, its power cut at random moments, again and
-# again. See README "Power-cut rig".
+# again. See docs/testing.md "Power-cut rig".
 #
 #   tests/powercut/run.sh [--cycles N] [--seed S] [--rate R] [--work DIR] [--when-full P]
 #
