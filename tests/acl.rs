@@ -442,7 +442,9 @@ fn sighup_applies_a_new_acl_to_new_and_existing_subscriptions() {
              [[broker.acl]]\nuser = \"dev\"\ntopic = \"#\"\naccess = \"publish\"\npermission = \"allow\"\n"
         )
     };
-    let cfg = write_cfg(dir.path(), port, &["dev", "reader"], "", &acl("ward-3"), "");
+    let mport = free_port();
+    let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{mport}\"\n");
+    let cfg = write_cfg(dir.path(), port, &["dev", "reader"], "", &acl("ward-3"), &metrics);
     let gw = start(&cfg);
     let (all, exact) = (dir.path().join("all.txt"), dir.path().join("exact.txt"));
     let sub_all = subscriber(port, "mqttv5", "reader", "all", &["#"], &all);
@@ -452,10 +454,18 @@ fn sighup_applies_a_new_acl_to_new_and_existing_subscriptions() {
         |topic: &str, msg: &str| assert!(publish(port, "mqttv311", "dev", "d", topic, msg, &[]).status.success());
     send("ward-3/a", "before");
     send("ward-4/a", "before");
+    // The gate checks each delivery against the ACL of that moment: reload
+    // only once "ward-4/a" was held back from `#` under the old one (CI saw
+    // it delivered after a reload that came first).
+    let filtered = || {
+        let m = fetch_metrics(mport);
+        m.lines().find_map(|l| l.strip_prefix("edge_gateway_broker_acl_filtered_total ")?.trim().parse::<u64>().ok())
+    };
+    assert!(wait_until(Duration::from_secs(10), || filtered() >= Some(1)), "{}", fetch_metrics(mport));
     let mut raw = Raw::connect(port, false, "raw-reader", "reader");
     assert_eq!(raw.subscribe(1, &["ward-3/#", "ward-4/#"]), vec![1, 0x80]);
 
-    write_cfg(dir.path(), port, &["dev", "reader"], "", &acl("ward-4"), "");
+    write_cfg(dir.path(), port, &["dev", "reader"], "", &acl("ward-4"), &metrics);
     gw.signal(nix::sys::signal::Signal::SIGHUP);
     assert!(
         wait_until(Duration::from_secs(10), || gw.log_text().contains("broker ACL replaced (2 rule(s))")),
