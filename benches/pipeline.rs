@@ -92,13 +92,13 @@ fn full(lines: &[Vec<u8>], fsync: FsyncPolicy, format: Format) -> Run {
     for (i, l) in lines.iter().enumerate() {
         if i % 1024 == 0 {
             now = Instant::now();
-            p.tick(now);
+            p.tick(now).unwrap();
         }
         let ms = edge_gateway::reading::now_ms();
         let (reading, ts_from_device) = wire::parse_jsonl(l, None, ms).expect("valid line");
-        p.ingest(Incoming::new(reading, ts_from_device, 0), now, ms);
+        p.ingest(Incoming::new(reading, ts_from_device, 0), now, ms).unwrap();
     }
-    p.close();
+    p.close().unwrap();
     let secs = t.elapsed().as_secs_f64();
     let wrote = (written() - w0) as f64;
     let q = p.queue_handle();

@@ -69,17 +69,17 @@ fn fill(dir: &Path, bytes: u64) {
                 value: Value::Number(60.0 + (seq % 40) as f64),
                 boot: None,
             };
-            p.ingest(Incoming::new(reading, true, 0), now, ms);
+            p.ingest(Incoming::new(reading, true, 0), now, ms).unwrap();
         }
         seq += 1;
         if seq % 2048 == 0 {
-            p.tick(now);
+            p.tick(now).unwrap();
             if q.lock().unwrap().status().bytes >= bytes {
                 break;
             }
         }
     }
-    p.close();
+    p.close().unwrap();
     let st = q.lock().unwrap().status();
     eprintln!(
         "  backlog: {} readings in {} batches, {:.2} GiB, built in {:.1?}",

@@ -13,7 +13,9 @@
 //! * one OS thread for the [`Uplink`] (when `[upstream]` is configured), for
 //!   the same reason;
 //! * the `/metrics` server and a heartbeat task (watchdog beat, `STATUS=`);
-//! * the signal loop: SIGTERM/SIGINT stop, SIGHUP reloads the config.
+//! * the signal loop: SIGTERM/SIGINT stop, SIGHUP reloads the config;
+//!   a [`Fatal`] from the pipeline or the uplink thread (a failed fsync)
+//!   ends the process at once with status 75 ([`crate::fatal`]).
 //!
 //! Shutdown runs in two stages so no reading is stranded: first the
 //! pipeline drains its channel, seals the open batch, commits, checkpoints
@@ -36,6 +38,7 @@
 
 use crate::broker::{Broker, StatusSource, acl};
 use crate::config::{Config, SerialConfig};
+use crate::fatal::{EXIT_FATAL, Fatal, FatalTx};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::queue::Queue;
@@ -100,12 +103,16 @@ struct Sources {
     queue: Arc<Mutex<Queue>>,
     /// The running broker's ACL, which a reload replaces at once.
     broker_acl: Option<Arc<crate::broker::acl::Store>>,
+    /// Handed to the uplink thread: a failed sync there ends the run.
+    fatal: FatalTx,
 }
 
 /// Run the gateway until SIGTERM or SIGINT; SIGHUP reloads `config_path`.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     let metrics = Arc::new(Metrics::default());
+    // Components on their own threads report what only a restart can cure.
+    let (fatal_tx, mut fatal_rx) = crate::fatal::channel();
     let started = Instant::now();
     crate::perms::private_data_dir(&cfg.gateway.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.gateway.data_dir.display()))?;
@@ -164,6 +171,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         metrics: metrics.clone(),
         queue: queue.clone(),
         broker_acl: broker.as_ref().map(|b| b.acl.clone()),
+        fatal: fatal_tx.clone(),
     };
     for port in &cfg.serial {
         sources.start_serial(port.clone());
@@ -175,9 +183,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     let _tx = tx;
 
     let stop_rx = pipeline_stop.subscribe();
+    let pipeline_fatal = fatal_tx.clone();
     let worker = std::thread::Builder::new()
         .name("pipeline".into())
-        .spawn(move || run_pipeline(pipeline, rx, routes, stop_rx, watchdog))
+        .spawn(move || run_pipeline(pipeline, rx, routes, stop_rx, watchdog, pipeline_fatal))
         .context("cannot start the pipeline thread")?;
 
     let side_stop = Shutdown::new();
@@ -200,6 +209,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     let failed = tokio::select! {
         r = signal_loop(&mut sources, config_path.as_deref(), &notifier) => { r?; None }
         why = async { match broker_failure { Some(f) => f.await, None => std::future::pending().await } } => Some(why),
+        f = fatal_rx.recv() => exit_fatal(&f, &notifier),
     };
     notifier.notify("STOPPING=1\nSTATUS=stopping: sealing the open batch into the queue");
     if let Some(b) = &mut broker {
@@ -217,6 +227,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     let _rx = match tokio::time::timeout(PIPELINE_STOP_BUDGET, joined).await {
         Ok(Ok(Ok(Ok(rx)))) => Some(rx),
         Ok(Ok(Ok(Err(e)))) => {
+            if let Some(f) = e.downcast_ref::<Fatal>() {
+                exit_fatal(f, &notifier);
+            }
             tracing::error!("pipeline stopped with an error: {e:#}");
             None
         }
@@ -337,7 +350,7 @@ impl Sources {
             self.metrics.clone(),
         )?;
         let stop = Shutdown::new();
-        let thread = uplink::spawn(u, stop.subscribe(), Some(self.uplink_beat.clone()))
+        let thread = uplink::spawn(u, stop.subscribe(), Some(self.uplink_beat.clone()), self.fatal.clone())
             .context("cannot start the uplink thread")?;
         self.uplink = Some((stop, thread));
         Ok(())
@@ -644,9 +657,10 @@ fn run_pipeline(
     routes: Routes,
     mut stop: watch::Receiver<bool>,
     mut watchdog: Watchdog,
+    fatal: FatalTx,
 ) -> anyhow::Result<mpsc::Receiver<Incoming>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-    let rx = rt.block_on(async move {
+    let r = rt.block_on(async move {
         loop {
             let deadline = tokio::time::Instant::from_std(p.next_deadline().min(watchdog.next_due()));
             tokio::select! {
@@ -655,11 +669,11 @@ fn run_pipeline(
                 msg = rx.recv() => match msg {
                     Some(first) => {
                         let (now, ms) = (Instant::now(), now_ms());
-                        p.ingest(first, now, ms);
+                        p.ingest(first, now, ms)?;
                         // Take what is already queued without waking again.
                         for _ in 0..4096 {
                             match rx.try_recv() {
-                                Ok(inc) => p.ingest(inc, now, ms),
+                                Ok(inc) => p.ingest(inc, now, ms)?,
                                 Err(_) => break,
                             }
                         }
@@ -668,21 +682,33 @@ fn run_pipeline(
                 },
                 _ = tokio::time::sleep_until(deadline) => {}
             }
-            send_acks(&routes, p.tick(Instant::now()));
+            send_acks(&routes, p.tick(Instant::now())?);
             crate::crashpoint::stall("pipeline-loop");
             watchdog.alive(Instant::now());
         }
         // Whatever the sources handed over is the pipeline's to keep.
         let (now, ms) = (Instant::now(), now_ms());
         while let Ok(inc) = rx.try_recv() {
-            p.ingest(inc, now, ms);
+            p.ingest(inc, now, ms)?;
         }
-        send_acks(&routes, p.close());
+        send_acks(&routes, p.close()?);
         // The channel goes back to `run`, alive: a port whose channel closed
         // would stop at once, before writing the final acks.
-        rx
+        Ok::<_, Fatal>(rx)
     });
-    Ok(rx)
+    // A fatal error stops the loop before anything more is acked; `run`
+    // exits on it.
+    r.map_err(|f| {
+        fatal.raise(f.clone());
+        f.into()
+    })
+}
+
+/// The one place the process exits on a [`Fatal`] (see [`crate::fatal`]).
+fn exit_fatal(f: &Fatal, notifier: &Notifier) -> ! {
+    tracing::error!("{f}; exiting with status {EXIT_FATAL} (the service manager restarts the gateway)");
+    notifier.notify(&format!("STATUS=fatal: {f}"));
+    std::process::exit(EXIT_FATAL)
 }
 
 fn send_acks(routes: &Routes, acks: Vec<(PortId, Ack)>) {

@@ -20,7 +20,8 @@
 //!
 //! Beside them: [`config`] (TOML), [`metrics`] (counters), [`app`] (wires the
 //! parts together and owns every task), [`shutdown`] (the signal every task
-//! listens to), [`cli`] (the `edge-gateway` command), [`sim`] (simulated
+//! listens to), [`fatal`] (errors after which
+//! only a restart is honest, exited on in one place), [`cli`] (the `edge-gateway` command), [`sim`] (simulated
 //! devices used by tests, benches and the demo) and [`crashpoint`] (named
 //! places where a debug build can be told to abort, one per durability
 //! window, so each window has a deterministic test).
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod crashpoint;
 pub mod demo;
+pub mod fatal;
 pub mod metrics;
 pub mod perms;
 pub mod pipeline;

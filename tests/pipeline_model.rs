@@ -339,7 +339,7 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
         CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
         let from_device = dev.kind != Kind::Plain;
         let r = if from_device { r } else { Reading { ts: clock(), ..r } };
-        p.ingest(Incoming::new(r, from_device, 0), now, clock());
+        p.ingest(Incoming::new(r, from_device, 0), now, clock()).unwrap();
     };
     let deliver = |devices: &mut Vec<Device>, acks: Vec<(usize, Ack)>, rng: &mut XorShift, now_ms: u64, lossy: bool| {
         for (_, a) in acks {
@@ -417,7 +417,7 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
                 // step or so) still resends within its 1 s timer.
                 virtual_ms += rng.below(400);
                 CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
-                let acks = p.tick(base + Duration::from_millis(virtual_ms));
+                let acks = p.tick(base + Duration::from_millis(virtual_ms)).unwrap();
                 deliver(&mut m.devices, acks, &mut rng, virtual_ms, true);
             }
             93..=96 => {
@@ -429,7 +429,7 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
                 m.check(&p, step);
             }
             _ => {
-                let acks = p.close();
+                let acks = p.close().unwrap();
                 m.observe(&p);
                 deliver(&mut m.devices, acks, &mut rng, virtual_ms, true);
                 drop(p);
@@ -467,7 +467,7 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
         // Devices resend every 500 ms (virtual): well inside the 2 s gap timeout.
         virtual_ms += 500;
         CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
-        let acks = p.close();
+        let acks = p.close().unwrap();
         m.observe(&p);
         deliver(&mut m.devices, acks, &mut rng, virtual_ms, false);
     }

@@ -19,6 +19,7 @@ pub mod batch;
 pub mod dedup;
 
 use crate::config::{Config, FsyncPolicy};
+use crate::fatal::Fatal;
 use crate::metrics::DeviceCounters;
 use crate::metrics::Metrics;
 use crate::queue::{AppendOutcome, CRC, OpenReport, Queue, QueueError, QueueOptions};
@@ -52,6 +53,8 @@ pub enum PipelineError {
     Queue(#[from] QueueError),
     #[error("state file {path}: {source}")]
     State { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Fatal(#[from] Fatal),
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -236,8 +239,9 @@ impl Pipeline {
         self.republish = Some(tx);
     }
 
-    /// Take one reading from a source.
-    pub fn ingest(&mut self, inc: Incoming, now: Instant, now_ms: u64) {
+    /// Take one reading from a source. An `Err` is a failed commit: from
+    /// then on nothing more may be acked (see [`crate::fatal`]).
+    pub fn ingest(&mut self, inc: Incoming, now: Instant, now_ms: u64) -> Result<(), Fatal> {
         let Incoming { reading, ts_from_device, port, packet_id } = inc;
         self.last_now = self.last_now.max(now);
         if reading.seq.is_some() {
@@ -273,7 +277,7 @@ impl Pipeline {
                     Metrics::inc(&self.metrics.republish_dropped);
                 }
                 if let Some(batch) = self.batcher.push(reading, now) {
-                    self.seal(batch, now, now_ms);
+                    self.seal(batch, now, now_ms)?;
                 }
             }
         }
@@ -283,11 +287,14 @@ impl Pipeline {
         // restart (see `AckTracker::restarted_since_snapshot`). And not
         // before that reading is durable: the snapshot holds its dedup key.
         // Rare: a reboot of a device without boot id.
-        if self.acks.restarted_since_snapshot()
-            && let Err(e) = self.checkpoint()
-        {
-            self.log_error(format_args!("checkpoint after a device's counter restart failed: {e}"));
+        if self.acks.restarted_since_snapshot() {
+            match self.checkpoint() {
+                Ok(()) => {}
+                Err(PipelineError::Fatal(f)) => return Err(f),
+                Err(e) => self.log_error(format_args!("checkpoint after a device's counter restart failed: {e}")),
+            }
         }
+        Ok(())
     }
 
     fn tally(&mut self, port: PortId, device: &str, verdict: Verdict) {
@@ -319,7 +326,7 @@ impl Pipeline {
     }
 
     /// Close a batch into the queue (not yet durable).
-    fn seal(&mut self, readings: Vec<Reading>, now: Instant, now_ms: u64) {
+    fn seal(&mut self, readings: Vec<Reading>, now: Instant, now_ms: u64) -> Result<(), Fatal> {
         let mut q = self.queue();
         let batch = Batch { gateway: self.gateway.clone(), batch: q.next_id(), readings };
         let payload = batch.encode(self.format);
@@ -349,7 +356,7 @@ impl Pipeline {
                 self.dirty_since.get_or_insert(now);
                 self.changed_since_checkpoint = true;
                 if self.fsync == FsyncPolicy::Always {
-                    self.commit();
+                    self.commit()?;
                 }
             }
             Err(e) => {
@@ -367,6 +374,7 @@ impl Pipeline {
                 self.log_error(format_args!("batch of {} readings not queued: {e}", batch.readings.len()));
             }
         }
+        Ok(())
     }
 
     fn log_error(&mut self, msg: std::fmt::Arguments) {
@@ -379,9 +387,9 @@ impl Pipeline {
     }
 
     /// Make everything appended durable; acks for it become due.
-    pub fn commit(&mut self) {
+    pub fn commit(&mut self) -> Result<(), Fatal> {
         if self.dirty_since.is_none() {
-            return;
+            return Ok(());
         }
         let res = self.queue().commit();
         match res {
@@ -393,16 +401,14 @@ impl Pipeline {
                     self.acks.durable_at(&dev, boot, seq, ts, now);
                 }
                 self.dirty_since = None;
+                Ok(())
             }
             // After a failed fsync the kernel may have dropped the dirty
             // pages, and a retry could "succeed" over lost data. Nothing was
-            // acked, so the honest move is to exit and let the service
-            // manager restart us: start-up rescans what really is on disk
-            // and the devices resend the rest.
-            Err(e) => {
-                tracing::error!("queue commit failed: {e}; exiting (status 75) to rescan the queue on restart");
-                std::process::exit(75);
-            }
+            // acked, so the honest move is a restart: start-up rescans what
+            // really is on disk and the devices resend the rest. (The queue
+            // refuses every write from now on.)
+            Err(e) => Err(Fatal(format!("queue commit failed: {e}; a restart rescans the queue"))),
         }
     }
 
@@ -423,27 +429,29 @@ impl Pipeline {
 
     /// Time-driven work: close aged batches, group commit, checkpoint.
     /// Returns the acks to write to the devices.
-    pub fn tick(&mut self, now: Instant) -> Vec<(PortId, Ack)> {
+    pub fn tick(&mut self, now: Instant) -> Result<Vec<(PortId, Ack)>, Fatal> {
         self.last_now = self.last_now.max(now);
         let ms = (self.clock)();
         self.flush_tallies();
         if let Some(b) = self.batcher.poll_age(now) {
-            self.seal(b, now, ms);
+            self.seal(b, now, ms)?;
         }
         if self.dirty_since.is_some_and(|t| now.duration_since(t) >= self.fsync_interval) {
-            self.commit();
+            self.commit()?;
         }
         let since = now.duration_since(self.last_checkpoint);
         let reclaim = self.queue().reclaimable() && since >= CHECKPOINT_MIN_GAP;
         let new_device = self.acks.newly_named() && since >= NEW_DEVICE_CHECKPOINT_GAP;
-        if (reclaim || new_device || (self.changed_since_checkpoint && since >= CHECKPOINT_EVERY))
-            && let Err(e) = self.checkpoint()
-        {
-            self.log_error(format_args!("checkpoint failed: {e}"));
+        if reclaim || new_device || (self.changed_since_checkpoint && since >= CHECKPOINT_EVERY) {
+            match self.checkpoint() {
+                Ok(()) => {}
+                Err(PipelineError::Fatal(f)) => return Err(f),
+                Err(e) => self.log_error(format_args!("checkpoint failed: {e}")),
+            }
         }
         let acks = self.acks.take_acks(ms);
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
-        acks
+        Ok(acks)
     }
 
     /// Seal, commit, write the state file, then let the queue delete what
@@ -451,11 +459,11 @@ impl Pipeline {
     pub fn checkpoint(&mut self) -> Result<(), PipelineError> {
         let now = self.last_now.max(self.last_checkpoint);
         if let Some(b) = self.batcher.take() {
-            self.seal(b, now, (self.clock)());
+            self.seal(b, now, (self.clock)())?;
         }
-        // A failed commit exits the process, so from here the state claims
-        // only what is on disk.
-        self.commit();
+        // A failed commit returns here, so from here the state claims only
+        // what is on disk.
+        self.commit()?;
         let covers_id = self.queue().committed_id();
         let state = State { covers_id, dedup: self.dedup.snapshot((self.clock)()), acks: self.acks.snapshot() };
         write_state(&self.state_path, &state)?;
@@ -470,14 +478,16 @@ impl Pipeline {
     }
 
     /// Shutdown: everything in the open batch goes to disk; returns the final acks.
-    pub fn close(&mut self) -> Vec<(PortId, Ack)> {
+    pub fn close(&mut self) -> Result<Vec<(PortId, Ack)>, Fatal> {
         self.flush_tallies();
-        if let Err(e) = self.checkpoint() {
-            tracing::error!("final checkpoint failed: {e}");
+        match self.checkpoint() {
+            Ok(()) => {}
+            Err(PipelineError::Fatal(f)) => return Err(f),
+            Err(e) => tracing::error!("final checkpoint failed: {e}"),
         }
         let acks = self.acks.take_acks((self.clock)());
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
-        acks
+        Ok(acks)
     }
 }
 
@@ -552,7 +562,7 @@ mod tests {
 
     fn feed(p: &mut Pipeline, seqs: impl IntoIterator<Item = u64>) {
         for s in seqs {
-            p.ingest(inc(s), Instant::now(), now_ms());
+            p.ingest(inc(s), Instant::now(), now_ms()).unwrap();
         }
     }
 
@@ -572,9 +582,9 @@ mod tests {
         let c = cfg(dir.path(), "[store]\nfsync_interval = \"1h\"\n");
         let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
         feed(&mut p, 0..=4); // one full batch, appended, not committed
-        assert!(p.tick(Instant::now()).is_empty(), "no ack before the fsync");
-        p.commit();
-        assert_eq!(p.tick(Instant::now()), vec![(0, Ack { device: "d".into(), seq: 4, boot: None })]);
+        assert!(p.tick(Instant::now()).unwrap().is_empty(), "no ack before the fsync");
+        p.commit().unwrap();
+        assert_eq!(p.tick(Instant::now()).unwrap(), vec![(0, Ack { device: "d".into(), seq: 4, boot: None })]);
     }
 
     #[test]
@@ -584,14 +594,14 @@ mod tests {
         {
             let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
             feed(&mut p, 1..=12);
-            p.close();
+            p.close().unwrap();
         }
         std::fs::remove_file(dir.path().join("state.bin")).unwrap();
         let m = Arc::new(Metrics::default());
         let (mut p, report) = Pipeline::open(&c, m.clone()).unwrap();
         assert!(!report.state_file_ok && report.replayed_records == 3);
         feed(&mut p, 8..=14); // 8..=12 are resends
-        p.close();
+        p.close().unwrap();
         assert_eq!(Metrics::get(&m.duplicates_dropped), 5);
         assert_eq!(queued(&p), (1..=14).collect::<Vec<_>>());
     }
@@ -603,7 +613,7 @@ mod tests {
         {
             let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
             feed(&mut p, 1..=40);
-            p.commit();
+            p.commit().unwrap();
             // A consumer took everything: the segments go, after a checkpoint.
             let id = p.queue().committed_id();
             p.queue().ack_through(id).unwrap();
@@ -628,15 +638,15 @@ mod tests {
             feed(&mut p, [seq]);
             next += 1;
         }
-        p.commit();
-        let acked = p.tick(Instant::now()).pop().unwrap().1.seq;
+        p.commit().unwrap();
+        let acked = p.tick(Instant::now()).unwrap().pop().unwrap().1.seq;
         assert!(acked < seq, "the refused readings are not acked");
         // Space comes back; the device resends what was not acked.
         let id = p.queue().committed_id();
         p.queue().ack_through(id).unwrap();
         feed(&mut p, acked + 1..=acked + 5);
-        p.commit();
-        assert_eq!(p.tick(Instant::now()).pop().unwrap().1.seq, acked + 5);
+        p.commit().unwrap();
+        assert_eq!(p.tick(Instant::now()).unwrap().pop().unwrap().1.seq, acked + 5);
         assert_eq!(queued(&p), (acked + 1..=acked + 5).collect::<Vec<_>>());
     }
 
@@ -657,28 +667,28 @@ mod tests {
             feed(&mut p, [next]);
             next += 1;
         }
-        p.commit();
-        let acked = p.tick(Instant::now()).pop().unwrap().1.seq;
+        p.commit().unwrap();
+        let acked = p.tick(Instant::now()).unwrap().pop().unwrap().1.seq;
         assert!(acked < next - 1, "the refused readings are not acked");
         // Space comes back; the refused ones are still missing, newer ones get in.
         let id = p.queue().committed_id();
         p.queue().ack_through(id).unwrap();
         let above: Vec<u64> = (next..next + 5).collect();
         feed(&mut p, above.clone());
-        p.commit();
-        assert_eq!(p.tick(Instant::now()).pop().map(|(_, a)| a.seq), Some(acked), "the gap holds the ack");
+        p.commit().unwrap();
+        assert_eq!(p.tick(Instant::now()).unwrap().pop().map(|(_, a)| a.seq), Some(acked), "the gap holds the ack");
         let stored = queued(&p).len();
         // Past the dedup window the device resends what is above its ack.
         std::thread::sleep(Duration::from_millis(5));
         let stale = Metrics::get(&m.stale_resends);
         feed(&mut p, above.clone());
-        p.commit();
+        p.commit().unwrap();
         assert_eq!(queued(&p).len(), stored, "resends of durable readings above the gap stored again");
         assert_eq!(Metrics::get(&m.stale_resends) - stale, 5);
         // The refused ones come at last: everything is acked, once.
         feed(&mut p, acked + 1..next);
-        p.commit();
-        assert_eq!(p.tick(Instant::now()).pop().map(|(_, a)| a.seq), Some(next + 4));
+        p.commit().unwrap();
+        assert_eq!(p.tick(Instant::now()).unwrap().pop().map(|(_, a)| a.seq), Some(next + 4));
         let mut all = queued(&p);
         all.sort();
         let n = all.len();
@@ -693,10 +703,10 @@ mod tests {
     /// Feeds readings, commits and returns the acks the device got.
     fn round(p: &mut Pipeline, rs: &[Reading], from_device: bool) -> Vec<Ack> {
         for r in rs {
-            p.ingest(Incoming::new(r.clone(), from_device, 0), Instant::now(), now_ms());
+            p.ingest(Incoming::new(r.clone(), from_device, 0), Instant::now(), now_ms()).unwrap();
         }
         p.checkpoint().unwrap();
-        p.tick(Instant::now()).into_iter().map(|(_, a)| a).collect()
+        p.tick(Instant::now()).unwrap().into_iter().map(|(_, a)| a).collect()
     }
 
     fn all_queued(p: &Pipeline) -> Vec<Reading> {
@@ -785,9 +795,9 @@ mod tests {
         };
         for i in 0..600u32 {
             let id = (i % 256) as u8;
-            p.ingest(advert(id), Instant::now(), now_ms());
+            p.ingest(advert(id), Instant::now(), now_ms()).unwrap();
             // Each advert is repeated (sensors send it several times).
-            p.ingest(advert(id), Instant::now(), now_ms());
+            p.ingest(advert(id), Instant::now(), now_ms()).unwrap();
         }
         p.checkpoint().unwrap();
         assert_eq!(all_queued(&p).len(), 600, "every measurement once, across two wraps");
@@ -795,7 +805,7 @@ mod tests {
         // The repeat rule survives a restart (state file).
         drop(p);
         let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
-        p.ingest(advert((599 % 256) as u8), Instant::now(), now_ms());
+        p.ingest(advert((599 % 256) as u8), Instant::now(), now_ms()).unwrap();
         p.checkpoint().unwrap();
         assert_eq!(all_queued(&p).len(), 600);
     }

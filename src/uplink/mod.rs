@@ -49,6 +49,7 @@ pub mod inflight;
 pub mod tls;
 
 use crate::config::{BrokerUrl, MqttProtocol, UpstreamConfig};
+use crate::fatal::{Fatal, FatalTx};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueError};
 use crate::service::Beat;
@@ -152,6 +153,8 @@ pub enum UplinkError {
     Queue(#[from] QueueError),
     #[error("{0}")]
     Setup(String),
+    #[error("{0}")]
+    Fatal(#[from] Fatal),
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -362,8 +365,9 @@ impl Uplink {
         }
     }
 
-    /// Connect, drain, reconnect with backoff, until `stop`.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Connect, drain, reconnect with backoff, until `stop` (`Ok`) or a
+    /// failed sync (a [`Fatal`]: nothing more is acked, see [`crate::fatal`]).
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), Fatal> {
         let mut backoff = self.cfg.reconnect_min;
         let mut failures = 0u64;
         let mut last_reason = String::new();
@@ -414,7 +418,10 @@ impl Uplink {
                     let r = self.session(stream, connack, leftover, suspect, &mut stop).await;
                     Metrics::set(&self.metrics.upstream_connected, 0);
                     Metrics::set(&self.metrics.upstream_mqtt_version, 0);
-                    self.commit_acks(true);
+                    if let Err(UplinkError::Fatal(f)) = r {
+                        return Err(f);
+                    }
+                    self.commit_acks(true)?;
                     match r {
                         Ok(()) => break, // stopped
                         Err(e) => {
@@ -449,6 +456,7 @@ impl Uplink {
                     self.retain = false;
                     continue;
                 }
+                Err(UplinkError::Fatal(f)) => return Err(f),
                 Err(e) => e,
             };
             failures += 1;
@@ -470,8 +478,9 @@ impl Uplink {
                 break;
             }
         }
-        self.commit_acks(true);
+        self.commit_acks(true)?;
         tracing::info!("uplink stopped");
+        Ok(())
     }
 
     /// Between d/2 and d.
@@ -662,7 +671,7 @@ impl Uplink {
             if let Err(e) = self.fill(inflight_max) {
                 tracing::warn!("uplink: cannot read the queue: {e}");
             }
-            self.send_ready(proto, qos, inflight_max, max_packet, &mut out);
+            self.send_ready(proto, qos, inflight_max, max_packet, &mut out)?;
             if !out.is_empty() {
                 // Bounded, and it gives way to `stop`: a peer that stopped
                 // reading must not wedge the uplink, a reload or the exit.
@@ -737,7 +746,7 @@ impl Uplink {
                 }
             }
             self.advance();
-            self.commit_acks(false);
+            self.commit_acks(false)?;
         }
     }
 
@@ -793,15 +802,21 @@ impl Uplink {
     /// the queue, only a fresh read of the disk knows what is on it).
     fn log_failed(&self, what: &str, e: WriteError) -> UplinkError {
         if let WriteError::Sync(e) = &e {
-            tracing::error!(
-                "uplink.pubrec: {what}: fdatasync failed: {e}; exiting (status 75) to re-read it on restart"
-            );
-            std::process::exit(75);
+            return UplinkError::Fatal(Fatal(format!(
+                "uplink.pubrec: {what}: fdatasync failed: {e}; a restart re-reads it"
+            )));
         }
         UplinkError::Setup(format!("cannot {what} uplink.pubrec: {e}"))
     }
 
-    fn send_ready(&mut self, proto: Protocol, qos: u8, inflight_max: usize, max_packet: usize, out: &mut Vec<u8>) {
+    fn send_ready(
+        &mut self,
+        proto: Protocol,
+        qos: u8,
+        inflight_max: usize,
+        max_packet: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Fatal> {
         let mut inflight = self.window.iter().filter(|f| matches!(f.stage, Stage::AwaitRec | Stage::AwaitComp)).count();
         let now = Instant::now();
         // PUBRELs first: the broker holds these already, whatever the limit.
@@ -832,7 +847,7 @@ impl Uplink {
                 let reason = format!(
                     "{len} bytes, over the broker's maximum packet size {max_packet} (lower pipeline.batch_max_bytes)"
                 );
-                self.dead_letter(i, 0x95, reason);
+                self.dead_letter(i, 0x95, reason)?;
                 continue;
             }
             if f.maybe_sent {
@@ -845,6 +860,7 @@ impl Uplink {
             f.retry_at = None;
             inflight += 1;
         }
+        Ok(())
     }
 
     fn handle_packets(
@@ -880,7 +896,7 @@ impl Uplink {
                     };
                     if reason >= 0x80 {
                         let f_id = f.id;
-                        self.refused(f_id, reason);
+                        self.refused(f_id, reason)?;
                         continue;
                     }
                     if is_rec && qos == 2 {
@@ -954,17 +970,16 @@ impl Uplink {
         self.window.iter_mut().find(|f| f.stage == stage && packet_id(f.id) == pid)
     }
 
-    fn refused(&mut self, id: u64, reason: u8) {
+    fn refused(&mut self, id: u64, reason: u8) -> Result<(), Fatal> {
         Metrics::inc(&self.metrics.batches_refused);
-        let Some(i) = self.window.iter().position(|f| f.id == id) else { return };
+        let Some(i) = self.window.iter().position(|f| f.id == id) else { return Ok(()) };
         self.window[i].refusals += 1;
         let refusals = self.window[i].refusals;
         let kind = classify(reason);
         let name = reason_name(reason);
         if kind == Refusal::Permanent && refusals >= self.cfg.dead_letter_after {
             let why = format!("refused {refusals} time(s) by the broker, last with reason {reason:#04x} ({name})");
-            self.dead_letter(i, reason, why);
-            return;
+            return self.dead_letter(i, reason, why);
         }
         let pause = match kind {
             Refusal::Transient => {
@@ -995,11 +1010,12 @@ impl Uplink {
         // Refused means the broker dropped it: the retry is a new message.
         f.maybe_sent = false;
         f.retry_at = Some(Instant::now() + pause);
+        Ok(())
     }
 
     /// Move `window[i]` to the dead-letter store (durably), then let it
     /// leave the queue like a delivered batch.
-    fn dead_letter(&mut self, i: usize, code: u8, reason: String) {
+    fn dead_letter(&mut self, i: usize, code: u8, reason: String) -> Result<(), Fatal> {
         let f = &self.window[i];
         let rec = DeadBatch {
             queue_id: f.id,
@@ -1024,14 +1040,13 @@ impl Uplink {
                 f.stage = Stage::Unsent;
                 f.maybe_sent = false;
                 f.retry_at = Some(Instant::now() + pause);
-                return;
+                return Ok(());
             }
             Err(WriteError::Sync(e)) => {
-                tracing::error!(
-                    "dead-letter store {}: fdatasync failed: {e}; exiting (status 75) to re-read it on restart",
+                return Err(Fatal(format!(
+                    "dead-letter store {}: fdatasync failed: {e}; a restart re-reads it",
                     self.dead.path().display()
-                );
-                std::process::exit(75);
+                )));
             }
         }
         crate::crashpoint::hit("after-dead-letter");
@@ -1049,6 +1064,7 @@ impl Uplink {
         f.readings = 0;
         f.payload = Vec::new(); // not counted as delivered
         f.retry_at = None;
+        Ok(())
     }
 
     /// Pop delivered batches off the front and ack them in the queue.
@@ -1078,9 +1094,9 @@ impl Uplink {
 
     /// Make acks durable now and then (or now, when `force`), and drop
     /// PUBREC entries the durable ledger now covers.
-    fn commit_acks(&mut self, force: bool) {
+    fn commit_acks(&mut self, force: bool) -> Result<(), Fatal> {
         if !force && self.last_commit.elapsed() < ACK_COMMIT_EVERY {
-            return;
+            return Ok(());
         }
         self.last_commit = Instant::now();
         let durable = {
@@ -1089,8 +1105,7 @@ impl Uplink {
                 if let Err(e) = q.commit() {
                     // As in the pipeline: after a failed fsync only a rescan
                     // of the disk knows what is durable.
-                    tracing::error!("queue commit failed: {e}; exiting (status 75) to rescan the queue on restart");
-                    std::process::exit(75);
+                    return Err(Fatal(format!("queue commit failed: {e}; a restart rescans the queue")));
                 }
             }
             q.durable_head()
@@ -1099,6 +1114,7 @@ impl Uplink {
         if let Err(e) = self.log.forget_through(durable) {
             tracing::warn!("uplink: cannot compact uplink.pubrec: {e}");
         }
+        Ok(())
     }
 }
 
@@ -1142,14 +1158,18 @@ pub fn spawn(
     mut uplink: Uplink,
     stop: watch::Receiver<bool>,
     beat: Option<crate::service::Beat>,
+    fatal: FatalTx,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     uplink.beat = beat;
     std::thread::Builder::new().name("uplink".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("uplink runtime");
-        rt.block_on(tracing::Instrument::instrument(
+        let r = rt.block_on(tracing::Instrument::instrument(
             uplink.run(stop),
             tracing::info_span!("uplink", source = "uplink"),
         ));
+        if let Err(f) = r {
+            fatal.raise(f);
+        }
     })
 }
 
@@ -1200,7 +1220,7 @@ mod tests {
         for _ in 0..4 {
             u.fill(3).unwrap();
             let mut out = Vec::new();
-            u.send_ready(Protocol::V5, 2, 3, usize::MAX, &mut out);
+            u.send_ready(Protocol::V5, 2, 3, usize::MAX, &mut out).unwrap();
             let mut at = 0;
             while let Some((p, n)) = codec::decode(Protocol::V5, &out[at..], 1 << 20).unwrap() {
                 at += n;
@@ -1245,11 +1265,11 @@ mod tests {
         let mut u = uplink(dir.path(), 2, "dead_letter_after = 3");
         u.fill(3).unwrap();
         for _ in 0..10 {
-            u.refused(2, 0x97);
+            u.refused(2, 0x97).unwrap();
         }
         assert_eq!(u.window[1].stage, Stage::Unsent);
         for i in 1..=3 {
-            u.refused(1, 0x87);
+            u.refused(1, 0x87).unwrap();
             assert_eq!(u.window[0].stage == Stage::Done, i == 3, "after {i} refusals");
         }
         let dead = dead::read(dir.path()).unwrap();
