@@ -95,6 +95,11 @@ struct DeviceView {
     /// Readings created: seqs 1..=created.
     created: u64,
     pending: usize,
+    /// `produce` as this step saw it: false means no reading is created
+    /// after this view (a view taken just after `produce` was cleared may
+    /// still be from a step that created one: the last run saw it as a
+    /// reading "nobody sent").
+    producing: bool,
 }
 
 /// The simulated wearable on its own thread: it keeps creating readings at
@@ -127,7 +132,8 @@ impl Wearable {
             let every = Duration::from_secs_f64(1.0 / rate);
             let mut next = Instant::now();
             while !s.load(Ordering::Relaxed) {
-                if p.load(Ordering::Relaxed) && Instant::now() >= next {
+                let producing = p.load(Ordering::Relaxed);
+                if producing && Instant::now() >= next {
                     dev.send_next().expect("device write");
                     next += every;
                     // After a stall (blocked write) do not burst to catch up.
@@ -139,6 +145,7 @@ impl Wearable {
                     acked_through: st.acked_through.unwrap_or(0),
                     created: dev.next_seq() - 1,
                     pending: st.pending,
+                    producing,
                 };
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -719,7 +726,10 @@ fn power_cuts_lose_and_double_nothing() {
     repaired.push(torn);
     startups.push(secs(ready.unwrap()));
     dev.produce.store(false, Ordering::Relaxed);
-    let all_acked = wait_until(FINAL_TIMEOUT, || dev.view().pending == 0);
+    let all_acked = wait_until(FINAL_TIMEOUT, || {
+        let v = dev.view();
+        !v.producing && v.pending == 0
+    });
     let view = dev.view();
     assert!(all_acked, "readings still unacked after {FINAL_TIMEOUT:?}: {view:?}\n{}", vm.console().text);
     let empty = wait_until(FINAL_TIMEOUT, || vm.queue().is_some_and(|q| q.batches == 0));
