@@ -3,11 +3,17 @@
 //! bounded reads and timeouts. A web framework would be most of the binary
 //! for two routes.
 
-use std::sync::Arc;
+use super::Metrics;
+use crate::config::MetricsConfig;
+use crate::queue::Queue;
+use crate::reading::now_ms;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
 
 /// Renders the page at scrape time.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -105,4 +111,48 @@ pub fn fetch(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<S
         return Err(std::io::Error::other(format!("answered {status}")));
     }
     Ok(body.to_string())
+}
+
+/// Bind `[metrics] listen` and serve. A taken port is logged, not fatal:
+/// collecting readings matters more than being scraped.
+pub async fn start(
+    cfg: &MetricsConfig,
+    gateway: &str,
+    max_bytes: u64,
+    metrics: Arc<Metrics>,
+    queue: Arc<Mutex<Queue>>,
+    started: Instant,
+    stop: watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    if !cfg.enabled {
+        return None;
+    }
+    let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("metrics: cannot listen on {}: {e}; /metrics is off until restart", cfg.listen);
+            return None;
+        }
+    };
+    tracing::info!("metrics on http://{}/metrics", listener.local_addr().unwrap_or(cfg.listen));
+    if !cfg.listen.ip().is_loopback() {
+        tracing::warn!(
+            "metrics: {} is not loopback: /metrics has no authentication and names workers' devices; \
+             anyone on that network can read it (bind 127.0.0.1 and scrape through SSH or a proxy)",
+            cfg.listen
+        );
+    }
+    let gateway = gateway.to_string();
+    let render: Render = Arc::new(move || {
+        let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
+        super::render::render(&super::render::Snapshot {
+            metrics: &metrics,
+            gateway: &gateway,
+            queue: st,
+            queue_max_bytes: max_bytes,
+            uptime_s: started.elapsed().as_secs_f64(),
+            now_ms: now_ms(),
+        })
+    });
+    Some(tokio::spawn(serve(listener, render, stop)))
 }

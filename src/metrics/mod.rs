@@ -10,6 +10,7 @@
 pub mod http;
 pub mod render;
 pub mod status;
+pub mod summary;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -17,6 +17,7 @@
 pub mod acks;
 pub mod batch;
 pub mod dedup;
+pub mod task;
 
 use crate::config::{Config, FsyncPolicy};
 use crate::fatal::Fatal;

@@ -69,7 +69,8 @@ impl SerialSource {
     ) -> SerialSource {
         let (ack_tx, ack_rx) = mpsc::channel(ACK_CHANNEL_CAPACITY);
         let name = cfg.name.clone();
-        let task = tokio::spawn(run(cfg, port, tx, ack_rx, metrics, shutdown));
+        let span = tracing::info_span!("serial", source = "serial");
+        let task = tokio::spawn(tracing::Instrument::instrument(run(cfg, port, tx, ack_rx, metrics, shutdown), span));
         SerialSource { name, port, acks: ack_tx, task }
     }
 }

@@ -90,9 +90,9 @@ impl Settings {
 /// What the wearable knows, as of its last step.
 #[derive(Clone, Copy, Debug, Default)]
 struct DeviceView {
-    /// Every reading with seq <= this was acked (the device forgot it).
-    acked_through: u64,
-    /// Readings created: seqs 1..=created.
+    /// Readings acked: seqs `0..acked` (the simulator counts from 0).
+    acked: u64,
+    /// Readings created: seqs `0..created`.
     created: u64,
     pending: usize,
     /// `produce` as this step saw it: false means no reading is created
@@ -142,8 +142,8 @@ impl Wearable {
                 dev.resend_if_stalled().expect("device resend");
                 let st = dev.stats();
                 *v.lock().unwrap() = DeviceView {
-                    acked_through: st.acked_through.unwrap_or(0),
-                    created: dev.next_seq() - 1,
+                    acked: st.acked_through.map_or(0, |a| a + 1),
+                    created: dev.next_seq(),
                     pending: st.pending,
                     producing,
                 };
@@ -617,7 +617,7 @@ fn power_cuts_lose_and_double_nothing() {
                     // names the device would hold its acks for
                     // ack_gap_timeout (30 s) of talking, longer than a
                     // cycle, after every later boot.
-                    let acked = wait_until(BOOT_TIMEOUT, || dev.view().acked_through > 0);
+                    let acked = wait_until(BOOT_TIMEOUT, || dev.view().acked > 0);
                     assert!(acked, "the device got no ack:\n{}", vm.console().text);
                     vm.until(vm.booted.elapsed() + Duration::from_secs(2));
                 }
@@ -708,7 +708,7 @@ fn power_cuts_lose_and_double_nothing() {
             if full { "full" } else { "-" },
             fig.dirty,
             fig.kept,
-            view.acked_through,
+            view.acked,
             got.len(),
             startup.map_or("-".into(), |t| format!("{:.2}", secs(t))),
         );
@@ -751,10 +751,10 @@ fn power_cuts_lose_and_double_nothing() {
     sub.stop();
     drop(broker);
 
-    let lost: Vec<u64> = (1..=view.acked_through).filter(|q| !got.contains_key(q)).collect();
+    let lost: Vec<u64> = (0..view.acked).filter(|q| !got.contains_key(q)).collect();
     let mut dup: Vec<(u64, usize)> = got.iter().filter(|(_, n)| **n > 1).map(|(q, n)| (*q, *n)).collect();
     dup.sort();
-    let unknown = got.keys().filter(|q| **q == 0 || **q > view.created).count();
+    let unknown = got.keys().filter(|q| **q >= view.created).count();
     let cut_cycles = repaired.iter().filter(|b| **b > 0).count();
     let phases: Vec<String> = per_phase.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!(
@@ -771,7 +771,7 @@ fn power_cuts_lose_and_double_nothing() {
     println!(
         "power-cut rig: {} readings created, {} acked, {} delivered ({} in total), lost {}, duplicated {}, unknown {}",
         view.created,
-        view.acked_through,
+        view.acked,
         got.len(),
         received.total_readings,
         lost.len(),

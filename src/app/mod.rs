@@ -34,25 +34,29 @@
 //! sections that need a restart (`[gateway]`, `[pipeline]`, `[store]`, the
 //! rest of `[broker]`, `[metrics]`, `[log]`) are logged as such and keep
 //! their running values. The queue is never
-//! touched by a reload.
+//! touched by a reload. What a reload does is planned by the pure
+//! [`reload::plan`] and carried out by `Sources::apply` (`reload.rs`).
 
-use crate::broker::{Broker, StatusSource, acl};
+mod reload;
+
+use crate::broker::{Broker, StatusSource};
 use crate::config::{Config, SerialConfig};
 use crate::fatal::{EXIT_FATAL, Fatal, FatalTx};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::pipeline::task::Routes;
 use crate::queue::Queue;
-use crate::reading::{Ack, Incoming, LAN_PORT, PortId, now_ms};
+use crate::reading::{Incoming, LAN_PORT, PortId};
 use crate::service::{Beat, Notifier, Watchdog};
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown::Shutdown;
 use crate::source::{ble, serial};
 use crate::uplink::{self, Uplink};
 use anyhow::Context;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Readings waiting between the sources and the pipeline. Enough to ride
@@ -69,17 +73,10 @@ const UPLINK_RELOAD_BUDGET: Duration = Duration::from_secs(3);
 const BROKER_STOP_BUDGET: Duration = Duration::from_millis(600);
 /// BLE tasks stop delivering at once; this bounds their unsubscribe/disconnect.
 const BLE_STOP_BUDGET: Duration = Duration::from_millis(200);
-/// How often the heartbeat task refreshes `STATUS=`.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
-
-/// Ack routes by port: serial ports come and go with reloads.
-type Routes = Arc<Mutex<HashMap<PortId, mpsc::Sender<Ack>>>>;
 
 struct SerialTask {
-    cfg: SerialConfig,
-    port_id: PortId,
+    source: serial::SerialSource,
     stop: Shutdown,
-    task: JoinHandle<()>,
 }
 
 struct BleTask {
@@ -186,13 +183,27 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     let pipeline_fatal = fatal_tx.clone();
     let worker = std::thread::Builder::new()
         .name("pipeline".into())
-        .spawn(move || run_pipeline(pipeline, rx, routes, stop_rx, watchdog, pipeline_fatal))
+        .spawn(move || crate::pipeline::task::run(pipeline, rx, routes, stop_rx, watchdog, pipeline_fatal))
         .context("cannot start the pipeline thread")?;
 
     let side_stop = Shutdown::new();
-    let metrics_task = start_metrics(&cfg, metrics.clone(), queue.clone(), started, side_stop.subscribe()).await;
-    let heartbeat =
-        tokio::spawn(heartbeat(runtime_beat, notifier.clone(), metrics.clone(), queue.clone(), side_stop.subscribe()));
+    let metrics_task = crate::metrics::http::start(
+        &cfg.metrics,
+        &cfg.gateway.id,
+        cfg.store.max_bytes,
+        metrics.clone(),
+        queue.clone(),
+        started,
+        side_stop.subscribe(),
+    )
+    .await;
+    let heartbeat = tokio::spawn(crate::service::heartbeat(
+        runtime_beat,
+        notifier.clone(),
+        metrics.clone(),
+        queue.clone(),
+        side_stop.subscribe(),
+    ));
     tracing::info!(
         "edge-gateway {} running with {} serial port(s), {} BLE device(s), ready in {:.0?}",
         cfg.gateway.id,
@@ -201,7 +212,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         started.elapsed()
     );
     notifier.notify("READY=1");
-    notifier.status(&status_line(&metrics, &queue, 0.0));
+    notifier.status(&crate::service::status_line(&metrics, &queue, 0.0));
 
     // LAN ingest stopping on its own ends the run like SIGTERM, then exits
     // non-zero so systemd restarts the gateway (Restart=on-failure).
@@ -257,7 +268,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
-    log_summary(&metrics);
+    crate::metrics::summary::log(&metrics);
     match failed {
         Some(why) => anyhow::bail!("LAN ingest stopped ({why}); exiting so that the service is restarted"),
         None => Ok(()),
@@ -268,25 +279,21 @@ impl Sources {
     fn start_serial(&mut self, port: SerialConfig) {
         let port_id = self.next_port;
         self.next_port += 1;
-        let (ack_tx, ack_rx) = mpsc::channel(256);
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(port_id, ack_tx);
         let stop = Shutdown::new();
-        let span = tracing::info_span!("serial", source = "serial");
-        let task = tokio::spawn(tracing::Instrument::instrument(
-            serial::run(port.clone(), port_id, self.tx.clone(), ack_rx, self.metrics.clone(), stop.subscribe()),
-            span,
-        ));
-        self.serial.insert(port.name.clone(), SerialTask { cfg: port, port_id, stop, task });
+        let source =
+            serial::SerialSource::spawn(port, port_id, self.tx.clone(), self.metrics.clone(), stop.subscribe());
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(port_id, source.acks.clone());
+        self.serial.insert(source.name.clone(), SerialTask { source, stop });
     }
 
     async fn stop_serial(&mut self, name: &str) {
         let Some(t) = self.serial.remove(name) else { return };
         t.stop.trigger();
-        let mut task = t.task;
+        let mut task = t.source.task;
         if tokio::time::timeout(SOURCE_STOP_BUDGET, &mut task).await.is_err() {
             task.abort();
         }
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.port_id);
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.source.port);
         self.metrics.forget_port(name);
     }
 
@@ -295,8 +302,8 @@ impl Sources {
         let mut aborts = Vec::new();
         for t in std::mem::take(&mut self.serial).into_values() {
             t.stop.trigger();
-            aborts.push(t.task.abort_handle());
-            set.spawn(t.task);
+            aborts.push(t.source.task.abort_handle());
+            set.spawn(t.source.task);
         }
         let _ = tokio::time::timeout(SOURCE_STOP_BUDGET, async { while set.join_next().await.is_some() {} }).await;
         aborts.iter().for_each(|a| a.abort());
@@ -380,103 +387,6 @@ impl Sources {
         }
         true
     }
-
-    /// Apply a new, valid config (see the module doc).
-    async fn apply(&mut self, new: Config) {
-        let old = &self.cfg;
-        let restart_only: Vec<&str> = [
-            ("[gateway]", old.gateway != new.gateway),
-            ("[pipeline]", old.pipeline != new.pipeline),
-            ("[store]", old.store != new.store),
-            ("[broker]", acl::without_acl(&old.broker) != acl::without_acl(&new.broker)),
-            ("[metrics]", old.metrics != new.metrics),
-            ("[log]", old.log != new.log),
-        ]
-        .into_iter()
-        .filter_map(|(name, changed)| changed.then_some(name))
-        .collect();
-        if !restart_only.is_empty() {
-            tracing::warn!(
-                "reload: {} changed; these take effect at the next restart (running values kept)",
-                restart_only.join(", ")
-            );
-        }
-        let mut changes = Vec::new();
-        // The broker's ACL: in force for every connection's next packet.
-        if let Some(store) = &self.broker_acl
-            && store.replace(acl::Acl::from_config(&new.broker))
-        {
-            changes.push(format!("broker ACL replaced ({} rule(s))", store.get().len()));
-        }
-        self.cfg.broker.acl = new.broker.acl.clone();
-        self.cfg.broker.denied_publish = new.broker.denied_publish;
-        for u in &mut self.cfg.broker.users {
-            u.publish = new.broker.users.iter().find(|n| n.name == u.name).and_then(|n| n.publish.clone());
-        }
-        // Serial ports: by name; a changed entry is stopped and started again.
-        let wanted: BTreeMap<String, SerialConfig> = new.serial.iter().map(|p| (p.name.clone(), p.clone())).collect();
-        let gone: Vec<String> = self
-            .serial
-            .iter()
-            .filter(|(name, t)| wanted.get(*name) != Some(&t.cfg))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in &gone {
-            self.stop_serial(name).await;
-            if !wanted.contains_key(name) {
-                changes.push(format!("serial {name} removed"));
-            }
-        }
-        for (name, port) in wanted {
-            if !self.serial.contains_key(&name) {
-                changes.push(if gone.contains(&name) {
-                    format!("serial {name} changed")
-                } else {
-                    format!("serial {name} added")
-                });
-                self.start_serial(port);
-            }
-        }
-        self.cfg.serial = new.serial.clone();
-        // BLE: one hub owns the adapter, so any change restarts it.
-        if self.cfg.ble != new.ble || self.cfg.ble_scan != new.ble_scan {
-            self.stop_ble().await;
-            for b in &self.cfg.ble {
-                if !new.ble.iter().any(|n| n.name == b.name) {
-                    self.metrics.forget_port(&format!("ble:{}", b.name));
-                }
-            }
-            changes.push(format!("BLE restarted with {} device(s)", new.ble.len()));
-            self.cfg.ble = new.ble.clone();
-            self.cfg.ble_scan = new.ble_scan.clone();
-            self.start_ble();
-        }
-        // Upstream: a new session (the PUBREC log handles a different broker).
-        if self.cfg.upstream != new.upstream && !self.stop_uplink().await {
-            changes.push("upstream NOT restarted (the old uplink is stuck)".to_string());
-        } else if self.cfg.upstream != new.upstream {
-            Metrics::set(&self.metrics.upstream_connected, 0);
-            let previous = std::mem::replace(&mut self.cfg.upstream, new.upstream.clone());
-            match self.start_uplink() {
-                Ok(()) => changes.push("upstream reconnecting with the new settings".to_string()),
-                Err(e) => {
-                    tracing::error!(
-                        "reload: cannot start the uplink with the new [upstream] ({e:#}); keeping the old one"
-                    );
-                    self.cfg.upstream = previous;
-                    if let Err(e) = self.start_uplink() {
-                        tracing::error!("reload: the old uplink does not start either: {e:#}");
-                    }
-                }
-            }
-        }
-        Metrics::inc(&self.metrics.reloads);
-        if changes.is_empty() {
-            tracing::info!("reload: config re-read; no source or upstream changes");
-        } else {
-            tracing::info!("reload: {}", changes.join(", "));
-        }
-    }
 }
 
 /// Wait for SIGTERM/SIGINT; SIGHUP reloads the config in between.
@@ -515,212 +425,9 @@ fn monotonic_usec() -> u64 {
         .unwrap_or(0)
 }
 
-/// Bind `[metrics] listen` and serve. A taken port is logged, not fatal:
-/// collecting readings matters more than being scraped.
-async fn start_metrics(
-    cfg: &Config,
-    metrics: Arc<Metrics>,
-    queue: Arc<Mutex<Queue>>,
-    started: Instant,
-    stop: watch::Receiver<bool>,
-) -> Option<JoinHandle<()>> {
-    if !cfg.metrics.enabled {
-        return None;
-    }
-    let listener = match tokio::net::TcpListener::bind(cfg.metrics.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("metrics: cannot listen on {}: {e}; /metrics is off until restart", cfg.metrics.listen);
-            return None;
-        }
-    };
-    tracing::info!("metrics on http://{}/metrics", listener.local_addr().unwrap_or(cfg.metrics.listen));
-    if !cfg.metrics.listen.ip().is_loopback() {
-        tracing::warn!(
-            "metrics: {} is not loopback: /metrics has no authentication and names workers' devices; \
-             anyone on that network can read it (bind 127.0.0.1 and scrape through SSH or a proxy)",
-            cfg.metrics.listen
-        );
-    }
-    let (gateway, max_bytes) = (cfg.gateway.id.clone(), cfg.store.max_bytes);
-    let render: crate::metrics::http::Render = Arc::new(move || {
-        let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
-        crate::metrics::render::render(&crate::metrics::render::Snapshot {
-            metrics: &metrics,
-            gateway: &gateway,
-            queue: st,
-            queue_max_bytes: max_bytes,
-            uptime_s: started.elapsed().as_secs_f64(),
-            now_ms: now_ms(),
-        })
-    });
-    Some(tokio::spawn(crate::metrics::http::serve(listener, render, stop)))
-}
-
-/// Beats for the watchdog (proving this runtime runs) and refreshes the
-/// one-line `STATUS=` that `systemctl status` shows.
-async fn heartbeat(
-    beat: Beat,
-    notifier: Arc<Notifier>,
-    metrics: Arc<Metrics>,
-    queue: Arc<Mutex<Queue>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(beat.every());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut last, mut last_count) = (Instant::now(), Metrics::get(&metrics.readings_accepted));
-    loop {
-        tokio::select! {
-            _ = shutdown::wait(&mut stop) => return,
-            _ = tick.tick() => {}
-        }
-        beat.beat();
-        crate::crashpoint::stall("heartbeat");
-        if last.elapsed() >= STATUS_EVERY {
-            let count = Metrics::get(&metrics.readings_accepted);
-            let rate = (count - last_count) as f64 / last.elapsed().as_secs_f64();
-            (last, last_count) = (Instant::now(), count);
-            notifier.status(&status_line(&metrics, &queue, rate));
-        }
-    }
-}
-
-fn status_line(m: &Metrics, queue: &Mutex<Queue>, rate: f64) -> String {
-    let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
-    let ports = m.ports();
-    let up = ports.values().filter(|p| p.connected).count();
-    let age = st.oldest_created_ms.map(|t| now_ms().saturating_sub(t) / 1000).unwrap_or(0);
-    format!(
-        "{rate:.0} readings/s in, {} duplicates dropped; queue {} batches ({} KiB, oldest {age} s); upstream {}, {} readings delivered; links {up}/{} up",
-        Metrics::get(&m.duplicates_dropped),
-        st.batches,
-        st.bytes / 1024,
-        match (Metrics::get(&m.upstream_configured) > 0, Metrics::get(&m.upstream_connected)) {
-            (false, _) => "not configured",
-            (true, 0) => "disconnected",
-            _ => "connected",
-        },
-        Metrics::get(&m.readings_delivered),
-        ports.len()
-    )
-}
-
-/// The counters, once, at exit: what a test or an operator reading the
-/// journal after a restart wants to know.
-fn log_summary(m: &Metrics) {
-    for (name, c) in m.ports() {
-        tracing::info!("port {name}: {} readings, {} malformed, {} reconnects", c.readings, c.malformed, c.reconnects);
-    }
-    for (topic, c) in m.topics() {
-        tracing::info!("mqtt topic {topic}: {} readings, {} malformed", c.readings, c.malformed);
-    }
-    if Metrics::get(&m.broker_refused) + Metrics::get(&m.readings_republished) > 0 {
-        tracing::info!(
-            "broker: {} connections refused, {} clients disconnected for a forbidden publish, {} readings republished, {} not republished (behind)",
-            Metrics::get(&m.broker_refused),
-            Metrics::get(&m.broker_denied_publishes),
-            Metrics::get(&m.readings_republished),
-            Metrics::get(&m.republish_dropped),
-        );
-    }
-    tracing::info!(
-        "stopped: {} readings accepted, {} duplicates dropped, {} batches queued, {} readings dropped (queue full), {} readings refused (queue full), {} acks sent",
-        Metrics::get(&m.readings_accepted),
-        Metrics::get(&m.duplicates_dropped),
-        Metrics::get(&m.batches_queued),
-        Metrics::get(&m.readings_dropped_full),
-        Metrics::get(&m.readings_rejected_full),
-        Metrics::get(&m.acks_sent),
-    );
-    if Metrics::get(&m.upstream_connects) + Metrics::get(&m.upstream_connect_failures) > 0 {
-        tracing::info!(
-            "uplink: {} batches ({} readings) delivered, {} connects, {} failed attempts, {} PUBLISH re-sent with DUP, {} PUBREL re-sent, {} batches re-sent after a lost session, {} refused by the broker, {} too large, {} corrupt skipped",
-            Metrics::get(&m.batches_delivered),
-            Metrics::get(&m.readings_delivered),
-            Metrics::get(&m.upstream_connects),
-            Metrics::get(&m.upstream_connect_failures),
-            Metrics::get(&m.publishes_resent_dup),
-            Metrics::get(&m.pubrels_resent),
-            Metrics::get(&m.batches_resent_session_lost),
-            Metrics::get(&m.batches_refused),
-            Metrics::get(&m.batches_too_large),
-            Metrics::get(&m.batches_corrupt_skipped),
-        );
-    }
-}
-
-/// The pipeline thread's loop: take readings as they come, wake for batch
-/// ages, group commits and watchdog pings, and route acks back to their ports.
-fn run_pipeline(
-    mut p: Pipeline,
-    mut rx: mpsc::Receiver<Incoming>,
-    routes: Routes,
-    mut stop: watch::Receiver<bool>,
-    mut watchdog: Watchdog,
-    fatal: FatalTx,
-) -> anyhow::Result<mpsc::Receiver<Incoming>> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-    let r = rt.block_on(async move {
-        loop {
-            let deadline = tokio::time::Instant::from_std(p.next_deadline().min(watchdog.next_due()));
-            tokio::select! {
-                biased;
-                _ = shutdown::wait(&mut stop) => break,
-                msg = rx.recv() => match msg {
-                    Some(first) => {
-                        let (now, ms) = (Instant::now(), now_ms());
-                        p.ingest(first, now, ms)?;
-                        // Take what is already queued without waking again.
-                        for _ in 0..4096 {
-                            match rx.try_recv() {
-                                Ok(inc) => p.ingest(inc, now, ms)?,
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-            send_acks(&routes, p.tick(Instant::now())?);
-            crate::crashpoint::stall("pipeline-loop");
-            watchdog.alive(Instant::now());
-        }
-        // Whatever the sources handed over is the pipeline's to keep.
-        let (now, ms) = (Instant::now(), now_ms());
-        while let Ok(inc) = rx.try_recv() {
-            p.ingest(inc, now, ms)?;
-        }
-        send_acks(&routes, p.close()?);
-        // The channel goes back to `run`, alive: a port whose channel closed
-        // would stop at once, before writing the final acks.
-        Ok::<_, Fatal>(rx)
-    });
-    // A fatal error stops the loop before anything more is acked; `run`
-    // exits on it.
-    r.map_err(|f| {
-        fatal.raise(f.clone());
-        f.into()
-    })
-}
-
 /// The one place the process exits on a [`Fatal`] (see [`crate::fatal`]).
 fn exit_fatal(f: &Fatal, notifier: &Notifier) -> ! {
     tracing::error!("{f}; exiting with status {EXIT_FATAL} (the service manager restarts the gateway)");
     notifier.notify(&format!("STATUS=fatal: {f}"));
     std::process::exit(EXIT_FATAL)
-}
-
-fn send_acks(routes: &Routes, acks: Vec<(PortId, Ack)>) {
-    if acks.is_empty() {
-        return;
-    }
-    let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
-    for (port, ack) in acks {
-        // A full or closed route means the port is busy or down: the device
-        // resends, and its duplicate triggers a fresh cumulative ack.
-        if let Some(route) = routes.get(&port) {
-            let _ = route.try_send(ack);
-        }
-    }
 }

@@ -1,0 +1,87 @@
+//! The pipeline thread: its loop and where the acks it produces go.
+//!
+//! One OS thread with a single-threaded runtime of its own, because the
+//! pipeline fsyncs and an fsync must not stall the sources' runtime. It also
+//! sends systemd's `WATCHDOG=1` (see [`crate::service::Watchdog`]).
+
+use super::Pipeline;
+use crate::fatal::{Fatal, FatalTx};
+use crate::reading::{Ack, Incoming, PortId, now_ms};
+use crate::service::Watchdog;
+use crate::shutdown;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc, watch};
+
+/// Ack routes by port: serial ports come and go with reloads.
+pub type Routes = Arc<Mutex<HashMap<PortId, mpsc::Sender<Ack>>>>;
+
+/// The pipeline thread's loop: take readings as they come, wake for batch
+/// ages, group commits and watchdog pings, and route acks back to their ports.
+pub fn run(
+    mut p: Pipeline,
+    mut rx: mpsc::Receiver<Incoming>,
+    routes: Routes,
+    mut stop: watch::Receiver<bool>,
+    mut watchdog: Watchdog,
+    fatal: FatalTx,
+) -> anyhow::Result<mpsc::Receiver<Incoming>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    let r = rt.block_on(async move {
+        loop {
+            let deadline = tokio::time::Instant::from_std(p.next_deadline().min(watchdog.next_due()));
+            tokio::select! {
+                biased;
+                _ = shutdown::wait(&mut stop) => break,
+                msg = rx.recv() => match msg {
+                    Some(first) => {
+                        let (now, ms) = (Instant::now(), now_ms());
+                        p.ingest(first, now, ms)?;
+                        // Take what is already queued without waking again.
+                        for _ in 0..4096 {
+                            match rx.try_recv() {
+                                Ok(inc) => p.ingest(inc, now, ms)?,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            send_acks(&routes, p.tick(Instant::now())?);
+            crate::crashpoint::stall("pipeline-loop");
+            watchdog.alive(Instant::now());
+        }
+        // Whatever the sources handed over is the pipeline's to keep.
+        let (now, ms) = (Instant::now(), now_ms());
+        while let Ok(inc) = rx.try_recv() {
+            p.ingest(inc, now, ms)?;
+        }
+        send_acks(&routes, p.close()?);
+        // The channel goes back to `run`, alive: a port whose channel closed
+        // would stop at once, before writing the final acks.
+        Ok::<_, Fatal>(rx)
+    });
+    // A fatal error stops the loop before anything more is acked; `run`
+    // exits on it.
+    r.map_err(|f| {
+        fatal.raise(f.clone());
+        f.into()
+    })
+}
+
+fn send_acks(routes: &Routes, acks: Vec<(PortId, Ack)>) {
+    if acks.is_empty() {
+        return;
+    }
+    let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+    for (port, ack) in acks {
+        // A full or closed route means the port is busy or down: the device
+        // resends, and its duplicate triggers a fresh cumulative ack.
+        if let Some(route) = routes.get(&port) {
+            let _ = route.try_send(ack);
+        }
+    }
+}
