@@ -96,7 +96,7 @@ fn full(lines: &[Vec<u8>], fsync: FsyncPolicy, format: Format) -> Run {
         }
         let ms = edge_gateway::reading::now_ms();
         let (reading, ts_from_device) = wire::parse_jsonl(l, None, ms).expect("valid line");
-        p.ingest(Incoming::new(reading, ts_from_device, 0), now, ms).unwrap();
+        p.ingest(Incoming::new(reading, ts_from_device, edge_gateway::Origin::Serial(0)), now, ms).unwrap();
     }
     p.close().unwrap();
     let secs = t.elapsed().as_secs_f64();

@@ -69,7 +69,7 @@ fn fill(dir: &Path, bytes: u64) {
                 value: Value::Number(60.0 + (seq % 40) as f64),
                 boot: None,
             };
-            p.ingest(Incoming::new(reading, true, 0), now, ms).unwrap();
+            p.ingest(Incoming::new(reading, true, edge_gateway::Origin::Serial(0)), now, ms).unwrap();
         }
         seq += 1;
         if seq % 2048 == 0 {

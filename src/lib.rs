@@ -11,7 +11,9 @@
 //!   take none.
 //! * [`pipeline`] — [`pipeline::dedup`] drops what a device resent,
 //!   [`pipeline::batch`] groups readings into [`reading::Batch`]es, and
-//!   [`pipeline::acks`] turns durable readings into cumulative acks.
+//!   [`pipeline::acks`] turns durable readings into cumulative acks, which
+//!   go back to each device's link through the [`route`] table (keyed by
+//!   the reading's [`reading::Origin`]).
 //! * [`queue`] — the durable on-disk queue: append-only segments with
 //!   length + CRC framing, group commit, an ack ledger, torn-tail repair.
 //! * [`uplink`] — drains the queue to the upstream MQTT broker over TLS,
@@ -38,6 +40,7 @@ pub mod perms;
 pub mod pipeline;
 pub mod queue;
 pub mod reading;
+pub mod route;
 pub mod service;
 pub mod shutdown;
 pub mod sim;
@@ -45,4 +48,4 @@ pub mod source;
 pub mod uplink;
 pub mod wire;
 
-pub use reading::{Ack, Batch, Format, Incoming, Reading, Value};
+pub use reading::{Ack, Batch, Format, Incoming, Origin, Reading, Value};

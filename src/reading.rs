@@ -261,25 +261,39 @@ impl Batch {
     }
 }
 
-/// Where a reading came in, so its ack can go back the same way. Serial
-/// ports get small numbers, handed out as they are configured (a reload
-/// never reuses one); the two below are fixed.
-pub type PortId = usize;
+/// Where a reading came in: the link its acks (and, later, commands from
+/// the cloud) go back over ([`crate::route`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Origin {
+    /// A serial port (a charging dock, a BLE-UART dongle), numbered as the
+    /// ports are configured; a reload never reuses a number.
+    Serial(u32),
+    /// A LAN device through the embedded broker: its acks are MQTT's, one
+    /// per message.
+    Lan,
+    /// A Bluetooth LE device: it takes no acks.
+    Ble,
+}
 
-/// BLE readings: BLE devices take no acks, so this port has no ack route.
-pub const BLE_PORT: PortId = usize::MAX;
-/// Readings from LAN devices through the embedded broker.
-pub const LAN_PORT: PortId = usize::MAX - 1;
+impl Origin {
+    /// The kinds, for metrics labels; [`Origin::kind`] indexes this.
+    pub const KINDS: [&'static str; 3] = ["serial", "lan", "ble"];
 
-/// Source kinds, for metrics labels; [`source_index`] indexes this.
-pub const SOURCE_KINDS: [&str; 3] = ["serial", "lan", "ble"];
+    /// The kind of source, as an index into [`Origin::KINDS`].
+    pub fn kind(self) -> usize {
+        match self {
+            Origin::Serial(_) => 0,
+            Origin::Lan => 1,
+            Origin::Ble => 2,
+        }
+    }
 
-/// The kind of source behind a port, as an index into [`SOURCE_KINDS`].
-pub fn source_index(port: PortId) -> usize {
-    match port {
-        BLE_PORT => 2,
-        LAN_PORT => 1,
-        _ => 0,
+    /// Whether the device forgets everything at or below an ack. A serial
+    /// device does, so an ack must never start above a seq the gateway did
+    /// not see. A LAN device gets one MQTT ack per message, for that message
+    /// only. (BLE devices take no acks.)
+    pub fn cumulative_acks(self) -> bool {
+        self != Origin::Lan
     }
 }
 
@@ -289,16 +303,16 @@ pub struct Incoming {
     pub reading: Reading,
     /// True when the device sent `ts` itself (then a resend carries the same ts).
     pub ts_from_device: bool,
-    /// The source port (index into the pipeline's ack routes).
-    pub port: PortId,
+    /// The link it came over (where its ack goes).
+    pub origin: Origin,
     /// A BTHome packet id: not a sequence (a u8 that wraps), it only says
     /// "the same measurement as the device's previous advert" when repeated.
     pub packet_id: Option<u8>,
 }
 
 impl Incoming {
-    pub fn new(reading: Reading, ts_from_device: bool, port: PortId) -> Incoming {
-        Incoming { reading, ts_from_device, port, packet_id: None }
+    pub fn new(reading: Reading, ts_from_device: bool, origin: Origin) -> Incoming {
+        Incoming { reading, ts_from_device, origin, packet_id: None }
     }
 }
 

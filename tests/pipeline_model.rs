@@ -339,9 +339,13 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
         CLOCK.store(1_800_000_000_000 + virtual_ms, Ordering::SeqCst);
         let from_device = dev.kind != Kind::Plain;
         let r = if from_device { r } else { Reading { ts: clock(), ..r } };
-        p.ingest(Incoming::new(r, from_device, 0), now, clock()).unwrap();
+        p.ingest(Incoming::new(r, from_device, edge_gateway::Origin::Serial(0)), now, clock()).unwrap();
     };
-    let deliver = |devices: &mut Vec<Device>, acks: Vec<(usize, Ack)>, rng: &mut XorShift, now_ms: u64, lossy: bool| {
+    let deliver = |devices: &mut Vec<Device>,
+                   acks: Vec<(edge_gateway::Origin, Ack)>,
+                   rng: &mut XorShift,
+                   now_ms: u64,
+                   lossy: bool| {
         for (_, a) in acks {
             if trace {
                 eprintln!("  ack {a:?}");

@@ -3,9 +3,10 @@
 
 use edge_gateway::config::{Framing, SerialConfig};
 use edge_gateway::metrics::{Metrics, PortCounters};
+use edge_gateway::route::ToDevice;
 use edge_gateway::sim::{Malformed, SimConfig, SimDevice, open_pty, point_symlink};
 use edge_gateway::source::serial;
-use edge_gateway::{Ack, Incoming};
+use edge_gateway::{Ack, Incoming, Origin};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -84,9 +85,16 @@ impl Gateway {
         log_capture();
         let metrics = Arc::new(Metrics::default());
         let (tx, mut rx) = mpsc::channel::<Incoming>(64);
-        let (ack_tx, ack_rx) = mpsc::channel::<Ack>(64);
+        let (ack_tx, ack_rx) = mpsc::channel::<ToDevice>(64);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(serial::run(config(name, path, framing), 3, tx, ack_rx, metrics.clone(), stop_rx));
+        let task = tokio::spawn(serial::run(
+            config(name, path, framing),
+            Origin::Serial(3),
+            tx,
+            ack_rx,
+            metrics.clone(),
+            stop_rx,
+        ));
         let received = Arc::new(Mutex::new(Vec::new()));
         let rec = received.clone();
         let acks_from = tokio::time::Instant::now() + hold;
@@ -98,7 +106,7 @@ impl Gateway {
                     let h = highest.entry(inc.reading.device.clone()).or_insert(seq);
                     *h = (*h).max(seq);
                     tokio::time::sleep_until(acks_from).await;
-                    let _ = ack_tx.send(Ack { device: inc.reading.device, seq: *h, boot: None }).await;
+                    let _ = ack_tx.send(ToDevice::Ack(Ack { device: inc.reading.device, seq: *h, boot: None })).await;
                 }
             }
         });
@@ -189,7 +197,7 @@ async fn streaming(framing: Framing) {
 
     let unique: BTreeMap<u64, _> = {
         let rec = gw.received.lock().unwrap();
-        assert!(rec.iter().all(|i| i.port == 3 && i.ts_from_device));
+        assert!(rec.iter().all(|i| i.origin == Origin::Serial(3) && i.ts_from_device));
         rec.iter().map(|i| (i.reading.seq.unwrap(), i.reading.clone())).collect()
     };
     assert_eq!(unique.into_values().collect::<Vec<_>>(), dev.created());
@@ -312,7 +320,7 @@ async fn shutdown_writes_acks_already_received_then_stops() {
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(serial::run(
         config(PORT, &pty.slave_path, Framing::Jsonl),
-        0,
+        Origin::Serial(0),
         tx,
         ack_rx,
         metrics.clone(),
@@ -330,7 +338,7 @@ async fn shutdown_writes_acks_already_received_then_stops() {
     assert_eq!(inc.reading.seq, Some(1));
 
     // The ack and the shutdown arrive together: the ack must still go out.
-    ack_tx.send(Ack { device: "wrist-03".into(), seq: 1, boot: None }).await.unwrap();
+    ack_tx.send(ToDevice::Ack(Ack { device: "wrist-03".into(), seq: 1, boot: None })).await.unwrap();
     let t = Instant::now();
     stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops within 1 s").unwrap();

@@ -44,9 +44,9 @@ use crate::config::{Config, SerialConfig};
 use crate::fatal::{EXIT_FATAL, Fatal, FatalTx};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::pipeline::task::Routes;
 use crate::queue::Queue;
-use crate::reading::{Incoming, LAN_PORT, PortId};
+use crate::reading::{Incoming, Origin};
+use crate::route::RouteTable;
 use crate::service::{Beat, Notifier, Watchdog};
 use crate::shutdown::Shutdown;
 use crate::source::{ble, serial};
@@ -88,8 +88,9 @@ struct BleTask {
 struct Sources {
     cfg: Config,
     serial: BTreeMap<String, SerialTask>,
-    next_port: PortId,
-    routes: Routes,
+    /// The number of the next serial port (`Origin::Serial`); never reused.
+    next_port: u32,
+    routes: RouteTable,
     ble: Option<BleTask>,
     uplink: Option<(Shutdown, std::thread::JoinHandle<()>)>,
     /// An uplink thread that did not stop may still own the PUBREC log.
@@ -134,14 +135,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
 
     let pipeline_stop = Shutdown::new();
     let (tx, rx) = mpsc::channel(INGEST_CHANNEL);
-    let routes: Routes = Arc::default();
+    let routes = RouteTable::default();
     // The broker first: a taken port must stop start-up before anything runs.
     let mut broker = None;
     if cfg.broker.enabled {
-        let (ack_tx, ack_rx) = mpsc::channel(1024);
-        routes.lock().unwrap_or_else(|e| e.into_inner()).insert(LAN_PORT, ack_tx);
+        let (route, acks) = routes.register(Origin::Lan, 1024);
         let status = StatusSource { gateway: cfg.gateway.id.clone(), queue: queue.clone() };
-        let b = Broker::start(&cfg, tx.clone(), LAN_PORT, ack_rx, metrics.clone(), status)
+        let b = Broker::start(&cfg, tx.clone(), route, acks, metrics.clone(), status)
             .await
             .context("cannot start the embedded MQTT broker")?;
         if !cfg.broker.republish.is_empty()
@@ -277,12 +277,17 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
 
 impl Sources {
     fn start_serial(&mut self, port: SerialConfig) {
-        let port_id = self.next_port;
+        let number = self.next_port;
         self.next_port += 1;
         let stop = Shutdown::new();
-        let source =
-            serial::SerialSource::spawn(port, port_id, self.tx.clone(), self.metrics.clone(), stop.subscribe());
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(port_id, source.acks.clone());
+        let source = serial::SerialSource::spawn(
+            port,
+            number,
+            self.tx.clone(),
+            &self.routes,
+            self.metrics.clone(),
+            stop.subscribe(),
+        );
         self.serial.insert(source.name.clone(), SerialTask { source, stop });
     }
 
@@ -293,7 +298,6 @@ impl Sources {
         if tokio::time::timeout(SOURCE_STOP_BUDGET, &mut task).await.is_err() {
             task.abort();
         }
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.source.port);
         self.metrics.forget_port(name);
     }
 

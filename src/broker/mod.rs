@@ -67,7 +67,8 @@ pub mod topic;
 use crate::config::{BrokerConfig, Config};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
-use crate::reading::{Ack, Incoming, PortId, Reading};
+use crate::reading::{Ack, Incoming, Reading};
+use crate::route::{Route, ToDevice};
 use crate::shutdown::{self, Shutdown};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
@@ -360,13 +361,14 @@ impl Broker {
 
     /// Bind the listeners (failing with the port named if one is taken),
     /// start rumqttd and the ingest and publish sides.
-    /// LAN readings reach the pipeline as coming from `port`; the pipeline's
-    /// acks for them come back on `acks`.
+    /// LAN readings reach the pipeline as `Origin::Lan`; the pipeline's
+    /// acks for them come back on `acks`, the link registered as `route`
+    /// (held for as long as the broker takes acks).
     pub async fn start(
         cfg: &Config,
         tx: mpsc::Sender<Incoming>,
-        port: PortId,
-        acks: mpsc::Receiver<Ack>,
+        route: Route,
+        acks: mpsc::Receiver<ToDevice>,
         metrics: Arc<Metrics>,
         status: StatusSource,
     ) -> Result<Broker, BrokerError> {
@@ -441,15 +443,8 @@ impl Broker {
         let flow = Arc::new(Flow::new(INGEST_LAG_LIMIT));
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
         let ingest_task = {
-            let run = crate::source::lan::run(
-                link_rx,
-                ingest.clone(),
-                flow.clone(),
-                port,
-                tx,
-                metrics.clone(),
-                stop.subscribe(),
-            );
+            let run =
+                crate::source::lan::run(link_rx, ingest.clone(), flow.clone(), tx, metrics.clone(), stop.subscribe());
             let gate = stop.clone();
             tokio::spawn(async move {
                 if let Err(why) = run.await {
@@ -477,7 +472,8 @@ impl Broker {
         let ack_task = {
             let (durable, mut acks) = (durable.clone(), acks);
             tokio::spawn(async move {
-                while let Some(ack) = acks.recv().await {
+                let _route = route;
+                while let Some(ToDevice::Ack(ack)) = acks.recv().await {
                     durable.acked(&ack);
                 }
             })

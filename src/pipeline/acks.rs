@@ -39,7 +39,7 @@
 //! * a duplicate means the device missed an ack, so the current watermark is
 //!   sent again after the next commit.
 
-use crate::reading::{Ack, LAN_PORT, PortId};
+use crate::reading::{Ack, Origin};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 
@@ -55,7 +55,7 @@ struct DeviceAck {
     /// Durable seqs above `watermark + 1`, waiting for the gap to fill.
     above: BTreeSet<u64>,
     gap_since_ms: Option<u64>,
-    port: Option<PortId>,
+    origin: Option<Origin>,
     dirty: bool,
     /// When the device last sent anything (new or resent).
     last_seen_ms: u64,
@@ -94,13 +94,14 @@ const MAX_ABOVE: usize = 65_536;
 /// Bound on the skipped ranges kept per device (oldest forgotten first).
 const MAX_SKIPPED: usize = 16;
 
-/// Whether acks to this port are cumulative in the device's eyes. A serial
-/// (or unknown) port's device forgets everything at or below an ack, so an
+/// Whether acks over this link are cumulative in the device's eyes (see
+/// [`Origin::cumulative_acks`]). A serial (or unknown) link's device forgets
+/// everything at or below an ack, so an
 /// ack must never start above a seq the gateway did not see. LAN devices get
 /// one MQTT ack per message, for that message only, so the front door can
 /// use the watermark from the first durable seq on.
-fn cumulative(port: Option<PortId>) -> bool {
-    port != Some(LAN_PORT)
+fn cumulative(origin: Option<Origin>) -> bool {
+    origin.is_none_or(Origin::cumulative_acks)
 }
 
 impl DeviceAck {
@@ -190,10 +191,10 @@ impl AckTracker {
         })
     }
 
-    /// The device sent a reading through `port` (acks go back there).
-    pub fn route(&mut self, device: &str, boot: Option<u32>, port: PortId, now_ms: u64) {
+    /// The device sent a reading over `origin` (acks go back there).
+    pub fn route(&mut self, device: &str, boot: Option<u32>, origin: Origin, now_ms: u64) {
         let d = self.dev(device, boot);
-        d.port = Some(port);
+        d.origin = Some(origin);
         if now_ms.saturating_sub(d.last_seen_ms) > AWAY_MS && d.gap_since_ms.is_some() {
             // Back from being away: the gap has to outlast a timeout of talk.
             d.gap_since_ms = Some(now_ms);
@@ -281,7 +282,7 @@ impl AckTracker {
         }
         let was_named = d.watermark.is_some();
         d.refused.remove(&seq);
-        let cumulative = cumulative(d.port);
+        let cumulative = cumulative(d.origin);
         let hold = d.refused.first().is_some_and(|&r| r < seq) || !d.above.is_empty();
         match d.watermark {
             // Nothing can be below 0: a device that counts from 0 is acked at once.
@@ -365,7 +366,7 @@ impl AckTracker {
             let refused_inside = d.refused.range(..next).next().is_some();
             // A LAN device's acks are per message: nothing to wait for below
             // its first seq (see `cumulative`).
-            let first_lan = d.watermark.is_none() && !cumulative(d.port) && !refused_inside;
+            let first_lan = d.watermark.is_none() && !cumulative(d.origin) && !refused_inside;
             if first_lan || (allow_skip && expired && talking && !refused_inside) || d.above.len() > MAX_ABOVE {
                 // Give up on the gap (or on finding anything below a new
                 // device's first seq): the missing seqs never existed.
@@ -397,9 +398,9 @@ impl AckTracker {
         self.dev(device, boot).dirty = true;
     }
 
-    /// Acks to send now, one per device that changed, with its port.
+    /// Acks to send now, one per device that changed, with its link.
     /// Also resolves gaps that outlived the timeout.
-    pub fn take_acks(&mut self, now_ms: u64) -> Vec<(PortId, Ack)> {
+    pub fn take_acks(&mut self, now_ms: u64) -> Vec<(Origin, Ack)> {
         let mut out = Vec::new();
         let timeout = self.gap_timeout_ms;
         for ((name, boot), d) in self.devices.iter_mut() {
@@ -412,9 +413,9 @@ impl AckTracker {
             if !d.dirty {
                 continue;
             }
-            if let (Some(port), Some(w)) = (d.port, d.watermark) {
+            if let (Some(origin), Some(w)) = (d.origin, d.watermark) {
                 d.dirty = false;
-                out.push((port, Ack { device: name.clone(), seq: w, boot: *boot }));
+                out.push((origin, Ack { device: name.clone(), seq: w, boot: *boot }));
             }
         }
         out
@@ -540,7 +541,7 @@ mod tests {
     /// A tracker that already acked `a` through `w` on port 0.
     fn named(w: u64) -> AckTracker {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", N, 0, 0);
+        t.route("a", N, Origin::Serial(0), 0);
         for s in 0..=w {
             t.durable("a", N, s, 0);
         }
@@ -551,7 +552,7 @@ mod tests {
     #[test]
     fn contiguous_run_is_acked_once_per_change() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", N, 0, 0);
+        t.route("a", N, Origin::Serial(0), 0);
         for s in 0..=9 {
             t.durable("a", N, s, 0);
         }
@@ -574,15 +575,15 @@ mod tests {
     #[test]
     fn gap_is_skipped_after_the_timeout_of_a_talking_device() {
         let mut t = named(1);
-        t.route("a", N, 3, 0);
+        t.route("a", N, Origin::Serial(3), 0);
         t.durable("a", N, 5, 0);
         // The device keeps resending (5 and later) without ever sending 2..4.
         for ms in (0..=30_000).step_by(1000) {
-            t.route("a", N, 3, ms);
+            t.route("a", N, Origin::Serial(3), ms);
         }
         assert_eq!(acks(&mut t, 29_999), vec![1]);
         let out = t.take_acks(30_000);
-        assert_eq!(out, vec![(3, Ack { device: "a".into(), seq: 5, boot: None })]);
+        assert_eq!(out, vec![(Origin::Serial(3), Ack { device: "a".into(), seq: 5, boot: None })]);
     }
 
     /// L2: a port opened mid-line garbles seq 41; 42 arrives first. An ack of
@@ -590,22 +591,22 @@ mod tests {
     #[test]
     fn first_contact_never_acks_above_a_seq_it_did_not_see() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", N, 0, 0);
+        t.route("a", N, Origin::Serial(0), 0);
         t.durable("a", N, 42, 0);
         assert!(acks(&mut t, 0).is_empty(), "42 must not cover 41");
         // The resend brings 41: still nothing until the device has talked for
         // the timeout (40 might come too).
-        t.route("a", N, 0, 500);
+        t.route("a", N, Origin::Serial(0), 500);
         t.durable("a", N, 41, 500);
         assert!(acks(&mut t, 500).is_empty());
         for ms in (1000..=30_500).step_by(1000) {
-            t.route("a", N, 0, ms);
+            t.route("a", N, Origin::Serial(0), ms);
         }
         assert_eq!(acks(&mut t, 30_500), vec![42]);
         // A device that counts from 0 needs no wait: nothing is below 0.
-        t.route("b", N, 0, 40_000);
+        t.route("b", N, Origin::Serial(0), 40_000);
         t.durable("b", N, 0, 40_000);
-        assert_eq!(t.take_acks(40_000), vec![(0, Ack { device: "b".into(), seq: 0, boot: None })]);
+        assert_eq!(t.take_acks(40_000), vec![(Origin::Serial(0), Ack { device: "b".into(), seq: 0, boot: None })]);
     }
 
     #[test]
@@ -613,7 +614,7 @@ mod tests {
         // LAN acks are per message (the front door's PUBACK), not cumulative
         // in the device's eyes: no reason to wait.
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("l", N, LAN_PORT, 0);
+        t.route("l", N, Origin::Lan, 0);
         t.durable("l", N, 7, 0);
         assert_eq!(acks(&mut t, 0), vec![7]);
     }
@@ -624,7 +625,7 @@ mod tests {
         t.refused("a", N, 2); // queue full
         t.durable("a", N, 3, 0); // space again
         for ms in (0..=120_000).step_by(1000) {
-            t.route("a", N, 0, ms); // the device keeps resending 2, refused each time
+            t.route("a", N, Origin::Serial(0), ms); // the device keeps resending 2, refused each time
             t.refused("a", N, 2);
         }
         assert_eq!(acks(&mut t, 120_000), vec![1], "2 exists: never ack past it");
@@ -640,7 +641,7 @@ mod tests {
         // Unplugged for a minute: nothing moves.
         assert!(acks(&mut t, 60_000).is_empty());
         // Back: its resend brings 2..4 well within a fresh timeout.
-        t.route("a", N, 0, 60_000);
+        t.route("a", N, Origin::Serial(0), 60_000);
         assert!(acks(&mut t, 61_000).is_empty(), "the gap clock restarted on return");
         for s in 2..=4 {
             t.durable("a", N, s, 61_000);
@@ -653,7 +654,7 @@ mod tests {
     #[test]
     fn counter_restart_waits_for_the_new_incarnation_like_a_first_contact() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", N, 0, 0);
+        t.route("a", N, Origin::Serial(0), 0);
         assert_eq!(t.accepted("a", N, 0, 4000, true), Seen::New);
         t.durable("a", N, 0, 0);
         for s in 1..=100 {
@@ -665,12 +666,12 @@ mod tests {
         assert_eq!(t.accepted("a", N, 4, 9000, true), Seen::New);
         t.durable("a", N, 4, 1);
         assert!(acks(&mut t, 1).is_empty(), "neither the old 100 nor 4 may be acked: 3 is unseen");
-        t.route("a", N, 0, 500);
+        t.route("a", N, Origin::Serial(0), 500);
         assert_eq!(t.accepted("a", N, 3, 8999, true), Seen::New, "the resend of 3 is new, not stale");
         t.durable("a", N, 3, 500);
         // 1 and 2 may still come; once the device has talked for the timeout without them:
         for ms in (1000..=31_000).step_by(1000) {
-            t.route("a", N, 0, ms);
+            t.route("a", N, Origin::Serial(0), ms);
         }
         assert_eq!(acks(&mut t, 31_000), vec![4]);
         // A stale resend of the old incarnation (old ts) stays covered.
@@ -681,7 +682,7 @@ mod tests {
     #[test]
     fn a_stale_resend_is_covered_and_does_not_drag_the_watermark_back() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", N, 0, 0);
+        t.route("a", N, Origin::Serial(0), 0);
         for s in 0..=100 {
             assert_eq!(t.accepted("a", N, s, 1000 + s, true), Seen::New);
             t.durable("a", N, s, 0);
@@ -701,7 +702,7 @@ mod tests {
         let mut t = named(1);
         t.durable("a", N, 5, 0);
         for ms in (0..=30_000).step_by(1000) {
-            t.route("a", N, 0, ms);
+            t.route("a", N, Origin::Serial(0), ms);
         }
         assert_eq!(acks(&mut t, 30_000), vec![5]);
         // 3 was given up on (never stored): if it comes, store it...
@@ -716,12 +717,12 @@ mod tests {
     #[test]
     fn boots_have_watermarks_of_their_own() {
         let mut t = AckTracker::new(Duration::from_secs(30));
-        t.route("a", Some(6), 0, 0);
+        t.route("a", Some(6), Origin::Serial(0), 0);
         for s in 0..=40 {
             t.durable("a", Some(6), s, 0);
         }
         // Rebooted: boot 7 counts from 0 again, same values, no clock.
-        t.route("a", Some(7), 0, 0);
+        t.route("a", Some(7), Origin::Serial(0), 0);
         assert_eq!(t.accepted("a", Some(7), 0, 0, false), Seen::New);
         t.durable("a", Some(7), 0, 0);
         let mut out = t.take_acks(0);
@@ -729,8 +730,8 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                (0, Ack { device: "a".into(), seq: 40, boot: Some(6) }),
-                (0, Ack { device: "a".into(), seq: 0, boot: Some(7) })
+                (Origin::Serial(0), Ack { device: "a".into(), seq: 40, boot: Some(6) }),
+                (Origin::Serial(0), Ack { device: "a".into(), seq: 0, boot: Some(7) })
             ]
         );
         assert_eq!(t.accepted("a", Some(6), 3, 0, false), Seen::Covered);
@@ -749,12 +750,12 @@ mod tests {
         let bytes = postcard::to_allocvec(&snap).unwrap();
         let mut u = AckTracker::new(Duration::from_secs(30));
         u.restore(postcard::from_bytes(&bytes).unwrap(), 0);
-        u.route("a", N, 1, 0);
+        u.route("a", N, Origin::Serial(1), 0);
         u.durable("a", N, 2, 0);
         assert_eq!(acks(&mut u, 0), vec![3]);
-        u.route("b", Some(2), 1, 0);
+        u.route("b", Some(2), Origin::Serial(1), 0);
         u.duplicate("b", Some(2));
-        assert_eq!(u.take_acks(0), vec![(1, Ack { device: "b".into(), seq: 0, boot: Some(2) })]);
+        assert_eq!(u.take_acks(0), vec![(Origin::Serial(1), Ack { device: "b".into(), seq: 0, boot: Some(2) })]);
     }
 
     #[test]
@@ -764,7 +765,7 @@ mod tests {
         let snap: AckSnapshot = postcard::from_bytes::<AckSnapshotV1>(&bytes).unwrap().into();
         let mut t = AckTracker::new(Duration::from_secs(30));
         t.restore(snap, 0);
-        t.route("a", N, 0, 0);
+        t.route("a", N, Origin::Serial(0), 0);
         t.durable("a", N, 10, 0);
         assert_eq!(acks(&mut t, 0), vec![11]);
     }

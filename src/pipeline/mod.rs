@@ -24,7 +24,7 @@ use crate::fatal::Fatal;
 use crate::metrics::DeviceCounters;
 use crate::metrics::Metrics;
 use crate::queue::{AppendOutcome, CRC, OpenReport, Queue, QueueError, QueueOptions};
-use crate::reading::{Ack, Batch, Format, Incoming, PortId, Reading, SOURCE_KINDS, now_ms, source_index};
+use crate::reading::{Ack, Batch, Format, Incoming, Origin, Reading, now_ms};
 use std::collections::HashMap;
 
 use acks::{AckSnapshot, AckSnapshotV1, AckTracker, Seen};
@@ -107,8 +107,8 @@ pub struct Pipeline {
     /// Where accepted readings are republished (the embedded broker), if anywhere.
     republish: Option<tokio::sync::mpsc::Sender<Reading>>,
     /// Per-device counts since the last tick, handed to [`Metrics`] in one go.
-    /// Keyed by device, then by source kind ([`SOURCE_KINDS`]).
-    tallies: HashMap<String, [DeviceCounters; SOURCE_KINDS.len()]>,
+    /// Keyed by device, then by source kind ([`Origin::KINDS`]).
+    tallies: HashMap<String, [DeviceCounters; Origin::KINDS.len()]>,
     /// Ids of the records `drop_oldest` evicted, newest last (bounded).
     evicted: std::collections::VecDeque<std::ops::RangeInclusive<u64>>,
 }
@@ -243,10 +243,10 @@ impl Pipeline {
     /// Take one reading from a source. An `Err` is a failed commit: from
     /// then on nothing more may be acked (see [`crate::fatal`]).
     pub fn ingest(&mut self, inc: Incoming, now: Instant, now_ms: u64) -> Result<(), Fatal> {
-        let Incoming { reading, ts_from_device, port, packet_id } = inc;
+        let Incoming { reading, ts_from_device, origin, packet_id } = inc;
         self.last_now = self.last_now.max(now);
         if reading.seq.is_some() {
-            self.acks.route(&reading.device, reading.boot, port, now_ms);
+            self.acks.route(&reading.device, reading.boot, origin, now_ms);
         }
         let (mut verdict, reused) = self.dedup.check_full(&reading, ts_from_device, packet_id, now_ms);
         if let Some(old_ts) = reused.filter(|_| reading.boot.is_none()) {
@@ -262,7 +262,7 @@ impl Pipeline {
             Metrics::inc(&self.metrics.stale_resends);
             verdict = Verdict::Duplicate;
         }
-        self.tally(port, &reading.device, verdict);
+        self.tally(origin, &reading.device, verdict);
         match verdict {
             Verdict::Duplicate => {
                 Metrics::inc(&self.metrics.duplicates_dropped);
@@ -298,8 +298,8 @@ impl Pipeline {
         Ok(())
     }
 
-    fn tally(&mut self, port: PortId, device: &str, verdict: Verdict) {
-        let kind = source_index(port);
+    fn tally(&mut self, origin: Origin, device: &str, verdict: Verdict) {
+        let kind = origin.kind();
         // No allocation once the device is known: this runs per reading.
         let t = match self.tallies.get_mut(device) {
             Some(t) => &mut t[kind],
@@ -317,7 +317,7 @@ impl Pipeline {
             return;
         }
         let drained = self.tallies.drain().flat_map(|(device, per_kind)| {
-            SOURCE_KINDS
+            Origin::KINDS
                 .iter()
                 .zip(per_kind)
                 .filter(|(_, c)| c.readings + c.duplicates > 0)
@@ -430,7 +430,7 @@ impl Pipeline {
 
     /// Time-driven work: close aged batches, group commit, checkpoint.
     /// Returns the acks to write to the devices.
-    pub fn tick(&mut self, now: Instant) -> Result<Vec<(PortId, Ack)>, Fatal> {
+    pub fn tick(&mut self, now: Instant) -> Result<Vec<(Origin, Ack)>, Fatal> {
         self.last_now = self.last_now.max(now);
         let ms = (self.clock)();
         self.flush_tallies();
@@ -479,7 +479,7 @@ impl Pipeline {
     }
 
     /// Shutdown: everything in the open batch goes to disk; returns the final acks.
-    pub fn close(&mut self) -> Result<Vec<(PortId, Ack)>, Fatal> {
+    pub fn close(&mut self) -> Result<Vec<(Origin, Ack)>, Fatal> {
         self.flush_tallies();
         match self.checkpoint() {
             Ok(()) => {}
@@ -556,7 +556,7 @@ mod tests {
                 boot: None,
             },
             ts_from_device: true,
-            port: 0,
+            origin: Origin::Serial(0),
             packet_id: None,
         }
     }
@@ -585,7 +585,10 @@ mod tests {
         feed(&mut p, 0..=4); // one full batch, appended, not committed
         assert!(p.tick(Instant::now()).unwrap().is_empty(), "no ack before the fsync");
         p.commit().unwrap();
-        assert_eq!(p.tick(Instant::now()).unwrap(), vec![(0, Ack { device: "d".into(), seq: 4, boot: None })]);
+        assert_eq!(
+            p.tick(Instant::now()).unwrap(),
+            vec![(Origin::Serial(0), Ack { device: "d".into(), seq: 4, boot: None })]
+        );
     }
 
     #[test]
@@ -704,7 +707,7 @@ mod tests {
     /// Feeds readings, commits and returns the acks the device got.
     fn round(p: &mut Pipeline, rs: &[Reading], from_device: bool) -> Vec<Ack> {
         for r in rs {
-            p.ingest(Incoming::new(r.clone(), from_device, 0), Instant::now(), now_ms()).unwrap();
+            p.ingest(Incoming::new(r.clone(), from_device, Origin::Serial(0)), Instant::now(), now_ms()).unwrap();
         }
         p.checkpoint().unwrap();
         p.tick(Instant::now()).unwrap().into_iter().map(|(_, a)| a).collect()
@@ -791,7 +794,7 @@ mod tests {
                     boot: None,
                 },
                 false,
-                crate::reading::BLE_PORT,
+                Origin::Ble,
             )
         };
         for i in 0..600u32 {

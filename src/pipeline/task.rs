@@ -6,23 +6,19 @@
 
 use super::Pipeline;
 use crate::fatal::{Fatal, FatalTx};
-use crate::reading::{Ack, Incoming, PortId, now_ms};
+use crate::reading::{Ack, Incoming, Origin, now_ms};
+use crate::route::{RouteTable, ToDevice};
 use crate::service::Watchdog;
 use crate::shutdown;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
-
-/// Ack routes by port: serial ports come and go with reloads.
-pub type Routes = Arc<Mutex<HashMap<PortId, mpsc::Sender<Ack>>>>;
 
 /// The pipeline thread's loop: take readings as they come, wake for batch
 /// ages, group commits and watchdog pings, and route acks back to their ports.
 pub fn run(
     mut p: Pipeline,
     mut rx: mpsc::Receiver<Incoming>,
-    routes: Routes,
+    routes: RouteTable,
     mut stop: watch::Receiver<bool>,
     mut watchdog: Watchdog,
     fatal: FatalTx,
@@ -72,16 +68,10 @@ pub fn run(
     })
 }
 
-fn send_acks(routes: &Routes, acks: Vec<(PortId, Ack)>) {
-    if acks.is_empty() {
-        return;
-    }
-    let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
-    for (port, ack) in acks {
-        // A full or closed route means the port is busy or down: the device
-        // resends, and its duplicate triggers a fresh cumulative ack.
-        if let Some(route) = routes.get(&port) {
-            let _ = route.try_send(ack);
-        }
+fn send_acks(routes: &RouteTable, acks: Vec<(Origin, Ack)>) {
+    // A link that is busy, or gone, drops its ack: the device resends, and
+    // its duplicate triggers a fresh cumulative ack.
+    for (origin, ack) in acks {
+        routes.try_send(origin, ToDevice::Ack(ack));
     }
 }

@@ -22,7 +22,7 @@
 use crate::broker::Flow;
 use crate::broker::topic::TopicPattern;
 use crate::metrics::Metrics;
-use crate::reading::{Incoming, PortId, now_ms};
+use crate::reading::{Incoming, Origin, now_ms};
 use crate::shutdown;
 use crate::wire;
 use rumqttd::Notification;
@@ -50,12 +50,11 @@ pub async fn run(
     mut link: LinkRx,
     pattern: TopicPattern,
     flow: Arc<Flow>,
-    port: PortId,
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let mut ingest = Ingest { pattern, flow, port, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
+    let mut ingest = Ingest { pattern, flow, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
     loop {
         tokio::select! {
             biased;
@@ -97,7 +96,6 @@ async fn idle_next(flow: &Flow, link: &mut LinkRx) -> Result<Option<Notification
 struct Ingest {
     pattern: TopicPattern,
     flow: Arc<Flow>,
-    port: PortId,
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     topics: HashSet<String>,
@@ -132,7 +130,7 @@ impl Ingest {
         match parsed {
             Ok((reading, ts_from_device)) => {
                 self.metrics.topic(&key, |c| c.readings += 1);
-                let sent = self.tx.send(Incoming::new(reading, ts_from_device, self.port)).await.is_ok();
+                let sent = self.tx.send(Incoming::new(reading, ts_from_device, Origin::Lan)).await.is_ok();
                 self.flow.taken(bytes);
                 sent
             }

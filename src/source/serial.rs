@@ -19,7 +19,8 @@
 
 use crate::config::SerialConfig;
 use crate::metrics::Metrics;
-use crate::reading::{Ack, Incoming, PortId, now_ms};
+use crate::reading::{Ack, Incoming, Origin, now_ms};
+use crate::route::{Route, RouteTable, ToDevice};
 use crate::wire::{self, FrameSplitter, WireError};
 use std::io;
 use std::pin::Pin;
@@ -51,28 +52,51 @@ pub const ACK_CHANNEL_CAPACITY: usize = 256;
 #[derive(Debug)]
 pub struct SerialSource {
     pub name: String,
-    pub port: PortId,
-    /// Where the pipeline sends this port's acks.
-    pub acks: mpsc::Sender<Ack>,
+    pub origin: Origin,
     /// Ends after shutdown fires (or if the pipeline's receiver is gone).
     pub task: JoinHandle<()>,
 }
 
 impl SerialSource {
-    /// Spawn [`run`] for one port, creating its ack channel.
+    /// Spawn [`run`] for one port as `Origin::Serial(number)`, its link
+    /// registered in `routes` for as long as the task runs.
     pub fn spawn(
         cfg: SerialConfig,
-        port: PortId,
+        number: u32,
         tx: mpsc::Sender<Incoming>,
+        routes: &RouteTable,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> SerialSource {
-        let (ack_tx, ack_rx) = mpsc::channel(ACK_CHANNEL_CAPACITY);
+        let origin = Origin::Serial(number);
+        let (route, down) = routes.register(origin, ACK_CHANNEL_CAPACITY);
         let name = cfg.name.clone();
         let span = tracing::info_span!("serial", source = "serial");
-        let task = tokio::spawn(tracing::Instrument::instrument(run(cfg, port, tx, ack_rx, metrics, shutdown), span));
-        SerialSource { name, port, acks: ack_tx, task }
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _route: Route = route;
+                run(cfg, origin, tx, down, metrics, shutdown).await
+            },
+            span,
+        ));
+        SerialSource { name, origin, task }
     }
+}
+
+/// Keep only the highest seq per device and boot: acks are cumulative, so
+/// that one says it all. Never across boots: an ack of one boot says
+/// nothing about another's readings (merging by device alone once turned
+/// "boot 7 through 0" followed by "boot 6 through 40" into "boot 7 through
+/// 40", freeing readings of boot 7 the gateway had never stored).
+fn merge_acks(acks: impl IntoIterator<Item = Ack>) -> Vec<Ack> {
+    let mut out: Vec<Ack> = Vec::new();
+    for a in acks {
+        match out.iter_mut().find(|x| x.device == a.device && x.boot == a.boot) {
+            Some(x) => x.seq = x.seq.max(a.seq),
+            None => out.push(a),
+        }
+    }
+    out
 }
 
 /// Runs until `shutdown` fires. Never returns an error for port problems: a
@@ -88,16 +112,16 @@ impl SerialSource {
 /// counts once).
 pub async fn run(
     cfg: SerialConfig,
-    port_id: PortId,
+    origin: Origin,
     tx: mpsc::Sender<Incoming>,
-    acks: mpsc::Receiver<Ack>,
+    acks: mpsc::Receiver<ToDevice>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
     let splitter = FrameSplitter::new(cfg.framing);
     Port {
         cfg,
-        port_id,
+        origin,
         tx,
         acks,
         acks_open: true,
@@ -120,9 +144,9 @@ enum End {
 
 struct Port {
     cfg: SerialConfig,
-    port_id: PortId,
+    origin: Origin,
     tx: mpsc::Sender<Incoming>,
-    acks: mpsc::Receiver<Ack>,
+    acks: mpsc::Receiver<ToDevice>,
     /// False once every ack sender is gone, so `recv` is not polled in a
     /// tight loop on a closed channel.
     acks_open: bool,
@@ -240,7 +264,7 @@ impl Port {
                 _ = stopped(&mut self.shutdown) => return false,
                 _ = &mut sleep => return true,
                 ack = self.acks.recv(), if self.acks_open => match ack {
-                    Some(ack) => debug!(port = %self.cfg.name, device = %ack.device, seq = ack.seq,
+                    Some(ToDevice::Ack(ack)) => debug!(port = %self.cfg.name, device = %ack.device, seq = ack.seq,
                         "port down, dropping ack (the device will resend)"),
                     None => self.acks_open = false,
                 },
@@ -260,7 +284,7 @@ impl Port {
                     return End::Shutdown;
                 }
                 ack = self.acks.recv(), if self.acks_open => match ack {
-                    Some(ack) => {
+                    Some(ToDevice::Ack(ack)) => {
                         if let Err(e) = self.write_acks(port, ack).await {
                             return End::Lost(describe(&e));
                         }
@@ -287,7 +311,7 @@ impl Port {
         let mut out = Vec::new();
         let mut malformed: Vec<WireError> = Vec::new();
         let now = now_ms();
-        let (framing, default_device, port) = (self.cfg.framing, self.cfg.device.as_deref(), self.port_id);
+        let (framing, default_device, port) = (self.cfg.framing, self.cfg.device.as_deref(), self.origin);
         self.splitter.feed(chunk, |frame| {
             match frame.and_then(|f| wire::parse_reading(framing, f, default_device, now)) {
                 Ok((reading, ts_from_device)) => out.push(Incoming::new(reading, ts_from_device, port)),
@@ -335,7 +359,7 @@ impl Port {
                     return Ok(());
                 }
                 ack = self.acks.recv(), if self.acks_open => match ack {
-                    Some(ack) => {
+                    Some(ToDevice::Ack(ack)) => {
                         if let Err(e) = self.write_acks(port, ack).await {
                             return Err(End::Lost(describe(&e)));
                         }
@@ -346,17 +370,13 @@ impl Port {
         }
     }
 
-    /// Collect `first` and every ack already queued, keeping only the
-    /// highest seq per device: acks are cumulative, so that one says it all.
+    /// Collect `first` and every ack already queued (see [`merge_acks`]).
     fn take_acks(&mut self, first: Option<Ack>) -> Vec<Ack> {
-        let mut acks: Vec<Ack> = first.into_iter().collect();
-        while let Ok(a) = self.acks.try_recv() {
-            match acks.iter_mut().find(|x| x.device == a.device) {
-                Some(x) => x.seq = x.seq.max(a.seq),
-                None => acks.push(a),
-            }
+        let mut queued = Vec::new();
+        while let Ok(ToDevice::Ack(a)) = self.acks.try_recv() {
+            queued.push(a);
         }
-        acks
+        merge_acks(first.into_iter().chain(queued))
     }
 
     fn encode_acks(&self, acks: &[Ack]) -> Vec<u8> {
@@ -690,5 +710,23 @@ pub mod fallback {
             port.set_exclusive(false).unwrap();
             assert!(!exclusive(&pty.slave), "TIOCNXCL did not clear the lock");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(device: &str, boot: Option<u32>, seq: u64) -> Ack {
+        Ack { device: device.into(), seq, boot }
+    }
+
+    #[test]
+    fn queued_acks_merge_per_device_and_boot_never_across_boots() {
+        // A rebooted device (boot 7) whose old readings of boot 6 were
+        // resent and stored after the new boot's first ack was queued.
+        let merged = merge_acks([ack("a", Some(7), 0), ack("a", Some(6), 40), ack("a", Some(7), 3), ack("b", None, 9)]);
+        assert_eq!(merged, [ack("a", Some(7), 3), ack("a", Some(6), 40), ack("b", None, 9)]);
+        assert_eq!(merge_acks([ack("a", None, 5), ack("a", None, 2)]), [ack("a", None, 5)]);
     }
 }

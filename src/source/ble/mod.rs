@@ -28,15 +28,15 @@
 //!   never polls it, it classifies devices once per session from events,
 //!   and bounds its own cache.
 //!
-//! BLE has no acks: every reading goes to the pipeline with port
-//! [`BLE_PORT`], which has no ack route.
+//! BLE has no acks: every reading goes to the pipeline as
+//! [`Origin::Ble`], which has no ack route.
 
 pub mod bthome;
 pub mod decode;
 
 use crate::config::{BleConfig, BleProfile, BleScanConfig, Framing};
 use crate::metrics::Metrics;
-use crate::reading::{Incoming, Reading, Value, now_ms};
+use crate::reading::{Incoming, Origin, Reading, Value, now_ms};
 use crate::wire::{self, FrameSplitter};
 use btleplug::api::{
     Central, CentralEvent, CentralState, CharPropFlags, Characteristic, Manager as _, Peripheral as _, ScanFilter,
@@ -54,7 +54,6 @@ use uuid::Uuid;
 
 /// The port id of every BLE reading: no ack route exists for it, so the
 /// pipeline's acks for BLE devices are dropped (BLE devices do not resend).
-pub use crate::reading::BLE_PORT;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -932,12 +931,12 @@ impl Device {
     }
 
     async fn deliver(&mut self, reading: Reading, ts_from_device: bool) -> Result<(), DevEnd> {
-        self.send(Incoming::new(reading, ts_from_device, BLE_PORT)).await
+        self.send(Incoming::new(reading, ts_from_device, Origin::Ble)).await
     }
 
     /// A BTHome measurement, with the advert's packet id (if it has one).
     async fn deliver_advert(&mut self, reading: Reading, packet_id: Option<u8>) -> Result<(), DevEnd> {
-        self.send(Incoming { packet_id, ..Incoming::new(reading, false, BLE_PORT) }).await
+        self.send(Incoming { packet_id, ..Incoming::new(reading, false, Origin::Ble) }).await
     }
 
     async fn send(&mut self, inc: Incoming) -> Result<(), DevEnd> {

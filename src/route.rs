@@ -1,0 +1,122 @@
+//! The way back to a device: one table from each [`Origin`] to its link.
+//!
+//! Readings go up one shared channel to the pipeline. What goes down to a
+//! device (today the pipeline's acks; commands from the cloud will take the
+//! same way) needs the link the device is on. A source registers its link
+//! with [`RouteTable::register`] and keeps the returned [`Route`] for as long
+//! as the link runs: dropping it (the task ended, a reload removed the port)
+//! takes the entry out, so nothing is ever sent into a link that is gone.
+//!
+//! Sending never waits: a link that is busy or gone drops the message, and
+//! for acks that is safe (the device resends, and its duplicate triggers a
+//! fresh cumulative ack).
+
+use crate::reading::{Ack, Origin};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// What travels down a link to a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToDevice {
+    /// Every reading of the device up to the ack's seq is durable.
+    Ack(Ack),
+}
+
+type Links = HashMap<Origin, mpsc::Sender<ToDevice>>;
+
+/// Origin → link; cheap to clone, shared by the sources and the pipeline.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    links: Arc<Mutex<Links>>,
+}
+
+impl RouteTable {
+    /// Register `origin`'s link with room for `capacity` messages: they
+    /// arrive on the returned receiver until the [`Route`] is dropped. A
+    /// second registration of the same origin replaces the first.
+    pub fn register(&self, origin: Origin, capacity: usize) -> (Route, mpsc::Receiver<ToDevice>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        self.lock().insert(origin, tx.clone());
+        (Route { table: self.clone(), origin, tx }, rx)
+    }
+
+    /// Hand `msg` to `origin`'s link without waiting. False when the origin
+    /// has no link now, or its link is full or closed.
+    pub fn try_send(&self, origin: Origin, msg: ToDevice) -> bool {
+        self.lock().get(&origin).is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// Whether `origin` has a link now.
+    pub fn has(&self, origin: Origin) -> bool {
+        self.lock().contains_key(&origin)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Links> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A registered link; unregisters on drop.
+#[derive(Debug)]
+pub struct Route {
+    table: RouteTable,
+    origin: Origin,
+    tx: mpsc::Sender<ToDevice>,
+}
+
+impl Route {
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        let mut links = self.table.lock();
+        // Only our own entry: a newer registration of the origin stays.
+        if links.get(&self.origin).is_some_and(|tx| tx.same_channel(&self.tx)) {
+            links.remove(&self.origin);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(seq: u64) -> ToDevice {
+        ToDevice::Ack(Ack { device: "d".into(), seq, boot: None })
+    }
+
+    #[test]
+    fn a_route_lives_as_long_as_its_guard() {
+        let t = RouteTable::default();
+        assert!(!t.try_send(Origin::Serial(0), ack(1)), "no link yet");
+        let (route, mut rx) = t.register(Origin::Serial(0), 4);
+        assert!(t.try_send(Origin::Serial(0), ack(1)));
+        assert!(!t.try_send(Origin::Lan, ack(1)), "only the registered origin");
+        assert_eq!(rx.try_recv().unwrap(), ack(1));
+        drop(route);
+        assert!(!t.has(Origin::Serial(0)));
+        assert!(!t.try_send(Origin::Serial(0), ack(2)));
+    }
+
+    #[test]
+    fn a_full_link_drops_instead_of_waiting() {
+        let t = RouteTable::default();
+        let (_route, _rx) = t.register(Origin::Lan, 1);
+        assert!(t.try_send(Origin::Lan, ack(1)));
+        assert!(!t.try_send(Origin::Lan, ack(2)));
+    }
+
+    #[test]
+    fn an_old_guard_does_not_remove_a_newer_registration() {
+        let t = RouteTable::default();
+        let (old, _rx1) = t.register(Origin::Serial(3), 4);
+        let (_new, mut rx2) = t.register(Origin::Serial(3), 4);
+        drop(old);
+        assert!(t.try_send(Origin::Serial(3), ack(7)));
+        assert_eq!(rx2.try_recv().unwrap(), ack(7));
+    }
+}
