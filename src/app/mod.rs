@@ -35,7 +35,7 @@
 //! rest of `[broker]`, `[metrics]`, `[log]`) are logged as such and keep
 //! their running values. The queue is never
 //! touched by a reload. What a reload does is planned by the pure
-//! [`reload::plan`] and carried out by `Sources::apply` (`reload.rs`).
+//! `reload::plan` and carried out by `Sources::apply` (`reload.rs`).
 
 mod reload;
 
@@ -49,7 +49,7 @@ use crate::reading::{Incoming, Origin};
 use crate::route::RouteTable;
 use crate::service::{Beat, Notifier, Watchdog};
 use crate::shutdown::Shutdown;
-use crate::source::{ble, serial};
+use crate::source::{SourceContext, ble, lan, serial};
 use crate::uplink::{self, Uplink};
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -141,9 +141,26 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     if cfg.broker.enabled {
         let (route, acks) = routes.register(Origin::Lan, 1024);
         let status = StatusSource { gateway: cfg.gateway.id.clone(), queue: queue.clone() };
-        let b = Broker::start(&cfg, tx.clone(), route, acks, metrics.clone(), status)
+        let (mut b, feed) = Broker::start(&cfg, route, acks, metrics.clone(), status)
             .await
             .context("cannot start the embedded MQTT broker")?;
+        // The LAN source, like any other; it stops with the broker, which
+        // also supervises it (an end of its own closes the LAN side).
+        let ctx = SourceContext {
+            ingest: tx.clone(),
+            metrics: metrics.clone(),
+            routes: routes.clone(),
+            shutdown: b.stopping(),
+        };
+        let failure = b.ingest_failure();
+        b.adopt_ingest(tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(why) = lan::run(feed, ctx).await {
+                    failure.report(why);
+                }
+            },
+            tracing::info_span!("lan", source = "lan"),
+        )));
         if !cfg.broker.republish.is_empty()
             && let Some(rp) = &b.republish
         {
@@ -276,18 +293,21 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
 }
 
 impl Sources {
+    /// What every source is started with; `stop` is its own stop signal.
+    fn context(&self, stop: &Shutdown) -> SourceContext {
+        SourceContext {
+            ingest: self.tx.clone(),
+            metrics: self.metrics.clone(),
+            routes: self.routes.clone(),
+            shutdown: stop.subscribe(),
+        }
+    }
+
     fn start_serial(&mut self, port: SerialConfig) {
         let number = self.next_port;
         self.next_port += 1;
         let stop = Shutdown::new();
-        let source = serial::SerialSource::spawn(
-            port,
-            number,
-            self.tx.clone(),
-            &self.routes,
-            self.metrics.clone(),
-            stop.subscribe(),
-        );
+        let source = serial::SerialSource::spawn(port, number, self.context(&stop));
         self.serial.insert(source.name.clone(), SerialTask { source, stop });
     }
 
@@ -323,13 +343,7 @@ impl Sources {
         }
         let stop = Shutdown::new();
         let task = tokio::spawn(tracing::Instrument::instrument(
-            ble::run(
-                self.cfg.ble.clone(),
-                self.cfg.ble_scan.clone(),
-                self.tx.clone(),
-                self.metrics.clone(),
-                stop.subscribe(),
-            ),
+            ble::run(self.cfg.ble.clone(), self.cfg.ble_scan.clone(), self.context(&stop)),
             tracing::info_span!("ble", source = "ble"),
         ));
         self.ble = Some(BleTask { stop, task });

@@ -20,7 +20,9 @@
 //! * Our front door ([`proxy`]): one tokio task per public listener (tcp,
 //!   tls, websocket) on the main runtime, one task per client.
 //! * The ingest task ([`crate::source::lan`]) on the main runtime, reading
-//!   the local link with its async `next()`. It is supervised: should it
+//!   the local link ([`LanFeed`]) with its async `next()`. [`crate::app`]
+//!   starts it like every source; the broker supervises it
+//!   ([`Broker::adopt_ingest`], [`IngestFailure`]): should it
 //!   ever stop on its own (the link closed), rumqttd would go on acking
 //!   LAN publishes nobody takes, so the broker closes every LAN connection
 //!   and listener at once and the gateway exits non-zero for systemd to
@@ -67,7 +69,7 @@ pub mod topic;
 use crate::config::{BrokerConfig, Config};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
-use crate::reading::{Ack, Incoming, Reading};
+use crate::reading::{Ack, Reading};
 use crate::route::{Route, ToDevice};
 use crate::shutdown::{self, Shutdown};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
@@ -325,11 +327,39 @@ pub struct StatusSource {
     pub queue: Arc<Mutex<Queue>>,
 }
 
+/// What the LAN source ([`crate::source::lan`]) reads: the broker's local
+/// link, subscribed to `ingest`, and the [`Flow`] it reports to.
+pub struct LanFeed {
+    pub link: LinkRx,
+    pub pattern: TopicPattern,
+    pub flow: Arc<Flow>,
+}
+
+/// How the LAN source says it stopped on its own. Nothing would take LAN
+/// readings any more, yet rumqttd would go on acking them: every LAN
+/// connection and listener is closed at once, and [`Broker::failure`]
+/// resolves so the gateway exits non-zero.
+#[derive(Clone)]
+pub struct IngestFailure {
+    gate: Shutdown,
+    failed: Arc<tokio::sync::watch::Sender<Option<String>>>,
+}
+
+impl IngestFailure {
+    pub fn report(&self, why: String) {
+        error!("broker: LAN ingest stopped ({why}); closing the LAN listeners, the gateway will exit");
+        self.gate.trigger();
+        self.failed.send_replace(Some(why));
+    }
+}
+
 /// A running broker; see the module docs for what it owns.
 pub struct Broker {
     stop: Shutdown,
     listeners: JoinSet<()>,
-    ingest: tokio::task::JoinHandle<()>,
+    /// The LAN source's task, once [`Broker::adopt_ingest`] handed it over.
+    ingest: Option<tokio::task::JoinHandle<()>>,
+    ingest_failure: IngestFailure,
     acks: tokio::task::JoinHandle<()>,
     internal: Option<std::thread::JoinHandle<()>>,
     publisher: Option<std::thread::JoinHandle<()>>,
@@ -366,12 +396,11 @@ impl Broker {
     /// (held for as long as the broker takes acks).
     pub async fn start(
         cfg: &Config,
-        tx: mpsc::Sender<Incoming>,
         route: Route,
         acks: mpsc::Receiver<ToDevice>,
         metrics: Arc<Metrics>,
         status: StatusSource,
-    ) -> Result<Broker, BrokerError> {
+    ) -> Result<(Broker, LanFeed), BrokerError> {
         let b = &cfg.broker;
         // Bind first: nothing is started if a port is taken.
         let mut bound = Vec::new();
@@ -442,21 +471,7 @@ impl Broker {
 
         let flow = Arc::new(Flow::new(INGEST_LAG_LIMIT));
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
-        let ingest_task = {
-            let run =
-                crate::source::lan::run(link_rx, ingest.clone(), flow.clone(), tx, metrics.clone(), stop.subscribe());
-            let gate = stop.clone();
-            tokio::spawn(async move {
-                if let Err(why) = run.await {
-                    // Nothing would take LAN readings any more, yet rumqttd
-                    // would go on acking them: close every LAN connection and
-                    // listener now, and let the gateway exit non-zero.
-                    error!("broker: LAN ingest stopped ({why}); closing the LAN listeners, the gateway will exit");
-                    gate.trigger();
-                    failed_tx.send_replace(Some(why));
-                }
-            })
-        };
+        let feed = LanFeed { link: link_rx, pattern: ingest.clone(), flow: flow.clone() };
 
         let (rp_tx, rp_rx) = mpsc::channel(REPUBLISH_CHANNEL);
         let publisher = {
@@ -523,10 +538,12 @@ impl Broker {
             acl.get().len(),
             if b.allow_anonymous { "allowed" } else { "refused" }
         );
-        Ok(Broker {
+        let failure = IngestFailure { gate: stop.clone(), failed: Arc::new(failed_tx) };
+        let broker = Broker {
             stop,
             listeners,
-            ingest: ingest_task,
+            ingest: None,
+            ingest_failure: failure,
             acks: ack_task,
             internal: Some(internal_thread),
             publisher: Some(publisher),
@@ -534,7 +551,26 @@ impl Broker {
             local_addrs,
             failed,
             acl,
-        })
+        };
+        Ok((broker, feed))
+    }
+
+    /// The broker's stop signal: the LAN source stops with it.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Supervise the LAN source's task (started by [`crate::app`] on the
+    /// [`LanFeed`]): [`Broker::stop`] waits for it to hand over what the
+    /// router already forwarded, and it reports an end of its own through
+    /// [`Broker::ingest_failure`].
+    pub fn adopt_ingest(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.ingest = Some(task);
+    }
+
+    /// For the LAN source's task: how to say it stopped on its own.
+    pub fn ingest_failure(&self) -> IngestFailure {
+        self.ingest_failure.clone()
     }
 
     /// Close every listener and client, stop the internal servers, and let
@@ -544,9 +580,11 @@ impl Broker {
         let end = tokio::time::Instant::now() + budget;
         let _ = tokio::time::timeout_at(end, async { while self.listeners.join_next().await.is_some() {} }).await;
         self.listeners.abort_all();
-        if tokio::time::timeout_at(end, &mut self.ingest).await.is_err() {
+        if let Some(ingest) = &mut self.ingest
+            && tokio::time::timeout_at(end, &mut *ingest).await.is_err()
+        {
             warn!("broker: ingest did not finish within {budget:?}");
-            self.ingest.abort();
+            ingest.abort();
         }
         if let Some(t) = self.internal.take() {
             let _ = tokio::time::timeout_at(end, tokio::task::spawn_blocking(move || t.join())).await;

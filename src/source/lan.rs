@@ -19,18 +19,19 @@
 //! back in the front door while this task is behind (rumqttd itself would
 //! drop what a slow subscriber has not read yet).
 
-use crate::broker::Flow;
 use crate::broker::topic::TopicPattern;
+use crate::broker::{Flow, LanFeed};
 use crate::metrics::Metrics;
 use crate::reading::{Incoming, Origin, now_ms};
 use crate::shutdown;
+use crate::source::SourceContext;
 use crate::wire;
 use rumqttd::Notification;
 use rumqttd::local::LinkRx;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 /// Topics counted one by one; past this many, the rest share one counter,
@@ -45,15 +46,11 @@ const DRAIN_QUIET: Duration = Duration::from_millis(150);
 /// and returns Ok. Returns Err, at once, when it cannot go on (the local
 /// link closed, or the pipeline is gone while not stopping): the broker
 /// then closes its listeners and the gateway exits non-zero (see
-/// [`crate::broker`], "LAN ingest supervision").
-pub async fn run(
-    mut link: LinkRx,
-    pattern: TopicPattern,
-    flow: Arc<Flow>,
-    tx: mpsc::Sender<Incoming>,
-    metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), String> {
+/// [`crate::broker`], "LAN ingest supervision"). `ctx.shutdown` is the
+/// broker's stop signal ([`crate::broker::Broker::stopping`]).
+pub async fn run(feed: LanFeed, ctx: SourceContext) -> Result<(), String> {
+    let LanFeed { mut link, pattern, flow } = feed;
+    let SourceContext { ingest: tx, metrics, shutdown: mut stop, .. } = ctx;
     let mut ingest = Ingest { pattern, flow, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
     loop {
         tokio::select! {

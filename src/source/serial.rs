@@ -20,7 +20,8 @@
 use crate::config::SerialConfig;
 use crate::metrics::Metrics;
 use crate::reading::{Ack, Incoming, Origin, now_ms};
-use crate::route::{Route, RouteTable, ToDevice};
+use crate::route::{Route, ToDevice};
+use crate::source::SourceContext;
 use crate::wire::{self, FrameSplitter, WireError};
 use std::io;
 use std::pin::Pin;
@@ -59,17 +60,11 @@ pub struct SerialSource {
 
 impl SerialSource {
     /// Spawn [`run`] for one port as `Origin::Serial(number)`, its link
-    /// registered in `routes` for as long as the task runs.
-    pub fn spawn(
-        cfg: SerialConfig,
-        number: u32,
-        tx: mpsc::Sender<Incoming>,
-        routes: &RouteTable,
-        metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
-    ) -> SerialSource {
+    /// registered in the context's route table for as long as the task runs.
+    pub fn spawn(cfg: SerialConfig, number: u32, ctx: SourceContext) -> SerialSource {
         let origin = Origin::Serial(number);
-        let (route, down) = routes.register(origin, ACK_CHANNEL_CAPACITY);
+        let (route, down) = ctx.routes.register(origin, ACK_CHANNEL_CAPACITY);
+        let SourceContext { ingest: tx, metrics, shutdown, .. } = ctx;
         let name = cfg.name.clone();
         let span = tracing::info_span!("serial", source = "serial");
         let task = tokio::spawn(tracing::Instrument::instrument(

@@ -37,6 +37,7 @@ pub mod decode;
 use crate::config::{BleConfig, BleProfile, BleScanConfig, Framing};
 use crate::metrics::Metrics;
 use crate::reading::{Incoming, Origin, Reading, Value, now_ms};
+use crate::source::SourceContext;
 use crate::wire::{self, FrameSplitter};
 use btleplug::api::{
     Central, CentralEvent, CentralState, CharPropFlags, Characteristic, Manager as _, Peripheral as _, ScanFilter,
@@ -185,13 +186,9 @@ impl DeviceHandle {
 
 /// Run every `[[ble]]` device until `shutdown` fires. Never returns an
 /// error: BlueZ and radio problems are retried (see the module doc).
-pub async fn run(
-    devices: Vec<BleConfig>,
-    scan: BleScanConfig,
-    tx: mpsc::Sender<Incoming>,
-    metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, ctx: SourceContext) {
+    // BLE devices take no acks: nothing to register in `ctx.routes` yet.
+    let SourceContext { ingest: tx, metrics, shutdown, .. } = ctx;
     let mut tasks = JoinSet::new();
     let mut handles = Vec::new();
     for cfg in devices {
