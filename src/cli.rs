@@ -293,7 +293,7 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
 
 fn open_queue(path: &Path) -> anyhow::Result<Queue> {
     let cfg = load(path)?;
-    let dir = crate::pipeline::queue_dir(&cfg);
+    let dir = crate::pipeline::queue_dir(&cfg.gateway.data_dir);
     let (q, _) = Queue::open_readonly(&dir).with_context(|| format!("cannot read the queue in {}", dir.display()))?;
     Ok(q)
 }
@@ -377,7 +377,7 @@ fn dead_list(path: &Path) -> anyhow::Result<()> {
 
 /// The queue for writing, which only works while the gateway is stopped.
 fn open_queue_exclusive(cfg: &Config) -> anyhow::Result<Queue> {
-    let dir = crate::pipeline::queue_dir(cfg);
+    let dir = crate::pipeline::queue_dir(&cfg.gateway.data_dir);
     match Queue::open(&dir, crate::queue::QueueOptions::from(&cfg.store)) {
         Ok((q, _)) => Ok(q),
         Err(crate::queue::QueueError::Locked) => anyhow::bail!(

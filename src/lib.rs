@@ -45,6 +45,7 @@ pub mod service;
 pub mod shutdown;
 pub mod sim;
 pub mod source;
+pub mod units;
 pub mod uplink;
 pub mod wire;
 

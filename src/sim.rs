@@ -11,8 +11,8 @@
 //! while the gateway runs on tokio, which keeps the two honest about
 //! concurrency. Deterministic for a given seed.
 
-use crate::config::Framing;
 use crate::reading::{Reading, Value};
+use crate::wire::Framing;
 use crate::wire::{self, FrameSplitter};
 use nix::poll::{PollFd, PollFlags, poll};
 use std::collections::BTreeMap;

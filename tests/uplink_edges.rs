@@ -408,7 +408,7 @@ fn deaf_peer(stop: Arc<AtomicBool>) -> (u16, std::thread::JoinHandle<usize>) {
 fn prefill(cfg: &Path, n: u64) -> Vec<u64> {
     use edge_gateway::reading::{Batch, Format, Reading, Value};
     let c = edge_gateway::config::Config::load(cfg).unwrap();
-    let dir = edge_gateway::pipeline::queue_dir(&c);
+    let dir = edge_gateway::pipeline::queue_dir(&c.gateway.data_dir);
     let (mut q, _) = edge_gateway::queue::Queue::open(&dir, (&c.store).into()).unwrap();
     let mut ids = Vec::new();
     for i in 0..n {

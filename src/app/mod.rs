@@ -141,7 +141,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     if cfg.broker.enabled {
         let (route, acks) = routes.register(Origin::Lan, 1024);
         let status = StatusSource { gateway: cfg.gateway.id.clone(), queue: queue.clone() };
-        let (mut b, feed) = Broker::start(&cfg, route, acks, metrics.clone(), status)
+        let (mut b, feed) = Broker::start(&cfg.broker, route, acks, metrics.clone(), status)
             .await
             .context("cannot start the embedded MQTT broker")?;
         // The LAN source, like any other; it stops with the broker, which

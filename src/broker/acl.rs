@@ -30,7 +30,7 @@
 //! at all when a rule substitutes that name (`%u` / `%c`): substituted, it
 //! would widen the rule (Mosquitto refuses such clients the same way).
 
-use crate::config::{AclAccess, AclPermission, BrokerConfig};
+use super::config::{AclAccess, AclPermission, BrokerConfig, DeniedPublish};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -231,7 +231,7 @@ impl Acl {
         Acl {
             rules,
             default_allow: cfg.acl.is_empty(),
-            disconnect_denied: cfg.denied_publish == crate::config::DeniedPublish::Disconnect,
+            disconnect_denied: cfg.denied_publish == DeniedPublish::Disconnect,
         }
     }
 
@@ -1088,7 +1088,7 @@ pub mod wire {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{AclRule, BrokerUser};
+    use crate::broker::config::{AclRule, BrokerUser};
 
     fn f(s: &str) -> Filter {
         Filter::parse(s).unwrap()

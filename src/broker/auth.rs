@@ -14,7 +14,7 @@
 //! An unknown user is checked against a dummy hash with the same
 //! parameters, so a refusal takes as long whether the name exists or not.
 
-use crate::config::BrokerConfig;
+use super::config::BrokerConfig;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -247,7 +247,7 @@ mod tests {
         std::fs::write(&file, format!("# comment\nbob:{hash}\n")).unwrap();
         let cfg = BrokerConfig {
             password_file: Some(file.clone()),
-            users: vec![crate::config::BrokerUser {
+            users: vec![crate::broker::config::BrokerUser {
                 name: "site1".into(),
                 password_hash: hash.clone(),
                 publish: Some(vec!["sensors/site1-".into()]),

@@ -62,17 +62,18 @@
 
 pub mod acl;
 pub mod auth;
+pub mod config;
 pub mod limits;
 pub mod proxy;
 pub mod topic;
 
-use crate::config::{BrokerConfig, Config};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::reading::{Ack, Reading};
 use crate::route::{Route, ToDevice};
 use crate::shutdown::{self, Shutdown};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
+use config::{BrokerAck, BrokerConfig};
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
@@ -395,13 +396,12 @@ impl Broker {
     /// acks for them come back on `acks`, the link registered as `route`
     /// (held for as long as the broker takes acks).
     pub async fn start(
-        cfg: &Config,
+        b: &BrokerConfig,
         route: Route,
         acks: mpsc::Receiver<ToDevice>,
         metrics: Arc<Metrics>,
         status: StatusSource,
     ) -> Result<(Broker, LanFeed), BrokerError> {
-        let b = &cfg.broker;
         // Bind first: nothing is started if a port is taken.
         let mut bound = Vec::new();
         for (key, addr) in [("tcp", b.tcp), ("tls", b.tls), ("websocket", b.websocket)] {
@@ -507,7 +507,7 @@ impl Broker {
             ingest,
             flow,
             escape_ids: !raw_client_ids(),
-            durable: (b.ack == crate::config::BrokerAck::Durable).then_some(durable),
+            durable: (b.ack == BrokerAck::Durable).then_some(durable),
             limits: Arc::new(limits::Limits::new(
                 b.max_handshakes_per_address,
                 b.max_connections_per_user,

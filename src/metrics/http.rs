@@ -4,7 +4,7 @@
 //! for two routes.
 
 use super::Metrics;
-use crate::config::MetricsConfig;
+use super::config::MetricsConfig;
 use crate::queue::Queue;
 use crate::reading::now_ms;
 use std::sync::{Arc, Mutex};

@@ -7,6 +7,7 @@
 //! serves it on `[metrics] listen`, and [`status`] reads it back for the
 //! `edge-gateway status` command.
 
+pub mod config;
 pub mod http;
 pub mod render;
 pub mod status;

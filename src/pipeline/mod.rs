@@ -16,15 +16,17 @@
 
 pub mod acks;
 pub mod batch;
+pub mod config;
 pub mod dedup;
 pub mod task;
 
-use crate::config::{Config, FsyncPolicy};
 use crate::fatal::Fatal;
 use crate::metrics::DeviceCounters;
 use crate::metrics::Metrics;
+use crate::queue::config::FsyncPolicy;
 use crate::queue::{AppendOutcome, CRC, OpenReport, Queue, QueueError, QueueOptions};
 use crate::reading::{Ack, Batch, Format, Incoming, Origin, Reading, now_ms};
+use config::Setup;
 use std::collections::HashMap;
 
 use acks::{AckSnapshot, AckSnapshotV1, AckTracker, Seen};
@@ -116,35 +118,37 @@ pub struct Pipeline {
 /// How many eviction ranges [`Pipeline::evicted_records`] remembers.
 const MAX_EVICTED_RANGES: usize = 4096;
 
-pub fn queue_dir(cfg: &Config) -> PathBuf {
-    cfg.gateway.data_dir.join("queue")
+/// Where the queue lives under the gateway's `data_dir`.
+pub fn queue_dir(data_dir: impl AsRef<Path>) -> PathBuf {
+    data_dir.as_ref().join("queue")
 }
 
 impl Pipeline {
     /// Open the queue, load the checkpoint and replay what came after it.
-    pub fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<(Pipeline, StartReport), PipelineError> {
+    pub fn open(cfg: impl Into<Setup>, metrics: Arc<Metrics>) -> Result<(Pipeline, StartReport), PipelineError> {
         Self::open_with_clock(cfg, metrics, now_ms)
     }
 
     /// [`Pipeline::open`] with a wall clock of the caller's (unix ms), for
     /// tests that drive time: dedup windows and ack gap timeouts read it.
     pub fn open_with_clock(
-        cfg: &Config,
+        cfg: impl Into<Setup>,
         metrics: Arc<Metrics>,
         clock: fn() -> u64,
     ) -> Result<(Pipeline, StartReport), PipelineError> {
-        let dir = &cfg.gateway.data_dir;
+        let cfg: Setup = cfg.into();
+        let dir = &cfg.data_dir;
         crate::queue::create_dir_all_durable(dir)
             .map_err(|source| PipelineError::State { path: dir.clone(), source })?;
         // A queue directory means an earlier run, which may have received
         // (and lost, unacked) readings of devices it never made durable.
-        let qdir = queue_dir(cfg);
+        let qdir = queue_dir(dir);
         let (queue, qreport) = Queue::open(&qdir, QueueOptions::from(&cfg.store))?;
         Metrics::add(&metrics.queue_repaired_bytes, qreport.truncated_bytes);
         Metrics::add(&metrics.queue_corrupt_records, qreport.corrupt_records);
         let p = &cfg.pipeline;
         let mut me = Pipeline {
-            gateway: cfg.gateway.id.clone(),
+            gateway: cfg.gateway.clone(),
             format: p.format,
             dedup: Dedup::new(p.dedup_window, p.dedup_max_per_device),
             batcher: Batcher::new(p.batch_max_readings, p.batch_max_bytes, p.batch_max_age),
@@ -535,6 +539,7 @@ fn write_state(path: &Path, state: &State) -> Result<(), PipelineError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::reading::Value;
 
     fn cfg(dir: &Path, extra: &str) -> Config {

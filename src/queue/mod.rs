@@ -134,6 +134,7 @@
 //!   `read_valid_on_disk_after` is the variant for start-up replays: it
 //!   leaves corrupt records out and returns their ids instead of failing.
 
+pub mod config;
 mod ledger;
 mod open;
 #[cfg(test)]
@@ -147,7 +148,7 @@ pub(crate) use segment::CRC;
 #[cfg(test)]
 mod tests;
 
-use crate::config::{StoreConfig, WhenFull};
+use config::{OpenCheck, StoreConfig, WhenFull};
 use ledger::{Ledger, LedgerState};
 use segment::{OVERHEAD, RecInfo};
 use std::collections::VecDeque;
@@ -180,7 +181,7 @@ impl From<&StoreConfig> for QueueOptions {
             max_bytes: c.max_bytes,
             when_full: c.when_full,
             segment_bytes: c.segment_bytes,
-            trust_index: c.open_check == crate::config::OpenCheck::Index,
+            trust_index: c.open_check == OpenCheck::Index,
         }
     }
 }

@@ -17,13 +17,16 @@
 //! lack), the port is opened with plain termios instead ([`fallback`]): raw
 //! mode at the configured baud rate, driven through tokio's `AsyncFd`.
 
-use crate::config::SerialConfig;
 use crate::metrics::Metrics;
 use crate::reading::{Ack, Incoming, Origin, now_ms};
 use crate::route::{Route, ToDevice};
 use crate::source::SourceContext;
+use crate::units::valid_id;
+use crate::wire::Framing;
 use crate::wire::{self, FrameSplitter, WireError};
+use serde::Deserialize;
 use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -75,6 +78,48 @@ impl SerialSource {
             span,
         ));
         SerialSource { name, origin, task }
+    }
+}
+
+/// `[[serial]]`: one port.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Short name used in logs and metrics.
+    pub name: String,
+    /// Device path, e.g. `/dev/ttyACM0` or a stable `/dev/serial/by-id/...` link.
+    pub path: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    #[serde(default)]
+    pub framing: Framing,
+    /// Device id for readings that do not name one.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+
+impl SerialConfig {
+    /// `[[serial]]` checks serde cannot express; returns the offending key.
+    pub fn validate_all(ports: &[SerialConfig]) -> Result<(), (String, String)> {
+        for (i, port) in ports.iter().enumerate() {
+            if port.name.is_empty() || ports[..i].iter().any(|o| o.name == port.name) {
+                return Err((
+                    format!("serial.{i}.name"),
+                    format!("must be non-empty and unique (got {:?})", port.name),
+                ));
+            }
+            if port.device.as_deref().is_some_and(|d| !valid_id(d)) {
+                return Err((
+                    format!("serial.{i}.device"),
+                    "must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

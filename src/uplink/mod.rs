@@ -44,17 +44,18 @@
 //! reads the queue and fsyncs its logs, and must not stall the sources.
 
 pub mod codec;
+pub mod config;
 pub mod dead;
 pub mod inflight;
 pub mod tls;
 
-use crate::config::{BrokerUrl, MqttProtocol, UpstreamConfig};
 use crate::fatal::{Fatal, FatalTx};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueError};
 use crate::service::Beat;
 use crate::shutdown;
 use codec::{ConnAck, Connect, Packet, Protocol, Will};
+use config::{BrokerUrl, MqttProtocol, UpstreamConfig};
 use dead::{DeadBatch, DeadStore};
 use inflight::{PubrecLog, STATUS_PID, WriteError, packet_id};
 use std::collections::VecDeque;

@@ -5,7 +5,7 @@
 //! turn on mutual TLS. There is no "insecure" switch: plaintext is the only
 //! alternative, and only by explicit opt-in (`mqtt://` + `allow_plaintext`).
 
-use crate::config::UpstreamConfig;
+use super::config::UpstreamConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::Path;

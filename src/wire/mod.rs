@@ -28,7 +28,6 @@
 //! Any frame (line or COBS frame) longer than [`MAX_FRAME_LEN`] bytes between
 //! delimiters is discarded and counted as malformed once.
 
-use crate::config::Framing;
 use crate::reading::{Ack, Reading, Value};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +35,16 @@ use serde::{Deserialize, Serialize};
 pub const MAX_FRAME_LEN: usize = 4096;
 /// Longest device or sensor id, in bytes.
 pub const MAX_ID_LEN: usize = 64;
+
+/// How a serial port (or a `custom` BLE characteristic) frames readings:
+/// config `framing`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    #[default]
+    Jsonl,
+    Cobs,
+}
 
 pub mod frame;
 

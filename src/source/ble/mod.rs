@@ -32,17 +32,19 @@
 //! [`Origin::Ble`], which has no ack route.
 
 pub mod bthome;
+pub mod config;
 pub mod decode;
 
-use crate::config::{BleConfig, BleProfile, BleScanConfig, Framing};
 use crate::metrics::Metrics;
 use crate::reading::{Incoming, Origin, Reading, Value, now_ms};
 use crate::source::SourceContext;
+use crate::wire::Framing;
 use crate::wire::{self, FrameSplitter};
 use btleplug::api::{
     Central, CentralEvent, CentralState, CharPropFlags, Characteristic, Manager as _, Peripheral as _, ScanFilter,
 };
 use btleplug::platform::{Adapter, Manager, Peripheral, PeripheralId};
+use config::{BleConfig, BleProfile, BleScanConfig};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
