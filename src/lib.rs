@@ -2,31 +2,37 @@
 //!
 //! The modules follow the path of a reading:
 //!
-//! * [`source`] — where readings come in: [`source::serial`] (charging docks,
+//! * [`source`] — where readings come in, each source started by [`app`]
+//!   with one [`source::SourceContext`]: [`source::serial`] (charging docks,
 //!   BLE-UART dongles), [`source::ble`] (Bluetooth LE wearables and BTHome
 //!   sensors through BlueZ) and [`source::lan`] (LAN devices publishing into
-//!   the embedded MQTT broker, [`broker`]). Each source parses its wire format
-//!   ([`wire`], or the BLE decoders) into a [`reading::Incoming`]; serial
-//!   writes acks back to the device, LAN devices get MQTT acks, BLE devices
-//!   take none.
+//!   the embedded MQTT broker, [`broker`]). Each parses its wire format
+//!   ([`wire`], or the BLE decoders) into a [`reading::Incoming`] tagged with
+//!   its [`reading::Origin`].
 //! * [`pipeline`] — [`pipeline::dedup`] drops what a device resent,
-//!   [`pipeline::batch`] groups readings into [`reading::Batch`]es, and
-//!   [`pipeline::acks`] turns durable readings into cumulative acks, which
-//!   go back to each device's link through the [`route`] table (keyed by
-//!   the reading's [`reading::Origin`]).
+//!   [`pipeline::batch`] groups readings into [`reading::Batch`]es,
+//!   [`pipeline::acks`] turns durable readings into cumulative acks, and
+//!   [`pipeline::task`] is the thread that runs it and sends the acks back
+//!   down each device's link through the [`route`] table.
 //! * [`queue`] — the durable on-disk queue: append-only segments with
 //!   length + CRC framing, group commit, an ack ledger, torn-tail repair.
 //! * [`uplink`] — drains the queue to the upstream MQTT broker over TLS,
 //!   QoS 2 with its in-flight state on disk, so a batch is delivered once
 //!   across crashes and outages.
 //!
-//! Beside them: [`config`] (TOML), [`metrics`] (counters), [`app`] (wires the
-//! parts together and owns every task), [`shutdown`] (the signal every task
-//! listens to), [`fatal`] (errors after which
-//! only a restart is honest, exited on in one place), [`cli`] (the `edge-gateway` command), [`sim`] (simulated
-//! devices used by tests, benches and the demo) and [`crashpoint`] (named
-//! places where a debug build can be told to abort, one per durability
-//! window, so each window has a deterministic test).
+//! Beside them: [`broker`] (the embedded MQTT broker and its front door),
+//! [`config`] (the TOML file; each component above owns its section's
+//! types in its own `config` module, with [`units`] for durations and
+//! sizes), [`metrics`] (counters, `/metrics`, the exit summary),
+//! [`service`] (systemd notify, watchdog, heartbeat, journald), [`app`]
+//! (start order, shutdown and reload of every task), [`shutdown`] (the
+//! signal every task listens to), [`fatal`] (errors after which only a
+//! restart is honest, exited on in one place), [`perms`] (file modes of
+//! the data dir and secrets), [`cli`] (the `edge-gateway` command),
+//! [`demo`] and [`sim`] (the demo and the simulated devices used by tests,
+//! benches and the demo), and [`crashpoint`] (named places where a debug
+//! build can be told to abort, one per durability window, so each window
+//! has a deterministic test).
 
 pub mod app;
 pub mod broker;
