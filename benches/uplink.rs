@@ -22,7 +22,7 @@ mod common;
 use common::mosquitto::{Mosquitto, make_certs, need};
 use common::{Gateway, Port, write_config_extra};
 use edge_gateway::config::Framing;
-use edge_gateway::sim::{SimConfig, SimDevice, open_pty};
+use edge_gateway::demo::sim::{SimConfig, SimDevice, open_pty};
 use edge_gateway::uplink::codec::{self, Connect, Packet, Protocol};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

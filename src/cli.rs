@@ -448,7 +448,7 @@ fn decode() -> anyhow::Result<()> {
 
 fn simulate(link: &Path, device: &str, rate: f64, framing: FramingArg, count: Option<u64>) -> anyhow::Result<()> {
     use crate::config::Framing;
-    use crate::sim::{SimConfig, SimDevice, open_pty, point_symlink};
+    use crate::demo::sim::{SimConfig, SimDevice, open_pty, point_symlink};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
     anyhow::ensure!(rate > 0.0, "--rate must be positive");

@@ -29,8 +29,8 @@
 //! signal every task listens to), [`fatal`] (errors after which only a
 //! restart is honest, exited on in one place), [`perms`] (file modes of
 //! the data dir and secrets), [`cli`] (the `edge-gateway` command),
-//! [`demo`] and [`sim`] (the demo and the simulated devices used by tests,
-//! benches and the demo), and [`crashpoint`] (named places where a debug
+//! [`demo`] (the demo, and [`demo::sim`], the simulated devices the demo,
+//! tests and benches use), [`rng`] (a small seedable generator), and [`crashpoint`] (named places where a debug
 //! build can be told to abort, one per durability window, so each window
 //! has a deterministic test).
 
@@ -46,10 +46,10 @@ pub mod perms;
 pub mod pipeline;
 pub mod queue;
 pub mod reading;
+pub mod rng;
 pub mod route;
 pub mod service;
 pub mod shutdown;
-pub mod sim;
 pub mod source;
 pub mod units;
 pub mod uplink;

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use edge_gateway::config::Framing;
-use edge_gateway::sim::{SimConfig, SimDevice, open_pty};
+use edge_gateway::demo::sim::{SimConfig, SimDevice, open_pty};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

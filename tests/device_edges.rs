@@ -6,7 +6,7 @@
 
 mod common;
 use common::*;
-use edge_gateway::sim::open_pty;
+use edge_gateway::demo::sim::open_pty;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use std::time::Duration;
 struct Dev {
     master: std::fs::File,
     acks: Arc<Mutex<Vec<serde_json::Value>>>,
-    _slave_keep: edge_gateway::sim::Pty,
+    _slave_keep: edge_gateway::demo::sim::Pty,
 }
 
 impl Dev {

@@ -36,10 +36,23 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         let deps = edges.entry(m.clone()).or_default();
         for f in files {
             let text = std::fs::read_to_string(f).unwrap();
-            // Unit tests may reach anywhere.
-            let text = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            // Unit tests (`#[cfg(test)] mod tests { .. }`, at any depth) may
+            // reach anywhere: skip them by counting braces.
+            let (mut test_cfg, mut depth) = (false, 0usize);
             for line in text.lines() {
                 let code = line.split("//").next().unwrap();
+                if depth > 0 {
+                    depth = (depth + code.matches('{').count()).saturating_sub(code.matches('}').count());
+                    continue;
+                }
+                if code.trim() == "#[cfg(test)]" {
+                    test_cfg = true;
+                    continue;
+                }
+                if std::mem::take(&mut test_cfg) && code.trim_start().starts_with("mod ") && code.contains('{') {
+                    depth = code.matches('{').count();
+                    continue;
+                }
                 for (i, _) in code.match_indices("crate::") {
                     let dep: String =
                         code[i + 7..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();

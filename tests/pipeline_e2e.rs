@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use edge_gateway::config::Framing;
-use edge_gateway::sim::{Malformed, SimConfig, SimDevice, open_pty};
+use edge_gateway::demo::sim::{Malformed, SimConfig, SimDevice, open_pty};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -101,7 +101,7 @@ fn sigkill_three_times_while_streaming_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (mut devices, cfg) = fleet(dir.path(), 4, 7, 0.05, |_| Framing::Jsonl);
     let mut gw = Gateway::start(&cfg);
-    let mut rng = edge_gateway::sim::XorShift::new(42);
+    let mut rng = edge_gateway::rng::XorShift::new(42);
     // EDGE_GATEWAY_SOAK_KILLS=30 (say) turns this into a soak run by hand.
     let want: usize = std::env::var("EDGE_GATEWAY_SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let mut kills = 0;
@@ -365,7 +365,7 @@ fn replug_dock(env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("dock0");
     let (mut d, p) = device("wrist-00", Framing::Jsonl, 5, 0.0);
-    edge_gateway::sim::point_symlink(&link, &p).unwrap();
+    edge_gateway::demo::sim::point_symlink(&link, &p).unwrap();
     let cfg = write_config(dir.path(), &[Port { name: "dock0", path: &link, framing: "jsonl" }], PIPELINE, STORE);
     let gw = Gateway::start_with_env(&cfg, env);
     for _ in 0..50 {
@@ -377,7 +377,7 @@ fn replug_dock(env: &[(&str, &str)]) -> String {
     d.unplug();
     // A new dock appears at the same path.
     let pty = open_pty().unwrap();
-    edge_gateway::sim::point_symlink(&link, &pty.slave_path).unwrap();
+    edge_gateway::demo::sim::point_symlink(&link, &pty.slave_path).unwrap();
     let mut c = SimConfig::new("wrist-00", Framing::Jsonl);
     c.first_seq = next;
     c.seed = 6;

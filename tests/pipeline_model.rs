@@ -36,7 +36,7 @@ use edge_gateway::config::Config;
 use edge_gateway::metrics::Metrics;
 use edge_gateway::pipeline::Pipeline;
 use edge_gateway::reading::{Ack, Batch, Incoming, Reading, Value};
-use edge_gateway::sim::XorShift;
+use edge_gateway::rng::XorShift;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

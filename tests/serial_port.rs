@@ -2,9 +2,9 @@
 //! master side and the test playing the pipeline (cumulative acks).
 
 use edge_gateway::config::{Framing, SerialConfig};
+use edge_gateway::demo::sim::{Malformed, SimConfig, SimDevice, open_pty, point_symlink};
 use edge_gateway::metrics::{Metrics, PortCounters};
 use edge_gateway::route::ToDevice;
-use edge_gateway::sim::{Malformed, SimConfig, SimDevice, open_pty, point_symlink};
 use edge_gateway::source::serial;
 use edge_gateway::{Ack, Incoming, Origin};
 use std::collections::{BTreeMap, HashMap};

@@ -245,7 +245,7 @@ fn metrics_endpoint_and_status_command() {
             d.send_next().unwrap();
         }
     }
-    devices[0].send_malformed(edge_gateway::sim::Malformed::Garbage).unwrap();
+    devices[0].send_malformed(edge_gateway::demo::sim::Malformed::Garbage).unwrap();
     all_acked(&mut devices, &gw);
     let m = fetch_metrics(mport);
     for i in 0..2 {

@@ -7,7 +7,7 @@ mod common;
 use common::mosquitto::*;
 use common::*;
 use edge_gateway::config::Framing;
-use edge_gateway::sim::{SimDevice, XorShift};
+use edge_gateway::demo::sim::{SimDevice, XorShift};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

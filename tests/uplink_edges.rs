@@ -11,7 +11,7 @@ mod common;
 use common::mosquitto::*;
 use common::*;
 use edge_gateway::config::Framing;
-use edge_gateway::sim::SimDevice;
+use edge_gateway::demo::sim::SimDevice;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

@@ -2,7 +2,7 @@
 //! setup. This process plays the world around a gateway:
 //!
 //! * three charging docks (PTYs) with simulated wearables that resend what
-//!   is not acked, now and then twice ([`crate::sim`]);
+//!   is not acked, now and then twice ([`crate::demo::sim`]);
 //! * two Wi-Fi sensors publishing at QoS 1 into the embedded broker;
 //! * the cloud: [`upstream::DemoUpstream`], a QoS 2 receiver on loopback
 //!   that counts what it got and anything it got twice;
@@ -12,11 +12,12 @@
 //! cloud goes away for a while: the queue grows, then drains when it comes
 //! back, and the final tally shows every acked reading delivered once.
 
+pub mod sim;
 pub mod upstream;
 
 use crate::config::Framing;
+use crate::demo::sim::{SimConfig, SimDevice, open_pty};
 use crate::metrics::status::{Sample, parse};
-use crate::sim::{SimConfig, SimDevice, open_pty};
 use crate::uplink::codec::{self, Connect, Packet, Protocol};
 use anyhow::Context;
 use std::io::{Read, Write};
@@ -238,7 +239,7 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
 /// PUBACKed (with the default `broker.ack = "received"` that is the ack).
 fn lan_device(port: u16, name: &str, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
     let mut seq = 1u64;
-    let mut rng = crate::sim::XorShift::new(crate::reading::now_ms() ^ port as u64 ^ name.len() as u64);
+    let mut rng = crate::rng::XorShift::new(crate::reading::now_ms() ^ port as u64 ^ name.len() as u64);
     let period = Duration::from_secs_f64(1.0 / LAN_RATE);
     while !stop.load(Ordering::SeqCst) {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {

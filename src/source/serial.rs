@@ -675,7 +675,7 @@ pub mod fallback {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use crate::sim::open_pty;
+        use crate::demo::sim::open_pty;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         #[test]

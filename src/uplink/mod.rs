@@ -232,7 +232,7 @@ pub struct Uplink {
     durable: u64,
     last_commit: Instant,
     refusal_pause: Duration,
-    rng: crate::sim::XorShift,
+    rng: crate::rng::XorShift,
     /// Batches up to this one may have been published by an earlier run
     /// (or connection) whose session the broker may still hold: their
     /// PUBLISH carries DUP=1.
@@ -349,7 +349,7 @@ impl Uplink {
             durable: head,
             last_commit: Instant::now(),
             refusal_pause: REFUSAL_PAUSE,
-            rng: crate::sim::XorShift::new(seed),
+            rng: crate::rng::XorShift::new(seed),
             // Any batch already queued may have been published by the last run.
             maybe_sent_through: last,
             retain: true,

@@ -5,7 +5,7 @@
 pub mod mosquitto;
 
 use edge_gateway::config::Framing;
-use edge_gateway::sim::{SimConfig, SimDevice, open_pty};
+use edge_gateway::demo::sim::{SimConfig, SimDevice, open_pty};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -30,7 +30,7 @@ mod common;
 use common::mosquitto::{Mosquitto, Received, Subscriber, decode_all, make_certs};
 use common::{need, wait_until};
 use edge_gateway::config::Framing;
-use edge_gateway::sim::{SimConfig, SimDevice, XorShift, open_pty};
+use edge_gateway::demo::sim::{SimConfig, SimDevice, XorShift, open_pty};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
