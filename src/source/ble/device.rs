@@ -1,0 +1,366 @@
+//! One task per `[[ble]]` device: connect, subscribe, decode, reconnect.
+
+use super::*;
+
+pub(super) enum DevEnd {
+    Shutdown,
+    /// The hub's session ended or it found the device anew.
+    Replaced,
+    Lost(String),
+    PipelineClosed,
+}
+
+pub(super) struct Device {
+    pub(super) cfg: BleConfig,
+    pub(super) port_name: String,
+    pub(super) bindkey: Option<[u8; 16]>,
+    pub(super) splitter: FrameSplitter,
+    pub(super) found: watch::Receiver<Option<Found>>,
+    pub(super) events: mpsc::Receiver<DevEvent>,
+    pub(super) tx: mpsc::Sender<Incoming>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) shutdown: watch::Receiver<bool>,
+    pub(super) connected: Arc<AtomicBool>,
+    pub(super) last_rssi: Option<Instant>,
+    pub(super) malformed_log: Option<Instant>,
+    pub(super) ever_connected: bool,
+    /// The current attempt connected and subscribed.
+    pub(super) session_ok: bool,
+}
+
+impl Device {
+    pub(super) async fn run(mut self) {
+        let name = self.cfg.name.clone();
+        self.metrics.port(&self.port_name, |c| c.connected = false);
+        let mut backoff = BACKOFF_MIN;
+        let mut last_failure: Option<String> = None;
+        loop {
+            let Some(found) = self.wait_found().await else { return };
+            let started = Instant::now();
+            let end = if self.cfg.profile == BleProfile::Bthome {
+                self.adverts(&found).await
+            } else {
+                self.gatt(&found).await
+            };
+            if self.connected.swap(false, Ordering::Relaxed) {
+                self.metrics.port(&self.port_name, |c| c.connected = false);
+            }
+            match end {
+                DevEnd::Shutdown => {
+                    if self.cfg.profile != BleProfile::Bthome {
+                        let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, found.peripheral.disconnect()).await;
+                    }
+                    info!("ble {name}: stopped");
+                    return;
+                }
+                DevEnd::PipelineClosed => {
+                    warn!("ble {name}: pipeline gone, stopping");
+                    return;
+                }
+                DevEnd::Replaced => {
+                    last_failure = None;
+                    continue;
+                }
+                DevEnd::Lost(reason) => {
+                    if std::mem::take(&mut self.session_ok) {
+                        last_failure = None;
+                    }
+                    if last_failure.as_deref() != Some(reason.as_str()) {
+                        warn!("ble {name}: {reason}; reconnecting");
+                        last_failure = Some(reason);
+                    }
+                    let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, found.peripheral.disconnect()).await;
+                }
+            }
+            if started.elapsed() >= STABLE_SESSION {
+                backoff = BACKOFF_MIN;
+            }
+            // A new hub session (BlueZ back, adapter back) cuts the backoff short.
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.shutdown) => return,
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.found.changed() => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// The peripheral the hub found for this device (`None`: shutdown).
+    pub(super) async fn wait_found(&mut self) -> Option<Found> {
+        loop {
+            if let Some(f) = self.found.borrow_and_update().clone() {
+                return Some(f);
+            }
+            // Drop events meant for a previous session meanwhile.
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.shutdown) => return None,
+                r = self.found.changed() => if r.is_err() { return None },
+                // The hub is gone only at shutdown.
+                ev = self.events.recv() => if ev.is_none() { return None },
+            }
+        }
+    }
+
+    pub(super) fn device_id(&self, found: &Found) -> String {
+        self.cfg.device.clone().unwrap_or_else(|| address_string(&found.address))
+    }
+
+    pub(super) fn replaced(&self, found: &Found) -> bool {
+        self.found.borrow().as_ref().is_none_or(|f| f.session != found.session)
+    }
+
+    /// BTHome: no connection, decode what the hub forwards.
+    pub(super) async fn adverts(&mut self, found: &Found) -> DevEnd {
+        let device = self.device_id(found);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.shutdown) => return DevEnd::Shutdown,
+                _ = self.found.changed() => if self.replaced(found) { return DevEnd::Replaced },
+                ev = self.events.recv() => match ev {
+                    None => return DevEnd::Shutdown,
+                    Some(DevEvent::ServiceData(data)) => {
+                        match bthome::decode(&data, found.address, self.bindkey.as_ref()) {
+                            Ok(p) => {
+                                if let Some(id) = p.unknown_object {
+                                    self.malformed(&format!("unknown BTHome object {id:#04x}, rest of the advert skipped"));
+                                }
+                                let now = now_ms();
+                                // The packet id is not a seq: a u8 that wraps, saying
+                                // only "same measurement as the last advert" when
+                                // repeated. Dedup treats it so (pipeline::dedup).
+                                for (sensor, value) in p.measurements {
+                                    let r = Reading { device: device.clone(), sensor, seq: None, ts: now, value, boot: None };
+                                    if let Err(end) = self.deliver_advert(r, p.packet_id).await {
+                                        return end;
+                                    }
+                                }
+                            }
+                            Err(e) => self.malformed(&e.to_string()),
+                        }
+                    }
+                    Some(DevEvent::Rssi(rssi)) => {
+                        if let Err(end) = self.rssi(&device, rssi).await {
+                            return end;
+                        }
+                    }
+                    Some(DevEvent::Disconnected) => {}
+                },
+            }
+        }
+    }
+
+    /// GATT profiles: connect, subscribe, decode; returns when the link is
+    /// lost, the watchdog fires, or the hub replaced the peripheral.
+    pub(super) async fn gatt(&mut self, found: &Found) -> DevEnd {
+        let Some((service, characteristic)) = gatt_target(&self.cfg) else {
+            return DevEnd::Lost("no characteristic configured".into());
+        };
+        let p = &found.peripheral;
+        let device = self.device_id(found);
+        let addr = address_string(&found.address);
+        // Link events from before this attempt (e.g. our own disconnect) are stale.
+        while self.events.try_recv().is_ok() {}
+        match tokio::time::timeout(CONNECT_TIMEOUT, p.connect()).await {
+            Ok(Ok(())) => {}
+            // Still connected from before a hub session change: carry on.
+            Ok(Err(e)) if describe(&e).contains("org.bluez.Error.AlreadyConnected") => {}
+            Ok(Err(e)) => return DevEnd::Lost(format!("cannot connect to {addr}: {}", describe(&e))),
+            Err(_) => return DevEnd::Lost(format!("cannot connect to {addr}: no answer within {CONNECT_TIMEOUT:?}")),
+        }
+        if let Err(e) = timeout(p.discover_services()).await {
+            return DevEnd::Lost(format!("service discovery on {addr} failed: {e}"));
+        }
+        let Some(ch) = p
+            .services()
+            .into_iter()
+            .filter(|s| s.uuid == service)
+            .flat_map(|s| s.characteristics)
+            .find(|c| c.uuid == characteristic)
+        else {
+            return DevEnd::Lost(format!("{addr} has no characteristic {characteristic} in service {service}"));
+        };
+        // The stream first, so the first notification is not missed.
+        let mut notes = match timeout(p.notifications()).await {
+            Ok(n) => n,
+            Err(e) => return DevEnd::Lost(format!("cannot listen to {addr}: {e}")),
+        };
+        let can_notify = ch.properties.intersects(CharPropFlags::NOTIFY | CharPropFlags::INDICATE);
+        if can_notify && let Err(e) = timeout(p.subscribe(&ch)).await {
+            return DevEnd::Lost(format!("cannot subscribe to {addr}: {e}"));
+        }
+        self.session_ok = true;
+        let again = std::mem::replace(&mut self.ever_connected, true);
+        self.connected.store(true, Ordering::Relaxed);
+        self.metrics.port(&self.port_name, |c| {
+            c.connected = true;
+            if again {
+                c.reconnects += 1;
+            }
+        });
+        info!("ble {}: connected to {addr}, {}", self.cfg.name, if can_notify { "subscribed" } else { "polling" });
+        self.splitter.reset();
+        if ch.properties.contains(CharPropFlags::READ)
+            && !can_notify
+            && let Err(end) = self.read_once(p, &ch, &device).await
+        {
+            return end;
+        }
+        if self.cfg.profile == BleProfile::Battery
+            && ch.properties.contains(CharPropFlags::READ)
+            && let Err(end) = self.read_once(p, &ch, &device).await
+        {
+            return end;
+        }
+        let stale_after = self.cfg.stale_after;
+        let mut deadline = tokio::time::Instant::now() + stale_after;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.shutdown) => {
+                    if can_notify {
+                        let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, p.unsubscribe(&ch)).await;
+                    }
+                    return DevEnd::Shutdown;
+                }
+                _ = self.found.changed() => if self.replaced(found) { return DevEnd::Replaced },
+                ev = self.events.recv() => match ev {
+                    None => return DevEnd::Shutdown,
+                    // Signals race: a `Connected=false` from before this
+                    // connection may arrive after it. BlueZ's word decides.
+                    Some(DevEvent::Disconnected) => if !matches!(timeout(p.is_connected()).await, Ok(true)) {
+                        return DevEnd::Lost(format!("link to {addr} lost"));
+                    },
+                    Some(DevEvent::Rssi(rssi)) => if let Err(end) = self.rssi(&device, rssi).await { return end },
+                    Some(DevEvent::ServiceData(_)) => {}
+                },
+                n = notes.next() => match n {
+                    None => return DevEnd::Lost(format!("notification stream from {addr} ended")),
+                    Some(n) if n.uuid == characteristic && n.service_uuid == service => {
+                        deadline = tokio::time::Instant::now() + stale_after;
+                        if let Err(end) = self.value(&device, &n.value).await {
+                            return end;
+                        }
+                    }
+                    Some(_) => {}
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    // A battery level rarely changes: read it instead of reconnecting.
+                    if (self.cfg.profile == BleProfile::Battery || !can_notify) && ch.properties.contains(CharPropFlags::READ) {
+                        if let Err(end) = self.read_once(p, &ch, &device).await {
+                            return end;
+                        }
+                        deadline = tokio::time::Instant::now() + stale_after;
+                    } else {
+                        return DevEnd::Lost(format!("no notification from {addr} for {stale_after:?} (watchdog)"));
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) async fn read_once(&mut self, p: &Peripheral, ch: &Characteristic, device: &str) -> Result<(), DevEnd> {
+        match timeout(p.read(ch)).await {
+            Ok(v) => self.value(device, &v).await,
+            Err(e) => Err(DevEnd::Lost(format!("read failed: {e}"))),
+        }
+    }
+
+    /// One characteristic value: decode it per profile and deliver.
+    pub(super) async fn value(&mut self, device: &str, data: &[u8]) -> Result<(), DevEnd> {
+        let now = now_ms();
+        if self.cfg.profile == BleProfile::Custom {
+            let framing = self.cfg.framing.unwrap_or(Framing::Jsonl);
+            let mut out = Vec::new();
+            let mut bad = Vec::new();
+            self.splitter.feed(data, |frame| {
+                match frame.and_then(|f| wire::parse_reading(framing, f, Some(device), now)) {
+                    Ok(r) => out.push(r),
+                    Err(e) => bad.push(e.to_string()),
+                }
+            });
+            for e in bad {
+                self.malformed(&e);
+            }
+            for (r, from_device) in out {
+                self.deliver(r, from_device).await?;
+            }
+            return Ok(());
+        }
+        let decoded = match self.cfg.profile {
+            BleProfile::HeartRate => decode::heart_rate(data),
+            BleProfile::HealthThermometer => decode::health_thermometer(data),
+            _ => decode::battery(data),
+        };
+        match decoded {
+            Ok(d) => {
+                for m in d.measurements {
+                    let r = Reading {
+                        device: device.to_string(),
+                        sensor: m.sensor.to_string(),
+                        seq: None,
+                        ts: d.device_ts_ms.unwrap_or(now),
+                        value: m.value,
+                        boot: None,
+                    };
+                    self.deliver(r, d.device_ts_ms.is_some()).await?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.malformed(&e.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) async fn rssi(&mut self, device: &str, rssi: i16) -> Result<(), DevEnd> {
+        let Some(every) = self.cfg.rssi_interval else { return Ok(()) };
+        if self.last_rssi.is_some_and(|t| t.elapsed() < every) {
+            return Ok(());
+        }
+        self.last_rssi = Some(Instant::now());
+        let r = Reading {
+            device: device.to_string(),
+            sensor: "rssi".into(),
+            seq: None,
+            ts: now_ms(),
+            value: Value::Number(rssi as f64),
+            boot: None,
+        };
+        self.deliver(r, false).await
+    }
+
+    pub(super) fn malformed(&mut self, what: &str) {
+        self.metrics.port(&self.port_name, |c| c.malformed += 1);
+        if self.malformed_log.is_none_or(|t| t.elapsed() >= MALFORMED_LOG_INTERVAL) {
+            self.malformed_log = Some(Instant::now());
+            warn!("ble {}: malformed data skipped: {what}", self.cfg.name);
+        }
+    }
+
+    pub(super) async fn deliver(&mut self, reading: Reading, ts_from_device: bool) -> Result<(), DevEnd> {
+        self.send(Incoming::new(reading, ts_from_device, Origin::Ble)).await
+    }
+
+    /// A BTHome measurement, with the advert's packet id (if it has one).
+    pub(super) async fn deliver_advert(&mut self, reading: Reading, packet_id: Option<u8>) -> Result<(), DevEnd> {
+        self.send(Incoming { packet_id, ..Incoming::new(reading, false, Origin::Ble) }).await
+    }
+
+    pub(super) async fn send(&mut self, inc: Incoming) -> Result<(), DevEnd> {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut self.shutdown) => Err(DevEnd::Shutdown),
+            r = self.tx.send(inc) => match r {
+                Ok(()) => {
+                    self.metrics.port(&self.port_name, |c| c.readings += 1);
+                    Ok(())
+                }
+                Err(_) => Err(DevEnd::PipelineClosed),
+            },
+        }
+    }
+}
