@@ -28,8 +28,8 @@
 //!   never polls it, it classifies devices once per session from events,
 //!   and bounds its own cache.
 //!
-//! Rooms: [`hub`] (the adapter and its event stream), [`device`] (one task per
-//! device), [`matcher`] (which advertiser an entry is), [`config`], [`decode`]
+//! Rooms: `hub` (the adapter and its event stream), `device` (one task per
+//! device), `matcher` (which advertiser an entry is), [`config`], [`decode`]
 //! (GATT payloads) and [`bthome`] (BTHome v2 adverts).
 //!
 //! BLE has no acks: every reading goes to the pipeline as
