@@ -47,11 +47,6 @@ impl RouteTable {
         self.lock().get(&origin).is_some_and(|tx| tx.try_send(msg).is_ok())
     }
 
-    /// Whether `origin` has a link now.
-    pub fn has(&self, origin: Origin) -> bool {
-        self.lock().contains_key(&origin)
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Links> {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -63,12 +58,6 @@ pub struct Route {
     table: RouteTable,
     origin: Origin,
     tx: mpsc::Sender<ToDevice>,
-}
-
-impl Route {
-    pub fn origin(&self) -> Origin {
-        self.origin
-    }
 }
 
 impl Drop for Route {
@@ -98,8 +87,8 @@ mod tests {
         assert!(!t.try_send(Origin::Lan, ack(1)), "only the registered origin");
         assert_eq!(rx.try_recv().unwrap(), ack(1));
         drop(route);
-        assert!(!t.has(Origin::Serial(0)));
-        assert!(!t.try_send(Origin::Serial(0), ack(2)));
+        assert!(!t.try_send(Origin::Serial(0), ack(2)), "the route went with its guard");
+        assert!(t.links.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -56,7 +56,6 @@ pub const ACK_CHANNEL_CAPACITY: usize = 256;
 #[derive(Debug)]
 pub struct SerialSource {
     pub name: String,
-    pub origin: Origin,
     /// Ends after shutdown fires (or if the pipeline's receiver is gone).
     pub task: JoinHandle<()>,
 }
@@ -77,7 +76,7 @@ impl SerialSource {
             },
             span,
         ));
-        SerialSource { name, origin, task }
+        SerialSource { name, task }
     }
 }
 

@@ -104,19 +104,21 @@ fn finish(
     Ok((reading, ts.is_some()))
 }
 
+/// The fields a device sends, on a serial line or in a LAN MQTT payload.
+#[derive(Deserialize)]
+struct Fields {
+    device: Option<String>,
+    sensor: Option<String>,
+    seq: Option<u64>,
+    ts: Option<u64>,
+    value: Value,
+    boot: Option<u32>,
+}
+
 /// Parse one jsonl line (without its `\n`). Returns the reading and whether
 /// `ts` came from the device.
 pub fn parse_jsonl(line: &[u8], default_device: Option<&str>, now_ms: u64) -> Result<(Reading, bool), WireError> {
-    #[derive(Deserialize)]
-    struct Line {
-        device: Option<String>,
-        sensor: Option<String>,
-        seq: Option<u64>,
-        ts: Option<u64>,
-        value: Value,
-        boot: Option<u32>,
-    }
-    let l: Line = serde_json::from_slice(line)?;
+    let l: Fields = serde_json::from_slice(line)?;
     let sensor = l.sensor.ok_or(WireError::MissingSensor)?;
     finish(l.device.as_deref(), &sensor, l.seq, l.ts, l.value, l.boot, default_device, now_ms)
 }
@@ -130,16 +132,7 @@ pub fn parse_mqtt_payload(
     sensor: &str,
     now_ms: u64,
 ) -> Result<(Reading, bool), WireError> {
-    #[derive(Deserialize)]
-    struct Payload {
-        device: Option<String>,
-        sensor: Option<String>,
-        seq: Option<u64>,
-        ts: Option<u64>,
-        value: Value,
-        boot: Option<u32>,
-    }
-    let p: Payload = serde_json::from_slice(payload)?;
+    let p: Fields = serde_json::from_slice(payload)?;
     for (field, said, topic) in [("device", &p.device, device), ("sensor", &p.sensor, sensor)] {
         if let Some(said) = said
             && said != topic
