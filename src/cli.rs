@@ -190,16 +190,14 @@ fn status(config: &Path, addr: Option<std::net::SocketAddr>) -> ExitCode {
             }
         },
     };
-    match crate::metrics::http::fetch(addr, std::time::Duration::from_secs(3)) {
-        Ok(text) => {
-            let r = crate::metrics::status::report(&crate::metrics::status::parse(&text));
+    match crate::metrics::http::fetch_status(addr, std::time::Duration::from_secs(3)) {
+        Ok(status) => {
+            let r = status.report();
             print!("{}", r.text);
             if r.healthy { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
         Err(e) => {
-            eprintln!(
-                "edge-gateway: cannot reach the gateway's metrics at http://{addr}/metrics: {e} (is it running?)"
-            );
+            eprintln!("edge-gateway: cannot reach the gateway's metrics at http://{addr}/status: {e} (is it running?)");
             ExitCode::from(2)
         }
     }

@@ -23,8 +23,9 @@
 //! Beside them: [`broker`] (the embedded MQTT broker and its front door),
 //! [`config`] (the TOML file; each component above owns its section's
 //! types in its own `config` module, with [`units`] for durations and
-//! sizes), [`metrics`] (counters, `/metrics`, the exit summary),
-//! [`service`] (systemd notify, watchdog, heartbeat, journald), [`app`]
+//! sizes), [`metrics`] (the counter table, `/metrics`, `/status` and the one
+//! `GatewayStatus`, the exit summary), [`events`] (internal events that log
+//! and count, each told in one place), [`service`] (systemd notify, watchdog, heartbeat, journald), [`app`]
 //! (start order, shutdown and reload of every task), [`shutdown`] (the
 //! signal every task listens to), [`fatal`] (errors after which only a
 //! restart is honest, exited on in one place), [`perms`] (file modes of
@@ -40,6 +41,7 @@ pub mod cli;
 pub mod config;
 pub mod crashpoint;
 pub mod demo;
+pub mod events;
 pub mod fatal;
 pub mod metrics;
 pub mod perms;

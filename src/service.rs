@@ -15,16 +15,15 @@
 //!   the journal (`$JOURNAL_STREAM`, what systemd sets for a service),
 //!   otherwise human-readable lines on stderr.
 //! * [`heartbeat`] beats for the async runtime and refreshes the one-line
-//!   `STATUS=` ([`status_line`]) that `systemctl status` shows.
+//!   `STATUS=` ([`GatewayStatus::line`](crate::metrics::status::GatewayStatus::line)) that `systemctl status` shows.
 
 use crate::metrics::Metrics;
-use crate::queue::Queue;
-use crate::reading::now_ms;
+use crate::metrics::status::Probe;
 use crate::shutdown;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -219,16 +218,10 @@ const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// Beats for the watchdog (proving this runtime runs) and refreshes the
 /// one-line `STATUS=` that `systemctl status` shows.
-pub async fn heartbeat(
-    beat: Beat,
-    notifier: Arc<Notifier>,
-    metrics: Arc<Metrics>,
-    queue: Arc<Mutex<Queue>>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn heartbeat(beat: Beat, notifier: Arc<Notifier>, probe: Probe, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(beat.every());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut last, mut last_count) = (Instant::now(), Metrics::get(&metrics.readings_accepted));
+    let (mut last, mut last_count) = (Instant::now(), Metrics::get(&probe.metrics.readings_accepted));
     loop {
         tokio::select! {
             _ = shutdown::wait(&mut stop) => return,
@@ -237,32 +230,12 @@ pub async fn heartbeat(
         beat.beat();
         crate::crashpoint::stall("heartbeat");
         if last.elapsed() >= STATUS_EVERY {
-            let count = Metrics::get(&metrics.readings_accepted);
-            let rate = (count - last_count) as f64 / last.elapsed().as_secs_f64();
-            (last, last_count) = (Instant::now(), count);
-            notifier.status(&status_line(&metrics, &queue, rate));
+            let status = probe.take();
+            let rate = (status.readings.accepted - last_count) as f64 / last.elapsed().as_secs_f64();
+            (last, last_count) = (Instant::now(), status.readings.accepted);
+            notifier.status(&status.line(rate));
         }
     }
-}
-
-pub fn status_line(m: &Metrics, queue: &Mutex<Queue>, rate: f64) -> String {
-    let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
-    let ports = m.ports();
-    let up = ports.values().filter(|p| p.connected).count();
-    let age = st.oldest_created_ms.map(|t| now_ms().saturating_sub(t) / 1000).unwrap_or(0);
-    format!(
-        "{rate:.0} readings/s in, {} duplicates dropped; queue {} batches ({} KiB, oldest {age} s); upstream {}, {} readings delivered; links {up}/{} up",
-        Metrics::get(&m.duplicates_dropped),
-        st.batches,
-        st.bytes / 1024,
-        match (Metrics::get(&m.upstream_configured) > 0, Metrics::get(&m.upstream_connected)) {
-            (false, _) => "not configured",
-            (true, 0) => "disconnected",
-            _ => "connected",
-        },
-        Metrics::get(&m.readings_delivered),
-        ports.len()
-    )
 }
 
 pub mod journal {

@@ -174,7 +174,8 @@ fn a_dashboard_sees_serial_and_lan_readings_and_the_status() {
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status is JSON");
     assert_eq!(status["gateway"], "test-gw");
     assert!(status["queue"]["readings"].as_u64().is_some(), "{status}");
-    assert_eq!(status["sources"]["serial"]["dock0"], true, "{status}");
+    let dock0 = status["links"].as_array().and_then(|l| l.iter().find(|l| l["link"] == "dock0")).cloned();
+    assert_eq!(dock0.map(|l| (l["source"].clone(), l["up"].clone())), Some(("serial".into(), true.into())), "{status}");
     gw.terminate();
 }
 

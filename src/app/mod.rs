@@ -39,10 +39,12 @@
 
 mod reload;
 
-use crate::broker::{Broker, StatusSource};
+use crate::broker::Broker;
 use crate::config::{Config, SerialConfig};
+use crate::events::Event;
 use crate::fatal::{EXIT_FATAL, Fatal, FatalTx};
 use crate::metrics::Metrics;
+use crate::metrics::status::Probe;
 use crate::pipeline::Pipeline;
 use crate::queue::Queue;
 use crate::reading::{Incoming, Origin};
@@ -118,13 +120,6 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     let (mut pipeline, report) = Pipeline::open(&cfg, metrics.clone())
         .with_context(|| format!("cannot open the queue in {}", cfg.gateway.data_dir.display()))?;
     let q = &report.queue;
-    if q.truncated_bytes > 0 || q.corrupt_records > 0 {
-        tracing::warn!(
-            "queue repaired at start-up: cut {} torn bytes, skipped {} corrupt records",
-            q.truncated_bytes,
-            q.corrupt_records
-        );
-    }
     tracing::info!(
         "queue open: {} records on disk, {} replayed into dedup state, in {:.0?}",
         q.records,
@@ -132,6 +127,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         started.elapsed()
     );
     let queue = pipeline.queue_handle();
+    let probe = Probe {
+        gateway: cfg.gateway.id.clone(),
+        metrics: metrics.clone(),
+        queue: queue.clone(),
+        max_bytes: cfg.store.max_bytes,
+        started,
+    };
 
     let pipeline_stop = Shutdown::new();
     let (tx, rx) = mpsc::channel(INGEST_CHANNEL);
@@ -140,8 +142,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     let mut broker = None;
     if cfg.broker.enabled {
         let (route, acks) = routes.register(Origin::Lan, 1024);
-        let status = StatusSource { gateway: cfg.gateway.id.clone(), queue: queue.clone() };
-        let (mut b, feed) = Broker::start(&cfg.broker, route, acks, metrics.clone(), status)
+        let (mut b, feed) = Broker::start(&cfg.broker, route, acks, metrics.clone(), probe.clone())
             .await
             .context("cannot start the embedded MQTT broker")?;
         // The LAN source, like any other; it stops with the broker, which
@@ -204,23 +205,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         .context("cannot start the pipeline thread")?;
 
     let side_stop = Shutdown::new();
-    let metrics_task = crate::metrics::http::start(
-        &cfg.metrics,
-        &cfg.gateway.id,
-        cfg.store.max_bytes,
-        metrics.clone(),
-        queue.clone(),
-        started,
-        side_stop.subscribe(),
-    )
-    .await;
-    let heartbeat = tokio::spawn(crate::service::heartbeat(
-        runtime_beat,
-        notifier.clone(),
-        metrics.clone(),
-        queue.clone(),
-        side_stop.subscribe(),
-    ));
+    let metrics_task = crate::metrics::http::start(&cfg.metrics, probe.clone(), side_stop.subscribe()).await;
+    let heartbeat =
+        tokio::spawn(crate::service::heartbeat(runtime_beat, notifier.clone(), probe.clone(), side_stop.subscribe()));
     tracing::info!(
         "edge-gateway {} running with {} serial port(s), {} BLE device(s), ready in {:.0?}",
         cfg.gateway.id,
@@ -229,7 +216,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         started.elapsed()
     );
     notifier.notify("READY=1");
-    notifier.status(&crate::service::status_line(&metrics, &queue, 0.0));
+    notifier.status(&probe.take().line(0.0));
 
     // LAN ingest stopping on its own ends the run like SIGTERM, then exits
     // non-zero so systemd restarts the gateway (Restart=on-failure).
@@ -426,8 +413,7 @@ async fn signal_loop(sources: &mut Sources, config_path: Option<&Path>, notifier
                 match Config::load(path) {
                     Ok(new) => sources.apply(new).await,
                     Err(e) => {
-                        Metrics::inc(&sources.metrics.reloads_failed);
-                        tracing::error!("reload refused, keeping the running config: {e}");
+                        Event::ReloadRefused { error: &e }.emit(&sources.metrics);
                     }
                 }
                 notifier.notify("READY=1");

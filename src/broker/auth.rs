@@ -3,7 +3,7 @@
 //! Passwords are stored as PHC strings (argon2id by default; any argon2
 //! variant verifies). Verifying one costs tens of milliseconds (x86) to a
 //! few hundred (Raspberry Pi) and ~19 MiB with our parameters
-//! ([`HASH_PARAMS`]), so at most one runs at a time, off the async runtime,
+//! (`HASH_PARAMS`), so at most one runs at a time, off the async runtime,
 //! and a success is remembered as a keyed 64-bit fingerprint of the password
 //! (never the password itself), so reconnecting devices do not pay again.
 //! Secrets are never logged.

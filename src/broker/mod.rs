@@ -27,7 +27,7 @@
 //!   LAN publishes nobody takes, so the broker closes every LAN connection
 //!   and listener at once and the gateway exits non-zero for systemd to
 //!   restart it ([`Broker::failure`]). No client can close the link by
-//!   taking its id ([`LINK_CLIENT_ID`], [`internal_client_id`]).
+//!   taking its id (`LINK_CLIENT_ID`, [`internal_client_id`]).
 //! * The `broker-publish` thread: republishes readings and status through
 //!   the local link (its `send` blocks when the router is busy).
 //! * The ack task: takes the pipeline's acks for LAN devices (the LAN
@@ -68,7 +68,7 @@ pub mod proxy;
 pub mod topic;
 
 use crate::metrics::Metrics;
-use crate::queue::Queue;
+use crate::metrics::status::Probe;
 use crate::reading::{Ack, Reading};
 use crate::route::{Route, ToDevice};
 use crate::shutdown::{self, Shutdown};
@@ -148,7 +148,7 @@ pub fn escape_client_id(id: &str) -> String {
 /// anonymous) with id `id`: `user:id`, both parts escaped, so one user can
 /// neither take over another user's session nor kick its connection (a
 /// second connection with the same id replaces the first), and no client
-/// can produce [`LINK_CLIENT_ID`]. An empty id stays empty: rumqttd then
+/// can produce `LINK_CLIENT_ID`. An empty id stays empty: rumqttd then
 /// assigns a random one (and MQTT 5 clients are told it).
 pub fn internal_client_id(user: Option<&str>, id: &str) -> String {
     if id.is_empty() {
@@ -322,12 +322,6 @@ impl Durable {
     }
 }
 
-/// What the status message reports, gathered on the publish thread.
-pub struct StatusSource {
-    pub gateway: String,
-    pub queue: Arc<Mutex<Queue>>,
-}
-
 /// What the LAN source ([`crate::source::lan`]) reads: the broker's local
 /// link, subscribed to `ingest`, and the [`Flow`] it reports to.
 pub struct LanFeed {
@@ -400,7 +394,7 @@ impl Broker {
         route: Route,
         acks: mpsc::Receiver<ToDevice>,
         metrics: Arc<Metrics>,
-        status: StatusSource,
+        status: Probe,
     ) -> Result<(Broker, LanFeed), BrokerError> {
         // Bind first: nothing is started if a port is taken.
         let mut bound = Vec::new();
@@ -737,7 +731,7 @@ fn run_publisher(
     republish: Option<TopicPattern>,
     status_topic: String,
     every: Duration,
-    status: StatusSource,
+    status: Probe,
     metrics: Arc<Metrics>,
 ) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
@@ -765,34 +759,13 @@ fn run_publisher(
                     None => return,
                 },
                 _ = tick.tick(), if !status_topic.is_empty() => {
-                    let payload = status_json(&status, &metrics);
+                    let payload = serde_json::to_vec(&status.take()).unwrap_or_default();
                     let topic = acl::internal_topic(&status_topic).into_owned();
                     let _ = link.send(Packet::Publish(Publish::new(topic.into_bytes(), payload, true), None)).await;
                 }
             }
         }
     });
-}
-
-fn status_json(s: &StatusSource, m: &Metrics) -> Vec<u8> {
-    let q = s.queue.lock().unwrap_or_else(|e| e.into_inner()).status();
-    let serial: serde_json::Map<String, serde_json::Value> =
-        m.ports().into_iter().map(|(name, c)| (name, serde_json::Value::Bool(c.connected))).collect();
-    let v = serde_json::json!({
-        "gateway": s.gateway,
-        "ts": crate::reading::now_ms(),
-        "queue": { "batches": q.batches, "readings": q.readings, "bytes": q.bytes },
-        "upstream": match (Metrics::get(&m.upstream_configured) > 0, Metrics::get(&m.upstream_connected)) {
-            (false, _) => "not configured",
-            (true, 0) => "disconnected",
-            _ => "connected",
-        },
-        "delivered": { "batches": Metrics::get(&m.batches_delivered), "readings": Metrics::get(&m.readings_delivered) },
-        "sources": { "serial": serial, "lan_clients": Metrics::get(&m.broker_connections) },
-        "readings_accepted": Metrics::get(&m.readings_accepted),
-        "duplicates_dropped": Metrics::get(&m.duplicates_dropped),
-    });
-    serde_json::to_vec(&v).unwrap_or_default()
 }
 
 #[cfg(test)]

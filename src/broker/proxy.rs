@@ -32,6 +32,7 @@ use super::acl::{self, ClientAcl, Denial, Gate};
 use super::auth::{Login, Users};
 use super::limits::{DeviceLimit, Limits, Slot};
 use super::{Internal, internal_client_id};
+use crate::events::{Ended as End, Event};
 use crate::metrics::Metrics;
 use crate::shutdown;
 use crate::wire;
@@ -127,23 +128,24 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Arc<Shared>, mut s
                 Ok((sock, peer)) => {
                     // One address gets a share of the half-open slots
                     // (issue 19, H1): past it, its newcomers are closed.
-                    let Some(mine) = shared.limits.handshake(peer.ip()) else {
-                        Metrics::inc(&shared.metrics.broker_refused);
-                        if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    let mut quiet = || {
+                        let log = last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+                        if log {
                             last_refusal_log = Some(std::time::Instant::now());
-                            warn!("broker {}: too many connections in their handshake from {}, closing", kind.name(), peer.ip());
                         }
+                        log
+                    };
+                    let Some(mine) = shared.limits.handshake(peer.ip()) else {
+                        let log = quiet();
+                        Event::HandshakesFull { listener: kind.name(), from: Some(peer.ip()), peer, log }.emit(&shared.metrics);
                         continue;
                     };
                     // Past the handshake limit the oldest half-open
                     // connections keep their slots until their timeout;
                     // newcomers are closed at once rather than queued.
                     let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-                        Metrics::inc(&shared.metrics.broker_refused);
-                        if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                            last_refusal_log = Some(std::time::Instant::now());
-                            warn!("broker {}: too many connections in their handshake, closing {peer}", kind.name());
-                        }
+                        let log = quiet();
+                        Event::HandshakesFull { listener: kind.name(), from: None, peer, log }.emit(&shared.metrics);
                         continue;
                     };
                     let _ = sock.set_nodelay(true);
@@ -355,31 +357,8 @@ async fn handle(
     let gate = std::sync::Mutex::new(gate);
     let why = relay(&mut client, &mut up, buf, &gate, &who, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
     Metrics::sub(&shared.metrics.broker_connections, 1);
-    match why {
-        End::Closed => debug!("broker {name}: {client_id:?} ({peer}) disconnected"),
-        End::Denied(topic) => {
-            warn!("broker {name}: {client_id:?} ({peer}) may not publish to {topic:?}; disconnected");
-        }
-        End::TooBig(n) => {
-            Metrics::inc(&shared.metrics.broker_denied_publishes);
-            warn!("broker {name}: {client_id:?} ({peer}) sent a {n}-byte packet over max_payload; disconnected");
-        }
-        End::Malformed => warn!("broker {name}: {client_id:?} ({peer}) sent a malformed packet; disconnected"),
-        End::EmptyTopic => {
-            Metrics::inc(&shared.metrics.broker_denied_publishes);
-            warn!("broker {name}: {client_id:?} ({peer}) published to an empty topic (or a topic alias); disconnected");
-        }
-        End::TooManyDevices(limit) => {
-            Metrics::inc(&shared.metrics.broker_denied_publishes);
-            let what = match limit {
-                DeviceLimit::Devices(n) => format!("{n} devices (max_devices_per_user)"),
-                DeviceLimit::Sensors(n) => format!("{n} sensors on one device"),
-            };
-            warn!(
-                "broker {name}: {client_id:?} ({peer}) published for more than {what} as user {origin:?}; disconnected"
-            );
-        }
-    }
+    Event::LanClientEnded { listener: name, client_id: &client_id, peer, user: &who.user, why: &why }
+        .emit(&shared.metrics);
     drop((slot, user_slot));
 }
 
@@ -408,15 +387,6 @@ async fn write_connack(client: &mut Box<dyn Io>, v5: bool, code: ConnectReturnCo
     // Let the client read it before the close (a reset could discard it).
     let _ = client.shutdown().await;
     Ok(())
-}
-
-enum End {
-    Closed,
-    Denied(String),
-    TooBig(usize),
-    Malformed,
-    EmptyTopic,
-    TooManyDevices(DeviceLimit),
 }
 
 /// Who is on a relayed connection, for the log and the per-user metrics.
@@ -568,8 +538,6 @@ async fn relay(
                             if let Denial::Publish(topic) = d
                                 && gate().acl.current().disconnect_denied()
                             {
-                                shared.metrics.acl_denied(&who.user, "publish");
-                                Metrics::inc(&shared.metrics.broker_denied_publishes);
                                 return End::Denied(topic.clone());
                             }
                             denials.lock().unwrap_or_else(|e| e.into_inner()).denied(d, who, shared);
@@ -603,7 +571,10 @@ async fn relay(
                             && let Some((device, sensor)) = shared.ingest.matches(topic)
                         {
                             if let Err(limit) = shared.limits.admit_reading(&who.user, device, sensor) {
-                                return End::TooManyDevices(limit);
+                                return End::TooManyDevices(match limit {
+                                    DeviceLimit::Devices(n) => format!("{n} devices (max_devices_per_user)"),
+                                    DeviceLimit::Sensors(n) => format!("{n} sensors on one device"),
+                                });
                             }
                             shared.flow.admit((topic.len() + p.payload.len()) as u64).await;
                             if let Some(durable) = &shared.durable

@@ -17,7 +17,7 @@ pub mod upstream;
 
 use crate::config::Framing;
 use crate::demo::sim::{SimConfig, SimDevice, open_pty};
-use crate::metrics::status::{Sample, parse};
+use crate::metrics::status::{GatewayStatus, Upstream};
 use crate::uplink::codec::{self, Connect, Packet, Protocol};
 use anyhow::Context;
 use std::io::{Read, Write};
@@ -128,24 +128,21 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
     let started = Instant::now();
     let outage_at = opts.duration / 2;
     let mut outage = None::<Instant>;
-    let (mut next_view, mut last_in, mut last_t) = (started, 0.0, started);
+    let (mut next_view, mut last_in, mut last_t) = (started, 0, started);
     let period = Duration::from_secs_f64(1.0 / DOCK_RATE);
     let mut next_send = started;
     let mut streaming = true;
     let mut drained_at = None;
-    let view = |m: &[Sample], label: &str, last_in: &mut f64, last_t: &mut Instant| {
-        let get = |n: &str| {
-            m.iter().find(|s| s.name == format!("edge_gateway_{n}") && s.labels.is_empty()).map_or(0.0, |s| s.value)
-        };
-        let accepted = get("readings_accepted_total");
-        let rate = (accepted - *last_in) / last_t.elapsed().as_secs_f64().max(0.001);
+    let view = |st: &GatewayStatus, label: &str, last_in: &mut u64, last_t: &mut Instant| {
+        let accepted = st.readings.accepted;
+        let rate = (accepted - *last_in) as f64 / last_t.elapsed().as_secs_f64().max(0.001);
         (*last_in, *last_t) = (accepted, Instant::now());
         println!(
             "[{:>3}s] in {rate:>4.0}/s  dups dropped {:>4}  queue {:>4} batches {:>5} readings  delivered {:>6}  {label}",
             started.elapsed().as_secs(),
-            get("duplicates_dropped_total"),
-            get("queue_batches"),
-            get("queue_readings"),
+            st.readings.duplicates_dropped,
+            st.queue.batches,
+            st.queue.readings,
             cloud.counts().readings.load(Ordering::Relaxed),
         );
     };
@@ -183,21 +180,19 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
         }
         if now >= next_view {
             next_view += Duration::from_secs(1);
-            if let Ok(text) = crate::metrics::http::fetch(([127, 0, 0, 1], metrics_port).into(), Duration::from_secs(1))
+            if let Ok(st) =
+                crate::metrics::http::fetch_status(([127, 0, 0, 1], metrics_port).into(), Duration::from_secs(1))
             {
-                let m = parse(&text);
-                let up = m.iter().any(|s| s.name == "edge_gateway_upstream_connected" && s.value > 0.0);
                 let label = if cloud.is_down() {
                     "cloud DOWN"
-                } else if up {
+                } else if st.upstream == Upstream::Connected {
                     "cloud connected"
                 } else {
                     "connecting"
                 };
-                view(&m, label, &mut last_in, &mut last_t);
-                let queued = m.iter().find(|s| s.name == "edge_gateway_queue_readings").map_or(1.0, |s| s.value);
+                view(&st, label, &mut last_in, &mut last_t);
                 let pending: usize = devices.iter().map(|d| d.stats().pending).sum();
-                if !streaming && queued == 0.0 && pending == 0 {
+                if !streaming && st.queue.readings == 0 && pending == 0 {
                     drained_at.get_or_insert(now);
                 }
             } else if let Some(st) = child.try_wait()? {

@@ -1,22 +1,16 @@
-//! `GET /metrics` over HTTP/1.1, just enough for Prometheus and
-//! `edge-gateway status`: one request per connection, a few at a time,
+//! `GET /metrics` (Prometheus text) and `GET /status` (the
+//! [`GatewayStatus`] JSON `edge-gateway status` reads) over HTTP/1.1: one request per connection, a few at a time,
 //! bounded reads and timeouts. A web framework would be most of the binary
 //! for two routes.
 
-use super::Metrics;
 use super::config::MetricsConfig;
-use crate::queue::Queue;
-use crate::reading::now_ms;
-use std::sync::{Arc, Mutex};
+use super::status::{GatewayStatus, Probe};
+use std::sync::Arc;
 use std::time::Duration;
-use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-
-/// Renders the page at scrape time.
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// At most this many scrapes at once; more wait in the accept backlog.
 const MAX_CONNECTIONS: usize = 32;
@@ -28,7 +22,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// Serve until `stop` fires.
-pub async fn serve(listener: TcpListener, render: Render, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, probe: Probe, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -44,15 +38,15 @@ pub async fn serve(listener: TcpListener, render: Render, mut stop: watch::Recei
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let render = render.clone();
+        let probe = probe.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, render)).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, probe)).await;
             drop(permit);
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, render: Render) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, probe: Probe) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     let headers_by = tokio::time::Instant::now() + HEADER_TIMEOUT;
@@ -75,10 +69,14 @@ async fn answer(mut stream: TcpStream, render: Render) -> std::io::Result<()> {
     let path = path.split('?').next().unwrap_or_default();
     match (method, path) {
         ("GET", "/metrics") => {
-            let body = render();
+            let body = probe.page();
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await
         }
-        ("GET", "/") => respond(&mut stream, "200 OK", "text/plain", "edge-gateway: see /metrics\n").await,
+        ("GET", "/status") => {
+            let body = serde_json::to_string(&probe.take()).unwrap_or_default();
+            respond(&mut stream, "200 OK", "application/json", &body).await
+        }
+        ("GET", "/") => respond(&mut stream, "200 OK", "text/plain", "edge-gateway: see /metrics and /status\n").await,
         ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
         _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "GET only\n").await,
     }
@@ -94,13 +92,23 @@ async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -
     stream.shutdown().await
 }
 
-/// Fetch `/metrics` from a running gateway (for `edge-gateway status`).
+/// Fetch `/metrics` from a running gateway.
 pub fn fetch(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    get(addr, "/metrics", timeout)
+}
+
+/// Fetch `/status` from a running gateway (for `edge-gateway status`).
+pub fn fetch_status(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<GatewayStatus> {
+    let body = get(addr, "/status", timeout)?;
+    serde_json::from_str(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+fn get(addr: std::net::SocketAddr, path: &str, timeout: Duration) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp
@@ -115,15 +123,7 @@ pub fn fetch(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<S
 
 /// Bind `[metrics] listen` and serve. A taken port is logged, not fatal:
 /// collecting readings matters more than being scraped.
-pub async fn start(
-    cfg: &MetricsConfig,
-    gateway: &str,
-    max_bytes: u64,
-    metrics: Arc<Metrics>,
-    queue: Arc<Mutex<Queue>>,
-    started: Instant,
-    stop: watch::Receiver<bool>,
-) -> Option<JoinHandle<()>> {
+pub async fn start(cfg: &MetricsConfig, probe: Probe, stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
     if !cfg.enabled {
         return None;
     }
@@ -142,17 +142,5 @@ pub async fn start(
             cfg.listen
         );
     }
-    let gateway = gateway.to_string();
-    let render: Render = Arc::new(move || {
-        let st = queue.lock().unwrap_or_else(|e| e.into_inner()).status();
-        super::render::render(&super::render::Snapshot {
-            metrics: &metrics,
-            gateway: &gateway,
-            queue: st,
-            queue_max_bytes: max_bytes,
-            uptime_s: started.elapsed().as_secs_f64(),
-            now_ms: now_ms(),
-        })
-    });
-    Some(tokio::spawn(serve(listener, render, stop)))
+    Some(tokio::spawn(serve(listener, probe, stop)))
 }

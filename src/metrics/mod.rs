@@ -1,11 +1,14 @@
-//! Counters shared by every part of the gateway.
+//! Counters shared by every part of the gateway, declared once.
 //!
-//! Plain atomics behind one `Arc`, so the hot path pays one relaxed add per
-//! event. Per-port and per-device counters live in small mutex-guarded maps:
-//! they change on every reading too, but a gateway has tens of ports, not
-//! millions. [`render`] turns this struct into Prometheus text, [`http`]
-//! serves it on `[metrics] listen`, and [`status`] reads it back for the
-//! `edge-gateway status` command.
+//! Each row of the `counters!` table below makes a field of [`Metrics`]
+//! (plain atomics behind one `Arc`, so the hot path pays one relaxed add per
+//! event), its Prometheus family with HELP and TYPE ([`render`]), and its
+//! words in the exit summary ([`summary`]). Per-port and per-device counters
+//! live in small mutex-guarded maps: they change on every reading too, but a
+//! gateway has tens of ports, not millions. [`status`] turns all of it into
+//! the one [`status::GatewayStatus`] that `STATUS=`, the broker's status
+//! message and `edge-gateway status` show; [`http`] serves `/metrics` and
+//! `/status`.
 
 pub mod config;
 pub mod http;
@@ -17,92 +20,176 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-#[derive(Default, Debug)]
-pub struct Metrics {
-    /// Readings accepted by dedup and handed to the batcher.
-    pub readings_accepted: AtomicU64,
-    /// Readings dropped because they were already accepted (device resends).
-    pub duplicates_dropped: AtomicU64,
-    /// Of those: resends of a seq an ack already covers, whose dedup key was
-    /// forgotten (window or memory bound); answered with the ack, not stored.
-    pub stale_resends: AtomicU64,
-    /// Batches appended to the queue.
-    pub batches_queued: AtomicU64,
-    /// Encoded batch bytes appended to the queue (payloads only).
-    pub batch_bytes_queued: AtomicU64,
-    /// Readings dropped by the `drop_oldest` policy.
-    pub readings_dropped_full: AtomicU64,
-    /// Batches refused by the `reject_new` policy (their readings were not acked).
-    pub batches_rejected_full: AtomicU64,
-    /// Readings in those refused batches.
-    pub readings_rejected_full: AtomicU64,
-    /// Queue commits (fsyncs of the queue).
-    pub queue_commits: AtomicU64,
-    /// Bytes cut off a torn/corrupt queue tail at start-up.
-    pub queue_repaired_bytes: AtomicU64,
-    /// Corrupt records skipped at start-up.
-    pub queue_corrupt_records: AtomicU64,
-    /// Acks written back to devices.
-    pub acks_sent: AtomicU64,
-    /// 1 while `[upstream]` is configured (a reload can change it).
-    pub upstream_configured: AtomicU64,
-    /// 1 while the uplink has a session with the upstream broker.
-    pub upstream_connected: AtomicU64,
-    /// Sessions established with the upstream broker.
-    pub upstream_connects: AtomicU64,
-    /// Failed connection attempts (TCP, TLS, CONNACK refusals, timeouts).
-    pub upstream_connect_failures: AtomicU64,
-    /// Batches (and their readings) completed upstream: PUBCOMP (QoS 2) / PUBACK (QoS 1).
-    pub batches_delivered: AtomicU64,
-    pub readings_delivered: AtomicU64,
-    /// PUBLISH packets re-sent with DUP=1 in a resumed session.
-    pub publishes_resent_dup: AtomicU64,
-    /// PUBREL packets re-sent in a resumed session.
-    pub pubrels_resent: AtomicU64,
-    /// Batches re-sent as new messages because the broker had lost the session.
-    pub batches_resent_session_lost: AtomicU64,
-    /// PUBREC/PUBACK with a reason code >= 0x80 (not delivered; retried).
-    pub batches_refused: AtomicU64,
-    /// Batches bigger than the broker accepts (dropped from the queue, logged).
-    pub batches_too_large: AtomicU64,
-    /// Queue records found corrupt when read for sending (skipped).
-    pub batches_corrupt_skipped: AtomicU64,
-    /// Batches (and their readings) moved to the dead-letter store after
-    /// permanent refusals (see `uplink::dead`).
-    pub batches_dead_lettered: AtomicU64,
-    pub readings_dead_lettered: AtomicU64,
-    /// Batches in the dead-letter store now (a gauge).
-    pub dead_letter_batches: AtomicU64,
-    /// `uplink.pubrec` was written for another broker URL / client id (or
-    /// by an older version) and was reset; the next connect starts clean.
-    pub pubrec_log_resets: AtomicU64,
-    /// MQTT version of the current upstream session: 5, 4 (= 3.1.1), 0 when none.
-    pub upstream_mqtt_version: AtomicU64,
-    /// Upstream sessions ended because a write did not finish within keep-alive x 1.5.
-    pub upstream_write_timeouts: AtomicU64,
-    /// LAN MQTT clients connected through the embedded broker now (a gauge).
-    pub broker_connections: AtomicU64,
-    /// Broker connections refused: handshake timeouts, bad CONNECTs, logins, limits.
-    pub broker_refused: AtomicU64,
-    /// PUBLISHes refused: denied by the ACL (dropped or disconnected), or over max_payload.
-    pub broker_denied_publishes: AtomicU64,
-    /// Logins refused because too many password checks were waiting (or
-    /// would not finish within `connect_timeout`).
-    pub broker_login_busy: AtomicU64,
-    /// PUBLISHes not delivered to a LAN client that may not read their topic.
-    pub broker_acl_filtered: AtomicU64,
-    /// Readings republished on the broker's `republish` topic.
-    pub readings_republished: AtomicU64,
-    /// Readings not republished because the broker's publisher was behind.
-    pub republish_dropped: AtomicU64,
-    /// Config reloads applied / refused (invalid new config).
-    pub reloads: AtomicU64,
-    pub reloads_failed: AtomicU64,
-    per_port: Mutex<BTreeMap<String, PortCounters>>,
-    per_topic: Mutex<BTreeMap<String, TopicCounters>>,
-    per_device: Mutex<BTreeMap<(&'static str, String), DeviceCounters>>,
-    /// ACL denials per (user, "publish" | "subscribe"); user "" = anonymous.
-    acl_denied: Mutex<BTreeMap<(String, &'static str), u64>>,
+/// Counter or gauge, as Prometheus calls them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// Which exit-summary line a counter is logged on (see [`summary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// `stopped: ...`, always logged.
+    Stopped,
+    /// `uplink: ...`, logged when the uplink tried to connect.
+    Uplink,
+    /// `broker: ...`, logged when the broker saw anything.
+    Broker,
+}
+
+/// One row of the counter table: everything written about a counter.
+#[derive(Debug)]
+pub struct Def {
+    /// The field of [`Metrics`].
+    pub field: &'static str,
+    pub get: fn(&Metrics) -> &AtomicU64,
+    pub kind: Kind,
+    /// Prometheus family, without the `edge_gateway_` prefix. Rows that
+    /// share a family differ by their `labels`; the first one's `help` is
+    /// the family's HELP.
+    pub family: &'static str,
+    pub labels: &'static [(&'static str, &'static str)],
+    pub help: &'static str,
+    /// Where the exit summary logs it, with the words after the number.
+    pub summary: Option<(Line, &'static str)>,
+}
+
+/// The table: each row makes a field of [`Metrics`] (documented by its
+/// HELP), its Prometheus sample and its place in the exit summary.
+macro_rules! counters {
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident: $kind:ident $family:literal $({ $($lk:literal = $lv:literal),+ })?,
+            $help:literal $(, $line:ident $phrase:literal)?;
+    )*) => {
+        #[derive(Default, Debug)]
+        pub struct Metrics {
+            $(
+                #[doc = $help]
+                $(#[doc = ""] #[doc = $doc])*
+                pub $field: AtomicU64,
+            )*
+            per_port: Mutex<BTreeMap<String, PortCounters>>,
+            per_topic: Mutex<BTreeMap<String, TopicCounters>>,
+            per_device: Mutex<BTreeMap<(&'static str, String), DeviceCounters>>,
+            /// ACL denials per (user, "publish" | "subscribe"); user "" = anonymous.
+            acl_denied: Mutex<BTreeMap<(String, &'static str), u64>>,
+        }
+
+        /// Every counter of [`Metrics`], in the order `/metrics` and the
+        /// exit summary show them.
+        pub const TABLE: &[Def] = &[$(
+            Def {
+                field: stringify!($field),
+                get: |m: &Metrics| &m.$field,
+                kind: Kind::$kind,
+                family: $family,
+                labels: &[$($(($lk, $lv)),+)?],
+                help: $help,
+                summary: counters!(@line $($line $phrase)?),
+            },
+        )*];
+    };
+    (@line) => { None };
+    (@line $line:ident $phrase:literal) => { Some((Line::$line, $phrase)) };
+}
+
+counters! {
+    // The pipeline: dedup, batches, the queue, acks.
+    readings_accepted: Counter "readings_accepted_total",
+        "Readings accepted by dedup, all sources.", Stopped "readings accepted";
+    duplicates_dropped: Counter "duplicates_dropped_total",
+        "Duplicates dropped by dedup (device resends), all sources.", Stopped "duplicates dropped";
+    /// Their dedup key was forgotten (window or memory bound).
+    stale_resends: Counter "stale_resends_total",
+        "Resends of readings an ack already covered (counted in duplicates_dropped_total too); acked again, not stored.",
+        Stopped "stale resends acked again";
+    batches_queued: Counter "batches_queued_total", "Batches appended to the queue.", Stopped "batches queued";
+    batch_bytes_queued: Counter "batch_bytes_queued_total",
+        "Encoded batch bytes appended to the queue (payloads only).", Stopped "batch bytes queued";
+    readings_dropped_full: Counter "readings_dropped_total" { "policy" = "drop_oldest" },
+        "Readings lost to the queue-full policy.", Stopped "readings dropped (queue full)";
+    /// Not acked: the devices resend them.
+    readings_rejected_full: Counter "readings_dropped_total" { "policy" = "reject_new" },
+        "Readings lost to the queue-full policy.", Stopped "readings refused (queue full)";
+    batches_rejected_full: Counter "batches_rejected_total",
+        "Batches refused by reject_new (not acked; devices resend).";
+    queue_commits: Counter "queue_commits_total", "Queue group commits (fsyncs).", Stopped "queue commits";
+    queue_repaired_bytes: Counter "queue_repaired_bytes_total", "Torn bytes cut off the queue tail at start-up.";
+    queue_corrupt_records: Counter "queue_corrupt_records_total", "Corrupt records skipped at start-up.";
+    acks_sent: Counter "acks_sent_total", "Acks written back to devices.", Stopped "acks sent";
+
+    // The uplink.
+    /// A reload can change it.
+    upstream_configured: Gauge "upstream_configured", "1 when the `[upstream]` section is configured.";
+    upstream_connected: Gauge "upstream_connected", "1 while the uplink has a session.";
+    upstream_mqtt_version: Gauge "upstream_mqtt_version",
+        "MQTT version of the upstream session (5, 4 = 3.1.1, 0 = none).";
+    batches_delivered: Counter "batches_delivered_total",
+        "Batches completed upstream (PUBCOMP/PUBACK).", Uplink "batches delivered";
+    readings_delivered: Counter "readings_delivered_total",
+        "Readings in delivered batches.", Uplink "readings delivered";
+    upstream_connects: Counter "upstream_connects_total", "Sessions established upstream.", Uplink "connects";
+    /// TCP, TLS, CONNACK refusals, timeouts.
+    upstream_connect_failures: Counter "upstream_connect_failures_total",
+        "Failed upstream connection attempts.", Uplink "failed attempts";
+    /// In a resumed session.
+    publishes_resent_dup: Counter "batches_resent_total" { "reason" = "dup_publish" },
+        "Batches sent again, by why.", Uplink "PUBLISH re-sent with DUP";
+    pubrels_resent: Counter "batches_resent_total" { "reason" = "pubrel" },
+        "Batches sent again, by why.", Uplink "PUBREL re-sent";
+    batches_resent_session_lost: Counter "batches_resent_total" { "reason" = "session_lost" },
+        "Batches sent again, by why.", Uplink "batches re-sent after a lost session";
+    /// PUBREC/PUBACK with a reason code >= 0x80: not delivered; retried.
+    batches_refused: Counter "batches_resent_total" { "reason" = "refused" },
+        "Batches sent again, by why.", Uplink "refused by the broker";
+    batches_too_large: Counter "batches_too_large_total",
+        "Batches over the broker's maximum packet size (dropped).", Uplink "too large";
+    batches_corrupt_skipped: Counter "batches_corrupt_skipped_total",
+        "Corrupt queue records skipped by the uplink.", Uplink "corrupt skipped";
+    /// After permanent refusals (see `uplink::dead`).
+    batches_dead_lettered: Counter "batches_dead_lettered_total",
+        "Batches refused for good and moved to the dead-letter store.", Uplink "batches dead-lettered";
+    readings_dead_lettered: Counter "readings_dead_lettered_total",
+        "Readings in batches moved to the dead-letter store.", Uplink "readings dead-lettered";
+    dead_letter_batches: Gauge "dead_letter_batches",
+        "Batches in the dead-letter store (queue dead list/replay/drop).";
+    /// Or by an older version; the next connect starts clean.
+    pubrec_log_resets: Counter "pubrec_log_resets_total",
+        "PUBREC logs reset because they belonged to another broker or client id.", Uplink "PUBREC log resets";
+    upstream_write_timeouts: Counter "upstream_write_timeouts_total",
+        "Upstream sessions ended by a write stuck for keep-alive x 1.5.", Uplink "write timeouts";
+
+    // The LAN broker.
+    broker_connections: Gauge "broker_connections", "LAN MQTT clients connected now.";
+    /// Handshake timeouts, bad CONNECTs, logins, limits.
+    broker_refused: Counter "broker_refused_total", "LAN connections refused.", Broker "connections refused";
+    /// Denied by the ACL (dropped or disconnected), or over max_payload.
+    broker_denied_publishes: Counter "broker_denied_publishes_total",
+        "LAN publishes refused (ACL or max_payload).", Broker "publishes refused";
+    /// Or would not finish within `connect_timeout`.
+    broker_login_busy: Counter "broker_login_busy_total",
+        "LAN logins refused because the password checks were busy.", Broker "logins refused (busy)";
+    broker_acl_filtered: Counter "broker_acl_filtered_total",
+        "Messages not delivered to a LAN client that may not read them.", Broker "messages filtered by the ACL";
+    readings_republished: Counter "readings_republished_total",
+        "Readings republished on the broker.", Broker "readings republished";
+    republish_dropped: Counter "republish_dropped_total",
+        "Readings not republished (publisher behind).", Broker "not republished (behind)";
+
+    // The service.
+    reloads: Counter "reloads_total", "Config reloads applied (SIGHUP).";
+    reloads_failed: Counter "reloads_failed_total", "Config reloads refused (invalid config; old one kept).";
 }
 
 /// Readings per device, as the pipeline saw them (after every source).
@@ -199,5 +286,34 @@ impl Metrics {
 
     pub fn devices(&self) -> BTreeMap<(&'static str, String), DeviceCounters> {
         self.per_device.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_family_is_one_run_of_rows_with_one_kind_and_help() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in TABLE.iter().enumerate() {
+            let first = i == 0 || TABLE[i - 1].family != d.family;
+            if first {
+                assert!(seen.insert(d.family), "{}: its rows must follow each other", d.family);
+            } else {
+                let prev = &TABLE[i - 1];
+                assert_eq!((prev.kind, prev.help), (d.kind, d.help), "{}", d.family);
+                assert_ne!(prev.labels, d.labels, "{}: two rows, one sample", d.family);
+            }
+            assert_eq!(d.kind == Kind::Counter, d.family.ends_with("_total"), "{}: counters end in _total", d.family);
+        }
+        // The accessor reads its own field.
+        let m = Metrics::default();
+        for (i, d) in TABLE.iter().enumerate() {
+            Metrics::set((d.get)(&m), i as u64 + 1);
+        }
+        for (i, d) in TABLE.iter().enumerate() {
+            assert_eq!(Metrics::get((d.get)(&m)), i as u64 + 1, "{}", d.field);
+        }
     }
 }

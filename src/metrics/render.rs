@@ -4,6 +4,7 @@
 //! carry `source` (`serial`, `ble`, `lan`) and `device` / `link` labels.
 
 use super::Metrics;
+use super::status::link_source;
 use crate::queue::QueueStatus;
 use std::fmt::Write;
 
@@ -49,17 +50,8 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// `ble:NAME` ports are BLE links; the rest are serial ports.
-fn link_source(port: &str) -> (&'static str, &str) {
-    match port.strip_prefix("ble:") {
-        Some(name) => ("ble", name),
-        None => ("serial", port),
-    }
-}
-
 pub fn render(s: &Snapshot<'_>) -> String {
     let m = s.metrics;
-    let g = |c: &std::sync::atomic::AtomicU64| Metrics::get(c);
     let mut o = Out(String::with_capacity(8192));
 
     o.family("info", "gauge", "Constant 1, labelled with the version and gateway id.");
@@ -106,177 +98,28 @@ pub fn render(s: &Snapshot<'_>) -> String {
         o.sample("malformed_total", &[("source", "lan"), ("link", topic)], c.malformed);
     }
 
-    // Drops by policy and re-sends, labelled by why.
-    let age = s.queue.oldest_created_ms.map(|t| s.now_ms.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);
-    o.family("readings_dropped_total", "counter", "Readings lost to the queue-full policy.");
-    o.sample("readings_dropped_total", &[("policy", "drop_oldest")], g(&m.readings_dropped_full));
-    o.sample("readings_dropped_total", &[("policy", "reject_new")], g(&m.readings_rejected_full));
-    o.family("batches_resent_total", "counter", "Batches sent again, by why.");
-    o.sample("batches_resent_total", &[("reason", "dup_publish")], g(&m.publishes_resent_dup));
-    o.sample("batches_resent_total", &[("reason", "pubrel")], g(&m.pubrels_resent));
-    o.sample("batches_resent_total", &[("reason", "session_lost")], g(&m.batches_resent_session_lost));
-    o.sample("batches_resent_total", &[("reason", "refused")], g(&m.batches_refused));
-
     o.family("broker_acl_denied_total", "counter", "LAN MQTT publishes and subscriptions the ACL denied, per user.");
     for ((user, action), n) in &m.acl_denials() {
         o.sample("broker_acl_denied_total", &[("user", user), ("action", action)], *n);
     }
 
-    // Unlabelled families: (name, type, help, value).
-    // A Vec, not an array: its length is not written down (every branch
-    // that adds a family used to conflict on it).
-    let singles: Vec<(&str, &str, &str, String)> = vec![
-        ("uptime_seconds", "gauge", "Seconds since the gateway started.", format!("{:.1}", s.uptime_s)),
-        (
-            "readings_accepted_total",
-            "counter",
-            "Readings accepted by dedup, all sources.",
-            g(&m.readings_accepted).to_string(),
-        ),
-        (
-            "duplicates_dropped_total",
-            "counter",
-            "Duplicates dropped by dedup, all sources.",
-            g(&m.duplicates_dropped).to_string(),
-        ),
-        (
-            "stale_resends_total",
-            "counter",
-            "Resends of readings an ack already covered (counted in duplicates_dropped_total too); acked again, not stored.",
-            g(&m.stale_resends).to_string(),
-        ),
-        ("batches_queued_total", "counter", "Batches appended to the queue.", g(&m.batches_queued).to_string()),
-        ("queue_commits_total", "counter", "Queue group commits (fsyncs).", g(&m.queue_commits).to_string()),
-        ("queue_batches", "gauge", "Batches queued and not yet delivered.", s.queue.batches.to_string()),
-        ("queue_readings", "gauge", "Readings queued and not yet delivered.", s.queue.readings.to_string()),
-        ("queue_bytes", "gauge", "Bytes queued and not yet delivered.", s.queue.bytes.to_string()),
-        ("queue_max_bytes", "gauge", "The queue's configured limit (store.max_bytes).", s.queue_max_bytes.to_string()),
-        ("queue_oldest_age_seconds", "gauge", "Age of the oldest undelivered batch.", format!("{age:.1}")),
-        (
-            "batches_rejected_total",
-            "counter",
-            "Batches refused by reject_new (not acked; devices resend).",
-            g(&m.batches_rejected_full).to_string(),
-        ),
-        (
-            "queue_repaired_bytes_total",
-            "counter",
-            "Torn bytes cut off the queue tail at start-up.",
-            g(&m.queue_repaired_bytes).to_string(),
-        ),
-        (
-            "queue_corrupt_records_total",
-            "counter",
-            "Corrupt records skipped at start-up.",
-            g(&m.queue_corrupt_records).to_string(),
-        ),
-        ("acks_sent_total", "counter", "Acks written back to devices.", g(&m.acks_sent).to_string()),
-        ("upstream_configured", "gauge", "1 when [upstream] is configured.", g(&m.upstream_configured).to_string()),
-        ("upstream_connected", "gauge", "1 while the uplink has a session.", g(&m.upstream_connected).to_string()),
-        ("upstream_connects_total", "counter", "Sessions established upstream.", g(&m.upstream_connects).to_string()),
-        (
-            "upstream_connect_failures_total",
-            "counter",
-            "Failed upstream connection attempts.",
-            g(&m.upstream_connect_failures).to_string(),
-        ),
-        (
-            "batches_delivered_total",
-            "counter",
-            "Batches completed upstream (PUBCOMP/PUBACK).",
-            g(&m.batches_delivered).to_string(),
-        ),
-        ("readings_delivered_total", "counter", "Readings in delivered batches.", g(&m.readings_delivered).to_string()),
-        (
-            "batches_too_large_total",
-            "counter",
-            "Batches over the broker's maximum packet size (dropped).",
-            g(&m.batches_too_large).to_string(),
-        ),
-        (
-            "batches_corrupt_skipped_total",
-            "counter",
-            "Corrupt queue records skipped by the uplink.",
-            g(&m.batches_corrupt_skipped).to_string(),
-        ),
-        (
-            "batches_dead_lettered_total",
-            "counter",
-            "Batches refused for good and moved to the dead-letter store.",
-            g(&m.batches_dead_lettered).to_string(),
-        ),
-        (
-            "readings_dead_lettered_total",
-            "counter",
-            "Readings in batches moved to the dead-letter store.",
-            g(&m.readings_dead_lettered).to_string(),
-        ),
-        (
-            "dead_letter_batches",
-            "gauge",
-            "Batches in the dead-letter store (queue dead list/replay/drop).",
-            g(&m.dead_letter_batches).to_string(),
-        ),
-        (
-            "pubrec_log_resets_total",
-            "counter",
-            "PUBREC logs reset because they belonged to another broker or client id.",
-            g(&m.pubrec_log_resets).to_string(),
-        ),
-        (
-            "upstream_mqtt_version",
-            "gauge",
-            "MQTT version of the upstream session (5, 4 = 3.1.1, 0 = none).",
-            g(&m.upstream_mqtt_version).to_string(),
-        ),
-        (
-            "upstream_write_timeouts_total",
-            "counter",
-            "Upstream sessions ended by a write stuck for keep-alive x 1.5.",
-            g(&m.upstream_write_timeouts).to_string(),
-        ),
-        ("broker_connections", "gauge", "LAN MQTT clients connected now.", g(&m.broker_connections).to_string()),
-        ("broker_refused_total", "counter", "LAN connections refused.", g(&m.broker_refused).to_string()),
-        (
-            "broker_denied_publishes_total",
-            "counter",
-            "LAN publishes refused (ACL or max_payload).",
-            g(&m.broker_denied_publishes).to_string(),
-        ),
-        (
-            "broker_login_busy_total",
-            "counter",
-            "LAN logins refused because the password checks were busy.",
-            g(&m.broker_login_busy).to_string(),
-        ),
-        (
-            "broker_acl_filtered_total",
-            "counter",
-            "Messages not delivered to a LAN client that may not read them.",
-            g(&m.broker_acl_filtered).to_string(),
-        ),
-        (
-            "readings_republished_total",
-            "counter",
-            "Readings republished on the broker.",
-            g(&m.readings_republished).to_string(),
-        ),
-        (
-            "republish_dropped_total",
-            "counter",
-            "Readings not republished (publisher behind).",
-            g(&m.republish_dropped).to_string(),
-        ),
-        ("reloads_total", "counter", "Config reloads applied (SIGHUP).", g(&m.reloads).to_string()),
-        (
-            "reloads_failed_total",
-            "counter",
-            "Config reloads refused (invalid config; old one kept).",
-            g(&m.reloads_failed).to_string(),
-        ),
-    ];
-    for (name, kind, help, value) in singles {
-        o.one(name, kind, help, value);
+    // What the snapshot knows beyond the counters.
+    let age = s.queue.oldest_created_ms.map(|t| s.now_ms.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);
+    o.one("uptime_seconds", "gauge", "Seconds since the gateway started.", format!("{:.1}", s.uptime_s));
+    o.one("queue_batches", "gauge", "Batches queued and not yet delivered.", s.queue.batches);
+    o.one("queue_readings", "gauge", "Readings queued and not yet delivered.", s.queue.readings);
+    o.one("queue_bytes", "gauge", "Bytes queued and not yet delivered.", s.queue.bytes);
+    o.one("queue_max_bytes", "gauge", "The queue's configured limit (store.max_bytes).", s.queue_max_bytes);
+    o.one("queue_oldest_age_seconds", "gauge", "Age of the oldest undelivered batch.", format!("{age:.1}"));
+
+    // The counter table, row by row; rows of one family follow each other.
+    let mut declared = "";
+    for def in super::TABLE {
+        if def.family != declared {
+            o.family(def.family, def.kind.as_str(), def.help);
+            declared = def.family;
+        }
+        o.sample(def.family, def.labels, Metrics::get((def.get)(m)));
     }
     o.0
 }

@@ -1,69 +1,315 @@
-//! `edge-gateway status`: read `/metrics` back and print a small table for
-//! a person on the Pi, with a verdict that scripts can test.
+//! One [`GatewayStatus`] snapshot, taken by a [`Probe`], feeds all three
+//! places that say how the gateway is: the `STATUS=` line `systemctl status`
+//! shows ([`GatewayStatus::line`]), the broker's retained status JSON (the
+//! struct, serialised), and `edge-gateway status`, which reads the same JSON
+//! from `/status` and prints [`GatewayStatus::report`].
 
-use std::collections::BTreeMap;
+use super::Metrics;
+use super::render::{Snapshot, render};
+use crate::queue::Queue;
+use crate::reading::now_ms;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-/// One sample of the text format.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
+/// What the status is read from: made once by `app`, cloned to the
+/// heartbeat, the broker's publisher and the HTTP server.
+#[derive(Clone)]
+pub struct Probe {
+    pub gateway: String,
+    pub metrics: Arc<Metrics>,
+    pub queue: Arc<Mutex<Queue>>,
+    /// `store.max_bytes`.
+    pub max_bytes: u64,
+    pub started: Instant,
 }
 
-/// Parse Prometheus text (what [`super::render`] writes; enough of the
-/// format for that: no timestamps, no exemplars).
-pub fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (head, value) = match line.rsplit_once(' ') {
-            Some(x) => x,
-            None => continue,
-        };
-        let Ok(value) = value.parse::<f64>() else { continue };
-        let (name, labels) = match head.split_once('{') {
-            Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
-            None => (head, BTreeMap::new()),
-        };
-        out.push(Sample { name: name.to_string(), labels, value });
+impl Probe {
+    fn with<R>(&self, f: impl FnOnce(&Snapshot<'_>) -> R) -> R {
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).status();
+        f(&Snapshot {
+            metrics: &self.metrics,
+            gateway: &self.gateway,
+            queue,
+            queue_max_bytes: self.max_bytes,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            now_ms: now_ms(),
+        })
     }
-    out
+
+    pub fn take(&self) -> GatewayStatus {
+        self.with(GatewayStatus::of)
+    }
+
+    /// The Prometheus page (`/metrics`).
+    pub fn page(&self) -> String {
+        self.with(render)
+    }
 }
 
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        if key.is_empty() {
-            break;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Upstream {
+    #[serde(rename = "not configured")]
+    NotConfigured,
+    #[serde(rename = "disconnected")]
+    Disconnected,
+    #[serde(rename = "connected")]
+    Connected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueView {
+    pub batches: u64,
+    pub readings: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub oldest_age_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    pub batches: u64,
+    pub readings: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readings {
+    pub accepted: u64,
+    pub duplicates_dropped: u64,
+    pub malformed: u64,
+    /// Lost or refused by the queue-full policy.
+    pub dropped_queue_full: u64,
+}
+
+/// A serial port or a BLE device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    /// `serial` or `ble`.
+    pub source: String,
+    pub link: String,
+    pub up: bool,
+    pub readings: u64,
+    pub malformed: u64,
+    pub reconnects: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub source: String,
+    pub device: String,
+    pub readings: u64,
+    pub duplicates: u64,
+}
+
+/// How the gateway is, at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub gateway: String,
+    pub version: String,
+    /// When it was taken (ms since the Unix epoch).
+    pub ts: u64,
+    pub uptime_s: u64,
+    pub upstream: Upstream,
+    pub upstream_connects: u64,
+    pub upstream_connect_failures: u64,
+    pub delivered: Delivered,
+    pub queue: QueueView,
+    pub readings: Readings,
+    pub lan_clients: u64,
+    pub links: Vec<Link>,
+    pub devices: Vec<Device>,
+}
+
+/// `ble:NAME` ports are BLE links; the rest are serial ports.
+pub(super) fn link_source(port: &str) -> (&'static str, &str) {
+    match port.strip_prefix("ble:") {
+        Some(name) => ("ble", name),
+        None => ("serial", port),
+    }
+}
+
+impl GatewayStatus {
+    pub fn of(s: &Snapshot<'_>) -> GatewayStatus {
+        let m = s.metrics;
+        let g = |c| Metrics::get(c);
+        let ports = m.ports();
+        let malformed =
+            ports.values().map(|p| p.malformed).sum::<u64>() + m.topics().values().map(|t| t.malformed).sum::<u64>();
+        GatewayStatus {
+            gateway: s.gateway.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ts: s.now_ms,
+            uptime_s: s.uptime_s as u64,
+            upstream: match (g(&m.upstream_configured) > 0, g(&m.upstream_connected) > 0) {
+                (false, _) => Upstream::NotConfigured,
+                (true, false) => Upstream::Disconnected,
+                (true, true) => Upstream::Connected,
+            },
+            upstream_connects: g(&m.upstream_connects),
+            upstream_connect_failures: g(&m.upstream_connect_failures),
+            delivered: Delivered { batches: g(&m.batches_delivered), readings: g(&m.readings_delivered) },
+            queue: QueueView {
+                batches: s.queue.batches,
+                readings: s.queue.readings,
+                bytes: s.queue.bytes,
+                max_bytes: s.queue_max_bytes,
+                oldest_age_s: s.queue.oldest_created_ms.map_or(0.0, |t| s.now_ms.saturating_sub(t) as f64 / 1000.0),
+            },
+            readings: Readings {
+                accepted: g(&m.readings_accepted),
+                duplicates_dropped: g(&m.duplicates_dropped),
+                malformed,
+                dropped_queue_full: g(&m.readings_dropped_full) + g(&m.readings_rejected_full),
+            },
+            lan_clients: g(&m.broker_connections),
+            links: ports
+                .iter()
+                .map(|(port, c)| {
+                    let (source, link) = link_source(port);
+                    Link {
+                        source: source.to_string(),
+                        link: link.to_string(),
+                        up: c.connected,
+                        readings: c.readings,
+                        malformed: c.malformed,
+                        reconnects: c.reconnects,
+                    }
+                })
+                .collect(),
+            devices: m
+                .devices()
+                .into_iter()
+                .map(|((source, device), c)| Device {
+                    source: source.to_string(),
+                    device,
+                    readings: c.readings,
+                    duplicates: c.duplicates,
+                })
+                .collect(),
         }
-        if chars.next() != Some('"') {
-            break;
+    }
+
+    /// Unhealthy: the upstream is configured but not connected, a
+    /// configured link is down, or the queue is 90 % full.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.upstream == Upstream::Disconnected {
+            problems.push("upstream disconnected".to_string());
         }
-        let mut val = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some('n') => val.push('\n'),
-                    Some(c) => val.push(c),
-                    None => break,
-                },
-                '"' => break,
-                c => val.push(c),
+        let full = self.queue_full_percent();
+        if full >= 90.0 {
+            problems.push(format!("queue {full:.0}% full"));
+        }
+        for l in self.links.iter().filter(|l| !l.up) {
+            problems.push(format!("{} {} down", l.source, l.link));
+        }
+        problems
+    }
+
+    fn queue_full_percent(&self) -> f64 {
+        let q = &self.queue;
+        if q.max_bytes > 0 { 100.0 * q.bytes as f64 / q.max_bytes as f64 } else { 0.0 }
+    }
+
+    /// The one line `systemctl status` shows (`STATUS=`); `rate` is readings
+    /// per second in, measured by the caller between two snapshots.
+    pub fn line(&self, rate: f64) -> String {
+        format!(
+            "{rate:.0} readings/s in, {} duplicates dropped; queue {} batches ({} KiB, oldest {} s); upstream {}, {} readings delivered; links {}/{} up",
+            self.readings.duplicates_dropped,
+            self.queue.batches,
+            self.queue.bytes / 1024,
+            self.queue.oldest_age_s as u64,
+            self.upstream.as_str(),
+            self.delivered.readings,
+            self.links.iter().filter(|l| l.up).count(),
+            self.links.len()
+        )
+    }
+
+    /// The table `edge-gateway status` prints, and its verdict.
+    pub fn report(&self) -> Report {
+        let problems = self.problems();
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "edge-gateway {} (version {}), up {}",
+            self.gateway,
+            self.version,
+            humantime::format_duration(std::time::Duration::from_secs(self.uptime_s))
+        );
+        let upstream = match self.upstream {
+            Upstream::NotConfigured => "not configured (batches stay queued)".to_string(),
+            u => format!(
+                "{}, {} connects, {} failed attempts",
+                if u == Upstream::Connected { "connected" } else { "DISCONNECTED" },
+                self.upstream_connects,
+                self.upstream_connect_failures
+            ),
+        };
+        let _ = writeln!(t, "  upstream   {upstream}");
+        let _ = writeln!(t, "  delivered  {} batches, {} readings", self.delivered.batches, self.delivered.readings);
+        let q = &self.queue;
+        let _ = writeln!(
+            t,
+            "  queue      {} batches, {} readings, {} of {} bytes ({:.1}%), oldest {:.1} s",
+            q.batches,
+            q.readings,
+            q.bytes,
+            q.max_bytes,
+            self.queue_full_percent(),
+            q.oldest_age_s
+        );
+        let r = &self.readings;
+        let _ = writeln!(
+            t,
+            "  readings   {} accepted, {} duplicates dropped, {} malformed, {} dropped by the queue-full policy",
+            r.accepted, r.duplicates_dropped, r.malformed, r.dropped_queue_full
+        );
+        if !self.links.is_empty() {
+            let _ = writeln!(
+                t,
+                "\n  {:<24} {:<7} {:<5} {:>10} {:>10} {:>10}",
+                "LINK", "SOURCE", "STATE", "READINGS", "MALFORMED", "RECONNECTS"
+            );
+            for l in &self.links {
+                let _ = writeln!(
+                    t,
+                    "  {:<24} {:<7} {:<5} {:>10} {:>10} {:>10}",
+                    l.link,
+                    l.source,
+                    if l.up { "up" } else { "DOWN" },
+                    l.readings,
+                    l.malformed,
+                    l.reconnects
+                );
             }
         }
-        out.insert(key.trim_start_matches(',').to_string(), val);
-        if chars.peek() == Some(&',') {
-            chars.next();
+        if !self.devices.is_empty() {
+            let _ = writeln!(t, "\n  {:<24} {:<7} {:>10} {:>10}", "DEVICE", "SOURCE", "READINGS", "DUPLICATES");
+            for d in &self.devices {
+                let _ = writeln!(t, "  {:<24} {:<7} {:>10} {:>10}", d.device, d.source, d.readings, d.duplicates);
+            }
+        }
+        let healthy = problems.is_empty();
+        let _ = writeln!(
+            t,
+            "\nhealth: {}",
+            if healthy { "ok".to_string() } else { format!("UNHEALTHY: {}", problems.join("; ")) }
+        );
+        Report { healthy, problems, text: t }
+    }
+}
+
+impl Upstream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Upstream::NotConfigured => "not configured",
+            Upstream::Disconnected => "disconnected",
+            Upstream::Connected => "connected",
         }
     }
-    out
 }
 
 /// The verdict and the table.
@@ -73,167 +319,57 @@ pub struct Report {
     pub text: String,
 }
 
-const P: &str = "edge_gateway_";
-
-fn get(samples: &[Sample], name: &str) -> f64 {
-    samples.iter().find(|s| s.name.strip_prefix(P) == Some(name) && s.labels.is_empty()).map(|s| s.value).unwrap_or(0.0)
-}
-
-fn labelled<'a>(samples: &'a [Sample], name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
-    samples.iter().filter(move |s| s.name.strip_prefix(P) == Some(name))
-}
-
-fn label<'a>(s: &'a Sample, k: &str) -> &'a str {
-    s.labels.get(k).map(String::as_str).unwrap_or("")
-}
-
-/// Build the report. Unhealthy: the upstream is configured but not
-/// connected, a configured link is down, or the queue is 90 % full.
-pub fn report(samples: &[Sample]) -> Report {
-    let mut problems = Vec::new();
-    let mut t = String::new();
-    let info = labelled(samples, "info").next();
-    let _ = writeln!(
-        t,
-        "edge-gateway {} (version {}), up {}",
-        info.map(|s| label(s, "gateway")).unwrap_or("?"),
-        info.map(|s| label(s, "version")).unwrap_or("?"),
-        humantime::format_duration(std::time::Duration::from_secs(get(samples, "uptime_seconds") as u64))
-    );
-
-    let configured = get(samples, "upstream_configured") > 0.0;
-    let connected = get(samples, "upstream_connected") > 0.0;
-    let upstream = if !configured {
-        "not configured (batches stay queued)".to_string()
-    } else {
-        if !connected {
-            problems.push("upstream disconnected".to_string());
-        }
-        format!(
-            "{}, {} connects, {} failed attempts",
-            if connected { "connected" } else { "DISCONNECTED" },
-            get(samples, "upstream_connects_total"),
-            get(samples, "upstream_connect_failures_total")
-        )
-    };
-    let _ = writeln!(t, "  upstream   {upstream}");
-    let _ = writeln!(
-        t,
-        "  delivered  {} batches, {} readings",
-        get(samples, "batches_delivered_total"),
-        get(samples, "readings_delivered_total")
-    );
-    let (qb, qmax) = (get(samples, "queue_bytes"), get(samples, "queue_max_bytes"));
-    let full = if qmax > 0.0 { 100.0 * qb / qmax } else { 0.0 };
-    if full >= 90.0 {
-        problems.push(format!("queue {full:.0}% full"));
-    }
-    let _ = writeln!(
-        t,
-        "  queue      {} batches, {} readings, {} of {} bytes ({full:.1}%), oldest {:.1} s",
-        get(samples, "queue_batches"),
-        get(samples, "queue_readings"),
-        qb,
-        qmax,
-        get(samples, "queue_oldest_age_seconds")
-    );
-    let dropped: f64 = labelled(samples, "readings_dropped_total").map(|s| s.value).sum();
-    let malformed: f64 = labelled(samples, "malformed_total").map(|s| s.value).sum();
-    let _ = writeln!(
-        t,
-        "  readings   {} accepted, {} duplicates dropped, {malformed} malformed, {dropped} dropped by the queue-full policy",
-        get(samples, "readings_accepted_total"),
-        get(samples, "duplicates_dropped_total"),
-    );
-
-    let links: Vec<&Sample> = labelled(samples, "link_up").collect();
-    if !links.is_empty() {
-        let _ = writeln!(
-            t,
-            "\n  {:<24} {:<7} {:<5} {:>10} {:>10} {:>10}",
-            "LINK", "SOURCE", "STATE", "READINGS", "MALFORMED", "RECONNECTS"
-        );
-        for l in links {
-            let (source, link) = (label(l, "source"), label(l, "link"));
-            let find = |name: &str| {
-                labelled(samples, name)
-                    .find(|s| label(s, "source") == source && label(s, "link") == link)
-                    .map(|s| s.value)
-                    .unwrap_or(0.0)
-            };
-            let up = l.value > 0.0;
-            if !up {
-                problems.push(format!("{source} {link} down"));
-            }
-            let _ = writeln!(
-                t,
-                "  {link:<24} {source:<7} {:<5} {:>10} {:>10} {:>10}",
-                if up { "up" } else { "DOWN" },
-                find("link_readings_total"),
-                find("malformed_total"),
-                find("link_reconnects_total")
-            );
-        }
-    }
-    let devices: Vec<&Sample> = labelled(samples, "device_readings_total").collect();
-    if !devices.is_empty() {
-        let _ = writeln!(t, "\n  {:<24} {:<7} {:>10} {:>10}", "DEVICE", "SOURCE", "READINGS", "DUPLICATES");
-        for d in devices {
-            let (source, device) = (label(d, "source"), label(d, "device"));
-            let dups = labelled(samples, "device_duplicates_total")
-                .find(|s| label(s, "source") == source && label(s, "device") == device)
-                .map(|s| s.value)
-                .unwrap_or(0.0);
-            let _ = writeln!(t, "  {device:<24} {source:<7} {:>10} {dups:>10}", d.value);
-        }
-    }
-    let healthy = problems.is_empty();
-    let _ = writeln!(
-        t,
-        "\nhealth: {}",
-        if healthy { "ok".to_string() } else { format!("UNHEALTHY: {}", problems.join("; ")) }
-    );
-    Report { healthy, problems, text: t }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::metrics::render::{Snapshot, render};
     use crate::queue::QueueStatus;
 
-    fn page(m: &Metrics, upstream: bool, queue_bytes: u64) -> String {
+    /// The status as `edge-gateway status` gets it: through JSON.
+    fn fetched(m: &Metrics, upstream: bool, queue_bytes: u64) -> GatewayStatus {
         Metrics::set(&m.upstream_configured, u64::from(upstream));
-        render(&Snapshot {
+        let st = GatewayStatus::of(&Snapshot {
             metrics: m,
             gateway: "gw-1",
-            queue: QueueStatus { batches: 1, readings: 3, bytes: queue_bytes, oldest_created_ms: None },
+            queue: QueueStatus { batches: 1, readings: 3, bytes: queue_bytes, oldest_created_ms: Some(500) },
             queue_max_bytes: 1000,
             uptime_s: 65.0,
-            now_ms: 0,
-        })
+            now_ms: 2_000,
+        });
+        let back: GatewayStatus = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!(back, st);
+        back
     }
 
     #[test]
-    fn round_trip_and_verdicts() {
+    fn one_snapshot_three_views_and_the_verdicts() {
         let m = Metrics::default();
         m.port("dock \"0\"", |c| {
             c.connected = true;
             c.readings = 12;
         });
-        let r = report(&parse(&page(&m, false, 10)));
+        Metrics::add(&m.readings_accepted, 12);
+        let st = fetched(&m, false, 10);
+        let r = st.report();
         assert!(r.healthy, "{}", r.text);
         assert!(r.text.contains("dock \"0\""), "{}", r.text);
         assert!(r.text.contains("edge-gateway gw-1"), "{}", r.text);
+        assert!(r.text.contains("oldest 1.5 s"), "{}", r.text);
+        assert_eq!(
+            st.line(4.0),
+            "4 readings/s in, 0 duplicates dropped; queue 1 batches (0 KiB, oldest 1 s); upstream not configured, 0 readings delivered; links 1/1 up"
+        );
+        let json: serde_json::Value = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["upstream"], "not configured");
+        assert_eq!(json["links"][0]["up"], true);
+        assert_eq!(json["readings"]["accepted"], 12);
 
         // Upstream configured but down, a link down, queue nearly full.
         m.port("ble:strap", |c| c.connected = false);
-        let r = report(&parse(&page(&m, true, 950)));
+        let r = fetched(&m, true, 950).report();
         assert!(!r.healthy);
         assert_eq!(r.problems, vec!["upstream disconnected", "queue 95% full", "ble strap down"], "{}", r.text);
         Metrics::set(&m.upstream_connected, 1);
         m.forget_port("ble:strap");
-        assert!(report(&parse(&page(&m, true, 10))).healthy);
+        assert!(fetched(&m, true, 10).report().healthy);
     }
 }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod dedup;
 pub mod task;
 
+use crate::events::Event;
 use crate::fatal::Fatal;
 use crate::metrics::DeviceCounters;
 use crate::metrics::Metrics;
@@ -144,8 +145,8 @@ impl Pipeline {
         // (and lost, unacked) readings of devices it never made durable.
         let qdir = queue_dir(dir);
         let (queue, qreport) = Queue::open(&qdir, QueueOptions::from(&cfg.store))?;
-        Metrics::add(&metrics.queue_repaired_bytes, qreport.truncated_bytes);
-        Metrics::add(&metrics.queue_corrupt_records, qreport.corrupt_records);
+        Event::QueueRepaired { torn_bytes: qreport.truncated_bytes, corrupt_records: qreport.corrupt_records }
+            .emit(&metrics);
         let p = &cfg.pipeline;
         let mut me = Pipeline {
             gateway: cfg.gateway.clone(),
@@ -193,8 +194,7 @@ impl Pipeline {
         // record must not keep the gateway from starting.
         let (records, corrupt) = me.queue().read_valid_on_disk_after(covers)?;
         if !corrupt.is_empty() {
-            tracing::warn!("queue records {corrupt:?} failed their CRC when replayed; skipped");
-            Metrics::add(&me.metrics.queue_corrupt_records, corrupt.len() as u64);
+            Event::ReplayCorrupt { ids: &corrupt }.emit(&me.metrics);
         }
         for (meta, payload) in records {
             match Batch::decode(&payload) {
@@ -220,7 +220,7 @@ impl Pipeline {
     }
 
     /// Queue records `drop_oldest` evicted in this run, as id ranges (the
-    /// last [`MAX_EVICTED_RANGES`] evictions): what was lost, by name.
+    /// last `MAX_EVICTED_RANGES` evictions): what was lost, by name.
     pub fn evicted_records(&self) -> impl Iterator<Item = &std::ops::RangeInclusive<u64>> {
         self.evicted.iter()
     }

@@ -14,7 +14,7 @@
 //! Entries are dropped once the queue's ack of their batch is durable
 //! (until then a restart re-sends PUBREL for them, which the broker answers
 //! with PUBCOMP whether it still knows the id or not). The file is rewritten
-//! (temp + rename) when it grows past [`COMPACT_AT`], and truncated when the
+//! (temp + rename) when it grows past `COMPACT_AT`, and truncated when the
 //! broker reports a lost session, because a PUBREL for a batch the broker
 //! no longer holds would be answered with PUBCOMP and the batch lost.
 

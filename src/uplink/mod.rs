@@ -49,6 +49,7 @@ pub mod dead;
 pub mod inflight;
 pub mod tls;
 
+use crate::events::Event;
 use crate::fatal::{Fatal, FatalTx};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueError};
@@ -301,20 +302,10 @@ impl Uplink {
             .map_err(|e| UplinkError::Setup(format!("cannot open {}/uplink.pubrec: {e}", data_dir.display())))?;
         match reset {
             Some(inflight::Reset::OtherBroker { was, entries }) => {
-                Metrics::inc(&metrics.pubrec_log_resets);
-                Metrics::add(&metrics.batches_resent_session_lost, entries as u64);
-                tracing::warn!(
-                    "uplink.pubrec was written for {was:?}, not {identity:?}: starting clean ({entries} batch(es) \
-                     PUBREC'd there are sent again as new messages; the first connect asks for a Clean Start)"
-                );
+                Event::PubrecLogReset { was: Some(&was), identity: &identity, entries }.emit(&metrics)
             }
             Some(inflight::Reset::Unknown { entries }) => {
-                Metrics::inc(&metrics.pubrec_log_resets);
-                Metrics::add(&metrics.batches_resent_session_lost, entries as u64);
-                tracing::warn!(
-                    "uplink.pubrec names no broker (older version): starting clean ({entries} batch(es) sent again \
-                     as new messages; the first connect asks for a Clean Start)"
-                );
+                Event::PubrecLogReset { was: None, identity: &identity, entries }.emit(&metrics)
             }
             None => {}
         }
@@ -568,8 +559,7 @@ impl Uplink {
                     match q.read_from(self.cursor, 1) {
                         Ok(r) => r,
                         Err(QueueError::Corrupt { id, path }) => {
-                            tracing::error!(id, path = %path.display(), "queue record corrupt on disk; skipped");
-                            Metrics::inc(&self.metrics.batches_corrupt_skipped);
+                            Event::CorruptRecordSkipped { id, path: &path }.emit(&self.metrics);
                             self.window.push_back(Flight::skipped(id));
                             self.cursor = id;
                             continue;
@@ -1051,15 +1041,14 @@ impl Uplink {
             }
         }
         crate::crashpoint::hit("after-dead-letter");
-        Metrics::inc(&self.metrics.batches_dead_lettered);
-        Metrics::add(&self.metrics.readings_dead_lettered, readings as u64);
-        Metrics::set(&self.metrics.dead_letter_batches, self.dead.batches());
-        tracing::error!(
-            batch = id,
-            "batch {id} ({readings} readings) moved to the dead-letter store {}: {reason}; \
-             `edge-gateway queue dead list` shows it, `queue dead replay` queues it again once the cause is fixed",
-            self.dead.path().display()
-        );
+        Event::BatchDeadLettered {
+            id,
+            readings,
+            why: &reason,
+            store: self.dead.path(),
+            store_batches: self.dead.batches(),
+        }
+        .emit(&self.metrics);
         let f = &mut self.window[i];
         f.stage = Stage::Done;
         f.readings = 0;
