@@ -283,6 +283,22 @@ fsync_interval = "100ms"
     }
 
     #[test]
+    fn device_patterns_are_checked_where_they_are_written() {
+        let e = err(&GOOD.replace("baud = 9600", "baud = 9600\ndevices = [\"wrist 1\"]"));
+        assert!(e.starts_with("gw.toml:15:1: key `serial.1.devices`"), "{e}");
+        assert!(e.contains("pattern \"wrist 1\""), "{e}");
+        let e = err(&GOOD.replace("baud = 9600", "baud = 9600\ndevice = \"hub-1\"\ndevices = [\"wrist-*\"]"));
+        assert!(e.contains("key `serial.1.devices`") && e.contains("\"hub-1\""), "{e}");
+        let ok =
+            Config::parse(&GOOD.replace("baud = 9600", "baud = 9600\ndevices = [\"wrist-*\", \"hub\"]"), "gw.toml");
+        assert!(ok.unwrap().serial[1].devices.as_ref().unwrap().permits("wrist-3"));
+        let e = err(&format!("{GOOD}\n[broker]\ndevices = [\"a/b\"]\n"));
+        assert!(e.contains("key `broker.devices`"), "{e}");
+        let e = err(&format!("{GOOD}\n[broker]\nanonymous_devices = [\"{{user}}-*\"]\n"));
+        assert!(e.contains("key `broker.anonymous_devices`"), "{{user}} is for logins: {e}");
+    }
+
+    #[test]
     fn wrong_type_points_at_the_value() {
         let e = err(&GOOD.replace("baud = 9600", "baud = \"fast\""));
         assert!(e.starts_with("gw.toml:14:8: key `serial.1.baud`"), "{e}");

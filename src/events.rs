@@ -10,7 +10,34 @@ use crate::metrics::Metrics;
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::{Duration, Instant};
 use tracing::{debug, error, warn};
+
+/// At most one log line per interval; counts what it held back.
+#[derive(Debug)]
+pub struct RateLimit {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub fn new(every: Duration) -> RateLimit {
+        RateLimit { every, last: None, suppressed: 0 }
+    }
+
+    /// `n` events happened; `Some(held_back_before)` if one may be logged now.
+    pub fn allow(&mut self, n: u64) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
+            self.suppressed += n;
+            return None;
+        }
+        self.last = Some(now);
+        let held = std::mem::take(&mut self.suppressed);
+        Some(held + n - 1)
+    }
+}
 
 /// Why a relayed LAN MQTT connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +54,8 @@ pub enum Ended {
     /// Readings for more devices (or sensors) than one user may publish:
     /// the words say which limit.
     TooManyDevices(String),
+    /// A reading for a device the login may not speak for.
+    NotItsDevice(String),
 }
 
 pub enum Event<'a> {
@@ -47,6 +76,10 @@ pub enum Event<'a> {
     /// The broker's half-open connection slots are full (`from`: the share
     /// of one address). `log` is false while the caller keeps it quiet.
     HandshakesFull { listener: &'a str, from: Option<IpAddr>, peer: SocketAddr, log: bool },
+    /// A reading of a device its source may not speak for (`devices`
+    /// patterns, see [`crate::allow`]): refused, not stored, not acked.
+    /// `log`: `Some(held back since the last line)` when it may be logged.
+    DeviceRefused { source: &'static str, link: &'a str, device: &'a str, log: Option<u64> },
     /// A relayed LAN MQTT connection ended.
     LanClientEnded { listener: &'a str, client_id: &'a str, peer: SocketAddr, user: &'a str, why: &'a Ended },
 }
@@ -110,6 +143,21 @@ impl Event<'_> {
                     (true, None) => warn!("broker {listener}: too many connections in their handshake, closing {peer}"),
                 }
             }
+            Event::DeviceRefused { source, link, device, log } => {
+                Metrics::inc(match source {
+                    "serial" => &m.readings_refused_serial,
+                    "ble" => &m.readings_refused_ble,
+                    _ => &m.readings_refused_lan,
+                });
+                if let Some(held) = log {
+                    let more = if held > 0 { format!(" ({held} more since the last report)") } else { String::new() };
+                    warn!(
+                        source,
+                        device,
+                        "{source} {link}: may not speak for device {device:?} (its `devices` patterns); reading refused{more}"
+                    );
+                }
+            }
             Event::LanClientEnded { listener, client_id, peer, user, why } => {
                 let who = format!("broker {listener}: {client_id:?} ({peer})");
                 match why {
@@ -131,6 +179,14 @@ impl Event<'_> {
                     Ended::TooManyDevices(what) => {
                         Metrics::inc(&m.broker_denied_publishes);
                         warn!("{who} published for more than {what} as user {user:?}; disconnected");
+                    }
+                    Ended::NotItsDevice(device) => {
+                        Metrics::inc(&m.broker_denied_publishes);
+                        Metrics::inc(&m.readings_refused_lan);
+                        warn!(
+                            device = device.as_str(),
+                            "{who} published for device {device:?}, which user {user:?} may not speak for; disconnected"
+                        );
                     }
                 }
             }

@@ -21,6 +21,7 @@
 //!   across crashes and outages.
 //!
 //! Beside them: [`broker`] (the embedded MQTT broker and its front door),
+//! [`allow`] (which device ids each source may speak for),
 //! [`config`] (the TOML file; each component above owns its section's
 //! types in its own `config` module, with [`units`] for durations and
 //! sizes), [`metrics`] (the counter table, `/metrics`, `/status` and the one
@@ -35,6 +36,7 @@
 //! build can be told to abort, one per durability window, so each window
 //! has a deterministic test).
 
+pub mod allow;
 pub mod app;
 pub mod broker;
 pub mod cli;

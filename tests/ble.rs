@@ -6,7 +6,7 @@ mod common;
 #[path = "common/fake_bluez.rs"]
 mod fake_bluez;
 
-use common::{Gateway, queue_dump, wait_until};
+use common::{Gateway, queue_dump, summary_number, wait_until};
 use edge_gateway::source::ble::bthome;
 use fake_bluez::{Bus, CharSpec, FakeBluez};
 use std::collections::HashMap;
@@ -371,14 +371,35 @@ fn battery_read_and_custom_jsonl_profile() {
     assert!(fake.notify(band, 0xFFE1, &line[20..]));
     assert!(fake.notify(band, 0xFFE1, line));
     assert!(fake.notify(band, 0xFFE1, b"not json\n"));
+    // A frame naming another device: the entry speaks only for band-1 (issue 19, H3).
+    assert!(fake.notify(
+        band,
+        0xFFE1,
+        br#"{"device":"wrist-07","sensor":"hr","seq":9,"value":70}
+"#
+    ));
+    assert!(fake.notify(
+        band,
+        0xFFE1,
+        br#"{"device":"band-1","sensor":"steps","seq":6,"value":1240}
+"#
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || queue_dump(&cfg).iter().any(|r| r["seq"] == 6)),
+        "{}",
+        gw.log_text()
+    );
     let log = stop(gw);
     let dump = queue_dump(&cfg);
     let bat_values: Vec<_> = dump.iter().filter(|r| r["device"] == "tag-1").map(|r| r["value"].clone()).collect();
     assert_eq!(bat_values, [serde_json::json!(77.0), serde_json::json!(76.0)], "{dump:?}");
     let steps: Vec<_> = dump.iter().filter(|r| r["device"] == "band-1").collect();
-    assert_eq!(steps.len(), 1, "{dump:?}");
+    assert_eq!(steps.len(), 2, "{dump:?}");
     assert_eq!((steps[0]["sensor"].as_str(), steps[0]["seq"].as_u64()), (Some("steps"), Some(5)));
     assert!(log.contains("malformed"), "{log}");
+    assert!(!dump.iter().any(|r| r["device"] == "wrist-07"), "{dump:?}");
+    assert!(log.contains("ble band: may not speak for device \"wrist-07\""), "{log}");
+    assert_eq!(summary_number(&log, "readings refused (BLE entry may not speak for the device)"), 1, "{log}");
 }
 
 /// SIGHUP with a `[[ble]]` added, then one removed: the hub restarts with

@@ -604,6 +604,109 @@ fn m3_one_user_cannot_invent_devices_without_bound() {
     terminate_ok(gw);
 }
 
+// ---------------------------------------------------------------- H3 --
+
+/// A rogue dock names a wearable docked elsewhere, with seqs far ahead of
+/// it, for longer than `ack_gap_timeout`. Without `devices` its readings
+/// were stored under the wearable's name, where they could move its
+/// watermark and its ack route (planted: the test fails at "the rogue's
+/// readings were stored"). With `devices` they are refused and counted,
+/// and the wearable is acked for exactly what it sent.
+#[test]
+fn h3_a_dock_cannot_speak_for_a_wearable_it_may_not() {
+    use edge_gateway::config::Framing;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut real, real_path) = device("wrist-00", Framing::Jsonl, 11, 0.0);
+    let rogue = edge_gateway::demo::sim::open_pty().unwrap();
+    let mut rogue_w = rogue.master.try_clone().unwrap();
+    // Drain what the gateway writes back (acks), so it never blocks.
+    let mut rogue_r = rogue.master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while rogue_r.read(&mut buf).is_ok_and(|n| n > 0) {}
+    });
+    let body = format!(
+        "[gateway]\nid = \"test-gw\"\ndata_dir = {:?}\n\n\
+         [[serial]]\nname = \"dock0\"\npath = {:?}\ndevices = [\"wrist-*\"]\n\n\
+         [[serial]]\nname = \"rogue\"\npath = {:?}\ndevices = [\"rogue-*\"]\n\n\
+         [pipeline]\n{PIPELINE}\nack_gap_timeout = \"1s\"\n\n[store]\n{STORE}\n\n[metrics]\nenabled = false\n",
+        dir.path().join("data").display().to_string(),
+        real_path.display().to_string(),
+        rogue.slave_path.display().to_string(),
+    );
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(&cfg, body).unwrap();
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(30), || gw.log_text().contains("running with")), "{}", gw.log_text());
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut i = 0u64;
+    while Instant::now() < until {
+        real.send_next().unwrap();
+        for (device, seq) in [("wrist-00", 1000 + i), ("rogue-1", i)] {
+            let line = format!("{{\"device\":\"{device}\",\"sensor\":\"hr\",\"seq\":{seq},\"value\":1}}\n");
+            rogue_w.write_all(line.as_bytes()).unwrap();
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(real.wait_all_acked(Duration::from_secs(30)).unwrap(), "{:?}\n{}", real.stats(), gw.log_text());
+    let last_sent = real.next_seq() - 1;
+    let acked = real.stats().acked_through;
+    assert_eq!(acked, Some(last_sent), "the wearable must be acked for what it sent, no further");
+    let (log, _) = terminate_ok(gw);
+    let keys = queued(&cfg);
+    assert!(!keys.keys().any(|(d, _, seq)| d == "wrist-00" && *seq >= 1000), "the rogue's readings were stored");
+    assert_eq!(keys.keys().filter(|(d, ..)| d == "wrist-00").count() as u64, last_sent + 1);
+    assert!(keys.contains_key(&("rogue-1".into(), "hr".into(), 0)), "the rogue's own devices still go through");
+    assert_eq!(summary_number(&log, "readings refused (serial port may not speak for the device)"), i, "{log}");
+    assert!(log.contains("serial rogue: may not speak for device \"wrist-00\""), "{log}");
+}
+
+/// LAN logins are bound to their devices: a user's own list, the default
+/// `broker.devices` with `{user}` (password_file users too), anonymous.
+#[test]
+fn h3_a_lan_user_cannot_speak_for_another_users_devices() {
+    need("mosquitto_pub", "mosquitto-clients");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let h = hash("pw");
+    let pwfile = dir.path().join("passwd");
+    std::fs::write(&pwfile, format!("carol:{h}\n")).unwrap();
+    std::fs::set_permissions(&pwfile, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let body = format!(
+        "enabled = true\ntcp = \"127.0.0.1:{port}\"\nallow_anonymous = true\n\
+         devices = [\"{{user}}-*\"]\nanonymous_devices = [\"guest-*\"]\npassword_file = {:?}\n\
+         [[broker.users]]\nname = \"alice\"\npassword_hash = \"{h}\"\ndevices = [\"ward3-*\"]\n\
+         [[broker.users]]\nname = \"bob\"\npassword_hash = \"{h}\"\n",
+        pwfile.display().to_string()
+    );
+    let cfg = config(dir.path(), &body, "[metrics]\nenabled = false\n");
+    let gw = start(&cfg);
+    let login = |u: &'static str| -> Vec<&'static str> { vec!["-u", u, "-P", "pw"] };
+    let cases: [(&[&str], &str, bool); 8] = [
+        (&login("alice"), "ward3-01", true),
+        (&login("alice"), "alice-01", false), // her own list, not the default
+        (&login("bob"), "bob-01", true),
+        (&login("bob"), "ward3-01", false),
+        (&login("carol"), "carol-01", true), // password_file: the default
+        (&login("carol"), "bob-01", false),
+        (&[], "guest-01", true),
+        (&[], "ward3-01", false),
+    ];
+    for (auth, device, ok) in cases {
+        assert_eq!(publish(port, auth, device, 7), ok, "{auth:?} for {device}\n{}", gw.log_text());
+    }
+    let ok = wait_until(Duration::from_secs(10), || queued(&cfg).len() == 4);
+    let keys = queued(&cfg);
+    assert!(ok, "{keys:?}");
+    for d in ["ward3-01", "bob-01", "carol-01", "guest-01"] {
+        assert_eq!(keys.get(&(d.to_string(), "hr".to_string(), 7)), Some(&1), "{keys:?}");
+    }
+    let (log, _) = terminate_ok(gw);
+    assert_eq!(summary_number(&log, "readings refused (LAN user may not speak for the device)"), 4, "{log}");
+    assert!(log.contains("which user \"bob\" may not speak for; disconnected"), "{log}");
+}
+
 // ---------------------------------------------------------------- M4 --
 
 #[test]

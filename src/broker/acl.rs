@@ -31,6 +31,7 @@
 //! would widen the rule (Mosquitto refuses such clients the same way).
 
 use super::config::{AclAccess, AclPermission, BrokerConfig, DeniedPublish};
+use crate::allow::{Devices, glob};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -154,21 +155,6 @@ fn dollar(l: &Level) -> bool {
     matches!(l, Level::Lit(x) if x.starts_with('$'))
 }
 
-/// `*` matches any run of characters; everything else is literal.
-fn glob(pattern: &str, s: &str) -> bool {
-    let Some((first, rest)) = pattern.split_once('*') else { return pattern == s };
-    let Some(mut s) = s.strip_prefix(first) else { return false };
-    let parts: Vec<&str> = rest.split('*').collect();
-    let (last, middle) = parts.split_last().expect("split yields one part at least");
-    for p in middle {
-        match s.find(p) {
-            Some(i) => s = &s[i + p.len()..],
-            None => return false,
-        }
-    }
-    s.len() >= last.len() && s.ends_with(last)
-}
-
 /// What a rule's topic is.
 #[derive(Debug, Clone, PartialEq)]
 enum Target {
@@ -197,6 +183,16 @@ pub struct Acl {
     default_allow: bool,
     /// `broker.denied_publish = "disconnect"`.
     pub disconnect_denied: bool,
+    /// Who may speak for which devices (issue 19, H3).
+    devices: DeviceRules,
+}
+
+/// `[[broker.users]] devices`, `broker.devices`, `broker.anonymous_devices`.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct DeviceRules {
+    per_user: std::collections::HashMap<String, Devices>,
+    users: Option<Devices>,
+    anonymous: Option<Devices>,
 }
 
 impl Acl {
@@ -232,6 +228,21 @@ impl Acl {
             rules,
             default_allow: cfg.acl.is_empty(),
             disconnect_denied: cfg.denied_publish == DeniedPublish::Disconnect,
+            devices: DeviceRules {
+                per_user: cfg.users.iter().filter_map(|u| Some((u.name.clone(), u.devices.clone()?))).collect(),
+                users: cfg.devices.clone(),
+                anonymous: cfg.anonymous_devices.clone(),
+            },
+        }
+    }
+
+    /// The devices `user` (`None`: anonymous) may publish readings for;
+    /// `None`: any.
+    fn devices_of(&self, user: Option<&str>) -> Option<Devices> {
+        let d = &self.devices;
+        match user {
+            None => d.anonymous.clone(),
+            Some(u) => d.per_user.get(u).or(d.users.as_ref()).map(|l| l.for_user(u)),
         }
     }
 
@@ -286,6 +297,7 @@ impl Acl {
             default_allow: self.default_allow,
             dangerous,
             disconnect_denied: self.disconnect_denied,
+            devices: self.devices_of(user),
         }
     }
 }
@@ -362,9 +374,16 @@ pub struct Compiled {
     /// A `%u`/`%c` rule would have substituted a `+` or `#`: deny everything.
     dangerous: bool,
     disconnect_denied: bool,
+    /// The devices this login may publish readings for; `None`: any.
+    devices: Option<Devices>,
 }
 
 impl Compiled {
+    /// May this login publish readings for `device` (issue 19, H3)?
+    pub fn may_speak_for(&self, device: &str) -> bool {
+        crate::allow::permits(self.devices.as_ref(), device)
+    }
+
     fn first(&self, topic: &str, publish: bool) -> bool {
         if self.open {
             return true;
@@ -1146,15 +1165,6 @@ mod tests {
         assert!(!f("a/b/c").overlaps(&f("a/+")));
     }
 
-    #[test]
-    fn globs() {
-        assert!(glob("sensor-*", "sensor-7") && glob("sensor-*", "sensor-"));
-        assert!(glob("*-ward-*", "a-ward-3") && !glob("*-ward-*", "award3"));
-        assert!(glob("a*b*c", "abc") && glob("a*b*c", "a-b-b-c") && !glob("a*b*c", "acb"));
-        assert!(glob("x", "x") && !glob("x", "xy"));
-        assert!(!glob("ab*ba", "aba"), "prefix and suffix may not share characters");
-    }
-
     /// The seed's three examples, as docs/lan-mqtt.md writes them.
     fn seed() -> Acl {
         use AclAccess::*;
@@ -1237,12 +1247,39 @@ mod tests {
     }
 
     #[test]
+    fn who_may_speak_for_which_device() {
+        use crate::allow::Devices;
+        let user = |name: &str, devices: Option<&[&str]>| BrokerUser {
+            name: name.into(),
+            password_hash: String::new(),
+            publish: None,
+            devices: devices.map(|d| Devices::new(d.iter().copied())),
+        };
+        let cfg = BrokerConfig {
+            users: vec![user("ward3", Some(&["w3-*"])), user("plain", None), user("we*rd", None)],
+            devices: Some(Devices::new(["{user}-*"])),
+            anonymous_devices: Some(Devices::new(["guest-1"])),
+            ..Default::default()
+        };
+        let a = Acl::from_config(&cfg);
+        let may = |u: Option<&str>, d: &str| a.compile(u, "c").may_speak_for(d);
+        assert!(may(Some("ward3"), "w3-07") && !may(Some("ward3"), "ward3-07"), "its own list, not the default");
+        assert!(may(Some("plain"), "plain-1") && !may(Some("plain"), "w3-07"), "the default, {{user}} substituted");
+        assert!(may(Some("from-file"), "from-file-9") && !may(Some("from-file"), "plain-1"), "password_file users too");
+        assert!(!may(Some("we*rd"), "we-anything-rd-1"), "a * in a login is no wildcard");
+        assert!(may(None, "guest-1") && !may(None, "plain-1"), "anonymous");
+        let open = Acl::from_config(&BrokerConfig::default());
+        assert!(open.compile(Some("x"), "c").may_speak_for("any") && open.compile(None, "c").may_speak_for("any"));
+    }
+
+    #[test]
     fn user_prefixes_are_sugar_for_rules() {
         let cfg = BrokerConfig {
             users: vec![BrokerUser {
                 name: "site*1".into(),
                 password_hash: String::new(),
                 publish: Some(vec!["sensors/site1-".into()]),
+                devices: None,
             }],
             ..Default::default()
         };

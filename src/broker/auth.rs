@@ -251,6 +251,7 @@ mod tests {
                 name: "site1".into(),
                 password_hash: hash.clone(),
                 publish: Some(vec!["sensors/site1-".into()]),
+                devices: None,
             }],
             ..Default::default()
         };

@@ -1,5 +1,6 @@
 //! `[broker]`: the embedded MQTT broker, its users and access rules.
 
+use crate::allow::Devices;
 use crate::units::{de_duration, de_size};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -58,6 +59,12 @@ pub struct BrokerConfig {
     pub acl: Vec<AclRule>,
     /// What a PUBLISH the ACL denies costs the client. Re-read on SIGHUP.
     pub denied_publish: DeniedPublish,
+    /// The devices a logged-in user may publish readings for, unless its
+    /// `[[broker.users]]` entry lists its own (`{user}` is the login, e.g.
+    /// `"{user}-*"`); absent: any. Re-read on SIGHUP. See [`crate::allow`].
+    pub devices: Option<Devices>,
+    /// The devices anonymous clients may publish readings for; absent: any.
+    pub anonymous_devices: Option<Devices>,
 }
 
 /// `[[broker.acl]]`: one access rule.
@@ -140,6 +147,8 @@ impl Default for BrokerConfig {
             websocket_origins: Vec::new(),
             acl: Vec::new(),
             denied_publish: DeniedPublish::Drop,
+            devices: None,
+            anonymous_devices: None,
         }
     }
 }
@@ -153,6 +162,10 @@ pub struct BrokerUser {
     /// Topic prefixes this user may publish under; absent means anywhere.
     #[serde(default)]
     pub publish: Option<Vec<String>>,
+    /// The devices this user may publish readings for (patterns, `*` = any
+    /// run, `{user}` = the login); absent: `broker.devices`.
+    #[serde(default)]
+    pub devices: Option<Devices>,
 }
 
 impl BrokerConfig {
@@ -218,6 +231,14 @@ impl BrokerConfig {
             }
             if let Err(e) = crate::broker::auth::check_hash(&u.password_hash) {
                 return bad(&format!("users.{i}.password_hash"), e);
+            }
+            if let Some(Err(e)) = u.devices.as_ref().map(|d| d.check(true)) {
+                return bad(&format!("users.{i}.devices"), e);
+            }
+        }
+        for (k, d, user) in [("devices", &self.devices, true), ("anonymous_devices", &self.anonymous_devices, false)] {
+            if let Some(Err(e)) = d.as_ref().map(|d| d.check(user)) {
+                return bad(k, e);
             }
         }
         for (i, r) in self.acl.iter().enumerate() {

@@ -570,6 +570,9 @@ async fn relay(
                             && let Some(topic) = resolved.as_deref()
                             && let Some((device, sensor)) = shared.ingest.matches(topic)
                         {
+                            if !gate().acl.current().may_speak_for(device) {
+                                return End::NotItsDevice(device.to_string());
+                            }
                             if let Err(limit) = shared.limits.admit_reading(&who.user, device, sensor) {
                                 return End::TooManyDevices(match limit {
                                     DeviceLimit::Devices(n) => format!("{n} devices (max_devices_per_user)"),

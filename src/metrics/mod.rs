@@ -122,6 +122,16 @@ counters! {
     /// Not acked: the devices resend them.
     readings_rejected_full: Counter "readings_dropped_total" { "policy" = "reject_new" },
         "Readings lost to the queue-full policy.", Stopped "readings refused (queue full)";
+    /// See [`crate::allow`]: the source's `devices` patterns do not match.
+    readings_refused_serial: Counter "readings_refused_total" { "source" = "serial" },
+        "Readings refused because their source may not speak for the device they name.",
+        Stopped "readings refused (serial port may not speak for the device)";
+    readings_refused_ble: Counter "readings_refused_total" { "source" = "ble" },
+        "Readings refused because their source may not speak for the device they name.",
+        Stopped "readings refused (BLE entry may not speak for the device)";
+    readings_refused_lan: Counter "readings_refused_total" { "source" = "lan" },
+        "Readings refused because their source may not speak for the device they name.",
+        Stopped "readings refused (LAN user may not speak for the device)";
     batches_rejected_full: Counter "batches_rejected_total",
         "Batches refused by reject_new (not acked; devices resend).";
     queue_commits: Counter "queue_commits_total", "Queue group commits (fsyncs).", Stopped "queue commits";

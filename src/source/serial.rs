@@ -17,6 +17,8 @@
 //! lack), the port is opened with plain termios instead ([`fallback`]): raw
 //! mode at the configured baud rate, driven through tokio's `AsyncFd`.
 
+use crate::allow::{self, Devices};
+use crate::events::{Event, RateLimit};
 use crate::metrics::Metrics;
 use crate::reading::{Ack, Incoming, Origin, now_ms};
 use crate::route::{Route, ToDevice};
@@ -95,6 +97,10 @@ pub struct SerialConfig {
     /// Device id for readings that do not name one.
     #[serde(default)]
     pub device: Option<String>,
+    /// The devices this port may speak for (patterns, `*` = any run);
+    /// absent: any. Readings of others are refused and counted.
+    #[serde(default)]
+    pub devices: Option<Devices>,
 }
 
 fn default_baud() -> u32 {
@@ -116,6 +122,15 @@ impl SerialConfig {
                     format!("serial.{i}.device"),
                     "must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
                 ));
+            }
+            if let Some(devices) = &port.devices {
+                devices.check(false).map_err(|e| (format!("serial.{i}.devices"), e))?;
+                if let Some(d) = port.device.as_deref().filter(|d| !devices.permits(d)) {
+                    return Err((
+                        format!("serial.{i}.devices"),
+                        format!("does not permit the port's own device {d:?}"),
+                    ));
+                }
             }
         }
         Ok(())
@@ -167,7 +182,8 @@ pub async fn run(
         metrics,
         shutdown,
         splitter,
-        malformed_log: RateLimit::default(),
+        malformed_log: RateLimit::new(MALFORMED_LOG_INTERVAL),
+        refused_log: RateLimit::new(Duration::from_secs(10)),
         ever_connected: false,
         fallback_logged: false,
     }
@@ -193,6 +209,8 @@ struct Port {
     shutdown: watch::Receiver<bool>,
     splitter: FrameSplitter,
     malformed_log: RateLimit,
+    /// Readings of devices this port may not speak for (`devices`).
+    refused_log: RateLimit,
     ever_connected: bool,
     /// The termios fallback is announced once per port, not per reconnect.
     fallback_logged: bool,
@@ -351,12 +369,19 @@ impl Port {
         let mut malformed: Vec<WireError> = Vec::new();
         let now = now_ms();
         let (framing, default_device, port) = (self.cfg.framing, self.cfg.device.as_deref(), self.origin);
+        let mut refused: Vec<String> = Vec::new();
+        let devices = self.cfg.devices.as_ref();
         self.splitter.feed(chunk, |frame| {
             match frame.and_then(|f| wire::parse_reading(framing, f, default_device, now)) {
+                Ok((reading, _)) if !allow::permits(devices, &reading.device) => refused.push(reading.device),
                 Ok((reading, ts_from_device)) => out.push(Incoming::new(reading, ts_from_device, port)),
                 Err(e) => malformed.push(e),
             }
         });
+        for device in &refused {
+            let log = self.refused_log.allow(1);
+            Event::DeviceRefused { source: "serial", link: &self.cfg.name, device, log }.emit(&self.metrics);
+        }
         if !malformed.is_empty() {
             let n = malformed.len() as u64;
             self.metrics.port(&self.cfg.name, |c| c.malformed += n);
@@ -527,27 +552,6 @@ fn describe(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(code) if code == nix::errno::Errno::EIO as i32 => "unplugged (EIO)".into(),
         _ => format!("failed: {e}"),
-    }
-}
-
-/// At most one log line per interval; counts what it held back.
-#[derive(Default)]
-struct RateLimit {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    /// `n` events happened; `Some(held_back_before)` if one may be logged now.
-    fn allow(&mut self, n: u64) -> Option<u64> {
-        let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < MALFORMED_LOG_INTERVAL) {
-            self.suppressed += n;
-            return None;
-        }
-        self.last = Some(now);
-        let held = std::mem::take(&mut self.suppressed);
-        Some(held + n - 1)
     }
 }
 

@@ -2,6 +2,7 @@
 //! adapter's scan watchdog.
 
 use super::{parse_address, parse_uuid};
+use crate::allow::Devices;
 use crate::units::{de_duration, de_opt_duration, valid_id};
 use crate::wire::Framing;
 use serde::Deserialize;
@@ -55,6 +56,10 @@ pub struct BleConfig {
     pub characteristic: Option<String>,
     #[serde(default)]
     pub framing: Option<Framing>,
+    /// Custom profile: the devices its frames may name (patterns, `*` = any
+    /// run). Absent: only the entry's own id (`device`, or the address).
+    #[serde(default)]
+    pub devices: Option<Devices>,
     /// An `rssi` reading at most this often (default: none).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub rssi_interval: Option<Duration>,
@@ -122,6 +127,15 @@ pub fn validate(devices: &[BleConfig], scan: &BleScanConfig) -> Result<(), (Stri
         }
         if b.framing.is_some() && !custom {
             return bad(k("framing"), "is only for profile \"custom\"");
+        }
+        match &b.devices {
+            Some(_) if !custom => return bad(k("devices"), "is only for profile \"custom\""),
+            Some(d) => {
+                if let Err(e) = d.check(false) {
+                    return bad(k("devices"), &e);
+                }
+            }
+            None => {}
         }
         match (&b.bindkey, b.profile) {
             (Some(_), p) if p != BleProfile::Bthome => return bad(k("bindkey"), "is only for profile \"bthome\""),

@@ -23,6 +23,8 @@ pub(super) struct Device {
     pub(super) connected: Arc<AtomicBool>,
     pub(super) last_rssi: Option<Instant>,
     pub(super) malformed_log: Option<Instant>,
+    /// Custom frames naming a device the entry may not speak for.
+    pub(super) refused_log: RateLimit,
     pub(super) ever_connected: bool,
     /// The current attempt connected and subscribed.
     pub(super) session_ok: bool,
@@ -285,6 +287,16 @@ impl Device {
                 self.malformed(&e);
             }
             for (r, from_device) in out {
+                let allowed = match &self.cfg.devices {
+                    Some(d) => d.permits(&r.device),
+                    None => r.device == device,
+                };
+                if !allowed {
+                    let log = self.refused_log.allow(1);
+                    let link = &self.cfg.name;
+                    Event::DeviceRefused { source: "ble", link, device: &r.device, log }.emit(&self.metrics);
+                    continue;
+                }
                 self.deliver(r, from_device).await?;
             }
             return Ok(());

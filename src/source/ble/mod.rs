@@ -42,6 +42,7 @@ mod device;
 mod hub;
 mod matcher;
 
+use crate::events::{Event, RateLimit};
 use crate::metrics::Metrics;
 use crate::reading::{Incoming, Origin, Reading, Value, now_ms};
 use crate::source::SourceContext;
@@ -167,6 +168,7 @@ pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, ctx: SourceContex
             connected: connected.clone(),
             last_rssi: None,
             malformed_log: None,
+            refused_log: RateLimit::new(Duration::from_secs(10)),
             ever_connected: false,
             session_ok: false,
         };
