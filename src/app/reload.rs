@@ -31,7 +31,7 @@ pub struct Plan {
 }
 
 /// Compare two valid configs. The broker's ACL (rules, `denied_publish`,
-/// the users' `publish` prefixes) is not in the plan: it is replaced on
+/// the users' `publish` prefixes and the `devices` lists) is not in the plan: it is replaced on
 /// every reload, and the store says whether that changed anything.
 pub fn plan(old: &Config, new: &Config) -> Plan {
     let restart_only = [
@@ -94,8 +94,12 @@ impl Sources {
         }
         self.cfg.broker.acl = new.broker.acl.clone();
         self.cfg.broker.denied_publish = new.broker.denied_publish;
+        self.cfg.broker.devices = new.broker.devices.clone();
+        self.cfg.broker.anonymous_devices = new.broker.anonymous_devices.clone();
         for u in &mut self.cfg.broker.users {
-            u.publish = new.broker.users.iter().find(|n| n.name == u.name).and_then(|n| n.publish.clone());
+            let n = new.broker.users.iter().find(|n| n.name == u.name);
+            u.publish = n.and_then(|n| n.publish.clone());
+            u.devices = n.and_then(|n| n.devices.clone());
         }
         // Serial ports: by name; a changed entry is stopped and started again.
         for name in &plan.serial_stop {
@@ -196,6 +200,9 @@ path = "/dev/ttyACM1"
         let acl = format!("{broker}\n[[broker.acl]]\ntopic = \"a/#\"\naccess = \"subscribe\"\npermission = \"deny\"\n");
         let p = plan(&cfg(broker), &cfg(&acl));
         assert!(p.restart_only.is_empty(), "an ACL change needs no restart: {p:?}");
+        let devices = broker.replace("allow_anonymous = true\n", "allow_anonymous = true\ndevices = [\"{user}-*\"]\n");
+        let p = plan(&cfg(broker), &cfg(&devices));
+        assert!(p.restart_only.is_empty(), "nor does a change of who may speak for which device: {p:?}");
     }
 
     #[test]

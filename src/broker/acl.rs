@@ -466,8 +466,11 @@ pub fn without_acl(b: &BrokerConfig) -> BrokerConfig {
     let mut b = b.clone();
     b.acl.clear();
     b.denied_publish = Default::default();
+    b.devices = None;
+    b.anonymous_devices = None;
     for u in &mut b.users {
         u.publish = None;
+        u.devices = None;
     }
     b
 }
