@@ -80,6 +80,9 @@ pub enum Event<'a> {
     /// patterns, see [`crate::allow`]): refused, not stored, not acked.
     /// `log`: `Some(held back since the last line)` when it may be logged.
     DeviceRefused { source: &'static str, link: &'a str, device: &'a str, log: Option<u64> },
+    /// An encrypted BTHome advert whose counter is older than the last
+    /// accepted from that address: a replay (or a counter reset).
+    BthomeReplay { link: &'a str, address: &'a str, counter: u32, last: u32, log: Option<u64> },
     /// A relayed LAN MQTT connection ended.
     LanClientEnded { listener: &'a str, client_id: &'a str, peer: SocketAddr, user: &'a str, why: &'a Ended },
 }
@@ -155,6 +158,16 @@ impl Event<'_> {
                         source,
                         device,
                         "{source} {link}: may not speak for device {device:?} (its `devices` patterns); reading refused{more}"
+                    );
+                }
+            }
+            Event::BthomeReplay { link, address, counter, last, log } => {
+                Metrics::inc(&m.bthome_replays);
+                if let Some(held) = log {
+                    let more = if held > 0 { format!(" ({held} more since the last report)") } else { String::new() };
+                    warn!(
+                        "ble {link}: encrypted advert from {address} with counter {counter}, not newer than {last}: \
+                         refused as a replay{more} (a device that reset its counter: see docs/security.md, M5)"
                     );
                 }
             }

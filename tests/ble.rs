@@ -214,6 +214,73 @@ fn three_bthome_sensors_one_encrypted_dedup_by_packet_id() {
     assert_eq!(rssi[0]["device"], "env-2");
 }
 
+/// Encrypted BTHome frames recorded off the air and sent again (issue 19,
+/// M5): refused as long as their counter is not newer than the last one
+/// accepted, also after the gateway was killed (the counters are saved every
+/// `counter_save_interval`) and restarted. These adverts have no packet id,
+/// so dedup alone would store a replay again.
+#[test]
+fn encrypted_bthome_replays_are_refused_across_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::start();
+    let mut fake = FakeBluez::start(&bus.address);
+    let addr = "A4:C1:38:00:00:09";
+    let key = bthome::parse_bindkey(KEY).unwrap();
+    let mac = edge_gateway::source::ble::parse_address(addr).unwrap();
+    // Counter c carries temperature 20.00 + c/100, so each value names its frame.
+    let adv = |c: u32| {
+        bthome::encrypt(
+            &{
+                let t = (2000 + c as i16).to_le_bytes();
+                [0x02, t[0], t[1]]
+            },
+            mac,
+            &key,
+            c,
+        )
+    };
+    fake.add_advertiser(addr, "ATC_9", adv(10));
+    let ble = format!(
+        "[[ble]]\nname = \"env9\"\nmatch = {{ address = \"{addr}\" }}\nprofile = \"bthome\"\nbindkey = \"{KEY}\"\n"
+    );
+    let cfg = write_config(dir.path(), &ble, "counter_save_interval = \"200ms\"");
+    let temps = |cfg: &Path| -> HashMap<String, usize> {
+        count_by_value(&queue_dump(cfg))
+            .into_iter()
+            .filter(|((d, ..), _)| d == addr)
+            .map(|((_, _, v), n)| (v, n))
+            .collect()
+    };
+    let gw = start(&cfg, &bus);
+    assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains(": found ")), "{}", gw.log_text());
+    for c in [11, 12, 12, 11, 10] {
+        fake.advertise(addr, adv(c)); // 12 again: a repeat; 11 and 10: replays
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(wait_until(Duration::from_secs(10), || temps(&cfg).contains_key("20.12")), "{}", gw.log_text());
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.log_text().matches("refused as a replay").count() >= 1),
+        "{}",
+        gw.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(600)); // past counter_save_interval
+    gw.kill9();
+    let gw = start(&cfg, &bus);
+    assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains(": found ")), "{}", gw.log_text());
+    fake.advertise(addr, adv(12)); // recorded before the kill
+    fake.advertise(addr, adv(11));
+    fake.advertise(addr, adv(13));
+    assert!(wait_until(Duration::from_secs(10), || temps(&cfg).contains_key("20.13")), "{}", gw.log_text());
+    let log = stop(gw);
+    let t = temps(&cfg);
+    for v in ["20.11", "20.12", "20.13"] {
+        assert_eq!(t.get(v), Some(&1), "{v}: {t:?}\n{log}");
+    }
+    assert!(t.values().all(|n| *n == 1), "{t:?}");
+    assert!(summary_number(&log, "BTHome replays refused") >= 2, "{log}");
+    assert!(log.contains("not newer than 12: refused as a replay"), "the first replay after the kill is logged: {log}");
+}
+
 fn hr_gateway(
     extra: &str,
     scan: &str,

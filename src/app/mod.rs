@@ -330,7 +330,12 @@ impl Sources {
         }
         let stop = Shutdown::new();
         let task = tokio::spawn(tracing::Instrument::instrument(
-            ble::run(self.cfg.ble.clone(), self.cfg.ble_scan.clone(), self.context(&stop)),
+            ble::run(
+                self.cfg.ble.clone(),
+                self.cfg.ble_scan.clone(),
+                self.cfg.gateway.data_dir.clone(),
+                self.context(&stop),
+            ),
             tracing::info_span!("ble", source = "ble"),
         ));
         self.ble = Some(BleTask { stop, task });

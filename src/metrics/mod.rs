@@ -132,6 +132,10 @@ counters! {
     readings_refused_lan: Counter "readings_refused_total" { "source" = "lan" },
         "Readings refused because their source may not speak for the device they name.",
         Stopped "readings refused (LAN user may not speak for the device)";
+    /// See `source::ble::replay`.
+    bthome_replays: Counter "bthome_replays_total",
+        "Encrypted BTHome adverts refused because their counter was older than the last accepted (replays).",
+        Stopped "BTHome replays refused";
     batches_rejected_full: Counter "batches_rejected_total",
         "Batches refused by reject_new (not acked; devices resend).";
     queue_commits: Counter "queue_commits_total", "Queue group commits (fsyncs).", Stopped "queue commits";

@@ -83,6 +83,10 @@ pub struct BleScanConfig {
     /// How often BlueZ and the adapter are checked to be there.
     #[serde(deserialize_with = "de_duration")]
     pub health_interval: Duration,
+    /// Encrypted BTHome counters are saved at most this often when one
+    /// moved (and at shutdown); see `replay`.
+    #[serde(deserialize_with = "de_duration")]
+    pub counter_save_interval: Duration,
 }
 
 impl Default for BleScanConfig {
@@ -91,6 +95,7 @@ impl Default for BleScanConfig {
             adapter: None,
             scan_stale_after: Duration::from_secs(60),
             health_interval: Duration::from_secs(5),
+            counter_save_interval: Duration::from_secs(60),
         }
     }
 }
@@ -151,7 +156,7 @@ pub fn validate(devices: &[BleConfig], scan: &BleScanConfig) -> Result<(), (Stri
             return bad(k("rssi_interval"), "must be greater than 0 (leave it out for no rssi readings)");
         }
     }
-    if scan.scan_stale_after.is_zero() || scan.health_interval.is_zero() {
+    if scan.scan_stale_after.is_zero() || scan.health_interval.is_zero() || scan.counter_save_interval.is_zero() {
         return bad("ble_scan".into(), "durations must be greater than 0");
     }
     Ok(())

@@ -25,6 +25,10 @@ pub(super) struct Device {
     pub(super) malformed_log: Option<Instant>,
     /// Custom frames naming a device the entry may not speak for.
     pub(super) refused_log: RateLimit,
+    /// Encrypted BTHome: the last counters accepted (`None`: unreadable, so
+    /// encrypted adverts are refused), and the log of replays.
+    pub(super) counters: Option<Arc<replay::Counters>>,
+    pub(super) replay_log: RateLimit,
     pub(super) ever_connected: bool,
     /// The current attempt connected and subscribed.
     pub(super) session_ok: bool,
@@ -126,6 +130,26 @@ impl Device {
                     Some(DevEvent::ServiceData(data)) => {
                         match bthome::decode(&data, found.address, self.bindkey.as_ref()) {
                             Ok(p) => {
+                                if let Some(counter) = p.counter {
+                                    let addr = address_string(&found.address);
+                                    let verdict = match &self.counters {
+                                        Some(c) => c.admit(&addr, counter),
+                                        None => {
+                                            self.malformed("encrypted advert while the replay counters are unreadable");
+                                            continue;
+                                        }
+                                    };
+                                    match verdict {
+                                        replay::Verdict::Fresh => {}
+                                        replay::Verdict::Repeat => continue,
+                                        replay::Verdict::Replay { last } => {
+                                            let log = self.replay_log.allow(1);
+                                            let link = &self.cfg.name;
+                                            Event::BthomeReplay { link, address: &addr, counter, last, log }.emit(&self.metrics);
+                                            continue;
+                                        }
+                                    }
+                                }
                                 if let Some(id) = p.unknown_object {
                                     self.malformed(&format!("unknown BTHome object {id:#04x}, rest of the advert skipped"));
                                 }

@@ -41,6 +41,7 @@ pub mod decode;
 mod device;
 mod hub;
 mod matcher;
+pub mod replay;
 
 use crate::events::{Event, RateLimit};
 use crate::metrics::Metrics;
@@ -146,9 +147,33 @@ impl DeviceHandle {
 
 /// Run every `[[ble]]` device until `shutdown` fires. Never returns an
 /// error: BlueZ and radio problems are retried (see the module doc).
-pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, ctx: SourceContext) {
+pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, data_dir: std::path::PathBuf, ctx: SourceContext) {
     // BLE devices take no acks: nothing to register in `ctx.routes` yet.
     let SourceContext { ingest: tx, metrics, shutdown, .. } = ctx;
+    // Fail closed: without the saved counters, encrypted adverts could be replays.
+    let counters = match replay::Counters::open(&data_dir) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) if devices.iter().any(|d| d.bindkey.is_some()) => {
+            tracing::error!(
+                "ble: cannot read the BTHome replay counters ({e}); encrypted adverts are refused until it is \
+                 fixed (stop the gateway and remove the file to start over)"
+            );
+            None
+        }
+        Err(_) => None,
+    };
+    let saver = counters.clone().map(|c| {
+        let (every, mut stop) = (scan.counter_save_interval, shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = crate::shutdown::wait(&mut stop) => break,
+                    _ = tokio::time::sleep(every) => save_counters(&c).await,
+                }
+            }
+            c
+        })
+    });
     let mut tasks = JoinSet::new();
     let mut handles = Vec::new();
     for cfg in devices {
@@ -169,6 +194,8 @@ pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, ctx: SourceContex
             last_rssi: None,
             malformed_log: None,
             refused_log: RateLimit::new(Duration::from_secs(10)),
+            replay_log: RateLimit::new(Duration::from_secs(10)),
+            counters: counters.clone(),
             ever_connected: false,
             session_ok: false,
         };
@@ -197,6 +224,21 @@ pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, ctx: SourceContex
     hub.run().await;
     // Device tasks watch the same shutdown signal; they end on their own.
     while tasks.join_next().await.is_some() {}
+    if let Some(saver) = saver
+        && let Ok(c) = saver.await
+    {
+        save_counters(&c).await;
+    }
+}
+
+/// Save the replay counters off the runtime (an fsync on an SD card can take a while).
+async fn save_counters(c: &Arc<replay::Counters>) {
+    let c2 = c.clone();
+    match tokio::task::spawn_blocking(move || c2.save()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!("ble: cannot save the BTHome replay counters to {}: {e}", c.path().display()),
+        Err(e) => warn!("ble: saving the BTHome replay counters failed: {e}"),
+    }
 }
 
 /// Errors after which the hub makes a new D-Bus connection: the bus said
