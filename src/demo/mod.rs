@@ -20,11 +20,12 @@ use crate::demo::sim::{SimConfig, SimDevice, open_pty};
 use crate::metrics::status::{GatewayStatus, Upstream};
 use crate::uplink::codec::{self, Connect, Packet, Protocol};
 use anyhow::Context;
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct DemoOptions {
@@ -117,7 +118,7 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
     );
 
     let lan_stop = Arc::new(AtomicBool::new(false));
-    let lan_sent = Arc::new(AtomicU64::new(0));
+    let lan_sent: Arc<Mutex<Vec<upstream::Key>>> = Arc::default();
     let lan: Vec<_> = (0..LAN_DEVICES)
         .map(|i| {
             let (stop, sent) = (lan_stop.clone(), lan_sent.clone());
@@ -211,15 +212,33 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
     }
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let status = child.wait()?;
-    let (mut created, mut acked) = (lan_sent.load(Ordering::Relaxed), lan_sent.load(Ordering::Relaxed));
+    // Every reading a device was acked for, by name: the LAN sensors' PUBACKed
+    // ones, and each wearable's up to its cumulative ack.
+    let lan_acked = std::mem::take(&mut *lan_sent.lock().unwrap());
+    let (mut created, mut acked) = (lan_acked.len() as u64, lan_acked.len() as u64);
+    let mut acked_keys: HashSet<upstream::Key> = lan_acked.into_iter().collect();
+    let mut sent_keys = acked_keys.clone();
     for d in devices {
+        let through = d.stats().acked_through;
+        for r in d.created() {
+            let key = (r.device.clone(), r.sensor.clone(), r.seq.unwrap_or_default());
+            if through.is_some_and(|t| key.2 <= t) {
+                acked_keys.insert(key.clone());
+            }
+            sent_keys.insert(key);
+        }
         let s = d.unplug();
         created += s.sent_unique;
         acked += s.sent_unique - s.pending as u64;
     }
+    let delivered = cloud.delivered();
+    let missing = acked_keys.iter().filter(|k| !delivered.contains_key(*k)).count();
+    let twice = delivered.values().filter(|n| **n > 1).count();
+    let unknown = delivered.keys().filter(|k| !sent_keys.contains(*k)).count();
     let c = cloud.counts();
     println!(
         "\ndone: devices handed over {created} readings, {acked} acked by the gateway; the cloud received {} readings in {} batches, {} batches twice; \
+         by (device, sensor, seq): {missing} acked readings missing, {twice} delivered twice, {unknown} never sent; \
          the gateway exited with {status} after {} upstream connections",
         c.readings.load(Ordering::Relaxed),
         c.batches.load(Ordering::Relaxed),
@@ -230,9 +249,9 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
 }
 
 /// A Wi-Fi sensor: QoS 1 publishes into the embedded broker, resending a
-/// reading until PUBACKed (reconnecting if need be). `sent` counts readings
+/// reading until PUBACKed (reconnecting if need be). `sent` gets every reading
 /// PUBACKed (with the default `broker.ack = "received"` that is the ack).
-fn lan_device(port: u16, name: &str, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+fn lan_device(port: u16, name: &str, stop: Arc<AtomicBool>, sent: Arc<Mutex<Vec<upstream::Key>>>) {
     let mut seq = 1u64;
     let mut rng = crate::rng::XorShift::new(crate::reading::now_ms() ^ port as u64 ^ name.len() as u64);
     let period = Duration::from_secs_f64(1.0 / LAN_RATE);
@@ -271,7 +290,7 @@ fn lan_device(port: u16, name: &str, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>
             if s.write_all(&out).is_err() || !matches!(read_packet(&mut s), Some(Packet::PubAck { .. })) {
                 break; // reconnect and resend this seq
             }
-            sent.fetch_add(1, Ordering::Relaxed);
+            sent.lock().unwrap().push((name.to_string(), "temperature".to_string(), seq));
             seq += 1;
             std::thread::sleep(period);
         }

@@ -23,8 +23,14 @@ pub struct Counts {
     pub connections: AtomicU64,
 }
 
+/// A reading by what names it: (device, sensor, seq).
+pub type Key = (String, String, u64);
+
 struct State {
     counts: Counts,
+    /// How often each reading (with a seq) was delivered, whatever batch
+    /// carried it: a reading in two batches is doubled too.
+    readings: Mutex<HashMap<Key, u32>>,
     /// (gateway, batch) of every delivered batch.
     seen: Mutex<HashSet<(String, u64)>>,
     /// Per client id: packet ids received (PUBREC sent) and not yet released.
@@ -46,6 +52,7 @@ impl DemoUpstream {
         let state = Arc::new(State {
             counts: Counts::default(),
             seen: Mutex::default(),
+            readings: Mutex::default(),
             sessions: Mutex::default(),
             down: watch::channel(false).0,
             is_down: AtomicBool::new(false),
@@ -66,6 +73,11 @@ impl DemoUpstream {
 
     pub fn counts(&self) -> &Counts {
         &self.state.counts
+    }
+
+    /// Every reading delivered, with how often.
+    pub fn delivered(&self) -> HashMap<Key, u32> {
+        self.state.readings.lock().unwrap().clone()
     }
 
     pub fn is_down(&self) -> bool {
@@ -154,6 +166,12 @@ fn deliver(st: &State, payload: &[u8]) {
     if st.seen.lock().unwrap().insert((batch.gateway.clone(), batch.batch)) {
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.readings.fetch_add(batch.readings.len() as u64, Ordering::Relaxed);
+        let mut seen = st.readings.lock().unwrap();
+        for r in batch.readings {
+            if let Some(seq) = r.seq {
+                *seen.entry((r.device, r.sensor, seq)).or_default() += 1;
+            }
+        }
     } else {
         c.duplicate_batches.fetch_add(1, Ordering::Relaxed);
     }
