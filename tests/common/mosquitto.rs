@@ -228,18 +228,44 @@ pub struct Subscriber {
 impl Subscriber {
     pub fn start(port: u16, id: &str, topic: &str, out: &Path) -> Subscriber {
         need("mosquitto_sub", "mosquitto-clients");
+        need("stdbuf", "coreutils");
         let file = std::fs::File::create(out).unwrap();
-        let child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", id, "-c", "-q", "2", "-t", topic, "-F", "%t %x"])
+        // `-d` adds "Client … received SUBACK" lines to the output: the
+        // subscription is in place once one is there. `messages` skips them
+        // (they are not "topic hex").
+        // Line-buffered: mosquitto_sub flushes its messages but not its debug lines.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-i",
+                id,
+                "-c",
+                "-q",
+                "2",
+                "-t",
+                topic,
+                "-F",
+                "%t %x",
+                "-d",
+            ])
             .stdout(file)
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn mosquitto_sub");
-        let sub = Subscriber { child, out: out.to_path_buf() };
-        // Subscribed once the broker lists it; simplest: give it a moment
-        // and check the process is alive.
-        std::thread::sleep(Duration::from_millis(300));
-        sub
+        let subscribed = super::wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(out).is_ok_and(|t| t.contains("received SUBACK"))
+                || child.try_wait().ok().flatten().is_some()
+        });
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("mosquitto_sub exited ({status}) before subscribing:\n{text}");
+        }
+        assert!(subscribed && text.contains("received SUBACK"), "mosquitto_sub got no SUBACK in 10 s:\n{text}");
+        Subscriber { child, out: out.to_path_buf() }
     }
 
     /// (topic, payload) of every message received so far.
