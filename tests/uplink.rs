@@ -341,6 +341,22 @@ fn crash_after_writing_pubrec_before_its_fsync() {
 
 #[test]
 fn a_broker_that_lost_its_sessions_gets_the_unfinished_batches_again_and_they_are_counted() {
+    lost_session_after("after-pubrec-sync:2");
+}
+
+/// The broker delivered a batch at our PUBREL, then lost the session before
+/// we heard PUBCOMP: the batch goes again as a new message, so it arrives
+/// twice, byte for byte the same batch, and is counted.
+#[test]
+fn a_batch_released_before_the_broker_lost_the_session_arrives_twice_as_one_counted_batch() {
+    let (extra, resent) = lost_session_after("after-pubrel-write:1");
+    assert!(extra >= 1, "the released batch must have come again ({resent} counted as re-sent)");
+}
+
+/// Crash at `point`, give the broker a database without the gateway's
+/// session, restart: nothing missing, and whatever came twice came as the
+/// same batch. Returns (extra batch copies, batches counted as re-sent).
+fn lost_session_after(point: &str) -> (usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let (certs, mut broker, sub) = setup(dir.path(), false);
     // A database that knows only the subscriber's session: what a broker
@@ -354,7 +370,7 @@ fn a_broker_that_lost_its_sessions_gets_the_unfinished_batches_again_and_they_ar
     let (mut devices, cfg) = fleet_with(dir.path(), 3, 5, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
     // Die right after a PUBREC is durable: the broker holds that batch, the
     // gateway's log says "send PUBREL".
-    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", "after-pubrec-sync:2")]);
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", point)]);
     // (A device writing into a dock nobody reads blocks once the PTY buffer
     // is full: stop streaming when the gateway is gone.)
     for _ in 0..2000 {
@@ -378,13 +394,31 @@ fn a_broker_that_lost_its_sessions_gets_the_unfinished_batches_again_and_they_ar
     let (expected, missing, _) = missing_and_doubled(&devices, &got);
     assert_eq!(missing, 0, "of {expected}: {missing} missing\n{log}");
     assert!(summary_number(&log, "batches re-sent after a lost session") >= 1, "{log}");
-    // Whatever arrived twice arrived as the same batch: (gateway, batch) dedups it.
-    let per_batch_readings: usize = got.total_readings;
-    let dup_batches: usize = got.batches.values().filter(|&&n| n > 1).count();
-    assert!(per_batch_readings >= expected);
-    if per_batch_readings > expected {
-        assert!(dup_batches > 0, "duplicates that are not whole re-sent batches");
+    // Whatever arrived twice arrived as the same batch, byte for byte, so
+    // (gateway, batch) dedups it downstream; and no more batches came twice
+    // than the gateway counted as re-sent after the lost session.
+    let resent = summary_number(&log, "batches re-sent after a lost session") as usize;
+    let mut copies: std::collections::HashMap<(String, u64), Vec<Vec<u8>>> = Default::default();
+    let mut batch_of: std::collections::HashMap<(String, String, u64), (String, u64)> = Default::default();
+    for (_, payload) in sub.messages() {
+        let b = edge_gateway::Batch::decode(&payload).unwrap();
+        let key = (b.gateway.clone(), b.batch);
+        for r in &b.readings {
+            let was = batch_of.insert((r.device.clone(), r.sensor.clone(), r.seq.unwrap()), key.clone());
+            assert!(was.is_none_or(|w| w == key), "{r:?} arrived in two different batches");
+        }
+        copies.entry(key).or_default().push(payload);
     }
+    let mut extra = 0;
+    for (key, c) in &copies {
+        assert!(c.iter().all(|p| p == &c[0]), "batch {key:?} arrived twice with different content");
+        extra += c.len() - 1;
+    }
+    assert!(extra <= resent, "{extra} extra batch copies, {resent} counted as re-sent\n{log}");
+    let extra_readings: usize =
+        copies.values().map(|c| (c.len() - 1) * edge_gateway::Batch::decode(&c[0]).unwrap().readings.len()).sum();
+    assert_eq!(got.total_readings - expected, extra_readings, "every extra reading is in an extra batch copy");
+    (extra, resent)
 }
 
 #[test]
@@ -424,7 +458,36 @@ fn a_batch_over_the_brokers_maximum_packet_size_is_dropped_and_counted_not_retri
     assert!(log.contains("over the broker's maximum packet size"), "{log}");
     assert!(summary_number(&log, "too large") >= 1, "{log}");
     let got = decode_all(&sub.messages());
-    assert!(got.readings.len() >= 5, "the small batches went through: {}", got.readings.len());
+    // Exactly the too-large batch is missing: it is in the dead-letter store,
+    // reading for reading, and everything else (the small batches before it,
+    // the reading after the burst) arrived once.
+    let (code, out, err) = cli(&["queue", "dead", "list", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let dead: std::collections::BTreeSet<(String, String, u64)> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            assert_eq!(v["reason_code"], 0x95, "{v}");
+            (
+                v["device"].as_str().unwrap().to_string(),
+                v["sensor"].as_str().unwrap().to_string(),
+                v["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mut missing = std::collections::BTreeSet::new();
+    for r in devices[0].created() {
+        let key = (r.device.clone(), r.sensor.clone(), r.seq.unwrap());
+        match got.readings.get(&key) {
+            None => assert!(missing.insert(key)),
+            Some(1) => {}
+            Some(n) => panic!("{key:?} arrived {n} times"),
+        }
+    }
+    assert!(missing.len() > 50, "the burst made one big batch: {missing:?}");
+    assert_eq!(missing, dead, "the readings missing upstream are exactly the dead-lettered batch's");
+    let last = devices[0].created().last().unwrap().seq.unwrap();
+    assert!(!missing.iter().any(|k| k.2 == last), "the reading after the burst arrived");
 }
 
 /// A scripted MQTT peer (not a broker: it only plays the receiver's side of

@@ -684,6 +684,11 @@ impl Uplink {
                 }
                 out.clear();
                 last_sent = Instant::now();
+                // A PUBREL is on the wire and its PUBCOMP not in: the broker
+                // may deliver the batch and we would not know.
+                if self.window.iter().any(|f| f.stage == Stage::AwaitComp) {
+                    crate::crashpoint::hit("after-pubrel-write");
+                }
             }
             let now = Instant::now();
             let mut wake = now + beat_every;
