@@ -37,6 +37,35 @@ pub fn hit(name: &str) {
 #[inline(always)]
 pub fn hit(_name: &str) {}
 
+/// [`hit`] at a point between a write and its fsync: before aborting, cut
+/// every file `unsynced()` names back to its synced length, as a power cut
+/// would (a plain abort leaves the write in the page cache, and the point
+/// would behave like the one after the fsync). Logs how many bytes it cut.
+#[cfg(debug_assertions)]
+pub fn hit_losing(name: &str, unsynced: impl FnOnce() -> Vec<(std::path::PathBuf, u64)>) {
+    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    if reached("EDGE_GATEWAY_CRASH_AT", name, &TARGET, &HITS) {
+        let mut cut = 0;
+        for (path, synced) in unsynced() {
+            let f = std::fs::OpenOptions::new().write(true).open(&path);
+            let len = f.as_ref().ok().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+            if let Ok(f) = f
+                && len > synced
+                && f.set_len(synced).is_ok()
+            {
+                cut += len - synced;
+            }
+        }
+        eprintln!("crash point {name} reached: cut {cut} unsynced bytes (a power cut); aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn hit_losing(_name: &str, _unsynced: impl FnOnce() -> Vec<(std::path::PathBuf, u64)>) {}
+
 /// `EDGE_GATEWAY_STALL_AT=NAME[:N]`: the N-th time the thread reaches NAME
 /// it sleeps for good, like a thread stuck in a hung fsync. The watchdog
 /// test uses it to show that a stalled pipeline stops `WATCHDOG=1`.

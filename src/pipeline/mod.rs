@@ -337,8 +337,8 @@ impl Pipeline {
         let payload = batch.encode(self.format);
         let result = q.append(batch.readings.len() as u32, now_ms, &payload);
         let evicted = q.last_evicted();
+        crate::crashpoint::hit_losing("after-append", || q.unsynced_segments());
         drop(q);
-        crate::crashpoint::hit("after-append");
         match result {
             Ok(AppendOutcome::Appended { dropped_records, dropped_readings }) => {
                 if let Some(ids) = evicted.filter(|_| dropped_records > 0) {

@@ -763,6 +763,12 @@ impl Queue {
         self.ledger.state.acked_through
     }
 
+    /// (path, synced length) of every segment with bytes not yet fsynced:
+    /// what a power cut now would cut (for [`crate::crashpoint::hit_losing`]).
+    pub fn unsynced_segments(&self) -> Vec<(PathBuf, u64)> {
+        self.segments.iter().filter(|s| s.len > s.synced_len).map(|s| (s.path.clone(), s.synced_len)).collect()
+    }
+
     /// (path, durable length, current length) of every segment.
     #[cfg(test)]
     fn segment_files(&self) -> Vec<(PathBuf, u64, u64)> {

@@ -265,7 +265,7 @@ impl PubrecLog {
             }
             return Err(WriteError::Write(e));
         }
-        crate::crashpoint::hit("before-pubrec-sync");
+        crate::crashpoint::hit_losing("before-pubrec-sync", || vec![(self.path.clone(), self.bytes)]);
         if crate::crashpoint::fail("pubrec-sync") {
             return Err(WriteError::Sync(io::Error::other("injected fdatasync failure (EDGE_GATEWAY_FAIL_AT)")));
         }
