@@ -768,10 +768,4 @@ impl Queue {
     pub fn unsynced_segments(&self) -> Vec<(PathBuf, u64)> {
         self.segments.iter().filter(|s| s.len > s.synced_len).map(|s| (s.path.clone(), s.synced_len)).collect()
     }
-
-    /// (path, durable length, current length) of every segment.
-    #[cfg(test)]
-    fn segment_files(&self) -> Vec<(PathBuf, u64, u64)> {
-        self.segments.iter().map(|s| (s.path.clone(), s.synced_len, s.len)).collect()
-    }
 }

@@ -865,6 +865,35 @@ fn model_based_random_ops() {
     assert!(start.elapsed().as_secs() < 20, "model test too slow: {:?}", start.elapsed());
 }
 
+/// What the model itself saw on disk when the queue last promised
+/// durability (a successful `commit()`, an open, and any ledger write, each
+/// of which the ledger fsyncs before returning): segment lengths and the
+/// ledger's bytes, with the head that ledger names (parsed here from the
+/// file). A crash keeps at least this and loses anything beyond it at
+/// random; none of it is the queue's own bookkeeping (`synced_len`,
+/// `durable_acked_through`), so a commit that returns before its bytes
+/// reach the file, or a ledger never written, shows up as lost records.
+struct Durable {
+    segs: HashMap<PathBuf, u64>,
+    ledger: Option<Vec<u8>>,
+    head: u64,
+}
+
+impl Durable {
+    fn capture(dir: &Path) -> Durable {
+        let segs = seg_files(dir).into_iter().map(|p| (p.clone(), fs::metadata(&p).unwrap().len())).collect();
+        let mut d = Durable { segs, ledger: None, head: 0 };
+        d.ledger_now(dir);
+        d
+    }
+
+    /// The ledger as it is on disk now (every ledger write is synced).
+    fn ledger_now(&mut self, dir: &Path) {
+        self.ledger = fs::read(Ledger::path_in(dir)).ok();
+        self.head = Ledger::load(dir).unwrap().state.acked_through;
+    }
+}
+
 fn run_model(seed: u64, steps: usize) -> u64 {
     let d = fast_tmp();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
@@ -882,6 +911,8 @@ fn run_model(seed: u64, steps: usize) -> u64 {
     let mut committed_ever: HashMap<u64, Vec<u8>> = HashMap::new();
     let ctx = |step: usize| format!("seed {seed} step {step}");
     let mut indexed_total = 0;
+    let mut durable = Durable::capture(d.path());
+    let mut last_committed = q.committed_id();
 
     for step in 0..steps {
         match rng.below(100) {
@@ -925,7 +956,12 @@ fn run_model(seed: u64, steps: usize) -> u64 {
                     Err(e) => panic!("{}: {e}", ctx(step)),
                 }
             }
-            45..=64 => q.commit().unwrap(),
+            45..=64 => {
+                q.commit().unwrap();
+                durable = Durable::capture(d.path());
+                // commit() promises the acks and evictions made so far too.
+                assert_eq!(durable.head, head, "{}: commit left the ledger behind", ctx(step));
+            }
             65..=79 => {
                 // Ack up to a random committed live record (or nothing new).
                 let cands: Vec<u64> =
@@ -945,14 +981,31 @@ fn run_model(seed: u64, steps: usize) -> u64 {
             _ => {
                 // Reopen; half the time as a crash that loses unsynced bytes.
                 let crash = rng.below(2) == 0;
-                let durable_head = q.durable_acked_through();
-                let files = q.segment_files();
                 drop(q);
                 if crash {
-                    for (path, synced, len) in files {
-                        if len > synced {
-                            let cut = synced + rng.below(len - synced + 1);
-                            OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
+                    // From the model's own record: a segment made since the
+                    // last promise may be gone; the others keep what was
+                    // promised and any part of what came after; the ledger
+                    // is the one last written under a promise.
+                    for path in seg_files(d.path()) {
+                        let len = fs::metadata(&path).unwrap().len();
+                        match durable.segs.get(&path) {
+                            None if rng.below(2) == 0 => fs::remove_file(&path).unwrap(),
+                            None => {
+                                OpenOptions::new().write(true).open(&path).unwrap().set_len(rng.below(len + 1)).unwrap()
+                            }
+                            Some(&kept) => {
+                                assert!(len >= kept, "{}: a segment shrank after a commit", ctx(step));
+                                let cut = kept + rng.below(len - kept + 1);
+                                OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
+                            }
+                        }
+                    }
+                    let ledger = Ledger::path_in(d.path());
+                    match &durable.ledger {
+                        Some(bytes) => fs::write(&ledger, bytes).unwrap(),
+                        None => {
+                            let _ = fs::remove_file(&ledger);
                         }
                     }
                     // Index files are written without a directory fsync of
@@ -977,7 +1030,10 @@ fn run_model(seed: u64, steps: usize) -> u64 {
                 if !crash {
                     assert_eq!(rep.truncated_bytes, 0, "{}", ctx(step));
                 }
-                head = durable_head;
+                // The head the last durable ledger names, as the model saw it.
+                head = durable.head;
+                // Open syncs what it calls committed: that is the new promise.
+                durable = Durable::capture(d.path());
                 let got = q.read_from(0, usize::MAX).unwrap();
                 let expect: Vec<&ModelRec> = recs.iter().filter(|r| r.id > head).collect();
                 // `got` must be a prefix of `expect` that contains every committed one.
@@ -1001,6 +1057,20 @@ fn run_model(seed: u64, steps: usize) -> u64 {
                 assert!(q.next_id() > max_committed, "{}: id reuse possible", ctx(step));
             }
         }
+        // A ledger write is a promise too (an ack or an eviction made
+        // durable); a deleted segment is gone. The ledger never names a head
+        // beyond the model's.
+        // So is a committed id that moved (an append that rolled a segment
+        // commits the old one).
+        if q.committed_id() != last_committed {
+            last_committed = q.committed_id();
+            durable = Durable::capture(d.path());
+        }
+        if fs::read(Ledger::path_in(d.path())).ok() != durable.ledger {
+            durable.ledger_now(d.path());
+            assert!(durable.head <= head, "{}: the ledger names head {} beyond {head}", ctx(step), durable.head);
+        }
+        durable.segs.retain(|p, _| p.exists());
         // Track what is committed now and check id uniqueness.
         let c = q.committed_id();
         for r in recs.iter_mut().filter(|r| r.id <= c && !r.committed) {
