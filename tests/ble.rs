@@ -177,14 +177,14 @@ fn three_bthome_sensors_one_encrypted_dedup_by_packet_id() {
     for pid in 1..=10u8 {
         for (i, a) in addrs.iter().enumerate() {
             // Every advert twice: BlueZ passes repeats on; the packet id dedups them.
-            fake.advertise(a, advert(i, pid));
-            fake.advertise(a, advert(i, pid));
+            assert!(fake.advertise(a, advert(i, pid)), "the adapter is not scanning");
+            assert!(fake.advertise(a, advert(i, pid)), "the adapter is not scanning");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     // Sensor 3 with a plaintext advert (downgrade) and garbage: skipped, counted.
-    fake.advertise(addrs[2], vec![0x40, 0x00, 77, 0x01, 5]);
-    fake.advertise(addrs[0], vec![0x40, 0x02, 0x01]);
+    assert!(fake.advertise(addrs[2], vec![0x40, 0x00, 77, 0x01, 5]), "the adapter is not scanning");
+    assert!(fake.advertise(addrs[0], vec![0x40, 0x02, 0x01]), "the adapter is not scanning");
     let log = stop(gw);
     assert!(log.contains("port ble:env1: ") && log.contains(" 1 malformed"), "{log}");
     assert!(log.contains("plaintext advert from a device with a bindkey"), "{log}");
@@ -254,7 +254,7 @@ fn encrypted_bthome_replays_are_refused_across_a_kill() {
     let gw = start(&cfg, &bus);
     assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains(": found ")), "{}", gw.log_text());
     for c in [11, 12, 12, 11, 10] {
-        fake.advertise(addr, adv(c)); // 12 again: a repeat; 11 and 10: replays
+        assert!(fake.advertise(addr, adv(c)), "the adapter is not scanning"); // 12 again: a repeat; 11 and 10: replays
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(wait_until(Duration::from_secs(10), || temps(&cfg).contains_key("20.12")), "{}", gw.log_text());
@@ -267,9 +267,9 @@ fn encrypted_bthome_replays_are_refused_across_a_kill() {
     gw.kill9();
     let gw = start(&cfg, &bus);
     assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains(": found ")), "{}", gw.log_text());
-    fake.advertise(addr, adv(12)); // recorded before the kill
-    fake.advertise(addr, adv(11));
-    fake.advertise(addr, adv(13));
+    assert!(fake.advertise(addr, adv(12)), "the adapter is not scanning"); // recorded before the kill
+    assert!(fake.advertise(addr, adv(11)), "the adapter is not scanning");
+    assert!(fake.advertise(addr, adv(13)), "the adapter is not scanning");
     assert!(wait_until(Duration::from_secs(10), || temps(&cfg).contains_key("20.13")), "{}", gw.log_text());
     let log = stop(gw);
     let t = temps(&cfg);
@@ -396,7 +396,7 @@ fn scan_watchdog_restarts_discovery_then_power_cycles() {
         "{}",
         gw.log_text()
     );
-    fake.advertise(addr, vec![0x40, 0x00, 2, 0x01, 49]);
+    assert!(fake.advertise(addr, vec![0x40, 0x00, 2, 0x01, 49]), "the adapter is not scanning");
     let log = stop(gw);
     assert!(log.contains("restarting discovery") && log.contains("power-cycling"), "{log}");
     let by_key = count_by_value(&queue_dump(&cfg));

@@ -7,6 +7,15 @@
 //! introspectable child nodes, `StartNotify`, and values as
 //! `PropertiesChanged(GattCharacteristic1, {Value: ay})`.
 //!
+//! It follows BlueZ where the gateway's recovery depends on it (issue 20,
+//! item 9): adverts reach clients only while the adapter is powered and
+//! discovering; `StartDiscovery` and `Connect` on a powered-off adapter fail
+//! with `org.bluez.Error.NotReady`; a device's GATT objects exist only while
+//! it is connected (exported on `Connect`, removed on disconnect or a lost
+//! link), so a `StartNotify` or `ReadValue` on a disconnected device fails;
+//! errors carry BlueZ's names (`org.bluez.Error.Failed`, `NotReady`,
+//! `AlreadyConnected`).
+//!
 //! Point the gateway at it with `DBUS_SYSTEM_BUS_ADDRESS` = [`Bus::address`].
 #![allow(dead_code)]
 
@@ -139,6 +148,17 @@ struct DeviceSpec {
     stats: Arc<DevStats>,
 }
 
+/// Errors as BlueZ names them.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.bluez.Error")]
+enum BluezError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    Failed(String),
+    NotReady(String),
+    AlreadyConnected(String),
+}
+
 fn dev_path(address: &str) -> String {
     format!("{HCI0}/dev_{}", address.replace(':', "_"))
 }
@@ -165,10 +185,14 @@ struct Adapter1 {
 #[interface(name = "org.bluez.Adapter1")]
 impl Adapter1 {
     async fn set_discovery_filter(&self, _filter: HashMap<String, OwnedValue>) {}
-    async fn start_discovery(&mut self, #[zbus(signal_emitter)] e: SignalEmitter<'_>) {
+    async fn start_discovery(&mut self, #[zbus(signal_emitter)] e: SignalEmitter<'_>) -> Result<(), BluezError> {
+        if !self.powered {
+            return Err(BluezError::NotReady("Resource Not Ready".into()));
+        }
         self.stats.start_discovery.fetch_add(1, Ordering::SeqCst);
         self.discovering = true;
         let _ = self.discovering_changed(&e).await;
+        Ok(())
     }
     async fn stop_discovery(&mut self, #[zbus(signal_emitter)] e: SignalEmitter<'_>) {
         self.discovering = false;
@@ -235,12 +259,23 @@ impl Device1 {
         &mut self,
         #[zbus(signal_emitter)] e: SignalEmitter<'_>,
         #[zbus(object_server)] server: &ObjectServer,
-    ) -> zbus::fdo::Result<()> {
+    ) -> Result<(), BluezError> {
+        let powered = match server.interface::<_, Adapter1>(HCI0).await {
+            Ok(a) => a.get().await.powered,
+            Err(_) => false,
+        };
+        if !powered {
+            return Err(BluezError::NotReady("Resource Not Ready".into()));
+        }
         if self.spec.chars.is_empty() {
-            return Err(zbus::fdo::Error::Failed("not connectable".into()));
+            return Err(BluezError::Failed("le-connection-abort-by-local".into()));
+        }
+        if self.connected {
+            return Err(BluezError::AlreadyConnected("Already Connected".into()));
         }
         self.spec.stats.connects.fetch_add(1, Ordering::SeqCst);
-        set_notifying(server, &self.spec, false).await;
+        // The GATT database is exported once connected (not cached: no bond).
+        add_gatt(server, &self.spec).await?;
         self.connected = true;
         let _ = self.connected_changed(&e).await;
         self.services_resolved = true;
@@ -253,7 +288,7 @@ impl Device1 {
         #[zbus(object_server)] server: &ObjectServer,
     ) {
         self.spec.stats.disconnects.fetch_add(1, Ordering::SeqCst);
-        set_notifying(server, &self.spec, false).await;
+        remove_gatt(server, &self.spec).await;
         self.connected = false;
         self.services_resolved = false;
         let _ = self.services_resolved_changed(&e).await;
@@ -318,19 +353,6 @@ impl Device1 {
     #[zbus(property)]
     fn manufacturer_data(&self) -> HashMap<u16, OwnedValue> {
         HashMap::new()
-    }
-}
-
-async fn set_notifying(server: &ObjectServer, spec: &DeviceSpec, on: bool) {
-    for i in 0..spec.chars.len() {
-        let (_, cp) = char_paths(&spec.address, &spec.chars, i);
-        if let Ok(c) = server.interface::<_, GattCharacteristic1>(cp.as_str()).await {
-            let mut g = c.get_mut().await;
-            if g.notifying != on {
-                g.notifying = on;
-                let _ = g.notifying_changed(c.signal_emitter()).await;
-            }
-        }
     }
 }
 
@@ -539,8 +561,36 @@ impl FakeBluez {
         stats
     }
 
-    /// A new advert: the device's ServiceData changes (and a PropertiesChanged goes out).
-    pub fn advertise(&self, address: &str, service_data: Vec<u8>) {
+    /// Whether the adapter is powered and discovering (what a radio needs to hear adverts).
+    pub fn scanning(&self) -> bool {
+        let Some(conn) = self.conn.clone() else { return false };
+        self.rt.block_on(async move {
+            match conn.object_server().interface::<_, Adapter1>(HCI0).await {
+                Ok(a) => {
+                    let g = a.get().await;
+                    g.powered && g.discovering
+                }
+                Err(_) => false,
+            }
+        })
+    }
+
+    /// A new advert: the device's ServiceData changes (and a PropertiesChanged
+    /// goes out), heard only while the adapter scans: waits up to 5 s for
+    /// that, then drops the advert (false) as the air would.
+    pub fn advertise(&self, address: &str, service_data: Vec<u8>) -> bool {
+        let scanning = Instant::now() + Duration::from_secs(5);
+        while !self.scanning() {
+            if Instant::now() >= scanning {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.advertise_now(address, service_data);
+        true
+    }
+
+    fn advertise_now(&self, address: &str, service_data: Vec<u8>) {
         let path = dev_path(address);
         let conn = self.conn().clone();
         self.rt
@@ -607,7 +657,7 @@ impl FakeBluez {
         self.rt
             .block_on(async move {
                 let server = conn.object_server();
-                set_notifying(server, &spec, false).await;
+                remove_gatt(server, &spec).await;
                 let d = server.interface::<_, Device1>(dev_path(&spec.address).as_str()).await?;
                 let mut g = d.get_mut().await;
                 g.connected = false;
@@ -625,10 +675,9 @@ impl Drop for FakeBluez {
     }
 }
 
-async fn add_device(server: &ObjectServer, d: &DeviceSpec) -> zbus::Result<()> {
+/// The device's GATT services and characteristics, exported on connect.
+async fn add_gatt(server: &ObjectServer, d: &DeviceSpec) -> zbus::Result<()> {
     let path = dev_path(&d.address);
-    // Children first: a client that sees the device (InterfacesAdded) can
-    // introspect its GATT tree straight away.
     for (i, c) in d.chars.iter().enumerate() {
         let (sp, cp) = char_paths(&d.address, &d.chars, i);
         server.at(sp.as_str(), GattService1 { uuid: c.service, device: path.clone() }).await?;
@@ -641,6 +690,20 @@ async fn add_device(server: &ObjectServer, d: &DeviceSpec) -> zbus::Result<()> {
         };
         server.at(cp.as_str(), ch).await?;
     }
+    Ok(())
+}
+
+/// Gone on disconnect: a client still holding their paths gets UnknownObject.
+async fn remove_gatt(server: &ObjectServer, d: &DeviceSpec) {
+    for i in 0..d.chars.len() {
+        let (sp, cp) = char_paths(&d.address, &d.chars, i);
+        let _ = server.remove::<GattCharacteristic1, _>(cp.as_str()).await;
+        let _ = server.remove::<GattService1, _>(sp.as_str()).await;
+    }
+}
+
+async fn add_device(server: &ObjectServer, d: &DeviceSpec) -> zbus::Result<()> {
+    let path = dev_path(&d.address);
     let dev = Device1 {
         spec: d.clone(),
         connected: false,
