@@ -9,7 +9,9 @@
 //!   all PUBACKs per second (it has no queue behind it);
 //! * p99 publish→PUBACK, and for the gateway p99 publish→queued (the
 //!   reading's send time is its `value`; the batch's append time is in the
-//!   queue record);
+//!   queue record) and p99 publish→durable (the first group commit that
+//!   covers the batch, from the gateway's `queue committed` trace lines);
+//!   the queue must hold every reading once, checked by (device, seq);
 //! * RSS of the whole process with 100 connected idle clients, and its peak
 //!   (VmHWM) after the load.
 //!
@@ -221,7 +223,7 @@ fn gateway(dir: &Path, ack: &str, acl: bool) -> Server {
     let child = Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
         .args(["run", "--config"])
         .arg(&cfg)
-        .env("RUST_LOG", "info,rumqttd=warn")
+        .env("RUST_LOG", "info,rumqttd=warn,edge_gateway::pipeline=trace")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("gw.log")).unwrap())
         .spawn()
@@ -258,7 +260,44 @@ struct Run {
     rate: f64,
     p99_ack_ms: f64,
     p99_queued_ms: Option<f64>,
+    p99_durable_ms: Option<f64>,
     hwm_kb: u64,
+}
+
+/// The log line without its colour codes (`ESC [ … m`).
+fn strip_ansi(l: &str) -> String {
+    let mut out = String::with_capacity(l.len());
+    let mut chars = l.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// (µs since the epoch, committed through id) of every `queue committed`
+/// trace line in the gateway's log, in order.
+fn commits(log: &str) -> Vec<(u64, u64)> {
+    log.lines()
+        .filter(|l| l.contains("queue committed"))
+        .map(strip_ansi)
+        .filter_map(|l| {
+            let l = l.as_str();
+            let ts = l.split_whitespace().next()?;
+            let ts = ts.trim_start_matches(|c: char| !c.is_ascii_digit());
+            let ts = ts.get(..ts.find('Z')? + 1)?;
+            let t = humantime::parse_rfc3339(ts).ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_micros() as u64;
+            let id = l[l.find("through=")? + 8..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+            Some((t, id))
+        })
+        .collect()
 }
 
 fn load(server: &Server, publishers: usize, per: u64) -> Run {
@@ -273,6 +312,7 @@ fn load(server: &Server, publishers: usize, per: u64) -> Run {
     let mut acks: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap().acks_us).collect();
     let mut elapsed = start.elapsed();
     let mut p99_queued_ms = None;
+    let mut p99_durable_ms = None;
     if let Some(cfg) = &server.config {
         let deadline = Instant::now() + Duration::from_secs(20);
         while queued_readings(cfg) < total {
@@ -289,23 +329,38 @@ fn load(server: &Server, publishers: usize, per: u64) -> Run {
             std::thread::sleep(Duration::from_millis(20));
         }
         elapsed = start.elapsed();
-        // Publish → queued, from each batch's append time.
+        // Publish → queued, from each batch's append time; publish →
+        // durable, from the first commit through the batch's id.
+        std::thread::sleep(Duration::from_millis(300)); // the last commit's trace line
+        let log = std::fs::read_to_string(cfg.parent().unwrap().join("gw.log")).unwrap_or_default();
+        let commits = commits(&log);
         let (q, _) = Queue::open_readonly(&cfg.parent().unwrap().join("data").join("queue")).expect("queue");
         let mut lat = Vec::with_capacity(total as usize);
+        let mut durable = Vec::with_capacity(total as usize);
+        let mut seen = std::collections::HashSet::with_capacity(total as usize);
         for (meta, payload) in q.read_from(0, usize::MAX).expect("read queue") {
+            let at = commits.iter().find(|(_, through)| *through >= meta.id).map(|(t, _)| *t);
             for r in Batch::decode(&payload).expect("batch").readings {
+                assert!(seen.insert((r.device.clone(), r.seq)), "{} seq {:?} queued twice", r.device, r.seq);
                 if let Value::Number(sent_us) = r.value {
                     lat.push((meta.created_ms * 1000).saturating_sub(sent_us as u64));
+                    if let Some(at) = at {
+                        durable.push(at.saturating_sub(sent_us as u64));
+                    }
                 }
             }
         }
         assert_eq!(lat.len() as u64, total, "every reading queued exactly once");
+        assert_eq!(seen.len() as u64, total, "distinct readings");
+        assert_eq!(durable.len() as u64, total, "a commit line for every batch ({} lines)", commits.len());
         p99_queued_ms = Some(percentile(&mut lat, 0.99) as f64 / 1000.0);
+        p99_durable_ms = Some(percentile(&mut durable, 0.99) as f64 / 1000.0);
     }
     Run {
         rate: total as f64 / elapsed.as_secs_f64(),
         p99_ack_ms: percentile(&mut acks, 0.99) as f64 / 1000.0,
         p99_queued_ms,
+        p99_durable_ms,
         hwm_kb: rss_kb(server.child.id(), "VmHWM:"),
     }
 }
@@ -365,17 +420,19 @@ fn main() {
         let rate = median(r.iter().map(|x| x.rate).collect());
         let ack = median(r.iter().map(|x| x.p99_ack_ms).collect());
         let queued = r[0].p99_queued_ms.map(|_| median(r.iter().filter_map(|x| x.p99_queued_ms).collect()));
+        let durable = r[0].p99_durable_ms.map(|_| median(r.iter().filter_map(|x| x.p99_durable_ms).collect()));
         let hwm = median(r.iter().map(|x| x.hwm_kb as f64).collect());
         println!(
-            "{name:<22} {rate:>12.0} {ack:>14.1} {:>16} {:>18} {:>14.1}",
+            "{name:<22} {rate:>12.0} {ack:>14.1} {:>16} {:>17} {:>18} {:>14.1}",
             queued.map_or("-".into(), |q| format!("{q:.1}")),
+            durable.map_or("-".into(), |q| format!("{q:.1}")),
             idle.map_or("-".into(), |kb| format!("{:.1}", kb as f64 / 1024.0)),
             hwm / 1024.0,
         );
     };
     println!(
-        "{:<22} {:>12} {:>14} {:>16} {:>18} {:>14}",
-        "broker", "readings/s", "p99 PUBACK ms", "p99 queued ms", "RSS 100 idle MiB", "peak RSS MiB"
+        "{:<22} {:>12} {:>14} {:>16} {:>17} {:>18} {:>14}",
+        "broker", "readings/s", "p99 PUBACK ms", "p99 queued ms", "p99 durable ms", "RSS 100 idle MiB", "peak RSS MiB"
     );
     row("edge-gateway (rumqttd)", &gw_runs, Some(gw_idle));
     row(&format!("  with {ACL_RULES} ACL rules"), &gw_acl_runs, None);

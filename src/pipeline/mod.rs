@@ -401,6 +401,8 @@ impl Pipeline {
             Ok(()) => {
                 crate::crashpoint::hit("after-commit");
                 Metrics::inc(&self.metrics.queue_commits);
+                // For benches timing publish → durable (off unless asked for).
+                tracing::trace!(through = self.queue().committed_id(), "queue committed");
                 let now = (self.clock)();
                 for (dev, boot, seq, ts) in self.uncommitted.drain(..) {
                     self.acks.durable_at(&dev, boot, seq, ts, now);
