@@ -228,43 +228,35 @@ pub struct Subscriber {
 impl Subscriber {
     pub fn start(port: u16, id: &str, topic: &str, out: &Path) -> Subscriber {
         need("mosquitto_sub", "mosquitto-clients");
-        need("stdbuf", "coreutils");
+        need("mosquitto_pub", "mosquitto-clients");
         let file = std::fs::File::create(out).unwrap();
-        // `-d` adds "Client … received SUBACK" lines to the output: the
-        // subscription is in place once one is there. `messages` skips them
-        // (they are not "topic hex").
-        // Line-buffered: mosquitto_sub flushes its messages but not its debug lines.
-        let mut child = Command::new("stdbuf")
-            .args(["-oL", "mosquitto_sub"])
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-i",
-                id,
-                "-c",
-                "-q",
-                "2",
-                "-t",
-                topic,
-                "-F",
-                "%t %x",
-                "-d",
-            ])
+        // A second filter, for a probe: once a probe published there comes
+        // out, the subscription is in place. (`-d` would say so too, but its
+        // unflushed debug lines slow the subscriber down enough to change
+        // what a broker holds for it at a SIGKILL.)
+        let probe = format!("edge-test-probe/{id}");
+        let mut child = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", id, "-c", "-q", "2", "-t", topic, "-t", &probe])
+            .args(["-F", "%t %x"])
             .stdout(file)
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn mosquitto_sub");
-        let subscribed = super::wait_until(Duration::from_secs(10), || {
-            std::fs::read_to_string(out).is_ok_and(|t| t.contains("received SUBACK"))
-                || child.try_wait().ok().flatten().is_some()
-        });
-        let text = std::fs::read_to_string(out).unwrap_or_default();
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("mosquitto_sub exited ({status}) before subscribing:\n{text}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("mosquitto_sub exited ({status}) before subscribing");
+            }
+            let _ = Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", &probe, "-m", "probe"])
+                .output();
+            if super::wait_until(Duration::from_millis(300), || {
+                std::fs::read_to_string(out).is_ok_and(|t| t.lines().any(|l| l.starts_with(&format!("{probe} "))))
+            }) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "mosquitto_sub did not subscribe within 10 s");
         }
-        assert!(subscribed && text.contains("received SUBACK"), "mosquitto_sub got no SUBACK in 10 s:\n{text}");
         Subscriber { child, out: out.to_path_buf() }
     }
 
@@ -276,6 +268,9 @@ impl Subscriber {
             .map_while(Result::ok)
             .filter_map(|l| {
                 let (t, hex) = l.split_once(' ')?;
+                if t.starts_with("edge-test-probe/") {
+                    return None;
+                }
                 let bytes = (0..hex.len() / 2)
                     .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
                     .collect::<Option<Vec<u8>>>()?;
