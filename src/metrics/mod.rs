@@ -55,8 +55,8 @@ pub struct Def {
     pub get: fn(&Metrics) -> &AtomicU64,
     pub kind: Kind,
     /// Prometheus family, without the `edge_gateway_` prefix. Rows that
-    /// share a family differ by their `labels`; the first one's `help` is
-    /// the family's HELP.
+    /// share a family follow each other and differ by their `labels`; the
+    /// first one's `help` is the family's HELP (the others leave it empty).
     pub family: &'static str,
     pub labels: &'static [(&'static str, &'static str)],
     pub help: &'static str,
@@ -119,19 +119,19 @@ counters! {
         "Encoded batch bytes appended to the queue (payloads only).", Stopped "batch bytes queued";
     readings_dropped_full: Counter "readings_dropped_total" { "policy" = "drop_oldest" },
         "Readings lost to the queue-full policy.", Stopped "readings dropped (queue full)";
-    /// Not acked: the devices resend them.
+    /// Readings refused by `reject_new`; not acked: the devices resend them.
     readings_rejected_full: Counter "readings_dropped_total" { "policy" = "reject_new" },
-        "Readings lost to the queue-full policy.", Stopped "readings refused (queue full)";
+        "", Stopped "readings refused (queue full)";
     /// See [`crate::allow`]: the source's `devices` patterns do not match.
     readings_refused_serial: Counter "readings_refused_total" { "source" = "serial" },
         "Readings refused because their source may not speak for the device they name.",
         Stopped "readings refused (serial port may not speak for the device)";
+    /// The same, from a BLE entry.
     readings_refused_ble: Counter "readings_refused_total" { "source" = "ble" },
-        "Readings refused because their source may not speak for the device they name.",
-        Stopped "readings refused (BLE entry may not speak for the device)";
+        "", Stopped "readings refused (BLE entry may not speak for the device)";
+    /// The same, from a LAN login.
     readings_refused_lan: Counter "readings_refused_total" { "source" = "lan" },
-        "Readings refused because their source may not speak for the device they name.",
-        Stopped "readings refused (LAN user may not speak for the device)";
+        "", Stopped "readings refused (LAN user may not speak for the device)";
     /// See `source::ble::replay`.
     bthome_replays: Counter "bthome_replays_total",
         "Encrypted BTHome adverts refused because their counter was older than the last accepted (replays).",
@@ -157,16 +157,18 @@ counters! {
     /// TCP, TLS, CONNACK refusals, timeouts.
     upstream_connect_failures: Counter "upstream_connect_failures_total",
         "Failed upstream connection attempts.", Uplink "failed attempts";
-    /// In a resumed session.
+    /// PUBLISH re-sent with DUP=1 in a resumed session.
     publishes_resent_dup: Counter "batches_resent_total" { "reason" = "dup_publish" },
         "Batches sent again, by why.", Uplink "PUBLISH re-sent with DUP";
+    /// PUBREL re-sent in a resumed session.
     pubrels_resent: Counter "batches_resent_total" { "reason" = "pubrel" },
-        "Batches sent again, by why.", Uplink "PUBREL re-sent";
+        "", Uplink "PUBREL re-sent";
+    /// Sent again as new messages: the broker had lost the session.
     batches_resent_session_lost: Counter "batches_resent_total" { "reason" = "session_lost" },
-        "Batches sent again, by why.", Uplink "batches re-sent after a lost session";
+        "", Uplink "batches re-sent after a lost session";
     /// PUBREC/PUBACK with a reason code >= 0x80: not delivered; retried.
     batches_refused: Counter "batches_resent_total" { "reason" = "refused" },
-        "Batches sent again, by why.", Uplink "refused by the broker";
+        "", Uplink "refused by the broker";
     batches_too_large: Counter "batches_too_large_total",
         "Batches over the broker's maximum packet size (dropped).", Uplink "too large";
     batches_corrupt_skipped: Counter "batches_corrupt_skipped_total",
@@ -314,9 +316,11 @@ mod tests {
             let first = i == 0 || TABLE[i - 1].family != d.family;
             if first {
                 assert!(seen.insert(d.family), "{}: its rows must follow each other", d.family);
+                assert!(!d.help.is_empty(), "{}: a family needs its HELP", d.family);
             } else {
                 let prev = &TABLE[i - 1];
-                assert_eq!((prev.kind, prev.help), (d.kind, d.help), "{}", d.family);
+                assert_eq!(prev.kind, d.kind, "{}", d.family);
+                assert!(d.help.is_empty(), "{}: the HELP is the first row's", d.family);
                 assert_ne!(prev.labels, d.labels, "{}: two rows, one sample", d.family);
             }
             assert_eq!(d.kind == Kind::Counter, d.family.ends_with("_total"), "{}: counters end in _total", d.family);
