@@ -100,6 +100,9 @@ fn subscriber(port: u16, filters: &[&str], inbox: Inbox, stop: Arc<AtomicBool>) 
 struct Outcome {
     unique: usize,
     lost: usize,
+    /// Bridge runs: readings that never reached the local broker (a
+    /// subscriber there), i.e. lost before the bridge, not by it.
+    lost_local: Option<usize>,
     doubled: usize,
     rate: f64,
     p50: Duration,
@@ -154,6 +157,7 @@ fn outcome(
     Outcome {
         unique,
         lost: sent_at.len() - unique,
+        lost_local: None,
         doubled: seen.values().filter(|&&c| c > 1).count(),
         rate: unique as f64 / (last - first).as_secs_f64().max(1e-9),
         p50: pct(0.5),
@@ -250,6 +254,40 @@ fn gateway_run(
     o
 }
 
+/// The bridge's capacity: offered rates doubling from 1,000 msg/s, `secs`
+/// of load each, until one loses a reading or its p99 passes 1 s. Returns
+/// every step (offered rate, outcome); the capacity is the last clean one.
+fn bridge_capacity(
+    dir: &Path,
+    upstream: &Mosquitto,
+    ca: &Path,
+    publishers: usize,
+    secs: f64,
+    max: f64,
+) -> Vec<(f64, Outcome)> {
+    let mut steps = Vec::new();
+    let mut rate = 1_000.0;
+    while rate <= max {
+        let per_pub = ((rate * secs) / publishers as f64).max(1.0) as u64;
+        let pace = Duration::from_secs_f64(publishers as f64 / rate);
+        let o = bridge_run(&dir.join(format!("cap{rate:.0}")), upstream, ca, publishers, per_pub, pace, true);
+        let clean = o.lost == 0 && o.p99 <= Duration::from_secs(1);
+        eprintln!(
+            "bridge at {rate:.0} msg/s offered: {:.0} delivered/s, lost {} ({} before the local broker), p99 {:.0} ms",
+            o.rate,
+            o.lost,
+            o.lost_local.unwrap_or(0),
+            o.p99.as_secs_f64() * 1e3
+        );
+        steps.push((rate, o));
+        if !clean {
+            break;
+        }
+        rate *= 2.0;
+    }
+    steps
+}
+
 /// (b) `mosquitto_pub -l -q 2` → local Mosquitto bridged over TLS at QoS 2 → upstream.
 /// `unbounded`: `max_queued_messages 0` instead of Mosquitto's default 1000,
 /// which drops what the bridge cannot forward fast enough.
@@ -284,6 +322,9 @@ fn bridge_run(
     let inbox: Inbox = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let sub = subscriber(upstream.plain_port, &["bridge/readings/#"], inbox.clone(), stop.clone());
+    // And one on the local broker: where a lost reading went missing.
+    let local: Inbox = Arc::default();
+    let local_sub = subscriber(port, &["readings/#"], local.clone(), stop.clone());
     std::thread::sleep(Duration::from_millis(1000));
     let mut pubs: Vec<Child> = (0..publishers)
         .map(|i| {
@@ -327,7 +368,9 @@ fn bridge_run(
     // sending what it still holds (measured: 1,060 of 2,500 reached the broker).
     settle(&inbox, sent_at.len(), &line_keys);
     let rss = peak_rss_kib(broker.id());
-    let o = outcome(&inbox, &sent_at, first, &line_keys, rss);
+    let mut o = outcome(&inbox, &sent_at, first, &line_keys, rss);
+    let at_local: HashSet<(String, u64)> = local.lock().unwrap().iter().flat_map(|(_, p)| line_keys(p)).collect();
+    o.lost_local = Some(sent_at.keys().filter(|k| !at_local.contains(*k)).count());
     for mut p in pubs {
         let _ = p.kill();
         let _ = p.wait();
@@ -336,6 +379,7 @@ fn bridge_run(
     let _ = broker.wait();
     stop.store(true, Ordering::Relaxed);
     sub.join().unwrap();
+    local_sub.join().unwrap();
     o
 }
 
@@ -345,12 +389,15 @@ fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
 }
 
 fn row(name: &str, o: &Outcome, base: f64) {
+    let lost = match o.lost_local {
+        Some(l) => format!("{} ({l})", o.lost),
+        None => o.lost.to_string(),
+    };
     println!(
-        "| {name} | {} | {:.0} | {:.1}x | {} | {} | {:.1} | {:.1} | {:.1} |",
+        "| {name} | {} | {:.0} | {:.1}x | {lost} | {} | {:.1} | {:.1} | {:.1} |",
         o.unique,
         o.rate,
         o.rate / base,
-        o.lost,
         o.doubled,
         o.p50.as_secs_f64() * 1e3,
         o.p99.as_secs_f64() * 1e3,
@@ -378,26 +425,41 @@ fn main() {
     }
     let bridge_lat = bridge_run(&tmp.path().join("bl"), &upstream, &certs.ca, pubs, lat_per_dev / 4, lat_pace, true);
     let gw_lat = gateway_run(&tmp.path().join("gl"), &upstream, &certs.ca, dev, lat_per_dev, lat_pace);
+    // The bridge's capacity (Debian's Mosquitto 2.0.11, the newest any
+    // registry here offers): step the offered rate until loss or latency breaks.
+    let (cap_secs, cap_max) = if full { (3.0, 64_000.0) } else { (0.5, 2_000.0) };
+    let steps = bridge_capacity(&tmp.path().join("cap"), &upstream, &certs.ca, pubs, cap_secs, cap_max);
     let b = median_by(bridge, |o| o.rate);
     let bd = median_by(bridge_default, |o| o.rate);
     let g = median_by(gw, |o| o.rate);
+    let capacity =
+        steps.iter().filter(|(_, o)| o.lost == 0 && o.p99 <= Duration::from_secs(1)).map(|(_, o)| o.clone()).last();
     println!(
         "uplink bench ({}): median of {runs} throughput runs; latency from a paced run\n",
         if full { "full" } else { "smoke" }
     );
+    // Ratios are against the bridge's capacity: the fastest offered rate it
+    // delivered without loss and with p99 <= 1 s (not what it was offered).
+    let base = capacity.as_ref().map_or(b.rate, |c| c.rate);
     println!(
-        "| path | delivered | readings/s delivered once | vs bridge | lost | duplicated | p50 ms | p99 ms | peak RSS MiB |"
+        "| path | delivered | readings/s delivered once | vs bridge capacity | lost (before the local broker) | duplicated | p50 ms | p99 ms | peak RSS MiB |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (offered, o) in &steps {
+        row(&format!("bridge capacity step: {offered:.0} msg/s offered, paced"), o, base);
+    }
+    if let Some(c) = &capacity {
+        row("baseline: the bridge's capacity (above)", c, base);
+    }
     row(
-        &format!("baseline: {pubs} x mosquitto_pub -q 2 → Mosquitto (max_queued_messages 0) → TLS QoS 2 bridge"),
+        &format!("{pubs} x mosquitto_pub -q 2 → Mosquitto (max_queued_messages 0) → TLS QoS 2 bridge, unpaced"),
         &b,
-        b.rate,
+        base,
     );
-    row("same bridge, Mosquitto's default max_queued_messages (1000)", &bd, b.rate);
-    row(&format!("edge-gateway: {dev} PTY devices → TLS QoS 2"), &g, b.rate);
-    row("bridge (max_queued_messages 0), paced (latency)", &bridge_lat, b.rate);
-    row("edge-gateway, paced (latency)", &gw_lat, b.rate);
+    row("same bridge, Mosquitto's default max_queued_messages (1000), unpaced", &bd, base);
+    row(&format!("edge-gateway: {dev} PTY devices → TLS QoS 2"), &g, base);
+    row("bridge (max_queued_messages 0), paced (latency)", &bridge_lat, base);
+    row("edge-gateway, paced (latency)", &gw_lat, base);
     println!(
         "\n(gateway: batch_max_age 50ms, fsync_interval 10ms, postcard, max_inflight 20; {} readings per throughput run)",
         dev as u64 * per_dev
