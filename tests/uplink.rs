@@ -54,6 +54,13 @@ fn missing_and_doubled(devices: &[SimDevice], got: &Received) -> (usize, usize, 
     (expected, missing, doubled + (got.total_readings - known))
 }
 
+/// Wait until the running gateway's queue is empty: every batch completed
+/// upstream and acked in the queue (the subscriber can have a batch before
+/// the gateway has its PUBCOMP).
+fn drained(cfg: &Path) {
+    assert!(wait_until(Duration::from_secs(30), || queue_status(cfg)["batches"] == 0), "the queue did not drain");
+}
+
 /// After the gateway stopped with an empty queue: the subscriber's whole
 /// output once it stopped growing (a duplicate can land after the last new
 /// reading did), decoded.
@@ -180,6 +187,7 @@ fn twenty_thousand_readings_exactly_once_through_five_sigkills_and_a_15s_broker_
     }
     all_acked(&mut devices, &gw);
     wait_delivered(&sub, &devices, Duration::from_secs(120));
+    drained(&cfg);
     let log = logs + &terminate(gw);
     let got = settled(&sub, &cfg);
     let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
@@ -217,6 +225,7 @@ fn a_60s_outage_with_50_000_readings_drains_everything_in_order_per_device() {
     stream(&mut devices, 300, Duration::from_millis(5));
     all_acked(&mut devices, &gw);
     wait_delivered(&sub, &devices, Duration::from_secs(120));
+    drained(&cfg);
     let log = terminate(gw);
     let got = settled(&sub, &cfg);
     let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
@@ -292,6 +301,7 @@ fn mutual_tls_delivers_to_a_broker_that_requires_client_certificates() {
     stream(&mut devices, 500, Duration::from_millis(1));
     all_acked(&mut devices, &gw);
     wait_delivered(&sub, &devices, Duration::from_secs(30));
+    drained(&cfg);
     let log = terminate(gw);
     let got = settled(&sub, &cfg);
     assert_eq!(missing_and_doubled(&devices, &got), (1000, 0, 0), "{log}");
@@ -349,6 +359,7 @@ fn crash_at(point: &str) {
     assert!(crashed, "the gateway never reached {point}:\n{}", gw.log_text());
     all_acked(&mut devices, &gw);
     wait_delivered(&sub, &devices, Duration::from_secs(30));
+    drained(&cfg);
     let log = terminate(gw);
     let got = settled(&sub, &cfg);
     let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
@@ -455,6 +466,7 @@ fn lost_session_after(point: &str) -> (usize, usize) {
     assert!(wait_until(Duration::from_secs(30), || gw.log_text().contains(": connected (MQTT")), "{}", gw.log_text());
     all_acked(&mut devices, &gw);
     wait_delivered(&sub, &devices, Duration::from_secs(30));
+    drained(&cfg);
     let log = terminate(gw);
     let got = settled(&sub, &cfg);
     let (expected, missing, _) = missing_and_doubled(&devices, &got);
@@ -497,6 +509,7 @@ fn qos_1_over_mqtt_3_1_1_delivers_every_batch() {
     stream(&mut devices, 500, Duration::from_millis(1));
     all_acked(&mut devices, &gw);
     wait_delivered(&sub, &devices, Duration::from_secs(30));
+    drained(&cfg);
     let log = terminate(gw);
     let got = settled(&sub, &cfg);
     assert!(log.contains("MQTT 3.1.1"), "{log}");
@@ -721,6 +734,7 @@ fn username_and_password_file_log_in_and_a_wrong_password_is_refused_without_log
         all_acked(&mut devices, &gw);
         if delivers {
             wait_delivered(&sub, &devices, Duration::from_secs(20));
+            drained(&cfg);
             let log = terminate(gw);
             // (The only case that delivers, and the first: the subscriber heard nothing else.)
             let got = settled(&sub, &cfg);
