@@ -417,6 +417,45 @@ fn a_broker_that_lost_its_sessions_gets_the_unfinished_batches_again_and_they_ar
     lost_session_after("after-pubrec-sync:2");
 }
 
+/// The gateway's very first session (it begins with a Clean Start) must
+/// survive a broker restart: Mosquitto persists only sessions whose last
+/// CONNECT had Clean Start = 0, so without the uplink's reconnect the
+/// restart forgot a batch Mosquitto had delivered at our PUBREL, and the
+/// gateway sent it again as new (the power-cut rig found it, seed 552448845).
+/// Planted (connect() without the Clean Start = 0 reconnect): "session new"
+/// and a batch delivered twice.
+#[test]
+fn the_first_session_survives_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, mut broker, sub) = setup(dir.path(), false);
+    let up = upstream(&broker, &certs.ca, "");
+    let (mut devices, cfg) = fleet_with(dir.path(), 2, 88, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    // Die with a PUBREL on the wire, its PUBCOMP not in: the broker delivers.
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", "after-pubrel-write:1")]);
+    for _ in 0..2000 {
+        if gw_exited(&mut gw) {
+            break;
+        }
+        stream(&mut devices, 1, Duration::from_millis(3));
+    }
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("crash point")), "{}", gw.log_text());
+    gw.kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    // A clean broker restart: it saves its database and reads it back.
+    broker.stop();
+    broker.restart();
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(30), || gw.log_text().contains(": connected (MQTT")), "{}", gw.log_text());
+    all_acked(&mut devices, &gw);
+    wait_delivered(&sub, &devices, Duration::from_secs(30));
+    drained(&cfg);
+    let log = terminate(gw);
+    let got = settled(&sub, &cfg);
+    assert!(log.contains("session resumed"), "the broker forgot the session\n{log}");
+    let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
+    assert_eq!((missing, doubled), (0, 0), "of {expected}: {missing} missing, {doubled} extra\n{log}");
+}
+
 /// The broker delivered a batch at our PUBREL, then lost the session before
 /// we heard PUBCOMP: the batch goes again as a new message, so it arrives
 /// twice, byte for byte the same batch, and is counted.

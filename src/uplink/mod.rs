@@ -481,7 +481,40 @@ impl Uplink {
         Duration::from_millis(ms / 2 + self.rng.below(ms / 2 + 1))
     }
 
+    /// Connect, with a session the broker keeps. Until the PUBREC log is
+    /// confirmed for this broker and client id, any session the broker kept
+    /// for us is stale, so the first CONNECT asks for a Clean Start. But
+    /// Mosquitto (2.0.x; `persist__client_save`) writes to its database only
+    /// the sessions whose last CONNECT had Clean Start = 0: a Clean Start
+    /// session is lost at a broker restart, and with it every batch it had
+    /// delivered at our PUBREL before we heard PUBCOMP, which we would then
+    /// send again as new (found by the power-cut rig, seed 552448845). So a
+    /// Clean Start connection confirms the log, says DISCONNECT before
+    /// anything goes out, and connects again with Clean Start = 0: from then
+    /// on the session survives the broker's restarts.
     async fn connect(&mut self) -> Result<(Box<dyn Stream>, ConnAck, Vec<u8>), UplinkError> {
+        if self.log.confirmed() {
+            return self.connect_once(false).await;
+        }
+        let (mut s, _, _) = self.connect_once(true).await?;
+        // The broker has no state for us: everything unfinished goes out
+        // again as new (counted), and the log now belongs to this broker
+        // and client id, durably before anything of the session goes out.
+        self.resume(false)?;
+        self.log.confirm().map_err(|e| UplinkError::Setup(format!("cannot write uplink.pubrec: {e}")))?;
+        let mut out = Vec::new();
+        codec::encode_disconnect(&mut out);
+        let _ = s.write_all(&out).await;
+        let _ = s.shutdown().await;
+        drop(s);
+        let (s, mut connack, leftover) = self.connect_once(false).await?;
+        // Whatever the broker says, this session began with our Clean Start:
+        // nothing of ours is in it.
+        connack.session_present = false;
+        Ok((s, connack, leftover))
+    }
+
+    async fn connect_once(&mut self, clean_start: bool) -> Result<(Box<dyn Stream>, ConnAck, Vec<u8>), UplinkError> {
         let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port)).await?;
         tcp.set_nodelay(true)?;
         let mut s: Box<dyn Stream> = match &self.tls {
@@ -500,9 +533,7 @@ impl Uplink {
                 protocol: self.protocol,
                 client_id: &self.client_id,
                 keep_alive_secs: self.cfg.keep_alive.as_secs() as u16,
-                // Until the PUBREC log is confirmed for this broker and
-                // client id, any session the broker kept for us is stale.
-                clean_start: !self.log.confirmed(),
+                clean_start,
                 session_expiry_secs: SESSION_EXPIRY,
                 will: Some(Will { topic: &self.status_topic, payload: will_payload, qos: 1, retain: self.retain }),
                 username: self.cfg.username.as_deref(),
@@ -642,11 +673,7 @@ impl Uplink {
             );
         }
         self.resume(connack.session_present && !suspect)?;
-        if !self.log.confirmed() {
-            // A Clean Start session: the log now belongs to this broker and
-            // client id, durably before anything of this session goes out.
-            self.log.confirm().map_err(|e| UplinkError::Setup(format!("cannot write uplink.pubrec: {e}")))?;
-        }
+        debug_assert!(self.log.confirmed(), "connect() confirms the log");
         codec::encode_publish(proto, &self.status_topic, b"online", 1, self.retain, false, STATUS_PID, &mut out);
 
         let beat = self.beat.clone();
