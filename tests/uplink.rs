@@ -431,15 +431,7 @@ fn the_first_session_survives_a_broker_restart() {
     let up = upstream(&broker, &certs.ca, "");
     let (mut devices, cfg) = fleet_with(dir.path(), 2, 88, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
     // Die with a PUBREL on the wire, its PUBCOMP not in: the broker delivers.
-    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", "after-pubrel-write:1")]);
-    for _ in 0..2000 {
-        if gw_exited(&mut gw) {
-            break;
-        }
-        stream(&mut devices, 1, Duration::from_millis(3));
-    }
-    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("crash point")), "{}", gw.log_text());
-    gw.kill9();
+    stream_until_crash(&cfg, "after-pubrel-write:1", &mut devices);
     std::thread::sleep(Duration::from_secs(1));
     // A clean broker restart: it saves its database and reads it back.
     broker.stop();
@@ -465,6 +457,21 @@ fn a_batch_released_before_the_broker_lost_the_session_arrives_twice_as_one_coun
     assert!(extra >= 1, "the released batch must have come again ({resent} counted as re-sent)");
 }
 
+/// Start the gateway told to crash at `point`, stream until it does, and
+/// make sure it is gone. (A device writing into a dock nobody reads blocks
+/// once the PTY buffer is full: streaming stops when the gateway is gone.)
+fn stream_until_crash(cfg: &Path, point: &str, devices: &mut [SimDevice]) {
+    let mut gw = Gateway::start_with_env(cfg, &[("EDGE_GATEWAY_CRASH_AT", point)]);
+    for _ in 0..2000 {
+        if gw_exited(&mut gw) {
+            break;
+        }
+        stream(devices, 1, Duration::from_millis(3));
+    }
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("crash point")), "{}", gw.log_text());
+    gw.kill9();
+}
+
 /// Crash at `point`, give the broker a database without the gateway's
 /// session, restart: nothing missing, and whatever came twice came as the
 /// same batch. Returns (extra batch copies, batches counted as re-sent).
@@ -482,17 +489,7 @@ fn lost_session_after(point: &str) -> (usize, usize) {
     let (mut devices, cfg) = fleet_with(dir.path(), 3, 5, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
     // Die right after a PUBREC is durable: the broker holds that batch, the
     // gateway's log says "send PUBREL".
-    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", point)]);
-    // (A device writing into a dock nobody reads blocks once the PTY buffer
-    // is full: stop streaming when the gateway is gone.)
-    for _ in 0..2000 {
-        if gw_exited(&mut gw) {
-            break;
-        }
-        stream(&mut devices, 1, Duration::from_millis(3));
-    }
-    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("crash point")), "{}", gw.log_text());
-    gw.kill9();
+    stream_until_crash(&cfg, point, &mut devices);
     // Let the subscriber take what the broker already completed, then the
     // broker loses every session but the subscriber's.
     std::thread::sleep(Duration::from_secs(1));
