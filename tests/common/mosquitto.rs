@@ -4,7 +4,6 @@
 //! (`mosquitto_sub`) that records every payload it receives.
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -260,12 +259,14 @@ impl Subscriber {
         Subscriber { child, out: out.to_path_buf() }
     }
 
-    /// (topic, payload) of every message received so far.
+    /// (topic, payload) of every message received so far. Only whole lines:
+    /// mosquitto_sub's output is block-buffered, so a read can end in the
+    /// middle of a message that is still being written.
     pub fn messages(&self) -> Vec<(String, Vec<u8>)> {
-        let f = std::fs::File::open(&self.out).unwrap();
-        std::io::BufReader::new(f)
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        whole
             .lines()
-            .map_while(Result::ok)
             .filter_map(|l| {
                 let (t, hex) = l.split_once(' ')?;
                 if t.starts_with("edge-test-probe/") {
