@@ -56,6 +56,11 @@ enum Cmd {
     },
     /// Decode one batch payload (json or postcard) from stdin into JSON lines.
     Decode,
+    /// The operator's dry run of `[[rules]]`.
+    Rules {
+        #[command(subcommand)]
+        cmd: RulesCmd,
+    },
     /// Read a password from stdin (first line) and print its argon2id PHC
     /// string, for `[[broker.users]] password_hash` or a `password_file`.
     HashPassword,
@@ -105,6 +110,18 @@ enum QueueCmd {
 }
 
 #[derive(Subcommand)]
+enum RulesCmd {
+    /// Read readings as JSON lines on stdin ({"device","sensor","seq"?,"ts",
+    /// "value","source"?}, source "serial" by default) and print what the
+    /// rules emit: one JSON line per output, the reading plus "topic" and
+    /// "lane". Open aggregate windows are flushed at the end of input.
+    Test {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum DeadCmd {
     /// Print every dead reading as one JSON line: gateway, batch, device,
     /// sensor, seq, ts, value, reason, reason_code (safe while the gateway runs).
@@ -144,6 +161,7 @@ pub fn main() -> ExitCode {
         Cmd::Queue { cmd: QueueCmd::Dead { cmd: DeadCmd::Replay { config } } } => dead_replay(&config),
         Cmd::Queue { cmd: QueueCmd::Dead { cmd: DeadCmd::Drop { config } } } => dead_drop(&config),
         Cmd::Decode => decode(),
+        Cmd::Rules { cmd: RulesCmd::Test { config } } => rules_test(&config),
         Cmd::HashPassword => hash_password(),
         Cmd::Simulate { link, device, rate, framing, count } => simulate(&link, &device, rate, framing, count),
     };
@@ -286,6 +304,73 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
         p.batch_max_bytes,
         humantime::format_duration(p.batch_max_age),
     );
+    Ok(())
+}
+
+fn rules_test(path: &Path) -> anyhow::Result<()> {
+    use crate::reading::{Origin, Reading, RecordKind};
+    use crate::rules::{Closed, Dest, Engine, Rules};
+    use std::io::{BufRead, Write};
+    let c = load(path)?;
+    let rules = std::sync::Arc::new(Rules::compile(&c.rules, &c.gateway.id).map_err(anyhow::Error::msg)?);
+    let default_topic = c
+        .upstream
+        .as_ref()
+        .map(|u| u.topic.clone())
+        .unwrap_or_else(crate::uplink::config::default_topic)
+        .replace("{gateway}", &c.gateway.id);
+    let mut engine = Engine::new(rules.clone());
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let print = |r: &Reading, d: &Dest, out: &mut dyn Write| -> anyhow::Result<()> {
+        let mut v = serde_json::to_value(r)?;
+        let o = v.as_object_mut().expect("a reading is an object");
+        o.insert("topic".into(), d.topic.clone().unwrap_or_else(|| default_topic.clone()).into());
+        o.insert("lane".into(), d.lane.as_str().into());
+        writeln!(out, "{v}")?;
+        Ok(())
+    };
+    let closed_out = |closed: Vec<Closed>, out: &mut dyn Write| -> anyhow::Result<()> {
+        for c in closed {
+            for (r, d) in &c.outputs {
+                print(r, d, out)?;
+            }
+        }
+        Ok(())
+    };
+    #[derive(serde::Deserialize)]
+    struct Line {
+        #[serde(flatten)]
+        reading: Reading,
+        #[serde(default)]
+        source: Option<String>,
+    }
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: Line = serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("stdin line {}: {e}", n + 1))?;
+        let source = match l.source.as_deref() {
+            None => Origin::Serial(0).kind(),
+            Some(s) => Origin::KINDS
+                .iter()
+                .position(|k| *k == s)
+                .ok_or_else(|| anyhow::anyhow!("stdin line {}: source {s:?} is not serial, ble or lan", n + 1))?,
+        } as u8;
+        let outcome = engine.ingest(&l.reading, source, l.reading.ts);
+        closed_out(outcome.closed, &mut out)?;
+        for d in &outcome.store {
+            if d.kind != RecordKind::Raw {
+                continue;
+            }
+            let mut r = l.reading.clone();
+            rules.transform_stored(&mut r, source);
+            print(&r, d, &mut out)?;
+        }
+    }
+    closed_out(engine.flush(), &mut out)?;
+    out.flush()?;
     Ok(())
 }
 

@@ -54,6 +54,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Filter, transform, route, downsample and aggregate (docs/rules.md).
+    #[serde(default)]
+    pub rules: Vec<crate::rules::config::RuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -103,6 +106,7 @@ impl From<&Config> for crate::pipeline::config::Setup {
             data_dir: c.gateway.data_dir.clone(),
             pipeline: c.pipeline.clone(),
             store: c.store.clone(),
+            rules: c.rules.clone(),
         }
     }
 }
@@ -175,6 +179,7 @@ impl Config {
                 "is not a log filter (try \"info\", \"debug\" or \"edge_gateway=debug,info\")".into(),
             ));
         }
+        crate::rules::validate(&self.rules)?;
         crate::source::ble::config::validate(&self.ble, &self.ble_scan)
     }
 }

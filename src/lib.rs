@@ -52,6 +52,7 @@ pub mod queue;
 pub mod reading;
 pub mod rng;
 pub mod route;
+pub mod rules;
 pub mod service;
 pub mod shutdown;
 pub mod source;

@@ -198,8 +198,10 @@ impl Batch {
         }
     }
 
-    /// Decode either format, telling them apart by the postcard magic.
+    /// Decode either format, telling them apart by the postcard magic. A
+    /// queue record's [`RecordHeader`], if any, is skipped.
     pub fn decode(payload: &[u8]) -> Result<Batch, DecodeError> {
+        let (_, payload) = RecordHeader::split(payload)?;
         let trimmed = payload.trim_ascii_start();
         if trimmed.is_empty() {
             return Err(DecodeError::Empty);
@@ -384,5 +386,71 @@ mod tests {
         assert!(Batch::decode(b"").is_err());
         assert!(Batch::decode(b"{\"gateway\":").is_err());
         assert!(Batch::decode(&[0xEB, 0x01, 0xff, 0xff]).is_err());
+    }
+}
+
+/// First two bytes of a queue record that starts with a [`RecordHeader`]
+/// (records written while `[[rules]]` are configured). Never the start of a
+/// JSON document nor of a postcard batch ([`POSTCARD_MAGIC`]).
+pub const RECORD_HEADER_MAGIC: [u8; 2] = [0xEB, 0x10];
+
+/// What kind of readings a queue record holds (see [`crate::rules`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RecordKind {
+    /// Readings as the devices sent them; the uplink applies transforms.
+    Raw,
+    /// Readings an aggregate consumed (`keep_raw = false`): kept for a
+    /// crash, never sent.
+    Hold,
+    /// Aggregate outputs, final as stored.
+    Derived,
+}
+
+/// Which window a `Derived` (or empty `Hold`) record closed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WindowRef {
+    pub rule: String,
+    pub device: String,
+    pub sensor: String,
+    pub start: u64,
+}
+
+/// Header of a queue record written with rules: where it goes and what it is.
+/// Layout: [`RECORD_HEADER_MAGIC`], this struct in postcard, then the batch
+/// payload exactly as without rules.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordHeader {
+    pub kind: RecordKind,
+    /// Upstream topic, rendered; `None`: the default readings topic.
+    pub topic: Option<String>,
+    /// 0 bulk, 1 alarm.
+    pub lane: u8,
+    /// Index into [`Origin::KINDS`].
+    pub source: u8,
+    /// The uplink applies the rules' transforms before sending.
+    pub transformed: bool,
+    /// A second copy of readings routed to several topics.
+    pub replica: bool,
+    pub window: Option<WindowRef>,
+}
+
+impl RecordHeader {
+    /// `header + payload` as one record.
+    pub fn wrap(&self, payload: &[u8]) -> Vec<u8> {
+        let mut out = RECORD_HEADER_MAGIC.to_vec();
+        let mut out = postcard::to_extend(self, std::mem::take(&mut out)).expect("header serializes");
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Split a queue record into its header (if it has one) and the batch payload.
+    pub fn split(record: &[u8]) -> Result<(Option<RecordHeader>, &[u8]), DecodeError> {
+        match record.strip_prefix(&RECORD_HEADER_MAGIC[..]) {
+            Some(rest) => {
+                let (h, payload) = postcard::take_from_bytes::<RecordHeader>(rest)?;
+                Ok((Some(h), payload))
+            }
+            None => Ok((None, record)),
+        }
     }
 }

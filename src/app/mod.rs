@@ -359,13 +359,17 @@ impl Sources {
             self.uplink_beat.park();
             return Ok(());
         };
-        let u = Uplink::new(
+        let mut u = Uplink::new(
             up,
             &self.cfg.gateway.id,
             &self.cfg.gateway.data_dir,
             self.queue.clone(),
             self.metrics.clone(),
         )?;
+        if !self.cfg.rules.is_empty() {
+            let rules = crate::rules::Rules::compile(&self.cfg.rules, &self.cfg.gateway.id).map_err(anyhow::Error::msg)?;
+            u.set_rules(Arc::new(rules));
+        }
         let stop = Shutdown::new();
         let thread = uplink::spawn(u, stop.subscribe(), Some(self.uplink_beat.clone()), self.fatal.clone())
             .context("cannot start the uplink thread")?;

@@ -38,6 +38,9 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         ("[gateway]", old.gateway != new.gateway),
         ("[pipeline]", old.pipeline != new.pipeline),
         ("[store]", old.store != new.store),
+        // Rule state (windows, downsample memory) is the pipeline's, and
+        // the uplink transforms with the same rules: both restart.
+        ("[[rules]]", old.rules != new.rules),
         ("[broker]", acl::without_acl(&old.broker) != acl::without_acl(&new.broker)),
         ("[metrics]", old.metrics != new.metrics),
         ("[log]", old.log != new.log),

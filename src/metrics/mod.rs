@@ -84,6 +84,8 @@ macro_rules! counters {
             per_device: Mutex<BTreeMap<(&'static str, String), DeviceCounters>>,
             /// ACL denials per (user, "publish" | "subscribe"); user "" = anonymous.
             acl_denied: Mutex<BTreeMap<(String, &'static str), u64>>,
+            /// Per `[[rules]]` name, as the pipeline's engine counted them.
+            per_rule: Mutex<BTreeMap<String, crate::rules::RuleCounts>>,
         }
 
         /// Every counter of [`Metrics`], in the order `/metrics` and the
@@ -298,6 +300,18 @@ impl Metrics {
 
     pub fn acl_denials(&self) -> BTreeMap<(String, &'static str), u64> {
         self.acl_denied.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The pipeline's per-rule counts (totals since start, set once per tick).
+    pub fn set_rules(&self, counts: impl IntoIterator<Item = (String, crate::rules::RuleCounts)>) {
+        let mut map = self.per_rule.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, c) in counts {
+            map.insert(name, c);
+        }
+    }
+
+    pub fn rules(&self) -> BTreeMap<String, crate::rules::RuleCounts> {
+        self.per_rule.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn devices(&self) -> BTreeMap<(&'static str, String), DeviceCounters> {

@@ -68,6 +68,24 @@ pub fn render(s: &Snapshot<'_>) -> String {
         o.sample("device_duplicates_total", &[("source", source), ("device", device)], c.duplicates);
     }
 
+    // Rules, per rule name.
+    let rules = m.rules();
+    let per_rule: [(&str, &str, fn(&crate::rules::RuleCounts) -> u64); 5] = [
+        ("rule_matched_total", "Readings a rule matched (its match and when).", |c| c.matched),
+        ("rule_dropped_total", "Readings a rule dropped (filter, downsample skip, late with keep_raw = false).", |c| {
+            c.dropped
+        }),
+        ("rule_emitted_total", "Readings an aggregate rule emitted.", |c| c.emitted),
+        ("rule_late_total", "Readings that came after their aggregate window closed (not counted in it).", |c| c.late),
+        ("rule_errors_total", "Conditions that failed to evaluate for a reading (taken as false).", |c| c.errors),
+    ];
+    for (family, help, get) in per_rule {
+        o.family(family, "counter", help);
+        for (name, c) in &rules {
+            o.sample(family, &[("rule", name)], get(c));
+        }
+    }
+
     // Links: serial ports and BLE devices; LAN topics for malformed input.
     let ports = m.ports();
     let topics = m.topics();

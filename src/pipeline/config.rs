@@ -68,4 +68,6 @@ pub struct Setup {
     pub data_dir: PathBuf,
     pub pipeline: PipelineConfig,
     pub store: StoreConfig,
+    /// `[[rules]]`, applied in order to every accepted reading (none: as before).
+    pub rules: Vec<crate::rules::config::RuleConfig>,
 }

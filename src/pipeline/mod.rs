@@ -26,7 +26,8 @@ use crate::metrics::DeviceCounters;
 use crate::metrics::Metrics;
 use crate::queue::config::FsyncPolicy;
 use crate::queue::{AppendOutcome, CRC, OpenReport, Queue, QueueError, QueueOptions};
-use crate::reading::{Ack, Batch, Format, Incoming, Origin, Reading, now_ms};
+use crate::reading::{Ack, Batch, Format, Incoming, Origin, Reading, RecordHeader, RecordKind, now_ms};
+use crate::rules::{Closed, Dest, Engine, Rules};
 use config::Setup;
 use std::collections::HashMap;
 
@@ -48,7 +49,9 @@ const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(5);
 const NEW_DEVICE_CHECKPOINT_GAP: Duration = Duration::from_secs(1);
 /// State file format 2: keys and acks per device *boot*. Format 1 (before
 /// boot ids) is still read, so an upgrade keeps its dedup and ack state.
-const STATE_MAGIC: &[u8; 4] = b"EGS2";
+/// Format 3 adds the rules' state; formats 2 and 1 are still read.
+const STATE_MAGIC: &[u8; 4] = b"EGS3";
+const STATE_MAGIC_V2: &[u8; 4] = b"EGS2";
 const STATE_MAGIC_V1: &[u8; 4] = b"EGS1";
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,15 @@ pub enum PipelineError {
 #[derive(Serialize, Deserialize, Default)]
 struct State {
     /// Every queue record with id <= this is reflected in the state.
+    covers_id: u64,
+    dedup: DedupSnapshot,
+    acks: AckSnapshot,
+    /// Downsample memory and open aggregate windows.
+    rules: crate::rules::Snapshot,
+}
+
+#[derive(Deserialize)]
+struct StateV2 {
     covers_id: u64,
     dedup: DedupSnapshot,
     acks: AckSnapshot,
@@ -89,6 +101,11 @@ pub struct Pipeline {
     format: Format,
     dedup: Dedup,
     batcher: Batcher,
+    /// `[[rules]]`, when there are any (without, records carry no header).
+    engine: Option<Engine>,
+    /// With rules: one open batch per destination.
+    batchers: HashMap<Dest, Batcher>,
+    batch_limits: (usize, u64, Duration),
     acks: AckTracker,
     queue: Arc<Mutex<Queue>>,
     metrics: Arc<Metrics>,
@@ -148,11 +165,23 @@ impl Pipeline {
         Event::QueueRepaired { torn_bytes: qreport.truncated_bytes, corrupt_records: qreport.corrupt_records }
             .emit(&metrics);
         let p = &cfg.pipeline;
+        let engine = if cfg.rules.is_empty() {
+            None
+        } else {
+            let rules = Rules::compile(&cfg.rules, &cfg.gateway).map_err(|e| PipelineError::State {
+                path: dir.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            })?;
+            Some(Engine::new(Arc::new(rules)))
+        };
         let mut me = Pipeline {
             gateway: cfg.gateway.clone(),
             format: p.format,
             dedup: Dedup::new(p.dedup_window, p.dedup_max_per_device),
             batcher: Batcher::new(p.batch_max_readings, p.batch_max_bytes, p.batch_max_age),
+            engine,
+            batchers: HashMap::new(),
+            batch_limits: (p.batch_max_readings, p.batch_max_bytes, p.batch_max_age),
             acks: AckTracker::new(p.ack_gap_timeout),
             queue: Arc::new(Mutex::new(queue)),
             metrics,
@@ -187,6 +216,9 @@ impl Pipeline {
         let now = clock();
         let covers = state.covers_id;
         me.dedup.restore(state.dedup);
+        if let Some(e) = &mut me.engine {
+            e.restore(state.rules);
+        }
         // A device the state does not know starts as at first contact:
         // its first durable seqs wait as an open gap (see `acks`).
         me.acks.restore(state.acks, now);
@@ -197,6 +229,19 @@ impl Pipeline {
             Event::ReplayCorrupt { ids: &corrupt }.emit(&me.metrics);
         }
         for (meta, payload) in records {
+            // With rules: a window's close is on disk right where it
+            // happened; derived readings and second copies are not device
+            // readings (see `crate::rules`).
+            let header = RecordHeader::split(&payload).ok().and_then(|(h, _)| h);
+            if let Some(h) = &header {
+                if let (Some(w), Some(e)) = (&h.window, me.engine.as_mut()) {
+                    e.replay_closed(w);
+                }
+                if h.replica || h.kind == RecordKind::Derived {
+                    report.replayed_records += 1;
+                    continue;
+                }
+            }
             match Batch::decode(&payload) {
                 Ok(batch) => {
                     for r in &batch.readings {
@@ -204,6 +249,9 @@ impl Pipeline {
                         me.acks.seen_ts(&r.device, r.boot, r.ts);
                         if let Some(seq) = r.seq {
                             me.acks.durable_at(&r.device, r.boot, seq, r.ts, now);
+                        }
+                        if let (Some(h), Some(e)) = (&header, me.engine.as_mut()) {
+                            e.replay(r, h.source, now);
                         }
                     }
                     report.replayed_records += 1;
@@ -281,8 +329,10 @@ impl Pipeline {
                 {
                     Metrics::inc(&self.metrics.republish_dropped);
                 }
-                if let Some(batch) = self.batcher.push(reading, now) {
-                    self.seal(batch, now, now_ms)?;
+                if self.engine.is_some() {
+                    self.ingest_ruled(reading, origin, now, now_ms)?;
+                } else if let Some(batch) = self.batcher.push(reading, now) {
+                    self.seal(batch, None, now, now_ms)?;
                 }
             }
         }
@@ -330,11 +380,99 @@ impl Pipeline {
         self.metrics.add_devices(drained);
     }
 
-    /// Close a batch into the queue (not yet durable).
-    fn seal(&mut self, readings: Vec<Reading>, now: Instant, now_ms: u64) -> Result<(), Fatal> {
+    /// Run the rules on an accepted reading: append the windows it closed,
+    /// then batch it for each destination (or drop it, acked as handled).
+    fn ingest_ruled(&mut self, reading: Reading, origin: Origin, now: Instant, now_ms: u64) -> Result<(), Fatal> {
+        let engine = self.engine.as_mut().expect("rules");
+        let outcome = engine.ingest(&reading, origin.kind() as u8, now_ms);
+        self.append_closed(outcome.closed, now, now_ms)?;
+        if outcome.store.is_empty() {
+            // Dropped by a rule: that is its outcome. It is acked with the
+            // next commit, like the readings before it.
+            if let Some(seq) = reading.seq {
+                self.uncommitted.push((reading.device.clone(), reading.boot, seq, reading.ts));
+                self.dirty_since.get_or_insert(now);
+            }
+            return Ok(());
+        }
+        let (n, bytes, age) = self.batch_limits;
+        let last = outcome.store.len() - 1;
+        let mut reading = Some(reading);
+        for (k, dest) in outcome.store.into_iter().enumerate() {
+            let r = if k == last { reading.take().expect("once") } else { reading.clone().expect("kept") };
+            let b = self.batchers.entry(dest.clone()).or_insert_with(|| Batcher::new(n, bytes, age));
+            if let Some(batch) = b.push(r, now) {
+                self.seal(batch, Some(dest.header(None)), now, now_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Append closed windows: every open batch first (so a window's output
+    /// follows each reading it counted in the queue), then one record per
+    /// destination of its outputs (an empty `Hold` record when rules after
+    /// the aggregate dropped them all, so the close is on disk).
+    fn append_closed(&mut self, closed: Vec<Closed>, now: Instant, now_ms: u64) -> Result<(), Fatal> {
+        if closed.is_empty() {
+            return Ok(());
+        }
+        self.seal_all(now, now_ms)?;
+        for c in closed {
+            if c.outputs.is_empty() {
+                let h = RecordHeader {
+                    kind: RecordKind::Hold,
+                    topic: None,
+                    lane: 0,
+                    source: 0,
+                    transformed: false,
+                    replica: false,
+                    window: Some(c.window),
+                };
+                self.seal(Vec::new(), Some(h), now, now_ms)?;
+                continue;
+            }
+            let mut groups: Vec<(Dest, Vec<Reading>)> = Vec::new();
+            for (r, d) in c.outputs {
+                match groups.iter_mut().find(|g| g.0 == d) {
+                    Some(g) => g.1.push(r),
+                    None => groups.push((d, vec![r])),
+                }
+            }
+            for (d, rs) in groups {
+                self.seal(rs, Some(d.header(Some(c.window.clone()))), now, now_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seal every open batch of the rules' destinations, oldest first.
+    fn seal_all(&mut self, now: Instant, now_ms: u64) -> Result<(), Fatal> {
+        let mut open: Vec<(Instant, Dest)> =
+            self.batchers.iter().filter_map(|(d, b)| b.deadline().map(|t| (t, d.clone()))).collect();
+        open.sort_by_key(|(t, _)| *t);
+        for (_, d) in open {
+            if let Some(batch) = self.batchers.get_mut(&d).and_then(|b| b.take()) {
+                self.seal(batch, Some(d.header(None)), now, now_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Close a batch into the queue (not yet durable), behind `header` when
+    /// rules decided where it goes.
+    fn seal(
+        &mut self,
+        readings: Vec<Reading>,
+        header: Option<RecordHeader>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<(), Fatal> {
         let mut q = self.queue();
         let batch = Batch { gateway: self.gateway.clone(), batch: q.next_id(), readings };
-        let payload = batch.encode(self.format);
+        let payload = match &header {
+            None => batch.encode(self.format),
+            Some(h) => h.wrap(&batch.encode(self.format)),
+        };
         let result = q.append(batch.readings.len() as u32, now_ms, &payload);
         let evicted = q.last_evicted();
         crate::crashpoint::hit_losing("after-append", || q.unsynced_segments());
@@ -425,6 +563,15 @@ impl Pipeline {
         if let Some(b) = self.batcher.deadline() {
             d = d.min(b);
         }
+        for b in self.batchers.values() {
+            if let Some(t) = b.deadline() {
+                d = d.min(t);
+            }
+        }
+        if self.engine.is_some() {
+            // Idle windows close on the gateway's clock: look once a second.
+            d = d.min(self.last_now + Duration::from_secs(1));
+        }
         if let Some(t) = self.dirty_since {
             d = d.min(t + self.fsync_interval);
         }
@@ -441,7 +588,20 @@ impl Pipeline {
         let ms = (self.clock)();
         self.flush_tallies();
         if let Some(b) = self.batcher.poll_age(now) {
-            self.seal(b, now, ms)?;
+            self.seal(b, None, now, ms)?;
+        }
+        let due: Vec<Dest> =
+            self.batchers.iter().filter(|(_, b)| b.deadline().is_some_and(|t| t <= now)).map(|(d, _)| d.clone()).collect();
+        for d in due {
+            if let Some(b) = self.batchers.get_mut(&d).and_then(|b| b.poll_age(now)) {
+                self.seal(b, Some(d.header(None)), now, ms)?;
+            }
+        }
+        if let Some(e) = &mut self.engine {
+            let closed = e.tick(ms);
+            let counts: Vec<_> = e.rules().names().map(str::to_string).zip(e.counts.iter().copied()).collect();
+            self.metrics.set_rules(counts);
+            self.append_closed(closed, now, ms)?;
         }
         if self.dirty_since.is_some_and(|t| now.duration_since(t) >= self.fsync_interval) {
             self.commit()?;
@@ -466,13 +626,19 @@ impl Pipeline {
     pub fn checkpoint(&mut self) -> Result<(), PipelineError> {
         let now = self.last_now.max(self.last_checkpoint);
         if let Some(b) = self.batcher.take() {
-            self.seal(b, now, (self.clock)())?;
+            self.seal(b, None, now, (self.clock)())?;
         }
+        self.seal_all(now, (self.clock)())?;
         // A failed commit returns here, so from here the state claims only
         // what is on disk.
         self.commit()?;
         let covers_id = self.queue().committed_id();
-        let state = State { covers_id, dedup: self.dedup.snapshot((self.clock)()), acks: self.acks.snapshot() };
+        let state = State {
+            covers_id,
+            dedup: self.dedup.snapshot((self.clock)()),
+            acks: self.acks.snapshot(),
+            rules: self.engine.as_ref().map(Engine::snapshot).unwrap_or_default(),
+        };
         write_state(&self.state_path, &state)?;
         crate::crashpoint::hit("after-checkpoint");
         self.last_checkpoint = now;
@@ -505,7 +671,7 @@ fn read_state(path: &Path) -> std::io::Result<Option<State>> {
         Err(e) => return Err(e),
     };
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    if bytes.len() < 8 || (&bytes[..4] != STATE_MAGIC && &bytes[..4] != STATE_MAGIC_V1) {
+    if bytes.len() < 8 || ![STATE_MAGIC, STATE_MAGIC_V2, STATE_MAGIC_V1].contains(&&bytes[..4].try_into().expect("4")) {
         return Err(bad("bad magic"));
     }
     let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
@@ -514,7 +680,16 @@ fn read_state(path: &Path) -> std::io::Result<Option<State>> {
     }
     if &bytes[..4] == STATE_MAGIC_V1 {
         let v1: StateV1 = postcard::from_bytes(&bytes[8..]).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Some(State { covers_id: v1.covers_id, dedup: v1.dedup.into(), acks: v1.acks.into() }));
+        return Ok(Some(State {
+            covers_id: v1.covers_id,
+            dedup: v1.dedup.into(),
+            acks: v1.acks.into(),
+            rules: Default::default(),
+        }));
+    }
+    if &bytes[..4] == STATE_MAGIC_V2 {
+        let v2: StateV2 = postcard::from_bytes(&bytes[8..]).map_err(|e| bad(&e.to_string()))?;
+        return Ok(Some(State { covers_id: v2.covers_id, dedup: v2.dedup, acks: v2.acks, rules: Default::default() }));
     }
     postcard::from_bytes(&bytes[8..]).map(Some).map_err(|e| bad(&e.to_string()))
 }

@@ -70,7 +70,7 @@ pub enum MqttProtocol {
     V311,
 }
 
-fn default_topic() -> String {
+pub fn default_topic() -> String {
     "gateways/{gateway}/readings".into()
 }
 fn default_status_topic() -> String {

@@ -181,6 +181,8 @@ struct Flight {
     readings: u32,
     created_ms: u64,
     payload: Vec<u8>,
+    /// Where `[[rules]]` routed it; `None`: the readings topic.
+    topic: Option<String>,
     stage: Stage,
     /// A PUBLISH for it may have reached the broker before (an earlier
     /// connection or run): the next PUBLISH carries DUP=1.
@@ -201,6 +203,7 @@ impl Flight {
             readings: 0,
             created_ms: 0,
             payload: Vec::new(),
+            topic: None,
             stage: Stage::Done,
             maybe_sent: false,
             rel_resent: false,
@@ -248,6 +251,9 @@ pub struct Uplink {
     suspect_session: bool,
     /// Fed by the loop itself; `None` without a watchdog.
     beat: Option<Beat>,
+    /// `[[rules]]`: their transforms are applied to raw records as they
+    /// are drained (see [`crate::rules`]).
+    rules: Option<Arc<crate::rules::Rules>>,
 }
 
 /// Await `fut`, beating `beat` meanwhile. Only for waits bounded by a
@@ -347,8 +353,54 @@ impl Uplink {
             awaiting_connack: false,
             suspect_session: false,
             beat: None,
+            rules: None,
             cfg: cfg.clone(),
         })
+    }
+
+    /// The compiled `[[rules]]` (the same the pipeline decides with).
+    pub fn set_rules(&mut self, rules: Arc<crate::rules::Rules>) {
+        self.rules = Some(rules);
+    }
+
+    /// A queue record as it goes out: its topic (`None`: the readings
+    /// topic) and payload, or `None` for a record that is never sent (a
+    /// `Hold` record of readings an aggregate consumed).
+    fn outgoing(&self, id: u64, record: Vec<u8>) -> Option<(Option<String>, Vec<u8>)> {
+        let (header, body) = match crate::reading::RecordHeader::split(&record) {
+            Ok((None, _)) => return Some((None, record)),
+            Ok((Some(h), body)) => (h, body),
+            Err(e) => {
+                // Sent as it is: the consumer sees what we could not read.
+                tracing::warn!(batch = id, "queue record {id} has a bad rules header ({e}); sent as it is");
+                return Some((None, record));
+            }
+        };
+        if header.kind == crate::reading::RecordKind::Hold {
+            return None;
+        }
+        let mut payload = body.to_vec();
+        if header.transformed
+            && let Some(rules) = &self.rules
+        {
+            match crate::reading::Batch::decode(body) {
+                Ok(mut b) => {
+                    for r in &mut b.readings {
+                        rules.transform_stored(r, header.source);
+                    }
+                    let format = if body.starts_with(&crate::reading::POSTCARD_MAGIC)
+                        || body.starts_with(&crate::reading::POSTCARD_MAGIC_V2)
+                    {
+                        crate::reading::Format::Postcard
+                    } else {
+                        crate::reading::Format::Json
+                    };
+                    payload = b.encode(format);
+                }
+                Err(e) => tracing::warn!(batch = id, "queue record {id} does not decode ({e}); sent untransformed"),
+            }
+        }
+        Some((header.topic, payload))
     }
 
     fn alive(&self) {
@@ -603,8 +655,13 @@ impl Uplink {
             if recs.is_empty() {
                 break;
             }
-            for (meta, payload) in recs {
+            for (meta, record) in recs {
                 self.cursor = meta.id;
+                let Some((topic, payload)) = self.outgoing(meta.id, record) else {
+                    // Kept for a crash, never sent: done once reached.
+                    self.window.push_back(Flight::skipped(meta.id));
+                    continue;
+                };
                 let stage = if self.log.is_completed(meta.id) {
                     // Completed by an earlier run: never sent again.
                     Stage::Done
@@ -618,6 +675,7 @@ impl Uplink {
                     readings: meta.readings,
                     created_ms: meta.created_ms,
                     payload,
+                    topic,
                     stage,
                     maybe_sent: stage == Stage::NeedRel || meta.id <= self.maybe_sent_through,
                     rel_resent: false,
@@ -864,7 +922,8 @@ impl Uplink {
             if f.stage != Stage::Unsent {
                 continue;
             }
-            let len = codec::publish_len(proto, &self.topic, qos, f.payload.len());
+            let topic = f.topic.as_deref().unwrap_or(&self.topic);
+            let len = codec::publish_len(proto, topic, qos, f.payload.len());
             if len > max_packet {
                 Metrics::inc(&self.metrics.batches_too_large);
                 let reason = format!(
@@ -876,7 +935,7 @@ impl Uplink {
             if f.maybe_sent {
                 Metrics::inc(&self.metrics.publishes_resent_dup);
             }
-            codec::encode_publish(proto, &self.topic, &f.payload, qos, false, f.maybe_sent, packet_id(f.id), out);
+            codec::encode_publish(proto, topic, &f.payload, qos, false, f.maybe_sent, packet_id(f.id), out);
             f.stage = Stage::AwaitRec;
             f.maybe_sent = true;
             f.rel_resent = false;
