@@ -44,6 +44,11 @@ use std::time::Duration;
 
 pub use config::validate;
 
+/// A downsampled series whose device clock goes back more than this
+/// starts afresh (the device reset its clock); less is a resend or
+/// reordering, dropped.
+pub const CLOCK_RESET_MS: u64 = 3_600_000;
+
 /// Per-rule counts (for `/metrics`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RuleCounts {
@@ -399,10 +404,15 @@ impl Engine {
     fn downsample(&mut self, i: usize, d: &DownsampleConfig, r: &Reading) -> bool {
         let key = (i as u16, r.device.clone(), r.sensor.clone());
         let keep = match self.series.get(&key) {
+            // Older than the last kept reading: a resend of a reading
+            // dropped before (its drop was never acked, e.g. a kill came
+            // first), or readings out of order: dropped again. Unless the
+            // device's clock went back more than CLOCK_RESET_MS (it
+            // reset): then the series starts afresh.
+            Some(Series::Down { ts, .. }) if r.ts < *ts => ts - r.ts > CLOCK_RESET_MS,
             Some(Series::Down { ts, value }) => {
                 if let Some(every) = d.every {
-                    // A clock that went back (device reset) starts afresh.
-                    r.ts < *ts || r.ts >= ts.saturating_add(every.as_millis() as u64)
+                    r.ts >= ts.saturating_add(every.as_millis() as u64)
                 } else if let Some(band) = d.deadband {
                     moved(value, &r.value) >= band
                 } else {
