@@ -429,8 +429,6 @@ pub struct RecordHeader {
     pub source: u8,
     /// The uplink applies the rules' transforms before sending.
     pub transformed: bool,
-    /// A second copy of readings routed to several topics.
-    pub replica: bool,
     pub window: Option<WindowRef>,
 }
 

@@ -230,14 +230,14 @@ impl Pipeline {
         }
         for (meta, payload) in records {
             // With rules: a window's close is on disk right where it
-            // happened; derived readings and second copies are not device
-            // readings (see `crate::rules`).
+            // happened; derived readings are not device readings (see
+            // `crate::rules`).
             let header = RecordHeader::split(&payload).ok().and_then(|(h, _)| h);
             if let Some(h) = &header {
                 if let (Some(w), Some(e)) = (&h.window, me.engine.as_mut()) {
                     e.replay_closed(w);
                 }
-                if h.replica || h.kind == RecordKind::Derived {
+                if h.kind == RecordKind::Derived {
                     report.replayed_records += 1;
                     continue;
                 }
@@ -425,7 +425,6 @@ impl Pipeline {
                     lane: 0,
                     source: 0,
                     transformed: false,
-                    replica: false,
                     window: Some(c.window),
                 };
                 self.seal(Vec::new(), Some(h), now, now_ms)?;

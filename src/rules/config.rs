@@ -118,8 +118,14 @@ pub struct AggregateConfig {
     /// Whether the readings also go on as they are (default true).
     #[serde(default = "yes")]
     pub keep_raw: bool,
-    /// A window no reading has closed is closed this long (gateway clock)
-    /// after its last reading arrived. Default: the window length.
+    /// How long (device time) after its end a window still takes
+    /// readings: it closes once a reading of the series is this far past
+    /// its end. Later readings are late: not counted (`rule_late_total`).
+    /// Default: the window length.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub lateness: Option<Duration>,
+    /// Open windows of a series with no reading for this long (gateway
+    /// clock) are closed. Default: window + lateness.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub idle_close: Option<Duration>,
 }
@@ -217,6 +223,11 @@ pub fn validate(rules: &[RuleConfig]) -> Result<(), (String, String)> {
             if let Err(m) = check_topic_template(t) {
                 return Err((format!("rules.{i}.route.{j}"), m));
             }
+        }
+        if r.route.len() > 1 {
+            // Copies on several topics would be several queue records a
+            // power cut can separate: not exactly once yet (docs/rules.md).
+            return Err((key("route"), "takes one topic for now (a reading goes to one topic)".into()));
         }
         if let Some(d) = &r.downsample {
             let modes = [d.every.is_some(), d.deadband.is_some(), d.on_change].iter().filter(|m| **m).count();

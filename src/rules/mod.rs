@@ -209,8 +209,6 @@ pub struct Dest {
     pub source: u8,
     /// The uplink must apply transforms ([`Rules::transform_stored`]).
     pub transformed: bool,
-    /// A second copy of a reading routed to several topics: replay skips it.
-    pub replica: bool,
 }
 
 impl Dest {
@@ -221,7 +219,6 @@ impl Dest {
             lane: self.lane as u8,
             source: self.source,
             transformed: self.transformed,
-            replica: self.replica,
             window,
         }
     }
@@ -249,8 +246,13 @@ pub struct Outcome {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Series {
-    Down { ts: u64, value: Value },
-    Agg { closed_through: u64, open: Option<Window> },
+    /// `every`: `hi` is the newest interval (ts / every) a reading was kept
+    /// in, `recent` a bitmap of kept intervals `hi - 63 ..= hi` (bit 0 =
+    /// `hi`). Deadband / on_change: the last kept reading's ts and value.
+    Down { hi: u64, recent: u64, ts: u64, value: Value },
+    /// Readings with ts < `closed_through` are late; `open` by start, oldest
+    /// first; `max_ts` is the newest ts counted (it closes windows).
+    Agg { closed_through: u64, open: Vec<Window>, max_ts: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,8 +305,7 @@ impl Engine {
         out
     }
 
-    /// Start-up: a raw or held reading read back from the queue (not a
-    /// replica). Rebuilds state as [`Engine::ingest`] did; emits nothing.
+    /// Start-up: a raw or held reading read back from the queue. Rebuilds state as [`Engine::ingest`] did; emits nothing.
     pub fn replay(&mut self, r: &Reading, source: u8, now_ms: u64) {
         self.walk(r, source, now_ms, None);
     }
@@ -315,12 +316,10 @@ impl Engine {
         let Some(a) = &self.rules.rules[i].aggregate else { return };
         let end = w.start.saturating_add(a.window.as_millis() as u64);
         let key = (i as u16, w.device.clone(), w.sensor.clone());
-        let s = self.series.entry(key).or_insert(Series::Agg { closed_through: 0, open: None });
-        if let Series::Agg { closed_through, open } = s {
+        let s = self.series.entry(key).or_insert(Series::Agg { closed_through: 0, open: Vec::new(), max_ts: 0 });
+        if let Series::Agg { closed_through, open, .. } = s {
             *closed_through = (*closed_through).max(end);
-            if open.as_ref().is_some_and(|o| o.start < end) {
-                *open = None;
-            }
+            open.retain(|o| o.start >= end);
         }
     }
 
@@ -328,7 +327,7 @@ impl Engine {
     fn walk(&mut self, raw: &Reading, source: u8, now_ms: u64, mut out: Option<&mut Outcome>) {
         let rules = self.rules.clone();
         let mut r = raw.clone();
-        let mut topics: Vec<String> = Vec::new();
+        let mut topic: Option<String> = None;
         let mut lane = Lane::Bulk;
         let mut transformed = false;
         let mut hold = false;
@@ -348,11 +347,8 @@ impl Engine {
                 apply_transform(t, &mut r);
                 transformed = true;
             }
-            for t in &rule.route {
-                let t = rules.render(t, &r);
-                if !topics.contains(&t) {
-                    topics.push(t);
-                }
+            if let Some(t) = rule.route.first() {
+                topic = Some(rules.render(t, &r));
             }
             if let Some(l) = rule.lane {
                 lane = l;
@@ -365,9 +361,11 @@ impl Engine {
             }
             if let Some(a) = &rule.aggregate {
                 let (late, closed) = self.aggregate(i, a, &r, source, now_ms);
-                if let (Some(w), Some(o)) = (closed, out.as_deref_mut()) {
-                    let c = self.close_outputs(i, &r.device, &r.sensor, w, source);
-                    o.closed.push(c);
+                if let Some(o) = out.as_deref_mut() {
+                    for w in closed.into_iter() {
+                        let c = self.close_outputs(i, &r.device, &r.sensor, w, source);
+                        o.closed.push(c);
+                    }
                 }
                 if late {
                     self.counts[i].late += u64::from(out.is_some());
@@ -383,15 +381,10 @@ impl Engine {
         }
         let Some(o) = out else { return };
         if hold {
-            o.store.push(Dest { kind: RecordKind::Hold, topic: None, lane, source, transformed: false, replica: false });
+            o.store.push(Dest { kind: RecordKind::Hold, topic: None, lane, source, transformed: false });
             return;
         }
-        if topics.is_empty() {
-            o.store.push(Dest { kind: RecordKind::Raw, topic: None, lane, source, transformed, replica: false });
-        }
-        for (k, t) in topics.into_iter().enumerate() {
-            o.store.push(Dest { kind: RecordKind::Raw, topic: Some(t), lane, source, transformed, replica: k > 0 });
-        }
+        o.store.push(Dest { kind: RecordKind::Raw, topic, lane, source, transformed });
     }
 
     fn drop_at(&mut self, i: usize, out: &Option<&mut Outcome>) {
@@ -403,64 +396,98 @@ impl Engine {
     /// Keep this reading? Updates the series' memory when it does.
     fn downsample(&mut self, i: usize, d: &DownsampleConfig, r: &Reading) -> bool {
         let key = (i as u16, r.device.clone(), r.sensor.clone());
-        let keep = match self.series.get(&key) {
+        let prev = self.series.get(&key);
+        if let Some(every) = d.every {
+            // One reading per interval of device time: the first that
+            // arrives. A resend that arrives after newer readings (after a
+            // kill, a device catching up) still gets its interval if no
+            // reading was kept there, as long as it is among the last 64.
+            let every = every.as_millis() as u64;
+            let b = r.ts / every;
+            let (keep, hi, recent) = match prev {
+                Some(Series::Down { hi, recent, .. }) if b > *hi => {
+                    (true, b, if b - hi >= 64 { 1 } else { (recent << (b - hi)) | 1 })
+                }
+                Some(Series::Down { hi, recent, .. }) if hi - b < 64 => {
+                    let bit = 1u64 << (hi - b);
+                    (recent & bit == 0, *hi, recent | bit)
+                }
+                // Older than 64 intervals: dropped, unless the clock went
+                // back so far that the device must have reset it.
+                Some(Series::Down { ts, .. }) if ts.saturating_sub(r.ts) <= CLOCK_RESET_MS => (false, 0, 0),
+                _ => (true, b, 1),
+            };
+            if keep {
+                self.series.insert(key, Series::Down { hi, recent, ts: r.ts, value: r.value.clone() });
+            }
+            return keep;
+        }
+        let keep = match prev {
             // Older than the last kept reading: a resend of a reading
             // dropped before (its drop was never acked, e.g. a kill came
             // first), or readings out of order: dropped again. Unless the
             // device's clock went back more than CLOCK_RESET_MS (it
             // reset): then the series starts afresh.
             Some(Series::Down { ts, .. }) if r.ts < *ts => ts - r.ts > CLOCK_RESET_MS,
-            Some(Series::Down { ts, value }) => {
-                if let Some(every) = d.every {
-                    r.ts >= ts.saturating_add(every.as_millis() as u64)
-                } else if let Some(band) = d.deadband {
-                    moved(value, &r.value) >= band
-                } else {
-                    *value != r.value
-                }
-            }
+            Some(Series::Down { value, .. }) => match d.deadband {
+                Some(band) => moved(value, &r.value) >= band,
+                None => *value != r.value,
+            },
             _ => true,
         };
         if keep {
-            self.series.insert(key, Series::Down { ts: r.ts, value: r.value.clone() });
+            self.series.insert(key, Series::Down { hi: 0, recent: 0, ts: r.ts, value: r.value.clone() });
         }
         keep
     }
 
-    /// Count `r` into its window. Returns (late, the window it closed).
-    fn aggregate(&mut self, i: usize, a: &AggregateConfig, r: &Reading, source: u8, now_ms: u64) -> (bool, Option<Window>) {
+    /// Count `r` into its window. Returns (late, the windows that closed:
+    /// those whose end + `lateness` the newest ts has passed, oldest first).
+    fn aggregate(
+        &mut self,
+        i: usize,
+        a: &AggregateConfig,
+        r: &Reading,
+        source: u8,
+        now_ms: u64,
+    ) -> (bool, Vec<Window>) {
         let Value::Number(v) = r.value else {
             // Arrays are not aggregated (pick an element first); they go on.
-            return (false, None);
+            return (false, Vec::new());
         };
         let w = a.window.as_millis() as u64;
+        let lateness = a.lateness.unwrap_or(a.window).as_millis() as u64;
         let start = r.ts - r.ts % w;
         let key = (i as u16, r.device.clone(), r.sensor.clone());
-        let s = self.series.entry(key).or_insert(Series::Agg { closed_through: 0, open: None });
-        let Series::Agg { closed_through, open } = s else {
-            return (false, None);
+        let s = self.series.entry(key).or_insert(Series::Agg { closed_through: 0, open: Vec::new(), max_ts: 0 });
+        let Series::Agg { closed_through, open, max_ts } = s else {
+            return (false, Vec::new());
         };
-        if r.ts < *closed_through || open.as_ref().is_some_and(|o| start < o.start) {
-            return (true, None);
-        }
-        let mut closed = None;
-        if open.as_ref().is_some_and(|o| o.start != start) {
-            let o = open.take().expect("checked");
-            *closed_through = o.start + w;
-            closed = Some(o);
+        if r.ts < *closed_through {
+            return (true, Vec::new());
         }
         let pct = a.emit.iter().any(|s| matches!(s, Stat::P50 | Stat::P95));
-        let o = open.get_or_insert_with(|| Window {
-            start,
-            count: 0,
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-            sum: 0.0,
-            last: v,
-            values: Vec::new(),
-            last_arrival_ms: now_ms,
-            source,
-        });
+        let at = match open.binary_search_by_key(&start, |o| o.start) {
+            Ok(k) => k,
+            Err(k) => {
+                open.insert(
+                    k,
+                    Window {
+                        start,
+                        count: 0,
+                        min: f64::INFINITY,
+                        max: f64::NEG_INFINITY,
+                        sum: 0.0,
+                        last: v,
+                        values: Vec::new(),
+                        last_arrival_ms: now_ms,
+                        source,
+                    },
+                );
+                k
+            }
+        };
+        let o = &mut open[at];
         o.count += 1;
         o.min = o.min.min(v);
         o.max = o.max.max(v);
@@ -469,6 +496,12 @@ impl Engine {
         o.last_arrival_ms = now_ms;
         if pct {
             o.values.push(v);
+        }
+        *max_ts = (*max_ts).max(r.ts);
+        let due = open.iter().take_while(|o| o.start + w + lateness <= *max_ts).count();
+        let closed: Vec<Window> = open.drain(..due).collect();
+        if let Some(last) = closed.last() {
+            *closed_through = (*closed_through).max(last.start + w);
         }
         (false, closed)
     }
@@ -480,26 +513,31 @@ impl Engine {
         let mut due = Vec::new();
         for ((i, dev, sensor), s) in &self.series {
             let Some(a) = &rules.rules[*i as usize].aggregate else { continue };
-            let idle = a.idle_close.unwrap_or(a.window).as_millis() as u64;
-            if let Series::Agg { open: Some(o), .. } = s
-                && now_ms.saturating_sub(o.last_arrival_ms) >= idle
+            let idle = a.idle_close.unwrap_or(a.window + a.lateness.unwrap_or(a.window)).as_millis() as u64;
+            if let Series::Agg { open, .. } = s
+                && let Some(newest) = open.iter().map(|o| o.last_arrival_ms).max()
+                && now_ms.saturating_sub(newest) >= idle
             {
-                due.push((*i, dev.clone(), sensor.clone(), o.start));
+                due.push((*i, dev.clone(), sensor.clone()));
             }
         }
         // Same order every time (the map's is not).
         due.sort();
         let mut out = Vec::new();
-        for (i, dev, sensor, _) in due {
+        for (i, dev, sensor) in due {
             let w = rules.rules[i as usize].aggregate.as_ref().expect("aggregate").window.as_millis() as u64;
-            let Some(Series::Agg { closed_through, open }) = self.series.get_mut(&(i, dev.clone(), sensor.clone()))
+            let Some(Series::Agg { closed_through, open, .. }) = self.series.get_mut(&(i, dev.clone(), sensor.clone()))
             else {
                 continue;
             };
-            let o = open.take().expect("due windows are open");
-            *closed_through = (*closed_through).max(o.start + w);
-            let source = o.source;
-            out.push(self.close_outputs(i as usize, &dev, &sensor, o, source));
+            let windows = std::mem::take(open);
+            if let Some(last) = windows.last() {
+                *closed_through = (*closed_through).max(last.start + w);
+            }
+            for o in windows {
+                let source = o.source;
+                out.push(self.close_outputs(i as usize, &dev, &sensor, o, source));
+            }
         }
         out
     }
@@ -545,7 +583,7 @@ impl Engine {
                 boot: None,
             };
             self.counts[i].emitted += 1;
-            let mut topics: Vec<String> = Vec::new();
+            let mut topic: Option<String> = None;
             let mut lane = Lane::Bulk;
             for j in i + 1..rules.rules.len() {
                 if !rules.applies(j, &d, source, &mut self.counts) {
@@ -560,24 +598,14 @@ impl Engine {
                 if let Some(t) = &later.transform {
                     apply_transform(t, &mut d);
                 }
-                for t in &later.route {
-                    let t = rules.render(t, &d);
-                    if !topics.contains(&t) {
-                        topics.push(t);
-                    }
+                if let Some(t) = later.route.first() {
+                    topic = Some(rules.render(t, &d));
                 }
                 if let Some(l) = later.lane {
                     lane = l;
                 }
             }
-            let dest = |topic, replica| Dest { kind: RecordKind::Derived, topic, lane, source, transformed: false, replica };
-            if topics.is_empty() {
-                outputs.push((d, dest(None, false)));
-            } else {
-                for (k, t) in topics.into_iter().enumerate() {
-                    outputs.push((d.clone(), dest(Some(t), k > 0)));
-                }
-            }
+            outputs.push((d, Dest { kind: RecordKind::Derived, topic, lane, source, transformed: false }));
         }
         Closed { window, outputs }
     }

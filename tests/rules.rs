@@ -1,0 +1,321 @@
+//! `[[rules]]` end to end: simulated wearables on PTYs → the real binary →
+//! a real Mosquitto over TLS → `mosquitto_sub` on the readings topic and on
+//! the alarms topics. Every action is on (a filter with a condition, a unit
+//! conversion, a route with a lane, a downsample, an aggregate), and what
+//! arrives is compared with what the rules make of the readings the devices
+//! sent, computed here offline: each expected output exactly once, nothing
+//! else. The second test does it through five SIGKILLs and a broker outage.
+
+mod common;
+use common::mosquitto::*;
+use common::*;
+use edge_gateway::config::Framing;
+use edge_gateway::demo::sim::{SimDevice, XorShift};
+use edge_gateway::reading::{Reading, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const PIPELINE: &str =
+    "batch_max_age = \"50ms\"\nbatch_max_readings = 200\ndedup_max_per_device = 200000\nack_gap_timeout = \"2s\"";
+const STORE: &str = "fsync_interval = \"50ms\"";
+
+/// The sim devices stamp ts = epoch + seq (1 ms apart) and rotate through
+/// heart_rate, skin_temp, accel: so 100 ms windows hold ~33 heart rates,
+/// and a 10 ms downsample keeps one accel reading per 10 ms of device time.
+/// Device time runs at a tenth of real time here (one reading per device
+/// per 10 ms), so 300 ms of lateness is 3 s of real time: enough for what a
+/// device resends after a gateway restart to count in its window.
+const RULES: &str = r#"
+[[rules]]
+name = "cold-probe"
+match = { sensor = "skin_temp" }
+when = "value < 10"
+filter = true
+
+[[rules]]
+name = "skin-c"
+match = { sensor = "skin_temp", source = "serial" }
+transform = { rename = "skin_c", scale = 0.5, offset = 1.0, round = 2 }
+
+[[rules]]
+name = "hr-alarm"
+match = { sensor = "heart_rate" }
+when = "value > 100"
+lane = "alarm"
+route = ["gateways/{gateway}/alarms/{device}"]
+
+[[rules]]
+name = "accel-100hz"
+match = { device = "wrist-*", sensor = "accel" }
+downsample = { every = "10ms" }
+
+[[rules]]
+name = "hr-100ms"
+match = { sensor = "heart_rate" }
+aggregate = { window = "100ms", emit = ["count", "mean", "max"], lateness = "300ms" }
+"#;
+
+fn upstream(m: &Mosquitto, ca: &Path) -> String {
+    format!(
+        "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nkeep_alive = \"5s\"\n",
+        m.tls_port,
+        ca.display().to_string()
+    )
+}
+
+/// What should arrive: (topic kind, device, sensor, seq or ts) → value.
+/// Topic kind: "readings" or "alarms/<device>".
+type Outputs = HashMap<(String, String, String, u64), Value>;
+
+fn expected(devices: &[SimDevice]) -> Outputs {
+    let mut out = Outputs::new();
+    for d in devices {
+        let mut windows: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+        for r in d.created() {
+            let seq = r.seq.unwrap();
+            let num = |r: &Reading| match r.value {
+                Value::Number(n) => n,
+                _ => unreachable!(),
+            };
+            match r.sensor.as_str() {
+                "skin_temp" if num(r) < 10.0 => {}
+                "skin_temp" => {
+                    let v = ((num(r) * 0.5 + 1.0) * 100.0).round() / 100.0;
+                    out.insert(("readings".into(), r.device.clone(), "skin_c".into(), seq), Value::Number(v));
+                }
+                "heart_rate" => {
+                    let topic = if num(r) > 100.0 { format!("alarms/{}", r.device) } else { "readings".into() };
+                    out.insert((topic, r.device.clone(), r.sensor.clone(), seq), r.value.clone());
+                    windows.entry(r.ts - r.ts % 100).or_default().push(num(r));
+                }
+                // One per 10 ms interval: which one depends on arrival order.
+                "accel" => {
+                    out.insert(("readings".into(), r.device.clone(), r.sensor.clone(), r.ts / 10), Value::Array(vec![]));
+                }
+                other => panic!("unexpected sensor {other}"),
+            }
+        }
+        for (start, vals) in windows {
+            let n = vals.len() as f64;
+            let stats = [
+                ("count", n),
+                ("mean", vals.iter().sum::<f64>() / n),
+                ("max", vals.iter().copied().fold(f64::MIN, f64::max)),
+            ];
+            for (stat, v) in stats {
+                let key = ("readings".into(), d.config().device.clone(), format!("heart_rate.{stat}_100ms"), start);
+                out.insert(key, Value::Number(v));
+            }
+        }
+    }
+    out
+}
+
+/// What arrived: every output with how often it came.
+fn arrived(subs: &[&Subscriber]) -> HashMap<(String, String, String, u64), Vec<Value>> {
+    let mut got: HashMap<_, Vec<Value>> = HashMap::new();
+    for sub in subs {
+        for (topic, payload) in sub.messages() {
+            let kind = topic.splitn(3, '/').nth(2).unwrap().to_string();
+            let b = edge_gateway::Batch::decode(&payload).expect("payload is a batch");
+            for r in b.readings {
+                // Aggregate outputs have no seq: they are named by window
+                // start; kept accel readings by their 10 ms interval.
+                let n = if r.sensor == "accel" { r.ts / 10 } else { r.seq.unwrap_or(r.ts) };
+                let value = if r.sensor == "accel" { Value::Array(vec![]) } else { r.value };
+                got.entry((kind.clone(), r.device, r.sensor, n)).or_default().push(value);
+            }
+        }
+    }
+    got
+}
+
+fn compare(want: &Outputs, got: &HashMap<(String, String, String, u64), Vec<Value>>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            None => problems.push(format!("missing {k:?}")),
+            Some(vs) if vs.len() != 1 => problems.push(format!("{k:?} arrived {} times", vs.len())),
+            Some(vs) => {
+                let same = match (&vs[0], v) {
+                    (Value::Number(a), Value::Number(b)) => (a - b).abs() < 1e-9,
+                    (a, b) => a == b,
+                };
+                if !same {
+                    problems.push(format!("{k:?} = {:?}, want {v:?}", vs[0]));
+                }
+            }
+        }
+    }
+    for k in got.keys() {
+        if !want.contains_key(k) {
+            problems.push(format!("unexpected {k:?}"));
+        }
+    }
+    problems
+}
+
+fn stream(devices: &mut [SimDevice], steps: usize, pace: Duration) {
+    for _ in 0..steps {
+        for d in devices.iter_mut() {
+            d.send_next().unwrap();
+            d.resend_if_stalled().unwrap();
+        }
+        std::thread::sleep(pace);
+    }
+}
+
+fn run(dir: &Path, n_devices: usize, steps: usize, kills: u64, outage: bool) {
+    let certs = make_certs(dir);
+    let mut broker = Mosquitto::start(&dir.join("broker"), &certs, false);
+    let readings = Subscriber::start(broker.plain_port, "rules-readings", "gateways/test-gw/readings", &dir.join("r.out"));
+    let alarms = Subscriber::start(broker.plain_port, "rules-alarms", "gateways/test-gw/alarms/+", &dir.join("a.out"));
+    let extra = format!("{}\n{RULES}", upstream(&broker, &certs.ca));
+    let (mut devices, cfg) = fleet_with(
+        dir,
+        n_devices,
+        77,
+        0.05,
+        |i| if i % 2 == 0 { Framing::Jsonl } else { Framing::Cobs },
+        PIPELINE,
+        STORE,
+        &extra,
+    );
+    let (code, out, err) = cli(&["check-config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut gw = Gateway::start(&cfg);
+    let seed = std::env::var("EDGE_GATEWAY_TEST_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("kill schedule seed: EDGE_GATEWAY_TEST_SEED={seed}");
+    let mut rng = XorShift::new(seed);
+    let pace = Duration::from_millis(10);
+    let mut kill_at: Vec<usize> = (0..kills).map(|_| 50 + rng.below(steps as u64 - 100) as usize).collect();
+    kill_at.sort();
+    let mut logs = String::new();
+    let mut born = Instant::now();
+    for step in 0..steps {
+        stream(&mut devices, 1, pace);
+        if kill_at.first().is_some_and(|k| step >= *k) && born.elapsed() >= Duration::from_millis(500) {
+            kill_at.remove(0);
+            logs += &gw.log_text();
+            gw.kill9();
+            std::thread::sleep(Duration::from_millis(rng.below(200)));
+            gw = Gateway::start(&cfg);
+            born = Instant::now();
+        }
+        if outage && step == steps / 4 {
+            broker.stop();
+        }
+        if outage && step == steps / 2 {
+            broker.restart();
+        }
+    }
+    all_acked(&mut devices, &gw);
+    let want = expected(&devices);
+    // Idle windows close 100 ms after their last reading; then the queue drains.
+    let ok = wait_until(Duration::from_secs(60), || {
+        let got = arrived(&[&readings, &alarms]);
+        want.keys().all(|k| got.contains_key(k)) && queue_status(&cfg)["batches"] == 0
+    });
+    logs += &terminate_ok(gw).0;
+    std::thread::sleep(Duration::from_millis(500));
+    let got = arrived(&[&readings, &alarms]);
+    let problems = compare(&want, &got);
+    assert!(
+        ok && problems.is_empty(),
+        "{} of {} expected outputs wrong (seed {seed}):\n{}\n{}",
+        problems.len(),
+        want.len(),
+        problems.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
+        logs.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(20).collect::<Vec<_>>().join("\n")
+    );
+    let aggregates = want.keys().filter(|k| k.2.contains('.')).count();
+    let alarm = want.keys().filter(|k| k.0.starts_with("alarms/")).count();
+    assert!(aggregates >= 30 && alarm >= 30, "the run exercised windows ({aggregates}) and alarms ({alarm})");
+    eprintln!("{} outputs exactly once ({aggregates} aggregates, {alarm} alarms), {kills} kills", want.len());
+}
+
+#[test]
+fn every_rule_action_reaches_the_subscriber_as_computed_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), 3, 400, 0, false);
+}
+
+#[test]
+fn rule_outputs_are_exactly_once_through_five_sigkills_and_a_broker_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), 6, 1000, 5, true);
+}
+
+#[test]
+fn rules_test_is_the_operators_dry_run_and_bad_rules_name_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("g.toml");
+    let base = format!("[gateway]\nid = \"gw\"\ndata_dir = {:?}\n", dir.path().join("data").display().to_string());
+    std::fs::write(&cfg, format!("{base}{RULES}")).unwrap();
+    let input = [
+        r#"{"device":"wrist-1","sensor":"skin_temp","seq":1,"ts":1000,"value":5}"#,
+        r#"{"device":"wrist-1","sensor":"skin_temp","seq":2,"ts":1001,"value":70}"#,
+        r#"{"device":"wrist-1","sensor":"heart_rate","seq":3,"ts":1002,"value":120}"#,
+        r#"{"device":"wrist-1","sensor":"heart_rate","seq":4,"ts":1003,"value":80}"#,
+        r#"{"device":"wrist-1","sensor":"skin_temp","seq":5,"ts":1004,"value":70,"source":"lan"}"#,
+    ]
+    .join("\n");
+    let out = std::process::Command::new(bin())
+        .args(["rules", "test", "--config", cfg.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(input.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let brief: Vec<(String, String, String, f64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["sensor"].as_str().unwrap().to_string(),
+                l["topic"].as_str().unwrap().to_string(),
+                l["lane"].as_str().unwrap().to_string(),
+                l["value"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let s = |a: &str, t: &str, l: &str, v: f64| (a.to_string(), t.to_string(), l.to_string(), v);
+    assert_eq!(
+        brief,
+        [
+            s("skin_c", "gateways/gw/readings", "bulk", 36.0),
+            s("heart_rate", "gateways/gw/alarms/wrist-1", "alarm", 120.0),
+            s("heart_rate", "gateways/gw/readings", "bulk", 80.0),
+            // From the LAN: `source = "serial"` does not match, so no conversion.
+            s("skin_temp", "gateways/gw/readings", "bulk", 70.0),
+            // Flushed at the end of input.
+            s("heart_rate.count_100ms", "gateways/gw/readings", "bulk", 2.0),
+            s("heart_rate.mean_100ms", "gateways/gw/readings", "bulk", 100.0),
+            s("heart_rate.max_100ms", "gateways/gw/readings", "bulk", 120.0),
+        ]
+    );
+    // A condition that does not compile, a route with a wildcard, two
+    // downsample modes: each named at its line.
+    for (rule, line, key, says) in [
+        ("[[rules]]\nname = \"x\"\nlane = \"alarm\"\nwhen = \"(value > 3\"\n", 9, "rules.0.when", "not an expression"),
+        ("[[rules]]\nname = \"x\"\nroute = [\"a/+/b\"]\n", 8, "rules.0.route.0", "without '+'"),
+        ("[[rules]]\nname = \"x\"\ndownsample = { every = \"1s\", on_change = true }\n", 8, "rules.0.downsample", "exactly one"),
+        ("[[rules]]\nname = \"x\"\nfilter = true\nlane = \"alarm\"\n", 8, "rules.0.filter", "no other action"),
+    ] {
+        std::fs::write(&cfg, format!("{base}\n\n{rule}")).unwrap();
+        let (code, out, err) = cli(&["check-config", cfg.to_str().unwrap()]);
+        let text = format!("{out}{err}");
+        assert_eq!(code, 1, "{text}");
+        let at = format!("{}:{line}:", cfg.display());
+        assert!(text.contains(&at) && text.contains(key) && text.contains(says), "want {at} {key} {says:?} in: {text}");
+    }
+}
