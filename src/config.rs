@@ -57,6 +57,9 @@ pub struct Config {
     /// Filter, transform, route, downsample and aggregate (docs/rules.md).
     #[serde(default)]
     pub rules: Vec<crate::rules::config::RuleConfig>,
+    /// Per-lane settings (ttl) for what rules put in the `alarm` and `bulk` lanes.
+    #[serde(default)]
+    pub lanes: crate::rules::config::LanesConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -319,3 +319,81 @@ fn rules_test_is_the_operators_dry_run_and_bad_rules_name_their_line() {
         assert!(text.contains(&at) && text.contains(key) && text.contains(says), "want {at} {key} {says:?} in: {text}");
     }
 }
+
+/// The alarm lane: a backlog builds while the broker is down; once it is
+/// back and draining, one alarm reading is sent, and it reaches the
+/// subscriber ahead of most of what was still queued (its batch is a priority record
+/// the uplink pulls ahead of the window). Everything still arrives exactly
+/// once. Planted: without the pull-ahead the alarm arrives after the whole
+/// backlog and this fails.
+#[test]
+fn an_alarm_reading_overtakes_a_backlog_and_everything_arrives_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let certs = make_certs(dir);
+    let mut broker = Mosquitto::start(&dir.join("broker"), &certs, false);
+    let sub = Subscriber::start(broker.plain_port, "lanes-sub", "gateways/test-gw/#", &dir.join("s.out"));
+    let mut devices = Vec::new();
+    let mut docks = Vec::new();
+    for i in 0..4 {
+        let (d, p) = device(&format!("wrist-{i:02}"), Framing::Jsonl, 90 + i, 0.0);
+        devices.push(d);
+        docks.push((format!("dock{i}"), p));
+    }
+    let pty = edge_gateway::demo::sim::open_pty().unwrap();
+    let panic_path = pty.slave_path.clone();
+    let mut pc = edge_gateway::demo::sim::SimConfig::new("panic-01", Framing::Jsonl);
+    pc.sensors = vec!["panic".into()];
+    let mut panic = SimDevice::on_pty(pc, pty).unwrap();
+    docks.push(("panic-dock".into(), panic_path));
+    let ports: Vec<Port> = docks.iter().map(|(n, p)| Port { name: n, path: p, framing: "jsonl" }).collect();
+    let rules = r#"
+[[rules]]
+name = "panic"
+match = { device = "panic-*" }
+lane = "alarm"
+route = ["gateways/{gateway}/alarms"]
+"#;
+    let extra = format!("{}max_inflight = 1\n{rules}", upstream(&broker, &certs.ca));
+    let pipeline = "batch_max_age = \"20ms\"\nbatch_max_readings = 2\ndedup_max_per_device = 200000";
+    let cfg = write_config_extra(dir, &ports, pipeline, STORE, &extra);
+    let gw = Gateway::start(&cfg);
+    // A backlog of 12,000 readings in 6,000 batches while the broker is away,
+    // drained one batch in flight at a time (a PUBREC fsync each): seconds.
+    broker.stop();
+    stream(&mut devices, 3000, Duration::from_millis(1));
+    all_acked(&mut devices, &gw);
+    let backlog = queue_status(&cfg)["readings"].as_u64().unwrap();
+    assert!(backlog >= 11_000, "backlog {backlog}");
+    broker.restart();
+    assert!(
+        wait_until(Duration::from_secs(30), || queue_status(&cfg)["readings"].as_u64().unwrap() < backlog),
+        "the drain did not start"
+    );
+    // What was still queued when the alarm went out: it must overtake most of it.
+    let remaining = queue_status(&cfg)["readings"].as_u64().unwrap();
+    panic.send_next().unwrap();
+    assert!(panic.wait_all_acked(Duration::from_secs(30)).unwrap());
+    let want = 12_001;
+    // The status topic is under gateways/test-gw/ too.
+    let batches = || -> Vec<(String, Vec<u8>)> {
+        sub.messages().into_iter().filter(|(t, _)| !t.ends_with("/status")).collect()
+    };
+    wait_until(Duration::from_secs(120), || decode_all(&batches()).readings.len() >= want);
+    terminate_ok(gw);
+    std::thread::sleep(Duration::from_millis(500));
+    let msgs = batches();
+    let got = decode_all(&msgs);
+    // Where the alarm came, in arrival order.
+    let at = msgs.iter().position(|(t, _)| t.ends_with("/alarms")).expect("the alarm arrived");
+    let before: usize = msgs[..at].iter().map(|(_, p)| edge_gateway::Batch::decode(p).unwrap().readings.len()).sum();
+    let overtaken = (before as u64).saturating_sub(backlog - remaining);
+    assert!(
+        remaining > 2000 && overtaken < remaining / 2,
+        "the alarm went out with {remaining} of {backlog} readings still queued and arrived after {overtaken} \
+         of them: it did not overtake the backlog"
+    );
+    assert_eq!(got.readings.len(), want, "every reading arrived");
+    assert!(got.readings.values().all(|n| *n == 1), "no reading twice");
+    eprintln!("the alarm went out with {remaining} readings queued and arrived after {overtaken} of them");
+}

@@ -370,6 +370,7 @@ impl Sources {
             let rules = crate::rules::Rules::compile(&self.cfg.rules, &self.cfg.gateway.id).map_err(anyhow::Error::msg)?;
             u.set_rules(Arc::new(rules));
         }
+        u.set_lanes(self.cfg.lanes.clone());
         let stop = Shutdown::new();
         let thread = uplink::spawn(u, stop.subscribe(), Some(self.uplink_beat.clone()), self.fatal.clone())
             .context("cannot start the uplink thread")?;

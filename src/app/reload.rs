@@ -41,6 +41,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         // Rule state (windows, downsample memory) is the pipeline's, and
         // the uplink transforms with the same rules: both restart.
         ("[[rules]]", old.rules != new.rules),
+        ("[lanes]", old.lanes != new.lanes),
         ("[broker]", acl::without_acl(&old.broker) != acl::without_acl(&new.broker)),
         ("[metrics]", old.metrics != new.metrics),
         ("[log]", old.log != new.log),

@@ -124,6 +124,12 @@ counters! {
     /// Readings refused by `reject_new`; not acked: the devices resend them.
     readings_rejected_full: Counter "readings_dropped_total" { "policy" = "reject_new" },
         "", Stopped "readings refused (queue full)";
+    /// `[lanes.alarm] ttl` ran out before the reading went upstream.
+    readings_expired_alarm: Counter "lane_expired_readings_total" { "lane" = "alarm" },
+        "Readings dropped undelivered because their lane's ttl ran out.", Stopped "alarm readings expired (lane ttl)";
+    /// `[lanes.bulk] ttl` ran out.
+    readings_expired_bulk: Counter "lane_expired_readings_total" { "lane" = "bulk" },
+        "", Stopped "bulk readings expired (lane ttl)";
     /// See [`crate::allow`]: the source's `devices` patterns do not match.
     readings_refused_serial: Counter "readings_refused_total" { "source" = "serial" },
         "Readings refused because their source may not speak for the device they name.",

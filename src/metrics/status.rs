@@ -330,7 +330,13 @@ mod tests {
         let st = GatewayStatus::of(&Snapshot {
             metrics: m,
             gateway: "gw-1",
-            queue: QueueStatus { batches: 1, readings: 3, bytes: queue_bytes, oldest_created_ms: Some(500) },
+            queue: QueueStatus {
+                batches: 1,
+                readings: 3,
+                bytes: queue_bytes,
+                oldest_created_ms: Some(500),
+                ..Default::default()
+            },
             queue_max_bytes: 1000,
             uptime_s: 65.0,
             now_ms: 2_000,

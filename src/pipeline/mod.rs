@@ -472,7 +472,12 @@ impl Pipeline {
             None => batch.encode(self.format),
             Some(h) => h.wrap(&batch.encode(self.format)),
         };
-        let result = q.append(batch.readings.len() as u32, now_ms, &payload);
+        // The alarm lane's batches may be sent ahead of the backlog.
+        let result = if header.as_ref().is_some_and(|h| h.lane == crate::rules::config::Lane::Alarm as u8) {
+            q.append_priority(batch.readings.len() as u32, now_ms, &payload)
+        } else {
+            q.append(batch.readings.len() as u32, now_ms, &payload)
+        };
         let evicted = q.last_evicted();
         crate::crashpoint::hit_losing("after-append", || q.unsynced_segments());
         drop(q);

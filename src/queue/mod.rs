@@ -31,6 +31,10 @@
 //!   CRC and "ids strictly increase" a false match is practically impossible.
 //! * `id`, `created_ms`, `readings` sit inside the CRC so the in-memory index
 //!   can be rebuilt from the segments alone.
+//! * `readings`: bit 31 ([`PRIORITY`]) marks a *priority* record (the rules'
+//!   alarm lane), which the uplink may send ahead of older ones
+//!   ([`Queue::priority_after`]); bits 0-30 count the readings. Records
+//!   written before lanes have it clear.
 //!
 //! # Durability
 //!
@@ -189,11 +193,16 @@ impl From<&StoreConfig> for QueueOptions {
 /// A record as read back: metadata and payload.
 pub type Record = (RecordMeta, Vec<u8>);
 
+/// Bit 31 of a record's `readings` field: a priority record (see the format above).
+pub const PRIORITY: u32 = 1 << 31;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordMeta {
     pub id: u64,
     pub readings: u32,
     pub created_ms: u64,
+    /// Appended with [`Queue::append_priority`].
+    pub priority: bool,
 }
 
 /// What `open` found and fixed.
@@ -216,6 +225,11 @@ pub struct QueueStatus {
     pub readings: u64,
     pub bytes: u64,
     pub oldest_created_ms: Option<u64>,
+    /// Of those, in priority records (the alarm lane).
+    pub priority_readings: u64,
+    pub priority_oldest_created_ms: Option<u64>,
+    /// The oldest record that is not a priority one.
+    pub bulk_oldest_created_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,7 +365,16 @@ impl Entry {
     }
 
     fn meta(&self) -> RecordMeta {
-        RecordMeta { id: self.id, readings: self.readings, created_ms: self.created_ms }
+        RecordMeta { id: self.id, readings: self.count(), created_ms: self.created_ms, priority: self.priority() }
+    }
+
+    /// Readings in it (`readings` without the [`PRIORITY`] bit).
+    fn count(&self) -> u32 {
+        self.readings & !PRIORITY
+    }
+
+    fn priority(&self) -> bool {
+        self.readings & PRIORITY != 0
     }
 }
 
@@ -435,6 +458,16 @@ impl Queue {
     /// Append one record with id `next_id()`. Not durable until `commit()`.
     /// May commit implicitly when it rolls to a new segment.
     pub fn append(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
+        self.append_flagged(readings & !PRIORITY, created_ms, payload)
+    }
+
+    /// [`Queue::append`] a priority record: one the uplink may send ahead
+    /// of older records (its ack still waits for theirs).
+    pub fn append_priority(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
+        self.append_flagged(readings | PRIORITY, created_ms, payload)
+    }
+
+    fn append_flagged(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
         self.writable()?;
         let size = (OVERHEAD + payload.len()) as u64;
         let max = self.opts.max_bytes;
@@ -454,7 +487,7 @@ impl Queue {
             while self.live_bytes - freed + size > max {
                 let e = &self.index[first_live + evict];
                 freed += e.total as u64;
-                dropped_readings += e.readings as u64;
+                dropped_readings += e.count() as u64;
                 evict += 1;
             }
         }
@@ -484,7 +517,7 @@ impl Queue {
         self.seg_dirty = true;
         self.index.push_back(Entry { id, seg: seg_id, offset, total: size as u32, readings, created_ms });
         self.live_bytes += size;
-        self.live_readings += readings as u64;
+        self.live_readings += (readings & !PRIORITY) as u64;
         self.next_id += 1;
 
         if evict > 0 {
@@ -610,7 +643,7 @@ impl Queue {
         let from = self.first_live();
         for e in self.index.range(from..).take_while(|e| e.id <= id) {
             self.live_bytes -= e.total as u64;
-            self.live_readings -= e.readings as u64;
+            self.live_readings -= e.count() as u64;
         }
         self.head = id;
     }
@@ -636,6 +669,20 @@ impl Queue {
             .take_while(|e| e.id <= self.committed_id)
             .take(max)
             .map(|e| self.read_entry(e))
+            .collect()
+    }
+
+    /// Ids of live, committed priority records with id > `after_id`, in
+    /// order, at most `max`.
+    pub fn priority_after(&self, after_id: u64, max: usize) -> Vec<u64> {
+        let start = after_id.max(self.head);
+        let from = self.index.partition_point(|e| e.id <= start);
+        self.index
+            .range(from..)
+            .take_while(|e| e.id <= self.committed_id)
+            .filter(|e| e.priority())
+            .take(max)
+            .map(|e| e.id)
             .collect()
     }
 
@@ -700,12 +747,22 @@ impl Queue {
     /// Live records only (appended, committed or not, and not acked/dropped).
     pub fn status(&self) -> QueueStatus {
         let first = self.first_live();
-        QueueStatus {
+        let mut s = QueueStatus {
             batches: (self.index.len() - first) as u64,
             readings: self.live_readings,
             bytes: self.live_bytes,
             oldest_created_ms: self.index.get(first).map(|e| e.created_ms),
+            ..Default::default()
+        };
+        for e in self.index.range(first..) {
+            if e.priority() {
+                s.priority_readings += e.count() as u64;
+                s.priority_oldest_created_ms.get_or_insert(e.created_ms);
+            } else if s.bulk_oldest_created_ms.is_none() {
+                s.bulk_oldest_created_ms = Some(e.created_ms);
+            }
         }
+        s
     }
 
     /// Highest id in any segment file still on disk (acked or not), or the

@@ -298,7 +298,7 @@ impl Queue {
         };
         for e in q.index.range(q.first_live()..) {
             q.live_bytes += e.total as u64;
-            q.live_readings += e.readings as u64;
+            q.live_readings += e.count() as u64;
         }
         report.records = q.live_count() as u64;
         Ok((q, report))

@@ -106,7 +106,7 @@ fn append_commit_reopen_roundtrip_and_ids_never_reused() {
     assert_eq!(got.len(), 50);
     for (k, (m, p)) in got.iter().enumerate() {
         let i = k as u64 + 1;
-        assert_eq!(*m, RecordMeta { id: i, readings: i as u32, created_ms: 1000 + i });
+        assert_eq!(*m, RecordMeta { id: i, readings: i as u32, created_ms: 1000 + i, priority: false });
         assert_eq!(*p, payload(i, (i * 7 % 300) as usize));
     }
     assert_eq!(q.read_from(10, 3).unwrap().iter().map(|r| r.0.id).collect::<Vec<_>>(), [11, 12, 13]);
@@ -623,7 +623,7 @@ fn open_trusts_index_and_read_catches_garbage() {
 }
 
 fn meta(i: u64) -> RecordMeta {
-    RecordMeta { id: i, readings: i as u32, created_ms: i }
+    RecordMeta { id: i, readings: i as u32, created_ms: i, priority: false }
 }
 
 /// One flipped bit in an indexed segment: not found at open, `Corrupt` for
@@ -1128,4 +1128,39 @@ fn readonly_open_races_a_draining_writer_without_errors() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     assert!(opened > 10);
+}
+
+#[test]
+fn priority_records_are_found_ahead_counted_apart_and_survive_index_and_scan_reopens() {
+    let dir = tmp();
+    // Small segments: the early records end up in sealed, indexed segments.
+    let o = opts(1 << 30, WhenFull::DropOldest, 4096);
+    let (mut q, _) = Queue::open(dir.path(), o).unwrap();
+    for i in 1..=40u64 {
+        let p = payload(i, 300);
+        if i % 10 == 0 { q.append_priority(2, i, &p) } else { q.append(3, i, &p) }.unwrap();
+    }
+    q.commit().unwrap();
+    let check = |q: &Queue| {
+        assert_eq!(q.priority_after(0, 10), [10, 20, 30, 40]);
+        assert_eq!(q.priority_after(10, 2), [20, 30]);
+        let s = q.status();
+        assert_eq!((s.readings, s.priority_readings), (36 * 3 + 4 * 2, 8));
+        assert_eq!((s.priority_oldest_created_ms, s.bulk_oldest_created_ms), (Some(10), Some(1)));
+        let metas: Vec<RecordMeta> = q.read_from(0, usize::MAX).unwrap().into_iter().map(|(m, _)| m).collect();
+        assert!(metas.iter().all(|m| m.priority == (m.id % 10 == 0) && m.readings == if m.priority { 2 } else { 3 }));
+    };
+    check(&q);
+    drop(q);
+    assert!(!idx_files(dir.path()).is_empty(), "the test needs sealed, indexed segments");
+    let (q, _) = Queue::open(dir.path(), o).unwrap();
+    check(&q);
+    drop(q);
+    remove_indexes(dir.path());
+    let (mut q, _) = Queue::open(dir.path(), o).unwrap();
+    check(&q);
+    // Acked ones are not ahead any more; acks count readings without the flag.
+    q.ack_through(20).unwrap();
+    assert_eq!(q.priority_after(0, 10), [30, 40]);
+    assert_eq!(q.status().readings, 18 * 3 + 2 * 2);
 }

@@ -130,6 +130,36 @@ pub struct AggregateConfig {
     pub idle_close: Option<Duration>,
 }
 
+/// `[lanes]`: what happens to each lane's readings upstream.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LanesConfig {
+    #[serde(default)]
+    pub alarm: LaneConfig,
+    #[serde(default)]
+    pub bulk: LaneConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LaneConfig {
+    /// Readings not sent upstream this long after they were queued are
+    /// dropped and counted (`lane_expired_readings_total`). Absent: kept
+    /// until delivered.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub ttl: Option<Duration>,
+    /// The order a backlog drains in. Only `oldest_first` so far.
+    #[serde(default)]
+    pub drain: Drain,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Drain {
+    #[default]
+    OldestFirst,
+}
+
 fn yes() -> bool {
     true
 }

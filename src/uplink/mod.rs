@@ -77,6 +77,8 @@ const REFUSAL_PAUSE: Duration = Duration::from_millis(200);
 const SESSION_EXPIRY: u32 = u32::MAX;
 /// Largest packet we accept from the broker (it only sends small acks).
 const MAX_INCOMING: usize = 1 << 20;
+/// Most priority records (alarm lane) pulled ahead of the window at a time.
+const AHEAD_MAX: usize = 64;
 /// Bound on one write when keep-alive is off (0).
 const WRITE_LIMIT_NO_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -254,6 +256,10 @@ pub struct Uplink {
     /// `[[rules]]`: their transforms are applied to raw records as they
     /// are drained (see [`crate::rules`]).
     rules: Option<Arc<crate::rules::Rules>>,
+    /// `[lanes]`: ttl per lane.
+    lanes: crate::rules::config::LanesConfig,
+    /// Highest queue id looked at for priority records to pull ahead.
+    ahead_scan: u64,
 }
 
 /// Await `fut`, beating `beat` meanwhile. Only for waits bounded by a
@@ -354,6 +360,8 @@ impl Uplink {
             suspect_session: false,
             beat: None,
             rules: None,
+            lanes: Default::default(),
+            ahead_scan: head,
             cfg: cfg.clone(),
         })
     }
@@ -361,6 +369,11 @@ impl Uplink {
     /// The compiled `[[rules]]` (the same the pipeline decides with).
     pub fn set_rules(&mut self, rules: Arc<crate::rules::Rules>) {
         self.rules = Some(rules);
+    }
+
+    /// `[lanes]` (ttl per lane).
+    pub fn set_lanes(&mut self, lanes: crate::rules::config::LanesConfig) {
+        self.lanes = lanes;
     }
 
     /// A queue record as it goes out: its topic (`None`: the readings
@@ -629,12 +642,17 @@ impl Uplink {
     fn fill(&mut self, limit: usize) -> Result<(), UplinkError> {
         // Nothing new committed since the last read: skip the lock (the
         // pipeline holds it through its fsyncs).
-        if self.window.len() >= limit || self.cursor >= *self.commits.borrow_and_update() {
+        let committed = *self.commits.borrow_and_update();
+        let ahead = self.window.iter().rev().take_while(|f| f.id > self.cursor).count();
+        let fill_window = self.window.len() - ahead < limit && self.cursor < committed;
+        let pull_ahead = ahead < AHEAD_MAX && self.ahead_scan.max(self.cursor) < committed;
+        if !fill_window && !pull_ahead {
             return Ok(());
         }
-        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        while self.window.len() < limit {
-            let want = limit - self.window.len();
+        let queue = self.queue.clone();
+        let q = queue.lock().unwrap_or_else(|e| e.into_inner());
+        while self.window.len() - self.ahead_count() < limit {
+            let want = limit - (self.window.len() - self.ahead_count());
             let recs = match q.read_from(self.cursor, want) {
                 Ok(r) => r,
                 Err(QueueError::Corrupt { .. }) => {
@@ -643,7 +661,7 @@ impl Uplink {
                         Ok(r) => r,
                         Err(QueueError::Corrupt { id, path }) => {
                             Event::CorruptRecordSkipped { id, path: &path }.emit(&self.metrics);
-                            self.window.push_back(Flight::skipped(id));
+                            self.place(Flight::skipped(id));
                             self.cursor = id;
                             continue;
                         }
@@ -657,34 +675,94 @@ impl Uplink {
             }
             for (meta, record) in recs {
                 self.cursor = meta.id;
-                let Some((topic, payload)) = self.outgoing(meta.id, record) else {
-                    // Kept for a crash, never sent: done once reached.
-                    self.window.push_back(Flight::skipped(meta.id));
+                // Pulled ahead already (a priority record): it stays as it is.
+                if self.window.iter().rev().take_while(|f| f.id >= meta.id).any(|f| f.id == meta.id) {
                     continue;
+                }
+                let f = self.flight(meta, record);
+                self.place(f);
+            }
+        }
+        // Priority records (the alarm lane) beyond the window go out ahead
+        // of the backlog; their queue ack still waits for the records before
+        // them (`advance`), and the window takes them over when it gets there.
+        let mut ahead = self.ahead_count();
+        while ahead < AHEAD_MAX && self.ahead_scan.max(self.cursor) < committed {
+            let from = self.ahead_scan.max(self.cursor);
+            let ids = q.priority_after(from, AHEAD_MAX - ahead);
+            if ids.len() < AHEAD_MAX - ahead {
+                self.ahead_scan = committed;
+            }
+            for id in ids {
+                self.ahead_scan = self.ahead_scan.max(id);
+                let rec = match q.read_from(id - 1, 1) {
+                    Ok(mut r) if r.len() == 1 && r[0].0.id == id => r.pop().expect("one"),
+                    // Corrupt or gone: the window meets it in order.
+                    _ => continue,
                 };
-                let stage = if self.log.is_completed(meta.id) {
-                    // Completed by an earlier run: never sent again.
-                    Stage::Done
-                } else if self.log.contains(meta.id) {
-                    Stage::NeedRel
-                } else {
-                    Stage::Unsent
-                };
-                self.window.push_back(Flight {
-                    id: meta.id,
-                    readings: meta.readings,
-                    created_ms: meta.created_ms,
-                    payload,
-                    topic,
-                    stage,
-                    maybe_sent: stage == Stage::NeedRel || meta.id <= self.maybe_sent_through,
-                    rel_resent: false,
-                    retry_at: None,
-                    refusals: 0,
-                });
+                let f = self.flight(rec.0, rec.1);
+                self.place(f);
+                ahead += 1;
             }
         }
         Ok(())
+    }
+
+    /// Flights beyond the window's cursor: priority records pulled ahead.
+    fn ahead_count(&self) -> usize {
+        self.window.iter().rev().take_while(|f| f.id > self.cursor).count()
+    }
+
+    /// Into the window, in id order.
+    fn place(&mut self, f: Flight) {
+        if self.window.back().is_none_or(|b| b.id < f.id) {
+            self.window.push_back(f);
+        } else {
+            let at = self.window.partition_point(|x| x.id < f.id);
+            self.window.insert(at, f);
+        }
+    }
+
+    /// The flight for a record read from the queue.
+    fn flight(&self, meta: crate::queue::RecordMeta, record: Vec<u8>) -> Flight {
+        let stage = if self.log.is_completed(meta.id) {
+            // Completed by an earlier run: never sent again.
+            Stage::Done
+        } else if self.log.contains(meta.id) {
+            Stage::NeedRel
+        } else {
+            Stage::Unsent
+        };
+        let maybe_sent = stage == Stage::NeedRel || meta.id <= self.maybe_sent_through;
+        // Past its lane's ttl and never on the wire: dropped, counted. (One
+        // that may have reached the broker is finished, or its packet id
+        // would stay open in the broker's session.)
+        let ttl = if meta.priority { self.lanes.alarm.ttl } else { self.lanes.bulk.ttl };
+        if stage == Stage::Unsent
+            && !maybe_sent
+            && ttl.is_some_and(|t| crate::reading::now_ms().saturating_sub(meta.created_ms) > t.as_millis() as u64)
+        {
+            let c = if meta.priority { &self.metrics.readings_expired_alarm } else { &self.metrics.readings_expired_bulk };
+            Metrics::add(c, meta.readings as u64);
+            tracing::debug!(batch = meta.id, "batch {} expired undelivered (lane ttl)", meta.id);
+            return Flight::skipped(meta.id);
+        }
+        let Some((topic, payload)) = self.outgoing(meta.id, record) else {
+            // Kept for a crash, never sent: done once reached.
+            return Flight::skipped(meta.id);
+        };
+        Flight {
+            id: meta.id,
+            readings: meta.readings,
+            created_ms: meta.created_ms,
+            payload,
+            topic,
+            stage,
+            maybe_sent,
+            rel_resent: false,
+            retry_at: None,
+            refusals: 0,
+        }
     }
 
     /// One connection: `Ok` once `stop` fired (offline sent, DISCONNECT),
@@ -859,7 +937,8 @@ impl Uplink {
             f.maybe_sent = false;
         }
         // PUBREC'd batches not in the window yet go out again as new too.
-        let beyond = self.log.count_above(self.cursor) as u64;
+        let pulled_ahead = self.window.iter().filter(|f| f.id > self.cursor && self.log.contains(f.id)).count();
+        let beyond = (self.log.count_above(self.cursor) - pulled_ahead) as u64;
         self.maybe_sent_through = 0;
         if resent + beyond > 0 {
             tracing::warn!(
@@ -909,17 +988,38 @@ impl Uplink {
             f.rel_resent = true;
             inflight += 1;
         }
-        for i in 0..self.window.len() {
+        // Priority records pulled ahead go first. With them in the window,
+        // two flights can share a packet id (ids 65,534 apart): the later
+        // one waits until the other is finished.
+        let first_ahead = self.window.len() - self.ahead_count();
+        let mut busy: std::collections::HashSet<u16> = if first_ahead < self.window.len() {
+            self.window
+                .iter()
+                .filter(|f| matches!(f.stage, Stage::AwaitRec | Stage::AwaitComp | Stage::NeedRel))
+                .map(|f| packet_id(f.id))
+                .collect()
+        } else {
+            Default::default()
+        };
+        let order: Vec<usize> = (first_ahead..self.window.len()).chain(0..first_ahead).collect();
+        for i in order {
             if inflight >= inflight_max {
                 break;
             }
+            let ahead = i >= first_ahead;
             let f = &mut self.window[i];
             if f.retry_at.is_some_and(|t| t > now) {
+                if ahead {
+                    continue;
+                }
                 // Refused and pausing: back off as a whole, and keep later
                 // batches behind it (only those already in flight can overtake it).
                 break;
             }
             if f.stage != Stage::Unsent {
+                continue;
+            }
+            if !busy.is_empty() && !busy.insert(packet_id(f.id)) {
                 continue;
             }
             let topic = f.topic.as_deref().unwrap_or(&self.topic);
@@ -1151,7 +1251,9 @@ impl Uplink {
     /// Pop delivered batches off the front and ack them in the queue.
     fn advance(&mut self) {
         let mut last = None;
-        while self.window.front().is_some_and(|f| f.stage == Stage::Done) {
+        // Only up to the cursor: beyond it are priority records pulled
+        // ahead, with records before them not read yet.
+        while self.window.front().is_some_and(|f| f.stage == Stage::Done && f.id <= self.cursor) {
             let f = self.window.pop_front().unwrap();
             if f.readings > 0 || !f.payload.is_empty() {
                 Metrics::inc(&self.metrics.batches_delivered);
