@@ -68,10 +68,61 @@ struct Run {
     fsyncs_per_s: f64,
 }
 
-fn config(dir: &std::path::Path, fsync: FsyncPolicy, format: Format) -> Config {
+/// Ten rules as a site might write them: three match every reading (a
+/// rounding, a condition that never holds, a 60 s aggregate), three match
+/// some (an alarm lane with a route, a second aggregate, a routed subset),
+/// four match nothing here but are checked for every reading.
+const TEN_RULES: &str = r#"
+[[rules]]
+name = "drop-debug"
+match = { sensor = "debug_*" }
+filter = true
+[[rules]]
+name = "f-to-c"
+match = { sensor = "skin_temp_f" }
+transform = { rename = "skin_temp", scale = 0.5555556, offset = -17.7777778 }
+[[rules]]
+name = "hr-round"
+match = { sensor = "heart_rate" }
+transform = { round = 0 }
+[[rules]]
+name = "hr-impossible"
+match = { sensor = "heart_rate" }
+when = "value < 0"
+filter = true
+[[rules]]
+name = "hr-alarm"
+match = { sensor = "heart_rate" }
+when = "value > 97"
+lane = "alarm"
+route = ["gateways/{gateway}/alarms"]
+[[rules]]
+name = "accel-1hz"
+match = { sensor = "accel" }
+downsample = { every = "1s" }
+[[rules]]
+name = "ward-3"
+match = { device = "wrist-0*" }
+when = "value > 90"
+route = ["gateways/{gateway}/ward-3"]
+[[rules]]
+name = "hr-10s"
+match = { sensor = "heart_rate", source = "serial" }
+aggregate = { window = "10s", emit = ["min", "max", "mean", "count"] }
+[[rules]]
+name = "hr-60s"
+match = { sensor = "heart_rate" }
+aggregate = { window = "60s", emit = ["p50", "p95"] }
+[[rules]]
+name = "battery"
+match = { sensor = "battery" }
+downsample = { deadband = 5.0 }
+"#;
+
+fn config_with(dir: &std::path::Path, fsync: FsyncPolicy, format: Format, extra: &str) -> Config {
     // (the data dir is on the target's disk, not a tmpfs: the block layer is measured)
     let mut cfg = Config::parse(
-        &format!("[gateway]\nid = \"bench\"\ndata_dir = {:?}\n", dir.display().to_string()),
+        &format!("[gateway]\nid = \"bench\"\ndata_dir = {:?}\n{extra}", dir.display().to_string()),
         "bench.toml",
     )
     .expect("bench config");
@@ -112,9 +163,13 @@ fn io(field: &str) -> u64 {
 /// The full path over `input`; `pace`: readings per second to offer (none:
 /// as fast as it goes).
 fn full(input: &Input, fsync: FsyncPolicy, format: Format, pace: Option<f64>) -> Run {
+    full_with(input, fsync, format, pace, "")
+}
+
+fn full_with(input: &Input, fsync: FsyncPolicy, format: Format, pace: Option<f64>, rules: &str) -> Run {
     let lines = &input.lines;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let cfg = config(dir.path(), fsync, format);
+    let cfg = config_with(dir.path(), fsync, format, rules);
     let metrics = Arc::new(Metrics::default());
     let (mut p, _) = Pipeline::open(&cfg, metrics.clone()).expect("pipeline");
     nix::unistd::sync();
@@ -205,6 +260,10 @@ fn main() {
             Box::new(|| full(&input, FsyncPolicy::Always, Format::Json, None)),
         ),
         (
+            "the same with 10 rules, fsync interval, json",
+            Box::new(|| full_with(&input, FsyncPolicy::Interval, Format::Json, None, TEN_RULES)),
+        ),
+        (
             "same, paced at 200 readings/s, interval, json",
             Box::new(|| full(&paced, FsyncPolicy::Interval, Format::Json, Some(200.0))),
         ),
@@ -223,4 +282,53 @@ fn main() {
             m.rate, m.syscall_per_encoded, m.block_per_encoded, m.fsyncs_per_s
         );
     }
+    aggregate_bytes();
+}
+
+/// Upstream bytes with a 60 s aggregate (`keep_raw = false`) against raw:
+/// 20 devices at 10 Hz for 10 minutes of device time, json batches. What
+/// goes upstream is every queue record but the held ones.
+fn aggregate_bytes() {
+    let minutes = if full_run() { 10 } else { 1 };
+    let rules = r#"
+[[rules]]
+name = "hr-60s"
+match = { sensor = "heart_rate" }
+aggregate = { window = "60s", emit = ["min", "max", "mean", "count"], keep_raw = false }
+"#;
+    let upstream = |rules: &str| -> (u64, u64) {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+        let cfg = config_with(dir.path(), FsyncPolicy::Interval, Format::Json, rules);
+        let (mut p, _) = Pipeline::open(&cfg, Arc::new(Metrics::default())).expect("pipeline");
+        let now = Instant::now();
+        for seq in 0..minutes * 600 {
+            for dev in 0..20 {
+                let ms = edge_gateway::reading::now_ms();
+                let (reading, from_device) = wire::parse_jsonl(&line(dev, seq), None, ms).expect("valid line");
+                p.ingest(Incoming::new(reading, from_device, edge_gateway::Origin::Serial(0)), now, ms).unwrap();
+            }
+        }
+        // Idle windows close on the gateway's clock: the last one too.
+        p.tick(now + Duration::from_secs(600)).unwrap();
+        p.close().unwrap();
+        let q = p.queue_handle();
+        let q = q.lock().unwrap();
+        let (mut bytes, mut readings) = (0u64, 0u64);
+        for (meta, payload) in q.read_from(0, usize::MAX).unwrap() {
+            let (header, body) = edge_gateway::reading::RecordHeader::split(&payload).unwrap();
+            if header.is_some_and(|h| h.kind == edge_gateway::reading::RecordKind::Hold) {
+                continue;
+            }
+            bytes += body.len() as u64;
+            readings += meta.readings as u64;
+        }
+        (bytes, readings)
+    };
+    let (raw, raw_n) = upstream("");
+    let (agg, agg_n) = upstream(rules);
+    println!(
+        "\nupstream, 20 devices at 10 Hz for {minutes} min, json: raw {raw_n} readings in {raw} bytes; \
+         60 s aggregate (min, max, mean, count; keep_raw = false) {agg_n} readings in {agg} bytes: {:.0}x fewer bytes",
+        raw as f64 / agg.max(1) as f64
+    );
 }

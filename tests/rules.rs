@@ -156,16 +156,6 @@ fn compare(want: &Outputs, got: &HashMap<(String, String, String, u64), Vec<Valu
     problems
 }
 
-fn stream(devices: &mut [SimDevice], steps: usize, pace: Duration) {
-    for _ in 0..steps {
-        for d in devices.iter_mut() {
-            d.send_next().unwrap();
-            d.resend_if_stalled().unwrap();
-        }
-        std::thread::sleep(pace);
-    }
-}
-
 fn run(dir: &Path, n_devices: usize, steps: usize, kills: u64, outage: bool) {
     let certs = make_certs(dir);
     let mut broker = Mosquitto::start(&dir.join("broker"), &certs, false);

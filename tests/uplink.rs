@@ -83,16 +83,6 @@ fn wait_delivered(sub: &Subscriber, devices: &[SimDevice], timeout: Duration) ->
     wait_received(sub, timeout, |r| r.readings.len() >= want)
 }
 
-fn stream(devices: &mut [SimDevice], steps: usize, pace: Duration) {
-    for _ in 0..steps {
-        for d in devices.iter_mut() {
-            d.send_next().unwrap();
-            d.resend_if_stalled().unwrap();
-        }
-        std::thread::sleep(pace);
-    }
-}
-
 fn gw_exited(gw: &mut Gateway) -> bool {
     gw.child.try_wait().unwrap().is_some()
 }

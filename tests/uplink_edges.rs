@@ -43,16 +43,6 @@ fn metrics(port: u16) -> String {
     format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
 }
 
-fn stream(devices: &mut [SimDevice], steps: usize, pace: Duration) {
-    for _ in 0..steps {
-        for d in devices.iter_mut() {
-            d.send_next().unwrap();
-            d.resend_if_stalled().unwrap();
-        }
-        std::thread::sleep(pace);
-    }
-}
-
 type Key = (String, String, u64);
 
 fn created(devices: &[SimDevice]) -> Vec<Key> {

@@ -1421,6 +1421,57 @@ mod tests {
         assert!(dups.iter().all(|d| *d), "DUP flags {dups:?}");
     }
 
+    /// A priority record far behind a backlog goes out first, and the queue
+    /// ack never passes the records before it that were not delivered; when
+    /// the window reaches it, it is not sent again.
+    #[test]
+    fn a_priority_record_goes_out_ahead_and_its_ack_waits_for_the_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, _) = Queue::open(&dir.path().join("queue"), QueueOptions::from(&StoreConfig::default())).unwrap();
+        for i in 1..=100u64 {
+            let p = format!("batch {i}");
+            if i == 90 { q.append_priority(1, i, p.as_bytes()) } else { q.append(1, i, p.as_bytes()) }.unwrap();
+        }
+        q.commit().unwrap();
+        let queue = Arc::new(Mutex::new(q));
+        let mut u = Uplink::new(&cfg(""), "gw", dir.path(), queue.clone(), Arc::new(Metrics::default())).unwrap();
+        u.log.confirm().unwrap();
+        u.resume(true).unwrap();
+        let sent = |u: &mut Uplink| {
+            let mut out = Vec::new();
+            u.send_ready(Protocol::V5, 2, 3, usize::MAX, &mut out).unwrap();
+            let (mut at, mut ids) = (0, Vec::new());
+            while let Some((p, n)) = codec::decode(Protocol::V5, &out[at..], 1 << 20).unwrap() {
+                at += n;
+                if let Packet::Publish(p) = p {
+                    ids.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                }
+            }
+            ids
+        };
+        u.fill(3).unwrap();
+        assert_eq!(sent(&mut u), ["batch 90", "batch 1", "batch 2"], "the priority record first");
+        // Everything in flight completes: the ack stops at the window's cursor.
+        for f in u.window.iter_mut() {
+            f.stage = Stage::Done;
+        }
+        u.advance();
+        assert_eq!(u.acked, 3, "acked through the window, not through the priority record");
+        // The window gets there without sending it again.
+        let mut later = Vec::new();
+        for _ in 0..40 {
+            u.fill(3).unwrap();
+            later.extend(sent(&mut u));
+            for f in u.window.iter_mut() {
+                f.stage = Stage::Done;
+            }
+            u.advance();
+        }
+        assert_eq!(u.acked, 100);
+        assert_eq!(later.len(), 96, "batches 4..=100 but 90: {later:?}");
+        assert!(!later.contains(&"batch 90".to_string()));
+    }
+
     /// Lost session: PUBREC entries beyond the window are counted (they go
     /// out again as new messages), completed ones are neither counted nor sent.
     #[test]

@@ -200,6 +200,18 @@ pub fn fleet_with(
     (devices, write_config_extra(dir, &ports, pipeline, store, extra))
 }
 
+/// `steps` rounds of one new reading per device (and a resend of what
+/// stalled), `pace` apart.
+pub fn stream(devices: &mut [SimDevice], steps: usize, pace: Duration) {
+    for _ in 0..steps {
+        for d in devices.iter_mut() {
+            d.send_next().unwrap();
+            d.resend_if_stalled().unwrap();
+        }
+        std::thread::sleep(pace);
+    }
+}
+
 /// Wait (resending) until every device has every reading acked.
 pub fn all_acked(devices: &mut [SimDevice], gw: &Gateway) {
     for d in devices.iter_mut() {

@@ -42,6 +42,8 @@ const DEVICE: &str = "wrist-01";
 /// The gateway's log line once every task runs.
 const READY: &str = "running with";
 const TOPIC: &str = "gateways/powercut-gw/readings";
+/// Where `--rules` routes heart rates over 100.
+const ALARMS_TOPIC: &str = "gateways/powercut-gw/alarms";
 /// Longest a boot may take until the gateway says it runs (TCG is slow, and
 /// the machine may be busy building).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -57,6 +59,8 @@ struct Settings {
     work: PathBuf,
     /// `store.when_full = "reject_new"` with a small queue (pc.full=1).
     full: bool,
+    /// The gateway runs tests/powercut/rules.toml (`run.sh --rules`).
+    rules: bool,
 }
 
 impl Settings {
@@ -76,13 +80,16 @@ impl Settings {
             rate: var("POWERCUT_RATE").map_or(40.0, |r| r.parse().expect("POWERCUT_RATE is a number")),
             seed,
             work: path("POWERCUT_WORK"),
-            // Half the runs: by the seed, unless chosen.
+            // Half the runs: by the seed, unless chosen. Not with rules: a
+            // batch a full queue refuses was already counted by its
+            // aggregate (docs/rules.md, limits), which the rig would flag.
             full: match var("POWERCUT_WHEN_FULL").as_deref() {
                 Some("reject_new") => true,
                 Some("drop_oldest") => false,
                 Some(other) => panic!("POWERCUT_WHEN_FULL is reject_new or drop_oldest, not {other}"),
-                None => seed % 2 == 1,
+                None => seed % 2 == 1 && var("POWERCUT_RULES").is_none(),
             },
+            rules: var("POWERCUT_RULES").is_some(),
         }
     }
 }
@@ -459,6 +466,37 @@ fn keep_subset(pid: u32, work: &Path, disk: &Path, p: f64, rng: &mut XorShift) -
     fig
 }
 
+/// With rules: the aggregate's output batches (no `seq`) apart from the
+/// device's readings (each with its seq, on the readings or the alarms topic).
+fn split_derived(msgs: Vec<(String, Vec<u8>)>) -> (Vec<(String, Vec<u8>)>, Vec<edge_gateway::Reading>) {
+    let mut raw = Vec::new();
+    let mut derived = Vec::new();
+    for (t, p) in msgs {
+        let b = edge_gateway::Batch::decode(&p).expect("payload is a batch");
+        if b.readings.iter().all(|r| r.seq.is_none()) {
+            derived.extend(b.readings);
+        } else {
+            raw.push((t, p));
+        }
+    }
+    (raw, derived)
+}
+
+/// The aggregate every window must have: heart rates are the seqs divisible
+/// by 3 (the simulator rotates three sensors), ts = SIM_EPOCH + seq, windows
+/// of 100 ms.
+fn expected_counts(created: u64) -> std::collections::BTreeMap<u64, f64> {
+    let mut m = std::collections::BTreeMap::new();
+    for seq in (0..created).filter(|s| s % 3 == 0) {
+        let ts = SIM_EPOCH + seq;
+        *m.entry(ts - ts % 100).or_default() += 1.0;
+    }
+    m
+}
+
+/// `ts` of the simulator's reading 0.
+const SIM_EPOCH: u64 = 1_764_000_000_000;
+
 /// `seq` → how many times the subscriber got it.
 fn counts(r: &Received) -> std::collections::HashMap<u64, usize> {
     let mut m = std::collections::HashMap::new();
@@ -546,6 +584,17 @@ fn power_cuts_lose_and_double_nothing() {
     let certs = make_certs(&s.work);
     let mut broker = Mosquitto::start(&s.work.join("mosquitto"), &certs, false);
     let sub = Subscriber::start(broker.plain_port, "powercut-sub", TOPIC, &s.work.join("received.txt"));
+    let alarms = s.rules.then(|| {
+        Subscriber::start(broker.plain_port, "powercut-alarms", ALARMS_TOPIC, &s.work.join("alarms.txt"))
+    });
+    // Every batch on both topics; the aggregate's outputs apart.
+    let all = || {
+        let mut m = sub.messages();
+        if let Some(a) = &alarms {
+            m.extend(a.messages());
+        }
+        split_derived(m)
+    };
     let dev = Wearable::start(s.rate, s.seed);
 
     let mut table = std::fs::File::create(s.work.join("cycles.tsv")).unwrap();
@@ -687,7 +736,7 @@ fn power_cuts_lose_and_double_nothing() {
             repaired.push(torn);
         }
         let view = dev.view();
-        let got = counts(&decode_all(&sub.messages()));
+        let got = counts(&decode_all(&all().0));
         let dup = got.values().filter(|&&n| n > 1).count();
         if dup > dups_seen {
             println!("DUPLICATE: {} readings arrived more than once so far (cycle {cycle})", dup);
@@ -738,7 +787,11 @@ fn power_cuts_lose_and_double_nothing() {
     assert!(empty, "the queue is not empty after {FINAL_TIMEOUT:?}: {:?}\n{}", vm.queue(), vm.console().text);
     // Delivered to the broker (PUBCOMP) is not yet printed by the
     // subscriber: wait for it, bounded, then stop the gateway.
-    let _ = wait_until(Duration::from_secs(30), || decode_all(&sub.messages()).total_readings as u64 >= view.created);
+    let want_windows = if s.rules { expected_counts(view.created).len() } else { 0 };
+    let _ = wait_until(Duration::from_secs(30), || {
+        let (raw, derived) = all();
+        decode_all(&raw).total_readings as u64 >= view.created && derived.len() >= want_windows
+    });
     vm.control("term");
     vm.exit_expected = true;
     let stopped = vm.wait_for("POWERCUT: GATEWAY EXITED", Duration::from_secs(30));
@@ -748,9 +801,13 @@ fn power_cuts_lose_and_double_nothing() {
     // A late duplicate has its chance to show up.
     std::thread::sleep(Duration::from_secs(1));
     let _ = vm.cut(Disk::Lose, &disk, &mut rng);
-    let received = decode_all(&sub.messages());
+    let (raw, derived) = all();
+    let received = decode_all(&raw);
     let got = counts(&received);
     sub.stop();
+    if let Some(a) = alarms {
+        a.stop();
+    }
     drop(broker);
 
     let lost: Vec<u64> = (0..view.acked).filter(|q| !got.contains_key(q)).collect();
@@ -800,6 +857,35 @@ fn power_cuts_lose_and_double_nothing() {
         "after an empty queue and a clean stop, the subscriber must hold every created reading exactly once"
     );
     assert_eq!(got.len() as u64, view.created, "not every created reading was delivered");
+    if s.rules {
+        // Every window's count exactly once, equal to the acked readings'.
+        let want = expected_counts(view.created);
+        let mut windows: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+        for r in &derived {
+            assert_eq!(r.sensor, "heart_rate.count_100ms", "an output no rule makes: {r:?}");
+            let edge_gateway::Value::Number(n) = r.value else { panic!("a count is a number: {r:?}") };
+            windows.entry(r.ts).or_default().push(n);
+        }
+        let wrong: Vec<String> = want
+            .iter()
+            .filter(|(k, v)| windows.get(k).map(|g| g.as_slice()) != Some(&[**v][..]))
+            .map(|(k, v)| format!("window {k}: want [{v}], got {:?}", windows.get(k)))
+            .collect();
+        let extra: Vec<&u64> = windows.keys().filter(|k| !want.contains_key(k)).collect();
+        println!(
+            "power-cut rig: rules: {} aggregate windows, {} wrong or missing, {} extra",
+            want.len(),
+            wrong.len(),
+            extra.len()
+        );
+        assert!(
+            wrong.is_empty() && extra.is_empty(),
+            "aggregate outputs wrong (seed {}): {:?} extra {:?}",
+            s.seed,
+            &wrong[..wrong.len().min(20)],
+            extra
+        );
+    }
     // The disk image is the bulk of the work dir; the logs stay.
     let _ = std::fs::remove_file(&disk);
 }

@@ -15,6 +15,9 @@
 #               default: by the seed, so half the runs use each
 #   --bin PATH  run this edge-gateway binary instead of building one (e.g. a
 #               build with a planted bug, to see the rig catch it)
+#   --rules     run the gateway with tests/powercut/rules.toml (a conversion,
+#               an alarm lane with its own topic, an aggregate the rig checks
+#               window by window)
 #
 # This script prepares the guest (kernel, modules, busybox, the debug binary
 # and its libraries, cached under target/powercut/) and then runs the cycles
@@ -27,7 +30,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cd "$root"
 
-cycles=30 seed= rate=40 work= when_full= bin=
+cycles=30 seed= rate=40 work= when_full= bin= rules=
 while (($#)); do
     case $1 in
         --cycles) cycles=$2; shift 2 ;;
@@ -36,7 +39,8 @@ while (($#)); do
         --work) work=$2; shift 2 ;;
         --when-full) when_full=$2; shift 2 ;;
         --bin) bin=$(realpath "$2"); shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --rules) rules=1; shift ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -118,6 +122,9 @@ cp "$(command -v busybox)" "$stage/bin/busybox"
 cp "$assets"/kernel/modules/*.ko "$stage/lib/modules/"
 install -m 755 "$here/init" "$stage/init"
 cp "$here/gateway.toml.in" "$stage/etc/gateway.toml.in"
+if [[ -n $rules ]]; then
+    cat "$here/rules.toml" >>"$stage/etc/gateway.toml.in"
+fi
 strip -o "$stage/bin/edge-gateway" "$bin"
 for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
     mkdir -p "$stage$(dirname "$lib")"
@@ -128,4 +135,5 @@ rm -rf "$stage"
 
 export POWERCUT_KERNEL=$assets/kernel/vmlinuz POWERCUT_INITRD=$work/initrd.cpio POWERCUT_WORK=$work
 export POWERCUT_CYCLES=$cycles POWERCUT_RATE=$rate POWERCUT_SEED=$seed POWERCUT_WHEN_FULL=$when_full
+export POWERCUT_RULES=$rules
 exec cargo test --locked --test powercut -- --ignored --nocapture
