@@ -322,12 +322,16 @@ fn rules_test(path: &Path) -> anyhow::Result<()> {
     let mut engine = Engine::new(rules.clone());
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    // One line per message: a reading routed to k topics prints k times.
     let print = |r: &Reading, d: &Dest, out: &mut dyn Write| -> anyhow::Result<()> {
-        let mut v = serde_json::to_value(r)?;
-        let o = v.as_object_mut().expect("a reading is an object");
-        o.insert("topic".into(), d.topic.clone().unwrap_or_else(|| default_topic.clone()).into());
-        o.insert("lane".into(), d.lane.as_str().into());
-        writeln!(out, "{v}")?;
+        let default = [default_topic.clone()];
+        for topic in if d.topics.is_empty() { &default[..] } else { &d.topics[..] } {
+            let mut v = serde_json::to_value(r)?;
+            let o = v.as_object_mut().expect("a reading is an object");
+            o.insert("topic".into(), topic.clone().into());
+            o.insert("lane".into(), d.lane.as_str().into());
+            writeln!(out, "{v}")?;
+        }
         Ok(())
     };
     let closed_out = |closed: Vec<Closed>, out: &mut dyn Write| -> anyhow::Result<()> {

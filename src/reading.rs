@@ -421,8 +421,10 @@ pub struct WindowRef {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RecordHeader {
     pub kind: RecordKind,
-    /// Upstream topic, rendered; `None`: the default readings topic.
-    pub topic: Option<String>,
+    /// Upstream topics, rendered; empty: the default readings topic. The
+    /// record owns one queue id per topic (its span) and goes out as one
+    /// message per topic, copy j with batch id `id + j`.
+    pub topics: Vec<String>,
     /// 0 bulk, 1 alarm.
     pub lane: u8,
     /// Index into [`Origin::KINDS`].
@@ -430,6 +432,20 @@ pub struct RecordHeader {
     /// The uplink applies the rules' transforms before sending.
     pub transformed: bool,
     pub window: Option<WindowRef>,
+    /// Readings rules dropped since the previous record (a filter, a
+    /// downsample skip): acked like stored ones, so their acks must be as
+    /// durable. Replay marks them durable again, or a restart would wait
+    /// `ack_gap_timeout` for each as a gap.
+    pub dropped: Vec<DroppedKey>,
+}
+
+/// A reading a rule dropped, by the keys the ack tracker knows it by.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedKey {
+    pub device: String,
+    pub boot: Option<u32>,
+    pub seq: u64,
+    pub ts: u64,
 }
 
 impl RecordHeader {

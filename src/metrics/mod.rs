@@ -150,6 +150,10 @@ counters! {
     queue_repaired_bytes: Counter "queue_repaired_bytes_total", "Torn bytes cut off the queue tail at start-up.";
     queue_corrupt_records: Counter "queue_corrupt_records_total", "Corrupt records skipped at start-up.";
     acks_sent: Counter "acks_sent_total", "Acks written back to devices.", Stopped "acks sent";
+    /// Set from the ack tracker once per tick.
+    ack_gap_skipped: Counter "ack_gap_skipped_total",
+        "Seqs acked past because they never came within ack_gap_timeout (lost frames, or a device that skipped them).",
+        Stopped "seqs acked past a gap";
 
     // The uplink.
     /// A reload can change it.

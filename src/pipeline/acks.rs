@@ -165,6 +165,8 @@ pub struct AckTracker {
     newly_named: bool,
     /// A device's counter restart was detected since the last snapshot.
     restarted: bool,
+    /// Seqs acked past because they never came (gap timeout), since start.
+    pub skipped_seqs: u64,
 }
 
 impl AckTracker {
@@ -174,6 +176,7 @@ impl AckTracker {
             devices: HashMap::new(),
             newly_named: false,
             restarted: false,
+            skipped_seqs: 0,
         }
     }
 
@@ -313,8 +316,10 @@ impl AckTracker {
             }
         }
         d.dirty = true;
-        Self::advance(device, d, now_ms, timeout, false);
-        self.newly_named |= !was_named && d.watermark.is_some();
+        let skipped = Self::advance(device, d, now_ms, timeout, false);
+        let named = !was_named && d.watermark.is_some();
+        self.skipped_seqs += skipped;
+        self.newly_named |= named;
     }
 
     /// A reading of `device` was refused by the queue: it never becomes
@@ -333,7 +338,9 @@ impl AckTracker {
         d.max_ts = d.max_ts.max(ts);
     }
 
-    fn advance(device: &str, d: &mut DeviceAck, now_ms: u64, gap_timeout_ms: u64, allow_skip: bool) {
+    /// Returns how many seqs it acked past as never sent.
+    fn advance(device: &str, d: &mut DeviceAck, now_ms: u64, gap_timeout_ms: u64, allow_skip: bool) -> u64 {
+        let mut skipped = 0;
         loop {
             // Refused seqs the watermark has passed (counter restart, bound) say nothing any more.
             while let (Some(w), Some(&r)) = (d.watermark, d.refused.first()) {
@@ -357,7 +364,7 @@ impl AckTracker {
             }
             if d.above.is_empty() {
                 d.gap_since_ms = None;
-                return;
+                return skipped;
             }
             let expired = d.gap_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= gap_timeout_ms);
             let talking = now_ms.saturating_sub(d.last_seen_ms) <= AWAY_MS;
@@ -372,6 +379,7 @@ impl AckTracker {
                 // device's first seq): the missing seqs never existed.
                 let from = d.watermark.map_or(0, |w| w + 1);
                 if from < next && !first_lan {
+                    skipped += next - from;
                     let why = if d.above.len() > MAX_ABOVE { "too far ahead of the gap" } else { "gap timeout" };
                     tracing::info!(
                         device,
@@ -389,7 +397,7 @@ impl AckTracker {
                 d.dirty = true;
                 continue;
             }
-            return;
+            return skipped;
         }
     }
 
@@ -407,7 +415,7 @@ impl AckTracker {
             // A non-empty `above` (gap or held device) always has a gap clock.
             if d.gap_since_ms.is_some() {
                 let was_named = d.watermark.is_some();
-                Self::advance(name, d, now_ms, timeout, true);
+                self.skipped_seqs += Self::advance(name, d, now_ms, timeout, true);
                 self.newly_named |= !was_named && d.watermark.is_some();
             }
             if !d.dirty {

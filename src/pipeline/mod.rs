@@ -105,6 +105,9 @@ pub struct Pipeline {
     engine: Option<Engine>,
     /// With rules: one open batch per destination.
     batchers: HashMap<Dest, Batcher>,
+    /// Readings rules dropped, not yet written with a record (see
+    /// [`RecordHeader::dropped`]).
+    dropped: Vec<crate::reading::DroppedKey>,
     batch_limits: (usize, u64, Duration),
     acks: AckTracker,
     queue: Arc<Mutex<Queue>>,
@@ -181,6 +184,7 @@ impl Pipeline {
             batcher: Batcher::new(p.batch_max_readings, p.batch_max_bytes, p.batch_max_age),
             engine,
             batchers: HashMap::new(),
+            dropped: Vec::new(),
             batch_limits: (p.batch_max_readings, p.batch_max_bytes, p.batch_max_age),
             acks: AckTracker::new(p.ack_gap_timeout),
             queue: Arc::new(Mutex::new(queue)),
@@ -234,6 +238,10 @@ impl Pipeline {
             // `crate::rules`).
             let header = RecordHeader::split(&payload).ok().and_then(|(h, _)| h);
             if let Some(h) = &header {
+                for k in &h.dropped {
+                    me.acks.seen_ts(&k.device, k.boot, k.ts);
+                    me.acks.durable_at(&k.device, k.boot, k.seq, k.ts, now);
+                }
                 if let (Some(w), Some(e)) = (&h.window, me.engine.as_mut()) {
                     e.replay_closed(w);
                 }
@@ -388,9 +396,16 @@ impl Pipeline {
         self.append_closed(outcome.closed, now, now_ms)?;
         if outcome.store.is_empty() {
             // Dropped by a rule: that is its outcome. It is acked with the
-            // next commit, like the readings before it.
+            // next commit, like the readings before it, and its key goes to
+            // disk with the next record (before that commit).
             if let Some(seq) = reading.seq {
                 self.uncommitted.push((reading.device.clone(), reading.boot, seq, reading.ts));
+                self.dropped.push(crate::reading::DroppedKey {
+                    device: reading.device,
+                    boot: reading.boot,
+                    seq,
+                    ts: reading.ts,
+                });
                 self.dirty_since.get_or_insert(now);
             }
             return Ok(());
@@ -421,11 +436,12 @@ impl Pipeline {
             if c.outputs.is_empty() {
                 let h = RecordHeader {
                     kind: RecordKind::Hold,
-                    topic: None,
+                    topics: Vec::new(),
                     lane: 0,
                     source: 0,
                     transformed: false,
                     window: Some(c.window),
+                    dropped: Vec::new(),
                 };
                 self.seal(Vec::new(), Some(h), now, now_ms)?;
                 continue;
@@ -466,18 +482,21 @@ impl Pipeline {
         now: Instant,
         now_ms: u64,
     ) -> Result<(), Fatal> {
+        let mut header = header;
+        if let Some(h) = &mut header {
+            h.dropped = std::mem::take(&mut self.dropped);
+        }
         let mut q = self.queue();
         let batch = Batch { gateway: self.gateway.clone(), batch: q.next_id(), readings };
         let payload = match &header {
             None => batch.encode(self.format),
             Some(h) => h.wrap(&batch.encode(self.format)),
         };
-        // The alarm lane's batches may be sent ahead of the backlog.
-        let result = if header.as_ref().is_some_and(|h| h.lane == crate::rules::config::Lane::Alarm as u8) {
-            q.append_priority(batch.readings.len() as u32, now_ms, &payload)
-        } else {
-            q.append(batch.readings.len() as u32, now_ms, &payload)
-        };
+        // The alarm lane's batches may be sent ahead of the backlog; a batch
+        // for k topics owns k ids (one per message).
+        let priority = header.as_ref().is_some_and(|h| h.lane == crate::rules::config::Lane::Alarm as u8);
+        let span = header.as_ref().map_or(1, |h| h.topics.len().max(1) as u32);
+        let result = q.append_with(batch.readings.len() as u32, now_ms, &payload, priority, span);
         let evicted = q.last_evicted();
         crate::crashpoint::hit_losing("after-append", || q.unsynced_segments());
         drop(q);
@@ -507,6 +526,10 @@ impl Pipeline {
                 }
             }
             Err(e) => {
+                // The dropped keys it carried go with the next record.
+                if let Some(h) = header {
+                    self.dropped.extend(h.dropped);
+                }
                 // Refused (reject_new, or the disk failed): the readings were
                 // never acked, so the device still has them. Forget them in
                 // dedup so that its resend is accepted.
@@ -537,6 +560,20 @@ impl Pipeline {
     pub fn commit(&mut self) -> Result<(), Fatal> {
         if self.dirty_since.is_none() {
             return Ok(());
+        }
+        if !self.dropped.is_empty() {
+            // Dropped readings with no record to ride on: a record of their own.
+            let h = RecordHeader {
+                kind: RecordKind::Hold,
+                topics: Vec::new(),
+                lane: 0,
+                source: 0,
+                transformed: false,
+                window: None,
+                dropped: Vec::new(),
+            };
+            let now = self.last_now;
+            self.seal(Vec::new(), Some(h), now, (self.clock)())?;
         }
         let res = self.queue().commit();
         match res {
@@ -622,6 +659,7 @@ impl Pipeline {
         }
         let acks = self.acks.take_acks(ms);
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
+        Metrics::set(&self.metrics.ack_gap_skipped, self.acks.skipped_seqs);
         Ok(acks)
     }
 

@@ -33,8 +33,11 @@
 //!   can be rebuilt from the segments alone.
 //! * `readings`: bit 31 ([`PRIORITY`]) marks a *priority* record (the rules'
 //!   alarm lane), which the uplink may send ahead of older ones
-//!   ([`Queue::priority_after`]); bits 0-30 count the readings. Records
-//!   written before lanes have it clear.
+//!   ([`Queue::priority_after`]); bits 24-30 are the record's *span* minus
+//!   one: a record of span k owns ids `id ..= id + k - 1` (the uplink sends
+//!   it as k messages, one per topic its rules route it to), and the next
+//!   record's id is `id + k`; bits 0-23 count the readings. Records written
+//!   before lanes and routes have them clear (span 1).
 //!
 //! # Durability
 //!
@@ -195,14 +198,24 @@ pub type Record = (RecordMeta, Vec<u8>);
 
 /// Bit 31 of a record's `readings` field: a priority record (see the format above).
 pub const PRIORITY: u32 = 1 << 31;
+/// Bits 24-30: span - 1.
+const SPAN_SHIFT: u32 = 24;
+const SPAN_MASK: u32 = 0x7F << SPAN_SHIFT;
+const COUNT_MASK: u32 = (1 << SPAN_SHIFT) - 1;
+/// Most ids one record may own.
+pub const MAX_SPAN: u32 = 128;
+/// Most readings one record may count.
+pub const MAX_READINGS: u32 = COUNT_MASK;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordMeta {
     pub id: u64,
     pub readings: u32,
     pub created_ms: u64,
-    /// Appended with [`Queue::append_priority`].
+    /// Appended as a priority record ([`Queue::append_with`]).
     pub priority: bool,
+    /// Ids it owns: `id ..= id + span - 1`.
+    pub span: u32,
 }
 
 /// What `open` found and fixed.
@@ -365,12 +378,27 @@ impl Entry {
     }
 
     fn meta(&self) -> RecordMeta {
-        RecordMeta { id: self.id, readings: self.count(), created_ms: self.created_ms, priority: self.priority() }
+        RecordMeta {
+            id: self.id,
+            readings: self.count(),
+            created_ms: self.created_ms,
+            priority: self.priority(),
+            span: self.span(),
+        }
     }
 
-    /// Readings in it (`readings` without the [`PRIORITY`] bit).
+    /// Readings in it (`readings` without the flags).
     fn count(&self) -> u32 {
-        self.readings & !PRIORITY
+        self.readings & COUNT_MASK
+    }
+
+    fn span(&self) -> u32 {
+        ((self.readings & SPAN_MASK) >> SPAN_SHIFT) + 1
+    }
+
+    /// The last id it owns.
+    fn last_id(&self) -> u64 {
+        self.id + self.span() as u64 - 1
     }
 
     fn priority(&self) -> bool {
@@ -458,13 +486,24 @@ impl Queue {
     /// Append one record with id `next_id()`. Not durable until `commit()`.
     /// May commit implicitly when it rolls to a new segment.
     pub fn append(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
-        self.append_flagged(readings & !PRIORITY, created_ms, payload)
+        self.append_with(readings, created_ms, payload, false, 1)
     }
 
-    /// [`Queue::append`] a priority record: one the uplink may send ahead
-    /// of older records (its ack still waits for theirs).
-    pub fn append_priority(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
-        self.append_flagged(readings | PRIORITY, created_ms, payload)
+    /// [`Queue::append`] with flags: `priority`, a record the uplink may
+    /// send ahead of older ones (its ack still waits for theirs); `span`
+    /// (1..=[`MAX_SPAN`]), the ids it owns (one per message it becomes).
+    pub fn append_with(
+        &mut self,
+        readings: u32,
+        created_ms: u64,
+        payload: &[u8],
+        priority: bool,
+        span: u32,
+    ) -> Result<AppendOutcome> {
+        assert!((1..=MAX_SPAN).contains(&span), "span {span}");
+        assert!(readings <= MAX_READINGS, "{readings} readings in one record");
+        let flags = if priority { PRIORITY } else { 0 } | (span - 1) << SPAN_SHIFT;
+        self.append_flagged(readings | flags, created_ms, payload)
     }
 
     fn append_flagged(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
@@ -512,16 +551,18 @@ impl Queue {
             return Err(e).ctx("appending to", &seg.path);
         }
         seg.len += size;
-        seg.last_id = id;
         let seg_id = seg.first_id;
         self.seg_dirty = true;
-        self.index.push_back(Entry { id, seg: seg_id, offset, total: size as u32, readings, created_ms });
+        let entry = Entry { id, seg: seg_id, offset, total: size as u32, readings, created_ms };
+        let last = entry.last_id();
+        seg.last_id = last;
+        self.live_readings += entry.count() as u64;
+        self.index.push_back(entry);
         self.live_bytes += size;
-        self.live_readings += (readings & !PRIORITY) as u64;
-        self.next_id += 1;
+        self.next_id = last + 1;
 
         if evict > 0 {
-            let last_dropped = self.index[first_live + evict - 1].id;
+            let last_dropped = self.index[first_live + evict - 1].last_id();
             self.last_evicted = Some(self.index[first_live].id..=last_dropped);
             self.move_head(last_dropped);
         }
@@ -768,7 +809,7 @@ impl Queue {
     /// Highest id in any segment file still on disk (acked or not), or the
     /// ledger's head if that is higher; 0 for a queue that never held anything.
     pub fn last_id_on_disk(&self) -> u64 {
-        self.index.back().map_or(0, |e| e.id).max(self.ledger.state.acked_through)
+        self.index.back().map_or(0, |e| e.last_id()).max(self.ledger.state.acked_through)
     }
 
     /// Every valid record still on disk with id > `after_id`, acked or not,

@@ -150,8 +150,8 @@ impl Queue {
                 let len = file.metadata().ctx("reading metadata of", &path)?.len();
                 if let Some(records) = seg_index::load(&path, len, first_id, last_id) {
                     if opts.trust_index {
-                        last_id = records.last().unwrap().id;
                         index.extend(records.iter().map(|r| Entry::new(r, first_id)));
+                        last_id = index.back().expect("records").last_id();
                         segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });
                         indexed_segments += 1;
                         continue;
@@ -239,8 +239,9 @@ impl Queue {
                 Err(e) if readonly && e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).ctx("opening", &path),
             };
-            last_id = records.last().unwrap().id;
             index.extend(records.iter().map(|r| Entry::new(r, first_id)));
+            // A record may own several ids (its span).
+            last_id = index.back().expect("records").last_id();
             segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });
         }
         if !readonly && let Some(s) = segments.back() {

@@ -106,7 +106,7 @@ fn append_commit_reopen_roundtrip_and_ids_never_reused() {
     assert_eq!(got.len(), 50);
     for (k, (m, p)) in got.iter().enumerate() {
         let i = k as u64 + 1;
-        assert_eq!(*m, RecordMeta { id: i, readings: i as u32, created_ms: 1000 + i, priority: false });
+        assert_eq!(*m, RecordMeta { id: i, readings: i as u32, created_ms: 1000 + i, priority: false, span: 1 });
         assert_eq!(*p, payload(i, (i * 7 % 300) as usize));
     }
     assert_eq!(q.read_from(10, 3).unwrap().iter().map(|r| r.0.id).collect::<Vec<_>>(), [11, 12, 13]);
@@ -623,7 +623,7 @@ fn open_trusts_index_and_read_catches_garbage() {
 }
 
 fn meta(i: u64) -> RecordMeta {
-    RecordMeta { id: i, readings: i as u32, created_ms: i, priority: false }
+    RecordMeta { id: i, readings: i as u32, created_ms: i, priority: false, span: 1 }
 }
 
 /// One flipped bit in an indexed segment: not found at open, `Corrupt` for
@@ -1138,7 +1138,7 @@ fn priority_records_are_found_ahead_counted_apart_and_survive_index_and_scan_reo
     let (mut q, _) = Queue::open(dir.path(), o).unwrap();
     for i in 1..=40u64 {
         let p = payload(i, 300);
-        if i % 10 == 0 { q.append_priority(2, i, &p) } else { q.append(3, i, &p) }.unwrap();
+        if i % 10 == 0 { q.append_with(2, i, &p, true, 1) } else { q.append(3, i, &p) }.unwrap();
     }
     q.commit().unwrap();
     let check = |q: &Queue| {

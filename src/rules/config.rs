@@ -199,6 +199,15 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 /// Checks serde cannot express; returns the offending key (`rules.N.key`).
 pub fn validate(rules: &[RuleConfig]) -> Result<(), (String, String)> {
     let mut names = std::collections::HashSet::new();
+    // A reading's topics are one queue record's ids (its span).
+    let routes: usize = rules.iter().map(|r| r.route.len()).sum();
+    if routes > crate::queue::MAX_SPAN as usize {
+        let i = rules.iter().rposition(|r| !r.route.is_empty()).expect("some route");
+        return Err((
+            format!("rules.{i}.route"),
+            format!("{routes} route topics in all: at most {} (a reading's copies are one queue record)", crate::queue::MAX_SPAN),
+        ));
+    }
     for (i, r) in rules.iter().enumerate() {
         let key = |k: &str| format!("rules.{i}.{k}");
         if r.name.is_empty()
@@ -254,11 +263,7 @@ pub fn validate(rules: &[RuleConfig]) -> Result<(), (String, String)> {
                 return Err((format!("rules.{i}.route.{j}"), m));
             }
         }
-        if r.route.len() > 1 {
-            // Copies on several topics would be several queue records a
-            // power cut can separate: not exactly once yet (docs/rules.md).
-            return Err((key("route"), "takes one topic for now (a reading goes to one topic)".into()));
-        }
+
         if let Some(d) = &r.downsample {
             let modes = [d.every.is_some(), d.deadband.is_some(), d.on_change].iter().filter(|m| **m).count();
             if modes != 1 {

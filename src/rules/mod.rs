@@ -8,7 +8,7 @@
 //! the reading acked, so every decision is as durable as the reading:
 //!
 //! * the queue keeps the **raw** reading (what dedup, acks and replay
-//!   need), in a record whose [`RecordHeader`] names its upstream topic,
+//!   need), in a record whose [`RecordHeader`] names its upstream topics,
 //!   lane and source; transforms are applied again when the uplink drains
 //!   it ([`Rules::transform_stored`]), a pure function of the reading;
 //! * a reading a `filter`, a downsample skip or a late aggregate reading
@@ -203,8 +203,10 @@ fn apply_transform(t: &TransformConfig, r: &mut Reading) {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Dest {
     pub kind: RecordKind,
-    /// `None`: the default readings topic.
-    pub topic: Option<String>,
+    /// Upstream topics, in the order rules named them; empty: the default
+    /// readings topic. A record with k topics becomes k messages (one
+    /// queue record owning k ids, so a power cut keeps all or none).
+    pub topics: Vec<String>,
     pub lane: Lane,
     pub source: u8,
     /// The uplink must apply transforms ([`Rules::transform_stored`]).
@@ -215,11 +217,12 @@ impl Dest {
     pub fn header(&self, window: Option<WindowRef>) -> RecordHeader {
         RecordHeader {
             kind: self.kind,
-            topic: self.topic.clone(),
+            topics: self.topics.clone(),
             lane: self.lane as u8,
             source: self.source,
             transformed: self.transformed,
             window,
+            dropped: Vec::new(),
         }
     }
 }
@@ -327,7 +330,7 @@ impl Engine {
     fn walk(&mut self, raw: &Reading, source: u8, now_ms: u64, mut out: Option<&mut Outcome>) {
         let rules = self.rules.clone();
         let mut r = raw.clone();
-        let mut topic: Option<String> = None;
+        let mut topics: Vec<String> = Vec::new();
         let mut lane = Lane::Bulk;
         let mut transformed = false;
         let mut hold = false;
@@ -347,8 +350,11 @@ impl Engine {
                 apply_transform(t, &mut r);
                 transformed = true;
             }
-            if let Some(t) = rule.route.first() {
-                topic = Some(rules.render(t, &r));
+            for t in &rule.route {
+                let t = rules.render(t, &r);
+                if !topics.contains(&t) {
+                    topics.push(t);
+                }
             }
             if let Some(l) = rule.lane {
                 lane = l;
@@ -381,10 +387,10 @@ impl Engine {
         }
         let Some(o) = out else { return };
         if hold {
-            o.store.push(Dest { kind: RecordKind::Hold, topic: None, lane, source, transformed: false });
+            o.store.push(Dest { kind: RecordKind::Hold, topics: Vec::new(), lane, source, transformed: false });
             return;
         }
-        o.store.push(Dest { kind: RecordKind::Raw, topic, lane, source, transformed });
+        o.store.push(Dest { kind: RecordKind::Raw, topics, lane, source, transformed });
     }
 
     fn drop_at(&mut self, i: usize, out: &Option<&mut Outcome>) {
@@ -583,7 +589,7 @@ impl Engine {
                 boot: None,
             };
             self.counts[i].emitted += 1;
-            let mut topic: Option<String> = None;
+            let mut topics: Vec<String> = Vec::new();
             let mut lane = Lane::Bulk;
             for j in i + 1..rules.rules.len() {
                 if !rules.applies(j, &d, source, &mut self.counts) {
@@ -598,14 +604,17 @@ impl Engine {
                 if let Some(t) = &later.transform {
                     apply_transform(t, &mut d);
                 }
-                if let Some(t) = later.route.first() {
-                    topic = Some(rules.render(t, &d));
+                for t in &later.route {
+                    let t = rules.render(t, &d);
+                    if !topics.contains(&t) {
+                        topics.push(t);
+                    }
                 }
                 if let Some(l) = later.lane {
                     lane = l;
                 }
             }
-            outputs.push((d, Dest { kind: RecordKind::Derived, topic, lane, source, transformed: false }));
+            outputs.push((d, Dest { kind: RecordKind::Derived, topics, lane, source, transformed: false }));
         }
         Closed { window, outputs }
     }

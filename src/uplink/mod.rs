@@ -196,6 +196,9 @@ struct Flight {
     retry_at: Option<Instant>,
     /// Refusals so far (reason >= 0x80).
     refusals: u32,
+    /// The last id of the queue record it is a message of: the queue is
+    /// acked through a record only once its last message is done.
+    record_last: u64,
 }
 
 impl Flight {
@@ -211,6 +214,7 @@ impl Flight {
             rel_resent: false,
             retry_at: None,
             refusals: 0,
+            record_last: id,
         }
     }
 }
@@ -376,44 +380,62 @@ impl Uplink {
         self.lanes = lanes;
     }
 
-    /// A queue record as it goes out: its topic (`None`: the readings
-    /// topic) and payload, or `None` for a record that is never sent (a
-    /// `Hold` record of readings an aggregate consumed).
-    fn outgoing(&self, id: u64, record: Vec<u8>) -> Option<(Option<String>, Vec<u8>)> {
+    /// A queue record as it goes out: one (topic, payload) per message
+    /// (topic `None`: the readings topic; a record routed to k topics is k
+    /// messages, copy j carrying batch id `id + j`), or `None` for a record
+    /// that is never sent (a `Hold` record of readings an aggregate consumed).
+    fn outgoing(&self, id: u64, record: Vec<u8>) -> Option<Vec<(Option<String>, Vec<u8>)>> {
         let (header, body) = match crate::reading::RecordHeader::split(&record) {
-            Ok((None, _)) => return Some((None, record)),
+            Ok((None, _)) => return Some(vec![(None, record)]),
             Ok((Some(h), body)) => (h, body),
             Err(e) => {
                 // Sent as it is: the consumer sees what we could not read.
                 tracing::warn!(batch = id, "queue record {id} has a bad rules header ({e}); sent as it is");
-                return Some((None, record));
+                return Some(vec![(None, record)]);
             }
         };
         if header.kind == crate::reading::RecordKind::Hold {
             return None;
         }
-        let mut payload = body.to_vec();
-        if header.transformed
-            && let Some(rules) = &self.rules
-        {
-            match crate::reading::Batch::decode(body) {
-                Ok(mut b) => {
-                    for r in &mut b.readings {
-                        rules.transform_stored(r, header.source);
-                    }
-                    let format = if body.starts_with(&crate::reading::POSTCARD_MAGIC)
-                        || body.starts_with(&crate::reading::POSTCARD_MAGIC_V2)
-                    {
-                        crate::reading::Format::Postcard
-                    } else {
-                        crate::reading::Format::Json
-                    };
-                    payload = b.encode(format);
-                }
-                Err(e) => tracing::warn!(batch = id, "queue record {id} does not decode ({e}); sent untransformed"),
+        let transform = header.transformed && self.rules.is_some();
+        if !transform && header.topics.len() <= 1 {
+            return Some(vec![(header.topics.into_iter().next(), body.to_vec())]);
+        }
+        let mut b = match crate::reading::Batch::decode(body) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(batch = id, "queue record {id} does not decode ({e}); sent as it is");
+                let n = header.topics.len().max(1);
+                return Some(header.topics.into_iter().map(Some).chain(std::iter::repeat(None)).take(n).map(|t| (t, body.to_vec())).collect());
+            }
+        };
+        if transform && let Some(rules) = &self.rules {
+            for r in &mut b.readings {
+                rules.transform_stored(r, header.source);
             }
         }
-        Some((header.topic, payload))
+        let format = if body.starts_with(&crate::reading::POSTCARD_MAGIC)
+            || body.starts_with(&crate::reading::POSTCARD_MAGIC_V2)
+        {
+            crate::reading::Format::Postcard
+        } else {
+            crate::reading::Format::Json
+        };
+        if header.topics.is_empty() {
+            return Some(vec![(None, b.encode(format))]);
+        }
+        let first = b.batch;
+        Some(
+            header
+                .topics
+                .into_iter()
+                .enumerate()
+                .map(|(j, t)| {
+                    b.batch = first + j as u64;
+                    (Some(t), b.encode(format))
+                })
+                .collect(),
+        )
     }
 
     fn alive(&self) {
@@ -674,13 +696,14 @@ impl Uplink {
                 break;
             }
             for (meta, record) in recs {
-                self.cursor = meta.id;
+                self.cursor = meta.id + meta.span as u64 - 1;
                 // Pulled ahead already (a priority record): it stays as it is.
-                if self.window.iter().rev().take_while(|f| f.id >= meta.id).any(|f| f.id == meta.id) {
+                if self.window.iter().rev().take_while(|f| f.id >= meta.id).any(|f| f.record_last == self.cursor) {
                     continue;
                 }
-                let f = self.flight(meta, record);
-                self.place(f);
+                for f in self.flights(meta, record) {
+                    self.place(f);
+                }
             }
         }
         // Priority records (the alarm lane) beyond the window go out ahead
@@ -700,9 +723,11 @@ impl Uplink {
                     // Corrupt or gone: the window meets it in order.
                     _ => continue,
                 };
-                let f = self.flight(rec.0, rec.1);
-                self.place(f);
-                ahead += 1;
+                self.ahead_scan = self.ahead_scan.max(id + rec.0.span as u64 - 1);
+                for f in self.flights(rec.0, rec.1) {
+                    self.place(f);
+                    ahead += 1;
+                }
             }
         }
         Ok(())
@@ -723,46 +748,57 @@ impl Uplink {
         }
     }
 
-    /// The flight for a record read from the queue.
-    fn flight(&self, meta: crate::queue::RecordMeta, record: Vec<u8>) -> Flight {
-        let stage = if self.log.is_completed(meta.id) {
-            // Completed by an earlier run: never sent again.
-            Stage::Done
-        } else if self.log.contains(meta.id) {
-            Stage::NeedRel
-        } else {
-            Stage::Unsent
+    /// The flights for a record read from the queue: one per message.
+    fn flights(&self, meta: crate::queue::RecordMeta, record: Vec<u8>) -> Vec<Flight> {
+        let last = meta.id + meta.span as u64 - 1;
+        let stage_of = |id: u64| {
+            if self.log.is_completed(id) {
+                // Completed by an earlier run: never sent again.
+                Stage::Done
+            } else if self.log.contains(id) {
+                Stage::NeedRel
+            } else {
+                Stage::Unsent
+            }
         };
-        let maybe_sent = stage == Stage::NeedRel || meta.id <= self.maybe_sent_through;
-        // Past its lane's ttl and never on the wire: dropped, counted. (One
-        // that may have reached the broker is finished, or its packet id
-        // would stay open in the broker's session.)
+        let maybe_sent = |id: u64| stage_of(id) == Stage::NeedRel || id <= self.maybe_sent_through;
+        // Past its lane's ttl and none of it ever on the wire: dropped,
+        // counted. (One that may have reached the broker is finished, or its
+        // packet id would stay open in the broker's session.)
         let ttl = if meta.priority { self.lanes.alarm.ttl } else { self.lanes.bulk.ttl };
-        if stage == Stage::Unsent
-            && !maybe_sent
-            && ttl.is_some_and(|t| crate::reading::now_ms().saturating_sub(meta.created_ms) > t.as_millis() as u64)
+        if ttl.is_some_and(|t| crate::reading::now_ms().saturating_sub(meta.created_ms) > t.as_millis() as u64)
+            && (meta.id..=last).all(|id| stage_of(id) == Stage::Unsent && !maybe_sent(id))
         {
             let c = if meta.priority { &self.metrics.readings_expired_alarm } else { &self.metrics.readings_expired_bulk };
             Metrics::add(c, meta.readings as u64);
             tracing::debug!(batch = meta.id, "batch {} expired undelivered (lane ttl)", meta.id);
-            return Flight::skipped(meta.id);
+            return vec![Flight::skipped(last)];
         }
-        let Some((topic, payload)) = self.outgoing(meta.id, record) else {
+        let Some(messages) = self.outgoing(meta.id, record) else {
             // Kept for a crash, never sent: done once reached.
-            return Flight::skipped(meta.id);
+            return vec![Flight::skipped(last)];
         };
-        Flight {
-            id: meta.id,
-            readings: meta.readings,
-            created_ms: meta.created_ms,
-            payload,
-            topic,
-            stage,
-            maybe_sent,
-            rel_resent: false,
-            retry_at: None,
-            refusals: 0,
+        if messages.len() as u64 != last - meta.id + 1 {
+            tracing::warn!(batch = meta.id, "queue record {} owns {} ids for {} messages", meta.id, meta.span, messages.len());
         }
+        messages
+            .into_iter()
+            .zip(meta.id..=last)
+            .map(|((topic, payload), id)| Flight {
+                id,
+                // Readings count once, on the first copy.
+                readings: if id == meta.id { meta.readings } else { 0 },
+                created_ms: meta.created_ms,
+                payload,
+                topic,
+                stage: stage_of(id),
+                maybe_sent: maybe_sent(id),
+                rel_resent: false,
+                retry_at: None,
+                refusals: 0,
+                record_last: last,
+            })
+            .collect()
     }
 
     /// One connection: `Ok` once `stop` fired (offline sent, DISCONNECT),
@@ -1259,7 +1295,10 @@ impl Uplink {
                 Metrics::inc(&self.metrics.batches_delivered);
                 Metrics::add(&self.metrics.readings_delivered, f.readings as u64);
             }
-            last = Some(f.id);
+            // A record's ack waits for its last message.
+            if f.id == f.record_last {
+                last = Some(f.id);
+            }
         }
         if self.window.iter().all(|f| f.retry_at.is_none()) {
             self.refusal_pause = REFUSAL_PAUSE;
@@ -1430,7 +1469,7 @@ mod tests {
         let (mut q, _) = Queue::open(&dir.path().join("queue"), QueueOptions::from(&StoreConfig::default())).unwrap();
         for i in 1..=100u64 {
             let p = format!("batch {i}");
-            if i == 90 { q.append_priority(1, i, p.as_bytes()) } else { q.append(1, i, p.as_bytes()) }.unwrap();
+            q.append_with(1, i, p.as_bytes(), i == 90, 1).unwrap();
         }
         q.commit().unwrap();
         let queue = Arc::new(Mutex::new(q));

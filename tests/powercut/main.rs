@@ -42,8 +42,9 @@ const DEVICE: &str = "wrist-01";
 /// The gateway's log line once every task runs.
 const READY: &str = "running with";
 const TOPIC: &str = "gateways/powercut-gw/readings";
-/// Where `--rules` routes heart rates over 100.
+/// Where `--rules` routes heart rates over 100, and their second copy.
 const ALARMS_TOPIC: &str = "gateways/powercut-gw/alarms";
+const COPY_TOPIC: &str = "gateways/powercut-gw/alarms-copy";
 /// Longest a boot may take until the gateway says it runs (TCG is slow, and
 /// the machine may be busy building).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -587,6 +588,9 @@ fn power_cuts_lose_and_double_nothing() {
     let alarms = s.rules.then(|| {
         Subscriber::start(broker.plain_port, "powercut-alarms", ALARMS_TOPIC, &s.work.join("alarms.txt"))
     });
+    let copies = s
+        .rules
+        .then(|| Subscriber::start(broker.plain_port, "powercut-copies", COPY_TOPIC, &s.work.join("copies.txt")));
     // Every batch on both topics; the aggregate's outputs apart.
     let all = || {
         let mut m = sub.messages();
@@ -805,8 +809,12 @@ fn power_cuts_lose_and_double_nothing() {
     let received = decode_all(&raw);
     let got = counts(&received);
     sub.stop();
+    let copied = copies.as_ref().map(|c| decode_all(&c.messages()));
     if let Some(a) = alarms {
         a.stop();
+    }
+    if let Some(c) = copies {
+        c.stop();
     }
     drop(broker);
 
@@ -858,6 +866,16 @@ fn power_cuts_lose_and_double_nothing() {
     );
     assert_eq!(got.len() as u64, view.created, "not every created reading was delivered");
     if s.rules {
+        // The alarms' second topic got exactly the alarms, each once.
+        let copied = counts(&copied.expect("rules"));
+        let alarms: std::collections::HashMap<u64, usize> =
+            decode_all(&raw.iter().filter(|(t, _)| t == ALARMS_TOPIC).cloned().collect::<Vec<_>>())
+                .readings
+                .iter()
+                .map(|((_, _, q), n)| (*q, *n))
+                .collect();
+        println!("power-cut rig: rules: {} alarms, {} second copies", alarms.len(), copied.len());
+        assert_eq!(copied, alarms, "the second topic must get exactly the alarms, once each (seed {})", s.seed);
         // Every window's count exactly once, equal to the acked readings'.
         let want = expected_counts(view.created);
         let mut windows: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
