@@ -68,6 +68,9 @@ cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-2}"
 # The power-cut rig, short: the real binary in a VM, its power cut 20 times
 # at random moments (~3 min; docs/testing.md "Power-cut rig"). The long soak is run by hand.
 tests/powercut/run.sh --cycles "${POWERCUT_CYCLES:-20}"
+# The same with [[rules]] on (an alarm lane routed to two topics, an
+# aggregate checked window by window): 10 cuts (~2 min).
+tests/powercut/run.sh --cycles "${POWERCUT_RULES_CYCLES:-10}" --rules
 # The field proof (the .deb installed with apt on Debian 12, systemd as PID
 # 1, in a VM; docs/field-proof.md) takes ~10 min on a fresh machine (the
 # rootfs build alone is ~7.5 min), which does not fit the CI budget: run it

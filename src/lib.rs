@@ -9,6 +9,9 @@
 //!   the embedded MQTT broker, [`broker`]). Each parses its wire format
 //!   ([`wire`], or the BLE decoders) into a [`reading::Incoming`] tagged with
 //!   its [`reading::Origin`].
+//! * [`rules`] — the operator's `[[rules]]` (filter, transform, route,
+//!   lane, downsample, aggregate), run by the pipeline on each accepted
+//!   reading; their outputs are as durable as the readings they come from.
 //! * [`pipeline`] — [`pipeline::dedup`] drops what a device resent,
 //!   [`pipeline::batch`] groups readings into [`reading::Batch`]es,
 //!   [`pipeline::acks`] turns durable readings into cumulative acks, and

@@ -1164,3 +1164,48 @@ fn priority_records_are_found_ahead_counted_apart_and_survive_index_and_scan_reo
     assert_eq!(q.priority_after(0, 10), [30, 40]);
     assert_eq!(q.status().readings, 18 * 3 + 2 * 2);
 }
+
+#[test]
+fn a_record_with_a_span_owns_its_ids_across_reopens_acks_and_reclaims() {
+    let dir = tmp();
+    let o = opts(1 << 30, WhenFull::DropOldest, 4096);
+    let (mut q, _) = Queue::open(dir.path(), o).unwrap();
+    // Ids: 1, 2..=4 (span 3), 5, then more to seal segments.
+    q.append(1, 1, &payload(1, 200)).unwrap();
+    assert_eq!(q.next_id(), 2);
+    q.append_with(2, 2, &payload(2, 200), false, 3).unwrap();
+    assert_eq!(q.next_id(), 5, "a span of 3 owns 2..=4");
+    q.append(1, 5, &payload(5, 200)).unwrap();
+    for i in 6..40u64 {
+        q.append_with(1, i, &payload(i, 300), i % 7 == 0, if i % 5 == 0 { 2 } else { 1 }).unwrap();
+    }
+    q.commit().unwrap();
+    let next = q.next_id();
+    let metas = |q: &Queue| -> Vec<(u64, u32)> { q.read_from(0, usize::MAX).unwrap().iter().map(|(m, _)| (m.id, m.span)).collect() };
+    let before = metas(&q);
+    assert_eq!(&before[..3], [(1, 1), (2, 3), (5, 1)]);
+    assert_eq!(q.committed_id(), next - 1, "committed through the last record's last id");
+    drop(q);
+    for reindex in [false, true] {
+        if reindex {
+            remove_indexes(dir.path());
+        }
+        let (q, _) = Queue::open(dir.path(), o).unwrap();
+        assert_eq!(q.next_id(), next, "ids owned by a span are never reused (reindex {reindex})");
+        assert_eq!(metas(&q), before);
+        assert_eq!(q.status().readings, 1 + 2 + 1 + 34);
+    }
+    let (mut q, _) = Queue::open(dir.path(), o).unwrap();
+    // Reading on from the middle of a span skips the record; acking
+    // through its last id acks it.
+    assert_eq!(q.read_from(3, 1).unwrap()[0].0.id, 5);
+    q.ack_through(4).unwrap();
+    assert_eq!(q.read_from(0, 1).unwrap()[0].0.id, 5);
+    q.ack_through(next - 1).unwrap();
+    q.commit().unwrap();
+    q.reclaim().unwrap();
+    assert_eq!(q.status().batches, 0);
+    drop(q);
+    let (q, _) = Queue::open(dir.path(), o).unwrap();
+    assert_eq!(q.next_id(), next);
+}
