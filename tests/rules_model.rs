@@ -353,3 +353,70 @@ fn rules_outputs_are_exactly_once_across_kills_and_restarts() {
     eprintln!("{seeds} runs: {kills} kills, {closes} clean restarts, {outputs} aggregate outputs checked");
     assert!(kills > seeds as usize && outputs > 100 * seeds as usize, "the runs exercised kills and windows");
 }
+
+/// The LAN broker gets what the rules emit: transformed readings and
+/// aggregate outputs, not dropped ones, not ones a rule keeps off it.
+#[test]
+fn republished_readings_are_what_the_rules_emit() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!(
+        r#"[gateway]
+id = "rp"
+data_dir = {:?}
+[[rules]]
+name = "drop-debug"
+match = {{ sensor = "debug" }}
+filter = true
+[[rules]]
+name = "skin-c"
+match = {{ sensor = "skin_f" }}
+transform = {{ rename = "skin_c", offset = -32.0, scale = 0.5 }}
+[[rules]]
+name = "private"
+match = {{ device = "private-*" }}
+republish = false
+[[rules]]
+name = "hr-1s"
+match = {{ sensor = "hr" }}
+aggregate = {{ window = "1s", emit = ["count"], lateness = "0s" }}
+"#,
+        dir.path().display().to_string()
+    );
+    let cfg = Config::parse(&src, "rp.toml").unwrap();
+    let (mut p, _) = Pipeline::open(&cfg, Arc::new(Metrics::default())).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(100);
+    p.set_republish(tx);
+    let now = Instant::now();
+    let r = |device: &str, sensor: &str, seq: u64, ts: u64, v: f64| Reading {
+        device: device.into(),
+        sensor: sensor.into(),
+        seq: Some(seq),
+        ts,
+        value: Value::Number(v),
+        boot: None,
+    };
+    for x in [
+        r("w1", "debug", 0, 1000, 1.0),
+        r("w1", "skin_f", 1, 1000, 100.0),
+        r("private-1", "skin_f", 0, 1000, 100.0),
+        r("w1", "hr", 2, 1100, 60.0),
+        r("w1", "hr", 3, 2100, 61.0),
+    ] {
+        p.ingest(Incoming::new(x, true, edge_gateway::Origin::Serial(0)), now, 5000).unwrap();
+    }
+    let mut got = Vec::new();
+    while let Ok(x) = rx.try_recv() {
+        got.push((x.device, x.sensor, x.value));
+    }
+    let n = |v: f64| Value::Number(v);
+    assert_eq!(
+        got,
+        [
+            ("w1".to_string(), "skin_c".to_string(), n(18.0)),
+            ("w1".to_string(), "hr".to_string(), n(60.0)),
+            // The 1 s window closed by the reading at 2,100, before it.
+            ("w1".to_string(), "hr.count_1s".to_string(), n(1.0)),
+            ("w1".to_string(), "hr".to_string(), n(61.0)),
+        ]
+    );
+}

@@ -332,7 +332,9 @@ impl Pipeline {
             }
             Verdict::Accept => {
                 Metrics::inc(&self.metrics.readings_accepted);
-                if let Some(tx) = &self.republish
+                // With rules, what they emit is republished (ingest_ruled).
+                if self.engine.is_none()
+                    && let Some(tx) = &self.republish
                     && tx.try_send(reading.clone()).is_err()
                 {
                     Metrics::inc(&self.metrics.republish_dropped);
@@ -393,6 +395,9 @@ impl Pipeline {
     fn ingest_ruled(&mut self, reading: Reading, origin: Origin, now: Instant, now_ms: u64) -> Result<(), Fatal> {
         let engine = self.engine.as_mut().expect("rules");
         let outcome = engine.ingest(&reading, origin.kind() as u8, now_ms);
+        // In queue order: the windows this reading closed, then the reading.
+        let closed = outcome.closed.iter().flat_map(|c| c.republish.iter().cloned());
+        self.republish_all(closed.chain(outcome.republish));
         self.append_closed(outcome.closed, now, now_ms)?;
         if outcome.store.is_empty() {
             // Dropped by a rule: that is its outcome. It is acked with the
@@ -421,6 +426,17 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// Hand readings to the LAN broker's republisher; never waits (a full
+    /// channel drops them, counted).
+    fn republish_all(&self, readings: impl Iterator<Item = Reading>) {
+        let Some(tx) = &self.republish else { return };
+        for r in readings {
+            if tx.try_send(r).is_err() {
+                Metrics::inc(&self.metrics.republish_dropped);
+            }
+        }
     }
 
     /// Append closed windows: every open batch first (so a window's output
@@ -642,6 +658,7 @@ impl Pipeline {
             let closed = e.tick(ms);
             let counts: Vec<_> = e.rules().names().map(str::to_string).zip(e.counts.iter().copied()).collect();
             self.metrics.set_rules(counts);
+            self.republish_all(closed.iter().flat_map(|c| c.republish.iter().cloned()));
             self.append_closed(closed, now, ms)?;
         }
         if self.dirty_since.is_some_and(|t| now.duration_since(t) >= self.fsync_interval) {

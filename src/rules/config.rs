@@ -43,6 +43,12 @@ pub struct RuleConfig {
     pub downsample: Option<DownsampleConfig>,
     #[serde(default)]
     pub aggregate: Option<AggregateConfig>,
+    /// Whether matching readings are republished on the LAN broker
+    /// (`[broker] republish`, which is on by default): `false` keeps them
+    /// off it, `true` puts them back. Without rules every accepted reading
+    /// is; with rules, what the rules emit is (transformed, aggregates too).
+    #[serde(default)]
+    pub republish: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -226,12 +232,13 @@ pub fn validate(rules: &[RuleConfig]) -> Result<(), (String, String)> {
             r.lane.is_some(),
             r.downsample.is_some(),
             r.aggregate.is_some(),
+            r.republish.is_some(),
         ];
         if !actions.contains(&true) {
             return Err((
                 key("name"),
                 format!(
-                    "rule {:?} does nothing: give it filter, transform, route, lane, downsample or aggregate",
+                    "rule {:?} does nothing: give it filter, transform, route, lane, downsample, aggregate or republish",
                     r.name
                 ),
             ));

@@ -73,6 +73,7 @@ struct Rule {
     lane: Option<Lane>,
     downsample: Option<DownsampleConfig>,
     aggregate: Option<AggregateConfig>,
+    republish: Option<bool>,
     /// `10s` in `heart_rate.mean_10s`.
     window_suffix: String,
 }
@@ -105,6 +106,7 @@ impl Rules {
                 lane: c.lane,
                 downsample: c.downsample.clone(),
                 aggregate: c.aggregate.clone(),
+                republish: c.republish,
                 window_suffix: c.aggregate.as_ref().map(|a| window_suffix(a.window)).unwrap_or_default(),
             });
         }
@@ -236,6 +238,8 @@ pub type WindowRef = crate::reading::WindowRef;
 pub struct Closed {
     pub window: WindowRef,
     pub outputs: Vec<(Reading, Dest)>,
+    /// Outputs to republish on the LAN broker (see `republish`).
+    pub republish: Vec<Reading>,
 }
 
 /// What to do with one ingested reading.
@@ -245,6 +249,9 @@ pub struct Outcome {
     pub closed: Vec<Closed>,
     /// Where the raw reading is stored (empty: dropped, acked as handled).
     pub store: Vec<Dest>,
+    /// The reading as it goes upstream, to republish on the LAN broker
+    /// (`None`: dropped, held, or a rule said `republish = false`).
+    pub republish: Option<Reading>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +341,7 @@ impl Engine {
         let mut lane = Lane::Bulk;
         let mut transformed = false;
         let mut hold = false;
+        let mut republish = true;
         for i in 0..rules.rules.len() {
             if !rules.applies(i, &r, source, &mut self.counts) {
                 continue;
@@ -358,6 +366,9 @@ impl Engine {
             }
             if let Some(l) = rule.lane {
                 lane = l;
+            }
+            if let Some(b) = rule.republish {
+                republish = b;
             }
             if let Some(d) = &rule.downsample
                 && !self.downsample(i, d, &r)
@@ -391,6 +402,9 @@ impl Engine {
             return;
         }
         o.store.push(Dest { kind: RecordKind::Raw, topics, lane, source, transformed });
+        if republish {
+            o.republish = Some(r);
+        }
     }
 
     fn drop_at(&mut self, i: usize, out: &Option<&mut Outcome>) {
@@ -562,6 +576,7 @@ impl Engine {
         let a = rule.aggregate.as_ref().expect("an aggregate rule");
         let window = WindowRef { rule: rule.name.clone(), device: device.to_string(), sensor: sensor.to_string(), start: w.start };
         let mut outputs = Vec::new();
+        let mut republished = Vec::new();
         let mut sorted = w.values.clone();
         sorted.sort_by(f64::total_cmp);
         let pct = |p: f64| {
@@ -591,6 +606,7 @@ impl Engine {
             self.counts[i].emitted += 1;
             let mut topics: Vec<String> = Vec::new();
             let mut lane = Lane::Bulk;
+            let mut republish = true;
             for j in i + 1..rules.rules.len() {
                 if !rules.applies(j, &d, source, &mut self.counts) {
                     continue;
@@ -613,10 +629,16 @@ impl Engine {
                 if let Some(l) = later.lane {
                     lane = l;
                 }
+                if let Some(b) = later.republish {
+                    republish = b;
+                }
+            }
+            if republish {
+                republished.push(d.clone());
             }
             outputs.push((d, Dest { kind: RecordKind::Derived, topics, lane, source, transformed: false }));
         }
-        Closed { window, outputs }
+        Closed { window, outputs, republish: republished }
     }
 
     /// The state for the pipeline's checkpoint.
