@@ -297,6 +297,9 @@ impl Pipeline {
     /// Hand every reading dedup accepts, from any source, to `tx` too. Never
     /// waits: when `tx` is full the reading is not republished (counted).
     pub fn set_republish(&mut self, tx: tokio::sync::mpsc::Sender<Reading>) {
+        if let Some(e) = &mut self.engine {
+            e.set_republish(true);
+        }
         self.republish = Some(tx);
     }
 
@@ -420,7 +423,11 @@ impl Pipeline {
         let mut reading = Some(reading);
         for (k, dest) in outcome.store.into_iter().enumerate() {
             let r = if k == last { reading.take().expect("once") } else { reading.clone().expect("kept") };
-            let b = self.batchers.entry(dest.clone()).or_insert_with(|| Batcher::new(n, bytes, age));
+            // (no clone of the destination once its batcher exists)
+            let b = match self.batchers.get_mut(&dest) {
+                Some(b) => b,
+                None => self.batchers.entry(dest.clone()).or_insert_with(|| Batcher::new(n, bytes, age)),
+            };
             if let Some(batch) = b.push(r, now) {
                 self.seal(batch, Some(dest.header(None)), now, now_ms)?;
             }

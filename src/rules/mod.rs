@@ -287,17 +287,67 @@ pub struct Snapshot {
     series: Vec<(String, String, String, Series)>,
 }
 
+/// Series state by device, then (rule, sensor): found per reading without
+/// allocating (a key of owned strings would cost two allocations a lookup).
+#[derive(Default)]
+struct SeriesMap(HashMap<String, Vec<(u16, String, Series)>>);
+
+impl SeriesMap {
+    fn get(&self, rule: u16, device: &str, sensor: &str) -> Option<&Series> {
+        self.0.get(device)?.iter().find(|(r, s, _)| *r == rule && s == sensor).map(|(_, _, v)| v)
+    }
+
+    fn get_mut(&mut self, rule: u16, device: &str, sensor: &str) -> Option<&mut Series> {
+        self.0.get_mut(device)?.iter_mut().find(|(r, s, _)| *r == rule && s == sensor).map(|(_, _, v)| v)
+    }
+
+    fn entry(&mut self, rule: u16, device: &str, sensor: &str, init: impl FnOnce() -> Series) -> &mut Series {
+        if !self.0.contains_key(device) {
+            self.0.insert(device.to_string(), Vec::new());
+        }
+        let list = self.0.get_mut(device).expect("just made");
+        let at = match list.iter().position(|(r, s, _)| *r == rule && s == sensor) {
+            Some(k) => k,
+            None => {
+                list.push((rule, sensor.to_string(), init()));
+                list.len() - 1
+            }
+        };
+        &mut list[at].2
+    }
+
+    fn insert(&mut self, rule: u16, device: &str, sensor: &str, v: Series) {
+        match self.get_mut(rule, device, sensor) {
+            Some(s) => *s = v,
+            None => {
+                self.entry(rule, device, sensor, || v);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u16, &str, &str, &Series)> {
+        self.0.iter().flat_map(|(d, l)| l.iter().map(move |(r, s, v)| (*r, d.as_str(), s.as_str(), v)))
+    }
+}
+
 /// The stateful half: downsample memory and open windows, per (rule, device, sensor).
 pub struct Engine {
     rules: std::sync::Arc<Rules>,
-    series: HashMap<(u16, String, String), Series>,
+    series: SeriesMap,
     pub counts: Vec<RuleCounts>,
+    /// Whether outcomes carry the reading to republish (a LAN broker wants them).
+    republish: bool,
 }
 
 impl Engine {
     pub fn new(rules: std::sync::Arc<Rules>) -> Engine {
         let n = rules.rules.len();
-        Engine { rules, series: HashMap::new(), counts: vec![RuleCounts::default(); n] }
+        Engine { rules, series: SeriesMap::default(), counts: vec![RuleCounts::default(); n], republish: false }
+    }
+
+    /// Outcomes carry `republish` readings only when asked (they cost a clone).
+    pub fn set_republish(&mut self, on: bool) {
+        self.republish = on;
     }
 
     pub fn rules(&self) -> &std::sync::Arc<Rules> {
@@ -325,8 +375,11 @@ impl Engine {
         let Some(i) = self.rules.rules.iter().position(|r| r.name == w.rule) else { return };
         let Some(a) = &self.rules.rules[i].aggregate else { return };
         let end = w.start.saturating_add(a.window.as_millis() as u64);
-        let key = (i as u16, w.device.clone(), w.sensor.clone());
-        let s = self.series.entry(key).or_insert(Series::Agg { closed_through: 0, open: Vec::new(), max_ts: 0 });
+        let s = self.series.entry(i as u16, &w.device, &w.sensor, || Series::Agg {
+            closed_through: 0,
+            open: Vec::new(),
+            max_ts: 0,
+        });
         if let Series::Agg { closed_through, open, .. } = s {
             *closed_through = (*closed_through).max(end);
             open.retain(|o| o.start >= end);
@@ -336,7 +389,8 @@ impl Engine {
     /// `ingest` when `out` is given; replay otherwise.
     fn walk(&mut self, raw: &Reading, source: u8, now_ms: u64, mut out: Option<&mut Outcome>) {
         let rules = self.rules.clone();
-        let mut r = raw.clone();
+        // Cloned only when a transform changes it.
+        let mut r = std::borrow::Cow::Borrowed(raw);
         let mut topics: Vec<String> = Vec::new();
         let mut lane = Lane::Bulk;
         let mut transformed = false;
@@ -355,7 +409,7 @@ impl Engine {
                 return;
             }
             if let Some(t) = &rule.transform {
-                apply_transform(t, &mut r);
+                apply_transform(t, r.to_mut());
                 transformed = true;
             }
             for t in &rule.route {
@@ -402,8 +456,8 @@ impl Engine {
             return;
         }
         o.store.push(Dest { kind: RecordKind::Raw, topics, lane, source, transformed });
-        if republish {
-            o.republish = Some(r);
+        if republish && self.republish {
+            o.republish = Some(r.into_owned());
         }
     }
 
@@ -415,8 +469,7 @@ impl Engine {
 
     /// Keep this reading? Updates the series' memory when it does.
     fn downsample(&mut self, i: usize, d: &DownsampleConfig, r: &Reading) -> bool {
-        let key = (i as u16, r.device.clone(), r.sensor.clone());
-        let prev = self.series.get(&key);
+        let prev = self.series.get(i as u16, &r.device, &r.sensor);
         if let Some(every) = d.every {
             // One reading per interval of device time: the first that
             // arrives. A resend that arrives after newer readings (after a
@@ -438,7 +491,12 @@ impl Engine {
                 _ => (true, b, 1),
             };
             if keep {
-                self.series.insert(key, Series::Down { hi, recent, ts: r.ts, value: r.value.clone() });
+                self.series.insert(i as u16, &r.device, &r.sensor, Series::Down {
+                    hi,
+                    recent,
+                    ts: r.ts,
+                    value: r.value.clone(),
+                });
             }
             return keep;
         }
@@ -456,7 +514,12 @@ impl Engine {
             _ => true,
         };
         if keep {
-            self.series.insert(key, Series::Down { hi: 0, recent: 0, ts: r.ts, value: r.value.clone() });
+            self.series.insert(i as u16, &r.device, &r.sensor, Series::Down {
+                hi: 0,
+                recent: 0,
+                ts: r.ts,
+                value: r.value.clone(),
+            });
         }
         keep
     }
@@ -478,8 +541,11 @@ impl Engine {
         let w = a.window.as_millis() as u64;
         let lateness = a.lateness.unwrap_or(a.window).as_millis() as u64;
         let start = r.ts - r.ts % w;
-        let key = (i as u16, r.device.clone(), r.sensor.clone());
-        let s = self.series.entry(key).or_insert(Series::Agg { closed_through: 0, open: Vec::new(), max_ts: 0 });
+        let s = self.series.entry(i as u16, &r.device, &r.sensor, || Series::Agg {
+            closed_through: 0,
+            open: Vec::new(),
+            max_ts: 0,
+        });
         let Series::Agg { closed_through, open, max_ts } = s else {
             return (false, Vec::new());
         };
@@ -531,14 +597,14 @@ impl Engine {
     pub fn tick(&mut self, now_ms: u64) -> Vec<Closed> {
         let rules = self.rules.clone();
         let mut due = Vec::new();
-        for ((i, dev, sensor), s) in &self.series {
-            let Some(a) = &rules.rules[*i as usize].aggregate else { continue };
+        for (i, dev, sensor, s) in self.series.iter() {
+            let Some(a) = &rules.rules[i as usize].aggregate else { continue };
             let idle = a.idle_close.unwrap_or(a.window + a.lateness.unwrap_or(a.window)).as_millis() as u64;
             if let Series::Agg { open, .. } = s
                 && let Some(newest) = open.iter().map(|o| o.last_arrival_ms).max()
                 && now_ms.saturating_sub(newest) >= idle
             {
-                due.push((*i, dev.clone(), sensor.clone()));
+                due.push((i, dev.to_string(), sensor.to_string()));
             }
         }
         // Same order every time (the map's is not).
@@ -546,8 +612,7 @@ impl Engine {
         let mut out = Vec::new();
         for (i, dev, sensor) in due {
             let w = rules.rules[i as usize].aggregate.as_ref().expect("aggregate").window.as_millis() as u64;
-            let Some(Series::Agg { closed_through, open, .. }) = self.series.get_mut(&(i, dev.clone(), sensor.clone()))
-            else {
+            let Some(Series::Agg { closed_through, open, .. }) = self.series.get_mut(i, &dev, &sensor) else {
                 continue;
             };
             let windows = std::mem::take(open);
@@ -646,7 +711,7 @@ impl Engine {
         let mut series: Vec<_> = self
             .series
             .iter()
-            .map(|((i, d, s), v)| (self.rules.rules[*i as usize].name.clone(), d.clone(), s.clone(), v.clone()))
+            .map(|(i, d, s, v)| (self.rules.rules[i as usize].name.clone(), d.to_string(), s.to_string(), v.clone()))
             .collect();
         series.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
         Snapshot { series }
@@ -663,7 +728,7 @@ impl Engine {
                 Series::Agg { .. } => rule.aggregate.is_some(),
             };
             if fits {
-                self.series.insert((i as u16, d, s), v);
+                self.series.insert(i as u16, &d, &s, v);
             }
         }
     }
