@@ -269,7 +269,12 @@ fn main() {
         ),
     ];
     let mut base = 0.0;
+    // BENCH_ONLY=text runs the baseline and the cases whose name has it (for a profile).
+    let only = std::env::var("BENCH_ONLY").ok();
     for (name, f) in cases {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str()) && !name.starts_with("baseline")) {
+            continue;
+        }
         let runs = if name.contains("paced") { runs.min(3) } else { runs };
         let m = median((0..runs).map(|_| f()).collect());
         if base == 0.0 {
