@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 pub fn glob(pattern: &str, s: &str) -> bool {
     let Some((first, rest)) = pattern.split_once('*') else { return pattern == s };
     let Some(mut s) = s.strip_prefix(first) else { return false };
-    let parts: Vec<&str> = rest.split('*').collect();
-    let (last, middle) = parts.split_last().expect("split yields one part at least");
-    for p in middle {
+    // No allocation: rules and source checks run this per reading.
+    let (middle, last) = rest.rsplit_once('*').unwrap_or(("", rest));
+    for p in middle.split('*').filter(|p| !p.is_empty()) {
         match s.find(p) {
             Some(i) => s = &s[i + p.len()..],
             None => return false,
