@@ -449,6 +449,20 @@ pub struct DroppedKey {
 }
 
 impl RecordHeader {
+    /// A record the uplink never sends: held readings, or none at all (a
+    /// window's close, dropped readings' keys).
+    pub fn hold(window: Option<WindowRef>) -> RecordHeader {
+        RecordHeader {
+            kind: RecordKind::Hold,
+            topics: Vec::new(),
+            lane: 0,
+            source: 0,
+            transformed: false,
+            window,
+            dropped: Vec::new(),
+        }
+    }
+
     /// `header + payload` as one record.
     pub fn wrap(&self, payload: &[u8]) -> Vec<u8> {
         let mut out = RECORD_HEADER_MAGIC.to_vec();

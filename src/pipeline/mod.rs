@@ -457,15 +457,7 @@ impl Pipeline {
         self.seal_all(now, now_ms)?;
         for c in closed {
             if c.outputs.is_empty() {
-                let h = RecordHeader {
-                    kind: RecordKind::Hold,
-                    topics: Vec::new(),
-                    lane: 0,
-                    source: 0,
-                    transformed: false,
-                    window: Some(c.window),
-                    dropped: Vec::new(),
-                };
+                let h = RecordHeader::hold(Some(c.window));
                 self.seal(Vec::new(), Some(h), now, now_ms)?;
                 continue;
             }
@@ -586,15 +578,7 @@ impl Pipeline {
         }
         if !self.dropped.is_empty() {
             // Dropped readings with no record to ride on: a record of their own.
-            let h = RecordHeader {
-                kind: RecordKind::Hold,
-                topics: Vec::new(),
-                lane: 0,
-                source: 0,
-                transformed: false,
-                window: None,
-                dropped: Vec::new(),
-            };
+            let h = RecordHeader::hold(None);
             let now = self.last_now;
             self.seal(Vec::new(), Some(h), now, (self.clock)())?;
         }

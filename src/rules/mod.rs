@@ -78,6 +78,25 @@ struct Rule {
     window_suffix: String,
 }
 
+impl Rule {
+    /// Where a matching reading goes: its routes add topics (once each),
+    /// its lane and republish settings replace earlier ones.
+    fn steer(&self, rules: &Rules, r: &Reading, topics: &mut Vec<String>, lane: &mut Lane, republish: &mut bool) {
+        for t in &self.route {
+            let t = rules.render(t, r);
+            if !topics.contains(&t) {
+                topics.push(t);
+            }
+        }
+        if let Some(l) = self.lane {
+            *lane = l;
+        }
+        if let Some(b) = self.republish {
+            *republish = b;
+        }
+    }
+}
+
 /// The compiled `[[rules]]`, shared by the pipeline (which decides) and
 /// the uplink (which re-applies transforms to what it drains).
 pub struct Rules {
@@ -412,18 +431,7 @@ impl Engine {
                 apply_transform(t, r.to_mut());
                 transformed = true;
             }
-            for t in &rule.route {
-                let t = rules.render(t, &r);
-                if !topics.contains(&t) {
-                    topics.push(t);
-                }
-            }
-            if let Some(l) = rule.lane {
-                lane = l;
-            }
-            if let Some(b) = rule.republish {
-                republish = b;
-            }
+            rule.steer(&rules, &r, &mut topics, &mut lane, &mut republish);
             if let Some(d) = &rule.downsample
                 && !self.downsample(i, d, &r)
             {
@@ -685,18 +693,7 @@ impl Engine {
                 if let Some(t) = &later.transform {
                     apply_transform(t, &mut d);
                 }
-                for t in &later.route {
-                    let t = rules.render(t, &d);
-                    if !topics.contains(&t) {
-                        topics.push(t);
-                    }
-                }
-                if let Some(l) = later.lane {
-                    lane = l;
-                }
-                if let Some(b) = later.republish {
-                    republish = b;
-                }
+                later.steer(&rules, &d, &mut topics, &mut lane, &mut republish);
             }
             if republish {
                 republished.push(d.clone());
