@@ -500,7 +500,12 @@ fn main() {
     let (lat_per_dev, lat_pace) = if full { (500, Duration::from_millis(2)) } else { (50, Duration::from_millis(2)) };
 
     if alarm_only {
-        print_alarms(&alarm_run(&tmp.path().join("alarm"), &certs, if full { 20 } else { 4 }, if full { 50_000 } else { 500 }));
+        print_alarms(&alarm_run(
+            &tmp.path().join("alarm"),
+            &certs,
+            if full { 20 } else { 4 },
+            if full { 50_000 } else { 500 },
+        ));
         return;
     }
     let (mut bridge, mut bridge_default, mut gw, mut gw_rules) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -98,7 +98,10 @@ fn expected(devices: &[SimDevice]) -> Outputs {
                 }
                 // One per 10 ms interval: which one depends on arrival order.
                 "accel" => {
-                    out.insert(("readings".into(), r.device.clone(), r.sensor.clone(), r.ts / 10), Value::Array(vec![]));
+                    out.insert(
+                        ("readings".into(), r.device.clone(), r.sensor.clone(), r.ts / 10),
+                        Value::Array(vec![]),
+                    );
                 }
                 other => panic!("unexpected sensor {other}"),
             }
@@ -166,7 +169,8 @@ fn compare(want: &Outputs, got: &HashMap<(String, String, String, u64), Vec<Valu
 fn run(dir: &Path, n_devices: usize, steps: usize, kills: u64, outage: bool) {
     let certs = make_certs(dir);
     let mut broker = Mosquitto::start(&dir.join("broker"), &certs, false);
-    let readings = Subscriber::start(broker.plain_port, "rules-readings", "gateways/test-gw/readings", &dir.join("r.out"));
+    let readings =
+        Subscriber::start(broker.plain_port, "rules-readings", "gateways/test-gw/readings", &dir.join("r.out"));
     let alarms = Subscriber::start(broker.plain_port, "rules-alarms", "gateways/test-gw/alarms/+", &dir.join("a.out"));
     let extra = format!("{}\n{RULES}", upstream(&broker, &certs.ca));
     let (mut devices, cfg) = fleet_with(
@@ -306,7 +310,12 @@ fn rules_test_is_the_operators_dry_run_and_bad_rules_name_their_line() {
     for (rule, line, key, says) in [
         ("[[rules]]\nname = \"x\"\nlane = \"alarm\"\nwhen = \"(value > 3\"\n", 9, "rules.0.when", "not an expression"),
         ("[[rules]]\nname = \"x\"\nroute = [\"a/+/b\"]\n", 8, "rules.0.route.0", "without '+'"),
-        ("[[rules]]\nname = \"x\"\ndownsample = { every = \"1s\", on_change = true }\n", 8, "rules.0.downsample", "exactly one"),
+        (
+            "[[rules]]\nname = \"x\"\ndownsample = { every = \"1s\", on_change = true }\n",
+            8,
+            "rules.0.downsample",
+            "exactly one",
+        ),
         ("[[rules]]\nname = \"x\"\nfilter = true\nlane = \"alarm\"\n", 8, "rules.0.filter", "no other action"),
     ] {
         std::fs::write(&cfg, format!("{base}\n\n{rule}")).unwrap();
@@ -374,9 +383,8 @@ route = ["gateways/{gateway}/alarms"]
     assert!(panic.wait_all_acked(Duration::from_secs(30)).unwrap());
     let want = 12_001;
     // The status topic is under gateways/test-gw/ too.
-    let batches = || -> Vec<(String, Vec<u8>)> {
-        sub.messages().into_iter().filter(|(t, _)| !t.ends_with("/status")).collect()
-    };
+    let batches =
+        || -> Vec<(String, Vec<u8>)> { sub.messages().into_iter().filter(|(t, _)| !t.ends_with("/status")).collect() };
     wait_until(Duration::from_secs(120), || decode_all(&batches()).readings.len() >= want);
     terminate_ok(gw);
     std::thread::sleep(Duration::from_millis(500));

@@ -106,7 +106,14 @@ impl Device {
             6..=8 => ("accel", Value::Array(vec![rng.below(3) as f64, 0.5, 9.8])),
             _ => ("debug_rssi", Value::Number(-(rng.below(90) as f64))),
         };
-        let r = Reading { device: self.name.clone(), sensor: sensor.into(), seq: Some(seq), ts: self.clock_ms, value, boot: None };
+        let r = Reading {
+            device: self.name.clone(),
+            sensor: sensor.into(),
+            seq: Some(seq),
+            ts: self.clock_ms,
+            value,
+            boot: None,
+        };
         self.pending.insert(seq, r.clone());
         r
     }
@@ -243,7 +250,11 @@ fn run(seed: u64, steps: usize) -> (usize, usize, usize) {
                     }
                     assert_eq!(h.kind == RecordKind::Hold, r.sensor == "skin_temp", "seed {seed}: {r:?} {h:?}");
                     // Two topics: one record owning two ids (both copies or neither).
-                    assert_eq!(h.topics.len(), if h.lane == 1 { 2 } else { 0 }, "seed {seed}: alarms are routed: {h:?}");
+                    assert_eq!(
+                        h.topics.len(),
+                        if h.lane == 1 { 2 } else { 0 },
+                        "seed {seed}: alarms are routed: {h:?}"
+                    );
                     assert_eq!(meta.span as usize, h.topics.len().max(1), "seed {seed}: {h:?}");
                     if !h.topics.is_empty() {
                         assert!(r.sensor == "heart_rate" && r.value_number() > 170.0, "seed {seed}: {r:?} {h:?}");
@@ -296,7 +307,11 @@ fn run(seed: u64, steps: usize) -> (usize, usize, usize) {
         let by_seq: Vec<f64> = {
             let mut rs: Vec<&&Reading> = acked
                 .iter()
-                .filter(|r| r.device == device && r.sensor == sensor && r.ts - r.ts % (if sensor == "heart_rate" { WINDOW_MS } else { SKIN_WINDOW_MS }) == start)
+                .filter(|r| {
+                    r.device == device
+                        && r.sensor == sensor
+                        && r.ts - r.ts % (if sensor == "heart_rate" { WINDOW_MS } else { SKIN_WINDOW_MS }) == start
+                })
                 .collect();
             rs.sort_by_key(|r| r.seq);
             rs.iter().map(|r| r.value_number()).collect()
@@ -318,7 +333,11 @@ fn run(seed: u64, steps: usize) -> (usize, usize, usize) {
             let key = (device.clone(), format!("{sensor}.{stat}"), start);
             let got = derived.remove(&key).unwrap_or_default();
             assert_eq!(got.len(), 1, "seed {seed}: {key:?} emitted {} times (want once): {got:?}", got.len());
-            assert!((got[0] - want).abs() < 1e-9, "seed {seed}: {key:?} = {} but the acked readings say {want}", got[0]);
+            assert!(
+                (got[0] - want).abs() < 1e-9,
+                "seed {seed}: {key:?} = {} but the acked readings say {want}",
+                got[0]
+            );
             expected += 1;
         }
     }

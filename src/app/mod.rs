@@ -367,7 +367,8 @@ impl Sources {
             self.metrics.clone(),
         )?;
         if !self.cfg.rules.is_empty() {
-            let rules = crate::rules::Rules::compile(&self.cfg.rules, &self.cfg.gateway.id).map_err(anyhow::Error::msg)?;
+            let rules =
+                crate::rules::Rules::compile(&self.cfg.rules, &self.cfg.gateway.id).map_err(anyhow::Error::msg)?;
             u.set_rules(Arc::new(rules));
         }
         u.set_lanes(self.cfg.lanes.clone());

@@ -129,7 +129,8 @@ pub fn render(s: &Snapshot<'_>) -> String {
     o.one("queue_bytes", "gauge", "Bytes queued and not yet delivered.", s.queue.bytes);
     o.one("queue_max_bytes", "gauge", "The queue's configured limit (store.max_bytes).", s.queue_max_bytes);
     o.one("queue_oldest_age_seconds", "gauge", "Age of the oldest undelivered batch.", format!("{age:.1}"));
-    let lane_age = |t: Option<u64>| format!("{:.1}", t.map(|t| s.now_ms.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0));
+    let lane_age =
+        |t: Option<u64>| format!("{:.1}", t.map(|t| s.now_ms.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0));
     o.family("lane_queued_readings", "gauge", "Readings queued and not yet delivered, per rules lane.");
     o.sample("lane_queued_readings", &[("lane", "alarm")], s.queue.priority_readings);
     o.sample("lane_queued_readings", &[("lane", "bulk")], s.queue.readings.saturating_sub(s.queue.priority_readings));
@@ -170,7 +171,13 @@ mod tests {
         let text = render(&Snapshot {
             metrics: &m,
             gateway: "gw",
-            queue: QueueStatus { batches: 2, readings: 9, bytes: 100, oldest_created_ms: Some(1_000), ..Default::default() },
+            queue: QueueStatus {
+                batches: 2,
+                readings: 9,
+                bytes: 100,
+                oldest_created_ms: Some(1_000),
+                ..Default::default()
+            },
             queue_max_bytes: 1000,
             uptime_s: 1.0,
             now_ms: 3_500,

@@ -638,8 +638,12 @@ impl Pipeline {
         if let Some(b) = self.batcher.poll_age(now) {
             self.seal(b, None, now, ms)?;
         }
-        let due: Vec<Dest> =
-            self.batchers.iter().filter(|(_, b)| b.deadline().is_some_and(|t| t <= now)).map(|(d, _)| d.clone()).collect();
+        let due: Vec<Dest> = self
+            .batchers
+            .iter()
+            .filter(|(_, b)| b.deadline().is_some_and(|t| t <= now))
+            .map(|(d, _)| d.clone())
+            .collect();
         for d in due {
             if let Some(b) = self.batchers.get_mut(&d).and_then(|b| b.poll_age(now)) {
                 self.seal(b, Some(d.header(None)), now, ms)?;

@@ -1181,7 +1181,9 @@ fn a_record_with_a_span_owns_its_ids_across_reopens_acks_and_reclaims() {
     }
     q.commit().unwrap();
     let next = q.next_id();
-    let metas = |q: &Queue| -> Vec<(u64, u32)> { q.read_from(0, usize::MAX).unwrap().iter().map(|(m, _)| (m.id, m.span)).collect() };
+    let metas = |q: &Queue| -> Vec<(u64, u32)> {
+        q.read_from(0, usize::MAX).unwrap().iter().map(|(m, _)| (m.id, m.span)).collect()
+    };
     let before = metas(&q);
     assert_eq!(&before[..3], [(1, 1), (2, 3), (5, 1)]);
     assert_eq!(q.committed_id(), next - 1, "committed through the last record's last id");

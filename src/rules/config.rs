@@ -211,7 +211,10 @@ pub fn validate(rules: &[RuleConfig]) -> Result<(), (String, String)> {
         let i = rules.iter().rposition(|r| !r.route.is_empty()).expect("some route");
         return Err((
             format!("rules.{i}.route"),
-            format!("{routes} route topics in all: at most {} (a reading's copies are one queue record)", crate::queue::MAX_SPAN),
+            format!(
+                "{routes} route topics in all: at most {} (a reading's copies are one queue record)",
+                crate::queue::MAX_SPAN
+            ),
         ));
     }
     for (i, r) in rules.iter().enumerate() {
@@ -288,7 +291,10 @@ pub fn validate(rules: &[RuleConfig]) -> Result<(), (String, String)> {
                 return Err((key("aggregate"), "window must be at least 1ms".into()));
             }
             if a.emit.is_empty() {
-                return Err((key("aggregate"), "emit needs at least one of count, min, max, mean, sum, last, p50, p95".into()));
+                return Err((
+                    key("aggregate"),
+                    "emit needs at least one of count, min, max, mean, sum, last, p50, p95".into(),
+                ));
             }
             if a.idle_close.is_some_and(|d| d.is_zero()) {
                 return Err((key("aggregate"), "idle_close must be greater than 0".into()));

@@ -29,9 +29,7 @@ impl Condition {
             match VARIABLES.iter().position(|k| *k == v) {
                 Some(i) => reads[i] = true,
                 None => {
-                    return Err(format!(
-                        "{src:?} reads {v:?}: a condition can read value, device, sensor, ts and seq"
-                    ));
+                    return Err(format!("{src:?} reads {v:?}: a condition can read value, device, sensor, ts and seq"));
                 }
             }
         }
@@ -41,14 +39,8 @@ impl Condition {
         let c = Condition { tree, reads };
         // A number and an array reading: a condition that is not a boolean
         // for either is a mistake the operator should hear about now.
-        let probe = |value: Value| Reading {
-            device: "d".into(),
-            sensor: "s".into(),
-            seq: Some(1),
-            ts: 1,
-            value,
-            boot: None,
-        };
+        let probe =
+            |value: Value| Reading { device: "d".into(), sensor: "s".into(), seq: Some(1), ts: 1, value, boot: None };
         let results = [c.eval(&probe(Value::Number(1.0))), c.eval(&probe(Value::Array(vec![1.0, 2.0, 3.0])))];
         if results.iter().all(|r| r.is_err()) {
             let e = results.into_iter().next().expect("two").unwrap_err();

@@ -499,12 +499,12 @@ impl Engine {
                 _ => (true, b, 1),
             };
             if keep {
-                self.series.insert(i as u16, &r.device, &r.sensor, Series::Down {
-                    hi,
-                    recent,
-                    ts: r.ts,
-                    value: r.value.clone(),
-                });
+                self.series.insert(
+                    i as u16,
+                    &r.device,
+                    &r.sensor,
+                    Series::Down { hi, recent, ts: r.ts, value: r.value.clone() },
+                );
             }
             return keep;
         }
@@ -522,12 +522,12 @@ impl Engine {
             _ => true,
         };
         if keep {
-            self.series.insert(i as u16, &r.device, &r.sensor, Series::Down {
-                hi: 0,
-                recent: 0,
-                ts: r.ts,
-                value: r.value.clone(),
-            });
+            self.series.insert(
+                i as u16,
+                &r.device,
+                &r.sensor,
+                Series::Down { hi: 0, recent: 0, ts: r.ts, value: r.value.clone() },
+            );
         }
         keep
     }
@@ -647,7 +647,12 @@ impl Engine {
         let rules = self.rules.clone();
         let rule = &rules.rules[i];
         let a = rule.aggregate.as_ref().expect("an aggregate rule");
-        let window = WindowRef { rule: rule.name.clone(), device: device.to_string(), sensor: sensor.to_string(), start: w.start };
+        let window = WindowRef {
+            rule: rule.name.clone(),
+            device: device.to_string(),
+            sensor: sensor.to_string(),
+            start: w.start,
+        };
         let mut outputs = Vec::new();
         let mut republished = Vec::new();
         let mut sorted = w.values.clone();

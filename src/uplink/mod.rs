@@ -406,7 +406,16 @@ impl Uplink {
             Err(e) => {
                 tracing::warn!(batch = id, "queue record {id} does not decode ({e}); sent as it is");
                 let n = header.topics.len().max(1);
-                return Some(header.topics.into_iter().map(Some).chain(std::iter::repeat(None)).take(n).map(|t| (t, body.to_vec())).collect());
+                return Some(
+                    header
+                        .topics
+                        .into_iter()
+                        .map(Some)
+                        .chain(std::iter::repeat(None))
+                        .take(n)
+                        .map(|t| (t, body.to_vec()))
+                        .collect(),
+                );
             }
         };
         if transform && let Some(rules) = &self.rules {
@@ -769,7 +778,8 @@ impl Uplink {
         if ttl.is_some_and(|t| crate::reading::now_ms().saturating_sub(meta.created_ms) > t.as_millis() as u64)
             && (meta.id..=last).all(|id| stage_of(id) == Stage::Unsent && !maybe_sent(id))
         {
-            let c = if meta.priority { &self.metrics.readings_expired_alarm } else { &self.metrics.readings_expired_bulk };
+            let c =
+                if meta.priority { &self.metrics.readings_expired_alarm } else { &self.metrics.readings_expired_bulk };
             Metrics::add(c, meta.readings as u64);
             tracing::debug!(batch = meta.id, "batch {} expired undelivered (lane ttl)", meta.id);
             return vec![Flight::skipped(last)];
@@ -779,7 +789,13 @@ impl Uplink {
             return vec![Flight::skipped(last)];
         };
         if messages.len() as u64 != last - meta.id + 1 {
-            tracing::warn!(batch = meta.id, "queue record {} owns {} ids for {} messages", meta.id, meta.span, messages.len());
+            tracing::warn!(
+                batch = meta.id,
+                "queue record {} owns {} ids for {} messages",
+                meta.id,
+                meta.span,
+                messages.len()
+            );
         }
         messages
             .into_iter()

@@ -585,9 +585,9 @@ fn power_cuts_lose_and_double_nothing() {
     let certs = make_certs(&s.work);
     let mut broker = Mosquitto::start(&s.work.join("mosquitto"), &certs, false);
     let sub = Subscriber::start(broker.plain_port, "powercut-sub", TOPIC, &s.work.join("received.txt"));
-    let alarms = s.rules.then(|| {
-        Subscriber::start(broker.plain_port, "powercut-alarms", ALARMS_TOPIC, &s.work.join("alarms.txt"))
-    });
+    let alarms = s
+        .rules
+        .then(|| Subscriber::start(broker.plain_port, "powercut-alarms", ALARMS_TOPIC, &s.work.join("alarms.txt")));
     let copies = s
         .rules
         .then(|| Subscriber::start(broker.plain_port, "powercut-copies", COPY_TOPIC, &s.work.join("copies.txt")));
