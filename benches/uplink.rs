@@ -699,7 +699,14 @@ fn alarm_run(dir: &Path, certs: &common::mosquitto::Certs, devices: usize, per_d
     }
     let drain = drain_start.elapsed();
     assert!(panic.wait_all_acked(Duration::from_secs(30)).unwrap());
-    std::thread::sleep(Duration::from_millis(500));
+    // Every alarm sent has arrived (bounded: a busy machine is slower).
+    let alarms_in = |inbox: &Inbox| {
+        inbox.lock().unwrap().iter().flat_map(|(_, p)| batch_keys(p)).filter(|(d, _)| d == "panic-01").count()
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while alarms_in(&inbox) < sent_at.len() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut latencies = Vec::new();
     let mut overtook = 0;
     for (at, p) in inbox.lock().unwrap().iter() {
