@@ -430,16 +430,26 @@ fn the_first_session_survives_a_broker_restart() {
     // A clean broker restart: it saves its database and reads it back.
     broker.stop();
     broker.restart();
-    let gw = Gateway::start(&cfg);
-    assert!(wait_until(Duration::from_secs(30), || gw.log_text().contains(": connected (MQTT")), "{}", gw.log_text());
-    all_acked(&mut devices, &gw);
-    wait_delivered(&sub, &devices, Duration::from_secs(30));
-    drained(&cfg);
-    let log = terminate(gw);
-    let got = settled(&sub, &cfg);
+    let (log, got) = restart_and_settle(&cfg, &mut devices, &sub);
     assert!(log.contains("session resumed"), "the broker forgot the session\n{log}");
     let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
     assert_eq!((missing, doubled), (0, 0), "of {expected}: {missing} missing, {doubled} extra\n{log}");
+}
+
+/// Start the gateway again after a crash and let it finish: connected
+/// (before anything else: a SIGTERM before it installed its handlers would
+/// kill it outright, and everything may be acked already), every reading
+/// acked, delivered and the queue drained, stopped. Its log and what the
+/// subscriber got.
+fn restart_and_settle(cfg: &Path, devices: &mut [SimDevice], sub: &Subscriber) -> (String, Received) {
+    let gw = Gateway::start(cfg);
+    assert!(wait_until(Duration::from_secs(30), || gw.log_text().contains(": connected (MQTT")), "{}", gw.log_text());
+    all_acked(devices, &gw);
+    wait_delivered(sub, devices, Duration::from_secs(30));
+    drained(cfg);
+    let log = terminate(gw);
+    let got = settled(sub, cfg);
+    (log, got)
 }
 
 /// The broker delivered a batch at our PUBREL, then lost the session before
@@ -490,15 +500,7 @@ fn lost_session_after(point: &str) -> (usize, usize) {
     broker.kill9();
     std::fs::copy(&snapshot, broker.db()).unwrap();
     broker.restart();
-    let gw = Gateway::start(&cfg);
-    // Before anything else: a SIGTERM before the gateway installed its
-    // handlers would kill it outright (everything may be acked already).
-    assert!(wait_until(Duration::from_secs(30), || gw.log_text().contains(": connected (MQTT")), "{}", gw.log_text());
-    all_acked(&mut devices, &gw);
-    wait_delivered(&sub, &devices, Duration::from_secs(30));
-    drained(&cfg);
-    let log = terminate(gw);
-    let got = settled(&sub, &cfg);
+    let (log, got) = restart_and_settle(&cfg, &mut devices, &sub);
     let (expected, missing, _) = missing_and_doubled(&devices, &got);
     assert_eq!(missing, 0, "of {expected}: {missing} missing\n{log}");
     assert!(summary_number(&log, "batches re-sent after a lost session") >= 1, "{log}");
