@@ -313,10 +313,15 @@ impl Metrics {
     }
 
     /// The pipeline's per-rule counts (totals since start, set once per tick).
-    pub fn set_rules(&self, counts: impl IntoIterator<Item = (String, crate::rules::RuleCounts)>) {
+    pub fn set_rules<'a>(&self, counts: impl IntoIterator<Item = (&'a str, crate::rules::RuleCounts)>) {
         let mut map = self.per_rule.lock().unwrap_or_else(|e| e.into_inner());
         for (name, c) in counts {
-            map.insert(name, c);
+            match map.get_mut(name) {
+                Some(v) => *v = c,
+                None => {
+                    map.insert(name.to_string(), c);
+                }
+            }
         }
     }
 

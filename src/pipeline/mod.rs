@@ -41,6 +41,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// How often the rules look for idle aggregate windows to close.
+const RULES_TICK: Duration = Duration::from_secs(1);
 /// Least time between checkpoints forced by reclaiming segments.
 const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(5);
 /// Least time between checkpoints forced by a device's first ack: new
@@ -109,6 +111,8 @@ pub struct Pipeline {
     /// [`RecordHeader::dropped`]).
     dropped: Vec<crate::reading::DroppedKey>,
     batch_limits: (usize, u64, Duration),
+    /// When idle windows were last looked for (see `RULES_TICK`).
+    rules_ticked: Instant,
     acks: AckTracker,
     queue: Arc<Mutex<Queue>>,
     metrics: Arc<Metrics>,
@@ -185,6 +189,7 @@ impl Pipeline {
             engine,
             batchers: HashMap::new(),
             dropped: Vec::new(),
+            rules_ticked: Instant::now(),
             batch_limits: (p.batch_max_readings, p.batch_max_bytes, p.batch_max_age),
             acks: AckTracker::new(p.ack_gap_timeout),
             queue: Arc::new(Mutex::new(queue)),
@@ -287,6 +292,7 @@ impl Pipeline {
     pub fn start_clock_at(&mut self, now: Instant) {
         self.last_checkpoint = now;
         self.last_now = now;
+        self.rules_ticked = now;
     }
 
     /// The queue, shared with its readers (the uplink).
@@ -618,7 +624,7 @@ impl Pipeline {
         }
         if self.engine.is_some() {
             // Idle windows close on the gateway's clock: look once a second.
-            d = d.min(self.last_now + Duration::from_secs(1));
+            d = d.min(self.rules_ticked + RULES_TICK);
         }
         if let Some(t) = self.dirty_since {
             d = d.min(t + self.fsync_interval);
@@ -649,10 +655,14 @@ impl Pipeline {
                 self.seal(b, Some(d.header(None)), now, ms)?;
             }
         }
-        if let Some(e) = &mut self.engine {
+        // Idle windows and rule counters: once a second, not at every tick
+        // (the pipeline ticks after each burst of readings).
+        if let Some(e) = &mut self.engine
+            && now.duration_since(self.rules_ticked) >= RULES_TICK
+        {
+            self.rules_ticked = now;
             let closed = e.tick(ms);
-            let counts: Vec<_> = e.rules().names().map(str::to_string).zip(e.counts.iter().copied()).collect();
-            self.metrics.set_rules(counts);
+            self.metrics.set_rules(e.rules().names().zip(e.counts.iter().copied()));
             self.republish_all(closed.iter().flat_map(|c| c.republish.iter().cloned()));
             self.append_closed(closed, now, ms)?;
         }

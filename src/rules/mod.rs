@@ -140,8 +140,9 @@ impl Rules {
         self.rules.iter().map(|r| r.name.as_str())
     }
 
-    /// Does rule `i` apply to `r` (from a source of kind `source`)?
-    fn applies(&self, i: usize, r: &Reading, source: u8, counts: &mut [RuleCounts]) -> bool {
+    /// Does rule `i` apply to `r` (from a source of kind `source`)? A
+    /// condition that fails to evaluate is false, counted in `counts` if given.
+    fn applies(&self, i: usize, r: &Reading, source: u8, counts: Option<&mut [RuleCounts]>) -> bool {
         let rule = &self.rules[i];
         let kind = Origin::KINDS.get(source as usize).copied().unwrap_or("");
         let m = rule.device.as_deref().is_none_or(|p| glob(p, &r.device))
@@ -155,7 +156,9 @@ impl Rules {
             Some(c) => match c.eval(r) {
                 Ok(b) => b,
                 Err(_) => {
-                    counts[i].errors += 1;
+                    if let Some(c) = counts {
+                        c[i].errors += 1;
+                    }
                     false
                 }
             },
@@ -166,10 +169,9 @@ impl Rules {
     /// stored raw: what the uplink sends. A pure function of the reading
     /// and the rules (stored readings passed every filter and downsample).
     pub fn transform_stored(&self, r: &mut Reading, source: u8) {
-        let mut scratch = vec![RuleCounts::default(); self.rules.len()];
         for i in 0..self.rules.len() {
             if let Some(t) = &self.rules[i].transform
-                && self.applies(i, r, source, &mut scratch)
+                && self.applies(i, r, source, None)
             {
                 apply_transform(t, r);
             }
@@ -416,7 +418,7 @@ impl Engine {
         let mut hold = false;
         let mut republish = true;
         for i in 0..rules.rules.len() {
-            if !rules.applies(i, &r, source, &mut self.counts) {
+            if !rules.applies(i, &r, source, Some(&mut self.counts)) {
                 continue;
             }
             let rule = &rules.rules[i];
@@ -686,7 +688,7 @@ impl Engine {
             let mut lane = Lane::Bulk;
             let mut republish = true;
             for j in i + 1..rules.rules.len() {
-                if !rules.applies(j, &d, source, &mut self.counts) {
+                if !rules.applies(j, &d, source, Some(&mut self.counts)) {
                     continue;
                 }
                 let later = &rules.rules[j];
