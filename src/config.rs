@@ -183,6 +183,13 @@ impl Config {
             ));
         }
         crate::rules::validate(&self.rules)?;
+        if self.lanes.alarm.drain != crate::rules::config::Drain::OldestFirst {
+            return Err((
+                "lanes.alarm.drain".into(),
+                "must be \"oldest_first\": alarms go in order, ahead of any backlog (drain applies to lanes.bulk)"
+                    .into(),
+            ));
+        }
         crate::source::ble::config::validate(&self.ble, &self.ble_scan)
     }
 }

@@ -703,14 +703,34 @@ impl Queue {
     /// Live (not acked, not dropped), committed records with id > `after_id`,
     /// in order, at most `max`, payloads read from disk and CRC-checked.
     pub fn read_from(&self, after_id: u64, max: usize) -> Result<Vec<(RecordMeta, Vec<u8>)>> {
+        self.read_range(after_id, u64::MAX, max)
+    }
+
+    /// [`Queue::read_from`] stopping at id `upto` (inclusive).
+    pub fn read_range(&self, after_id: u64, upto: u64, max: usize) -> Result<Vec<(RecordMeta, Vec<u8>)>> {
         let start = after_id.max(self.head);
+        let upto = upto.min(self.committed_id);
         let from = self.index.partition_point(|e| e.id <= start);
-        self.index
-            .range(from..)
-            .take_while(|e| e.id <= self.committed_id)
-            .take(max)
-            .map(|e| self.read_entry(e))
-            .collect()
+        self.index.range(from..).take_while(|e| e.id <= upto).take(max).map(|e| self.read_entry(e)).collect()
+    }
+
+    /// Metadata (no payloads read) of live, committed records with
+    /// `after_id < id < before_id`, at most `max`: the lowest ids first, or
+    /// the highest first when `newest_first`.
+    pub fn metas_between(&self, after_id: u64, before_id: u64, max: usize, newest_first: bool) -> Vec<RecordMeta> {
+        let start = after_id.max(self.head);
+        let end = before_id.min(self.committed_id.saturating_add(1));
+        if start.saturating_add(1) >= end {
+            return Vec::new();
+        }
+        let from = self.index.partition_point(|e| e.id <= start);
+        let to = self.index.partition_point(|e| e.id < end);
+        let range = self.index.range(from..to.max(from));
+        if newest_first {
+            range.rev().take(max).map(|e| e.meta()).collect()
+        } else {
+            range.take(max).map(|e| e.meta()).collect()
+        }
     }
 
     /// Ids of live, committed priority records with id > `after_id`, in

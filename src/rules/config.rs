@@ -154,7 +154,8 @@ pub struct LaneConfig {
     /// until delivered.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub ttl: Option<Duration>,
-    /// The order a backlog drains in. Only `oldest_first` so far.
+    /// The order a backlog drains in (bulk lane only; alarms always go in
+    /// order, ahead of any backlog).
     #[serde(default)]
     pub drain: Drain,
 }
@@ -162,8 +163,12 @@ pub struct LaneConfig {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Drain {
+    /// FIFO: the queue's order.
     #[default]
     OldestFirst,
+    /// FILO: the newest batches of a backlog first, the live ones ahead of
+    /// everything older (see `uplink::fill`).
+    NewestFirst,
 }
 
 fn yes() -> bool {

@@ -79,6 +79,11 @@ const SESSION_EXPIRY: u32 = u32::MAX;
 const MAX_INCOMING: usize = 1 << 20;
 /// Most priority records (alarm lane) pulled ahead of the window at a time.
 const AHEAD_MAX: usize = 64;
+/// `drain = "newest_first"`: most records pulled from the top of a backlog
+/// before the part below them drains oldest first (each one finished ahead
+/// of the queue's ack costs a "completed" note in the PUBREC log until the
+/// ack gets there).
+const NEWEST_MAX: usize = 16_384;
 /// Bound on one write when keep-alive is off (0).
 const WRITE_LIMIT_NO_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -199,12 +204,17 @@ struct Flight {
     /// The last id of the queue record it is a message of: the queue is
     /// acked through a record only once its last message is done.
     record_last: u64,
+    /// The record's first id.
+    record_first: u64,
+    /// Of a priority record (the alarm lane): sent before anything else.
+    priority: bool,
 }
 
 impl Flight {
-    fn skipped(id: u64) -> Flight {
+    /// A record (ids `first..=last`) that is done without being sent.
+    fn skipped(first: u64, last: u64) -> Flight {
         Flight {
-            id,
+            id: last,
             readings: 0,
             created_ms: 0,
             payload: Vec::new(),
@@ -214,7 +224,9 @@ impl Flight {
             rel_resent: false,
             retry_at: None,
             refusals: 0,
-            record_last: id,
+            record_last: last,
+            record_first: first,
+            priority: false,
         }
     }
 }
@@ -264,6 +276,15 @@ pub struct Uplink {
     lanes: crate::rules::config::LanesConfig,
     /// Highest queue id looked at for priority records to pull ahead.
     ahead_scan: u64,
+    /// Records beyond `cursor` finished ahead of it (pulled ahead, then
+    /// completed or dead-lettered), as sorted `(first, last)` id ranges: the
+    /// window skips them when it gets there.
+    done_ahead: Vec<(u64, u64)>,
+    /// `drain = "newest_first"`: the ids `(low, high)` the pull from the top
+    /// has covered since the window last passed it, and how many records.
+    newest: Option<(u64, u64)>,
+    newest_pulled: usize,
+    newest_max: usize,
 }
 
 /// Await `fut`, beating `beat` meanwhile. Only for waits bounded by a
@@ -366,6 +387,10 @@ impl Uplink {
             rules: None,
             lanes: Default::default(),
             ahead_scan: head,
+            done_ahead: Vec::new(),
+            newest: None,
+            newest_pulled: 0,
+            newest_max: NEWEST_MAX,
             cfg: cfg.clone(),
         })
     }
@@ -669,56 +694,74 @@ impl Uplink {
         }
     }
 
-    /// Pull more committed records into the window, up to `limit` entries.
+    /// Pull more committed records into the window, up to `limit` entries
+    /// in queue order (from `cursor`), then pull ahead of it: priority
+    /// records (the alarm lane), and with `drain = "newest_first"` the top of
+    /// the backlog. What is pulled ahead is sent first; the queue's ack
+    /// still waits for every record before it (`advance`), and the window
+    /// steps over it when it gets there.
     fn fill(&mut self, limit: usize) -> Result<(), UplinkError> {
         // Nothing new committed since the last read: skip the lock (the
         // pipeline holds it through its fsyncs).
         let committed = *self.commits.borrow_and_update();
-        let ahead = self.window.iter().rev().take_while(|f| f.id > self.cursor).count();
-        let fill_window = self.window.len() - ahead < limit && self.cursor < committed;
-        let pull_ahead = ahead < AHEAD_MAX && self.ahead_scan.max(self.cursor) < committed;
-        if !fill_window && !pull_ahead {
+        let first_ahead = self.first_ahead();
+        let fill_window = first_ahead < limit && self.cursor < committed;
+        let pull_priority = self.ahead_priority() < AHEAD_MAX && self.ahead_scan.max(self.cursor) < committed;
+        if !fill_window && !pull_priority && !self.newest_wanted(limit, committed) {
             return Ok(());
         }
         let queue = self.queue.clone();
         let q = queue.lock().unwrap_or_else(|e| e.into_inner());
-        while self.window.len() - self.ahead_count() < limit {
-            let want = limit - (self.window.len() - self.ahead_count());
-            let recs = match q.read_from(self.cursor, want) {
-                Ok(r) => r,
-                Err(QueueError::Corrupt { .. }) => {
-                    // Find which one, keep the good ones before it.
-                    match q.read_from(self.cursor, 1) {
-                        Ok(r) => r,
-                        Err(QueueError::Corrupt { id, path }) => {
-                            Event::CorruptRecordSkipped { id, path: &path }.emit(&self.metrics);
-                            self.place(Flight::skipped(id));
-                            self.cursor = id;
-                            continue;
+        loop {
+            let in_order = self.first_ahead();
+            if in_order >= limit {
+                break;
+            }
+            // Read up to the next record pulled ahead; with nothing left
+            // before it, step over it.
+            let barrier = self.barrier();
+            let upto = barrier.map_or(u64::MAX, |b| b.0 - 1);
+            let recs = if self.cursor >= upto {
+                Vec::new()
+            } else {
+                match q.read_range(self.cursor, upto, limit - in_order) {
+                    Ok(r) => r,
+                    Err(QueueError::Corrupt { .. }) => {
+                        // Find which one, keep the good ones before it.
+                        match q.read_range(self.cursor, upto, 1) {
+                            Ok(r) => r,
+                            Err(QueueError::Corrupt { id, path }) => {
+                                Event::CorruptRecordSkipped { id, path: &path }.emit(&self.metrics);
+                                self.place(Flight::skipped(id, id));
+                                self.cursor = id;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
                         }
-                        Err(e) => return Err(e.into()),
                     }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
             };
             if recs.is_empty() {
-                break;
+                let Some((_, last)) = barrier else { break };
+                self.cursor = last;
+                let keep = self.done_ahead.partition_point(|r| r.1 <= last);
+                self.done_ahead.drain(..keep);
+                if self.newest.is_some_and(|(_, high)| high <= self.cursor) {
+                    self.newest = None;
+                    self.newest_pulled = 0;
+                }
+                continue;
             }
             for (meta, record) in recs {
                 self.cursor = meta.id + meta.span as u64 - 1;
-                // Pulled ahead already (a priority record): it stays as it is.
-                if self.window.iter().rev().take_while(|f| f.id >= meta.id).any(|f| f.record_last == self.cursor) {
-                    continue;
-                }
                 for f in self.flights(meta, record) {
                     self.place(f);
                 }
             }
         }
-        // Priority records (the alarm lane) beyond the window go out ahead
-        // of the backlog; their queue ack still waits for the records before
-        // them (`advance`), and the window takes them over when it gets there.
-        let mut ahead = self.ahead_count();
+        // Priority records beyond the window, in queue order.
+        let mut ahead = self.ahead_priority();
         while ahead < AHEAD_MAX && self.ahead_scan.max(self.cursor) < committed {
             let from = self.ahead_scan.max(self.cursor);
             let ids = q.priority_after(from, AHEAD_MAX - ahead);
@@ -727,8 +770,11 @@ impl Uplink {
             }
             for id in ids {
                 self.ahead_scan = self.ahead_scan.max(id);
-                let rec = match q.read_from(id - 1, 1) {
-                    Ok(mut r) if r.len() == 1 && r[0].0.id == id => r.pop().expect("one"),
+                if self.pulled(id) {
+                    continue;
+                }
+                let rec = match q.read_range(id - 1, id, 1) {
+                    Ok(mut r) if r.len() == 1 => r.pop().expect("one"),
                     // Corrupt or gone: the window meets it in order.
                     _ => continue,
                 };
@@ -739,12 +785,144 @@ impl Uplink {
                 }
             }
         }
+        // `drain = "newest_first"`: what was committed above the part
+        // pulled so far (the live records), then down from it.
+        while self.newest_wanted(limit, committed) {
+            let pending = self.window.range(self.first_ahead()..).filter(|f| f.stage != Stage::Done).count();
+            let budget = limit.saturating_sub(pending).min(self.newest_max - self.newest_pulled);
+            let (low, high) = self.newest.unwrap_or((committed + 1, committed));
+            let mut metas = q.metas_between(high, committed + 1, budget, false);
+            if metas.is_empty() {
+                metas = q.metas_between(self.cursor, low, budget, true);
+            }
+            if metas.is_empty() {
+                // Nothing live between the window and the part pulled.
+                break;
+            }
+            for meta in metas {
+                let last = meta.id + meta.span as u64 - 1;
+                let (low, high) = self.newest.unwrap_or((meta.id, last));
+                self.newest = Some((low.min(meta.id), high.max(last)));
+                self.newest_pulled += 1;
+                if self.pulled(meta.id) {
+                    continue;
+                }
+                if (meta.id..=last).all(|id| self.log.is_completed(id)) {
+                    // Completed by an earlier run (no need to read it).
+                    self.add_done(meta.id, last);
+                    continue;
+                }
+                match q.read_range(meta.id - 1, meta.id, 1) {
+                    Ok(mut r) if r.len() == 1 => {
+                        let (meta, record) = r.pop().expect("one");
+                        for f in self.flights(meta, record) {
+                            self.place(f);
+                        }
+                    }
+                    // Corrupt or gone: the window meets it in order.
+                    _ => {}
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Flights beyond the window's cursor: priority records pulled ahead.
-    fn ahead_count(&self) -> usize {
-        self.window.iter().rev().take_while(|f| f.id > self.cursor).count()
+    /// Whether `drain = "newest_first"` has more to pull from the top: a
+    /// backlog beyond the window, room for unsent flights, the bound not
+    /// reached, and records not pulled yet.
+    fn newest_wanted(&self, limit: usize, committed: u64) -> bool {
+        if self.lanes.bulk.drain != crate::rules::config::Drain::NewestFirst
+            || self.cursor >= committed
+            || self.newest_pulled >= self.newest_max
+        {
+            return false;
+        }
+        let pending = self.window.range(self.first_ahead()..).filter(|f| f.stage != Stage::Done).count();
+        pending < limit && self.newest.is_none_or(|(low, high)| high < committed || low > self.cursor + 1)
+    }
+
+    /// Index of the first flight beyond the cursor (pulled ahead).
+    fn first_ahead(&self) -> usize {
+        self.window.partition_point(|f| f.id <= self.cursor)
+    }
+
+    /// Priority flights pulled ahead.
+    fn ahead_priority(&self) -> usize {
+        self.window.range(self.first_ahead()..).filter(|f| f.priority).count()
+    }
+
+    /// The lowest record beyond the cursor already pulled ahead (in the
+    /// window or finished): `(first id, last id)`.
+    fn barrier(&self) -> Option<(u64, u64)> {
+        let w = self.window.get(self.first_ahead()).map(|f| (f.record_first, f.record_last));
+        match (w, self.done_ahead.first().copied()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the record starting at `first` was pulled already.
+    fn pulled(&self, first: u64) -> bool {
+        if first <= self.cursor {
+            return true;
+        }
+        let r = self.done_ahead.partition_point(|r| r.1 < first);
+        if self.done_ahead.get(r).is_some_and(|r| r.0 <= first) {
+            return true;
+        }
+        let i = self.window.partition_point(|f| f.id < first);
+        self.window.get(i).is_some_and(|f| f.record_first == first)
+    }
+
+    /// Note record `first..=last` as finished ahead of the cursor.
+    fn add_done(&mut self, first: u64, last: u64) {
+        let at = self.done_ahead.partition_point(|r| r.0 < first);
+        self.done_ahead.insert(at, (first, last));
+        // Join it with its neighbours when they touch.
+        if at + 1 < self.done_ahead.len() && self.done_ahead[at + 1].0 == last + 1 {
+            self.done_ahead[at].1 = self.done_ahead[at + 1].1;
+            self.done_ahead.remove(at + 1);
+        }
+        if at > 0 && self.done_ahead[at - 1].1 + 1 == first {
+            self.done_ahead[at - 1].1 = self.done_ahead[at].1;
+            self.done_ahead.remove(at);
+        }
+    }
+
+    /// Records beyond the cursor whose every message is done leave the
+    /// window (counted as delivered now) for `done_ahead`.
+    fn compact_ahead(&mut self) {
+        let first = self.first_ahead();
+        if !self.window.range(first..).any(|f| f.stage == Stage::Done) {
+            return;
+        }
+        let mut done = Vec::new();
+        let mut i = first;
+        while i < self.window.len() {
+            let last = self.window[i].record_last;
+            let mut j = i;
+            let mut all = true;
+            while j < self.window.len() && self.window[j].record_last == last {
+                all &= self.window[j].stage == Stage::Done;
+                j += 1;
+            }
+            if all {
+                done.push((self.window[i].record_first, last));
+                for f in self.window.range(i..j) {
+                    count_delivered(&self.metrics, f);
+                }
+            }
+            i = j;
+        }
+        if done.is_empty() {
+            return;
+        }
+        let lasts: std::collections::HashSet<u64> = done.iter().map(|d| d.1).collect();
+        let cursor = self.cursor;
+        self.window.retain(|f| f.id <= cursor || !lasts.contains(&f.record_last));
+        for (first, last) in done {
+            self.add_done(first, last);
+        }
     }
 
     /// Into the window, in id order.
@@ -782,11 +960,11 @@ impl Uplink {
                 if meta.priority { &self.metrics.readings_expired_alarm } else { &self.metrics.readings_expired_bulk };
             Metrics::add(c, meta.readings as u64);
             tracing::debug!(batch = meta.id, "batch {} expired undelivered (lane ttl)", meta.id);
-            return vec![Flight::skipped(last)];
+            return vec![Flight::skipped(meta.id, last)];
         }
         let Some(messages) = self.outgoing(meta.id, record) else {
             // Kept for a crash, never sent: done once reached.
-            return vec![Flight::skipped(last)];
+            return vec![Flight::skipped(meta.id, last)];
         };
         if messages.len() as u64 != last - meta.id + 1 {
             tracing::warn!(
@@ -813,6 +991,8 @@ impl Uplink {
                 retry_at: None,
                 refusals: 0,
                 record_last: last,
+                record_first: meta.id,
+                priority: meta.priority,
             })
             .collect()
     }
@@ -874,8 +1054,17 @@ impl Uplink {
             self.alive();
             crate::crashpoint::stall_async("uplink-loop").await;
             // Fill the window and put every sendable batch on the wire.
-            if let Err(e) = self.fill(inflight_max) {
-                tracing::warn!("uplink: cannot read the queue: {e}");
+            // Records an earlier run completed come in as done: they leave
+            // at once and make room (else a window of them would wait for
+            // the next packet or timer, one window at a time).
+            loop {
+                if let Err(e) = self.fill(inflight_max) {
+                    tracing::warn!("uplink: cannot read the queue: {e}");
+                    break;
+                }
+                if !self.advance() {
+                    break;
+                }
             }
             self.send_ready(proto, qos, inflight_max, max_packet, &mut out)?;
             if !out.is_empty() {
@@ -956,7 +1145,7 @@ impl Uplink {
                     }
                 }
             }
-            self.advance();
+            let _ = self.advance();
             self.commit_acks(false)?;
         }
     }
@@ -1043,7 +1232,7 @@ impl Uplink {
         // Priority records pulled ahead go first. With them in the window,
         // two flights can share a packet id (ids 65,534 apart): the later
         // one waits until the other is finished.
-        let first_ahead = self.window.len() - self.ahead_count();
+        let first_ahead = self.first_ahead();
         let mut busy: std::collections::HashSet<u16> = if first_ahead < self.window.len() {
             self.window
                 .iter()
@@ -1053,7 +1242,13 @@ impl Uplink {
         } else {
             Default::default()
         };
-        let order: Vec<usize> = (first_ahead..self.window.len()).chain(0..first_ahead).collect();
+        let w = &self.window;
+        let order: Vec<usize> = (first_ahead..w.len())
+            .filter(|&i| w[i].priority)
+            // Pulled from the top of a backlog (newest first): the newest first.
+            .chain((first_ahead..w.len()).rev().filter(|&i| !w[i].priority))
+            .chain(0..first_ahead)
+            .collect();
         for i in order {
             if inflight >= inflight_max {
                 break;
@@ -1300,22 +1495,27 @@ impl Uplink {
         Ok(())
     }
 
-    /// Pop delivered batches off the front and ack them in the queue.
-    fn advance(&mut self) {
+    /// Pop delivered batches off the front and ack them in the queue;
+    /// whether the window has room it did not have before.
+    fn advance(&mut self) -> bool {
+        let flights = self.window.len();
         let mut last = None;
-        // Only up to the cursor: beyond it are priority records pulled
-        // ahead, with records before them not read yet.
+        // Only up to the cursor: beyond it are records pulled ahead, with
+        // records before them not read yet.
         while self.window.front().is_some_and(|f| f.stage == Stage::Done && f.id <= self.cursor) {
             let f = self.window.pop_front().unwrap();
-            if f.readings > 0 || !f.payload.is_empty() {
-                Metrics::inc(&self.metrics.batches_delivered);
-                Metrics::add(&self.metrics.readings_delivered, f.readings as u64);
-            }
+            count_delivered(&self.metrics, &f);
             // A record's ack waits for its last message.
             if f.id == f.record_last {
                 last = Some(f.id);
             }
         }
+        // Nothing left at or below the cursor: everything through it is
+        // done (the cursor may have stepped over records finished ahead).
+        if self.window.front().is_none_or(|f| f.id > self.cursor) && self.cursor > self.acked {
+            last = Some(self.cursor);
+        }
+        self.compact_ahead();
         if self.window.iter().all(|f| f.retry_at.is_none()) {
             self.refusal_pause = REFUSAL_PAUSE;
         }
@@ -1323,11 +1523,12 @@ impl Uplink {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = q.ack_through(id) {
                 tracing::error!(batch = id, "uplink: cannot ack batch {id} in the queue: {e}");
-                return;
+                return self.window.len() < flights;
             }
             crate::crashpoint::hit("after-pubcomp-ack");
             self.acked = id;
         }
+        self.window.len() < flights
     }
 
     /// Make acks durable now and then (or now, when `force`), and drop
@@ -1353,6 +1554,15 @@ impl Uplink {
             tracing::warn!("uplink: cannot compact uplink.pubrec: {e}");
         }
         Ok(())
+    }
+}
+
+/// A flight leaving the window: counted as delivered unless it was skipped
+/// or dead-lettered.
+fn count_delivered(metrics: &Metrics, f: &Flight) {
+    if f.readings > 0 || !f.payload.is_empty() {
+        Metrics::inc(&metrics.batches_delivered);
+        Metrics::add(&metrics.readings_delivered, f.readings as u64);
     }
 }
 
@@ -1470,7 +1680,7 @@ mod tests {
             for f in u.window.iter_mut() {
                 f.stage = Stage::Done;
             }
-            u.advance();
+            let _ = u.advance();
         }
         assert_eq!(dups.len(), 10);
         assert!(dups.iter().all(|d| *d), "DUP flags {dups:?}");
@@ -1510,7 +1720,7 @@ mod tests {
         for f in u.window.iter_mut() {
             f.stage = Stage::Done;
         }
-        u.advance();
+        let _ = u.advance();
         assert_eq!(u.acked, 3, "acked through the window, not through the priority record");
         // The window gets there without sending it again.
         let mut later = Vec::new();
@@ -1520,11 +1730,127 @@ mod tests {
             for f in u.window.iter_mut() {
                 f.stage = Stage::Done;
             }
-            u.advance();
+            let _ = u.advance();
         }
         assert_eq!(u.acked, 100);
         assert_eq!(later.len(), 96, "batches 4..=100 but 90: {later:?}");
         assert!(!later.contains(&"batch 90".to_string()));
+    }
+
+    /// A queue of `n` committed batches `"batch {i}"` (ids 1..=n), those in
+    /// `priority` as priority records, and an uplink over it draining
+    /// newest first, in a resumed session.
+    fn newest_first(dir: &Path, n: u64, priority: &[u64]) -> Uplink {
+        let (mut q, _) = Queue::open(&dir.join("queue"), QueueOptions::from(&StoreConfig::default())).unwrap();
+        for i in q.next_id()..=n {
+            q.append_with(1, i, format!("batch {i}").as_bytes(), priority.contains(&i), 1).unwrap();
+        }
+        q.commit().unwrap();
+        let mut u = Uplink::new(&cfg(""), "gw", dir, Arc::new(Mutex::new(q)), Arc::new(Metrics::default())).unwrap();
+        u.lanes.bulk.drain = crate::rules::config::Drain::NewestFirst;
+        u.log.confirm().unwrap();
+        u.resume(true).unwrap();
+        u
+    }
+
+    /// One round with 3 in flight: fill, send, and complete what was sent
+    /// (noted in the PUBREC log as PUBCOMP does); the batch numbers sent.
+    fn round(u: &mut Uplink) -> Vec<u64> {
+        u.fill(3).unwrap();
+        let mut out = Vec::new();
+        u.send_ready(Protocol::V5, 2, 3, usize::MAX, &mut out).unwrap();
+        let (mut at, mut sent) = (0, Vec::new());
+        while let Some((p, n)) = codec::decode(Protocol::V5, &out[at..], 1 << 20).unwrap() {
+            at += n;
+            if let Packet::Publish(p) = p {
+                let s = String::from_utf8(p.payload.to_vec()).unwrap();
+                sent.push(s.trim_start_matches("batch ").parse().unwrap());
+            }
+        }
+        let done: Vec<u64> = u.window.iter().filter(|f| f.stage == Stage::AwaitRec).map(|f| f.id).collect();
+        for f in u.window.iter_mut().filter(|f| f.stage == Stage::AwaitRec) {
+            f.stage = Stage::Done;
+        }
+        u.log.record_completed(&done);
+        let _ = u.advance();
+        sent
+    }
+
+    /// `drain = "newest_first"`: the top of the backlog goes first, newest
+    /// first; a batch committed meanwhile goes
+    /// ahead of the older ones; the queue's ack waits until the oldest are
+    /// delivered; nothing is sent twice.
+    #[test]
+    fn newest_first_sends_the_top_of_a_backlog_first_and_the_ack_waits_for_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = newest_first(dir.path(), 100, &[]);
+        let mut sent = Vec::new();
+        for _ in 0..4 {
+            sent.extend(round(&mut u));
+        }
+        assert_eq!(sent, (89..=100).rev().collect::<Vec<_>>());
+        assert_eq!(u.acked, 0, "batches 1..=3 are not delivered yet");
+        assert_eq!(u.done_ahead, [(89, 100)], "finished ahead, out of the window");
+        assert!(u.window.len() <= 6, "{} flights in the window", u.window.len());
+        // A live batch goes ahead of the older backlog.
+        {
+            let mut q = u.queue.lock().unwrap();
+            q.append(1, 0, b"batch 101").unwrap();
+            q.commit().unwrap();
+        }
+        sent.extend(round(&mut u));
+        assert_eq!(sent[12..], [101, 88, 87]);
+        for _ in 0..60 {
+            sent.extend(round(&mut u));
+        }
+        assert_eq!(u.acked, 101);
+        assert_eq!(&sent[sent.len() - 3..], [1, 2, 3], "the oldest last");
+        let mut all = sent.clone();
+        all.sort();
+        assert_eq!(all, (1..=101).collect::<Vec<_>>(), "each batch once");
+        assert!(u.done_ahead.is_empty() && u.window.is_empty() && u.newest.is_none());
+        assert_eq!(Metrics::get(&u.metrics.batches_delivered), 101);
+    }
+
+    /// A crash in the middle of a newest-first drain: batches completed
+    /// ahead of the queue's ack are known from the PUBREC log's notes and
+    /// never sent again; the rest is.
+    #[test]
+    fn newest_first_after_a_crash_sends_only_what_was_not_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = newest_first(dir.path(), 50, &[]);
+        let mut sent = Vec::new();
+        for _ in 0..5 {
+            sent.extend(round(&mut u));
+        }
+        assert_eq!(u.acked, 0);
+        drop(u); // the queue's ack never became durable
+        let mut u = newest_first(dir.path(), 50, &[]);
+        for _ in 0..40 {
+            sent.extend(round(&mut u));
+        }
+        assert_eq!(u.acked, 50);
+        let mut all = sent.clone();
+        all.sort();
+        assert_eq!(all, (1..=50).collect::<Vec<_>>(), "each batch once across the crash: {sent:?}");
+    }
+
+    /// Past its bound the pull from the top stops: the part below drains
+    /// oldest first, then the top is pulled again. A priority record still
+    /// goes first of all.
+    #[test]
+    fn newest_first_is_bounded_and_priority_records_still_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = newest_first(dir.path(), 40, &[20]);
+        u.newest_max = 6;
+        let mut sent = Vec::new();
+        for _ in 0..30 {
+            sent.extend(round(&mut u));
+        }
+        assert_eq!(sent[..7], [20, 40, 39, 38, 37, 36, 35], "{sent:?}");
+        let after: Vec<u64> = sent[7..].to_vec();
+        assert_eq!(after, (1..=34).filter(|i| *i != 20).collect::<Vec<_>>(), "then oldest first");
+        assert_eq!(u.acked, 40);
     }
 
     /// Lost session: PUBREC entries beyond the window are counted (they go
@@ -1565,7 +1891,7 @@ mod tests {
         assert_eq!(dead.len(), 1);
         assert_eq!((dead[0].queue_id, dead[0].reason_code, dead[0].payload.as_slice()), (1, 0x87, &b"batch 0"[..]));
         assert!(dead[0].reason.contains("not authorized"), "{}", dead[0].reason);
-        u.advance();
+        let _ = u.advance();
         assert_eq!(u.acked, 1, "the dead batch left the queue");
         assert_eq!(Metrics::get(&u.metrics.batches_delivered), 0, "and was not counted as delivered");
         assert_eq!(Metrics::get(&u.metrics.dead_letter_batches), 1);
