@@ -61,6 +61,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RulesCmd,
     },
+    /// Commands from the cloud (`[commands]`).
+    Commands {
+        #[command(subcommand)]
+        cmd: CommandsCmd,
+    },
     /// Read a password from stdin (first line) and print its argon2id PHC
     /// string, for `[[broker.users]] password_hash` or a `password_file`.
     HashPassword,
@@ -106,6 +111,16 @@ enum QueueCmd {
     Dead {
         #[command(subcommand)]
         cmd: DeadCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommandsCmd {
+    /// Print each command waiting for its device as one JSON line: id,
+    /// device, name, args, age_s, expires_in_s, attempts.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -162,6 +177,7 @@ pub fn main() -> ExitCode {
         Cmd::Queue { cmd: QueueCmd::Dead { cmd: DeadCmd::Drop { config } } } => dead_drop(&config),
         Cmd::Decode => decode(),
         Cmd::Rules { cmd: RulesCmd::Test { config } } => rules_test(&config),
+        Cmd::Commands { cmd: CommandsCmd::List { config } } => commands_list(&config),
         Cmd::HashPassword => hash_password(),
         Cmd::Simulate { link, device, rate, framing, count } => simulate(&link, &device, rate, framing, count),
     };
@@ -304,6 +320,28 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
         p.batch_max_bytes,
         humantime::format_duration(p.batch_max_age),
     );
+    Ok(())
+}
+
+fn commands_list(path: &Path) -> anyhow::Result<()> {
+    let c = load(path)?;
+    let now = crate::reading::now_ms();
+    let pending = crate::downlink::list(&c.gateway.data_dir).with_context(|| {
+        format!("cannot read {}", c.gateway.data_dir.join(crate::downlink::store::FILE_NAME).display())
+    })?;
+    for p in pending {
+        let c = &p.cmd;
+        let line = serde_json::json!({
+            "id": c.id,
+            "device": c.device,
+            "name": c.name,
+            "args": serde_json::from_str::<serde_json::Value>(&c.args).unwrap_or_default(),
+            "age_s": now.saturating_sub(c.received_ms) / 1000,
+            "expires_in_s": c.expires_ms.saturating_sub(now) / 1000,
+            "attempts": p.attempts,
+        });
+        println!("{line}");
+    }
     Ok(())
 }
 

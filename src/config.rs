@@ -60,6 +60,9 @@ pub struct Config {
     /// Per-lane settings (ttl) for what rules put in the `alarm` and `bulk` lanes.
     #[serde(default)]
     pub lanes: crate::rules::config::LanesConfig,
+    /// Commands from the cloud to the devices (docs/commands.md); absent: none.
+    #[serde(default)]
+    pub commands: Option<crate::downlink::config::CommandsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -183,6 +186,12 @@ impl Config {
             ));
         }
         crate::rules::validate(&self.rules)?;
+        if let Some(c) = &self.commands {
+            if self.upstream.is_none() {
+                return Err(("commands".into(), "needs an [upstream] section: commands arrive through it".into()));
+            }
+            c.validate()?;
+        }
         if self.lanes.alarm.drain != crate::rules::config::Drain::OldestFirst {
             return Err((
                 "lanes.alarm.drain".into(),

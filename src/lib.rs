@@ -22,6 +22,9 @@
 //! * [`uplink`] — drains the queue to the upstream MQTT broker over TLS,
 //!   QoS 2 with its in-flight state on disk, so a batch is delivered once
 //!   across crashes and outages.
+//! * [`downlink`] — the other way: commands from the cloud (received by the
+//!   uplink, kept durably) delivered to a device over its link, with
+//!   retries, expiry and replies that go up through the queue.
 //!
 //! Beside them: [`broker`] (the embedded MQTT broker and its front door),
 //! [`allow`] (which device ids each source may speak for),
@@ -46,6 +49,7 @@ pub mod cli;
 pub mod config;
 pub mod crashpoint;
 pub mod demo;
+pub mod downlink;
 pub mod events;
 pub mod fatal;
 pub mod metrics;

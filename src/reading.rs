@@ -404,6 +404,9 @@ pub enum RecordKind {
     Hold,
     /// Aggregate outputs, final as stored.
     Derived,
+    /// A reply to a command from the cloud ([`crate::downlink`]): the body
+    /// is the reply's JSON, sent as it is to the header's one topic.
+    Reply,
 }
 
 /// Which window a `Derived` (or empty `Hold`) record closed.

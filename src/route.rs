@@ -21,14 +21,41 @@ use tokio::sync::mpsc;
 pub enum ToDevice {
     /// Every reading of the device up to the ack's seq is durable.
     Ack(Ack),
+    /// A command from the cloud ([`crate::downlink`]); the device answers
+    /// with a [`CommandAck`].
+    Command(DeviceCommand),
+}
+
+/// A command as a device sees it (jsonl: `{"cmd":{...}}`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceCommand {
+    pub id: String,
+    pub device: String,
+    pub name: String,
+    /// JSON text of the command's `args` (`{}` when absent).
+    pub args: String,
+}
+
+/// A device's answer to a command (jsonl: `{"cmd_ack":{...}}`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CommandAck {
+    pub device: String,
+    pub id: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 type Links = HashMap<Origin, mpsc::Sender<ToDevice>>;
 
 /// Origin → link; cheap to clone, shared by the sources and the pipeline.
+/// It also knows which link each device was last heard on, and where the
+/// devices' answers to commands go.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     links: Arc<Mutex<Links>>,
+    devices: Arc<Mutex<HashMap<String, Origin>>>,
+    command_acks: Arc<Mutex<Option<mpsc::Sender<CommandAck>>>>,
 }
 
 impl RouteTable {
@@ -45,6 +72,32 @@ impl RouteTable {
     /// has no link now, or its link is full or closed.
     pub fn try_send(&self, origin: Origin, msg: ToDevice) -> bool {
         self.lock().get(&origin).is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// `device` was heard on `origin` (a source calls this when the device
+    /// of its readings changes, not per reading).
+    pub fn note_device(&self, device: &str, origin: Origin) {
+        let mut d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if d.get(device) != Some(&origin) {
+            d.insert(device.to_string(), origin);
+        }
+    }
+
+    /// The link `device` was last heard on.
+    pub fn origin_of(&self, device: &str) -> Option<Origin> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).get(device).copied()
+    }
+
+    /// Where devices' answers to commands go (the downlink).
+    pub fn set_command_acks(&self, tx: mpsc::Sender<CommandAck>) {
+        *self.command_acks.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    /// Hand a device's answer to the downlink without waiting; false when
+    /// there is none or it is full (the device answers again when the
+    /// command is sent again).
+    pub fn command_ack(&self, ack: CommandAck) -> bool {
+        self.command_acks.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|tx| tx.try_send(ack).is_ok())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Links> {

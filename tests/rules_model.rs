@@ -243,6 +243,7 @@ fn run(seed: u64, steps: usize) -> (usize, usize, usize) {
                     derived.entry((r.device.clone(), r.sensor.clone(), r.ts)).or_default().push(r.value_number());
                     assert_eq!(h.window.as_ref().unwrap().start, r.ts, "seed {seed}");
                 }
+                RecordKind::Reply => panic!("seed {seed}: a command reply without [commands]"),
                 RecordKind::Raw | RecordKind::Hold => {
                     *stored.entry((r.device.clone(), r.seq.unwrap())).or_default() += 1;
                     if r.sensor == "accel" {

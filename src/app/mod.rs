@@ -105,6 +105,8 @@ struct Sources {
     broker_acl: Option<Arc<crate::broker::acl::Store>>,
     /// Handed to the uplink thread: a failed sync there ends the run.
     fatal: FatalTx,
+    /// `[commands]`: every uplink started hands commands to it.
+    downlink: Option<Arc<crate::downlink::Downlink>>,
 }
 
 /// Run the gateway until SIGTERM or SIGINT; SIGHUP reloads `config_path`.
@@ -187,7 +189,30 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         queue: queue.clone(),
         broker_acl: broker.as_ref().map(|b| b.acl.clone()),
         fatal: fatal_tx.clone(),
+        downlink: None,
     };
+    // Commands from the cloud: the store opens before the uplink that
+    // feeds it; the delivery task stops with the side tasks.
+    let downlink_stop = Shutdown::new();
+    let mut downlink_task = None;
+    if let Some(c) = &cfg.commands {
+        let d = crate::downlink::Downlink::open(
+            c,
+            &cfg.gateway.id,
+            &cfg.gateway.data_dir,
+            queue.clone(),
+            metrics.clone(),
+            routes.clone(),
+        )
+        .context("cannot open the command store")?;
+        let (tx, rx) = mpsc::channel(256);
+        routes.set_command_acks(tx);
+        downlink_task = Some(tokio::spawn(tracing::Instrument::instrument(
+            d.clone().run(rx, downlink_stop.subscribe()),
+            tracing::info_span!("commands", source = "commands"),
+        )));
+        sources.downlink = Some(d);
+    }
     for port in &cfg.serial {
         sources.start_serial(port.clone());
     }
@@ -264,6 +289,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
         }
     }
     sources.stop_all_serial().await;
+    downlink_stop.trigger();
+    if let Some(t) = downlink_task {
+        let _ = t.await;
+    }
     if let Some(b) = &mut broker {
         b.finish(SOURCE_STOP_BUDGET).await;
     }
@@ -372,6 +401,9 @@ impl Sources {
             u.set_rules(Arc::new(rules));
         }
         u.set_lanes(self.cfg.lanes.clone());
+        if let Some(d) = &self.downlink {
+            u.set_downlink(d.clone());
+        }
         let stop = Shutdown::new();
         let thread = uplink::spawn(u, stop.subscribe(), Some(self.uplink_beat.clone()), self.fatal.clone())
             .context("cannot start the uplink thread")?;

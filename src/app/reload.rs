@@ -42,6 +42,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         // the uplink transforms with the same rules: both restart.
         ("[[rules]]", old.rules != new.rules),
         ("[lanes]", old.lanes != new.lanes),
+        ("[commands]", old.commands != new.commands),
         ("[broker]", acl::without_acl(&old.broker) != acl::without_acl(&new.broker)),
         ("[metrics]", old.metrics != new.metrics),
         ("[log]", old.log != new.log),

@@ -482,8 +482,13 @@ impl Broker {
             let (durable, mut acks) = (durable.clone(), acks);
             tokio::spawn(async move {
                 let _route = route;
-                while let Some(ToDevice::Ack(ack)) = acks.recv().await {
-                    durable.acked(&ack);
+                while let Some(down) = acks.recv().await {
+                    match down {
+                        ToDevice::Ack(ack) => durable.acked(&ack),
+                        // LAN delivery of commands is not built yet: the
+                        // command stays pending until its ttl.
+                        ToDevice::Command(c) => tracing::debug!(id = %c.id, "command for a LAN device not sent"),
+                    }
                 }
             })
         };

@@ -12,6 +12,7 @@
 //! concurrency. Deterministic for a given seed.
 
 use crate::reading::{Reading, Value};
+use crate::route::{CommandAck, DeviceCommand};
 use crate::wire::Framing;
 use crate::wire::{self, FrameSplitter};
 use nix::poll::{PollFd, PollFlags, poll};
@@ -150,6 +151,11 @@ struct AckState {
     bad_acks: u64,
     /// Last ack that covered something new (or when pending became non-empty).
     last_progress: Instant,
+    /// Commands from the gateway not answered yet, in arrival order (a
+    /// retry of one already here is kept once).
+    commands: Vec<DeviceCommand>,
+    /// Every command line received, retries included.
+    commands_received: u64,
 }
 
 /// Wraps a PTY master so the reader thread can be told to stop: a plain
@@ -228,6 +234,8 @@ impl SimDevice {
                 acks_received: 0,
                 bad_acks: 0,
                 last_progress: Instant::now(),
+                commands: Vec::new(),
+                commands_received: 0,
             })),
             stop: Arc::new(AtomicBool::new(false)),
             reader: None,
@@ -257,6 +265,8 @@ impl SimDevice {
                 };
                 let mut st = lock(&state);
                 splitter.feed(&buf[..n], |frame| {
+                    // parse_ack may decode in place (cobs): keep the line.
+                    let frame_copy = frame.as_ref().ok().map(|f| f.to_vec());
                     let ack = frame.and_then(|f| wire::parse_ack(framing, f));
                     match ack {
                         Ok(ack) if ack.device == device => {
@@ -273,7 +283,19 @@ impl SimDevice {
                         // Acks for another device share a bus in the real
                         // world; they are not ours to act on.
                         Ok(_) => st.acks_received += 1,
-                        Err(_) => st.bad_acks += 1,
+                        Err(_) => match framing {
+                            Framing::Jsonl => match frame_copy.as_deref().and_then(wire::parse_command_jsonl) {
+                                Some(c) if c.device == device => {
+                                    st.commands_received += 1;
+                                    if !st.commands.iter().any(|x| x.id == c.id) {
+                                        st.commands.push(c);
+                                    }
+                                }
+                                Some(_) => {}
+                                None => st.bad_acks += 1,
+                            },
+                            Framing::Cobs => st.bad_acks += 1,
+                        },
                     }
                 });
             }
@@ -413,6 +435,33 @@ impl SimDevice {
             value: Value::Number(1.0),
             boot: None,
         }
+    }
+
+    /// Commands received from the gateway and not answered yet.
+    pub fn commands(&self) -> Vec<DeviceCommand> {
+        lock(&self.state).commands.clone()
+    }
+
+    /// Command lines received so far, retries included.
+    pub fn commands_received(&self) -> u64 {
+        lock(&self.state).commands_received
+    }
+
+    /// Answer every command received so far (`ok`, with `{"done": name}`
+    /// as the result); returns them.
+    pub fn answer_commands(&mut self, ok: bool) -> io::Result<Vec<DeviceCommand>> {
+        let cmds = std::mem::take(&mut lock(&self.state).commands);
+        for c in &cmds {
+            let a = CommandAck {
+                device: c.device.clone(),
+                id: c.id.clone(),
+                ok,
+                result: Some(serde_json::json!({ "done": c.name })),
+            };
+            self.writer.write_all(&wire::encode_command_ack_jsonl(&a))?;
+        }
+        self.writer.flush()?;
+        Ok(cmds)
     }
 
     /// Resend every pending reading if acks made no progress for

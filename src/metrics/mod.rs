@@ -190,6 +190,26 @@ counters! {
         "Batches refused for good and moved to the dead-letter store.", Uplink "batches dead-lettered";
     readings_dead_lettered: Counter "readings_dead_lettered_total",
         "Readings in batches moved to the dead-letter store.", Uplink "readings dead-lettered";
+    // Commands from the cloud (`crate::downlink`).
+    commands_received: Counter "commands_received_total", "Commands accepted from the cloud (written durably).",
+        Stopped "commands accepted";
+    commands_repeated: Counter "commands_repeated_total",
+        "Commands received again with an id already accepted (acked, not carried out twice).";
+    commands_delivered: Counter "commands_total" { "status" = "delivered" },
+        "Commands finished, by the status of their reply.", Stopped "commands delivered";
+    /// The device answered `ok: false`.
+    commands_failed: Counter "commands_total" { "status" = "failed" }, "";
+    /// Its ttl ran out before the device answered.
+    commands_expired: Counter "commands_total" { "status" = "expired" }, "", Stopped "commands expired";
+    /// Malformed, incomplete, or over `max_pending`.
+    commands_rejected: Counter "commands_total" { "status" = "rejected" }, "";
+    command_attempts: Counter "command_attempts_total", "Commands sent to a device (first sends and retries).";
+    /// Sum over delivered and failed commands of receipt → the device's answer.
+    command_latency_ms: Counter "command_answer_milliseconds_total",
+        "Milliseconds from a command's receipt to its device's answer, summed over answered commands.";
+    command_answers_unknown: Counter "command_answers_unknown_total",
+        "Answers from devices to commands that are not pending (already finished, or never sent).";
+    commands_pending: Gauge "commands_pending", "Commands waiting for their device.";
     dead_letter_batches: Gauge "dead_letter_batches",
         "Batches in the dead-letter store (queue dead list/replay/drop).";
     /// Or by an older version; the next connect starts clean.

@@ -250,7 +250,7 @@ impl Pipeline {
                 if let (Some(w), Some(e)) = (&h.window, me.engine.as_mut()) {
                     e.replay_closed(w);
                 }
-                if h.kind == RecordKind::Derived {
+                if matches!(h.kind, RecordKind::Derived | RecordKind::Reply) {
                     report.replayed_records += 1;
                     continue;
                 }

@@ -21,7 +21,7 @@ use crate::allow::{self, Devices};
 use crate::events::{Event, RateLimit};
 use crate::metrics::Metrics;
 use crate::reading::{Ack, Incoming, Origin, now_ms};
-use crate::route::{Route, ToDevice};
+use crate::route::{CommandAck, DeviceCommand, Route, RouteTable, ToDevice};
 use crate::source::SourceContext;
 use crate::units::valid_id;
 use crate::wire::Framing;
@@ -68,13 +68,13 @@ impl SerialSource {
     pub fn spawn(cfg: SerialConfig, number: u32, ctx: SourceContext) -> SerialSource {
         let origin = Origin::Serial(number);
         let (route, down) = ctx.routes.register(origin, ACK_CHANNEL_CAPACITY);
-        let SourceContext { ingest: tx, metrics, shutdown, .. } = ctx;
+        let SourceContext { ingest: tx, metrics, shutdown, routes } = ctx;
         let name = cfg.name.clone();
         let span = tracing::info_span!("serial", source = "serial");
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let _route: Route = route;
-                run(cfg, origin, tx, down, metrics, shutdown).await
+                Port::new(cfg, origin, tx, down, metrics, shutdown, Some(routes)).run().await
             },
             span,
         ));
@@ -172,23 +172,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let splitter = FrameSplitter::new(cfg.framing);
-    Port {
-        cfg,
-        origin,
-        tx,
-        acks,
-        acks_open: true,
-        metrics,
-        shutdown,
-        splitter,
-        malformed_log: RateLimit::new(MALFORMED_LOG_INTERVAL),
-        refused_log: RateLimit::new(Duration::from_secs(10)),
-        ever_connected: false,
-        fallback_logged: false,
-    }
-    .run()
-    .await
+    Port::new(cfg, origin, tx, acks, metrics, shutdown, None).run().await
 }
 
 enum End {
@@ -214,6 +198,13 @@ struct Port {
     ever_connected: bool,
     /// The termios fallback is announced once per port, not per reconnect.
     fallback_logged: bool,
+    /// Where the devices heard here are noted and their answers to
+    /// commands go ([`crate::downlink`]); `None` when run on its own.
+    routes: Option<RouteTable>,
+    /// The device of the last reading (noted in `routes` when it changes).
+    last_device: String,
+    /// Commands taken off the link channel while collecting acks.
+    commands: Vec<DeviceCommand>,
 }
 
 /// Completes when shutdown is requested or can no longer be requested.
@@ -224,6 +215,35 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 impl Port {
+    fn new(
+        cfg: SerialConfig,
+        origin: Origin,
+        tx: mpsc::Sender<Incoming>,
+        acks: mpsc::Receiver<ToDevice>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+        routes: Option<RouteTable>,
+    ) -> Port {
+        let splitter = FrameSplitter::new(cfg.framing);
+        Port {
+            cfg,
+            origin,
+            tx,
+            acks,
+            acks_open: true,
+            metrics,
+            shutdown,
+            splitter,
+            malformed_log: RateLimit::new(MALFORMED_LOG_INTERVAL),
+            refused_log: RateLimit::new(Duration::from_secs(10)),
+            ever_connected: false,
+            fallback_logged: false,
+            routes,
+            last_device: String::new(),
+            commands: Vec::new(),
+        }
+    }
+
     async fn run(mut self) {
         let name = self.cfg.name.clone();
         let path = self.cfg.path.display().to_string();
@@ -323,6 +343,8 @@ impl Port {
                 ack = self.acks.recv(), if self.acks_open => match ack {
                     Some(ToDevice::Ack(ack)) => debug!(port = %self.cfg.name, device = %ack.device, seq = ack.seq,
                         "port down, dropping ack (the device will resend)"),
+                    Some(ToDevice::Command(c)) => debug!(port = %self.cfg.name, device = %c.device, id = %c.id,
+                        "port down, dropping command (the downlink sends it again)"),
                     None => self.acks_open = false,
                 },
             }
@@ -341,8 +363,8 @@ impl Port {
                     return End::Shutdown;
                 }
                 ack = self.acks.recv(), if self.acks_open => match ack {
-                    Some(ToDevice::Ack(ack)) => {
-                        if let Err(e) = self.write_acks(port, ack).await {
+                    Some(down) => {
+                        if let Err(e) = self.write_down(port, down).await {
                             return End::Lost(describe(&e));
                         }
                     }
@@ -370,14 +392,38 @@ impl Port {
         let now = now_ms();
         let (framing, default_device, port) = (self.cfg.framing, self.cfg.device.as_deref(), self.origin);
         let mut refused: Vec<String> = Vec::new();
+        let mut answers: Vec<CommandAck> = Vec::new();
         let devices = self.cfg.devices.as_ref();
         self.splitter.feed(chunk, |frame| {
-            match frame.and_then(|f| wire::parse_reading(framing, f, default_device, now)) {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => return malformed.push(e),
+            };
+            match wire::parse_reading(framing, frame, default_device, now) {
                 Ok((reading, _)) if !allow::permits(devices, &reading.device) => refused.push(reading.device),
                 Ok((reading, ts_from_device)) => out.push(Incoming::new(reading, ts_from_device, port)),
-                Err(e) => malformed.push(e),
+                Err(e) => match (framing, wire::parse_command_ack_jsonl(frame)) {
+                    (Framing::Jsonl, Some(Ok(a))) if allow::permits(devices, &a.device) => answers.push(a),
+                    (Framing::Jsonl, Some(Ok(a))) => refused.push(a.device),
+                    (Framing::Jsonl, Some(Err(e))) => malformed.push(e),
+                    _ => malformed.push(e),
+                },
             }
         });
+        if let Some(routes) = &self.routes {
+            for inc in &out {
+                if inc.reading.device != self.last_device {
+                    self.last_device.clone_from(&inc.reading.device);
+                    routes.note_device(&self.last_device, port);
+                }
+            }
+            for a in answers {
+                routes.note_device(&a.device, port);
+                if !routes.command_ack(a) {
+                    debug!(port = %self.cfg.name, "answer to a command dropped (no downlink, or it is busy)");
+                }
+            }
+        }
         for device in &refused {
             let log = self.refused_log.allow(1);
             Event::DeviceRefused { source: "serial", link: &self.cfg.name, device, log }.emit(&self.metrics);
@@ -423,8 +469,8 @@ impl Port {
                     return Ok(());
                 }
                 ack = self.acks.recv(), if self.acks_open => match ack {
-                    Some(ToDevice::Ack(ack)) => {
-                        if let Err(e) = self.write_acks(port, ack).await {
+                    Some(down) => {
+                        if let Err(e) = self.write_down(port, down).await {
                             return Err(End::Lost(describe(&e)));
                         }
                     }
@@ -434,13 +480,46 @@ impl Port {
         }
     }
 
-    /// Collect `first` and every ack already queued (see [`merge_acks`]).
+    /// Collect `first` and every ack already queued (see [`merge_acks`]);
+    /// commands met on the way wait in `self.commands`.
     fn take_acks(&mut self, first: Option<Ack>) -> Vec<Ack> {
         let mut queued = Vec::new();
-        while let Ok(ToDevice::Ack(a)) = self.acks.try_recv() {
-            queued.push(a);
+        while let Ok(down) = self.acks.try_recv() {
+            match down {
+                ToDevice::Ack(a) => queued.push(a),
+                ToDevice::Command(c) => self.commands.push(c),
+            }
         }
         merge_acks(first.into_iter().chain(queued))
+    }
+
+    /// Write what came down the link: acks (with every one queued), or a
+    /// command (with every ack queued behind it).
+    async fn write_down(&mut self, port: &mut Link, down: ToDevice) -> io::Result<()> {
+        match down {
+            ToDevice::Ack(ack) => self.write_acks(port, Some(ack)).await,
+            ToDevice::Command(c) => {
+                self.commands.push(c);
+                self.write_acks(port, None).await
+            }
+        }
+    }
+
+    /// Commands taken off the channel, encoded for the port's framing.
+    fn encode_commands(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in std::mem::take(&mut self.commands) {
+            match self.cfg.framing {
+                Framing::Jsonl => {
+                    debug!(port = %self.cfg.name, device = %c.device, id = %c.id, "command {} to {}", c.id, c.device);
+                    out.extend_from_slice(&wire::encode_command_jsonl(&c));
+                }
+                // Not carried by the cobs framing yet: the command expires.
+                Framing::Cobs => debug!(port = %self.cfg.name, id = %c.id,
+                    "command {} not sent: the cobs framing does not carry commands", c.id),
+            }
+        }
+        out
     }
 
     fn encode_acks(&self, acks: &[Ack]) -> Vec<u8> {
@@ -457,11 +536,15 @@ impl Port {
         out
     }
 
-    /// Write `first` and every queued ack in one go. Returns only port
-    /// errors that end the session.
-    async fn write_acks(&mut self, port: &mut Link, first: Ack) -> io::Result<()> {
-        let acks = self.take_acks(Some(first));
-        let bytes = self.encode_acks(&acks);
+    /// Write `first` and every queued ack (and command) in one go. Returns
+    /// only port errors that end the session.
+    async fn write_acks(&mut self, port: &mut Link, first: Option<Ack>) -> io::Result<()> {
+        let acks = self.take_acks(first);
+        let mut bytes = self.encode_acks(&acks);
+        bytes.extend(self.encode_commands());
+        if bytes.is_empty() {
+            return Ok(());
+        }
         let write = async {
             port.write_all(&bytes).await?;
             port.flush().await

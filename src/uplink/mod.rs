@@ -276,6 +276,8 @@ pub struct Uplink {
     lanes: crate::rules::config::LanesConfig,
     /// Highest queue id looked at for priority records to pull ahead.
     ahead_scan: u64,
+    /// `[commands]`: the uplink subscribes and hands what arrives here.
+    downlink: Option<Arc<crate::downlink::Downlink>>,
     /// Records beyond `cursor` finished ahead of it (pulled ahead, then
     /// completed or dead-lettered), as sorted `(first, last)` id ranges: the
     /// window skips them when it gets there.
@@ -388,6 +390,7 @@ impl Uplink {
             lanes: Default::default(),
             ahead_scan: head,
             done_ahead: Vec::new(),
+            downlink: None,
             newest: None,
             newest_pulled: 0,
             newest_max: NEWEST_MAX,
@@ -398,6 +401,11 @@ impl Uplink {
     /// The compiled `[[rules]]` (the same the pipeline decides with).
     pub fn set_rules(&mut self, rules: Arc<crate::rules::Rules>) {
         self.rules = Some(rules);
+    }
+
+    /// `[commands]`: subscribe to its topic and keep what arrives there.
+    pub fn set_downlink(&mut self, d: Arc<crate::downlink::Downlink>) {
+        self.downlink = Some(d);
     }
 
     /// `[lanes]` (ttl per lane).
@@ -1042,7 +1050,14 @@ impl Uplink {
         }
         self.resume(connack.session_present && !suspect)?;
         debug_assert!(self.log.confirmed(), "connect() confirms the log");
-        codec::encode_publish(proto, &self.status_topic, b"online", 1, self.retain, false, STATUS_PID, &mut out);
+        match &self.downlink {
+            // Every session (a lost one has no subscription). It shares the
+            // status message's packet id, so "online" waits for the SUBACK.
+            Some(d) => codec::encode_subscribe(proto, STATUS_PID, d.topic(), 2, &mut out),
+            None => {
+                codec::encode_publish(proto, &self.status_topic, b"online", 1, self.retain, false, STATUS_PID, &mut out)
+            }
+        }
 
         let beat = self.beat.clone();
         let beat_every = beat.as_ref().map_or(Duration::from_secs(3600), |b| b.every());
@@ -1366,6 +1381,34 @@ impl Uplink {
                     }
                 }
                 Packet::PubRel { pid, .. } => codec::encode_pubcomp(pid, out),
+                Packet::Publish(p) => {
+                    // A command: on our disk before we ack it (crate::downlink).
+                    match &self.downlink {
+                        Some(d) if p.topic == d.topic() => {
+                            if let Err(e) = d.receive(&p.payload) {
+                                return Err(Fatal(format!("commands: {e}; a restart re-reads the store")).into());
+                            }
+                        }
+                        _ => tracing::debug!(topic = %p.topic, "uplink: message on a topic we did not subscribe to"),
+                    }
+                    match p.qos {
+                        1 => codec::encode_puback(p.pid, out),
+                        2 => codec::encode_pubrec(p.pid, out),
+                        _ => {}
+                    }
+                }
+                Packet::SubAck { pid: STATUS_PID, codes } => {
+                    if codes.iter().any(|c| *c >= 0x80) {
+                        tracing::error!(
+                            "upstream broker refused the commands subscription (reason {:#04x}): no commands arrive",
+                            codes[0]
+                        );
+                    } else if let Some(d) = &self.downlink {
+                        tracing::info!("upstream: subscribed to commands on {}", d.topic());
+                    }
+                    let retain = self.retain;
+                    codec::encode_publish(proto, &self.status_topic, b"online", 1, retain, false, STATUS_PID, out);
+                }
                 Packet::Disconnect { reason } => {
                     return Err(UplinkError::Refused(format!(
                         "broker sent DISCONNECT, reason {reason:#04x} ({})",

@@ -29,6 +29,7 @@
 //! delimiters is discarded and counted as malformed once.
 
 use crate::reading::{Ack, Reading, Value};
+use crate::route::{CommandAck, DeviceCommand};
 use serde::{Deserialize, Serialize};
 
 /// Longest frame accepted between two delimiters, delimiter excluded.
@@ -172,6 +173,55 @@ pub fn encode_ack_jsonl(ack: &Ack) -> Vec<u8> {
 pub fn parse_ack_jsonl(line: &[u8]) -> Result<Ack, WireError> {
     let l: AckLine = serde_json::from_slice(line)?;
     Ok(Ack { device: l.ack.device.into_owned(), seq: l.ack.seq, boot: l.ack.boot })
+}
+
+/// A command for a device as one jsonl line, `\n` included:
+/// `{"cmd":{"id":"c-1","device":"wrist-07","name":"alert","args":{...}}}`.
+pub fn encode_command_jsonl(c: &DeviceCommand) -> Vec<u8> {
+    let args: serde_json::Value = serde_json::from_str(&c.args).unwrap_or(serde_json::Value::Null);
+    let line = serde_json::json!({"cmd": {"id": c.id, "device": c.device, "name": c.name, "args": args}});
+    let mut out = serde_json::to_vec(&line).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// A command line as a device reads it; `None` when the line is no command.
+pub fn parse_command_jsonl(line: &[u8]) -> Option<DeviceCommand> {
+    #[derive(Deserialize)]
+    struct Line {
+        cmd: Body,
+    }
+    #[derive(Deserialize)]
+    struct Body {
+        id: String,
+        device: String,
+        name: String,
+        #[serde(default)]
+        args: serde_json::Value,
+    }
+    let l: Line = serde_json::from_slice(line).ok()?;
+    Some(DeviceCommand { id: l.cmd.id, device: l.cmd.device, name: l.cmd.name, args: l.cmd.args.to_string() })
+}
+
+/// A device's answer, `{"cmd_ack":{"device":..,"id":..,"ok":true,"result":..}}`,
+/// `\n` included.
+pub fn encode_command_ack_jsonl(a: &CommandAck) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&serde_json::json!({ "cmd_ack": a })).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// A `cmd_ack` line from a device; `None` when the line is not one (then it
+/// is whatever else it fails to be).
+pub fn parse_command_ack_jsonl(line: &[u8]) -> Option<Result<CommandAck, WireError>> {
+    if !line.windows(9).any(|w| w == b"\"cmd_ack\"") {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Line {
+        cmd_ack: CommandAck,
+    }
+    Some(serde_json::from_slice::<Line>(line).map(|l| l.cmd_ack).map_err(WireError::from))
 }
 
 /// A reading as one jsonl line, `\n` included (what a device sends). `ts`
