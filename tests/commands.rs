@@ -218,3 +218,48 @@ fn bad_commands_settings_name_their_key() {
     }
     let _ = Path::new("");
 }
+
+/// A LAN device through the embedded broker: it published a reading (so the
+/// gateway knows it is on the LAN), gets the command on `commands/{device}`
+/// and answers on `commands/{device}/ack`; the reply carries its result.
+#[test]
+fn a_command_reaches_a_lan_device_over_the_embedded_broker() {
+    need("mosquitto_sub", "mosquitto-clients");
+    let lan = free_port();
+    let r = rig(&format!("[broker]\nenabled = true\ntcp = \"127.0.0.1:{lan}\"\nallow_anonymous = true\n"));
+    let gw = Gateway::start(&r.cfg);
+    let ready = wait_until(Duration::from_secs(20), || {
+        let l = gw.log_text();
+        l.contains("broker: ingest") && l.contains("subscribed to commands")
+    });
+    assert!(ready, "log:\n{}", gw.log_text());
+    let port = lan.to_string();
+    // The device listens for its commands (a fresh client per try: retries
+    // every 300 ms mean one arrives whenever it is subscribed).
+    let mut sub = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", "commands/lan-01", "-C", "1", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let publish = |topic: &str, msg: &str| {
+        let st = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", topic, "-m", msg])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mosquitto_pub to the gateway's broker failed");
+    };
+    publish("sensors/lan-01/heart_rate", r#"{"seq":0,"value":71}"#);
+    r.command(r#"{"id":"c-lan","device":"lan-01","name":"alert","args":{"level":3}}"#);
+    let mut got = String::new();
+    std::io::Read::read_to_string(sub.stdout.as_mut().unwrap(), &mut got).unwrap();
+    let _ = sub.wait();
+    let cmd: Value =
+        serde_json::from_str(got.trim()).unwrap_or_else(|e| panic!("{e}: {got:?}; log:\n{}", gw.log_text()));
+    assert_eq!(cmd, serde_json::json!({"id": "c-lan", "name": "alert", "args": {"level": 3}}));
+    publish("commands/lan-01/ack", r#"{"id":"c-lan","ok":true,"result":"buzzed"}"#);
+    let reply = r.wait_reply("c-lan", &gw, Duration::from_secs(15));
+    assert_eq!((reply["status"].as_str(), reply["result"].as_str()), (Some("delivered"), Some("buzzed")), "{reply}");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(r.replies_to("c-lan").len(), 1);
+    terminate_ok(gw);
+}

@@ -70,7 +70,7 @@ pub mod topic;
 use crate::metrics::Metrics;
 use crate::metrics::status::Probe;
 use crate::reading::{Ack, Reading};
-use crate::route::{Route, ToDevice};
+use crate::route::{DeviceCommand, Route, ToDevice};
 use crate::shutdown::{self, Shutdown};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use config::{BrokerAck, BrokerConfig};
@@ -90,6 +90,10 @@ use tracing::{error, info, warn};
 /// Readings waiting to be republished; past this they are dropped (counted):
 /// republishing is best effort and must never slow the pipeline.
 const REPUBLISH_CHANNEL: usize = 8192;
+/// Commands for LAN devices waiting for the publish thread.
+const COMMAND_CHANNEL: usize = 256;
+/// Where LAN devices answer commands: `commands/{device}/ack`.
+pub const COMMAND_ACK_FILTER: &str = "commands/+/ack";
 /// rumqttd keeps every published message in per-filter in-memory segments
 /// until they rotate out (3 MiB a filter here, kept once filled): this bounds
 /// the broker's memory, and how far a subscriber may lag before rumqttd skips
@@ -457,6 +461,8 @@ impl Broker {
         let (link_tx, link_rx) = tokio::task::spawn_blocking(move || -> Result<(LinkTx, LinkRx), String> {
             let (mut tx, rx, _ack) = LinkBuilder::new(LINK_CLIENT_ID, router_tx).build().map_err(|e| e.to_string())?;
             tx.subscribe(filter).map_err(|e| e.to_string())?;
+            // Devices' answers to commands (crate::downlink).
+            tx.subscribe(COMMAND_ACK_FILTER).map_err(|e| e.to_string())?;
             Ok((tx, rx))
         })
         .await
@@ -468,11 +474,12 @@ impl Broker {
         let feed = LanFeed { link: link_rx, pattern: ingest.clone(), flow: flow.clone() };
 
         let (rp_tx, rp_rx) = mpsc::channel(REPUBLISH_CHANNEL);
+        let (cmd_tx, cmd_rx) = mpsc::channel::<DeviceCommand>(COMMAND_CHANNEL);
         let publisher = {
             let (topic, every, m) = (b.status_topic.clone(), b.status_interval, metrics.clone());
             std::thread::Builder::new()
                 .name("broker-publish".into())
-                .spawn(move || run_publisher(link_tx, rp_rx, republish, topic, every, status, m))
+                .spawn(move || run_publisher(link_tx, rp_rx, cmd_rx, republish, topic, every, status, m))
                 .map_err(|e| BrokerError::Internal(format!("cannot start its thread: {e}")))?
         };
 
@@ -487,7 +494,13 @@ impl Broker {
                         ToDevice::Ack(ack) => durable.acked(&ack),
                         // LAN delivery of commands is not built yet: the
                         // command stays pending until its ttl.
-                        ToDevice::Command(c) => tracing::debug!(id = %c.id, "command for a LAN device not sent"),
+                        // Published by the publish thread; when it is busy
+                        // the downlink sends the command again later.
+                        ToDevice::Command(c) => {
+                            if cmd_tx.try_send(c).is_err() {
+                                tracing::debug!("broker: command for a LAN device dropped (publisher busy)");
+                            }
+                        }
                     }
                 }
             })
@@ -730,9 +743,11 @@ fn tls_acceptor(b: &BrokerConfig) -> Result<tokio_rustls::TlsAcceptor, BrokerErr
 }
 
 /// The publish thread: republish readings (retained) and the status.
+#[allow(clippy::too_many_arguments)]
 fn run_publisher(
     mut link: LinkTx,
     mut rx: mpsc::Receiver<Reading>,
+    mut commands: mpsc::Receiver<DeviceCommand>,
     republish: Option<TopicPattern>,
     status_topic: String,
     every: Duration,
@@ -763,6 +778,18 @@ fn run_publisher(
                     }
                     None => return,
                 },
+                Some(c) = commands.recv() => {
+                    // `commands/{device}`: {"id","name","args"}; the device
+                    // answers on `commands/{device}/ack`.
+                    let topic = format!("commands/{}", c.device);
+                    let args: serde_json::Value = serde_json::from_str(&c.args).unwrap_or_default();
+                    let payload = serde_json::json!({"id": c.id, "name": c.name, "args": args}).to_string();
+                    let p = Packet::Publish(Publish::new(topic.into_bytes(), payload.into_bytes(), false), None);
+                    if link.send(p).await.is_err() {
+                        error!("broker: the router is gone; commands stop");
+                        return;
+                    }
+                }
                 _ = tick.tick(), if !status_topic.is_empty() => {
                     let payload = serde_json::to_vec(&status.take()).unwrap_or_default();
                     let topic = acl::internal_topic(&status_topic).into_owned();

@@ -23,6 +23,7 @@ use crate::broker::topic::TopicPattern;
 use crate::broker::{Flow, LanFeed};
 use crate::metrics::Metrics;
 use crate::reading::{Incoming, Origin, now_ms};
+use crate::route::{CommandAck, RouteTable};
 use crate::shutdown;
 use crate::source::SourceContext;
 use crate::wire;
@@ -32,7 +33,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Topics counted one by one; past this many, the rest share one counter,
 /// so a client inventing topics cannot grow the metrics without bound.
@@ -50,8 +51,18 @@ const DRAIN_QUIET: Duration = Duration::from_millis(150);
 /// broker's stop signal ([`crate::broker::Broker::stopping`]).
 pub async fn run(feed: LanFeed, ctx: SourceContext) -> Result<(), String> {
     let LanFeed { mut link, pattern, flow } = feed;
-    let SourceContext { ingest: tx, metrics, shutdown: mut stop, .. } = ctx;
-    let mut ingest = Ingest { pattern, flow, tx, metrics, topics: HashSet::new(), last_log: None, suppressed: 0 };
+    let SourceContext { ingest: tx, metrics, shutdown: mut stop, routes } = ctx;
+    let mut ingest = Ingest {
+        pattern,
+        flow,
+        tx,
+        metrics,
+        topics: HashSet::new(),
+        last_log: None,
+        suppressed: 0,
+        routes,
+        last_device: String::new(),
+    };
     loop {
         tokio::select! {
             biased;
@@ -98,6 +109,9 @@ struct Ingest {
     topics: HashSet<String>,
     last_log: Option<Instant>,
     suppressed: u64,
+    /// Devices heard here are noted for commands; their answers go there.
+    routes: RouteTable,
+    last_device: String,
 }
 
 impl Ingest {
@@ -117,6 +131,11 @@ impl Ingest {
         let topic = String::from_utf8_lossy(&publish.topic);
         // Counted as taken once handed over (or skipped), below.
         let bytes = (publish.topic.len() + publish.payload.len()) as u64;
+        if let Some(device) = topic.strip_prefix("commands/").and_then(|t| t.strip_suffix("/ack")) {
+            self.flow.taken(bytes);
+            self.command_ack(device, &publish.payload);
+            return true;
+        }
         let key = self.counter_key(&topic);
         let parsed = match self.pattern.matches(&topic) {
             Some((device, sensor)) => {
@@ -127,6 +146,10 @@ impl Ingest {
         match parsed {
             Ok((reading, ts_from_device)) => {
                 self.metrics.topic(&key, |c| c.readings += 1);
+                if reading.device != self.last_device {
+                    self.last_device.clone_from(&reading.device);
+                    self.routes.note_device(&reading.device, Origin::Lan);
+                }
                 let sent = self.tx.send(Incoming::new(reading, ts_from_device, Origin::Lan)).await.is_ok();
                 self.flow.taken(bytes);
                 sent
@@ -145,6 +168,27 @@ impl Ingest {
                 }
                 true
             }
+        }
+    }
+
+    /// `commands/{device}/ack` with `{"id","ok","result"?}`: a device's
+    /// answer to a command (the front door's ACL decides who may publish it).
+    fn command_ack(&mut self, device: &str, payload: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            id: String,
+            ok: bool,
+            #[serde(default)]
+            result: Option<serde_json::Value>,
+        }
+        match serde_json::from_slice::<Body>(payload) {
+            Ok(b) => {
+                let a = CommandAck { device: device.to_string(), id: b.id, ok: b.ok, result: b.result };
+                if !self.routes.command_ack(a) {
+                    debug!("broker: answer to a command dropped (no [commands], or busy)");
+                }
+            }
+            Err(e) => warn!("broker: malformed answer to a command on commands/{device}/ack: {e}"),
         }
     }
 
