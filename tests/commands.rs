@@ -263,3 +263,46 @@ fn a_command_reaches_a_lan_device_over_the_embedded_broker() {
     assert_eq!(r.replies_to("c-lan").len(), 1);
     terminate_ok(gw);
 }
+
+#[path = "common/fake_bluez.rs"]
+#[allow(dead_code)]
+mod fake_bluez;
+
+/// A BLE wearable (the fake BlueZ on a private bus): `alert` is a write of
+/// the Immediate Alert Service's Alert Level, seen by BlueZ, and replied
+/// `delivered`; a command the device cannot carry out (no such service on
+/// the second strap, an unknown name) is replied `failed`, not dropped.
+#[test]
+fn an_alert_for_a_ble_wearable_is_an_immediate_alert_write() {
+    use fake_bluez::{Bus, CharSpec, FakeBluez};
+    let bus = Bus::start();
+    let mut fake = FakeBluez::start(&bus.address);
+    let hr = CharSpec { service: 0x180D, uuid: 0x2A37, flags: &["notify"], value: vec![] };
+    let ias = CharSpec { service: 0x1802, uuid: 0x2A06, flags: &["write-without-response"], value: vec![] };
+    let strap = fake.add_gatt_device("C0:FF:EE:00:00:07", "Strap 7", vec![hr.clone(), ias]);
+    fake.add_gatt_device("C0:FF:EE:00:00:08", "Strap 8", vec![hr]);
+    let ble = "[[ble]]\nname = \"s7\"\nmatch = { name_prefix = \"Strap 7\" }\nprofile = \"heart_rate\"\ndevice = \"wrist-07\"\n\
+               [[ble]]\nname = \"s8\"\nmatch = { name_prefix = \"Strap 8\" }\nprofile = \"heart_rate\"\ndevice = \"wrist-08\"\n\
+               [ble_scan]\nhealth_interval = \"200ms\"\n";
+    let r = rig(ble);
+    let gw = Gateway::start_with_env(&r.cfg, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)]);
+    for addr in ["C0:FF:EE:00:00:07", "C0:FF:EE:00:00:08"] {
+        assert!(fake.wait_notifying(addr, 0x2A37, Duration::from_secs(20)), "{}", gw.log_text());
+    }
+    assert!(wait_until(Duration::from_secs(15), || gw.log_text().contains("subscribed to commands")));
+    r.command(r#"{"id":"b-1","device":"wrist-07","name":"alert","args":{"level":1}}"#);
+    let reply = r.wait_reply("b-1", &gw, Duration::from_secs(15));
+    assert_eq!(reply["status"], "delivered", "{reply}");
+    assert_eq!(reply["result"], serde_json::json!({"alert_level": 1}));
+    assert_eq!(*strap.writes.lock().unwrap(), [(0x2A06, vec![1u8])], "one Alert Level write");
+    r.command(r#"{"id":"b-2","device":"wrist-08","name":"alert"}"#);
+    r.command(r#"{"id":"b-3","device":"wrist-07","name":"rate"}"#);
+    for id in ["b-2", "b-3"] {
+        let reply = r.wait_reply(id, &gw, Duration::from_secs(15));
+        assert_eq!(reply["status"], "failed", "{reply}");
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(strap.writes.lock().unwrap().len(), 1, "no second write");
+    assert_eq!(r.replies().len(), 3, "{:?}", r.replies());
+    terminate_ok(gw);
+}

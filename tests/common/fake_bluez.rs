@@ -120,6 +120,8 @@ pub struct DevStats {
     pub connects: AtomicU32,
     pub disconnects: AtomicU32,
     pub start_notify: AtomicU32,
+    /// Every `WriteValue`: (characteristic uuid, value).
+    pub writes: std::sync::Mutex<Vec<(u16, Vec<u8>)>>,
 }
 
 #[derive(Default, Debug)]
@@ -390,7 +392,11 @@ impl GattCharacteristic1 {
     async fn read_value(&self, _options: HashMap<String, OwnedValue>) -> Vec<u8> {
         self.spec.value.clone()
     }
-    async fn write_value(&self, _value: Vec<u8>, _options: HashMap<String, OwnedValue>) {}
+    async fn write_value(&self, value: Vec<u8>, _options: HashMap<String, OwnedValue>) -> Result<(), BluezError> {
+        // GATT objects exist only while the device is connected.
+        self.stats.writes.lock().unwrap().push((self.spec.uuid, value));
+        Ok(())
+    }
     async fn start_notify(&mut self, #[zbus(signal_emitter)] e: SignalEmitter<'_>) {
         self.stats.start_notify.fetch_add(1, Ordering::SeqCst);
         self.notifying = true;

@@ -32,6 +32,8 @@ pub(super) struct Device {
     pub(super) ever_connected: bool,
     /// The current attempt connected and subscribed.
     pub(super) session_ok: bool,
+    /// Where the device is noted for commands and its answers go.
+    pub(super) routes: crate::route::RouteTable,
 }
 
 impl Device {
@@ -173,6 +175,8 @@ impl Device {
                         }
                     }
                     Some(DevEvent::Disconnected) => {}
+                    // Not connectable: commands wait for their ttl.
+                    Some(DevEvent::Command(_)) => {}
                 },
             }
         }
@@ -227,6 +231,7 @@ impl Device {
             }
         });
         info!("ble {}: connected to {addr}, {}", self.cfg.name, if can_notify { "subscribed" } else { "polling" });
+        self.routes.note_device(&device, Origin::Ble);
         self.splitter.reset();
         if ch.properties.contains(CharPropFlags::READ)
             && !can_notify
@@ -261,6 +266,9 @@ impl Device {
                     },
                     Some(DevEvent::Rssi(rssi)) => if let Err(end) = self.rssi(&device, rssi).await { return end },
                     Some(DevEvent::ServiceData(_)) => {}
+                    Some(DevEvent::Command(c)) => if c.device == device {
+                        self.command(p, &c).await;
+                    },
                 },
                 n = notes.next() => match n {
                     None => return DevEnd::Lost(format!("notification stream from {addr} ended")),
@@ -285,6 +293,43 @@ impl Device {
                 }
             }
         }
+    }
+
+    /// Carry out a command on the connected peripheral and answer it:
+    /// `alert` writes the Immediate Alert Service's Alert Level (0x1802 /
+    /// 0x2A06; `args.level` 0 none, 1 mild, 2 high, default 2). The write
+    /// itself is the delivery: a device whose GATT write fails, or that has
+    /// no such service, answers `ok: false`.
+    async fn command(&mut self, p: &Peripheral, c: &crate::route::DeviceCommand) {
+        let args: serde_json::Value = serde_json::from_str(&c.args).unwrap_or_default();
+        let (ok, result) = match c.name.as_str() {
+            "alert" => {
+                let level = args["level"].as_u64().unwrap_or(2).min(2) as u8;
+                use btleplug::api::bleuuid::uuid_from_u16 as u16id;
+                let (ias, alert) = (u16id(0x1802), u16id(0x2A06));
+                let ch = p
+                    .services()
+                    .into_iter()
+                    .filter(|s| s.uuid == ias)
+                    .flat_map(|s| s.characteristics)
+                    .find(|ch| ch.uuid == alert);
+                match ch {
+                    None => (false, serde_json::json!("no Immediate Alert Service (0x1802) on the device")),
+                    Some(ch) => {
+                        match timeout(p.write(&ch, &[level], btleplug::api::WriteType::WithoutResponse)).await {
+                            Ok(()) => (true, serde_json::json!({ "alert_level": level })),
+                            Err(e) => (false, serde_json::json!(format!("Alert Level write failed: {e}"))),
+                        }
+                    }
+                }
+            }
+            other => {
+                (false, serde_json::json!(format!("command {other:?} is not supported over BLE (only \"alert\")")))
+            }
+        };
+        info!("ble {}: command {} ({}) {}", self.cfg.name, c.id, c.name, if ok { "done" } else { "failed" });
+        let a = crate::route::CommandAck { device: c.device.clone(), id: c.id.clone(), ok, result: Some(result) };
+        self.routes.command_ack(a);
     }
 
     pub(super) async fn read_once(&mut self, p: &Peripheral, ch: &Characteristic, device: &str) -> Result<(), DevEnd> {

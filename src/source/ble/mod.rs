@@ -126,6 +126,10 @@ enum DevEvent {
     ServiceData(Vec<u8>),
     Rssi(i16),
     Disconnected,
+    /// A command from the cloud for the device named in it: every device
+    /// task gets it, the one that is that device and connected carries it
+    /// out ([`crate::downlink`]).
+    Command(crate::route::DeviceCommand),
 }
 
 struct DeviceHandle {
@@ -148,8 +152,9 @@ impl DeviceHandle {
 /// Run every `[[ble]]` device until `shutdown` fires. Never returns an
 /// error: BlueZ and radio problems are retried (see the module doc).
 pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, data_dir: std::path::PathBuf, ctx: SourceContext) {
-    // BLE devices take no acks: nothing to register in `ctx.routes` yet.
-    let SourceContext { ingest: tx, metrics, shutdown, .. } = ctx;
+    // BLE devices take no acks; commands come down the `Ble` link.
+    let SourceContext { ingest: tx, metrics, shutdown, routes } = ctx;
+    let (route, mut down) = routes.register(Origin::Ble, 64);
     // Fail closed: without the saved counters, encrypted adverts could be replays.
     let counters = match replay::Counters::open(&data_dir) {
         Ok(c) => Some(Arc::new(c)),
@@ -198,6 +203,7 @@ pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, data_dir: std::pa
             counters: counters.clone(),
             ever_connected: false,
             session_ok: false,
+            routes: routes.clone(),
         };
         let span = tracing::info_span!("device", device = %cfg.name);
         tasks.spawn(tracing::Instrument::instrument(dev.run(), span));
@@ -211,6 +217,18 @@ pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, data_dir: std::pa
             matched: None,
         });
     }
+    // Commands: to every device task (a handful); the one it names acts.
+    let senders: Vec<mpsc::Sender<DevEvent>> = handles.iter().map(|h| h.events.clone()).collect();
+    let dispatch = tokio::spawn(async move {
+        let _route = route;
+        while let Some(d) = down.recv().await {
+            if let crate::route::ToDevice::Command(c) = d {
+                for s in &senders {
+                    let _ = s.try_send(DevEvent::Command(c.clone()));
+                }
+            }
+        }
+    });
     let mut hub = Hub {
         scan,
         handles,
@@ -224,6 +242,7 @@ pub async fn run(devices: Vec<BleConfig>, scan: BleScanConfig, data_dir: std::pa
     hub.run().await;
     // Device tasks watch the same shutdown signal; they end on their own.
     while tasks.join_next().await.is_some() {}
+    dispatch.abort();
     if let Some(saver) = saver
         && let Ok(c) = saver.await
     {
