@@ -32,6 +32,11 @@ struct Rig {
 /// Two wearables, `wrist-00` and `wrist-01`, each on its dock; `[commands]`
 /// with `extra` settings.
 fn rig(extra: &str) -> Rig {
+    rig_n(2, extra)
+}
+
+/// [`rig`] with `n` wearables `wrist-00`...
+fn rig_n(n: usize, extra: &str) -> Rig {
     need("mosquitto_pub", "mosquitto-clients");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
@@ -44,7 +49,7 @@ fn rig(extra: &str) -> Rig {
         broker.tls_port,
         certs.ca.display().to_string()
     );
-    let (devices, cfg) = fleet_with(&dir, 2, 40, 0.0, |_| edge_gateway::config::Framing::Jsonl, PIPELINE, STORE, &up);
+    let (devices, cfg) = fleet_with(&dir, n, 40, 0.0, |_| edge_gateway::config::Framing::Jsonl, PIPELINE, STORE, &up);
     Rig { _tmp: tmp, dir, broker, replies, devices, cfg, metrics_port }
 }
 
@@ -163,15 +168,18 @@ fn a_command_waits_for_its_device_until_the_ttl_and_then_expires() {
 
 /// The gateway dies in each window of a command's way: after the command is
 /// on disk but before the broker got our PUBREC (the broker sends it again:
-/// one command), after the reply's note but before the reply is in the
-/// queue, and with the reply appended but not synced (cut back, as by a
-/// power cut). Each time: one command at the device, one reply upstream.
+/// one command), after the device answered but before anything of it is on
+/// disk (the command goes to the device again: at least once to the device,
+/// which acts on each id once), after the reply's note but before the reply
+/// is in the queue, and with the reply appended but not synced (cut back,
+/// as by a power cut). Each time: one reply upstream.
 /// Planted: without the note's check at start the reply of the second and
 /// third crash is lost.
 #[test]
 fn commands_and_replies_are_exactly_once_across_crashes_in_each_window() {
     let mut r = rig("");
-    for (i, point) in ["after-command-accepted", "after-reply-noted", "after-reply-appended"].iter().enumerate() {
+    let points = ["after-command-accepted", "after-device-answer", "after-reply-noted", "after-reply-appended"];
+    for (i, point) in points.iter().enumerate() {
         let id = format!("k-{i}");
         let mut gw = Gateway::start_with_env(&r.cfg, &[("EDGE_GATEWAY_CRASH_AT", point)]);
         r.devices_speak(&gw);
@@ -184,10 +192,11 @@ fn commands_and_replies_are_exactly_once_across_crashes_in_each_window() {
         assert!(crashed && gw.log_text().contains("crash point"), "{point}: no crash; log:\n{}", gw.log_text());
         let gw = Gateway::start(&r.cfg);
         r.devices_speak(&gw);
-        if *point == "after-command-accepted" {
+        if *point == "after-command-accepted" || *point == "after-device-answer" {
             assert!(wait_commands(&r.devices[0], 1), "{point}: no command after the restart; log:\n{}", gw.log_text());
             let got = r.devices[0].answer_commands(true).unwrap();
             assert_eq!(got.len(), 1, "{point}: one command: {got:?}");
+            assert_eq!(got[0].id, id);
         }
         let reply = r.wait_reply(&id, &gw, Duration::from_secs(20));
         assert_eq!(reply["status"], "delivered", "{point}: {reply}");
@@ -305,4 +314,62 @@ fn an_alert_for_a_ble_wearable_is_an_immediate_alert_write() {
     assert_eq!(strap.writes.lock().unwrap().len(), 1, "no second write");
     assert_eq!(r.replies().len(), 3, "{:?}", r.replies());
     terminate_ok(gw);
+}
+
+/// 1,000 commands to 20 wearables while they send 20,000 readings: every
+/// command is replied `delivered` exactly once, and every reading arrives
+/// upstream exactly once (commands and readings share the port, the queue
+/// and the uplink).
+#[test]
+fn a_thousand_commands_to_twenty_devices_beside_twenty_thousand_readings() {
+    let mut r = rig_n(20, "");
+    let readings =
+        Subscriber::start(r.broker.plain_port, "readings", "gateways/test-gw/readings", &r.dir.join("r.out"));
+    let gw = Gateway::start(&r.cfg);
+    r.devices_speak(&gw);
+    let lines: String = (0..1000)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"m-{i}\",\"device\":\"wrist-{:02}\",\"name\":\"rate\",\"args\":{{\"i\":{i}}}}}\n",
+                i % 20
+            )
+        })
+        .collect();
+    let mut cloud = std::process::Command::new("mosquitto_pub")
+        .args(["-p", &r.broker.plain_port.to_string(), "-q", "2", "-t", COMMANDS, "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(cloud.stdin.as_mut().unwrap(), lines.as_bytes()).unwrap();
+    drop(cloud.stdin.take());
+    let mut answered = 0;
+    for _ in 0..997 {
+        stream(&mut r.devices, 1, Duration::from_millis(2));
+        for d in r.devices.iter_mut() {
+            answered += d.answer_commands(true).unwrap().len();
+        }
+    }
+    assert!(cloud.wait().unwrap().success());
+    let done = wait_until(Duration::from_secs(60), || {
+        for d in r.devices.iter_mut() {
+            answered += d.answer_commands(true).unwrap().len();
+        }
+        r.replies().len() >= 1000
+    });
+    assert!(done, "{} replies, {answered} answers; log:\n{}", r.replies().len(), gw.log_text());
+    all_acked(&mut r.devices, &gw);
+    let want: usize = r.devices.iter().map(|d| d.created().len()).sum();
+    assert_eq!(want, 20_000);
+    wait_received(&readings, Duration::from_secs(60), |g| g.readings.len() >= want);
+    std::thread::sleep(Duration::from_millis(1000));
+    terminate_ok(gw);
+    let replies = r.replies();
+    let mut ids: Vec<&str> = replies.iter().map(|x| x["id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((replies.len(), ids.len()), (1000, 1000), "each command replied once");
+    assert!(replies.iter().all(|x| x["status"] == "delivered"), "all delivered");
+    let got = decode_all(&readings.messages());
+    assert_eq!(missing_and_doubled(&r.devices, &got), (20_000, 0, 0), "readings: (expected, missing, doubled)");
+    eprintln!("1,000 commands ({answered} answers, retries included) beside 20,000 readings: all once");
 }

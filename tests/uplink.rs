@@ -33,27 +33,6 @@ fn setup(dir: &Path, require_certificate: bool) -> (Certs, Mosquitto, Subscriber
     (certs, m, sub)
 }
 
-/// Missing and duplicated readings at the reading level.
-fn missing_and_doubled(devices: &[SimDevice], got: &Received) -> (usize, usize, usize) {
-    let (mut missing, mut doubled, mut expected) = (0, 0, 0);
-    let mut known = 0;
-    for d in devices {
-        for r in d.created() {
-            expected += 1;
-            match got.readings.get(&(r.device.clone(), r.sensor.clone(), r.seq.unwrap())) {
-                None => missing += 1,
-                Some(n) => {
-                    known += n;
-                    doubled += n - 1;
-                }
-            }
-        }
-    }
-    // Readings no device sent count as extra too: (expected, 0, 0) means
-    // exactly the readings sent, each once.
-    (expected, missing, doubled + (got.total_readings - known))
-}
-
 /// Wait until the running gateway's queue is empty: every batch completed
 /// upstream and acked in the queue (the subscriber can have a batch before
 /// the gateway has its PUBCOMP).

@@ -321,6 +321,7 @@ impl Downlink {
                 Metrics::inc(&self.metrics.command_answers_unknown);
                 continue;
             }
+            crate::crashpoint::hit("after-device-answer");
             let status = if a.ok { Status::Delivered } else { Status::Failed };
             let c = if a.ok { &self.metrics.commands_delivered } else { &self.metrics.commands_failed };
             Metrics::inc(c);

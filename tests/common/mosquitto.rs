@@ -331,3 +331,24 @@ pub fn wait_received(sub: &Subscriber, timeout: Duration, mut f: impl FnMut(&Rec
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Missing and duplicated readings at the reading level.
+pub fn missing_and_doubled(devices: &[edge_gateway::demo::sim::SimDevice], got: &Received) -> (usize, usize, usize) {
+    let (mut missing, mut doubled, mut expected) = (0, 0, 0);
+    let mut known = 0;
+    for d in devices {
+        for r in d.created() {
+            expected += 1;
+            match got.readings.get(&(r.device.clone(), r.sensor.clone(), r.seq.unwrap())) {
+                None => missing += 1,
+                Some(n) => {
+                    known += n;
+                    doubled += n - 1;
+                }
+            }
+        }
+    }
+    // Readings no device sent count as extra too: (expected, 0, 0) means
+    // exactly the readings sent, each once.
+    (expected, missing, doubled + (got.total_readings - known))
+}
