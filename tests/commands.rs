@@ -288,7 +288,8 @@ fn an_alert_for_a_ble_wearable_is_an_immediate_alert_write() {
     let mut fake = FakeBluez::start(&bus.address);
     let hr = CharSpec { service: 0x180D, uuid: 0x2A37, flags: &["notify"], value: vec![] };
     let ias = CharSpec { service: 0x1802, uuid: 0x2A06, flags: &["write-without-response"], value: vec![] };
-    let strap = fake.add_gatt_device("C0:FF:EE:00:00:07", "Strap 7", vec![hr.clone(), ias]);
+    let cts = CharSpec { service: 0x1805, uuid: 0x2A2B, flags: &["read", "write"], value: vec![] };
+    let strap = fake.add_gatt_device("C0:FF:EE:00:00:07", "Strap 7", vec![hr.clone(), ias, cts]);
     fake.add_gatt_device("C0:FF:EE:00:00:08", "Strap 8", vec![hr]);
     let ble = "[[ble]]\nname = \"s7\"\nmatch = { name_prefix = \"Strap 7\" }\nprofile = \"heart_rate\"\ndevice = \"wrist-07\"\n\
                [[ble]]\nname = \"s8\"\nmatch = { name_prefix = \"Strap 8\" }\nprofile = \"heart_rate\"\ndevice = \"wrist-08\"\n\
@@ -303,7 +304,19 @@ fn an_alert_for_a_ble_wearable_is_an_immediate_alert_write() {
     let reply = r.wait_reply("b-1", &gw, Duration::from_secs(15));
     assert_eq!(reply["status"], "delivered", "{reply}");
     assert_eq!(reply["result"], serde_json::json!({"alert_level": 1}));
-    assert_eq!(*strap.writes.lock().unwrap(), [(0x2A06, vec![1u8])], "one Alert Level write");
+    let alerts = |s: &fake_bluez::DevStats| -> Vec<Vec<u8>> {
+        s.writes.lock().unwrap().iter().filter(|w| w.0 == 0x2A06).map(|w| w.1.clone()).collect()
+    };
+    assert_eq!(alerts(&strap), [vec![1u8]], "one Alert Level write");
+    // Time for the wearable: the Current Time Service's Current Time, written at connect.
+    let times: Vec<Vec<u8>> =
+        strap.writes.lock().unwrap().iter().filter(|w| w.0 == 0x2A2B).map(|w| w.1.clone()).collect();
+    let now = edge_gateway::reading::now_ms();
+    let want = edge_gateway::source::ble::current_time(now);
+    assert!(
+        times.len() == 1 && times[0].len() == 10 && times[0][..4] == want[..4],
+        "one Current Time write for today ({want:?}): {times:?}"
+    );
     r.command(r#"{"id":"b-2","device":"wrist-08","name":"alert"}"#);
     r.command(r#"{"id":"b-3","device":"wrist-07","name":"rate"}"#);
     for id in ["b-2", "b-3"] {
@@ -311,7 +324,7 @@ fn an_alert_for_a_ble_wearable_is_an_immediate_alert_write() {
         assert_eq!(reply["status"], "failed", "{reply}");
     }
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(strap.writes.lock().unwrap().len(), 1, "no second write");
+    assert_eq!(alerts(&strap).len(), 1, "no second Alert Level write");
     assert_eq!(r.replies().len(), 3, "{:?}", r.replies());
     terminate_ok(gw);
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 struct Dev {
     master: std::fs::File,
     acks: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Every `{"time":...}` line the gateway wrote.
+    times: Arc<Mutex<Vec<u64>>>,
     _slave_keep: edge_gateway::demo::sim::Pty,
 }
 
@@ -25,16 +27,23 @@ impl Dev {
         let master = pty.master.try_clone().unwrap();
         let reader = pty.master.try_clone().unwrap();
         let acks = Arc::new(Mutex::new(Vec::new()));
-        let sink = acks.clone();
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let (sink, time_sink) = (acks.clone(), times.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(reader).lines() {
                 let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(ms) = edge_gateway::wire::parse_time_jsonl(line.as_bytes()) {
+                    time_sink.lock().unwrap().push(ms);
+                }
+                // Acks only: a device ignores lines it does not know (the time).
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v.get("ack").is_some()
+                {
                     sink.lock().unwrap().push(v["ack"].clone());
                 }
             }
         });
-        (Dev { master, acks, _slave_keep: pty }, path)
+        (Dev { master, acks, times, _slave_keep: pty }, path)
     }
 
     fn send(&mut self, line: &str) {
@@ -65,11 +74,22 @@ impl Dev {
 }
 
 fn gateway(dir: &std::path::Path, path: &std::path::Path, pipeline: &str) -> (std::path::PathBuf, Gateway) {
-    let cfg = write_config(
+    gateway_with(dir, path, pipeline, "")
+}
+
+/// [`gateway`] with `extra` tables.
+fn gateway_with(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    pipeline: &str,
+    extra: &str,
+) -> (std::path::PathBuf, Gateway) {
+    let cfg = write_config_extra(
         dir,
         &[Port { name: "dock0", path, framing: "jsonl" }],
         &format!("batch_max_age = \"20ms\"\n{pipeline}"),
         "fsync_interval = \"20ms\"",
+        extra,
     );
     let gw = Gateway::start(&cfg);
     assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("connected")), "{}", gw.log_text());
@@ -178,4 +198,35 @@ fn a_redocked_wearable_resending_after_the_dedup_window_is_acked_not_stored_agai
     std::thread::sleep(Duration::from_millis(300));
     stop(gw);
     assert_eq!(queue_dump(&cfg).len(), 5, "stored once");
+}
+
+/// Time for the devices: a device is told the gateway's time when its port
+/// connects; a device whose clock is 90 s behind shows it in
+/// `device_clock_offset_milliseconds` and in one warning, and its readings
+/// keep the ts it sent (docs/firmware-protocol.md, "Time").
+#[test]
+fn a_device_is_told_the_time_and_a_skewed_clock_is_measured_not_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, path) = Dev::new();
+    let port = free_port();
+    let (cfg, gw) = gateway_with(dir.path(), &path, "", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    assert!(wait_until(Duration::from_secs(10), || !d.times.lock().unwrap().is_empty()), "no time line");
+    let told = d.times.lock().unwrap()[0] as i64;
+    let now = edge_gateway::reading::now_ms() as i64;
+    assert!((now - told).abs() < 10_000, "told {told}, now {now}");
+    let behind = now as u64 - 90_000;
+    for s in 0..=3 {
+        d.reading(s, Some(behind + s), 1.0, None);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(d.wait_ack(3, None), "{:?}", d.acks());
+    let m = fetch_metrics(port);
+    let line = m.lines().find(|l| l.starts_with("edge_gateway_device_clock_offset_milliseconds{device=\"w1\"}"));
+    let offset: f64 = line.unwrap_or_else(|| panic!("{m}")).rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((-95_000.0..-85_000.0).contains(&offset), "offset {offset}");
+    let log = stop(gw);
+    assert_eq!(log.matches("clock is").count(), 1, "one warning: {log}");
+    assert!(log.contains("w1's clock is 9") && log.contains("behind"), "{log}");
+    let dump = queue_dump(&cfg);
+    assert_eq!(dump[0]["ts"], behind, "the device's ts is kept");
 }

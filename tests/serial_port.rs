@@ -134,7 +134,15 @@ impl Gateway {
 }
 
 fn config(name: &str, path: &Path, framing: Framing) -> SerialConfig {
-    SerialConfig { name: name.into(), path: path.to_path_buf(), baud: 115_200, framing, device: None, devices: None }
+    SerialConfig {
+        name: name.into(),
+        path: path.to_path_buf(),
+        baud: 115_200,
+        framing,
+        device: None,
+        devices: None,
+        time_sync: true,
+    }
 }
 
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

@@ -156,6 +156,8 @@ struct AckState {
     commands: Vec<DeviceCommand>,
     /// Every command line received, retries included.
     commands_received: u64,
+    /// The last time line from the gateway (unix ms).
+    time_ms: Option<u64>,
 }
 
 /// Wraps a PTY master so the reader thread can be told to stop: a plain
@@ -236,6 +238,7 @@ impl SimDevice {
                 last_progress: Instant::now(),
                 commands: Vec::new(),
                 commands_received: 0,
+                time_ms: None,
             })),
             stop: Arc::new(AtomicBool::new(false)),
             reader: None,
@@ -292,7 +295,10 @@ impl SimDevice {
                                     }
                                 }
                                 Some(_) => {}
-                                None => st.bad_acks += 1,
+                                None => match frame_copy.as_deref().and_then(wire::parse_time_jsonl) {
+                                    Some(ms) => st.time_ms = Some(ms),
+                                    None => st.bad_acks += 1,
+                                },
                             },
                             Framing::Cobs => st.bad_acks += 1,
                         },
@@ -435,6 +441,11 @@ impl SimDevice {
             value: Value::Number(1.0),
             boot: None,
         }
+    }
+
+    /// The last time the gateway told this device (unix ms), if any.
+    pub fn time_told(&self) -> Option<u64> {
+        lock(&self.state).time_ms
     }
 
     /// Commands received from the gateway and not answered yet.

@@ -86,6 +86,8 @@ macro_rules! counters {
             acl_denied: Mutex<BTreeMap<(String, &'static str), u64>>,
             /// Per `[[rules]]` name, as the pipeline's engine counted them.
             per_rule: Mutex<BTreeMap<String, crate::rules::RuleCounts>>,
+            /// Per device: its clock minus the gateway's, in ms (smoothed).
+            clock_offset: Mutex<BTreeMap<String, i64>>,
         }
 
         /// Every counter of [`Metrics`], in the order `/metrics` and the
@@ -315,6 +317,31 @@ impl Metrics {
             c.readings += t.readings;
             c.duplicates += t.duplicates;
         }
+    }
+
+    /// A device's clock offset estimate (its `ts` minus the gateway's receive
+    /// time, smoothed); returns the new estimate.
+    pub fn clock_offset(&self, device: &str, sample_ms: i64) -> i64 {
+        let mut map = self.clock_offset.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(device) {
+            // A jump (a reset or set clock) replaces the estimate; drift is smoothed.
+            Some(o) if (sample_ms - *o).abs() < 60_000 => {
+                *o += (sample_ms - *o) / 4;
+                *o
+            }
+            Some(o) => {
+                *o = sample_ms;
+                sample_ms
+            }
+            None => {
+                map.insert(device.to_string(), sample_ms);
+                sample_ms
+            }
+        }
+    }
+
+    pub fn clock_offsets(&self) -> BTreeMap<String, i64> {
+        self.clock_offset.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The broker's ACL denied `user` (empty: anonymous) a publish or a subscribe.

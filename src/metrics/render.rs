@@ -68,6 +68,17 @@ pub fn render(s: &Snapshot<'_>) -> String {
         o.sample("device_duplicates_total", &[("source", source), ("device", device)], c.duplicates);
     }
 
+    // Device clocks (sources that see a device's own ts).
+    let offsets = m.clock_offsets();
+    o.family(
+        "device_clock_offset_milliseconds",
+        "gauge",
+        "A device's clock minus the gateway's (its ts minus receive time, smoothed; negative = behind).",
+    );
+    for (device, ms) in &offsets {
+        o.sample("device_clock_offset_milliseconds", &[("device", device)], ms);
+    }
+
     // Rules, per rule name.
     let rules = m.rules();
     let per_rule: [(&str, &str, fn(&crate::rules::RuleCounts) -> u64); 5] = [

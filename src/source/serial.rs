@@ -48,6 +48,12 @@ const STABLE_SESSION: Duration = Duration::from_secs(1);
 /// A UART drains at line rate whether or not the device reads, so a write
 /// this slow means something is wedged; the acks are dropped (see module doc).
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a connected port tells its devices the time.
+const TIME_EVERY: Duration = Duration::from_secs(3600);
+/// How often (at most) a port samples a device's clock offset.
+const OFFSET_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// A device clock off by more than this is logged (once per device and port session).
+const OFFSET_WARN_MS: i64 = 60_000;
 /// Shutdown must be prompt; acks already received get this long to go out.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_millis(50);
 const MALFORMED_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -101,10 +107,18 @@ pub struct SerialConfig {
     /// absent: any. Readings of others are refused and counted.
     #[serde(default)]
     pub devices: Option<Devices>,
+    /// Tell the devices the time (jsonl `{"time":{"ms":N}}`) when the port
+    /// connects and every hour.
+    #[serde(default = "yes")]
+    pub time_sync: bool,
 }
 
 fn default_baud() -> u32 {
     115_200
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl SerialConfig {
@@ -205,6 +219,10 @@ struct Port {
     last_device: String,
     /// Commands taken off the link channel while collecting acks.
     commands: Vec<DeviceCommand>,
+    /// When a device's clock offset was last sampled on this port.
+    last_offset_sample: Option<Instant>,
+    /// Devices whose clock was reported off this session.
+    clock_warned: std::collections::HashSet<String>,
 }
 
 /// Completes when shutdown is requested or can no longer be requested.
@@ -241,6 +259,8 @@ impl Port {
             routes,
             last_device: String::new(),
             commands: Vec::new(),
+            last_offset_sample: None,
+            clock_warned: Default::default(),
         }
     }
 
@@ -354,13 +374,29 @@ impl Port {
     async fn session(&mut self, port: &mut Link) -> End {
         // A partial frame from before the reconnect may belong to another device.
         self.splitter.reset();
+        self.clock_warned.clear();
         let mut buf = vec![0u8; 4096];
+        // The time at once (first tick), then hourly.
+        let mut time = tokio::time::interval(TIME_EVERY);
+        let time_sync = self.cfg.time_sync && self.cfg.framing == Framing::Jsonl;
         loop {
             tokio::select! {
                 biased;
                 _ = stopped(&mut self.shutdown) => {
                     self.flush_acks_on_shutdown(port).await;
                     return End::Shutdown;
+                }
+                _ = time.tick(), if time_sync => {
+                    let line = wire::encode_time_jsonl(now_ms());
+                    let write = async {
+                        port.write_all(&line).await?;
+                        port.flush().await
+                    };
+                    match tokio::time::timeout(ACK_WRITE_TIMEOUT, write).await {
+                        Ok(Err(e)) => return End::Lost(describe(&e)),
+                        Err(_) => debug!(port = %self.cfg.name, "time line write stalled"),
+                        Ok(Ok(())) => debug!(port = %self.cfg.name, "told the devices the time"),
+                    }
                 }
                 ack = self.acks.recv(), if self.acks_open => match ack {
                     Some(down) => {
@@ -410,6 +446,7 @@ impl Port {
                 },
             }
         });
+        self.sample_offset(&out, now);
         if let Some(routes) = &self.routes {
             for inc in &out {
                 if inc.reading.device != self.last_device {
@@ -477,6 +514,24 @@ impl Port {
                     None => self.acks_open = false,
                 },
             }
+        }
+    }
+
+    /// Now and then, a device's clock offset from a reading that carries
+    /// the device's own ts (receive time is later than the send by the
+    /// link's latency, a few ms).
+    fn sample_offset(&mut self, readings: &[Incoming], now: u64) {
+        if self.last_offset_sample.is_some_and(|t| t.elapsed() < OFFSET_SAMPLE_EVERY) {
+            return;
+        }
+        let Some(inc) = readings.iter().rev().find(|i| i.ts_from_device) else { return };
+        self.last_offset_sample = Some(Instant::now());
+        let r = &inc.reading;
+        let offset = self.metrics.clock_offset(&r.device, r.ts as i64 - now as i64);
+        if offset.abs() > OFFSET_WARN_MS && self.clock_warned.insert(r.device.clone()) {
+            warn!(port = %self.cfg.name, device = %r.device,
+                "serial {}: {}'s clock is {:.1} s {} the gateway's (its ts are kept as sent; the time is sent to it hourly)",
+                self.cfg.name, r.device, offset.abs() as f64 / 1000.0, if offset < 0 { "behind" } else { "ahead of" });
         }
     }
 

@@ -175,6 +175,25 @@ pub fn parse_ack_jsonl(line: &[u8]) -> Result<Ack, WireError> {
     Ok(Ack { device: l.ack.device.into_owned(), seq: l.ack.seq, boot: l.ack.boot })
 }
 
+/// The gateway's time for a device, one jsonl line: `{"time":{"ms":N}}`
+/// (unix milliseconds), sent when a port connects and every hour.
+pub fn encode_time_jsonl(now_ms: u64) -> Vec<u8> {
+    format!("{{\"time\":{{\"ms\":{now_ms}}}}}\n").into_bytes()
+}
+
+/// A time line as a device reads it.
+pub fn parse_time_jsonl(line: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Line {
+        time: Body,
+    }
+    #[derive(Deserialize)]
+    struct Body {
+        ms: u64,
+    }
+    serde_json::from_slice::<Line>(line).ok().map(|l| l.time.ms)
+}
+
 /// A command for a device as one jsonl line, `\n` included:
 /// `{"cmd":{"id":"c-1","device":"wrist-07","name":"alert","args":{...}}}`.
 pub fn encode_command_jsonl(c: &DeviceCommand) -> Vec<u8> {

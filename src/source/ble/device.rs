@@ -232,6 +232,16 @@ impl Device {
         });
         info!("ble {}: connected to {addr}, {}", self.cfg.name, if can_notify { "subscribed" } else { "polling" });
         self.routes.note_device(&device, Origin::Ble);
+        // The Current Time Service's Current Time, if the wearable lets us
+        // write it: at once, then hourly.
+        let cts = {
+            use btleplug::api::bleuuid::uuid_from_u16 as u16id;
+            p.services().into_iter().filter(|s| s.uuid == u16id(0x1805)).flat_map(|s| s.characteristics).find(|c| {
+                c.uuid == u16id(0x2A2B)
+                    && c.properties.intersects(CharPropFlags::WRITE | CharPropFlags::WRITE_WITHOUT_RESPONSE)
+            })
+        };
+        let mut clock = tokio::time::interval(TIME_EVERY);
         self.splitter.reset();
         if ch.properties.contains(CharPropFlags::READ)
             && !can_notify
@@ -257,6 +267,14 @@ impl Device {
                     return DevEnd::Shutdown;
                 }
                 _ = self.found.changed() => if self.replaced(found) { return DevEnd::Replaced },
+                _ = clock.tick(), if cts.is_some() => {
+                    let ch = cts.as_ref().expect("cts");
+                    let kind = if ch.properties.contains(CharPropFlags::WRITE) { btleplug::api::WriteType::WithResponse } else { btleplug::api::WriteType::WithoutResponse };
+                    match timeout(p.write(ch, &current_time(now_ms()), kind)).await {
+                        Ok(()) => debug!("ble {}: told {addr} the time (Current Time Service)", self.cfg.name),
+                        Err(e) => warn!("ble {}: cannot write the Current Time to {addr}: {e}", self.cfg.name),
+                    }
+                }
                 ev = self.events.recv() => match ev {
                     None => return DevEnd::Shutdown,
                     // Signals race: a `Connected=false` from before this
@@ -443,5 +461,44 @@ impl Device {
                 Err(_) => Err(DevEnd::PipelineClosed),
             },
         }
+    }
+}
+
+/// How often a connected wearable is told the time.
+const TIME_EVERY: Duration = Duration::from_secs(3600);
+
+/// The Current Time characteristic (0x2A2B) for `unix_ms`, in UTC: year
+/// (u16 LE), month, day, hours, minutes, seconds, day of week (1 = Monday),
+/// fractions of 1/256 s, adjust reason (0x02: external reference time).
+pub fn current_time(unix_ms: u64) -> [u8; 10] {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as u16;
+    // 1970-01-01 was a Thursday (4).
+    let weekday = ((days + 3).rem_euclid(7) + 1) as u8;
+    let y = year.to_le_bytes();
+    let frac = ((unix_ms % 1000) * 256 / 1000) as u8;
+    [y[0], y[1], month, day, (rem / 3600) as u8, (rem % 3600 / 60) as u8, (rem % 60) as u8, weekday, frac, 0x02]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn current_time_is_the_civil_date_in_utc() {
+        // 2026-12-04 10:30:15.500 UTC, a Friday.
+        let t = super::current_time(1_796_380_215_500);
+        assert_eq!(t, [0xEA, 0x07, 12, 4, 10, 30, 15, 5, 128, 0x02]);
+        // 2024-02-29 00:00:00 UTC, a Thursday.
+        assert_eq!(super::current_time(1_709_164_800_000), [0xE8, 0x07, 2, 29, 0, 0, 0, 4, 0, 0x02]);
     }
 }

@@ -64,6 +64,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+pub use device::current_time;
 use device::*;
 use hub::*;
 use matcher::*;
