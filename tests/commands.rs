@@ -9,6 +9,7 @@
 mod common;
 use common::mosquitto::*;
 use common::*;
+use edge_gateway::config::Framing;
 use edge_gateway::demo::sim::SimDevice;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,11 @@ fn rig(extra: &str) -> Rig {
 
 /// [`rig`] with `n` wearables `wrist-00`...
 fn rig_n(n: usize, extra: &str) -> Rig {
+    rig_with(n, |_| Framing::Jsonl, extra)
+}
+
+/// [`rig_n`] with each wearable's framing.
+fn rig_with(n: usize, framing: fn(usize) -> Framing, extra: &str) -> Rig {
     need("mosquitto_pub", "mosquitto-clients");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
@@ -49,7 +55,7 @@ fn rig_n(n: usize, extra: &str) -> Rig {
         broker.tls_port,
         certs.ca.display().to_string()
     );
-    let (devices, cfg) = fleet_with(&dir, n, 40, 0.0, |_| edge_gateway::config::Framing::Jsonl, PIPELINE, STORE, &up);
+    let (devices, cfg) = fleet_with(&dir, n, 40, 0.0, framing, PIPELINE, STORE, &up);
     Rig { _tmp: tmp, dir, broker, replies, devices, cfg, metrics_port }
 }
 
@@ -385,4 +391,27 @@ fn a_thousand_commands_to_twenty_devices_beside_twenty_thousand_readings() {
     let got = decode_all(&readings.messages());
     assert_eq!(missing_and_doubled(&r.devices, &got), (20_000, 0, 0), "readings: (expected, missing, doubled)");
     eprintln!("1,000 commands ({answered} answers, retries included) beside 20,000 readings: all once");
+}
+
+/// The cobs framing carries the same: a `Command` frame to the device, its
+/// `CommandAck` frame back (with a JSON result), and a `Time` frame at
+/// connect (docs/firmware-protocol.md, `wire::frame`).
+#[test]
+fn a_cobs_device_gets_commands_and_the_time_as_frames() {
+    let mut r = rig_with(2, |i| if i == 1 { Framing::Cobs } else { Framing::Jsonl }, "");
+    let gw = Gateway::start(&r.cfg);
+    r.devices_speak(&gw);
+    for d in &r.devices {
+        let told = d.time_told().expect("told the time");
+        assert!(told.abs_diff(edge_gateway::reading::now_ms()) < 10_000, "{told}");
+    }
+    r.command(r#"{"id":"f-1","device":"wrist-01","name":"rate","args":{"hz":25}}"#);
+    assert!(wait_commands(&r.devices[1], 1), "no command frame; log:\n{}", gw.log_text());
+    let got = r.devices[1].answer_commands(true).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&got[0].args).unwrap(), serde_json::json!({"hz": 25}));
+    let reply = r.wait_reply("f-1", &gw, Duration::from_secs(15));
+    assert_eq!(reply["status"], "delivered", "{reply}");
+    assert_eq!(reply["result"], serde_json::json!({"done": "rate"}));
+    assert_eq!(r.devices[1].stats().bad_acks, 0, "every frame from the gateway understood");
+    terminate_ok(gw);
 }

@@ -268,11 +268,8 @@ impl SimDevice {
                 };
                 let mut st = lock(&state);
                 splitter.feed(&buf[..n], |frame| {
-                    // parse_ack may decode in place (cobs): keep the line.
-                    let frame_copy = frame.as_ref().ok().map(|f| f.to_vec());
-                    let ack = frame.and_then(|f| wire::parse_ack(framing, f));
-                    match ack {
-                        Ok(ack) if ack.device == device => {
+                    match frame.and_then(|f| wire::parse_from_gateway(framing, f)) {
+                        Ok(wire::FromGateway::Ack(ack)) if ack.device == device => {
                             st.acks_received += 1;
                             if st.acked_through.is_none_or(|a| ack.seq > a) {
                                 st.acked_through = Some(ack.seq);
@@ -285,23 +282,16 @@ impl SimDevice {
                         }
                         // Acks for another device share a bus in the real
                         // world; they are not ours to act on.
-                        Ok(_) => st.acks_received += 1,
-                        Err(_) => match framing {
-                            Framing::Jsonl => match frame_copy.as_deref().and_then(wire::parse_command_jsonl) {
-                                Some(c) if c.device == device => {
-                                    st.commands_received += 1;
-                                    if !st.commands.iter().any(|x| x.id == c.id) {
-                                        st.commands.push(c);
-                                    }
-                                }
-                                Some(_) => {}
-                                None => match frame_copy.as_deref().and_then(wire::parse_time_jsonl) {
-                                    Some(ms) => st.time_ms = Some(ms),
-                                    None => st.bad_acks += 1,
-                                },
-                            },
-                            Framing::Cobs => st.bad_acks += 1,
-                        },
+                        Ok(wire::FromGateway::Ack(_)) => st.acks_received += 1,
+                        Ok(wire::FromGateway::Command(c)) if c.device == device => {
+                            st.commands_received += 1;
+                            if !st.commands.iter().any(|x| x.id == c.id) {
+                                st.commands.push(c);
+                            }
+                        }
+                        Ok(wire::FromGateway::Command(_)) => {}
+                        Ok(wire::FromGateway::Time(ms)) => st.time_ms = Some(ms),
+                        Err(_) => st.bad_acks += 1,
                     }
                 });
             }
@@ -469,7 +459,8 @@ impl SimDevice {
                 ok,
                 result: Some(serde_json::json!({ "done": c.name })),
             };
-            self.writer.write_all(&wire::encode_command_ack_jsonl(&a))?;
+            let b = wire::encode_command_ack(self.cfg.framing, &a).map_err(|e| io::Error::other(e.to_string()))?;
+            self.writer.write_all(&b)?;
         }
         self.writer.flush()?;
         Ok(cmds)

@@ -25,7 +25,7 @@ use crate::route::{CommandAck, DeviceCommand, Route, RouteTable, ToDevice};
 use crate::source::SourceContext;
 use crate::units::valid_id;
 use crate::wire::Framing;
-use crate::wire::{self, FrameSplitter, WireError};
+use crate::wire::{self, FrameSplitter, FromDevice, WireError};
 use serde::Deserialize;
 use std::io;
 use std::path::PathBuf;
@@ -378,7 +378,7 @@ impl Port {
         let mut buf = vec![0u8; 4096];
         // The time at once (first tick), then hourly.
         let mut time = tokio::time::interval(TIME_EVERY);
-        let time_sync = self.cfg.time_sync && self.cfg.framing == Framing::Jsonl;
+        let time_sync = self.cfg.time_sync;
         loop {
             tokio::select! {
                 biased;
@@ -387,7 +387,7 @@ impl Port {
                     return End::Shutdown;
                 }
                 _ = time.tick(), if time_sync => {
-                    let line = wire::encode_time_jsonl(now_ms());
+                    let line = wire::encode_time(self.cfg.framing, now_ms());
                     let write = async {
                         port.write_all(&line).await?;
                         port.flush().await
@@ -435,15 +435,16 @@ impl Port {
                 Ok(f) => f,
                 Err(e) => return malformed.push(e),
             };
-            match wire::parse_reading(framing, frame, default_device, now) {
-                Ok((reading, _)) if !allow::permits(devices, &reading.device) => refused.push(reading.device),
-                Ok((reading, ts_from_device)) => out.push(Incoming::new(reading, ts_from_device, port)),
-                Err(e) => match (framing, wire::parse_command_ack_jsonl(frame)) {
-                    (Framing::Jsonl, Some(Ok(a))) if allow::permits(devices, &a.device) => answers.push(a),
-                    (Framing::Jsonl, Some(Ok(a))) => refused.push(a.device),
-                    (Framing::Jsonl, Some(Err(e))) => malformed.push(e),
-                    _ => malformed.push(e),
-                },
+            match wire::parse_from_device(framing, frame, default_device, now) {
+                Ok(FromDevice::Reading(reading, _)) if !allow::permits(devices, &reading.device) => {
+                    refused.push(reading.device)
+                }
+                Ok(FromDevice::Reading(reading, ts_from_device)) => {
+                    out.push(Incoming::new(reading, ts_from_device, port))
+                }
+                Ok(FromDevice::CommandAck(a)) if allow::permits(devices, &a.device) => answers.push(a),
+                Ok(FromDevice::CommandAck(a)) => refused.push(a.device),
+                Err(e) => malformed.push(e),
             }
         });
         self.sample_offset(&out, now);
@@ -564,14 +565,13 @@ impl Port {
     fn encode_commands(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
         for c in std::mem::take(&mut self.commands) {
-            match self.cfg.framing {
-                Framing::Jsonl => {
+            match wire::encode_command(self.cfg.framing, &c) {
+                Ok(b) => {
                     debug!(port = %self.cfg.name, device = %c.device, id = %c.id, "command {} to {}", c.id, c.device);
-                    out.extend_from_slice(&wire::encode_command_jsonl(&c));
+                    out.extend_from_slice(&b);
                 }
-                // Not carried by the cobs framing yet: the command expires.
-                Framing::Cobs => debug!(port = %self.cfg.name, id = %c.id,
-                    "command {} not sent: the cobs framing does not carry commands", c.id),
+                // Too big for a cobs frame: it expires (and says why in the log).
+                Err(e) => warn!(port = %self.cfg.name, id = %c.id, "command {} not sent: {e}", c.id),
             }
         }
         out

@@ -51,10 +51,25 @@
 //!                  str          device
 //!                  u32          boot      (covers readings of this boot only)
 //!                  u64          seq
+//! Frame::Command = varint(4)           (gateway → device, see docs/commands.md)
+//!                  str          id        (1..=64 bytes)
+//!                  str          device
+//!                  str          name
+//!                  str          args      (JSON text, <= 256 bytes; "{}" when none)
+//! Frame::CommandAck = varint(5)        (device → gateway)
+//!                  str          device
+//!                  str          id
+//!                  bool         ok        (00 false, 01 true)
+//!                  str          result    (JSON text, <= 256 bytes; "" when none)
+//! Frame::Time    = varint(6)           (gateway → device, at connect and hourly)
+//!                  u64          ms        (unix milliseconds)
 //! ```
 //!
 //! A device that sends `ReadingBoot` gets `AckBoot`; one that sends
-//! `Reading` gets `Ack`, as before boot ids existed.
+//! `Reading` gets `Ack`, as before boot ids existed. A device ignores a
+//! `Command` or `Time` it does not handle; it answers each `Command` with a
+//! `CommandAck` (and acts on each `id` once: the gateway resends a command
+//! until it hears the answer).
 //!
 //! Example: `Ack { device: "w1", seq: 300 }` has body `01 02 77 31 AC 02`,
 //! CRC-32 `0x3FA3A42D`, i.e. `01 02 77 31 AC 02 2D A4 A3 3F` before COBS;
@@ -70,8 +85,18 @@ pub use super::MAX_FRAME_LEN;
 pub const MAX_ID: usize = 64;
 /// Most numbers in one `value`.
 pub const MAX_VALUES: usize = 16;
-/// Longest possible `body` (a Reading with every field at its maximum).
-pub const MAX_BODY_LEN: usize = 1 + 5 + (1 + 1 + MAX_ID) + (1 + MAX_ID) + (1 + 10) + (1 + 10) + (1 + 8 * MAX_VALUES);
+/// Longest JSON text of a command's `args` or an answer's `result`.
+pub const MAX_JSON: usize = 256;
+/// Longest possible `body`: a Reading with every field at its maximum, or
+/// a Command (the larger).
+pub const MAX_BODY_LEN: usize = max(
+    1 + 5 + (1 + 1 + MAX_ID) + (1 + MAX_ID) + (1 + 10) + (1 + 10) + (1 + 8 * MAX_VALUES),
+    1 + 3 * (1 + MAX_ID) + (2 + MAX_JSON),
+);
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
 /// Longest possible encoded frame, trailing 0x00 included: a buffer this
 /// big always suffices for [`encode`].
 pub const MAX_ENCODED_LEN: usize = cobs_max_len(MAX_BODY_LEN + 4) + 1;
@@ -99,9 +124,34 @@ pub struct WireReading {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Frame {
     Reading(WireReading),
-    Ack { device: heapless::String<MAX_ID>, seq: u64 },
-    ReadingBoot { boot: u32, reading: WireReading },
-    AckBoot { device: heapless::String<MAX_ID>, boot: u32, seq: u64 },
+    Ack {
+        device: heapless::String<MAX_ID>,
+        seq: u64,
+    },
+    ReadingBoot {
+        boot: u32,
+        reading: WireReading,
+    },
+    AckBoot {
+        device: heapless::String<MAX_ID>,
+        boot: u32,
+        seq: u64,
+    },
+    Command {
+        id: heapless::String<MAX_ID>,
+        device: heapless::String<MAX_ID>,
+        name: heapless::String<MAX_ID>,
+        args: heapless::String<MAX_JSON>,
+    },
+    CommandAck {
+        device: heapless::String<MAX_ID>,
+        id: heapless::String<MAX_ID>,
+        ok: bool,
+        result: heapless::String<MAX_JSON>,
+    },
+    Time {
+        ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -67,6 +67,10 @@ pub enum WireError {
     UnexpectedAck,
     #[error("expected an ack, got a reading")]
     UnexpectedReading,
+    #[error("a {0} frame where none is expected")]
+    UnexpectedFrame(&'static str),
+    #[error("{field} of {len} bytes is over the frame's {max}-byte limit")]
+    TooLongForFrame { field: &'static str, len: usize, max: usize },
     #[error("value has {0} numbers; a cobs frame carries 1..={max}", max = frame::MAX_VALUES)]
     TooManyValues(usize),
     #[error("payload names {field} {payload:?} but the topic says {topic:?}")]
@@ -273,6 +277,9 @@ pub fn reading_from_frame(
         frame::Frame::Reading(w) => (w, None),
         frame::Frame::ReadingBoot { boot, reading } => (reading, Some(boot)),
         frame::Frame::Ack { .. } | frame::Frame::AckBoot { .. } => return Err(WireError::UnexpectedAck),
+        frame::Frame::Command { .. } => return Err(WireError::UnexpectedFrame("command")),
+        frame::Frame::CommandAck { .. } => return Err(WireError::UnexpectedFrame("command ack")),
+        frame::Frame::Time { .. } => return Err(WireError::UnexpectedFrame("time")),
     };
     let value = match w.value.as_slice() {
         [x] => Value::Number(*x),
@@ -345,6 +352,120 @@ pub fn parse_ack_cobs(buf: &mut [u8]) -> Result<Ack, WireError> {
             Ok(Ack { device: device.as_str().to_string(), seq, boot: Some(boot) })
         }
         frame::Frame::Reading(_) | frame::Frame::ReadingBoot { .. } => Err(WireError::UnexpectedReading),
+        frame::Frame::Command { .. } => Err(WireError::UnexpectedFrame("command")),
+        frame::Frame::CommandAck { .. } => Err(WireError::UnexpectedFrame("command ack")),
+        frame::Frame::Time { .. } => Err(WireError::UnexpectedFrame("time")),
+    }
+}
+
+/// What a device sends: a reading, or its answer to a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromDevice {
+    Reading(Reading, bool),
+    CommandAck(CommandAck),
+}
+
+/// Parse one frame a device sent (a reading or a command answer).
+pub fn parse_from_device(
+    framing: Framing,
+    buf: &mut [u8],
+    default_device: Option<&str>,
+    now_ms: u64,
+) -> Result<FromDevice, WireError> {
+    match framing {
+        Framing::Jsonl => match parse_jsonl(buf, default_device, now_ms) {
+            Ok((r, own_ts)) => Ok(FromDevice::Reading(r, own_ts)),
+            Err(e) => match parse_command_ack_jsonl(buf) {
+                Some(a) => a.map(FromDevice::CommandAck),
+                None => Err(e),
+            },
+        },
+        Framing::Cobs => match frame::decode(buf)? {
+            frame::Frame::CommandAck { device, id, ok, result } => {
+                let result = (!result.is_empty())
+                    .then(|| serde_json::from_str(&result).unwrap_or_else(|_| result.as_str().into()));
+                Ok(FromDevice::CommandAck(CommandAck { device: device.to_string(), id: id.to_string(), ok, result }))
+            }
+            f => reading_from_frame(f, default_device, now_ms).map(|(r, t)| FromDevice::Reading(r, t)),
+        },
+    }
+}
+
+/// What the gateway sends a device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromGateway {
+    Ack(Ack),
+    Command(DeviceCommand),
+    Time(u64),
+}
+
+/// Parse one frame from the gateway, as a device does.
+pub fn parse_from_gateway(framing: Framing, buf: &mut [u8]) -> Result<FromGateway, WireError> {
+    match framing {
+        Framing::Jsonl => {
+            if let Ok(a) = parse_ack_jsonl(buf) {
+                return Ok(FromGateway::Ack(a));
+            }
+            if let Some(c) = parse_command_jsonl(buf) {
+                return Ok(FromGateway::Command(c));
+            }
+            parse_time_jsonl(buf).map(FromGateway::Time).ok_or(WireError::UnexpectedFrame("unknown line"))
+        }
+        Framing::Cobs => match frame::decode(buf)? {
+            frame::Frame::Ack { device, seq } => {
+                Ok(FromGateway::Ack(Ack { device: device.to_string(), seq, boot: None }))
+            }
+            frame::Frame::AckBoot { device, boot, seq } => {
+                Ok(FromGateway::Ack(Ack { device: device.to_string(), seq, boot: Some(boot) }))
+            }
+            frame::Frame::Command { id, device, name, args } => Ok(FromGateway::Command(DeviceCommand {
+                id: id.to_string(),
+                device: device.to_string(),
+                name: name.to_string(),
+                args: args.to_string(),
+            })),
+            frame::Frame::Time { ms } => Ok(FromGateway::Time(ms)),
+            _ => Err(WireError::UnexpectedReading),
+        },
+    }
+}
+
+fn bounded<const N: usize>(field: &'static str, s: &str) -> Result<heapless::String<N>, WireError> {
+    heapless::String::try_from(s).map_err(|_| WireError::TooLongForFrame { field, len: s.len(), max: N })
+}
+
+/// A command for a device in the port's framing (cobs: fails when an id or
+/// the args are over the frame's limits).
+pub fn encode_command(framing: Framing, c: &DeviceCommand) -> Result<Vec<u8>, WireError> {
+    match framing {
+        Framing::Jsonl => Ok(encode_command_jsonl(c)),
+        Framing::Cobs => encode_frame(&frame::Frame::Command {
+            id: bounded("id", &c.id)?,
+            device: bounded("device", &c.device)?,
+            name: bounded("name", &c.name)?,
+            args: bounded("args", &c.args)?,
+        }),
+    }
+}
+
+/// A device's answer in its framing (what the simulated devices send).
+pub fn encode_command_ack(framing: Framing, a: &CommandAck) -> Result<Vec<u8>, WireError> {
+    match framing {
+        Framing::Jsonl => Ok(encode_command_ack_jsonl(a)),
+        Framing::Cobs => encode_frame(&frame::Frame::CommandAck {
+            device: bounded("device", &a.device)?,
+            id: bounded("id", &a.id)?,
+            ok: a.ok,
+            result: bounded("result", &a.result.as_ref().map_or(String::new(), |r| r.to_string()))?,
+        }),
+    }
+}
+
+/// The gateway's time in the port's framing.
+pub fn encode_time(framing: Framing, now_ms: u64) -> Vec<u8> {
+    match framing {
+        Framing::Jsonl => encode_time_jsonl(now_ms),
+        Framing::Cobs => encode_frame(&frame::Frame::Time { ms: now_ms }).unwrap_or_default(),
     }
 }
 
@@ -599,6 +720,50 @@ mod tests {
         assert_eq!(body, want);
     }
 
+    /// The command frames as the module doc spells them, and both ways
+    /// through the helpers the gateway and a device use.
+    #[test]
+    fn command_and_time_frames_match_the_docs_and_round_trip() {
+        let t = postcard::to_allocvec(&Frame::Time { ms: 300 }).unwrap();
+        assert_eq!(t, [0x06, 0xAC, 0x02]);
+        let a = Frame::CommandAck {
+            device: "w".try_into().unwrap(),
+            id: "c".try_into().unwrap(),
+            ok: true,
+            result: "1".try_into().unwrap(),
+        };
+        assert_eq!(postcard::to_allocvec(&a).unwrap(), [0x05, 0x01, b'w', 0x01, b'c', 0x01, 0x01, b'1']);
+        let c =
+            DeviceCommand { id: "c-1".into(), device: "w1".into(), name: "alert".into(), args: "{\"level\":2}".into() };
+        for framing in [Framing::Jsonl, Framing::Cobs] {
+            let mut b = encode_command(framing, &c).unwrap();
+            let n = b.len() - 1; // the delimiter
+            assert_eq!(
+                parse_from_gateway(framing, &mut b[..n]).unwrap(),
+                FromGateway::Command(c.clone()),
+                "{framing:?}"
+            );
+            let ack = CommandAck {
+                device: "w1".into(),
+                id: "c-1".into(),
+                ok: false,
+                result: Some(serde_json::json!({"why": "busy"})),
+            };
+            let mut b = encode_command_ack(framing, &ack).unwrap();
+            let n = b.len() - 1;
+            assert_eq!(
+                parse_from_device(framing, &mut b[..n], None, 0).unwrap(),
+                FromDevice::CommandAck(ack),
+                "{framing:?}"
+            );
+            let mut b = encode_time(framing, 1_764_000_000_123);
+            let n = b.len() - 1;
+            assert_eq!(parse_from_gateway(framing, &mut b[..n]).unwrap(), FromGateway::Time(1_764_000_000_123));
+        }
+        let big = DeviceCommand { args: "x".repeat(300), ..c };
+        assert!(matches!(encode_command(Framing::Cobs, &big), Err(WireError::TooLongForFrame { field: "args", .. })));
+    }
+
     #[test]
     fn biggest_frame_fits_the_declared_bounds() {
         let id: heapless::String<64> = "x".repeat(64).as_str().try_into().unwrap();
@@ -612,11 +777,21 @@ mod tests {
                 value: heapless::Vec::from_slice(&[f64::MAX; 16]).unwrap(),
             },
         };
-        assert_eq!(postcard::to_allocvec(&f).unwrap().len(), frame::MAX_BODY_LEN);
-        let mut out = [0u8; frame::MAX_ENCODED_LEN];
-        let n = frame::encode(&f, &mut out).unwrap();
-        assert!(n <= frame::MAX_ENCODED_LEN);
-        assert_eq!(frame::decode(&mut out[..n - 1]).unwrap(), f);
+        assert_eq!(postcard::to_allocvec(&f).unwrap().len(), 288, "the biggest reading");
+        let s = |n: usize| -> heapless::String<64> { "x".repeat(n).as_str().try_into().unwrap() };
+        let c = Frame::Command {
+            id: s(64),
+            device: s(64),
+            name: s(64),
+            args: "y".repeat(256).as_str().try_into().unwrap(),
+        };
+        assert_eq!(postcard::to_allocvec(&c).unwrap().len(), frame::MAX_BODY_LEN, "the biggest frame: a command");
+        for f in [&f, &c] {
+            let mut out = [0u8; frame::MAX_ENCODED_LEN];
+            let n = frame::encode(f, &mut out).unwrap();
+            assert!(n <= frame::MAX_ENCODED_LEN);
+            assert_eq!(frame::decode(&mut out[..n - 1]).unwrap(), *f);
+        }
         let mut small = [0u8; 100];
         assert_eq!(frame::encode(&f, &mut small), Err(frame::Error::BufferTooSmall));
     }
