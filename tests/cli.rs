@@ -133,7 +133,8 @@ fn a_second_gateway_on_the_same_data_dir_is_refused() {
 }
 
 /// `edge-gateway demo`, the README's first command: devices, gateway and a
-/// cloud that goes away half-way; every reading handed over arrives once.
+/// cloud that goes away half-way; every reading handed over arrives once,
+/// and the cloud's command reaches its wearable and is replied once.
 #[test]
 fn demo_delivers_everything_once_through_an_outage() {
     let out = std::process::Command::new(common::bin())
@@ -158,4 +159,7 @@ fn demo_delivers_everything_once_through_an_outage() {
         "{done}"
     );
     assert!(done.contains("exit status: 0"), "{done}");
+    // The cloud's one command reached wrist-01 and came back as one reply.
+    assert!(text.contains("wrist-01 got command demo-1"), "{text}");
+    assert!(text.contains("commands: 1 sent, 1 replied (delivered)"), "{text}");
 }

@@ -92,7 +92,8 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
              [broker]\nenabled = true\ntcp = \"127.0.0.1:{broker_port}\"\nallow_anonymous = true\n\n\
              [upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nallow_plaintext = true   # loopback demo cloud\n\
              protocol = \"3.1.1\"\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\n\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+             [commands]\nretry_every = \"1s\"\n",
             dir.join("data").display().to_string(),
             cloud.port
         ),
@@ -134,6 +135,9 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
     let mut next_send = started;
     let mut streaming = true;
     let mut drained_at = None;
+    // One command from the cloud, a quarter of the way in.
+    let command_at = opts.duration / 4;
+    let (mut command_sent, mut command_replied) = (None::<Instant>, false);
     let view = |st: &GatewayStatus, label: &str, last_in: &mut u64, last_t: &mut Instant| {
         let accepted = st.readings.accepted;
         let rate = (accepted - *last_in) as f64 / last_t.elapsed().as_secs_f64().max(0.001);
@@ -157,8 +161,22 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
         }
         for d in devices.iter_mut() {
             d.resend_if_stalled()?;
+            for c in d.answer_commands(true)? {
+                println!("--- {} got command {} ({} {}) on its dock and answered ---", c.device, c.id, c.name, c.args);
+            }
         }
         let elapsed = now - started;
+        if command_sent.is_none() && elapsed >= command_at {
+            let cmd = r#"{"id":"demo-1","device":"wrist-01","name":"alert","args":{"level":2},"ttl":"1m"}"#;
+            cloud.send_command("gateways/demo-gw/commands", cmd);
+            command_sent = Some(now);
+            println!("--- the cloud sends wrist-01 an alert: {cmd} ---");
+        }
+        if !command_replied && let Some(r) = cloud.replies().first() {
+            command_replied = true;
+            let took = command_sent.map_or(0, |t| t.elapsed().as_millis());
+            println!("--- the cloud has the reply, {took} ms after sending: {r} ---");
+        }
         if outage.is_none() && elapsed >= outage_at && elapsed < outage_at + opts.outage {
             cloud.set_down(true);
             outage = Some(now);
@@ -236,6 +254,13 @@ fn run_in(dir: &Path, opts: &DemoOptions, cloud: &upstream::DemoUpstream) -> any
     let twice = delivered.values().filter(|n| **n > 1).count();
     let unknown = delivered.keys().filter(|k| !sent_keys.contains(*k)).count();
     let c = cloud.counts();
+    let replies = cloud.replies();
+    println!(
+        "commands: {} sent, {} replied ({})",
+        u8::from(command_sent.is_some()),
+        replies.len(),
+        replies.iter().filter_map(|r| r["status"].as_str()).collect::<Vec<_>>().join(", ")
+    );
     println!(
         "\ndone: devices handed over {created} readings, {acked} acked by the gateway; the cloud received {} readings in {} batches, {} batches twice; \
          by (device, sensor, seq): {missing} acked readings missing, {twice} delivered twice, {unknown} never sent; \

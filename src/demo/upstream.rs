@@ -3,7 +3,9 @@
 //! sessions across reconnects like a real broker, and counts what it
 //! delivered, including any batch delivered twice (there should be none).
 //! `set_down(true)` is the simulated outage: connections are cut and new
-//! ones refused until it is lifted.
+//! ones refused until it is lifted. It answers the gateway's SUBSCRIBE, and
+//! [`DemoUpstream::send_command`] publishes a command (QoS 2) to it; the
+//! replies it receives are kept ([`DemoUpstream::replies`]).
 
 use crate::reading::Batch;
 use crate::uplink::codec::{self, Packet, Protocol};
@@ -37,6 +39,11 @@ struct State {
     sessions: Mutex<HashMap<String, HashMap<u16, Vec<u8>>>>,
     down: watch::Sender<bool>,
     is_down: AtomicBool,
+    /// Commands to publish to the subscribed gateway; the number bumps when one is added.
+    outbox: Mutex<Vec<Vec<u8>>>,
+    outbox_added: watch::Sender<u64>,
+    /// Replies to commands (JSON), in arrival order.
+    replies: Mutex<Vec<serde_json::Value>>,
 }
 
 pub struct DemoUpstream {
@@ -56,6 +63,9 @@ impl DemoUpstream {
             sessions: Mutex::default(),
             down: watch::channel(false).0,
             is_down: AtomicBool::new(false),
+            outbox: Mutex::default(),
+            outbox_added: watch::channel(0).0,
+            replies: Mutex::default(),
         });
         let st = state.clone();
         tokio::spawn(async move {
@@ -84,6 +94,21 @@ impl DemoUpstream {
         self.state.is_down.load(Ordering::Relaxed)
     }
 
+    /// Publish `json` on `topic` (QoS 2) to the gateway once it has
+    /// subscribed (kept until then, as a broker keeps it in the session).
+    pub fn send_command(&self, topic: &str, json: &str) {
+        let mut out = Vec::new();
+        let pid = 1 + self.state.outbox.lock().unwrap().len() as u16;
+        codec::encode_publish(Protocol::V311, topic, json.as_bytes(), 2, false, false, pid, &mut out);
+        self.state.outbox.lock().unwrap().push(out);
+        self.state.outbox_added.send_modify(|n| *n += 1);
+    }
+
+    /// Replies to commands received so far.
+    pub fn replies(&self) -> Vec<serde_json::Value> {
+        self.state.replies.lock().unwrap().clone()
+    }
+
     pub fn set_down(&self, down: bool) {
         self.state.is_down.store(down, Ordering::Relaxed);
         self.state.down.send_replace(down);
@@ -92,13 +117,26 @@ impl DemoUpstream {
 
 async fn serve(mut s: TcpStream, st: Arc<State>) {
     let mut down = st.down.subscribe();
+    let mut added = st.outbox_added.subscribe();
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut client: Option<String> = None;
+    let mut subscribed = false;
     loop {
         let n = tokio::select! {
             _ = down.wait_for(|d| *d) => return,
-            r = s.read(&mut chunk) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            _ = added.changed(), if subscribed => None,
+            r = s.read(&mut chunk) => match r { Ok(0) | Err(_) => return, Ok(n) => Some(n) },
+        };
+        let Some(n) = n else {
+            // New commands: to the gateway (each goes once; QoS 2 from here).
+            let cmds: Vec<Vec<u8>> = std::mem::take(&mut *st.outbox.lock().unwrap());
+            for c in cmds {
+                if s.write_all(&c).await.is_err() {
+                    return;
+                }
+            }
+            continue;
         };
         buf.extend_from_slice(&chunk[..n]);
         loop {
@@ -115,6 +153,22 @@ async fn serve(mut s: TcpStream, st: Arc<State>) {
                         used
                     }
                     Some(Err(())) => return,
+                    None => break,
+                }
+            } else if buf.first().is_some_and(|b| *b == 0x82) {
+                // SUBSCRIBE (a client's packet, not in the uplink's codec):
+                // grant QoS 2 to its one filter, then send what is waiting.
+                match subscribe_pid(&buf) {
+                    Some((pid, used)) => {
+                        out.extend_from_slice(&[0x90, 3]);
+                        out.extend_from_slice(&pid.to_be_bytes());
+                        out.push(2);
+                        subscribed = true;
+                        for c in std::mem::take(&mut *st.outbox.lock().unwrap()) {
+                            out.extend_from_slice(&c);
+                        }
+                        used
+                    }
                     None => break,
                 }
             } else {
@@ -156,12 +210,37 @@ fn handle(st: &State, client: &str, p: Packet, out: &mut Vec<u8>) {
             codec::encode_pubcomp(pid, out);
         }
         Packet::PingReq => out.extend_from_slice(&[0xD0, 0]),
+        // Our command's QoS 2 flow.
+        Packet::PubRec { pid, .. } => codec::encode_pubrel(pid, out),
         _ => {}
     }
 }
 
+/// SUBSCRIBE: `(packet id, bytes used)`, `None` when more bytes are needed.
+fn subscribe_pid(buf: &[u8]) -> Option<(u16, usize)> {
+    let (mut len, mut i) = (0usize, 1);
+    loop {
+        let b = *buf.get(i)?;
+        len |= ((b & 0x7f) as usize) << (7 * (i - 1));
+        i += 1;
+        if b & 0x80 == 0 || i > 4 {
+            break;
+        }
+    }
+    let body = buf.get(i..i + len)?;
+    Some((u16::from_be_bytes([*body.first()?, *body.get(1)?]), i + len))
+}
+
 fn deliver(st: &State, payload: &[u8]) {
-    let Ok(batch) = Batch::decode(payload) else { return };
+    let Ok(batch) = Batch::decode(payload) else {
+        // Not a batch: a reply to a command?
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload)
+            && v.get("status").is_some()
+        {
+            st.replies.lock().unwrap().push(v);
+        }
+        return;
+    };
     let c = &st.counts;
     if st.seen.lock().unwrap().insert((batch.gateway.clone(), batch.batch)) {
         c.batches.fetch_add(1, Ordering::Relaxed);
