@@ -55,6 +55,8 @@ type Links = HashMap<Origin, mpsc::Sender<ToDevice>>;
 pub struct RouteTable {
     links: Arc<Mutex<Links>>,
     devices: Arc<Mutex<HashMap<String, Origin>>>,
+    /// Devices heard for the first time since the downlink last looked.
+    new_devices: Arc<Mutex<Vec<String>>>,
     command_acks: Arc<Mutex<Option<mpsc::Sender<CommandAck>>>>,
 }
 
@@ -78,9 +80,18 @@ impl RouteTable {
     /// of its readings changes, not per reading).
     pub fn note_device(&self, device: &str, origin: Origin) {
         let mut d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        if d.get(device) != Some(&origin) {
-            d.insert(device.to_string(), origin);
+        if d.get(device) != Some(&origin) && d.insert(device.to_string(), origin).is_none() {
+            let mut n = self.new_devices.lock().unwrap_or_else(|e| e.into_inner());
+            // Bounded: only the downlink drains it.
+            if n.len() < 4096 {
+                n.push(device.to_string());
+            }
         }
+    }
+
+    /// Devices heard for the first time since the last call.
+    pub fn take_new_devices(&self) -> Vec<String> {
+        std::mem::take(&mut *self.new_devices.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The link `device` was last heard on.

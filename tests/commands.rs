@@ -145,9 +145,10 @@ fn a_command_reaches_its_serial_device_and_is_replied_once() {
     assert!(r.pending().is_empty());
 }
 
-/// A device that is away: sent again every `retry_every` while its ttl
+/// A device that is slow: sent again every `retry_every` while its ttl
 /// lasts (`commands list` shows the attempts), delivered when it answers;
-/// a command for a device that never shows up expires with a reply.
+/// one that never answers expires with a reply; a command for a device
+/// this gateway never heard of is rejected at once.
 #[test]
 fn a_command_waits_for_its_device_until_the_ttl_and_then_expires() {
     let mut r = rig("");
@@ -155,6 +156,7 @@ fn a_command_waits_for_its_device_until_the_ttl_and_then_expires() {
     r.devices_speak(&gw);
     r.command(r#"{"id":"late","device":"wrist-00","name":"rate","args":{"hz":5},"ttl":"30s"}"#);
     r.command(r#"{"id":"ghost","device":"wrist-99","name":"alert","ttl":"2s"}"#);
+    r.command(r#"{"id":"mute","device":"wrist-01","name":"alert","ttl":"2s"}"#);
     // wrist-00 hears it but does not answer for a while.
     assert!(wait_until(Duration::from_secs(15), || r.devices[0].commands_received() >= 3), "no retries");
     let pending = r.pending();
@@ -164,10 +166,15 @@ fn a_command_waits_for_its_device_until_the_ttl_and_then_expires() {
     r.devices[0].answer_commands(true).unwrap();
     assert_eq!(r.wait_reply("late", &gw, Duration::from_secs(15))["status"], "delivered");
     let ghost = r.wait_reply("ghost", &gw, Duration::from_secs(15));
-    assert_eq!(ghost["status"], "expired", "{ghost}");
-    assert_eq!(ghost["result"], "the device was not reachable");
+    assert_eq!(ghost["status"], "rejected", "{ghost}");
+    assert!(ghost["result"].as_str().unwrap().contains("unknown device"), "{ghost}");
+    let mute = r.wait_reply("mute", &gw, Duration::from_secs(15));
+    assert_eq!(mute["status"], "expired", "{mute}");
+    assert_eq!(mute["result"], "the device did not answer");
+    assert!(r.devices[1].commands_received() >= 2, "retried until the ttl");
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!((r.replies_to("late").len(), r.replies_to("ghost").len()), (1, 1), "{:?}", r.replies());
+    let once = ["late", "ghost", "mute"].map(|id| r.replies_to(id).len());
+    assert_eq!(once, [1, 1, 1], "{:?}", r.replies());
     terminate_ok(gw);
     assert!(r.pending().is_empty());
 }

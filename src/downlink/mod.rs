@@ -43,6 +43,8 @@ use tokio::sync::{Notify, mpsc, watch};
 const TICK: Duration = Duration::from_millis(500);
 /// Longest id, device or name accepted.
 const MAX_ID: usize = 128;
+/// The devices this gateway has heard, one per line.
+pub const KNOWN_FILE: &str = "devices.known";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownlinkError {
@@ -92,6 +94,10 @@ pub struct Downlink {
     metrics: Arc<Metrics>,
     routes: RouteTable,
     wake: Notify,
+    /// Every device this gateway has heard (`data_dir/devices.known`, one
+    /// id per line, appended): a command for any other is rejected.
+    known: Mutex<std::collections::HashSet<String>>,
+    known_path: std::path::PathBuf,
 }
 
 impl Downlink {
@@ -109,7 +115,14 @@ impl Downlink {
             source,
         })?;
         Metrics::set(&metrics.commands_pending, store.pending_count() as u64);
+        let known_path = data_dir.join(KNOWN_FILE);
+        let known = match std::fs::read_to_string(&known_path) {
+            Ok(s) => s.lines().filter(|l| !l.is_empty()).map(str::to_string).collect(),
+            Err(_) => Default::default(),
+        };
         Ok(Arc::new(Downlink {
+            known: Mutex::new(known),
+            known_path,
             topic: cfg.topic.replace("{gateway}", gateway),
             reply_topic: cfg.reply_topic.replace("{gateway}", gateway),
             cfg: cfg.clone(),
@@ -153,6 +166,17 @@ impl Downlink {
                 return self.reply(id.as_deref(), device.as_deref(), Status::Rejected, Some(result), now);
             }
         };
+        self.learn_devices();
+        if !self.store().knows(&cmd.id)
+            && self.routes.origin_of(&cmd.device).is_none()
+            && !self.known.lock().unwrap_or_else(|e| e.into_inner()).contains(&cmd.device)
+        {
+            Metrics::inc(&self.metrics.commands_rejected);
+            let why = format!("unknown device {:?}: never heard by this gateway", cmd.device);
+            tracing::warn!(command = %cmd.id, "command rejected: {why}");
+            let (id, device) = (cmd.id.clone(), cmd.device.clone());
+            return self.reply(Some(&id), Some(&device), Status::Rejected, Some(why.into()), now);
+        }
         if self.store().pending_count() >= self.cfg.max_pending && !self.store().knows(&cmd.id) {
             Metrics::inc(&self.metrics.commands_rejected);
             let why = format!("{} commands already pending (commands.max_pending)", self.cfg.max_pending);
@@ -309,8 +333,37 @@ impl Downlink {
         Ok(())
     }
 
+    /// Remember the devices heard since the last look (appended, not
+    /// synced: one lost to a power cut is learnt again when it next talks).
+    fn learn_devices(&self) {
+        let new = self.routes.take_new_devices();
+        if new.is_empty() {
+            return;
+        }
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lines = String::new();
+        for d in new {
+            if known.insert(d.clone()) {
+                lines += &d;
+                lines.push('\n');
+            }
+        }
+        if lines.is_empty() {
+            return;
+        }
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.known_path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
+        if let Err(e) = r {
+            tracing::warn!("cannot note known devices in {}: {e}", self.known_path.display());
+        }
+    }
+
     fn step(&self, answers: Vec<CommandAck>) -> Result<(), DownlinkError> {
         let now = now_ms();
+        self.learn_devices();
         for a in answers {
             let Some(p) = self.store().get(&a.id).cloned() else {
                 Metrics::inc(&self.metrics.command_answers_unknown);
