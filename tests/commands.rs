@@ -422,3 +422,42 @@ fn a_cobs_device_gets_commands_and_the_time_as_frames() {
     assert_eq!(r.devices[1].stats().bad_acks, 0, "every frame from the gateway understood");
     terminate_ok(gw);
 }
+
+/// A `custom`-profile BLE device with a `command_characteristic`: any
+/// command is written there in the entry's framing, and the device's answer
+/// comes back on its notify characteristic like its readings.
+#[test]
+fn a_custom_ble_device_gets_any_command_on_its_command_characteristic() {
+    use fake_bluez::{Bus, CharSpec, FakeBluez};
+    const ADDR: &str = "C0:FF:EE:00:00:09";
+    let bus = Bus::start();
+    let mut fake = FakeBluez::start(&bus.address);
+    let notify = CharSpec { service: 0xFFE0, uuid: 0xFFE1, flags: &["notify"], value: vec![] };
+    let write = CharSpec { service: 0xFFE0, uuid: 0xFFE2, flags: &["write"], value: vec![] };
+    let dongle = fake.add_gatt_device(ADDR, "Dongle 9", vec![notify, write]);
+    let ble = "[[ble]]\nname = \"d9\"\nmatch = { name_prefix = \"Dongle 9\" }\nprofile = \"custom\"\ndevice = \"wrist-09\"\n\
+               service = \"ffe0\"\ncharacteristic = \"ffe1\"\ncommand_characteristic = \"ffe2\"\n\
+               [ble_scan]\nhealth_interval = \"200ms\"\n";
+    let r = rig(ble);
+    let gw = Gateway::start_with_env(&r.cfg, &[("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)]);
+    assert!(fake.wait_notifying(ADDR, 0xFFE1, Duration::from_secs(20)), "{}", gw.log_text());
+    assert!(wait_until(Duration::from_secs(15), || gw.log_text().contains("subscribed to commands")));
+    r.command(r#"{"id":"d-1","device":"wrist-09","name":"rate","args":{"hz":50}}"#);
+    let written = || -> Vec<Vec<u8>> {
+        dongle.writes.lock().unwrap().iter().filter(|w| w.0 == 0xFFE2).map(|w| w.1.clone()).collect()
+    };
+    assert!(wait_until(Duration::from_secs(15), || !written().is_empty()), "no command write; log:\n{}", gw.log_text());
+    let line = written()[0].clone();
+    let cmd = edge_gateway::wire::parse_command_jsonl(line.strip_suffix(b"\n").unwrap()).expect("a cmd line");
+    assert_eq!((cmd.id.as_str(), cmd.device.as_str(), cmd.name.as_str()), ("d-1", "wrist-09", "rate"));
+    let ack = edge_gateway::route::CommandAck {
+        device: "wrist-09".into(),
+        id: "d-1".into(),
+        ok: true,
+        result: Some(serde_json::json!(50)),
+    };
+    assert!(fake.notify(ADDR, 0xFFE1, &edge_gateway::wire::encode_command_ack_jsonl(&ack)));
+    let reply = r.wait_reply("d-1", &gw, Duration::from_secs(15));
+    assert_eq!((reply["status"].as_str(), reply["result"].as_u64()), (Some("delivered"), Some(50)), "{reply}");
+    terminate_ok(gw);
+}

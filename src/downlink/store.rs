@@ -105,20 +105,7 @@ impl CommandStore {
         let mut file = File::open(&path)?;
         file.read_to_end(&mut buf)?;
         let (entries, valid) = decode_all(&buf);
-        let mut s = CommandStore {
-            path,
-            file,
-            bytes: valid as u64,
-            pending: BTreeMap::new(),
-            finished: VecDeque::new(),
-            finished_set: HashSet::new(),
-            replying: Vec::new(),
-            fsyncs: 0,
-        };
-        for e in entries {
-            s.apply(e);
-        }
-        Ok(s.pending.into_values().collect())
+        Ok(CommandStore::from_entries(path, file, valid, entries).pending.into_values().collect())
     }
 
     /// Load `dir/commands.log` (created when missing); a torn tail is cut off.
@@ -139,6 +126,10 @@ impl CommandStore {
             file.set_len(valid as u64)?;
             file.sync_data()?;
         }
+        Ok(CommandStore::from_entries(path, file, valid, entries))
+    }
+
+    fn from_entries(path: PathBuf, file: File, valid: usize, entries: Vec<Entry>) -> CommandStore {
         let mut s = CommandStore {
             path,
             file,
@@ -152,7 +143,7 @@ impl CommandStore {
         for e in entries {
             s.apply(e);
         }
-        Ok(s)
+        s
     }
 
     fn apply(&mut self, e: Entry) {

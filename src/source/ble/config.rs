@@ -56,6 +56,12 @@ pub struct BleConfig {
     pub characteristic: Option<String>,
     #[serde(default)]
     pub framing: Option<Framing>,
+    /// Custom profile: a characteristic (in `service`) the gateway writes
+    /// commands from the cloud to, in `framing` (`{"cmd":...}` / a Command
+    /// frame); the device answers on `characteristic`. Absent: only
+    /// `alert` (Immediate Alert Service) reaches the device.
+    #[serde(default)]
+    pub command_characteristic: Option<String>,
     /// Custom profile: the devices its frames may name (patterns, `*` = any
     /// run). Absent: only the entry's own id (`device`, or the address).
     #[serde(default)]
@@ -132,6 +138,11 @@ pub fn validate(devices: &[BleConfig], scan: &BleScanConfig) -> Result<(), (Stri
         }
         if b.framing.is_some() && !custom {
             return bad(k("framing"), "is only for profile \"custom\"");
+        }
+        match &b.command_characteristic {
+            Some(_) if !custom => return bad(k("command_characteristic"), "is only for profile \"custom\""),
+            Some(u) if parse_uuid(u).is_none() => return bad(k("command_characteristic"), "must be a UUID"),
+            _ => {}
         }
         match &b.devices {
             Some(_) if !custom => return bad(k("devices"), "is only for profile \"custom\""),

@@ -341,6 +341,29 @@ impl Device {
                     }
                 }
             }
+            _ if self.cfg.command_characteristic.is_some() => {
+                // The custom profile's command characteristic: the device
+                // answers on its notify characteristic (`value`).
+                let uuid = self.cfg.command_characteristic.as_deref().and_then(parse_uuid);
+                let ch = p.services().into_iter().flat_map(|s| s.characteristics).find(|ch| Some(ch.uuid) == uuid);
+                let framing = self.cfg.framing.unwrap_or(Framing::Jsonl);
+                let why = match (ch, wire::encode_command(framing, c)) {
+                    (None, _) => {
+                        format!("no command characteristic {:?} on the device", self.cfg.command_characteristic)
+                    }
+                    (_, Err(e)) => e.to_string(),
+                    (Some(ch), Ok(bytes)) => {
+                        match timeout(p.write(&ch, &bytes, btleplug::api::WriteType::WithResponse)).await {
+                            Ok(()) => {
+                                debug!("ble {}: command {} written; waiting for the answer", self.cfg.name, c.id);
+                                return;
+                            }
+                            Err(e) => format!("command write failed: {e}"),
+                        }
+                    }
+                };
+                (false, serde_json::json!(why))
+            }
             other => {
                 (false, serde_json::json!(format!("command {other:?} is not supported over BLE (only \"alert\")")))
             }
@@ -364,14 +387,24 @@ impl Device {
             let framing = self.cfg.framing.unwrap_or(Framing::Jsonl);
             let mut out = Vec::new();
             let mut bad = Vec::new();
+            let mut answers = Vec::new();
             self.splitter.feed(data, |frame| {
-                match frame.and_then(|f| wire::parse_reading(framing, f, Some(device), now)) {
-                    Ok(r) => out.push(r),
+                match frame.and_then(|f| wire::parse_from_device(framing, f, Some(device), now)) {
+                    Ok(wire::FromDevice::Reading(r, own_ts)) => out.push((r, own_ts)),
+                    Ok(wire::FromDevice::CommandAck(a)) => answers.push(a),
                     Err(e) => bad.push(e.to_string()),
                 }
             });
             for e in bad {
                 self.malformed(&e);
+            }
+            for a in answers {
+                // Only for the entry's own device (a frame may not answer for another).
+                if a.device == device {
+                    self.routes.command_ack(a);
+                } else {
+                    self.malformed(&format!("answer to a command for {:?}, not {device:?}", a.device));
+                }
             }
             for (r, from_device) in out {
                 let allowed = match &self.cfg.devices {
