@@ -34,7 +34,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let certs = make_certs(dir);
-    let broker = Mosquitto::start(&dir.join("broker"), &certs, false);
+    // Nagle off on the broker too: else its small PUBLISHes wait out our delayed ACK (40 ms).
+    let broker = Mosquitto::start_with(&dir.join("broker"), &certs, false, "set_tcp_nodelay true");
     let port = broker.plain_port.to_string();
     // The cloud's reply subscriber: each line's arrival time by command id.
     let arrived: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -73,7 +74,7 @@ fn main() {
     device.send_next().unwrap();
     assert!(device.wait_all_acked(Duration::from_secs(20)).unwrap());
     let mut cloud = Command::new("mosquitto_pub")
-        .args(["-p", &port, "-q", "2", "-t", "gateways/bench/commands", "-l"])
+        .args(["-p", &port, "-q", "2", "-t", "gateways/bench/commands", "-l", "--nodelay"])
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
