@@ -461,3 +461,50 @@ fn a_custom_ble_device_gets_any_command_on_its_command_characteristic() {
     assert_eq!((reply["status"].as_str(), reply["result"].as_u64()), (Some("delivered"), Some(50)), "{reply}");
     terminate_ok(gw);
 }
+
+/// A wearable taken off its dock (the dock's link gone, as udev removes it):
+/// a command for it with a short ttl expires; one with a longer ttl is
+/// delivered when the wearable is docked again (a new PTY behind the same
+/// link) before its ttl runs out.
+#[test]
+fn a_device_away_past_the_ttl_expires_and_one_back_in_time_gets_its_command() {
+    use edge_gateway::demo::sim::{SimConfig, open_pty, point_symlink};
+    let mut r = rig_n(1, "");
+    let link = r.dir.join("dock0-link");
+    let slave = r.devices[0].slave_path().unwrap().to_path_buf();
+    point_symlink(&link, &slave).unwrap();
+    let text = std::fs::read_to_string(&r.cfg).unwrap();
+    std::fs::write(
+        &r.cfg,
+        text.replace(&format!("{:?}", slave.display().to_string()), &format!("{:?}", link.display().to_string())),
+    )
+    .unwrap();
+    let gw = Gateway::start(&r.cfg);
+    r.devices_speak(&gw);
+    // Off the dock.
+    std::fs::remove_file(&link).unwrap();
+    let sent = r.devices.remove(0).unplug().sent_unique;
+    assert!(wait_until(Duration::from_secs(10), || gw.log_text().contains("unplugged")), "{}", gw.log_text());
+    r.command(r#"{"id":"gone","device":"wrist-00","name":"alert","ttl":"1s"}"#);
+    r.command(r#"{"id":"back","device":"wrist-00","name":"alert","ttl":"60s"}"#);
+    let gone = r.wait_reply("gone", &gw, Duration::from_secs(15));
+    assert_eq!(gone["status"], "expired", "{gone}");
+    // Docked again, before "back" expires.
+    let pty = open_pty().unwrap();
+    let new_slave = pty.slave_path.clone();
+    let mut cfg = SimConfig::new("wrist-00", Framing::Jsonl);
+    cfg.first_seq = sent;
+    let mut d = SimDevice::on_pty(cfg, pty).unwrap();
+    point_symlink(&link, &new_slave).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || !d.commands().is_empty()),
+        "no command after the redock; log:\n{}",
+        gw.log_text()
+    );
+    let got = d.answer_commands(true).unwrap();
+    assert_eq!(got.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["back"], "only the live command");
+    assert_eq!(r.wait_reply("back", &gw, Duration::from_secs(15))["status"], "delivered");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!((r.replies_to("gone").len(), r.replies_to("back").len()), (1, 1), "{:?}", r.replies());
+    terminate_ok(gw);
+}
