@@ -617,7 +617,11 @@ impl Alarms {
 fn alarm_run(dir: &Path, certs: &common::mosquitto::Certs, devices: usize, per_device: u64) -> Alarms {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let mut broker = Mosquitto::start(&dir.join("broker"), certs, false);
+    // Nagle off in the broker (BENCH_NAGLE=1 keeps Mosquitto's default): else
+    // its small PUBLISHes to the subscriber wait out delayed ACKs (~40 ms),
+    // which is the broker's latency, not ours (docs/performance.md, Commands).
+    let nodelay = if std::env::var("BENCH_NAGLE").is_ok_and(|v| v == "1") { "" } else { "set_tcp_nodelay true" };
+    let mut broker = Mosquitto::start_with(&dir.join("broker"), certs, false, nodelay);
     let inbox: Inbox = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     // A persistent session: it outlives the broker's stop and restart.

@@ -15,7 +15,7 @@
 //! sent twice. A torn or corrupt tail is cut off at open. The file is
 //! rewritten (temp + rename) when it passes `COMPACT_AT` bytes.
 
-use crate::queue::{CRC, replace_file, sync_dir};
+use crate::queue::{CRC, rewrite_durably};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -269,12 +269,7 @@ impl CommandStore {
                 }
             }
         }
-        let tmp = self.path.with_extension("log.tmp");
-        drop(replace_file(&tmp, &self.path, &buf, &mut self.fsyncs)?);
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir, &mut self.fsyncs)?;
-        }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file = rewrite_durably(&self.path, "log.tmp", &buf, &mut self.fsyncs)?;
         self.bytes = buf.len() as u64;
         Ok(())
     }

@@ -304,6 +304,17 @@ pub(crate) fn replace_file(tmp: &Path, path: &Path, bytes: &[u8], fsyncs: &mut u
     Ok(f)
 }
 
+/// Replace `path` with `bytes` durably ([`replace_file`] to `path` with
+/// extension `tmp_ext`, then the directory's fsync) and return it open for
+/// appending: how the small logs beside the queue compact themselves.
+pub(crate) fn rewrite_durably(path: &Path, tmp_ext: &str, bytes: &[u8], fsyncs: &mut u64) -> io::Result<File> {
+    drop(replace_file(&path.with_extension(tmp_ext), path, bytes, fsyncs)?);
+    if let Some(dir) = path.parent() {
+        sync_dir(dir, fsyncs)?;
+    }
+    fs::OpenOptions::new().append(true).open(path)
+}
+
 /// `create_dir_all`, and fsync the parent of every directory it created
 /// (top down), so a power cut cannot take the new directory, and everything
 /// later made durable inside it, with it.

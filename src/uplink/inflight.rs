@@ -18,7 +18,7 @@
 //! broker reports a lost session, because a PUBREL for a batch the broker
 //! no longer holds would be answered with PUBCOMP and the batch lost.
 
-use crate::queue::{CRC, replace_file, sync_dir};
+use crate::queue::{CRC, rewrite_durably, sync_dir};
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -306,12 +306,7 @@ impl PubrecLog {
         let mut buf = if self.confirmed { encode_identity(&self.identity) } else { Vec::new() };
         buf.extend(encode(self.ids.iter().copied()));
         buf.extend(encode_kind(b'C', self.completed.iter().copied()));
-        let tmp = self.path.with_extension("pubrec.tmp");
-        drop(replace_file(&tmp, &self.path, &buf, &mut self.fsyncs)?);
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir, &mut self.fsyncs)?;
-        }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file = rewrite_durably(&self.path, "pubrec.tmp", &buf, &mut self.fsyncs)?;
         self.bytes = buf.len() as u64;
         Ok(())
     }
