@@ -170,9 +170,13 @@ fn main() {
         *per_second.entry(t / 1000).or_default() += 1;
     }
     let busiest = per_second.values().max().copied().unwrap_or(0);
+    let secs = reconnects.last().map_or(0, |t| t.saturating_sub(back) / 1000 + 1);
+    let histogram: Vec<usize> =
+        (0..secs).map(|s| reconnects.iter().filter(|t| t.saturating_sub(back) / 1000 == s).count()).collect();
     println!(
         "fleet of {n} gateways × 1 dock at {RATE}/s into one Mosquitto (TLS QoS 2), broker down {} s once:\n  \
          reconnected {} of {n}: first {first} ms after the broker was back, spread {spread} ms, at most {busiest} in one second\n  \
+         reconnects per second after the broker was back: {histogram:?}\n  \
          every backlog drained {:.1} s after the broker was back\n  \
          RSS: fleet peak {:.1} MiB (sum), per gateway median {:.1} MiB at the end\n  \
          readings: {expected} sent, {missing} missing, {doubled} doubled at the subscriber; exits {:?}",
