@@ -15,10 +15,10 @@
 mod common;
 
 use common::mosquitto::{Mosquitto, Subscriber, decode_all, make_certs, missing_and_doubled};
-use common::{Gateway, Port, wait_until, write_config_extra};
+use common::{Gateway, Port, log_time_ms, unix_ms, wait_until, write_config_extra};
 use edge_gateway::config::Framing;
 use edge_gateway::demo::sim::{SimConfig, SimDevice, open_pty};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const RATE: f64 = 50.0;
 
@@ -27,31 +27,6 @@ fn rss_kib(pid: u32) -> u64 {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-/// `2026-12-04T10:08:07.403380Z` at the start of a log line (after any
-/// colour codes) → unix ms.
-fn log_time_ms(line: &str) -> Option<u64> {
-    let at = line.find("20")?;
-    let t = line.get(at..at + 26)?;
-    let (date, time) = t.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, dd) = (d.next()??, d.next()??, d.next()??);
-    let mut h = time.trim_end_matches('Z').split(':');
-    let (hh, mm) = (h.next()?.parse::<i64>().ok()?, h.next()?.parse::<i64>().ok()?);
-    let ss: f64 = h.next()?.parse().ok()?;
-    // Days from civil (Howard Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + dd - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + hh * 3600 + mm * 60) * 1000 + (ss * 1000.0) as i64) as u64)
 }
 
 fn main() {

@@ -695,11 +695,15 @@ fn l5_switching_brokers_a_b_a_loses_nothing_and_counts_the_pubrec_log_resets() {
 
 /// Mosquitto with persistence and `autosave_interval 1`, SIGKILLed three
 /// times while readings stream. What MQTT cannot fix (docs/uplink.md): a
-/// broker that restores an older save forgets PUBRECs it sent after it and
-/// answers our PUBREL with PUBCOMP anyway. The bound checked here: every
-/// reading arrives; a duplicate is always a whole batch again (consumers
-/// dedup by (gateway, batch)); a batch can go missing only if the gateway
-/// re-sent its PUBREL after a broker restart (logged per batch).
+/// broker that restores an older save forgets what it took after it — a
+/// PUBREC it sent (it answers our re-sent PUBREL with PUBCOMP anyway), or a
+/// message it completed with us but had not yet handed to the subscriber.
+/// The bound checked here: a duplicate is always a whole batch again
+/// (consumers dedup by (gateway, batch)); a batch goes missing only if the
+/// gateway re-sent its PUBREL after a restart, or Mosquitto completed it
+/// within its autosave interval (plus a margin) before a kill. Usually
+/// nothing goes missing; on a loaded machine the subscriber lags and the
+/// second case shows (52 readings once, 2026-12-04).
 #[test]
 fn l6_sigkilled_mosquitto_with_autosave_stays_within_the_documented_bound() {
     let dir = tempfile::tempdir().unwrap();
@@ -714,8 +718,10 @@ fn l6_sigkilled_mosquitto_with_autosave_stays_within_the_documented_bound() {
     let up = upstream_tls(broker.tls_port, &certs.ca, "");
     let (mut devices, cfg) = fleet_with(dir.path(), 4, 66, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
     let gw = Gateway::start(&cfg);
+    let mut kills = Vec::new();
     for round in 0..3 {
         stream(&mut devices, 150 + 37 * round, Duration::from_millis(4));
+        kills.push(unix_ms());
         broker.kill9();
         std::thread::sleep(Duration::from_millis(300));
         broker.restart();
@@ -740,7 +746,32 @@ fn l6_sigkilled_mosquitto_with_autosave_stays_within_the_documented_bound() {
         got.batches.values().filter(|&&n| n > 1).count(),
         rereleased.len()
     );
-    assert!(missing == 0 || !rereleased.is_empty(), "{missing} missing without a re-sent PUBREL\n{log}");
+    // Batches of this run that never arrived, and why that is within the bound.
+    let completed: HashMap<u64, u64> = log
+        .lines()
+        .filter_map(|l| {
+            let (id, tail) = l.split("batch ").nth(1)?.split_once(' ')?;
+            tail.starts_with("completed upstream").then_some(())?;
+            Some((id.parse().ok()?, log_time_ms(l)?))
+        })
+        .collect();
+    let arrived: HashSet<u64> =
+        sub.messages().iter().map(|(_, p)| edge_gateway::Batch::decode(p).unwrap().batch).collect();
+    let (lo, hi) = (*completed.keys().min().unwrap(), *completed.keys().max().unwrap());
+    let lost: Vec<u64> = (lo..=hi).filter(|b| !arrived.contains(b)).collect();
+    const AUTOSAVE_MARGIN_MS: u64 = 2_000;
+    let unexplained: Vec<(u64, Option<u64>)> = lost
+        .iter()
+        .filter(|b| !rereleased.contains(b))
+        .map(|b| (*b, completed.get(b).copied()))
+        .filter(|(_, t)| !t.is_some_and(|t| kills.iter().any(|k| *k >= t && *k - t <= AUTOSAVE_MARGIN_MS)))
+        .collect();
+    assert!(
+        unexplained.is_empty(),
+        "{missing} readings missing; batches lost without a re-sent PUBREL and not completed within \
+         {AUTOSAVE_MARGIN_MS} ms before a kill (batch, completed at): {unexplained:?}; kills at {kills:?}\n{log}"
+    );
+    assert!(missing == 0 || !lost.is_empty(), "{missing} readings missing but every batch arrived");
     // Duplicates only as whole batches: per batch, readings = distinct readings.
     let mut per_batch: HashMap<(String, u64), usize> = HashMap::new();
     for (_, payload) in sub.messages() {
@@ -749,7 +780,9 @@ fn l6_sigkilled_mosquitto_with_autosave_stays_within_the_documented_bound() {
     }
     let distinct: usize = per_batch.values().sum();
     assert_eq!(distinct, got.readings.len(), "a reading arrived in two different batches");
-    assert_eq!(missing, 0, "readings lost through 3 broker SIGKILLs\n{log}");
+    if missing > 0 {
+        eprintln!("{missing} readings in {} batch(es) lost by Mosquitto within its autosave interval", lost.len());
+    }
 }
 
 // ---------------------------------------------------------------- smaller ones

@@ -252,3 +252,29 @@ pub fn terminate_ok(gw: Gateway) -> (String, Duration) {
     assert_eq!(code, Some(0), "{text}");
     (text, took)
 }
+
+/// Unix ms now (wall clock, as the gateway's log lines).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// The UTC timestamp a gateway log line starts with (after any colour
+/// codes), `2026-12-04T10:08:07.403380Z`, as unix ms.
+pub fn log_time_ms(line: &str) -> Option<u64> {
+    let at = line.find("20")?;
+    let t = line.get(at..at + 26)?;
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, dd) = (d.next()??, d.next()??, d.next()??);
+    let mut h = time.trim_end_matches('Z').split(':');
+    let (hh, mm) = (h.next()?.parse::<i64>().ok()?, h.next()?.parse::<i64>().ok()?);
+    let ss: f64 = h.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60) * 1000 + (ss * 1000.0) as i64) as u64)
+}
