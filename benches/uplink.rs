@@ -125,6 +125,9 @@ struct Outcome {
     p50: Duration,
     p99: Duration,
     rss_kib: u64,
+    /// User + system CPU seconds of the process (the gateway; for bridge
+    /// runs the local Mosquitto that bridges) over its life.
+    cpu_s: f64,
 }
 
 /// Wait until `expected` distinct readings came in, or nothing new for 5 s.
@@ -180,7 +183,19 @@ fn outcome(
         p50: pct(0.5),
         p99: pct(0.99),
         rss_kib,
+        cpu_s: 0.0,
     }
+}
+
+/// utime + stime of `pid` from /proc/PID/stat, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    ticks as f64 / 100.0
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -318,7 +333,8 @@ fn gateway_run(
     }
     settle(&inbox, sent_at.len(), &batch_keys);
     let rss = peak_rss_kib(gw.child.id());
-    let o = outcome(&inbox, &sent_at, first, &batch_keys, rss);
+    let mut o = outcome(&inbox, &sent_at, first, &batch_keys, rss);
+    o.cpu_s = cpu_seconds(gw.child.id());
     gw.terminate();
     stop.store(true, Ordering::Relaxed);
     sub.join().unwrap();
@@ -449,6 +465,7 @@ fn bridge_run(
     settle(&inbox, sent_at.len(), &line_keys);
     let rss = peak_rss_kib(broker.id());
     let mut o = outcome(&inbox, &sent_at, first, &line_keys, rss);
+    o.cpu_s = cpu_seconds(broker.id());
     let at_local: HashSet<(String, u64)> = local.lock().unwrap().iter().flat_map(|(_, p)| line_keys(p)).collect();
     o.lost_local = Some(sent_at.keys().filter(|k| !at_local.contains(*k)).count());
     for mut p in pubs {
@@ -475,14 +492,16 @@ fn row(name: &str, o: &Outcome, base: f64) {
         None => o.lost.to_string(),
     };
     println!(
-        "| {name} | {} | {:.0} | {:.1}x | {lost} | {} | {:.1} | {:.1} | {:.1} |",
+        "| {name} | {} | {:.0} | {:.1}x | {lost} | {} | {:.1} | {:.1} | {:.1} | {:.2} |",
         o.unique,
         o.rate,
         o.rate / base,
         o.doubled,
         o.p50.as_secs_f64() * 1e3,
         o.p99.as_secs_f64() * 1e3,
-        o.rss_kib as f64 / 1024.0
+        o.rss_kib as f64 / 1024.0,
+        // CPU seconds per million readings (messages) delivered once.
+        o.cpu_s / (o.unique.max(1) as f64 / 1e6)
     );
 }
 
@@ -545,9 +564,9 @@ fn main() {
         }
     };
     println!(
-        "| path | delivered | readings/s delivered once | vs bridge capacity | lost (before the local broker) | duplicated | p50 ms | p99 ms | peak RSS MiB |"
+        "| path | delivered | readings/s delivered once | vs bridge capacity | lost (before the local broker) | duplicated | p50 ms | p99 ms | peak RSS MiB | CPU-s per M delivered |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (offered, o) in &steps {
         row(&format!("bridge capacity step: {offered:.0} msg/s offered, paced"), o, base);
     }
