@@ -171,6 +171,11 @@ impl Mosquitto {
     }
 
     /// Start again on the same ports (after `stop` or `kill9`).
+    /// The broker process's pid (it must be running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let child = Command::new("mosquitto")

@@ -1,0 +1,152 @@
+//! SD-card wear at a site's pace (issue "Performance"): one gateway (release
+//! build), 20 wearables on PTYs at 10 readings/s each (200/s), TLS QoS 2 to a
+//! Mosquitto, for a minute. Prints the bytes the gateway made the block
+//! layer write (`/proc/PID/io` `write_bytes`: queue, ledger, checkpoint and
+//! PUBREC log together) per reading and per encoded byte, queue commits per
+//! second, and the projected life of a 32 GB card with 3,000 P/E cycles; and
+//! beside it, in the same go, a Mosquitto with `persistence true` and
+//! `autosave_interval 1` taking the same 200 messages/s at QoS 1 from one
+//! `mosquitto_pub -l`, forwarding to a subscriber (its own write_bytes).
+//!
+//! `cargo bench --bench sdwear`; without `--bench` a 3-second smoke run.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use common::mosquitto::{Mosquitto, Subscriber, make_certs};
+use common::{Gateway, Port, fetch_metrics, free_port, wait_until, write_config_extra};
+use edge_gateway::config::Framing;
+use edge_gateway::demo::sim::{SimConfig, SimDevice, open_pty};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn write_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("write_bytes:"))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Years a card of `card_bytes` with `cycles` P/E cycles lasts at `per_sec`
+/// bytes/s (no write amplification counted: the card's own adds to it).
+fn years(per_sec: f64, card_bytes: f64, cycles: f64) -> f64 {
+    card_bytes * cycles / per_sec.max(1e-9) / (365.25 * 86_400.0)
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let secs = if full { 60 } else { 3 };
+    let (devices_n, hz) = (20usize, 10.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = make_certs(dir);
+    let broker = Mosquitto::start(&dir.join("broker"), &certs, false);
+
+    // The gateway.
+    let mut devices = Vec::new();
+    let mut paths = Vec::new();
+    for i in 0..devices_n {
+        let pty = open_pty().unwrap();
+        paths.push(pty.slave_path.clone());
+        devices.push(SimDevice::on_pty(SimConfig::new(&format!("wrist-{i:02}"), Framing::Jsonl), pty).unwrap());
+    }
+    let names: Vec<String> = (0..devices_n).map(|i| format!("dock{i}")).collect();
+    let ports: Vec<Port> = names.iter().zip(&paths).map(|(n, p)| Port { name: n, path: p, framing: "jsonl" }).collect();
+    let mport = free_port();
+    let up = format!(
+        "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\n\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n",
+        broker.tls_port,
+        certs.ca.display().to_string()
+    );
+    let cfg = write_config_extra(dir, &ports, "format = \"postcard\"", "", &up);
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains("connected (MQTT")), "{}", gw.log_text());
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = gw.child.id();
+    let (w0, m0) = (write_bytes(pid), fetch_metrics(mport));
+    let t0 = Instant::now();
+    let period = Duration::from_secs_f64(1.0 / hz);
+    let mut next = t0;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        if Instant::now() >= next {
+            for d in devices.iter_mut() {
+                d.send_next().unwrap();
+                d.resend_if_stalled().unwrap();
+            }
+            next += period;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for d in devices.iter_mut() {
+        assert!(d.wait_all_acked(Duration::from_secs(30)).unwrap());
+    }
+    std::thread::sleep(Duration::from_secs(2)); // the uplink's last acks and their commit
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (w1, m1) = (write_bytes(pid), fetch_metrics(mport));
+    let readings =
+        metric(&m1, "edge_gateway_readings_accepted_total") - metric(&m0, "edge_gateway_readings_accepted_total");
+    let encoded =
+        metric(&m1, "edge_gateway_batch_bytes_queued_total") - metric(&m0, "edge_gateway_batch_bytes_queued_total");
+    let commits = metric(&m1, "edge_gateway_queue_commits_total") - metric(&m0, "edge_gateway_queue_commits_total");
+    let gw_bytes = (w1 - w0) as f64;
+    let _ = gw.terminate();
+
+    // Mosquitto with persistence doing the same job: 200 QoS 1 messages/s.
+    let mq = Mosquitto::start_with(&dir.join("persist"), &certs, false, "autosave_interval 1");
+    let sub = Subscriber::start(mq.plain_port, "sd-sub", "sensors/#", &dir.join("sd.out"));
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mq.plain_port.to_string(), "-q", "1", "-t", "sensors/wrist/hr", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mq_pid = mq.pid();
+    let mw0 = write_bytes(mq_pid);
+    let t1 = Instant::now();
+    let mut sent = 0u64;
+    let stdin = publisher.stdin.as_mut().unwrap();
+    while t1.elapsed() < Duration::from_secs(secs) {
+        let due = (t1.elapsed().as_secs_f64() * hz * devices_n as f64) as u64;
+        while sent < due {
+            writeln!(stdin, "{{\"device\":\"wrist-{:02}\",\"seq\":{sent},\"value\":72}}", sent % devices_n as u64)
+                .unwrap();
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mq_elapsed = t1.elapsed().as_secs_f64();
+    let mq_bytes = (write_bytes(mq_pid) - mw0) as f64;
+    drop(publisher.stdin.take());
+    let _ = publisher.wait();
+    let got = sub.messages().len();
+
+    let card = 32e9;
+    let per_sec = gw_bytes / elapsed;
+    println!(
+        "SD-card wear at a site's pace ({devices_n} wearables × {hz}/s = {:.0} readings/s, {secs} s, postcard, TLS QoS 2):\n  \
+         edge-gateway: {gw_bytes:.0} bytes written to the block device for {readings:.0} readings = {:.1} bytes/reading, \
+         {:.2} bytes per encoded byte ({encoded:.0} encoded); {:.1} queue commits/s; {:.1} KiB/s → a 32 GB card with 3,000 P/E \
+         cycles lasts {:.0} years (before the card's own write amplification)\n  \
+         Mosquitto, persistence true + autosave_interval 1, {sent} QoS 1 messages ({got} at its subscriber): {mq_bytes:.0} bytes = \
+         {:.1} bytes/message, {:.1} KiB/s → {:.0} years",
+        devices_n as f64 * hz,
+        gw_bytes / readings.max(1.0),
+        gw_bytes / encoded.max(1.0),
+        commits / elapsed,
+        per_sec / 1024.0,
+        years(per_sec, card, 3000.0),
+        mq_bytes / sent.max(1) as f64,
+        mq_bytes / mq_elapsed / 1024.0,
+        years(mq_bytes / mq_elapsed, card, 3000.0),
+    );
+    assert!(readings > 0.0, "the gateway accepted readings");
+}
