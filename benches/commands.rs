@@ -9,7 +9,6 @@
 //! test`) a small smoke run.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::mosquitto::{Mosquitto, make_certs, need};
@@ -107,6 +106,7 @@ fn main() {
     drop(cloud.stdin.take());
     let _ = cloud.wait();
     let _ = sub.kill();
+    let _ = sub.wait();
     let _ = gw.terminate();
     println!(
         "commands ({n}, one at a time, device connected, serial jsonl, TLS QoS 2 both ways): \

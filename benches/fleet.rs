@@ -11,7 +11,6 @@
 //! without `--bench` (as under `cargo test`) a 3-gateway smoke run.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::mosquitto::{Mosquitto, Subscriber, decode_all, make_certs, missing_and_doubled};

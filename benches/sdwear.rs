@@ -11,7 +11,6 @@
 //! `cargo bench --bench sdwear`; without `--bench` a 3-second smoke run.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::mosquitto::{Mosquitto, Subscriber, make_certs};

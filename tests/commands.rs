@@ -287,7 +287,6 @@ fn a_command_reaches_a_lan_device_over_the_embedded_broker() {
 }
 
 #[path = "common/fake_bluez.rs"]
-#[allow(dead_code)]
 mod fake_bluez;
 
 /// A BLE wearable (the fake BlueZ on a private bus): `alert` is a write of
