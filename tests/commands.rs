@@ -507,3 +507,28 @@ fn a_device_away_past_the_ttl_expires_and_one_back_in_time_gets_its_command() {
     assert_eq!((r.replies_to("gone").len(), r.replies_to("back").len()), (1, 1), "{:?}", r.replies());
     terminate_ok(gw);
 }
+
+/// The broker loses the gateway's session (restarted without its database):
+/// the uplink subscribes again on the new session, and the next command
+/// arrives and is replied once.
+#[test]
+fn after_a_lost_session_the_commands_subscription_is_made_again() {
+    let mut r = rig("");
+    let gw = Gateway::start(&r.cfg);
+    r.devices_speak(&gw);
+    r.broker.stop();
+    let _ = std::fs::remove_file(r.broker.db());
+    r.broker.restart();
+    let again = wait_until(Duration::from_secs(20), || gw.log_text().matches("subscribed to commands").count() >= 2);
+    assert!(again, "no second subscription; log:\n{}", gw.log_text());
+    let new_sessions =
+        gw.log_text().lines().filter(|l| l.contains("connected (MQTT") && l.contains("session new")).count();
+    assert!(new_sessions >= 2, "the broker really lost the session; log:\n{}", gw.log_text());
+    // The replies subscriber lost its session too: it subscribes again on reconnect.
+    std::thread::sleep(Duration::from_secs(2));
+    r.command(r#"{"id":"s-1","device":"wrist-00","name":"alert"}"#);
+    assert!(wait_commands(&r.devices[0], 1), "no command after the lost session; log:\n{}", gw.log_text());
+    r.devices[0].answer_commands(true).unwrap();
+    assert_eq!(r.wait_reply("s-1", &gw, Duration::from_secs(15))["status"], "delivered");
+    terminate_ok(gw);
+}
