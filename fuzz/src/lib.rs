@@ -59,13 +59,7 @@ pub fn serial_cobs(data: &[u8]) {
             let _ = wire::parse_cobs(&mut copy, None, NOW);
         });
     } else {
-        let mut raw = rest.to_vec();
-        raw.extend_from_slice(&wire::frame::CRC.checksum(rest).to_le_bytes());
-        let mut enc = vec![0u8; cobs::max_encoding_length(raw.len())];
-        let n = cobs::encode(&raw, &mut enc);
-        enc.truncate(n);
-        enc.push(0);
-        split(Framing::Cobs, &[255].iter().chain(enc.iter()).copied().collect::<Vec<u8>>(), |frame| {
+        split(Framing::Cobs, &cobs_envelope(rest), |frame| {
             let _ = wire::parse_cobs(frame, Some("dock-1"), NOW);
         });
     }
@@ -200,6 +194,49 @@ pub fn config_toml(data: &[u8]) {
     }
 }
 
+/// The way down: a command as the cloud sends it on the commands topic,
+/// and the devices' answers as they arrive (serial jsonl lines, COBS frames
+/// raw or behind a valid CRC and COBS, LAN `commands/{device}/ack`
+/// payloads). The first byte picks which.
+pub fn downlink(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    match mode % 5 {
+        0 => {
+            let ttl = std::time::Duration::from_secs(600);
+            if let Ok(c) = edge_gateway::downlink::parse_command(rest, ttl, NOW) {
+                assert!(!c.id.is_empty() && !c.name.is_empty(), "a command without an id or name: {c:?}");
+                assert!(c.expires_ms >= c.received_ms, "a command that expired before it came: {c:?}");
+                let _: serde_json::Value = serde_json::from_str(&c.args).expect("args stay JSON");
+            }
+        }
+        1 => split(Framing::Jsonl, rest, |line| {
+            let _ = wire::parse_from_device(Framing::Jsonl, line, Some("dock-1"), NOW);
+        }),
+        2 => split(Framing::Cobs, rest, |frame| {
+            let _ = wire::parse_from_device(Framing::Cobs, frame, Some("dock-1"), NOW);
+        }),
+        3 => split(Framing::Cobs, &cobs_envelope(rest), |frame| {
+            let _ = wire::parse_from_device(Framing::Cobs, frame, Some("dock-1"), NOW);
+        }),
+        _ => {
+            let _ = wire::parse_command_ack_mqtt("wrist-01", rest);
+        }
+    }
+}
+
+/// `body` as one valid COBS frame (CRC appended, encoded, 0x00 ended),
+/// after a chunk-size byte for [`split`].
+fn cobs_envelope(body: &[u8]) -> Vec<u8> {
+    let mut raw = body.to_vec();
+    raw.extend_from_slice(&wire::frame::CRC.checksum(body).to_le_bytes());
+    let mut enc = vec![0u8; cobs::max_encoding_length(raw.len()) + 2];
+    enc[0] = 255;
+    let n = cobs::encode(&raw, &mut enc[1..]);
+    enc.truncate(n + 1);
+    enc.push(0);
+    enc
+}
+
 /// Every target by its name (the corpus replay test walks them).
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("serial_jsonl", serial_jsonl),
@@ -214,4 +251,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("front_door", front_door),
     ("batch_decode", batch_decode),
     ("config_toml", config_toml),
+    ("downlink", downlink),
 ];

@@ -235,4 +235,36 @@ pub fn write_all() {
     seeds.push(rig.into_bytes());
     seeds.push(b"[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n[store]\nmax_bytes = 100000\n".to_vec());
     write("config_toml", &seeds);
+
+    // The way down: mode 0 cloud commands, 1 jsonl answers, 2 raw COBS
+    // answers, 3 COBS bodies, 4 LAN ack payloads.
+    let mut seeds: Vec<Vec<u8>> = [
+        &br#"{"id":"c-1","device":"wrist-01","name":"alert","args":{"level":2},"ttl":"10m"}"#[..],
+        br#"{"id":42,"device":"wrist-01","name":"vibrate"}"#,
+        br#"{"id":"c-3","device":"wrist-01","name":"x","ttl":"0s"}"#,
+        br#"{"device":"wrist-01","name":"alert"}"#,
+        br#"{"id":"","device":"bad id","name":""}"#,
+    ]
+    .iter()
+    .map(|c| cat(&[&[0], c]))
+    .collect();
+    let ack = edge_gateway::route::CommandAck {
+        device: "wrist-01".into(),
+        id: "c-1".into(),
+        ok: true,
+        result: Some(serde_json::json!({"battery": 80})),
+    };
+    let nack = edge_gateway::route::CommandAck { ok: false, result: None, ..ack.clone() };
+    for a in [&ack, &nack] {
+        seeds.push(cat(&[&[1, 63], &wire::encode_command_ack_jsonl(a)]));
+        let f = wire::encode_command_ack(edge_gateway::config::Framing::Cobs, a).unwrap();
+        seeds.push(cat(&[&[2, 63], &f]));
+        let mut raw = f[..f.len() - 1].to_vec();
+        let n = cobs::decode_in_place(&mut raw).unwrap();
+        seeds.push(cat(&[&[3], &raw[..n - 4]]));
+    }
+    seeds.push(cat(&[&[1, 7], &wire::encode_reading_jsonl(&rs[0]), b"{\"cmd_ack\":{\"id\":1}}\n"]));
+    seeds.push(cat(&[&[4], br#"{"id":"c-1","ok":true,"result":"done"}"#]));
+    seeds.push(cat(&[&[4], br#"{"id":"c-1","ok":"yes"}"#]));
+    write("downlink", &seeds);
 }

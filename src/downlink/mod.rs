@@ -11,8 +11,12 @@
 //!    acked and ignored: each command is carried out once.
 //! 2. [`Downlink::run`] sends each pending command to its device over the
 //!    link the device was last heard on ([`crate::route::RouteTable`]):
-//!    serial jsonl today (`{"cmd":{...}}`), again every `retry_every` until
-//!    the device answers (`{"cmd_ack":{...}}`) or the command's ttl runs out.
+//!    serial (jsonl `{"cmd":{...}}` or a cobs `Frame::Command`), LAN
+//!    (`commands/{device}` through the embedded broker) or BLE (an Immediate
+//!    Alert write, or a `custom` device's command characteristic), again
+//!    every `retry_every` until the device answers (`{"cmd_ack":{...}}`, a
+//!    `Frame::CommandAck`, `commands/{device}/ack`, or for BLE the write
+//!    itself) or the command's ttl runs out.
 //!    A device may see a command more than once (its answer was lost): it
 //!    acts on each id once.
 //! 3. The reply (`delivered`, `failed`, `expired` or `rejected`) is a queue
@@ -21,8 +25,7 @@
 //!    naming the queue id it gets, so after a crash the reply is queued
 //!    again only if that id never made it to the queue.
 //!
-//! Not built yet (issue "Downlink"): BLE (Immediate Alert writes) and LAN
-//! delivery, the cobs framing's command frames, time for the devices.
+//! docs/commands.md tells the whole story, firmware side included.
 
 pub mod config;
 pub mod store;
@@ -84,12 +87,65 @@ struct Wire {
     ttl: Option<String>,
 }
 
+/// Why a command from the cloud is refused: its id and device when it had
+/// them (so the `rejected` reply can name them), and the reason.
+#[derive(Debug)]
+pub struct Refused {
+    pub id: Option<String>,
+    pub device: Option<String>,
+    pub why: String,
+}
+
+/// The command in `payload` (bytes from the cloud), with `default_ttl` when
+/// it names none, received at `now` (ms).
+pub fn parse_command(payload: &[u8], default_ttl: Duration, now: u64) -> Result<Command, Refused> {
+    let w: Wire = serde_json::from_slice(payload).map_err(|e| Refused {
+        id: None,
+        device: None,
+        why: format!("not a command: {e}"),
+    })?;
+    let id = match &w.id {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => return Err(Refused { id: None, device: w.device, why: "no \"id\" (a string)".into() }),
+    };
+    let bad = |why: String| Refused { id: Some(id.clone()), device: w.device.clone(), why };
+    if id.is_empty() || id.len() > MAX_ID {
+        return Err(bad(format!("\"id\" must be 1-{MAX_ID} bytes")));
+    }
+    let Some(device) = w.device.clone().filter(|d| crate::units::valid_id(d)) else {
+        return Err(bad("no valid \"device\"".into()));
+    };
+    let Some(name) = w.name.clone().filter(|n| !n.is_empty() && n.len() <= MAX_ID) else {
+        return Err(bad("no \"name\"".into()));
+    };
+    let ttl = match &w.ttl {
+        None => default_ttl,
+        Some(t) => match humantime::parse_duration(t) {
+            Ok(d) if !d.is_zero() => d,
+            _ => return Err(bad(format!("\"ttl\" {t:?} is not a duration such as \"10m\""))),
+        },
+    };
+    let args = w.args.clone().unwrap_or_else(|| serde_json::json!({}));
+    Ok(Command {
+        id: id.clone(),
+        device,
+        name,
+        args: args.to_string(),
+        received_ms: now,
+        expires_ms: now.saturating_add(ttl.as_millis() as u64),
+    })
+}
+
 pub struct Downlink {
     cfg: CommandsConfig,
     gateway: String,
     topic: String,
     reply_topic: String,
     store: Mutex<CommandStore>,
+    /// The store's file, for errors (taken without its lock: an error is
+    /// raised while the lock is held).
+    store_path: std::path::PathBuf,
     queue: Arc<Mutex<Queue>>,
     metrics: Arc<Metrics>,
     routes: RouteTable,
@@ -127,6 +183,7 @@ impl Downlink {
             reply_topic: cfg.reply_topic.replace("{gateway}", gateway),
             cfg: cfg.clone(),
             gateway: gateway.to_string(),
+            store_path: store.path().to_path_buf(),
             store: Mutex::new(store),
             queue,
             metrics,
@@ -145,16 +202,18 @@ impl Downlink {
     }
 
     fn store_error(&self, source: std::io::Error) -> DownlinkError {
-        DownlinkError::Store { path: self.store().path().display().to_string(), source }
+        // Not `self.store()`: callers hold that lock (`self.store().accept(…)
+        // .map_err(…)` keeps its guard to the end of the statement).
+        DownlinkError::Store { path: self.store_path.display().to_string(), source }
     }
 
     /// A PUBLISH on the commands topic: keep it durably (or reply why not)
     /// before the caller acks it. `Err` only when the disk failed.
     pub fn receive(&self, payload: &[u8]) -> Result<(), DownlinkError> {
         let now = now_ms();
-        let cmd = match self.parse(payload, now) {
+        let cmd = match parse_command(payload, self.cfg.default_ttl, now) {
             Ok(c) => c,
-            Err((id, device, why)) => {
+            Err(Refused { id, device, why }) => {
                 Metrics::inc(&self.metrics.commands_rejected);
                 tracing::warn!("command rejected: {why}");
                 if let Some(id) = &id
@@ -167,7 +226,13 @@ impl Downlink {
             }
         };
         self.learn_devices();
-        if !self.store().knows(&cmd.id)
+        // One look at the store (`reply` takes the queue's lock before the
+        // store's, so no guard is held across it).
+        let (known_id, pending) = {
+            let s = self.store();
+            (s.knows(&cmd.id), s.pending_count())
+        };
+        if !known_id
             && self.routes.origin_of(&cmd.device).is_none()
             && !self.known.lock().unwrap_or_else(|e| e.into_inner()).contains(&cmd.device)
         {
@@ -177,7 +242,7 @@ impl Downlink {
             let (id, device) = (cmd.id.clone(), cmd.device.clone());
             return self.reply(Some(&id), Some(&device), Status::Rejected, Some(why.into()), now);
         }
-        if self.store().pending_count() >= self.cfg.max_pending && !self.store().knows(&cmd.id) {
+        if pending >= self.cfg.max_pending && !known_id {
             Metrics::inc(&self.metrics.commands_rejected);
             let why = format!("{} commands already pending (commands.max_pending)", self.cfg.max_pending);
             let (id, device) = (cmd.id.clone(), cmd.device.clone());
@@ -196,43 +261,6 @@ impl Downlink {
             tracing::debug!(command = %id, "command {id} again: already accepted");
         }
         Ok(())
-    }
-
-    /// The command in `payload`, or (its id, its device, why it is refused).
-    #[allow(clippy::type_complexity)]
-    fn parse(&self, payload: &[u8], now: u64) -> Result<Command, (Option<String>, Option<String>, String)> {
-        let w: Wire = serde_json::from_slice(payload).map_err(|e| (None, None, format!("not a command: {e}")))?;
-        let id = match &w.id {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => return Err((None, w.device, "no \"id\" (a string)".into())),
-        };
-        let bad = |why: String| (Some(id.clone()), w.device.clone(), why);
-        if id.is_empty() || id.len() > MAX_ID {
-            return Err(bad(format!("\"id\" must be 1-{MAX_ID} bytes")));
-        }
-        let Some(device) = w.device.clone().filter(|d| crate::units::valid_id(d)) else {
-            return Err(bad("no valid \"device\"".into()));
-        };
-        let Some(name) = w.name.clone().filter(|n| !n.is_empty() && n.len() <= MAX_ID) else {
-            return Err(bad("no \"name\"".into()));
-        };
-        let ttl = match &w.ttl {
-            None => self.cfg.default_ttl,
-            Some(t) => match humantime::parse_duration(t) {
-                Ok(d) if !d.is_zero() => d,
-                _ => return Err(bad(format!("\"ttl\" {t:?} is not a duration such as \"10m\""))),
-            },
-        };
-        let args = w.args.clone().unwrap_or_else(|| serde_json::json!({}));
-        Ok(Command {
-            id: id.clone(),
-            device,
-            name,
-            args: args.to_string(),
-            received_ms: now,
-            expires_ms: now.saturating_add(ttl.as_millis() as u64),
-        })
     }
 
     /// Queue the reply for `id` (exactly once, see the module doc).
@@ -417,4 +445,62 @@ pub fn list(data_dir: &Path) -> std::io::Result<Vec<Pending>> {
         return Ok(Vec::new());
     }
     CommandStore::read_pending(data_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+    use crate::queue::QueueOptions;
+
+    fn downlink(dir: &Path) -> Arc<Downlink> {
+        std::fs::write(dir.join(KNOWN_FILE), "w-1\n").unwrap();
+        let (q, _) = Queue::open(&dir.join("queue"), QueueOptions::from(&StoreConfig::default())).unwrap();
+        let cfg = CommandsConfig::default();
+        let metrics = Arc::new(Metrics::default());
+        Downlink::open(&cfg, "gw", dir, Arc::new(Mutex::new(q)), metrics, RouteTable::default()).unwrap()
+    }
+
+    /// A disk that refuses the command's entry is an error the uplink acts
+    /// on (it does not ack the PUBLISH), not a thread stuck on its own lock.
+    /// Planted: `store_error` taking the store's lock again → this hangs.
+    #[test]
+    fn a_store_that_cannot_write_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = downlink(dir.path());
+        d.store().fail_writes_for_test();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d2 = d.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(d2.receive(br#"{"id":"c-1","device":"w-1","name":"alert"}"#).map_err(|e| e.to_string()));
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(r) => {
+                let e = r.expect_err("a failed write must be an error");
+                assert!(e.contains("commands.log"), "the error names the file: {e}");
+            }
+            Err(_) => panic!("Downlink::receive hung on a failed store write (its own lock taken twice)"),
+        }
+    }
+
+    #[test]
+    fn commands_from_the_cloud_are_parsed_or_refused_with_their_id() {
+        let c = parse_command(
+            br#"{"id":7,"device":"w-1","name":"alert","ttl":"2s","args":{"level":2}}"#,
+            Duration::from_secs(60),
+            1_000,
+        )
+        .unwrap();
+        assert_eq!((c.id.as_str(), c.device.as_str(), c.name.as_str()), ("7", "w-1", "alert"));
+        assert_eq!((c.received_ms, c.expires_ms), (1_000, 3_000));
+        assert_eq!(c.args, r#"{"level":2}"#);
+        let r = parse_command(br#"{"id":"c-2","device":"w-1","name":"alert","ttl":"soon"}"#, Duration::ZERO, 0)
+            .unwrap_err();
+        assert_eq!((r.id.as_deref(), r.device.as_deref()), (Some("c-2"), Some("w-1")));
+        assert!(r.why.contains("ttl"), "{}", r.why);
+        let r = parse_command(b"{\"id\":", Duration::ZERO, 0).unwrap_err();
+        assert!(r.id.is_none() && r.why.starts_with("not a command"), "{r:?}");
+        let r = parse_command(br#"{"id":"c-3","device":"no such/dev","name":"x"}"#, Duration::ZERO, 0).unwrap_err();
+        assert!(r.why.contains("device"), "{r:?}");
+    }
 }

@@ -238,6 +238,13 @@ impl CommandStore {
         self.maybe_compact()
     }
 
+    /// From now on every write fails (the file is swapped for a read-only
+    /// handle on it), as a disk that went away.
+    #[cfg(test)]
+    pub(crate) fn fail_writes_for_test(&mut self) {
+        self.file = File::open(&self.path).expect("the store's file");
+    }
+
     fn append(&mut self, e: &Entry, sync: bool) -> io::Result<()> {
         let buf = encode(e);
         if let Err(err) = self.file.write_all(&buf) {

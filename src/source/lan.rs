@@ -23,7 +23,7 @@ use crate::broker::topic::TopicPattern;
 use crate::broker::{Flow, LanFeed};
 use crate::metrics::Metrics;
 use crate::reading::{Incoming, Origin, now_ms};
-use crate::route::{CommandAck, RouteTable};
+use crate::route::RouteTable;
 use crate::shutdown;
 use crate::source::SourceContext;
 use crate::wire;
@@ -174,16 +174,8 @@ impl Ingest {
     /// `commands/{device}/ack` with `{"id","ok","result"?}`: a device's
     /// answer to a command (the front door's ACL decides who may publish it).
     fn command_ack(&mut self, device: &str, payload: &[u8]) {
-        #[derive(serde::Deserialize)]
-        struct Body {
-            id: String,
-            ok: bool,
-            #[serde(default)]
-            result: Option<serde_json::Value>,
-        }
-        match serde_json::from_slice::<Body>(payload) {
-            Ok(b) => {
-                let a = CommandAck { device: device.to_string(), id: b.id, ok: b.ok, result: b.result };
+        match crate::wire::parse_command_ack_mqtt(device, payload) {
+            Ok(a) => {
                 if !self.routes.command_ack(a) {
                     debug!("broker: answer to a command dropped (no [commands], or busy)");
                 }

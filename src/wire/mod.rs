@@ -247,6 +247,20 @@ pub fn parse_command_ack_jsonl(line: &[u8]) -> Option<Result<CommandAck, WireErr
     Some(serde_json::from_slice::<Line>(line).map(|l| l.cmd_ack).map_err(WireError::from))
 }
 
+/// A LAN device's answer on `commands/{device}/ack`: `{"id","ok","result"?}`
+/// (the device is the one in the topic).
+pub fn parse_command_ack_mqtt(device: &str, payload: &[u8]) -> Result<CommandAck, WireError> {
+    #[derive(Deserialize)]
+    struct Body {
+        id: String,
+        ok: bool,
+        #[serde(default)]
+        result: Option<serde_json::Value>,
+    }
+    let b: Body = serde_json::from_slice(payload)?;
+    Ok(CommandAck { device: device.to_string(), id: b.id, ok: b.ok, result: b.result })
+}
+
 /// A reading as one jsonl line, `\n` included (what a device sends). `ts`
 /// is always included.
 pub fn encode_reading_jsonl(r: &Reading) -> Vec<u8> {
