@@ -42,35 +42,71 @@ const KIND_SEQ: u8 = 0;
 const KIND_TS: u8 = 1;
 const KIND_PACKET: u8 = 2;
 
+/// What a key is about, interned per device: `(sensor, kind, boot)`. A key
+/// is a stream and a number (the seq, the ts, or 0 for a packet key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
+struct Stream {
     sensor: u32,
     kind: u8,
     boot: Option<u32>,
-    n: u64,
 }
 
+/// One remembered key, 32 bytes. `stream == DEAD`: forgotten or
+/// remembered again later in the ring (skipped when popped).
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Entry {
-    /// Fingerprint of the value.
-    fp: u32,
+struct Slot {
+    n: u64,
     /// The reading's `ts` ([`TS_UNKNOWN`] from a state file written before
     /// it was kept). For packet keys: the packet id.
     ts: u64,
     at_ms: u64,
+    stream: u32,
+    /// Fingerprint of the value.
+    fp: u32,
 }
 
+const DEAD: u32 = u32::MAX;
+/// An empty place in the index.
+const EMPTY: u32 = u32::MAX;
+
+/// A device's remembered keys: a ring in acceptance order (for eviction by
+/// age and count) and an open-addressing index of ring positions (linear
+/// probing, at most 70 % full, backward-shift deletion). About 40 bytes per
+/// key: the 32-byte slot, 4-8 bytes of index; a std `HashMap` of keys plus
+/// an order queue took ~200 (issue 18).
 #[derive(Default, Debug)]
 struct DeviceKeys {
+    /// `max_per_device`: the ring grows to it exactly, not past it by
+    /// doubling.
+    max: usize,
     sensors: Vec<String>,
     sensor_idx: HashMap<String, u32>,
-    seen: HashMap<Key, Entry>,
-    /// Insertion order, for eviction by age and count. May hold stale keys
-    /// (forgotten or re-inserted); they are skipped when popped.
-    order: VecDeque<(Key, Entry)>,
+    streams: Vec<Stream>,
+    stream_idx: HashMap<Stream, u32>,
+    ring: VecDeque<Slot>,
+    /// Absolute number of `ring[0]` (slots ever popped).
+    head: u64,
+    /// Slots not dead.
+    live: usize,
+    /// Low 32 bits of absolute ring numbers; `EMPTY` where free. Any
+    /// length (a hash is mapped onto it by multiply-shift).
+    index: Vec<u32>,
+}
+
+/// splitmix64's finalizer over the key: seqs are consecutive, the index
+/// needs them spread.
+fn key_hash(stream: u32, n: u64) -> u64 {
+    let mut z = n ^ (u64::from(stream) << 32 | u64::from(stream)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl DeviceKeys {
+    fn new(max: usize) -> Self {
+        DeviceKeys { max, ..Default::default() }
+    }
+
     fn sensor(&mut self, name: &str) -> u32 {
         if let Some(&i) = self.sensor_idx.get(name) {
             return i;
@@ -81,28 +117,183 @@ impl DeviceKeys {
         i
     }
 
-    fn insert(&mut self, k: Key, e: Entry) {
-        self.seen.insert(k, e);
-        self.order.push_back((k, e));
+    fn stream(&mut self, sensor: &str, kind: u8, boot: Option<u32>) -> u32 {
+        let st = Stream { sensor: self.sensor(sensor), kind, boot };
+        if let Some(&i) = self.stream_idx.get(&st) {
+            return i;
+        }
+        let i = self.streams.len() as u32;
+        self.streams.push(st);
+        self.stream_idx.insert(st, i);
+        i
     }
 
-    /// Whether an `order` entry is still the key's current one (not
-    /// forgotten or re-inserted since).
-    fn is_live(&self, k: &Key, e: &Entry) -> bool {
-        self.seen.get(k) == Some(e)
+    /// The stream, without interning it.
+    fn find_stream(&self, sensor: &str, kind: u8, boot: Option<u32>) -> Option<u32> {
+        let sensor = *self.sensor_idx.get(sensor)?;
+        self.stream_idx.get(&Stream { sensor, kind, boot }).copied()
+    }
+
+    fn pos(&self, e: u32) -> usize {
+        e.wrapping_sub(self.head as u32) as usize
+    }
+
+    fn home(&self, stream: u32, n: u64) -> usize {
+        ((u128::from(key_hash(stream, n)) * self.index.len() as u128) >> 64) as usize
+    }
+
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.index.len() { 0 } else { i + 1 }
+    }
+
+    /// (index place, ring position) of a live key.
+    fn find(&self, stream: u32, n: u64) -> Option<(usize, usize)> {
+        if self.index.is_empty() {
+            return None;
+        }
+        let mut i = self.home(stream, n);
+        loop {
+            let e = self.index[i];
+            if e == EMPTY {
+                return None;
+            }
+            let p = self.pos(e);
+            let s = &self.ring[p];
+            if s.stream == stream && s.n == n {
+                return Some((i, p));
+            }
+            i = self.next(i);
+        }
+    }
+
+    fn get(&self, stream: u32, n: u64) -> Option<&Slot> {
+        self.find(stream, n).map(|(_, p)| &self.ring[p])
+    }
+
+    fn place(&mut self, e: u32) {
+        let s = self.ring[self.pos(e)];
+        let mut i = self.home(s.stream, s.n);
+        while self.index[i] != EMPTY {
+            i = self.next(i);
+        }
+        self.index[i] = e;
+    }
+
+    /// Rebuild the index with `cap` places from the ring.
+    fn reindex(&mut self, cap: usize) {
+        self.index = vec![EMPTY; cap];
+        for p in 0..self.ring.len() {
+            if self.ring[p].stream != DEAD {
+                self.place(self.head.wrapping_add(p as u64) as u32);
+            }
+        }
+    }
+
+    /// Free index place `i` (backward-shift deletion: later entries of the
+    /// same probe run move up, so lookups never stop early).
+    fn unindex(&mut self, mut i: usize) {
+        let mut j = i;
+        loop {
+            j = self.next(j);
+            let e = self.index[j];
+            if e == EMPTY {
+                break;
+            }
+            let s = self.ring[self.pos(e)];
+            let k = self.home(s.stream, s.n);
+            // Move j's entry into the hole at i unless its home lies
+            // cyclically in (i, j].
+            let stays = if i <= j { i < k && k <= j } else { i < k || k <= j };
+            if !stays {
+                self.index[i] = e;
+                i = j;
+            }
+        }
+        self.index[i] = EMPTY;
+    }
+
+    fn insert(&mut self, stream: u32, n: u64, fp: u32, ts: u64, at_ms: u64) {
+        let abs = self.head.wrapping_add(self.ring.len() as u64) as u32;
+        if self.ring.len() == self.ring.capacity() {
+            // Doubling, but to `max + 1` exactly when that is the next step
+            // (the bound is reached and pruned right after this insert).
+            let mut want = (self.ring.capacity() * 2).max(16);
+            if self.ring.len() <= self.max {
+                want = want.min(self.max + 1);
+            }
+            self.ring.reserve_exact(want - self.ring.len());
+        }
+        self.ring.push_back(Slot { n, ts, at_ms, stream, fp });
+        if let Some((i, p)) = self.find(stream, n) {
+            self.ring[p].stream = DEAD;
+            self.index[i] = abs;
+            return;
+        }
+        self.live += 1;
+        if self.live * 10 > self.index.len() * 7 {
+            let cap = (self.index.len() * 2).min(Self::cap_for(self.max + 1)).max(Self::cap_for(self.live));
+            self.reindex(cap);
+        } else {
+            self.place(abs);
+        }
+    }
+
+    fn forget(&mut self, stream: u32, n: u64) {
+        if let Some((i, p)) = self.find(stream, n) {
+            self.unindex(i);
+            self.ring[p].stream = DEAD;
+            self.live -= 1;
+        }
+    }
+
+    fn pop_front(&mut self) {
+        let Some(s) = self.ring.front().copied() else { return };
+        if s.stream != DEAD {
+            let (i, _) = self.find(s.stream, s.n).expect("a live slot is indexed");
+            self.unindex(i);
+            self.live -= 1;
+        }
+        self.ring.pop_front();
+        self.head = self.head.wrapping_add(1);
     }
 
     fn prune(&mut self, oldest_ms: u64, max: usize) {
-        while let Some(&(k, e)) = self.order.front() {
-            let live = self.is_live(&k, &e);
-            if live && e.at_ms >= oldest_ms && self.seen.len() <= max {
+        while let Some(s) = self.ring.front() {
+            if s.stream != DEAD && s.at_ms >= oldest_ms && self.live <= max {
                 break;
             }
-            self.order.pop_front();
-            if live {
-                self.seen.remove(&k);
-            }
+            self.pop_front();
         }
+        // Dead slots (keys remembered again, as a BTHome sensor's packet key
+        // is with every advert) are dropped once they are half the ring, and
+        // memory goes back when a device sends less.
+        let dead = self.ring.len() - self.live;
+        if dead > 64 && dead > self.live {
+            self.ring.retain(|s| s.stream != DEAD);
+            self.head = 0;
+            self.ring.shrink_to_fit();
+            self.reindex(Self::cap_for(self.live));
+        } else if self.index.len() > 64 && self.live * 8 < self.index.len() {
+            self.ring.shrink_to(self.live * 2);
+            self.reindex(Self::cap_for(self.live));
+        }
+    }
+
+    /// Index places for `live` keys: at most 70 % full.
+    fn cap_for(live: usize) -> usize {
+        (live * 10 / 7 + 1).max(16)
+    }
+
+    fn bytes(&self) -> usize {
+        self.ring.capacity() * std::mem::size_of::<Slot>()
+            + self.index.capacity() * 4
+            + self.streams.capacity() * std::mem::size_of::<Stream>()
+            + self.stream_idx.capacity() * (std::mem::size_of::<(Stream, u32)>() + 1)
+            + self.sensors.iter().map(|s| s.capacity() * 2 + 56).sum::<usize>()
+    }
+
+    fn live_slots(&self) -> impl Iterator<Item = (&Stream, &Slot)> {
+        self.ring.iter().filter(|s| s.stream != DEAD).map(|s| (&self.streams[s.stream as usize], s))
     }
 }
 
@@ -140,13 +331,14 @@ impl Dedup {
         Dedup { window_ms: window.as_millis() as u64, max_per_device, devices: HashMap::new() }
     }
 
-    fn key_of(dev: &mut DeviceKeys, r: &Reading, ts_from_device: bool) -> Option<Key> {
+    /// The reading's key, `(stream, n)`.
+    fn key_of(dev: &mut DeviceKeys, r: &Reading, ts_from_device: bool) -> Option<(u32, u64)> {
         let (kind, n) = match r.seq {
             Some(n) => (KIND_SEQ, n),
             None if ts_from_device => (KIND_TS, r.ts),
             None => return None,
         };
-        Some(Key { sensor: dev.sensor(&r.sensor), kind, boot: r.boot, n })
+        Some((dev.stream(&r.sensor, kind, r.boot), n))
     }
 
     /// Decide on one reading and, if accepted, remember it (as of `now_ms`).
@@ -178,29 +370,30 @@ impl Dedup {
     ) -> (Verdict, Option<u64>) {
         let dev = match self.devices.get_mut(&r.device) {
             Some(d) => d,
-            None => self.devices.entry(r.device.clone()).or_default(),
+            None => self.devices.entry(r.device.clone()).or_insert_with(|| DeviceKeys::new(self.max_per_device)),
         };
         let fp = fingerprint(&r.value);
         let oldest = now_ms.saturating_sub(self.window_ms);
         if let (None, Some(id)) = (r.seq, packet_id) {
-            let key = Key { sensor: dev.sensor(&r.sensor), kind: KIND_PACKET, boot: r.boot, n: 0 };
+            let stream = dev.stream(&r.sensor, KIND_PACKET, r.boot);
             let id = id as u64;
             let repeat_since = now_ms.saturating_sub(PACKET_REPEAT_MS.min(self.window_ms));
-            if let Some(e) = dev.seen.get(&key)
+            if let Some(e) = dev.get(stream, 0)
                 && e.fp == fp
                 && e.ts == id
                 && e.at_ms >= repeat_since
             {
                 return (Verdict::Duplicate, None);
             }
-            dev.insert(key, Entry { fp, ts: id, at_ms: now_ms });
+            dev.insert(stream, 0, fp, id, now_ms);
             dev.prune(oldest, self.max_per_device);
             return (Verdict::Accept, None);
         }
-        let Some(key) = Self::key_of(dev, r, ts_from_device) else {
+        let Some((stream, n)) = Self::key_of(dev, r, ts_from_device) else {
             return (Verdict::Accept, None);
         };
-        if let Some(e) = dev.seen.get(&key)
+        let seen = dev.get(stream, n).copied();
+        if let Some(e) = seen
             && e.fp == fp
             && e.at_ms >= oldest
             // A device that stamps its readings resends the same ts; the
@@ -209,12 +402,10 @@ impl Dedup {
         {
             return (Verdict::Duplicate, None);
         }
-        let reused = dev
-            .seen
-            .get(&key)
+        let reused = seen
             .filter(|e| ts_from_device && r.seq.is_some() && e.at_ms >= oldest && e.ts != TS_UNKNOWN && e.ts != r.ts)
             .map(|e| e.ts);
-        dev.insert(key, Entry { fp, ts: r.ts, at_ms: now_ms });
+        dev.insert(stream, n, fp, r.ts, now_ms);
         dev.prune(oldest, self.max_per_device);
         (Verdict::Accept, reused)
     }
@@ -229,21 +420,21 @@ impl Dedup {
             Some(n) => (KIND_SEQ, n),
             None => (KIND_TS, r.ts),
         };
-        if let Some(&sensor) = dev.sensor_idx.get(&r.sensor) {
-            dev.seen.remove(&Key { sensor, kind, boot: r.boot, n });
+        if let Some(stream) = dev.find_stream(&r.sensor, kind, r.boot) {
+            dev.forget(stream, n);
         }
     }
 
     /// Remember a reading found in the queue at start-up (accepted at `at_ms`).
     pub fn remember(&mut self, r: &Reading, at_ms: u64) {
-        let dev = self.devices.entry(r.device.clone()).or_default();
+        let dev = self.devices.entry(r.device.clone()).or_insert_with(|| DeviceKeys::new(self.max_per_device));
         // Replayed readings lost the "ts from device" bit; a seq-less reading
         // is keyed by ts, which at worst keeps one receive-time key too many.
         // The ts fingerprint is only compared for readings stamped by the
         // device, whose resends carry this same ts.
-        let key = Self::key_of(dev, r, true).expect("with ts_from_device every reading has a key");
+        let (stream, n) = Self::key_of(dev, r, true).expect("with ts_from_device every reading has a key");
         let fp = fingerprint(&r.value);
-        dev.insert(key, Entry { fp, ts: r.ts, at_ms });
+        dev.insert(stream, n, fp, r.ts, at_ms);
     }
 
     /// Drop keys older than the window for every device (devices that went
@@ -253,13 +444,19 @@ impl Dedup {
         let max = self.max_per_device;
         self.devices.retain(|_, d| {
             d.prune(oldest, max);
-            !d.seen.is_empty()
+            d.live > 0
         });
     }
 
     /// Keys remembered, all devices.
     pub fn len(&self) -> usize {
-        self.devices.values().map(|d| d.seen.len()).sum()
+        self.devices.values().map(|d| d.live).sum()
+    }
+
+    /// Heap bytes held for the remembered keys (capacities, not lengths;
+    /// the device map's own entries included).
+    pub fn memory_bytes(&self) -> usize {
+        self.devices.iter().map(|(name, d)| name.capacity() + std::mem::size_of::<DeviceKeys>() + 24 + d.bytes()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -277,17 +474,15 @@ impl Dedup {
                     name: name.clone(),
                     sensors: d.sensors.clone(),
                     keys: d
-                        .order
-                        .iter()
-                        .filter(|(k, e)| d.is_live(k, e))
-                        .map(|&(k, e)| SnapKey {
-                            sensor: k.sensor,
-                            kind: k.kind,
-                            boot: k.boot,
-                            n: k.n,
-                            fp: e.fp,
-                            ts: e.ts,
-                            at_ms: e.at_ms,
+                        .live_slots()
+                        .map(|(st, s)| SnapKey {
+                            sensor: st.sensor,
+                            kind: st.kind,
+                            boot: st.boot,
+                            n: s.n,
+                            fp: s.fp,
+                            ts: s.ts,
+                            at_ms: s.at_ms,
                         })
                         .collect(),
                 })
@@ -297,15 +492,14 @@ impl Dedup {
 
     pub fn restore(&mut self, snap: DedupSnapshot) {
         for d in snap.devices {
-            let mut keys = DeviceKeys::default();
+            let mut keys = DeviceKeys::new(self.max_per_device);
             for s in &d.sensors {
                 keys.sensor(s);
             }
             for k in d.keys {
-                keys.insert(
-                    Key { sensor: k.sensor, kind: k.kind, boot: k.boot, n: k.n },
-                    Entry { fp: k.fp, ts: k.ts, at_ms: k.at_ms },
-                );
+                let Some(sensor) = d.sensors.get(k.sensor as usize) else { continue };
+                let stream = keys.stream(sensor, k.kind, k.boot);
+                keys.insert(stream, k.n, k.fp, k.ts, k.at_ms);
             }
             self.devices.insert(d.name, keys);
         }
@@ -441,5 +635,93 @@ mod tests {
         e.restore(postcard::from_bytes(&bytes).unwrap());
         assert_eq!(e.check(&r("a", "hr", Some(7), 7, 1.0), true, 3000), Verdict::Duplicate);
         assert_eq!(e.check(&r("a", "hr", Some(20), 20, 1.0), true, 3000), Verdict::Accept);
+    }
+
+    /// The ring and its index against the plainest model of what they keep
+    /// (a list in acceptance order, one entry per key), through inserts,
+    /// repeats, forgets and prunes that grow, shrink and compact them.
+    /// Planted while writing: `unindex` without the backward shift (a plain
+    /// hole) → lookups past the hole miss and this fails.
+    mod ring_and_index {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Insert(u32, u64, u32),
+            Forget(u32, u64),
+            Prune(u64, usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                8 => (0..4u32, 0..300u64, any::<u32>()).prop_map(|(s, n, fp)| Op::Insert(s, n, fp)),
+                1 => (0..4u32, 0..300u64).prop_map(|(s, n)| Op::Forget(s, n)),
+                1 => (0..400u64, 1..400usize).prop_map(|(w, m)| Op::Prune(w, m)),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+            #[test]
+            fn keeps_what_a_list_keeps(ops in proptest::collection::vec(op(), 1..1500)) {
+                let mut d = DeviceKeys::new(200);
+                for s in 0..4 {
+                    d.stream(&format!("s{s}"), KIND_SEQ, None);
+                }
+                // (stream, n, fp, at)
+                let mut model: Vec<(u32, u64, u32, u64)> = Vec::new();
+                for (t, op) in ops.into_iter().enumerate() {
+                    let now = t as u64;
+                    match op {
+                        Op::Insert(s, n, fp) => {
+                            model.retain(|e| (e.0, e.1) != (s, n));
+                            model.push((s, n, fp, now));
+                            d.insert(s, n, fp, n ^ 7, now);
+                        }
+                        Op::Forget(s, n) => {
+                            model.retain(|e| (e.0, e.1) != (s, n));
+                            d.forget(s, n);
+                        }
+                        Op::Prune(w, max) => {
+                            let oldest = now.saturating_sub(w);
+                            while model.first().is_some_and(|e| e.3 < oldest || model.len() > max) {
+                                model.remove(0);
+                            }
+                            d.prune(oldest, max);
+                        }
+                    }
+                    prop_assert_eq!(d.live, model.len());
+                    let kept: Vec<(u32, u64, u32, u64)> =
+                        d.ring.iter().filter(|s| s.stream != DEAD).map(|s| (s.stream, s.n, s.fp, s.at_ms)).collect();
+                    prop_assert_eq!(&kept, &model);
+                    for &(s, n, fp, at) in &model {
+                        let got = d.get(s, n).map(|x| (x.fp, x.ts, x.at_ms));
+                        prop_assert_eq!(got, Some((fp, n ^ 7, at)), "key ({}, {}) lost", s, n);
+                    }
+                    for n in 300..310 {
+                        prop_assert!(d.get(0, n).is_none());
+                    }
+                    prop_assert!(d.ring.len() <= 2 * d.live + 65, "dead slots pile up: {} for {}", d.ring.len(), d.live);
+                }
+            }
+        }
+    }
+
+    /// Issue 18: bytes per remembered key at the default bound (20 devices
+    /// × 16,384 keys, the uplink bench's full load). A guard against
+    /// regressions, from capacities (RSS is measured by the benches).
+    #[test]
+    fn memory_per_key_at_the_default_bound() {
+        let mut d = Dedup::new(Duration::from_secs(600), 16_384);
+        for dev in 0..20 {
+            for i in 0..40_000u64 {
+                d.check(&r(&format!("wrist-{dev:02}"), "hr", Some(i), 1_000 + i, i as f64), true, 1_000 + i);
+            }
+        }
+        assert_eq!(d.len(), 20 * 16_384);
+        let per_key = d.memory_bytes() as f64 / d.len() as f64;
+        println!("dedup: {per_key:.1} bytes per remembered key");
+        assert!(per_key <= 40.0, "{per_key:.1} bytes per key (37.7 when written)");
     }
 }
