@@ -827,6 +827,41 @@ fn server_keep_alive_is_honoured() {
     assert_eq!(sample(&m, "edge_gateway_upstream_connects_total"), 1.0, "dropped for silence\n{log}");
 }
 
+/// The disk breaking under an append (ext4 remounted read-only after an I/O
+/// error, as the power-cut rig's eio cycles found: a new segment could not be
+/// created, no fsync ever failed, and the gateway refused every batch for
+/// good without exiting) is fatal, like a failed commit: exit 75, and the
+/// restart delivers everything exactly once. Planted: treating it as a
+/// refusal (as before) → no exit, fails.
+#[test]
+fn a_segment_the_disk_refuses_to_create_exits_75_and_the_restart_delivers_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let broker = Mosquitto::start(&dir.path().join("broker"), &certs, false);
+    let sub = Subscriber::start(broker.plain_port, "roll-sub", TOPIC, &dir.path().join("sub.out"));
+    let up = upstream_tls(broker.tls_port, &certs.ca, "");
+    let store = format!("{STORE}\nsegment_bytes = \"4KiB\"");
+    let (mut devices, cfg) = fleet_with(dir.path(), 2, 92, 0.0, |_| Framing::Jsonl, PIPELINE, &store, &up);
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_FAIL_AT", "queue-roll:4")]);
+    let mut code = None;
+    for _ in 0..2000 {
+        if let Some(st) = gw.child.try_wait().unwrap() {
+            code = Some(st.code());
+            break;
+        }
+        stream(&mut devices, 1, Duration::from_millis(3));
+    }
+    assert_eq!(code, Some(Some(75)), "{}", gw.log_text());
+    assert!(gw.log_text().contains("queue append failed"), "{}", gw.log_text());
+    let gw = Gateway::start(&cfg);
+    all_acked(&mut devices, &gw);
+    let got = wait_all(&sub, &devices, Duration::from_secs(30));
+    let (log, _) = terminate_ok(gw);
+    let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
+    assert!(expected > 0);
+    assert_eq!((missing, doubled), (0, 0), "of {expected}\n{log}");
+}
+
 /// A failed fdatasync of `uplink.pubrec` is fatal, like the queue's: exit
 /// 75, and the restart delivers everything exactly once.
 #[test]

@@ -546,13 +546,19 @@ impl Pipeline {
                     self.commit()?;
                 }
             }
+            Err(e) if e.storage_failed() => {
+                // The disk broke (EIO, remounted read-only): nothing more can
+                // be made durable, as when a commit's fsync fails. The batch
+                // was never acked; the devices resend it to the restart.
+                return Err(Fatal(format!("queue append failed: {e}; a restart rescans the queue")));
+            }
             Err(e) => {
                 // The dropped keys it carried go with the next record.
                 if let Some(h) = header {
                     self.dropped.extend(h.dropped);
                 }
-                // Refused (reject_new, or the disk failed): the readings were
-                // never acked, so the device still has them. Forget them in
+                // Refused (reject_new, a record too big, a full disk): the
+                // readings were never acked, so the device still has them. Forget them in
                 // dedup so that its resend is accepted.
                 Metrics::inc(&self.metrics.batches_rejected_full);
                 Metrics::add(&self.metrics.readings_rejected_full, batch.readings.len() as u64);

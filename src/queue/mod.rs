@@ -281,6 +281,20 @@ pub enum QueueError {
 
 type Result<T> = std::result::Result<T, QueueError>;
 
+impl QueueError {
+    /// Whether an append that failed this way says the storage itself broke
+    /// (EIO, a file system gone read-only, …), as opposed to a refusal the
+    /// configured policy covers: `reject_new`'s full queue, a record too
+    /// big, or a full disk or quota (space comes back as the uplink drains).
+    pub fn storage_failed(&self) -> bool {
+        match self {
+            QueueError::Io(e) => !matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded),
+            QueueError::NeedsReopen => true,
+            _ => false,
+        }
+    }
+}
+
 /// Attach "what + where" to an io::Error while keeping its kind.
 trait Ctx<T> {
     fn ctx(self, what: &str, path: &Path) -> Result<T>;
@@ -594,6 +608,11 @@ impl Queue {
             self.write_sealed_index();
         }
         let path = self.seg_dir.join(format!("{first_id:020}.seg"));
+        if crate::crashpoint::fail("queue-roll") {
+            // As ext4 answers once it remounted itself read-only after an
+            // I/O error (found by the power-cut rig's eio cycles).
+            return Err(io::Error::from(io::ErrorKind::ReadOnlyFilesystem)).ctx("creating segment", &path);
+        }
         let file =
             OpenOptions::new().read(true).write(true).create_new(true).open(&path).ctx("creating segment", &path)?;
         self.segments.push_back(Segment { first_id, path, file, len: 0, last_id: 0, synced_len: 0 });

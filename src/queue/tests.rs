@@ -1211,3 +1211,16 @@ fn a_record_with_a_span_owns_its_ids_across_reopens_acks_and_reclaims() {
     let (q, _) = Queue::open(dir.path(), o).unwrap();
     assert_eq!(q.next_id(), next);
 }
+
+#[test]
+fn a_broken_disk_is_told_from_a_refusal() {
+    use std::io::{Error, ErrorKind};
+    let io = |k: ErrorKind| QueueError::Io(Error::new(k, "x"));
+    assert!(io(ErrorKind::ReadOnlyFilesystem).storage_failed());
+    assert!(io(ErrorKind::Other).storage_failed());
+    assert!(QueueError::NeedsReopen.storage_failed());
+    assert!(!io(ErrorKind::StorageFull).storage_failed());
+    assert!(!io(ErrorKind::QuotaExceeded).storage_failed());
+    assert!(!QueueError::Full { needed: 1, max: 0 }.storage_failed());
+    assert!(!QueueError::TooLarge { size: 1, max: 0 }.storage_failed());
+}
