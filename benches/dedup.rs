@@ -55,10 +55,15 @@ fn run_dedup(devices: &[String], per_device: u64, max: usize) -> Run {
             n += 1;
         }
     }
+    measured(before, start, n, d.len(), &d)
+}
+
+/// The figures of a run that started at `before` (RSS) and `start`, made
+/// `n` checks and keeps `keys` keys in `kept`.
+fn measured<T>(before: usize, start: Instant, n: u64, keys: usize, kept: &T) -> Run {
     let ns = start.elapsed().as_nanos() as f64 / n as f64;
-    let keys = d.len();
     let grown = rss_bytes().saturating_sub(before);
-    std::hint::black_box(&d);
+    std::hint::black_box(kept);
     Run { bytes_per_key: grown as f64 / keys as f64, ns_per_check: ns, keys }
 }
 
@@ -78,11 +83,7 @@ fn run_baseline(devices: &[String], per_device: u64, max: usize) -> Run {
             n += 1;
         }
     }
-    let ns = start.elapsed().as_nanos() as f64 / n as f64;
-    let keys = set.len();
-    let grown = rss_bytes().saturating_sub(before);
-    std::hint::black_box(&set);
-    Run { bytes_per_key: grown as f64 / keys as f64, ns_per_check: ns, keys }
+    measured(before, start, n, set.len(), &set)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -827,22 +827,23 @@ fn server_keep_alive_is_honoured() {
     assert_eq!(sample(&m, "edge_gateway_upstream_connects_total"), 1.0, "dropped for silence\n{log}");
 }
 
-/// The disk breaking under an append (ext4 remounted read-only after an I/O
-/// error, as the power-cut rig's eio cycles found: a new segment could not be
-/// created, no fsync ever failed, and the gateway refused every batch for
-/// good without exiting) is fatal, like a failed commit: exit 75, and the
-/// restart delivers everything exactly once. Planted: treating it as a
-/// refusal (as before) → no exit, fails.
-#[test]
-fn a_segment_the_disk_refuses_to_create_exits_75_and_the_restart_delivers_exactly_once() {
+/// Stream from two devices into a gateway started with
+/// `EDGE_GATEWAY_FAIL_AT=fail_at` until it exits; it must exit 75 saying
+/// `says`, and a restart without the fail point must deliver every reading
+/// exactly once.
+fn a_fatal_disk_error_exits_75_and_the_restart_delivers_exactly_once(
+    fail_at: &str,
+    store: &str,
+    says: &str,
+    seed: u64,
+) {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
     let broker = Mosquitto::start(&dir.path().join("broker"), &certs, false);
-    let sub = Subscriber::start(broker.plain_port, "roll-sub", TOPIC, &dir.path().join("sub.out"));
+    let sub = Subscriber::start(broker.plain_port, "fatal-sub", TOPIC, &dir.path().join("sub.out"));
     let up = upstream_tls(broker.tls_port, &certs.ca, "");
-    let store = format!("{STORE}\nsegment_bytes = \"4KiB\"");
-    let (mut devices, cfg) = fleet_with(dir.path(), 2, 92, 0.0, |_| Framing::Jsonl, PIPELINE, &store, &up);
-    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_FAIL_AT", "queue-roll:4")]);
+    let (mut devices, cfg) = fleet_with(dir.path(), 2, seed, 0.0, |_| Framing::Jsonl, PIPELINE, store, &up);
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_FAIL_AT", fail_at)]);
     let mut code = None;
     for _ in 0..2000 {
         if let Some(st) = gw.child.try_wait().unwrap() {
@@ -852,7 +853,7 @@ fn a_segment_the_disk_refuses_to_create_exits_75_and_the_restart_delivers_exactl
         stream(&mut devices, 1, Duration::from_millis(3));
     }
     assert_eq!(code, Some(Some(75)), "{}", gw.log_text());
-    assert!(gw.log_text().contains("queue append failed"), "{}", gw.log_text());
+    assert!(gw.log_text().contains(says), "{}", gw.log_text());
     let gw = Gateway::start(&cfg);
     all_acked(&mut devices, &gw);
     let got = wait_all(&sub, &devices, Duration::from_secs(30));
@@ -862,31 +863,26 @@ fn a_segment_the_disk_refuses_to_create_exits_75_and_the_restart_delivers_exactl
     assert_eq!((missing, doubled), (0, 0), "of {expected}\n{log}");
 }
 
+/// The disk breaking under an append (ext4 remounted read-only after an I/O
+/// error, as the power-cut rig's eio cycles found: a new segment could not be
+/// created, no fsync ever failed, and the gateway refused every batch for
+/// good without exiting) is fatal, like a failed commit: exit 75, and the
+/// restart delivers everything exactly once. Planted: treating it as a
+/// refusal (as before) → no exit, fails.
+#[test]
+fn a_segment_the_disk_refuses_to_create_exits_75_and_the_restart_delivers_exactly_once() {
+    let store = format!("{STORE}\nsegment_bytes = \"4KiB\"");
+    a_fatal_disk_error_exits_75_and_the_restart_delivers_exactly_once(
+        "queue-roll:4",
+        &store,
+        "queue append failed",
+        92,
+    );
+}
+
 /// A failed fdatasync of `uplink.pubrec` is fatal, like the queue's: exit
 /// 75, and the restart delivers everything exactly once.
 #[test]
 fn a_failed_pubrec_fsync_exits_75_and_the_restart_delivers_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path());
-    let broker = Mosquitto::start(&dir.path().join("broker"), &certs, false);
-    let sub = Subscriber::start(broker.plain_port, "fs-sub", TOPIC, &dir.path().join("sub.out"));
-    let up = upstream_tls(broker.tls_port, &certs.ca, "");
-    let (mut devices, cfg) = fleet_with(dir.path(), 2, 91, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
-    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_FAIL_AT", "pubrec-sync:3")]);
-    let mut code = None;
-    for _ in 0..2000 {
-        if let Some(st) = gw.child.try_wait().unwrap() {
-            code = Some(st.code());
-            break;
-        }
-        stream(&mut devices, 1, Duration::from_millis(3));
-    }
-    assert_eq!(code, Some(Some(75)), "{}", gw.log_text());
-    assert!(gw.log_text().contains("fdatasync failed"), "{}", gw.log_text());
-    let gw = Gateway::start(&cfg);
-    all_acked(&mut devices, &gw);
-    let got = wait_all(&sub, &devices, Duration::from_secs(30));
-    let (log, _) = terminate_ok(gw);
-    let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
-    assert_eq!((missing, doubled), (0, 0), "of {expected}\n{log}");
+    a_fatal_disk_error_exits_75_and_the_restart_delivers_exactly_once("pubrec-sync:3", STORE, "fdatasync failed", 91);
 }
