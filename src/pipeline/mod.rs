@@ -66,6 +66,7 @@ pub enum PipelineError {
     Fatal(#[from] Fatal),
 }
 
+/// What the state file holds (read back as this; written as [`StateOut`]).
 #[derive(Serialize, Deserialize, Default)]
 struct State {
     /// Every queue record with id <= this is reflected in the state.
@@ -73,6 +74,16 @@ struct State {
     dedup: DedupSnapshot,
     acks: AckSnapshot,
     /// Downsample memory and open aggregate windows.
+    rules: crate::rules::Snapshot,
+}
+
+/// [`State`] as the checkpoint writes it: the same fields in the same
+/// order, the dedup part serialized straight from its rings.
+#[derive(Serialize)]
+struct StateOut<'a> {
+    covers_id: u64,
+    dedup: crate::pipeline::dedup::DedupView<'a>,
+    acks: AckSnapshot,
     rules: crate::rules::Snapshot,
 }
 
@@ -703,11 +714,12 @@ impl Pipeline {
         // what is on disk.
         self.commit()?;
         let covers_id = self.queue().committed_id();
-        let state = State {
+        let now_ms = (self.clock)();
+        let state = StateOut {
             covers_id,
-            dedup: self.dedup.snapshot((self.clock)()),
             acks: self.acks.snapshot(),
             rules: self.engine.as_ref().map(Engine::snapshot).unwrap_or_default(),
+            dedup: self.dedup.view(now_ms),
         };
         write_state(&self.state_path, &state)?;
         crate::crashpoint::hit("after-checkpoint");
@@ -765,15 +777,23 @@ fn read_state(path: &Path) -> std::io::Result<Option<State>> {
 }
 
 /// Atomic replace: temp file, fsync, rename, fsync the directory — a power
-/// cut leaves either the old file or the new one, never a mix.
-fn write_state(path: &Path, state: &State) -> Result<(), PipelineError> {
+/// cut leaves either the old file or the new one, never a mix. The body is
+/// serialized straight into the file (through a buffer, its CRC computed on
+/// the way and written into the header last), not built in memory first.
+fn write_state(path: &Path, state: &StateOut) -> Result<(), PipelineError> {
+    use std::os::unix::fs::FileExt;
     let err = |source| PipelineError::State { path: path.to_path_buf(), source };
-    let body = postcard::to_allocvec(state).map_err(|e| err(std::io::Error::other(e)))?;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(STATE_MAGIC).map_err(err)?;
-    f.write_all(&CRC.checksum(&body).to_le_bytes()).map_err(err)?;
-    f.write_all(&body).map_err(err)?;
+    let f = std::fs::File::create(&tmp).map_err(err)?;
+    let mut out = CrcWriter { w: std::io::BufWriter::new(f), crc: CRC.digest(), err: None };
+    out.w.write_all(STATE_MAGIC).map_err(err)?;
+    out.w.write_all(&[0; 4]).map_err(err)?;
+    let mut out = postcard::to_extend(state, out).map_err(|e| err(std::io::Error::other(e)))?;
+    if let Some(e) = out.err.take() {
+        return Err(err(e));
+    }
+    let f = out.w.into_inner().map_err(|e| err(e.into_error()))?;
+    f.write_all_at(&out.crc.finalize().to_le_bytes(), 4).map_err(err)?;
     f.sync_all().map_err(err)?;
     crate::crashpoint::hit("before-state-rename");
     std::fs::rename(&tmp, path).map_err(err)?;
@@ -781,6 +801,41 @@ fn write_state(path: &Path, state: &State) -> Result<(), PipelineError> {
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
     }
     Ok(())
+}
+
+/// Where postcard writes the state: the file (buffered) and the CRC. The
+/// first write error is kept for after the serializer returns.
+struct CrcWriter {
+    w: std::io::BufWriter<std::fs::File>,
+    crc: crc::Digest<'static, u32>,
+    err: Option<std::io::Error>,
+}
+
+impl Extend<u8> for CrcWriter {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        let mut chunk = [0u8; 256];
+        let mut n = 0;
+        for b in bytes {
+            chunk[n] = b;
+            n += 1;
+            if n == chunk.len() {
+                self.put(&chunk);
+                n = 0;
+            }
+        }
+        self.put(&chunk[..n]);
+    }
+}
+
+impl CrcWriter {
+    fn put(&mut self, bytes: &[u8]) {
+        if self.err.is_none() {
+            self.crc.update(bytes);
+            if let Err(e) = self.w.write_all(bytes) {
+                self.err = Some(e);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
