@@ -84,7 +84,7 @@ struct StateOut<'a> {
     covers_id: u64,
     dedup: crate::pipeline::dedup::DedupView<'a>,
     acks: AckSnapshot,
-    rules: crate::rules::Snapshot,
+    rules: crate::rules::SnapshotView<'a>,
 }
 
 #[derive(Deserialize)]
@@ -718,7 +718,7 @@ impl Pipeline {
         let state = StateOut {
             covers_id,
             acks: self.acks.snapshot(),
-            rules: self.engine.as_ref().map(Engine::snapshot).unwrap_or_default(),
+            rules: self.engine.as_ref().map(Engine::view).unwrap_or_default(),
             dedup: self.dedup.view(now_ms),
         };
         write_state(&self.state_path, &state)?;

@@ -308,6 +308,12 @@ pub struct Snapshot {
     series: Vec<(String, String, String, Series)>,
 }
 
+/// [`Snapshot`] as [`Engine::view`] writes it (the same bytes).
+#[derive(Default, Serialize)]
+pub struct SnapshotView<'a> {
+    series: Vec<(&'a str, &'a str, &'a str, &'a Series)>,
+}
+
 /// Series state by device, then (rule, sensor): found per reading without
 /// allocating (a key of owned strings would cost two allocations a lookup).
 #[derive(Default)]
@@ -711,6 +717,16 @@ impl Engine {
     }
 
     /// The state for the pipeline's checkpoint.
+    /// The checkpoint's view of the state: [`Snapshot`]'s format, borrowed
+    /// (cloning every series, a percentile window's values included, made a
+    /// transient copy of all of it at every checkpoint: issue 18).
+    pub fn view(&self) -> SnapshotView<'_> {
+        let mut series: Vec<_> =
+            self.series.iter().map(|(i, d, s, v)| (self.rules.rules[i as usize].name.as_str(), d, s, v)).collect();
+        series.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        SnapshotView { series }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let mut series: Vec<_> = self
             .series
