@@ -463,8 +463,9 @@ impl Dedup {
         self.len() == 0
     }
 
-    /// Serializable state for the checkpoint, as an owned copy (tests; the
-    /// checkpoint serializes [`Dedup::view`] instead, without the copy).
+    /// The checkpoint's state as an owned copy, as a restart reads it (the
+    /// checkpoint itself serializes [`Dedup::view`], without the copy).
+    #[cfg(test)]
     pub fn snapshot(&mut self, now_ms: u64) -> DedupSnapshot {
         let bytes = postcard::to_allocvec(&self.view(now_ms)).expect("the dedup state serializes");
         postcard::from_bytes(&bytes).expect("and reads back")

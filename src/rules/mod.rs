@@ -308,7 +308,8 @@ pub struct Snapshot {
     series: Vec<(String, String, String, Series)>,
 }
 
-/// [`Snapshot`] as [`Engine::view`] writes it (the same bytes).
+/// [`Snapshot`] as [`Engine::view`] writes it (the same bytes; a
+/// checkpoint is read back as a `Snapshot`).
 #[derive(Default, Serialize)]
 pub struct SnapshotView<'a> {
     series: Vec<(&'a str, &'a str, &'a str, &'a Series)>,
@@ -725,16 +726,6 @@ impl Engine {
             self.series.iter().map(|(i, d, s, v)| (self.rules.rules[i as usize].name.as_str(), d, s, v)).collect();
         series.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
         SnapshotView { series }
-    }
-
-    pub fn snapshot(&self) -> Snapshot {
-        let mut series: Vec<_> = self
-            .series
-            .iter()
-            .map(|(i, d, s, v)| (self.rules.rules[i as usize].name.clone(), d.to_string(), s.to_string(), v.clone()))
-            .collect();
-        series.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
-        Snapshot { series }
     }
 
     /// Load a checkpoint's state; series of rules that no longer exist (or
