@@ -116,7 +116,7 @@ pub fn parse_command(payload: &[u8], default_ttl: Duration, now: u64) -> Result<
     let Some(device) = w.device.clone().filter(|d| crate::units::valid_id(d)) else {
         return Err(bad("no valid \"device\"".into()));
     };
-    let Some(name) = w.name.clone().filter(|n| !n.is_empty() && n.len() <= MAX_ID) else {
+    let Some(name) = w.name.filter(|n| !n.is_empty() && n.len() <= MAX_ID) else {
         return Err(bad("no \"name\"".into()));
     };
     let ttl = match &w.ttl {
@@ -126,9 +126,9 @@ pub fn parse_command(payload: &[u8], default_ttl: Duration, now: u64) -> Result<
             _ => return Err(bad(format!("\"ttl\" {t:?} is not a duration such as \"10m\""))),
         },
     };
-    let args = w.args.clone().unwrap_or_else(|| serde_json::json!({}));
+    let args = w.args.unwrap_or_else(|| serde_json::json!({}));
     Ok(Command {
-        id: id.clone(),
+        id,
         device,
         name,
         args: args.to_string(),

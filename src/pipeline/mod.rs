@@ -569,8 +569,8 @@ impl Pipeline {
                     self.dropped.extend(h.dropped);
                 }
                 // Refused (reject_new, a record too big, a full disk): the
-                // readings were never acked, so the device still has them. Forget them in
-                // dedup so that its resend is accepted.
+                // readings were never acked, so the device still has them.
+                // Forget them in dedup so that its resend is accepted.
                 Metrics::inc(&self.metrics.batches_rejected_full);
                 Metrics::add(&self.metrics.readings_rejected_full, batch.readings.len() as u64);
                 for r in &batch.readings {

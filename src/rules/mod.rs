@@ -717,8 +717,7 @@ impl Engine {
         Closed { window, outputs, republish: republished }
     }
 
-    /// The state for the pipeline's checkpoint.
-    /// The checkpoint's view of the state: [`Snapshot`]'s format, borrowed
+    /// The state for the pipeline's checkpoint: [`Snapshot`]'s format, borrowed
     /// (cloning every series, a percentile window's values included, made a
     /// transient copy of all of it at every checkpoint: issue 18).
     pub fn view(&self) -> SnapshotView<'_> {
