@@ -626,6 +626,17 @@ pub struct Gate {
     told_aliases: std::collections::HashMap<u16, String>,
     /// The client's Maximum Packet Size (MQTT 5 CONNECT), which rumqttd ignores.
     pub max_packet: Option<u32>,
+    /// QoS 2 deliveries sent to the client at QoS 1 (published at 1): its
+    /// PUBACK becomes our PUBREC to rumqttd.
+    downgraded: std::collections::HashSet<u16>,
+    /// The client's Receive Maximum (MQTT 5 CONNECT), which rumqttd ignores:
+    /// QoS 1/2 PUBLISHes sent and not finished (id → the kind of the ack
+    /// that finishes it), and those waiting for room.
+    pub receive_max: Option<u16>,
+    inflight_out: std::collections::HashMap<u16, u8>,
+    parked: std::collections::VecDeque<(u16, u8, Vec<u8>)>,
+    /// The Session Expiry Interval of the client's DISCONNECT, if any.
+    pub disconnect_expiry: Option<u32>,
 }
 
 /// Acks owed to rumqttd, in the order it expects them.
@@ -668,6 +679,11 @@ const DENIED_ALIAS: &str = "\u{7f}denied";
 /// MQTT 5 "not authorized".
 const NOT_AUTHORIZED: u8 = 0x87;
 
+/// Whether a PUBLISH may carry our QoS tag (or a client's forgery of it).
+fn has_tag(packet: &[u8]) -> bool {
+    packet.windows(wire::QOS_TAG.len()).any(|w| w == wire::QOS_TAG.as_bytes())
+}
+
 impl Gate {
     pub fn new(acl: ClientAcl, v5: bool) -> Gate {
         Gate {
@@ -683,6 +699,11 @@ impl Gate {
             out_aliases: Default::default(),
             told_aliases: Default::default(),
             max_packet: None,
+            downgraded: Default::default(),
+            receive_max: None,
+            inflight_out: Default::default(),
+            parked: Default::default(),
+            disconnect_expiry: None,
         }
     }
 
@@ -714,6 +735,13 @@ impl Gate {
                 let Some(topic) = self.resolve(&p) else { return (Verdict::pass(), None) };
                 // `$` topics are the gateway's own.
                 if !topic.starts_with(['$', DOLLAR]) && self.acl.may_publish(&topic) {
+                    // MQTT 5: the QoS it was published with travels along (see wire::QOS_TAG).
+                    if self.v5 && (p.qos < 2 || has_tag(packet)) {
+                        let tag = (p.qos < 2).then_some(p.qos);
+                        if let Some(r) = wire::publish_rebuilt(packet, header, None, p.qos, tag) {
+                            return (Verdict { rewritten: Some(r), ..Default::default() }, Some(topic));
+                        }
+                    }
                     return (Verdict::pass(), Some(topic));
                 }
                 let reply = match (p.qos, p.id) {
@@ -743,13 +771,33 @@ impl Gate {
             10 => (self.unsubscribe(packet, header), None),
             // The client's PUBACK/PUBREC/PUBCOMP for what rumqttd sent: in order.
             k @ (4 | 5 | 7) => {
+                let Some(id) = wire::packet_id(packet, header) else { return (Verdict::pass(), None) };
+                // A delivery the client finished: room for a parked one.
+                let failed = k == 5 && packet.get(header + 2).is_some_and(|r| *r >= 0x80);
+                let released = if k != 5 || failed { self.finished(id, k) } else { None };
+                // Sent at QoS 1 in place of 2: rumqttd gets the PUBREC, and
+                // its PUBREL our PUBCOMP.
+                let downgraded;
+                let ack: &[u8] = if k == 4 && self.downgraded.remove(&id) {
+                    self.dropped_qos2.insert(id);
+                    downgraded = wire::ack(5, id, None);
+                    &downgraded
+                } else {
+                    packet
+                };
                 let queue = if k == 7 { &mut self.comps } else { &mut self.acks };
-                match wire::packet_id(packet, header) {
-                    Some(id) if queue.client(id, packet) => {
-                        (Verdict { rewritten: queue.ready(), ..Default::default() }, None)
-                    }
-                    _ => (Verdict::pass(), None),
+                let v = match queue.client(id, ack) {
+                    true => Verdict { rewritten: queue.ready(), ..Default::default() },
+                    false => Verdict::pass(),
+                };
+                (Verdict { reply: released, ..v }, None)
+            }
+            // DISCONNECT: an MQTT 5 client may change its Session Expiry Interval.
+            14 => {
+                if self.v5 {
+                    self.disconnect_expiry = wire::disconnect_expiry(packet, header).or(self.disconnect_expiry);
                 }
+                (Verdict::pass(), None)
             }
             _ => (Verdict::pass(), None),
         }
@@ -813,6 +861,25 @@ impl Gate {
         Verdict { rewritten: wire::unsubscribe_renamed(packet, header, self.v5), ..Default::default() }
     }
 
+    /// The client finished delivery `id` with an ack of `kind`: the parked
+    /// PUBLISHes that now fit under its Receive Maximum, to send it.
+    fn finished(&mut self, id: u16, kind: u8) -> Option<Vec<u8>> {
+        match self.inflight_out.get(&id) {
+            Some(k) if *k == kind || kind == 5 => {
+                self.inflight_out.remove(&id);
+            }
+            _ => return None,
+        }
+        let mut out = Vec::new();
+        while self.receive_max.is_none_or(|m| self.inflight_out.len() < m as usize)
+            && let Some((id, kind, bytes)) = self.parked.pop_front()
+        {
+            self.inflight_out.insert(id, kind);
+            out.extend_from_slice(&bytes);
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
     /// A whole packet from rumqttd to the client.
     pub fn from_broker(&mut self, packet: &[u8], header: usize) -> Verdict {
         match packet[0] >> 4 {
@@ -845,18 +912,47 @@ impl Gate {
                 if readable && let Some(a) = p.alias {
                     self.told_aliases.insert(a, topic.to_string());
                 }
-                let pass = || match renamed {
-                    false => Verdict::pass(),
-                    true => {
+                // MQTT 5: delivered at min(published, granted), our tag taken out.
+                let tag = if self.v5 { wire::qos_tag(packet, header) } else { None };
+                let qos = tag.map_or(p.qos, |t| t.min(p.qos));
+                let rebuilt = self.v5 && (tag.is_some() || has_tag(packet));
+                let pass = || match (renamed, rebuilt) {
+                    (false, false) => Verdict::pass(),
+                    (true, false) => {
                         Verdict { rewritten: Some(wire::publish_renamed(packet, header, topic)), ..Default::default() }
                     }
+                    (_, true) => Verdict {
+                        rewritten: wire::publish_rebuilt(packet, header, renamed.then_some(topic), qos, None),
+                        ..Default::default()
+                    },
                 };
                 let Some(id) = p.id else {
                     return if readable { pass() } else { Verdict { filtered: true, ..Default::default() } };
                 };
                 if readable {
+                    let mut v = pass();
+                    if qos == 0 {
+                        // Sent as QoS 0: rumqttd's ack is ours to give.
+                        if p.qos == 2 {
+                            self.dropped_qos2.insert(id);
+                        }
+                        self.acks.expect(id, Some(wire::ack(if p.qos == 1 { 4 } else { 5 }, id, None)));
+                        v.reply = self.acks.ready();
+                        return v;
+                    }
                     self.acks.expect(id, None);
-                    return pass();
+                    if qos < p.qos {
+                        self.downgraded.insert(id);
+                    }
+                    // The client's Receive Maximum: past it, the PUBLISH waits.
+                    let full = self.receive_max.is_some_and(|m| self.inflight_out.len() >= m as usize);
+                    if full || !self.parked.is_empty() {
+                        let bytes = v.rewritten.take().unwrap_or_else(|| packet.to_vec());
+                        self.parked.push_back((id, if qos == 1 { 4 } else { 7 }, bytes));
+                        return Verdict::default();
+                    }
+                    self.inflight_out.insert(id, if qos == 1 { 4 } else { 7 });
+                    return v;
                 }
                 if p.qos == 2 {
                     self.dropped_qos2.insert(id);
@@ -1066,6 +1162,114 @@ pub mod wire {
             body.extend_from_slice(name.as_bytes());
         }
         Some(packet(p[0], &body))
+    }
+
+    /// Key of the MQTT 5 user property the front door adds to a client's
+    /// PUBLISH (QoS 0 and 1 only) to remember the QoS it was published
+    /// with: rumqttd 0.20 delivers at the subscription's QoS instead of
+    /// min(published, granted) (bytebeamio/rumqtt#707). Stripped from every
+    /// PUBLISH towards a client, and from a client's own before tagging.
+    pub const QOS_TAG: &str = "\u{7f}q";
+
+    /// Where the pieces of a v5 PUBLISH are: (end of the topic, packet id,
+    /// the property bytes, where the payload starts).
+    fn publish_layout(p: &[u8], header: usize) -> Option<(usize, Option<u16>, std::ops::Range<usize>, usize)> {
+        let qos = (p[0] >> 1) & 3;
+        let n = u16_at(p, header)? as usize;
+        let mut at = header + 2 + n;
+        let id = if qos > 0 {
+            at += 2;
+            Some(u16_at(p, at - 2)?)
+        } else {
+            None
+        };
+        let topic_end = header + 2 + n;
+        let len = varint(p, &mut at)?;
+        let props = at..at + len;
+        (props.end <= p.len()).then_some((topic_end, id, props.clone(), props.end))
+    }
+
+    /// The properties without our QoS tag, and the tag's QoS if there was one.
+    fn split_tag(props: &[u8]) -> Option<(Vec<u8>, Option<u8>)> {
+        let mut kept = Vec::with_capacity(props.len());
+        let mut tag = None;
+        let mut at = 0;
+        while at < props.len() {
+            let start = at;
+            let id = props[at];
+            at += 1;
+            skip_property(props, id, &mut at)?;
+            if id == 0x26 {
+                let k = u16_at(props, start + 1)? as usize;
+                if props.get(start + 3..start + 3 + k)? == QOS_TAG.as_bytes() {
+                    let v = u16_at(props, start + 3 + k)? as usize;
+                    tag = match props.get(start + 5 + k..start + 5 + k + v)? {
+                        b"0" => Some(0),
+                        b"1" => Some(1),
+                        _ => tag,
+                    };
+                    continue;
+                }
+            }
+            kept.extend_from_slice(&props[start..at]);
+        }
+        Some((kept, tag))
+    }
+
+    /// The QoS tag of a v5 PUBLISH (None: untagged or malformed).
+    pub fn qos_tag(p: &[u8], header: usize) -> Option<u8> {
+        let (_, _, props, _) = publish_layout(p, header)?;
+        split_tag(&p[props]).and_then(|(_, t)| t)
+    }
+
+    /// A v5 PUBLISH rebuilt: under `topic` (None: its own), at `qos`
+    /// (lowering only: a QoS 0 one loses its packet id and DUP flag), any
+    /// QoS tag taken out and `tag` (its QoS) put in. None when malformed.
+    pub fn publish_rebuilt(p: &[u8], header: usize, topic: Option<&str>, qos: u8, tag: Option<u8>) -> Option<Vec<u8>> {
+        let (topic_end, id, props, payload_at) = publish_layout(p, header)?;
+        let (mut kept, _) = split_tag(&p[props])?;
+        if let Some(q) = tag {
+            kept.push(0x26);
+            kept.extend_from_slice(&(QOS_TAG.len() as u16).to_be_bytes());
+            kept.extend_from_slice(QOS_TAG.as_bytes());
+            kept.extend_from_slice(&1u16.to_be_bytes());
+            kept.push(b'0' + q);
+        }
+        let mut body = Vec::with_capacity(p.len() + 16);
+        match topic {
+            Some(t) => {
+                body.extend_from_slice(&(t.len() as u16).to_be_bytes());
+                body.extend_from_slice(t.as_bytes());
+            }
+            None => body.extend_from_slice(&p[header..topic_end]),
+        }
+        let old_qos = (p[0] >> 1) & 3;
+        let qos = qos.min(old_qos);
+        if qos > 0 {
+            body.extend_from_slice(&id?.to_be_bytes());
+        }
+        put_varint(&mut body, kept.len());
+        body.extend_from_slice(&kept);
+        body.extend_from_slice(&p[payload_at..]);
+        let first = (p[0] & 0xf9) | (qos << 1);
+        let first = if qos == 0 { first & 0xf7 } else { first };
+        Some(packet(first, &body))
+    }
+
+    /// The Session Expiry Interval (0x11) of an MQTT 5 DISCONNECT.
+    pub fn disconnect_expiry(p: &[u8], header: usize) -> Option<u32> {
+        let mut at = header + 1;
+        let len = varint(p, &mut at)?;
+        let end = (at + len).min(p.len());
+        while at < end {
+            let prop = p[at];
+            at += 1;
+            if prop == 0x11 {
+                return Some(u32::from_be_bytes(p.get(at..at + 4)?.try_into().ok()?));
+            }
+            skip_property(p, prop, &mut at)?;
+        }
+        None
     }
 
     /// The same PUBLISH under another topic name.
@@ -1361,7 +1565,7 @@ mod tests {
             let mut g = gate(v5);
             let props: Option<&[u8]> = v5.then_some(&[]);
             let (v, topic) = g.from_client(&publish_packet("ok/1", 1, 9, props), 2);
-            assert!(v.forward && v.denied.is_empty());
+            assert!((v.forward || v.rewritten.is_some()) && v.denied.is_empty());
             assert_eq!(topic.as_deref(), Some("ok/1"));
             let (v, _) = g.from_client(&publish_packet("noWrite/x", 1, 9, props), 2);
             assert!(!v.forward);
@@ -1390,11 +1594,11 @@ mod tests {
         assert!(!v.forward);
         // The alias alone must not get the message through.
         let (v, _) = g.from_client(&publish_packet("", 1, 2, Some(&[0x01, 1, 0x23, 0, 5])), 2);
-        assert!(!v.forward, "{v:?}");
+        assert!(!v.forward && v.rewritten.is_none(), "{v:?}");
         let (v, topic) = g.from_client(&publish_packet("ok/x", 1, 3, Some(&[0x23, 0, 5])), 2);
-        assert!(v.forward && topic.as_deref() == Some("ok/x"));
+        assert!(v.rewritten.is_some() && topic.as_deref() == Some("ok/x"));
         let (v, topic) = g.from_client(&publish_packet("", 1, 4, Some(&[0x23, 0, 5])), 2);
-        assert!(v.forward && topic.as_deref() == Some("ok/x"));
+        assert!(v.rewritten.is_some() && topic.as_deref() == Some("ok/x"));
         // Aliases past rumqttd's 4096 are not kept here: rumqttd disconnects for them.
         let (v, _) = g.from_client(&publish_packet("noWrite/y", 1, 5, Some(&[0x23, 0x20, 0])), 2);
         assert!(v.forward && g.aliases.len() == 1, "{v:?}");
@@ -1458,6 +1662,81 @@ mod tests {
         assert_eq!(v.rewritten, Some(vec![0x70, 2, 0, 5, 0x70, 2, 0, 6]));
         // An ack nothing waits for (an old session's) goes through as it is.
         assert!(g.from_client(&[0x40, 2, 0, 9], 2).0.forward);
+    }
+
+    /// `p` as rumqttd delivers it on a subscription of QoS `qos` (#707).
+    fn at_qos(p: &[u8], qos: u8) -> Vec<u8> {
+        let mut p = p.to_vec();
+        p[0] = (p[0] & 0xf9) | (qos << 1);
+        p
+    }
+
+    #[test]
+    fn a_v5_message_reaches_subscribers_at_the_qos_it_was_published_with() {
+        let mut g = gate(true);
+        // QoS 1 from the client: tagged on the way in, with its own properties kept.
+        let (v, _) = g.from_client(&publish_packet("ok/1", 1, 9, Some(&[0x01, 1])), 2);
+        let tagged = v.rewritten.expect("tagged");
+        assert_eq!(wire::qos_tag(&tagged, 2), Some(1));
+        assert!(wire::publish(&tagged, 2, true).is_some());
+        // A client's forged tag on a QoS 2 message is taken out, and none added.
+        let forged = wire::publish_rebuilt(&publish_packet("ok/1", 2, 9, Some(&[])), 2, None, 2, Some(0)).unwrap();
+        assert_eq!(wire::qos_tag(&forged, 2), Some(0));
+        let (v, _) = g.from_client(&forged, 2);
+        let clean = v.rewritten.expect("forgery removed");
+        assert!(!has_tag(&clean) && clean == publish_packet("ok/1", 2, 9, Some(&[])), "{clean:?}");
+        // rumqttd delivers it at the subscription's QoS 2: the client gets QoS 1, untagged.
+        let tagged = wire::publish_rebuilt(&publish_packet("ward-3/x", 1, 7, Some(&[0x01, 1])), 2, None, 1, Some(1));
+        let v = g.from_broker(&at_qos(&tagged.unwrap(), 2), 2);
+        assert_eq!(v.rewritten, Some(publish_packet("ward-3/x", 1, 7, Some(&[0x01, 1]))));
+        assert_eq!(v.reply, None);
+        // Its PUBACK becomes the PUBREC rumqttd waits for; rumqttd's PUBREL is answered here.
+        let (v, _) = g.from_client(&[0x40, 2, 0, 7], 2);
+        assert_eq!((v.forward, v.rewritten), (false, Some(vec![0x50, 2, 0, 7])));
+        let v = g.from_broker(&[0x62, 2, 0, 7], 2);
+        assert_eq!((v.forward, v.reply), (false, Some(vec![0x70, 2, 0, 7])));
+        // Published at QoS 0, delivered at 1: QoS 0 to the client, rumqttd acked by us.
+        let tagged = wire::publish_rebuilt(&publish_packet("ward-3/x", 0, 0, Some(&[])), 2, None, 0, Some(0)).unwrap();
+        let mut delivered = at_qos(&tagged, 1);
+        delivered.splice(2 + 2 + 8..2 + 2 + 8, [0, 8]);
+        delivered[1] += 2;
+        let v = g.from_broker(&delivered, 2);
+        assert_eq!(v.rewritten, Some(publish_packet("ward-3/x", 0, 0, Some(&[]))));
+        assert_eq!(v.reply, Some(vec![0x40, 2, 0, 8]));
+        // Untagged (published at QoS 2, or by a 3.1.1 client): as rumqttd sends it.
+        assert!(g.from_broker(&publish_packet("ward-3/x", 2, 9, Some(&[])), 2).forward);
+    }
+
+    #[test]
+    fn the_clients_receive_maximum_holds_back_what_does_not_fit() {
+        let mut g = gate(true);
+        g.receive_max = Some(1);
+        assert!(g.from_broker(&publish_packet("ward-3/a", 1, 1, Some(&[])), 2).forward);
+        let v = g.from_broker(&publish_packet("ward-3/b", 1, 2, Some(&[])), 2);
+        assert!(!v.forward && v.rewritten.is_none(), "{v:?}");
+        // QoS 0 is not counted.
+        assert!(g.from_broker(&publish_packet("ward-3/c", 0, 0, Some(&[])), 2).forward);
+        // The first one acked: the second goes out with the ack's verdict.
+        let (v, _) = g.from_client(&[0x40, 2, 0, 1], 2);
+        assert_eq!(v.reply, Some(publish_packet("ward-3/b", 1, 2, Some(&[]))));
+        assert_eq!(v.rewritten, Some(vec![0x40, 2, 0, 1]));
+        // QoS 2: finished by PUBCOMP (or a failed PUBREC), not by PUBREC.
+        assert!(!g.from_broker(&publish_packet("ward-3/d", 2, 3, Some(&[])), 2).forward);
+        let (v, _) = g.from_client(&[0x40, 2, 0, 2], 2);
+        assert_eq!(v.reply, Some(publish_packet("ward-3/d", 2, 3, Some(&[]))));
+        assert!(!g.from_broker(&publish_packet("ward-3/e", 1, 4, Some(&[])), 2).forward);
+        assert_eq!(g.from_client(&[0x50, 2, 0, 3], 2).0.reply, None);
+        assert!(g.from_broker(&[0x62, 2, 0, 3], 2).forward);
+        assert_eq!(g.from_client(&[0x70, 2, 0, 3], 2).0.reply, Some(publish_packet("ward-3/e", 1, 4, Some(&[]))));
+    }
+
+    #[test]
+    fn an_mqtt5_disconnect_may_change_the_session_expiry() {
+        let mut g = gate(true);
+        assert_eq!(g.from_client(&[0xe0, 0], 2).0, Verdict::pass());
+        assert_eq!(g.disconnect_expiry, None);
+        g.from_client(&[0xe0, 7, 0, 5, 0x11, 0, 0, 0, 5], 2);
+        assert_eq!(g.disconnect_expiry, Some(5));
     }
 
     #[test]

@@ -65,7 +65,9 @@ pub mod auth;
 pub mod config;
 pub mod limits;
 pub mod proxy;
+pub mod session;
 pub mod topic;
+pub mod v3;
 
 use crate::metrics::Metrics;
 use crate::metrics::status::Probe;
@@ -526,6 +528,7 @@ impl Broker {
                 b.max_devices_per_user,
             )),
             ws_origins: b.websocket_origins.clone().into(),
+            sessions: Default::default(),
         });
         let mut listeners = JoinSet::new();
         let mut local_addrs = Vec::new();

@@ -113,6 +113,8 @@ pub struct Shared {
     pub limits: Arc<Limits>,
     /// `broker.websocket_origins`: empty lets any Origin in.
     pub ws_origins: Arc<[String]>,
+    /// MQTT 5 session lifetimes ([`super::session`]).
+    pub sessions: Arc<super::session::Sessions>,
 }
 
 /// Accept on `listener` until shutdown, then close every connection it made.
@@ -273,6 +275,7 @@ async fn handle(
         }
     }
     let max_packet = props.as_ref().and_then(|p| p.max_packet_size);
+    let receive_max = props.as_ref().and_then(|p| p.receive_maximum);
     let Ok(slot) = shared.connections.clone().try_acquire_owned() else {
         let code = if v5 { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
         let _ = write_connack(&mut client, v5, code).await;
@@ -294,14 +297,33 @@ async fn handle(
     if connect.keep_alive == 0 {
         connect.keep_alive = KEEP_ALIVE_FOR_ZERO;
     }
+    // MQTT 5 session lifetimes are the door's ([`super::session`]).
+    let mut expiry = props.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0);
+    let claim = if v5 && !connect.client_id.is_empty() {
+        match shared.sessions.claim(&connect.client_id, connect.clean_session, expiry, &shared.internal).await {
+            Ok(c) => {
+                connect.clean_session = !super::session::keeps(connect.clean_session, expiry);
+                Some(c)
+            }
+            Err(e) => {
+                shared.internal.failed();
+                let _ = write_connack(&mut client, v5, ConnectReturnCode::ServerUnavailable).await;
+                return refused(&shared, name, peer, &format!("internal broker: emptying the session: {e}"));
+            }
+        }
+    } else {
+        // No id: rumqttd assigns one, which no later connection can resume.
+        connect.clean_session |= v5;
+        None
+    };
     let internal_login = Some(shared.internal.login());
     let mut out = BytesMut::new();
     let packet = Packet::Connect(connect, props, will, will_props, internal_login);
-    let written = if v5 { V5.write(packet, &mut out) } else { V4.write(packet, &mut out) };
-    if written.is_err() {
+    // Every client reaches rumqttd as MQTT 5 ([`super::v3`]).
+    if V5.write(packet, &mut out).is_err() {
         return refused(&shared, name, peer, "CONNECT could not be re-encoded");
     }
-    let addr = shared.internal.addr(v5);
+    let addr = shared.internal.addr(true);
     let connected = timeout_at(Instant::now() + INTERNAL_CONNECT_TIMEOUT, async {
         let mut up = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let _ = up.set_nodelay(true);
@@ -335,12 +357,29 @@ async fn handle(
     };
     // MQTT 5: rumqttd advertises topic aliases, which would let PUBLISHes
     // through with an empty topic; we advertise none (issue 19, M2b).
-    let connack = if v5 { without_topic_aliases(connack) } else { connack };
-    if client.write_all(&connack).await.is_err() || client.write_all(&rest).await.is_err() {
+    let connack = match v5 {
+        true => without_topic_aliases(connack),
+        false => match super::v3::down(&connack, 2) {
+            Some(c) => BytesMut::from(&c[..]),
+            None => return refused(&shared, name, peer, "internal broker: unreadable CONNACK"),
+        },
+    };
+    if client.write_all(&connack).await.is_err() {
         return;
     }
     let accepted = connack.len() >= 4 && connack[3] == 0;
+    // The id's set-up is done: a wipe of an older session may run now.
+    let mut claim = claim;
+    if let Some(c) = claim.as_mut() {
+        c.set_up();
+    }
+    let end_session = |claim: Option<super::session::Claim>, expiry: u32| {
+        if let Some(c) = claim {
+            shared.sessions.ended(c, expiry, shared.internal.clone());
+        }
+    };
     if !accepted {
+        end_session(claim, expiry);
         debug!("broker {name}: {peer} client {client_id:?} refused by the broker (code {:?})", connack.get(3));
         return;
     }
@@ -354,8 +393,21 @@ async fn handle(
     let who = Who { listener: name, peer, client_id: client_id.clone(), user: user.unwrap_or_default() };
     let mut gate = Gate::new(client_acl, v5);
     gate.max_packet = max_packet;
+    gate.receive_max = receive_max;
     let gate = std::sync::Mutex::new(gate);
-    let why = relay(&mut client, &mut up, buf, &gate, &who, &shared, v5, shared.max_payload + PUBLISH_OVERHEAD).await;
+    // The client's DISCONNECT starts its session's expiry at once: it may
+    // reconnect before this relay has noticed the end.
+    let on_disconnect = |e: Option<u32>| {
+        if let Some(c) = &claim {
+            shared.sessions.ending(c, e.unwrap_or(expiry));
+        }
+    };
+    let max = shared.max_payload + PUBLISH_OVERHEAD;
+    let why = relay(&mut client, &mut up, (buf, rest), &gate, &who, &shared, v5, max, &on_disconnect).await;
+    if let Some(e) = gate.lock().unwrap_or_else(|e| e.into_inner()).disconnect_expiry {
+        expiry = e;
+    }
+    end_session(claim, expiry);
     Metrics::sub(&shared.metrics.broker_connections, 1);
     Event::LanClientEnded { listener: name, client_id: &client_id, peer, user: &who.user, why: &why }
         .emit(&shared.metrics);
@@ -437,12 +489,14 @@ impl DenialLog {
 async fn relay(
     client: &mut Box<dyn Io>,
     up: &mut TcpStream,
-    mut buf: BytesMut,
+    // What the client and rumqttd sent past their CONNECT and CONNACK.
+    (mut buf, from_up): (BytesMut, BytesMut),
     gate: &std::sync::Mutex<Gate>,
     who: &Who,
     shared: &Shared,
     v5: bool,
     max_packet: usize,
+    on_disconnect: &(dyn Fn(Option<u32>) + Sync),
 ) -> End {
     let (mut up_r, up_w) = up.split();
     let (mut cl_r, cl_w) = tokio::io::split(client);
@@ -456,14 +510,32 @@ async fn relay(
     // QoS 2 message on only at PUBREL, which the client sends after PUBREC:
     // holding the PUBREC would wait for ever.
     let held: std::sync::Mutex<std::collections::HashMap<u16, (u8, String, u64, u64)>> = Default::default();
+    // rumqttd speaks MQTT 5 to every client; a 3.1.1 one needs translating.
+    fn up_bytes(v5: bool, bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+        if v5 { bytes.into() } else { super::v3::up_all(bytes) }
+    }
     let down = async {
-        let mut b = BytesMut::with_capacity(4096);
+        let mut b = from_up;
         loop {
-            while let Frame::Len { total, header } = frame_len(&b) {
+            while let Frame::Len { total, mut header } = frame_len(&b) {
                 if b.len() < total {
                     break;
                 }
                 let mut p = b.split_to(total);
+                if !v5 {
+                    match super::v3::down(&p, header) {
+                        Some(std::borrow::Cow::Borrowed(_)) => {}
+                        Some(std::borrow::Cow::Owned(t)) => {
+                            p = BytesMut::from(&t[..]);
+                            header = match frame_len(&p) {
+                                Frame::Len { header, .. } => header,
+                                _ => return End::Malformed,
+                            };
+                        }
+                        None => continue,
+                    }
+                }
+                let total = p.len();
                 let kind = p[0] >> 4;
                 // Acks to rumqttd must leave in the order the gate queued them:
                 // hold the writer while asking it (PUBLISH and PUBREL may produce one).
@@ -473,7 +545,7 @@ async fn relay(
                     Metrics::inc(&shared.metrics.broker_acl_filtered);
                 }
                 if let (Some(reply), Some(w)) = (v.reply, w.as_mut())
-                    && w.write_all(&reply).await.is_err()
+                    && w.write_all(&up_bytes(v5, &reply)).await.is_err()
                 {
                     return End::Closed;
                 }
@@ -534,6 +606,9 @@ async fn relay(
                         // Client acks go to rumqttd in the gate's order: hold the writer.
                         let mut w = if matches!(packet[0] >> 4, 4 | 5 | 7) { Some(up_w.lock().await) } else { None };
                         let (v, resolved) = gate().from_client(&packet, header);
+                        if packet[0] >> 4 == 14 {
+                            on_disconnect(gate().disconnect_expiry);
+                        }
                         for d in &v.denied {
                             if let Denial::Publish(topic) = d
                                 && gate().acl.current().disconnect_denied()
@@ -553,7 +628,7 @@ async fn relay(
                             continue;
                         }
                         if let Some(w) = w.as_mut() {
-                            if w.write_all(&packet).await.is_err() {
+                            if w.write_all(&up_bytes(v5, &packet)).await.is_err() {
                                 return End::Closed;
                             }
                             continue;
@@ -594,7 +669,7 @@ async fn relay(
                                 }
                             }
                         }
-                        if up_w.lock().await.write_all(&packet).await.is_err() {
+                        if up_w.lock().await.write_all(&up_bytes(v5, &packet)).await.is_err() {
                             return End::Closed;
                         }
                     }
