@@ -9,6 +9,7 @@
 //! `mosquitto_pub -l`, forwarding to a subscriber (its own write_bytes).
 //!
 //! `cargo bench --bench sdwear`; without `--bench` a 3-second smoke run.
+//! `SDWEAR_PIPELINE` and `SDWEAR_STORE` add lines to `[pipeline]` and `[store]`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -66,7 +67,12 @@ fn main() {
         broker.tls_port,
         certs.ca.display().to_string()
     );
-    let cfg = write_config_extra(dir, &ports, "format = \"postcard\"", "", &up);
+    // SDWEAR_PIPELINE / SDWEAR_STORE: extra lines for [pipeline] / [store],
+    // e.g. `batch_max_age = "1s"` / `fsync_interval = "1s"` (docs/performance.md).
+    let pipeline = format!("format = \"postcard\"\n{}", std::env::var("SDWEAR_PIPELINE").unwrap_or_default());
+    let store = std::env::var("SDWEAR_STORE").unwrap_or_default();
+    println!("settings: [pipeline] {pipeline:?} [store] {store:?}");
+    let cfg = write_config_extra(dir, &ports, &pipeline, &store, &up);
     let gw = Gateway::start(&cfg);
     assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains("connected (MQTT")), "{}", gw.log_text());
     std::thread::sleep(Duration::from_secs(1));

@@ -15,6 +15,7 @@ command -v mosquitto >/dev/null || { echo "mosquitto missing: apt-get install -y
 root=$(cd "$(dirname "$0")/.." && pwd)
 cargo build --quiet --manifest-path "$root/Cargo.toml" --bin edge-gateway
 work=$(mktemp -d)
+chmod 755 "$work"   # mosquitto run as root drops to its own user, which must read the acl_file
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
@@ -44,11 +45,16 @@ EOF
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$mdef" > "$work/mdef.conf"
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nacl_file %s/acl\n' "$macl" "$work" > "$work/macl.conf"
 printf 'topic readwrite #\ntopic deny test/nosubscribe\n' > "$work/acl"
+chmod 644 "$work/acl"
 
 "$root/target/debug/edge-gateway" run --config "$work/gw.toml" > "$work/gw.log" 2>&1 & pids+=($!)
 mosquitto -c "$work/mdef.conf" > "$work/mdef.log" 2>&1 & pids+=($!)
 mosquitto -c "$work/macl.conf" > "$work/macl.log" 2>&1 & pids+=($!)
 sleep 2
+for p in $gw $mdef $macl; do
+    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $p), 2)" 2>/dev/null ||
+        { echo "nothing listens on port $p; logs in $work" >&2; exit 1; }
+done
 
 # v3.1.1: client_test.py reads host/port from unittest's argv; set them instead.
 cat > "$work/run3.py" <<'EOF'

@@ -139,6 +139,8 @@ pub struct Pipeline {
     /// gets the same run every time.
     last_now: Instant,
     changed_since_checkpoint: bool,
+    /// A batch was refused (full queue or disk) since the last checkpoint.
+    refused_since_checkpoint: bool,
     last_error_log: Option<Instant>,
     /// Wall clock in unix ms; a test can drive it.
     clock: fn() -> u64,
@@ -213,6 +215,7 @@ impl Pipeline {
             last_checkpoint: Instant::now(),
             last_now: Instant::now(),
             changed_since_checkpoint: false,
+            refused_since_checkpoint: false,
             last_error_log: None,
             clock,
             republish: None,
@@ -573,6 +576,7 @@ impl Pipeline {
                 // Forget them in dedup so that its resend is accepted.
                 Metrics::inc(&self.metrics.batches_rejected_full);
                 Metrics::add(&self.metrics.readings_rejected_full, batch.readings.len() as u64);
+                self.refused_since_checkpoint = true;
                 for r in &batch.readings {
                     self.dedup.forget(r);
                     if let Some(seq) = r.seq {
@@ -687,7 +691,15 @@ impl Pipeline {
             self.commit()?;
         }
         let since = now.duration_since(self.last_checkpoint);
-        let reclaim = self.queue().reclaimable() && since >= CHECKPOINT_MIN_GAP;
+        // Checkpoint early to free disk space only for a sealed segment, or
+        // when a batch was refused (a full disk) since the last one: the
+        // active segment is all acked whenever the uplink keeps up, and a
+        // state file every 5 s for it was most of what the gateway wrote at
+        // a site's pace (issue 18, docs/performance.md).
+        let reclaim = {
+            let q = self.queue();
+            q.reclaimable_sealed() || (self.refused_since_checkpoint && q.reclaimable())
+        } && since >= CHECKPOINT_MIN_GAP;
         let new_device = self.acks.newly_named() && since >= NEW_DEVICE_CHECKPOINT_GAP;
         if reclaim || new_device || (self.changed_since_checkpoint && since >= CHECKPOINT_EVERY) {
             match self.checkpoint() {
@@ -725,6 +737,7 @@ impl Pipeline {
         crate::crashpoint::hit("after-checkpoint");
         self.last_checkpoint = now;
         self.changed_since_checkpoint = false;
+        self.refused_since_checkpoint = false;
         let mut q = self.queue();
         if q.reclaimable() {
             q.reclaim()?;
@@ -935,6 +948,45 @@ mod tests {
         let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
         feed(&mut p, 1..=40);
         assert_eq!(Metrics::get(&m.duplicates_dropped), 40, "resends of delivered readings stay out");
+    }
+
+    /// Issue 18: with an uplink that keeps up, the segment appended to is
+    /// all acked most of the time; a state file every CHECKPOINT_MIN_GAP for
+    /// it was most of what a gateway wrote at a site's pace.
+    #[test]
+    fn an_all_acked_active_segment_is_no_reason_to_checkpoint_but_a_sealed_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "[store]\nsegment_bytes = 4096\n");
+        let state = dir.path().join("state.bin");
+        let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
+        let t0 = Instant::now();
+        let ack_all = |p: &mut Pipeline| {
+            p.commit().unwrap();
+            let id = p.queue().committed_id();
+            p.queue().ack_through(id).unwrap();
+        };
+        feed(&mut p, 1..=5);
+        ack_all(&mut p);
+        p.tick(t0 + Duration::from_secs(1)).unwrap();
+        p.tick(t0 + Duration::from_secs(3)).unwrap(); // the new device's checkpoint, if any
+        p.checkpoint().unwrap();
+        assert!(state.exists());
+        std::fs::remove_file(&state).unwrap();
+        feed(&mut p, 6..=10); // one whole batch (batch_max_readings = 5)
+        ack_all(&mut p);
+        assert!(!p.queue().reclaimable_sealed() && p.queue().reclaimable());
+        p.tick(t0 + Duration::from_secs(9)).unwrap();
+        assert!(!state.exists(), "a checkpoint for the all-acked active segment alone");
+        // Past the first segment: a sealed one, all acked, is worth one.
+        let mut next = 11;
+        while !p.queue().reclaimable_sealed() {
+            feed(&mut p, [next]);
+            next += 1;
+            ack_all(&mut p);
+        }
+        p.tick(t0 + Duration::from_secs(16)).unwrap();
+        assert!(state.exists(), "no checkpoint to reclaim a sealed segment");
+        assert!(!p.queue().reclaimable_sealed());
     }
 
     #[test]

@@ -791,6 +791,13 @@ impl Queue {
         !self.readonly && self.segments.front().is_some_and(|s| s.last_id <= self.head)
     }
 
+    /// Whether `reclaim` would delete a sealed segment, not only the one
+    /// appended to (which, with an uplink that keeps up, is all acked most
+    /// of the time: deleting it is worth no checkpoint of its own).
+    pub fn reclaimable_sealed(&self) -> bool {
+        self.segments.len() > 1 && self.reclaimable()
+    }
+
     /// Delete segment files whose records are all acked or dropped; returns
     /// how many. Makes the ledger durable first, so a deleted record can
     /// never be one the ledger still calls pending. The unlinks themselves
