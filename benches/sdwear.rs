@@ -9,7 +9,8 @@
 //! `mosquitto_pub -l`, forwarding to a subscriber (its own write_bytes).
 //!
 //! `cargo bench --bench sdwear`; without `--bench` a 3-second smoke run.
-//! `SDWEAR_PIPELINE` and `SDWEAR_STORE` add lines to `[pipeline]` and `[store]`.
+//! `SDWEAR_PIPELINE` and `SDWEAR_STORE` add lines to `[pipeline]` and `[store]`;
+//! `SDWEAR_SECS` sets the gateway's run length (60; Mosquitto's stays ≤ 60 s).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -44,7 +45,8 @@ fn years(per_sec: f64, card_bytes: f64, cycles: f64) -> f64 {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let secs = if full { 60 } else { 3 };
+    // SDWEAR_SECS: a longer run sees the dedup state at its steady size (10 min window).
+    let secs = if full { std::env::var("SDWEAR_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60) } else { 3 };
     let (devices_n, hz) = (20usize, 10.0);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -118,7 +120,7 @@ fn main() {
     let t1 = Instant::now();
     let mut sent = 0u64;
     let stdin = publisher.stdin.as_mut().unwrap();
-    while t1.elapsed() < Duration::from_secs(secs) {
+    while t1.elapsed() < Duration::from_secs(secs.min(60)) {
         let due = (t1.elapsed().as_secs_f64() * hz * devices_n as f64) as u64;
         while sent < due {
             writeln!(stdin, "{{\"device\":\"wrist-{:02}\",\"seq\":{sent},\"value\":72}}", sent % devices_n as u64)
