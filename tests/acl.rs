@@ -127,16 +127,7 @@ fn publish(port: u16, v: &str, user: &str, id: &str, topic: &str, msg: &str, ext
 
 // ---- raw MQTT, for the exact codes -------------------------------------------------
 
-fn s(x: &str) -> Vec<u8> {
-    [&(x.len() as u16).to_be_bytes()[..], x.as_bytes()].concat()
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    edge_gateway::uplink::codec::put_varint(&mut p, body.len());
-    p.extend_from_slice(body);
-    p
-}
+use common::{mqtt_packet as packet, mqtt_str as s};
 
 struct Raw {
     sock: TcpStream,

@@ -53,7 +53,8 @@ fn publish(port: u16, v: &str, qos: &str, topic: &str, msg: &str, extra: &[&str]
         .args(extra)
         .output()
         .expect("mosquitto_pub");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "mosquitto_pub -V {v} -q {qos} -t {topic}: {:?}: {out}{err}", o.status);
 }
 
 fn wait_lines(out: &Path, n: usize) -> bool {
@@ -62,16 +63,7 @@ fn wait_lines(out: &Path, n: usize) -> bool {
 
 // ---- raw MQTT 5 -----------------------------------------------------------------
 
-fn s(x: &str) -> Vec<u8> {
-    [&(x.len() as u16).to_be_bytes()[..], x.as_bytes()].concat()
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    edge_gateway::uplink::codec::put_varint(&mut p, body.len());
-    p.extend_from_slice(body);
-    p
-}
+use common::{mqtt_packet as packet, mqtt_str as s};
 
 struct Raw(TcpStream);
 

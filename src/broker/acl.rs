@@ -987,7 +987,7 @@ impl Gate {
 /// MQTT packet pieces the [`Gate`] reads and writes (whole packets in,
 /// `header` = length of the fixed header).
 pub mod wire {
-    fn varint(b: &[u8], at: &mut usize) -> Option<usize> {
+    pub(crate) fn varint(b: &[u8], at: &mut usize) -> Option<usize> {
         let mut n = 0usize;
         for i in 0..4 {
             let x = *b.get(*at)?;
@@ -1009,7 +1009,7 @@ pub mod wire {
     }
 
     /// A fixed header byte and a body, as one packet.
-    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    pub(crate) fn packet(first: u8, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(body.len() + 5);
         out.push(first);
         put_varint(&mut out, body.len());
@@ -1060,17 +1060,19 @@ pub mod wire {
         (*at <= b.len()).then_some(())
     }
 
+    /// A PUBLISH's (end of the topic, packet id, where its properties
+    /// (MQTT 5) or its payload (3.1.1) start).
+    pub(crate) fn publish_head(p: &[u8], header: usize) -> Option<(usize, Option<u16>, usize)> {
+        let qos = (p[0] >> 1) & 3;
+        let topic_end = header + 2 + u16_at(p, header)? as usize;
+        let id = if qos > 0 { Some(u16_at(p, topic_end)?) } else { None };
+        Some((topic_end, id, topic_end + if qos > 0 { 2 } else { 0 }))
+    }
+
     pub fn publish(p: &[u8], header: usize, v5: bool) -> Option<Publish> {
         let qos = (p[0] >> 1) & 3;
-        let n = u16_at(p, header)? as usize;
-        let topic = std::str::from_utf8(p.get(header + 2..header + 2 + n)?).ok()?.to_string();
-        let mut at = header + 2 + n;
-        let id = if qos > 0 {
-            at += 2;
-            Some(u16_at(p, at - 2)?)
-        } else {
-            None
-        };
+        let (topic_end, id, mut at) = publish_head(p, header)?;
+        let topic = std::str::from_utf8(p.get(header + 2..topic_end)?).ok()?.to_string();
         let mut alias = None;
         if v5 {
             let len = varint(p, &mut at)?;
@@ -1174,16 +1176,7 @@ pub mod wire {
     /// Where the pieces of a v5 PUBLISH are: (end of the topic, packet id,
     /// the property bytes, where the payload starts).
     fn publish_layout(p: &[u8], header: usize) -> Option<(usize, Option<u16>, std::ops::Range<usize>, usize)> {
-        let qos = (p[0] >> 1) & 3;
-        let n = u16_at(p, header)? as usize;
-        let mut at = header + 2 + n;
-        let id = if qos > 0 {
-            at += 2;
-            Some(u16_at(p, at - 2)?)
-        } else {
-            None
-        };
-        let topic_end = header + 2 + n;
+        let (topic_end, id, mut at) = publish_head(p, header)?;
         let len = varint(p, &mut at)?;
         let props = at..at + len;
         (props.end <= p.len()).then_some((topic_end, id, props.clone(), props.end))

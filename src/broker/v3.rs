@@ -19,28 +19,8 @@
 //! return codes, and a server DISCONNECT or AUTH (no such thing in 3.1.1)
 //! is not sent.
 
+use super::acl::wire::{packet, publish_head, varint};
 use std::borrow::Cow;
-
-fn varint(b: &[u8], at: &mut usize) -> Option<usize> {
-    let mut n = 0usize;
-    for i in 0..4 {
-        let x = *b.get(*at)?;
-        *at += 1;
-        n |= ((x & 0x7f) as usize) << (7 * i);
-        if x & 0x80 == 0 {
-            return Some(n);
-        }
-    }
-    None
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(first);
-    crate::uplink::codec::put_varint(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
-}
 
 /// `p` with an empty MQTT 5 property list inserted at `at`.
 fn with_empty_properties(p: &[u8], header: usize, at: usize) -> Option<Vec<u8>> {
@@ -65,13 +45,10 @@ fn without_properties(p: &[u8], header: usize, at: usize) -> Option<Vec<u8>> {
 pub fn up(p: &[u8], header: usize) -> Cow<'_, [u8]> {
     let kind = p[0] >> 4;
     let at = match kind {
-        3 => {
-            let qos = (p[0] >> 1) & 3;
-            let Some(n) = p.get(header..header + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize) else {
-                return p.into();
-            };
-            header + 2 + n + if qos > 0 { 2 } else { 0 }
-        }
+        3 => match publish_head(p, header) {
+            Some((_, _, at)) => at,
+            None => return p.into(),
+        },
         8 | 10 => header + 2,
         _ => return p.into(),
     };
@@ -121,12 +98,7 @@ pub fn down(p: &[u8], header: usize) -> Option<Cow<'_, [u8]>> {
     let kind = p[0] >> 4;
     Some(match kind {
         2 => Cow::Owned(vec![0x20, 2, *p.get(header)? & 1, connack_code(*p.get(header + 1)?)]),
-        3 => {
-            let qos = (p[0] >> 1) & 3;
-            let n = u16::from_be_bytes([*p.get(header)?, *p.get(header + 1)?]) as usize;
-            let at = header + 2 + n + if qos > 0 { 2 } else { 0 };
-            Cow::Owned(without_properties(p, header, at)?)
-        }
+        3 => Cow::Owned(without_properties(p, header, publish_head(p, header)?.2)?),
         4..=7 => Cow::Owned(vec![p[0], 2, *p.get(header)?, *p.get(header + 1)?]),
         9 => {
             let mut at = header + 2;

@@ -278,3 +278,16 @@ pub fn log_time_ms(line: &str) -> Option<u64> {
     let days = era * 146_097 + doe - 719_468;
     Some(((days * 86_400 + hh * 3600 + mm * 60) * 1000 + (ss * 1000.0) as i64) as u64)
 }
+
+/// An MQTT UTF-8 string: two length bytes and the bytes.
+pub fn mqtt_str(x: &str) -> Vec<u8> {
+    [&(x.len() as u16).to_be_bytes()[..], x.as_bytes()].concat()
+}
+
+/// A fixed header byte and a body, as one MQTT packet.
+pub fn mqtt_packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    edge_gateway::uplink::codec::put_varint(&mut p, body.len());
+    p.extend_from_slice(body);
+    p
+}
