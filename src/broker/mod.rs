@@ -16,7 +16,8 @@
 //!   sends, so it must not share our runtime). A supervisor restarts a
 //!   server whose task ends or that stops answering CONNECTs, on a new port.
 //!   They require an internal password, so local processes cannot bypass
-//!   the front door.
+//!   the front door. Every client goes through the MQTT 5 one ([`v3`]);
+//!   the 3.1.1 one only serves the door's session wipes ([`session`]).
 //! * Our front door ([`proxy`]): one tokio task per public listener (tcp,
 //!   tls, websocket) on the main runtime, one task per client.
 //! * The ingest task ([`crate::source::lan`]) on the main runtime, reading
