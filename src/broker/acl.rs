@@ -914,17 +914,20 @@ impl Gate {
                 }
                 // MQTT 5: delivered at min(published, granted), our tag taken out.
                 let tag = if self.v5 { wire::qos_tag(packet, header) } else { None };
-                let qos = tag.map_or(p.qos, |t| t.min(p.qos));
-                let rebuilt = self.v5 && (tag.is_some() || has_tag(packet));
+                let want = tag.map_or(p.qos, |t| t.min(p.qos));
+                // Rebuilt without our tag (None: properties rumqttd would not
+                // write; then as it is, at rumqttd's QoS).
+                let rebuilt = match self.v5 && (tag.is_some() || has_tag(packet)) {
+                    true => wire::publish_rebuilt(packet, header, renamed.then_some(topic), want, None),
+                    false => None,
+                };
+                let qos = if rebuilt.is_some() { want } else { p.qos };
                 let pass = || match (renamed, rebuilt) {
-                    (false, false) => Verdict::pass(),
-                    (true, false) => {
+                    (_, Some(r)) => Verdict { rewritten: Some(r), ..Default::default() },
+                    (false, None) => Verdict::pass(),
+                    (true, None) => {
                         Verdict { rewritten: Some(wire::publish_renamed(packet, header, topic)), ..Default::default() }
                     }
-                    (_, true) => Verdict {
-                        rewritten: wire::publish_rebuilt(packet, header, renamed.then_some(topic), qos, None),
-                        ..Default::default()
-                    },
                 };
                 let Some(id) = p.id else {
                     return if readable { pass() } else { Verdict { filtered: true, ..Default::default() } };
