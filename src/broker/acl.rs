@@ -679,11 +679,6 @@ const DENIED_ALIAS: &str = "\u{7f}denied";
 /// MQTT 5 "not authorized".
 const NOT_AUTHORIZED: u8 = 0x87;
 
-/// Whether a PUBLISH may carry our QoS tag (or a client's forgery of it).
-fn has_tag(packet: &[u8]) -> bool {
-    packet.windows(wire::QOS_TAG.len()).any(|w| w == wire::QOS_TAG.as_bytes())
-}
-
 impl Gate {
     pub fn new(acl: ClientAcl, v5: bool) -> Gate {
         Gate {
@@ -736,7 +731,7 @@ impl Gate {
                 // `$` topics are the gateway's own.
                 if !topic.starts_with(['$', DOLLAR]) && self.acl.may_publish(&topic) {
                     // MQTT 5: the QoS it was published with travels along (see wire::QOS_TAG).
-                    if self.v5 && (p.qos < 2 || has_tag(packet)) {
+                    if self.v5 && (p.qos < 2 || wire::qos_tag(packet, header).is_some()) {
                         let tag = (p.qos < 2).then_some(p.qos);
                         if let Some(r) = wire::publish_rebuilt(packet, header, None, p.qos, tag) {
                             return (Verdict { rewritten: Some(r), ..Default::default() }, Some(topic));
@@ -913,11 +908,11 @@ impl Gate {
                     self.told_aliases.insert(a, topic.to_string());
                 }
                 // MQTT 5: delivered at min(published, granted), our tag taken out.
-                let tag = if self.v5 { wire::qos_tag(packet, header) } else { None };
-                let want = tag.map_or(p.qos, |t| t.min(p.qos));
+                let found = if self.v5 { wire::qos_tag(packet, header) } else { None };
+                let want = found.flatten().map_or(p.qos, |t| t.min(p.qos));
                 // Rebuilt without our tag (None: properties rumqttd would not
                 // write; then as it is, at rumqttd's QoS).
-                let rebuilt = match self.v5 && (tag.is_some() || has_tag(packet)) {
+                let rebuilt = match found.is_some() {
                     true => wire::publish_rebuilt(packet, header, renamed.then_some(topic), want, None),
                     false => None,
                 };
@@ -1185,8 +1180,9 @@ pub mod wire {
         (props.end <= p.len()).then_some((topic_end, id, props.clone(), props.end))
     }
 
-    /// The properties without our QoS tag, and the tag's QoS if there was one.
-    fn split_tag(props: &[u8]) -> Option<(Vec<u8>, Option<u8>)> {
+    /// The properties without our QoS tag, and the tag if there was one
+    /// (with its QoS, None for a value we never write).
+    fn split_tag(props: &[u8]) -> Option<(Vec<u8>, Option<Option<u8>>)> {
         let mut kept = Vec::with_capacity(props.len());
         let mut tag = None;
         let mut at = 0;
@@ -1199,11 +1195,12 @@ pub mod wire {
                 let k = u16_at(props, start + 1)? as usize;
                 if props.get(start + 3..start + 3 + k)? == QOS_TAG.as_bytes() {
                     let v = u16_at(props, start + 3 + k)? as usize;
-                    tag = match props.get(start + 5 + k..start + 5 + k + v)? {
+                    let q = match props.get(start + 5 + k..start + 5 + k + v)? {
                         b"0" => Some(0),
                         b"1" => Some(1),
-                        _ => tag,
+                        _ => None,
                     };
+                    tag = Some(q.or(tag.flatten()));
                     continue;
                 }
             }
@@ -1212,8 +1209,10 @@ pub mod wire {
         Some((kept, tag))
     }
 
-    /// The QoS tag of a v5 PUBLISH (None: untagged or malformed).
-    pub fn qos_tag(p: &[u8], header: usize) -> Option<u8> {
+    /// The QoS tag property of a v5 PUBLISH, if it has one (None also when
+    /// malformed), with the QoS it says (None: a value we never write, a
+    /// client's forgery).
+    pub fn qos_tag(p: &[u8], header: usize) -> Option<Option<u8>> {
         let (_, _, props, _) = publish_layout(p, header)?;
         split_tag(&p[props]).and_then(|(_, t)| t)
     }
@@ -1673,14 +1672,14 @@ mod tests {
         // QoS 1 from the client: tagged on the way in, with its own properties kept.
         let (v, _) = g.from_client(&publish_packet("ok/1", 1, 9, Some(&[0x01, 1])), 2);
         let tagged = v.rewritten.expect("tagged");
-        assert_eq!(wire::qos_tag(&tagged, 2), Some(1));
+        assert_eq!(wire::qos_tag(&tagged, 2), Some(Some(1)));
         assert!(wire::publish(&tagged, 2, true).is_some());
         // A client's forged tag on a QoS 2 message is taken out, and none added.
         let forged = wire::publish_rebuilt(&publish_packet("ok/1", 2, 9, Some(&[])), 2, None, 2, Some(0)).unwrap();
-        assert_eq!(wire::qos_tag(&forged, 2), Some(0));
+        assert_eq!(wire::qos_tag(&forged, 2), Some(Some(0)));
         let (v, _) = g.from_client(&forged, 2);
         let clean = v.rewritten.expect("forgery removed");
-        assert!(!has_tag(&clean) && clean == publish_packet("ok/1", 2, 9, Some(&[])), "{clean:?}");
+        assert!(wire::qos_tag(&clean, 2).is_none() && clean == publish_packet("ok/1", 2, 9, Some(&[])), "{clean:?}");
         // rumqttd delivers it at the subscription's QoS 2: the client gets QoS 1, untagged.
         let tagged = wire::publish_rebuilt(&publish_packet("ward-3/x", 1, 7, Some(&[0x01, 1])), 2, None, 1, Some(1));
         let v = g.from_broker(&at_qos(&tagged.unwrap(), 2), 2);

@@ -157,15 +157,6 @@ impl Sessions {
             ids.remove(id);
         }
     }
-
-    /// Client ids with an entry (tests).
-    pub fn len(&self) -> usize {
-        self.ids.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Whether rumqttd is asked to keep the session after the connection
