@@ -512,8 +512,11 @@ fn main() {
     let certs = make_certs(tmp.path());
     let upstream = Mosquitto::start(&tmp.path().join("upstream"), &certs, false);
     let runs = if full { 3 } else { 1 };
-    // BENCH_ONLY=alarm: only the alarm-lane run.
+    // BENCH_ONLY=alarm: only the alarm-lane run; BENCH_ONLY=gateway: only
+    // the gateway's runs (no bridge), e.g. to compare two builds through
+    // EDGE_GATEWAY_BIN.
     let alarm_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "alarm");
+    let gateway_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "gateway");
     // Throughput: as fast as the producers go. Latency: a paced run.
     let (dev, per_dev, pubs, per_pub) = if full { (20, 50_000, 20, 2_500) } else { (4, 500, 2, 200) };
     let (lat_per_dev, lat_pace) = if full { (500, Duration::from_millis(2)) } else { (50, Duration::from_millis(2)) };
@@ -525,6 +528,26 @@ fn main() {
             if full { 20 } else { 4 },
             if full { 50_000 } else { 500 },
         ));
+        return;
+    }
+    if gateway_only {
+        let (mut gw, mut gw_rules) = (Vec::new(), Vec::new());
+        for i in 0..runs {
+            let d = |n: &str| tmp.path().join(format!("{n}{i}"));
+            gw.push(gateway_run(&d("g"), &upstream, &certs.ca, dev, per_dev, Duration::ZERO, ""));
+            gw_rules.push(gateway_run(&d("gr"), &upstream, &certs.ca, dev, per_dev, Duration::ZERO, TEN_RULES));
+        }
+        let gw_lat = gateway_run(&tmp.path().join("gl"), &upstream, &certs.ca, dev, lat_per_dev, lat_pace, "");
+        let (g, gr) = (median_by(gw, |o| o.rate), median_by(gw_rules, |o| o.rate));
+        println!("uplink bench, gateway only ({}), binary {}\n", if full { "full" } else { "smoke" }, common::bin());
+        println!(
+            "| path | delivered | readings/s delivered once | vs the run without rules | lost (before the local broker) | duplicated | p50 ms | p99 ms | peak RSS MiB | CPU-s per M delivered |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        row(&format!("edge-gateway: {dev} PTY devices → TLS QoS 2"), &g, g.rate);
+        row("edge-gateway, the same with 10 rules", &gr, g.rate);
+        row("edge-gateway, paced (latency)", &gw_lat, g.rate);
+        assert_eq!((g.lost, g.doubled, gr.lost, gr.doubled), (0, 0, 0, 0), "the gateway lost or doubled readings");
         return;
     }
     let (mut bridge, mut bridge_default, mut gw, mut gw_rules) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The gateway binary under test; `EDGE_GATEWAY_BIN` names another one
+/// (a bench run A/B against an older build in the same go).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_edge-gateway")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| std::env::var("EDGE_GATEWAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge-gateway").into()))
 }
 
 /// Poll `f` every 20 ms until it holds or `timeout` passes.
