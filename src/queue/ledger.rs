@@ -8,15 +8,6 @@
 //! entry fails its CRC and the previous one still stands). The file is
 //! compacted (rewrite-to-temp, fsync, rename, fsync dir) when it passes
 //! [`COMPACT_AT`], i.e. about once every 3,000 ledger updates.
-//!
-//! The file is written [`PREFILL`] bytes of zeros ahead of its entries, so
-//! an append does not change its size: ext4's fdatasync of a write that
-//! changes the size commits the journal (inode, descriptor and commit
-//! blocks, ~12 KiB) on top of the data page, once per ack commit, which at
-//! a site's pace was a large part of what the gateway wrote to the SD card
-//! (issue 18). An all-zero entry ends the log (no entry encodes to zeros:
-//! its CRC would not be 0). Older versions read such a file as a torn
-//! tail after the last entry and compact it, keeping the state.
 
 use super::segment::CRC;
 use std::fs::{self, File, OpenOptions};
@@ -27,8 +18,6 @@ use std::path::{Path, PathBuf};
 pub(crate) const ENTRY_BYTES: u64 = 20;
 /// Compact once the file would grow past this.
 pub(crate) const COMPACT_AT: u64 = 64 << 10;
-/// Zeros written ahead of the entries (a whole number of entries).
-pub(crate) const PREFILL: u64 = 205 * ENTRY_BYTES;
 
 /// The state one ledger entry records.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,10 +55,7 @@ pub(crate) struct Loaded {
     /// False if there is a torn or corrupt entry (or a partial one that
     /// would misalign later appends): the writer must compact before appending.
     pub clean: bool,
-    /// Bytes of entries (the zeros written ahead not counted).
     pub len: u64,
-    /// The file's size.
-    pub allocated: u64,
 }
 
 pub(crate) struct Ledger {
@@ -79,8 +65,6 @@ pub(crate) struct Ledger {
     /// creates the file (and `open_readonly` never creates anything).
     file: Option<File>,
     len: u64,
-    /// The file's size: entries and the zeros after them.
-    allocated: u64,
     /// Compaction threshold; [`COMPACT_AT`] except in tests, which lower it
     /// rather than issue thousands of fsyncs.
     pub compact_at: u64,
@@ -103,23 +87,13 @@ impl Ledger {
         };
         let mut state = LedgerState::default();
         let mut clean = (bytes.len() as u64).is_multiple_of(ENTRY_BYTES);
-        let mut len = 0;
         for chunk in bytes.chunks_exact(ENTRY_BYTES as usize) {
-            if chunk.iter().all(|&b| b == 0) {
-                // The zeros written ahead: the entries end here.
-                clean &= bytes[len as usize..].iter().all(|&b| b == 0);
-                break;
-            }
             match LedgerState::decode(chunk) {
                 Some(s) => state = s,
                 None => clean = false,
             }
-            len += ENTRY_BYTES;
         }
-        if !clean {
-            len = bytes.len() as u64;
-        }
-        Ok(Loaded { state, clean, len, allocated: bytes.len() as u64 })
+        Ok(Loaded { state, clean, len: bytes.len() as u64 })
     }
 
     pub fn new(dir: &Path, loaded: &Loaded) -> Self {
@@ -128,7 +102,6 @@ impl Ledger {
             tmp_path: dir.join("ledger.tmp"),
             file: None,
             len: loaded.len,
-            allocated: loaded.allocated,
             compact_at: COMPACT_AT,
             state: loaded.state,
         }
@@ -154,19 +127,12 @@ impl Ledger {
             self.file = Some(f);
         }
         let f = self.file.as_ref().unwrap();
-        let end = self.len + ENTRY_BYTES;
-        let mut buf = state.encode().to_vec();
-        if end > self.allocated {
-            buf.resize((self.prefilled(self.len) - self.len) as usize, 0);
-        }
-        if let Err(e) = f.write_all_at(&buf, self.len) {
+        if let Err(e) = f.write_all_at(&state.encode(), self.len) {
             // Leave no partial entry behind to misalign the next append.
             let _ = f.set_len(self.len);
-            self.allocated = self.len;
             return Err(e);
         }
-        self.allocated = self.allocated.max(self.len + buf.len() as u64);
-        self.len = end;
+        self.len += ENTRY_BYTES;
         f.sync_data()?;
         *fsyncs += 1;
         self.state = state;
@@ -177,22 +143,12 @@ impl Ledger {
     /// file, fsync it, rename it over the ledger, fsync the directory. At every
     /// instant either the old or the new ledger is the one on disk.
     pub fn compact(&mut self, state: LedgerState, fsyncs: &mut u64) -> io::Result<()> {
-        let mut buf = state.encode().to_vec();
-        buf.resize(self.prefilled(0) as usize, 0);
-        let f = super::replace_file(&self.tmp_path, &self.path, &buf, fsyncs)?;
+        let f = super::replace_file(&self.tmp_path, &self.path, &state.encode(), fsyncs)?;
         super::sync_dir(self.path.parent().unwrap(), fsyncs)?;
         self.file = Some(f);
         self.len = ENTRY_BYTES;
-        self.allocated = buf.len() as u64;
         self.state = state;
         Ok(())
-    }
-
-    /// The file's size after an entry written at `at` and the zeros ahead of
-    /// it: never past the compaction threshold, always a whole number of
-    /// entries.
-    fn prefilled(&self, at: u64) -> u64 {
-        (at + PREFILL).min(self.compact_at / ENTRY_BYTES * ENTRY_BYTES).max(at + ENTRY_BYTES)
     }
 
     /// fdatasync the ledger as it is (used at start-up: entries a killed
@@ -233,37 +189,6 @@ mod tests {
         let got = Ledger::load(dir.path()).unwrap();
         assert!(!got.clean);
         assert_eq!(got.state.acked_through, 7);
-    }
-
-    /// Issue 18: appends land in zeros written ahead, so the file's size
-    /// (and with it ext4's journal) changes once per [`PREFILL`] bytes of
-    /// entries, not at every entry; what a crash leaves reads back the same.
-    #[test]
-    fn appends_fill_zeros_written_ahead_and_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = Ledger::path_in(dir.path());
-        let mut n = 0;
-        let mut l = Ledger::new(dir.path(), &Ledger::load(dir.path()).unwrap());
-        let mut sizes = std::collections::BTreeSet::new();
-        for i in 1..=250u64 {
-            l.write(LedgerState { acked_through: i, high_water: 300 }, &mut n).unwrap();
-            sizes.insert(fs::metadata(&p).unwrap().len());
-            let got = Ledger::load(dir.path()).unwrap();
-            assert!(got.clean, "entry {i}");
-            assert_eq!((got.state.acked_through, got.len), (i, i * ENTRY_BYTES));
-        }
-        assert_eq!(sizes.into_iter().collect::<Vec<_>>(), [PREFILL, 2 * PREFILL]);
-        // Reopened: appends go on after the last entry, not at the file's end.
-        let mut l = Ledger::new(dir.path(), &Ledger::load(dir.path()).unwrap());
-        l.write(LedgerState { acked_through: 251, high_water: 300 }, &mut n).unwrap();
-        let got = Ledger::load(dir.path()).unwrap();
-        assert_eq!((got.clean, got.state.acked_through, got.len), (true, 251, 251 * ENTRY_BYTES));
-        // A torn entry in the zeros: the one before stands, the file is flagged.
-        let mut bytes = fs::read(&p).unwrap();
-        bytes[251 * ENTRY_BYTES as usize] = 7;
-        fs::write(&p, &bytes).unwrap();
-        let got = Ledger::load(dir.path()).unwrap();
-        assert_eq!((got.clean, got.state.acked_through), (false, 251));
     }
 
     #[test]

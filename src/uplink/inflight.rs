@@ -17,23 +17,15 @@
 //! (temp + rename) when it grows past `COMPACT_AT`, and truncated when the
 //! broker reports a lost session, because a PUBREL for a batch the broker
 //! no longer holds would be answered with PUBCOMP and the batch lost.
-//!
-//! Records are written into zeros written ahead of them ([`PREFILL`]), so
-//! the fdatasync of a PUBREC does not change the file's size, which on ext4
-//! would commit the journal (~12 KiB) with every one (issue 18, SD wear). A
-//! record starting with 0 ends the log, like a torn one.
 
 use crate::queue::{CRC, rewrite_durably, sync_dir};
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 const REC: usize = 13;
 const COMPACT_AT: u64 = 64 * 1024;
-/// Zeros written ahead of the records when the file is extended.
-const PREFILL: usize = 315 * REC;
 
 /// Packet ids 1..=65534 come from batch ids; 65535 is kept for the status
 /// message. With fewer than 65,534 batches in flight no two batches in
@@ -76,8 +68,6 @@ pub struct PubrecLog {
     /// broker's session, and must never be sent again.
     completed: BTreeSet<u64>,
     bytes: u64,
-    /// The file's size: the records and the zeros written ahead of them.
-    allocated: u64,
     /// `url client-id` of the broker session these entries belong to.
     identity: String,
     /// The file starts with `identity`: a session under it was established
@@ -131,8 +121,6 @@ impl PubrecLog {
         let mut on_disk = 0u64;
         let mut found = None;
         let mut entries = 0;
-        // Only zeros after the last record: written ahead, not torn.
-        let mut zeros_after = true;
         match File::open(&path) {
             Ok(mut f) => {
                 let mut buf = Vec::new();
@@ -162,7 +150,6 @@ impl PubrecLog {
                         completed.insert(id);
                     }
                 }
-                zeros_after = buf[valid as usize..].iter().all(|&b| b == 0);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -178,12 +165,11 @@ impl PubrecLog {
             ids.clear();
         }
         let mut log = PubrecLog {
-            file: OpenOptions::new().create(true).truncate(false).write(true).open(&path)?,
+            file: OpenOptions::new().create(true).append(true).open(&path)?,
             path,
             ids,
             completed,
             bytes: valid,
-            allocated: on_disk,
             identity: identity.to_string(),
             confirmed,
             fsyncs: 0,
@@ -196,7 +182,7 @@ impl PubrecLog {
             // No PUBREC entries and no identity until a clean session
             // confirms one (completed batches stay completed).
             log.rewrite()?;
-        } else if !zeros_after || log.entry_bytes() + identity_len(identity) != valid {
+        } else if valid != on_disk || log.entry_bytes() + identity_len(identity) != valid {
             log.rewrite()?;
         }
         Ok((log, reset))
@@ -246,7 +232,6 @@ impl PubrecLog {
         if let Err(e) = self.write(&buf) {
             tracing::debug!("uplink.pubrec: cannot note completed batches: {e}");
             let _ = self.file.set_len(self.bytes);
-            self.allocated = self.bytes;
             return;
         }
         self.bytes += buf.len() as u64;
@@ -278,7 +263,6 @@ impl PubrecLog {
             if let Err(t) = self.file.set_len(self.bytes) {
                 return Err(WriteError::Sync(io::Error::other(format!("{e}; and cutting it off failed: {t}"))));
             }
-            self.allocated = self.bytes;
             return Err(WriteError::Write(e));
         }
         crate::crashpoint::hit_losing("before-pubrec-sync", || vec![(self.path.clone(), self.bytes)]);
@@ -315,7 +299,6 @@ impl PubrecLog {
         self.file.sync_data().map_err(WriteError::Sync)?;
         self.fsyncs += 1;
         self.bytes = keep;
-        self.allocated = keep;
         Ok(())
     }
 
@@ -323,46 +306,26 @@ impl PubrecLog {
         let mut buf = if self.confirmed { encode_identity(&self.identity) } else { Vec::new() };
         buf.extend(encode(self.ids.iter().copied()));
         buf.extend(encode_kind(b'C', self.completed.iter().copied()));
-        let used = buf.len();
-        buf.resize(used + PREFILL, 0);
-        drop(rewrite_durably(&self.path, "pubrec.tmp", &buf, &mut self.fsyncs)?);
-        // Records are written at their offset (pwrite), which an O_APPEND
-        // file would ignore.
-        self.file = OpenOptions::new().write(true).open(&self.path)?;
-        self.bytes = used as u64;
-        self.allocated = buf.len() as u64;
+        self.file = rewrite_durably(&self.path, "pubrec.tmp", &buf, &mut self.fsyncs)?;
+        self.bytes = buf.len() as u64;
         Ok(())
     }
 }
 
 impl PubrecLog {
-    /// Write `buf` after the last record, with zeros ahead of it when it
-    /// reaches the end of the file.
-    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
-        let end = self.bytes + buf.len() as u64;
-        if end <= self.allocated {
-            return self.write_at(buf);
-        }
-        let mut ahead = buf.to_vec();
-        ahead.resize(buf.len() + PREFILL, 0);
-        self.write_at(&ahead)?;
-        self.allocated = self.bytes + ahead.len() as u64;
-        Ok(())
-    }
-
     #[cfg(not(test))]
-    fn write_at(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(buf, self.bytes)
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)
     }
 
     #[cfg(test)]
-    fn write_at(&mut self, buf: &[u8]) -> io::Result<()> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
         match self.short_write {
             Some(n) if n < buf.len() => {
-                self.file.write_all_at(&buf[..n], self.bytes)?;
+                self.file.write_all(&buf[..n])?;
                 Err(io::Error::from_raw_os_error(28)) // ENOSPC
             }
-            _ => self.file.write_all_at(buf, self.bytes),
+            _ => self.file.write_all(buf),
         }
     }
 }
@@ -416,8 +379,7 @@ mod tests {
         let log = open(dir.path(), 4);
         assert!(!log.contains(3) && !log.contains(4) && log.contains(5) && log.contains(7));
         // The reopen rewrote the file down to the identity and the live entries.
-        assert_eq!(log.bytes, identity_len(A) + 2 * REC as u64);
-        assert_eq!(fs::metadata(dir.path().join("uplink.pubrec")).unwrap().len(), log.bytes + PREFILL as u64);
+        assert_eq!(fs::metadata(dir.path().join("uplink.pubrec")).unwrap().len(), identity_len(A) + 2 * REC as u64);
     }
 
     #[test]
@@ -428,12 +390,10 @@ mod tests {
         drop(log);
         let p = dir.path().join("uplink.pubrec");
         let mut bytes = fs::read(&p).unwrap();
-        let end = identity_len(A) as usize + 2 * REC;
-        bytes[end..end + 3].copy_from_slice(&[b'R', 9, 9]); // torn, in the zeros written ahead
+        bytes.extend_from_slice(&[b'R', 9, 9]); // torn
         fs::write(&p, &bytes).unwrap();
         let mut log = open(dir.path(), 0);
         assert!(log.contains(1) && log.contains(2) && log.len() == 2);
-        assert!(fs::read(&p).unwrap()[end..].iter().all(|&b| b == 0), "the torn record is gone");
         log.record(&[3]).unwrap();
         drop(log);
         let mut log = open(dir.path(), 0);
@@ -453,8 +413,7 @@ mod tests {
             log.record(chunk).unwrap();
         }
         log.forget_through(5990).unwrap();
-        assert!(log.bytes < 20 * REC as u64 + identity_len(A));
-        assert!(fs::metadata(dir.path().join("uplink.pubrec")).unwrap().len() < log.bytes + PREFILL as u64 + 1);
+        assert!(fs::metadata(dir.path().join("uplink.pubrec")).unwrap().len() < 20 * REC as u64 + identity_len(A));
         log.record(&[6001]).unwrap();
         drop(log);
         let log = open(dir.path(), 0);
@@ -480,30 +439,6 @@ mod tests {
         // Back to A before B was ever confirmed: nothing of A's is left either.
         let (log, reset) = PubrecLog::open(dir.path(), 0, A).unwrap();
         assert!(log.is_empty() && !log.confirmed() && reset.is_none(), "{reset:?}");
-    }
-
-    /// Issue 18: records land in zeros written ahead, so the file's size
-    /// (and ext4's journal with it) changes once per [`PREFILL`] bytes, not
-    /// with every PUBREC's fdatasync; a reopen goes on after the last record.
-    #[test]
-    fn records_fill_zeros_written_ahead() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("uplink.pubrec");
-        let mut log = open(dir.path(), 0);
-        let mut sizes = BTreeSet::new();
-        for id in 1..=400u64 {
-            log.record(&[id]).unwrap();
-            sizes.insert(fs::metadata(&p).unwrap().len());
-            if id % 100 == 0 {
-                drop(log);
-                log = open(dir.path(), 0);
-                assert_eq!(log.len() as u64, id, "reopened after {id}");
-            }
-        }
-        assert!(sizes.len() <= 3, "the file grew {} times for 400 records", sizes.len());
-        drop(log);
-        let log = open(dir.path(), 0);
-        assert!((1..=400).all(|id| log.contains(id)));
     }
 
     #[test]
