@@ -30,6 +30,18 @@ fn write_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes written to the block device holding `path` so far, from
+/// `/sys/dev/block/MAJ:MIN/stat` (sectors written × 512): what reached the
+/// disk from everything on the machine, ext4's journal included, which
+/// `write_bytes` does not count (the kernel's journal thread writes it).
+fn device_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    stat.split_whitespace().nth(6)?.parse::<u64>().ok().map(|s| s * 512)
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -79,7 +91,17 @@ fn main() {
     assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains("connected (MQTT")), "{}", gw.log_text());
     std::thread::sleep(Duration::from_secs(1));
     let pid = gw.child.id();
+    // What the machine writes anyway (its logs, other processes), to set
+    // the device-level figures against.
+    nix::unistd::sync();
+    let idle0 = device_bytes(dir);
+    let idle_secs = if full { 10 } else { 1 };
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    nix::unistd::sync();
+    let idle = idle0.zip(device_bytes(dir)).map_or(0.0, |(a, b)| (b - a) as f64 / idle_secs as f64);
     let (w0, m0) = (write_bytes(pid), fetch_metrics(mport));
+    nix::unistd::sync();
+    let d0 = device_bytes(dir);
     let t0 = Instant::now();
     let period = Duration::from_secs_f64(1.0 / hz);
     let mut next = t0;
@@ -99,6 +121,8 @@ fn main() {
     std::thread::sleep(Duration::from_secs(2)); // the uplink's last acks and their commit
     let elapsed = t0.elapsed().as_secs_f64();
     let (w1, m1) = (write_bytes(pid), fetch_metrics(mport));
+    nix::unistd::sync();
+    let dev_bytes = d0.zip(device_bytes(dir)).map(|(a, b)| (b - a) as f64);
     let readings =
         metric(&m1, "edge_gateway_readings_accepted_total") - metric(&m0, "edge_gateway_readings_accepted_total");
     let encoded =
@@ -117,6 +141,8 @@ fn main() {
         .unwrap();
     let mq_pid = mq.pid();
     let mw0 = write_bytes(mq_pid);
+    nix::unistd::sync();
+    let md0 = device_bytes(dir);
     let t1 = Instant::now();
     let mut sent = 0u64;
     let stdin = publisher.stdin.as_mut().unwrap();
@@ -132,6 +158,8 @@ fn main() {
     std::thread::sleep(Duration::from_secs(2));
     let mq_elapsed = t1.elapsed().as_secs_f64();
     let mq_bytes = (write_bytes(mq_pid) - mw0) as f64;
+    nix::unistd::sync();
+    let mq_dev = md0.zip(device_bytes(dir)).map(|(a, b)| (b - a) as f64);
     drop(publisher.stdin.take());
     let _ = publisher.wait();
     let got = sub.messages().len();
@@ -155,5 +183,26 @@ fn main() {
         mq_bytes / mq_elapsed / 1024.0,
         years(mq_bytes / mq_elapsed, card, 3000.0),
     );
+    match (dev_bytes, mq_dev) {
+        (Some(g), Some(m)) => {
+            // Less what the idle machine wrote in the same time.
+            let (g, m) = ((g - idle * elapsed).max(0.0), (m - idle * mq_elapsed).max(0.0));
+            println!(
+                "  the whole block device (ext4's journal included; less the {:.1} KiB/s this machine wrote while idle \
+                 just before; run it on a quiet machine): {g:.0} bytes during the gateway's run = {:.1} bytes/reading, \
+                 {:.2} bytes per encoded byte, {:.1} KiB/s → {:.0} years; during Mosquitto's: {m:.0} bytes = {:.1} \
+                 bytes/message, {:.1} KiB/s → {:.0} years",
+                idle / 1024.0,
+                g / readings.max(1.0),
+                g / encoded.max(1.0),
+                g / elapsed / 1024.0,
+                years(g / elapsed, card, 3000.0),
+                m / sent.max(1) as f64,
+                m / mq_elapsed / 1024.0,
+                years(m / mq_elapsed, card, 3000.0),
+            )
+        }
+        _ => println!("  (no /sys/dev/block counters for this disk: device-level bytes not measured)"),
+    }
     assert!(readings > 0.0, "the gateway accepted readings");
 }

@@ -517,6 +517,32 @@ fn main() {
     // EDGE_GATEWAY_BIN.
     let alarm_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "alarm");
     let gateway_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "gateway");
+    // BENCH_ONLY=backlog: a queue of BACKLOG_READINGS (1,000,000) drained
+    // after a restart: drain rate and peak RSS.
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "backlog") || !full {
+        let n = std::env::var("BACKLOG_READINGS").ok().and_then(|v| v.parse().ok());
+        let n = if full { n.unwrap_or(1_000_000) } else { 5_000 };
+        let b = backlog_run(&tmp.path().join("backlog"), &upstream, &certs.ca, n);
+        println!(
+            "backlog drain after a restart: {} readings ({:.1} MiB of queue) queued, gateway started → every reading \
+             at the subscriber in {:.2} s ({:.0} readings/s; {:.0} readings/s from the first receipt, which came {:.2} s \
+             after the start); lost {}, doubled {}; peak RSS {:.1} MiB; {:.2} CPU-s per million\n",
+            b.readings,
+            b.queue_bytes as f64 / 1048576.0,
+            b.total.as_secs_f64(),
+            b.readings as f64 / b.total.as_secs_f64(),
+            b.readings as f64 / (b.total - b.first).as_secs_f64(),
+            b.first.as_secs_f64(),
+            b.lost,
+            b.doubled,
+            b.rss_kib as f64 / 1024.0,
+            b.cpu_s / (b.readings as f64 / 1e6),
+        );
+        assert_eq!((b.lost, b.doubled), (0, 0), "the backlog drain lost or doubled readings");
+        if full {
+            return;
+        }
+    }
     // Throughput: as fast as the producers go. Latency: a paced run.
     let (dev, per_dev, pubs, per_pub) = if full { (20, 50_000, 20, 2_500) } else { (4, 500, 2, 200) };
     let (lat_per_dev, lat_pace) = if full { (500, Duration::from_millis(2)) } else { (50, Duration::from_millis(2)) };
@@ -620,6 +646,107 @@ fn main() {
         assert_eq!((gr.lost, gr.doubled), (0, 0), "the gateway with rules lost or doubled readings");
         assert!(!a.latencies.is_empty(), "alarms were measured");
     }
+}
+
+struct Backlog {
+    readings: u64,
+    queue_bytes: u64,
+    /// Gateway start → first receipt, and → the last reading received.
+    first: Duration,
+    total: Duration,
+    lost: usize,
+    doubled: usize,
+    rss_kib: u64,
+    cpu_s: f64,
+}
+
+/// A queue of `n` readings (20 devices, 1,000-reading postcard batches),
+/// written through the library's own pipeline into the data dir of a
+/// gateway configured as the throughput runs are; then the gateway started
+/// on it, with the broker up, until every reading is at the subscriber.
+fn backlog_run(dir: &Path, upstream: &Mosquitto, ca: &Path, n: u64) -> Backlog {
+    use edge_gateway::config::Config;
+    use edge_gateway::metrics::Metrics;
+    use edge_gateway::pipeline::Pipeline;
+    use edge_gateway::reading::Incoming;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let up = format!(
+        "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\nmax_inflight = 20\n",
+        upstream.tls_port,
+        ca.display().to_string()
+    );
+    let cfg_path = write_config_extra(
+        dir,
+        &[],
+        "batch_max_readings = 1000\nbatch_max_age = \"50ms\"\nformat = \"postcard\"",
+        "fsync_interval = \"10ms\"\nmax_bytes = \"40GiB\"",
+        &up,
+    );
+    let cfg = Config::parse(&std::fs::read_to_string(&cfg_path).unwrap(), "backlog.toml").expect("bench config");
+    {
+        let (mut p, _) = Pipeline::open(&cfg, Arc::new(Metrics::default())).expect("pipeline");
+        let now = Instant::now();
+        let ms = edge_gateway::reading::now_ms();
+        for i in 0..n {
+            let (dev, seq) = (i % 20, i / 20);
+            let r = edge_gateway::Reading {
+                device: format!("wrist-{dev:02}"),
+                sensor: "hr".into(),
+                seq: Some(seq),
+                ts: ms - 3_600_000 + seq,
+                value: edge_gateway::Value::Number((60 + seq % 40) as f64),
+                boot: None,
+            };
+            p.ingest(Incoming::new(r, true, edge_gateway::Origin::Serial(dev as u32)), now, ms).unwrap();
+        }
+        p.close().unwrap();
+    }
+    let queue_bytes = dir_bytes(&dir.join("data"));
+    let inbox: Inbox = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub = subscriber(upstream.plain_port, &["gateways/+/readings"], inbox.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let batches = n.div_ceil(1000) as usize;
+    let start = Instant::now();
+    let gw = Gateway::start_with_env(&cfg_path, &[("RUST_LOG", "warn")]);
+    // Count messages while it drains (decoding them here would compete
+    // with the gateway for the CPU); every batch holds 1,000 readings.
+    while inbox.lock().unwrap().len() < batches && start.elapsed() < Duration::from_secs(1800) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let msgs = std::mem::take(&mut *inbox.lock().unwrap());
+    let rss_kib = peak_rss_kib(gw.child.id());
+    let cpu_s = cpu_seconds(gw.child.id());
+    gw.terminate();
+    stop.store(true, Ordering::Relaxed);
+    sub.join().unwrap();
+    let first = msgs.first().map_or(Duration::ZERO, |(t, _)| t.duration_since(start));
+    let total = msgs.last().map_or(Duration::ZERO, |(t, _)| t.duration_since(start));
+    let mut seen = HashSet::new();
+    let mut doubled = 0;
+    for (_, p) in &msgs {
+        for k in batch_keys(p) {
+            if !seen.insert(k) {
+                doubled += 1;
+            }
+        }
+    }
+    Backlog { readings: n, queue_bytes, first, total, lost: n as usize - seen.len(), doubled, rss_kib, cpu_s }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn print_alarms(a: &Alarms) {

@@ -516,6 +516,10 @@ impl DeviceKeys {
 
     fn stream(&mut self, sensor: &str, kind: u8, boot: Option<u32>) -> u32 {
         let st = Stream { sensor: self.sensor(sensor), kind, boot };
+        self.stream_of(st)
+    }
+
+    fn stream_of(&mut self, st: Stream) -> u32 {
         if let Some(&i) = self.stream_idx.get(&st) {
             return i;
         }
@@ -605,6 +609,15 @@ impl DeviceKeys {
                 self.keys.push(k);
             }
         }
+    }
+
+    /// A key from a state file (its sensor already interned by number).
+    fn restore_key(&mut self, k: SnapKey) {
+        if k.sensor as usize >= self.sensors.len() {
+            return;
+        }
+        let stream = self.stream_of(Stream { sensor: k.sensor, kind: k.kind, boot: k.boot });
+        self.insert(stream, k.n, k.fp, k.ts, k.at_ms);
     }
 
     fn bytes(&self) -> usize {
@@ -783,6 +796,11 @@ impl Dedup {
         });
     }
 
+    /// Forget everything (a state file that could not be read to its end).
+    pub fn clear(&mut self) {
+        self.devices.clear();
+    }
+
     /// Keys remembered, all devices.
     pub fn len(&self) -> usize {
         self.devices.values().map(|d| d.live).sum()
@@ -815,6 +833,8 @@ impl Dedup {
         DedupView(self)
     }
 
+    /// Restore an owned snapshot (state files of formats 1 and 2; format 3
+    /// is read straight in through [`DedupSeed`]).
     pub fn restore(&mut self, snap: DedupSnapshot) {
         for d in snap.devices {
             let mut keys = DeviceKeys::new(self.max_per_device, self.unit_ms);
@@ -822,12 +842,101 @@ impl Dedup {
                 keys.sensor(s);
             }
             for k in d.keys {
-                let Some(sensor) = d.sensors.get(k.sensor as usize) else { continue };
-                let stream = keys.stream(sensor, k.kind, k.boot);
-                keys.insert(stream, k.n, k.fp, k.ts, k.at_ms);
+                keys.restore_key(k);
             }
             self.devices.insert(d.name, keys);
         }
+    }
+}
+
+/// Reads a [`DedupSnapshot`] (as the state file holds it) straight into a
+/// [`Dedup`], key by key: the owned snapshot (48 bytes a key, ~15 MiB at 20
+/// devices × 16,384 keys) was most of a restart's peak memory (issue 18,
+/// the uplink bench's backlog run).
+pub struct DedupSeed<'a>(pub &'a mut Dedup);
+
+impl<'de> serde::de::DeserializeSeed<'de> for DedupSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        use serde::de::{SeqAccess, Visitor};
+        use std::fmt;
+        struct Top<'a>(&'a mut Dedup);
+        struct Devices<'a>(&'a mut Dedup);
+        struct Device<'a>(&'a mut Dedup);
+        struct KeysOf<'a>(&'a mut DeviceKeys);
+        fn missing<E: serde::de::Error>(what: &str) -> E {
+            E::custom(format_args!("dedup state: {what} missing"))
+        }
+        impl<'de> Visitor<'de> for Top<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a dedup snapshot")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                seq.next_element_seed(Devices(self.0))?.ok_or_else(|| missing("devices"))
+            }
+        }
+        impl<'de> serde::de::DeserializeSeed<'de> for Devices<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+                de.deserialize_seq(self)
+            }
+        }
+        impl<'de> Visitor<'de> for Devices<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("dedup devices")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                while seq.next_element_seed(Device(&mut *self.0))?.is_some() {}
+                Ok(())
+            }
+        }
+        impl<'de> serde::de::DeserializeSeed<'de> for Device<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+                de.deserialize_struct("SnapDevice", &["name", "sensors", "keys"], self)
+            }
+        }
+        impl<'de> Visitor<'de> for Device<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a dedup device")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                let name: String = seq.next_element()?.ok_or_else(|| missing("device name"))?;
+                let sensors: Vec<String> = seq.next_element()?.ok_or_else(|| missing("sensors"))?;
+                let mut keys = DeviceKeys::new(self.0.max_per_device, self.0.unit_ms);
+                for s in &sensors {
+                    keys.sensor(s);
+                }
+                seq.next_element_seed(KeysOf(&mut keys))?.ok_or_else(|| missing("keys"))?;
+                if keys.live > 0 {
+                    self.0.devices.insert(name, keys);
+                }
+                Ok(())
+            }
+        }
+        impl<'de> serde::de::DeserializeSeed<'de> for KeysOf<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+                de.deserialize_seq(self)
+            }
+        }
+        impl<'de> Visitor<'de> for KeysOf<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("dedup keys")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                while let Some(k) = seq.next_element::<SnapKey>()? {
+                    self.0.restore_key(k);
+                }
+                Ok(())
+            }
+        }
+        de.deserialize_struct("DedupSnapshot", &["devices"], Top(self.0))
     }
 }
 
@@ -1187,5 +1296,22 @@ mod tests {
         assert_eq!(e.len(), d.len());
         assert_eq!(postcard::to_allocvec(&e.view(1100)).unwrap().len(), bytes.len());
         assert_eq!(e.check(&r("a", "hr", Some(144), 144, 1.0), true, 1200), Verdict::Duplicate);
+        // Read straight in, key by key, as a restart does: the same state.
+        let mut f = Dedup::new(Duration::from_secs(60), 100);
+        use serde::de::DeserializeSeed;
+        DedupSeed(&mut f).deserialize(&mut postcard::Deserializer::from_bytes(&bytes)).unwrap();
+        assert_eq!(f.len(), d.len());
+        let sorted = |d: &mut Dedup| {
+            let mut s: DedupSnapshot = postcard::from_bytes(&postcard::to_allocvec(&d.view(1100)).unwrap()).unwrap();
+            s.devices.sort_by(|a, b| a.name.cmp(&b.name));
+            s
+        };
+        assert_eq!(sorted(&mut f), sorted(&mut e));
+        assert_eq!(f.check(&r("a", "hr", Some(144), 144, 1.0), true, 1200), Verdict::Duplicate);
+        assert_eq!(
+            f.check(&r("b", "t", Some(149), 149, 1.0), true, 1200),
+            Verdict::Accept,
+            "forgotten stays forgotten"
+        );
     }
 }

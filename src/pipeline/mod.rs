@@ -79,15 +79,42 @@ pub enum PipelineError {
     Fatal(#[from] Fatal),
 }
 
-/// What the state file holds (read back as this; written as [`StateOut`]).
-#[derive(Serialize, Deserialize, Default)]
+/// What the state file holds besides the dedup keys, which are read straight
+/// into the pipeline's [`Dedup`] ([`dedup::DedupSeed`]); written as
+/// [`StateOut`]: `covers_id`, dedup, acks, rules, in that order.
+#[derive(Default)]
 struct State {
-    /// Every queue record with id <= this is reflected in the state.
     covers_id: u64,
-    dedup: DedupSnapshot,
     acks: AckSnapshot,
     /// Downsample memory and open aggregate windows.
     rules: crate::rules::Snapshot,
+}
+
+/// Reads a format-3 state file's body into a [`State`] and the dedup keys
+/// into the [`Dedup`].
+struct StateSeed<'a>(&'a mut Dedup);
+
+impl<'de> serde::de::DeserializeSeed<'de> for StateSeed<'_> {
+    type Value = State;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<State, D::Error> {
+        struct V<'a>(&'a mut Dedup);
+        impl<'de> serde::de::Visitor<'de> for V<'_> {
+            type Value = State;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a state file")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<State, A::Error> {
+                let missing = |what| <A::Error as serde::de::Error>::custom(format_args!("state file: {what} missing"));
+                let covers_id = seq.next_element()?.ok_or_else(|| missing("covers_id"))?;
+                seq.next_element_seed(dedup::DedupSeed(self.0))?.ok_or_else(|| missing("dedup"))?;
+                let acks = seq.next_element()?.ok_or_else(|| missing("acks"))?;
+                let rules = seq.next_element()?.ok_or_else(|| missing("rules"))?;
+                Ok(State { covers_id, acks, rules })
+            }
+        }
+        de.deserialize_struct("State", &["covers_id", "dedup", "acks", "rules"], V(self.0))
+    }
 }
 
 /// [`State`] as the checkpoint writes it: the same fields in the same
@@ -242,7 +269,7 @@ impl Pipeline {
             evicted: Default::default(),
         };
         let mut report = StartReport { queue: qreport, ..Default::default() };
-        let state = match read_state(&me.state_path) {
+        let state = match read_state(&me.state_path, &mut me.dedup) {
             Ok(Some(s)) => {
                 report.state_file_ok = true;
                 s
@@ -252,12 +279,12 @@ impl Pipeline {
                 // A bad state file costs dedup memory, never data: the queue
                 // is the source of truth for readings.
                 tracing::warn!("ignoring unreadable state file {}: {e}", me.state_path.display());
+                me.dedup.clear();
                 State::default()
             }
         };
         let now = clock();
         let covers = state.covers_id;
-        me.dedup.restore(state.dedup);
         if let Some(e) = &mut me.engine {
             e.restore(state.rules);
         }
@@ -784,7 +811,8 @@ impl Pipeline {
     }
 }
 
-fn read_state(path: &Path) -> std::io::Result<Option<State>> {
+/// Read the state file: the dedup keys into `dedup`, the rest returned.
+fn read_state(path: &Path, dedup: &mut Dedup) -> std::io::Result<Option<State>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -800,18 +828,17 @@ fn read_state(path: &Path) -> std::io::Result<Option<State>> {
     }
     if &bytes[..4] == STATE_MAGIC_V1 {
         let v1: StateV1 = postcard::from_bytes(&bytes[8..]).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Some(State {
-            covers_id: v1.covers_id,
-            dedup: v1.dedup.into(),
-            acks: v1.acks.into(),
-            rules: Default::default(),
-        }));
+        dedup.restore(v1.dedup.into());
+        return Ok(Some(State { covers_id: v1.covers_id, acks: v1.acks.into(), rules: Default::default() }));
     }
     if &bytes[..4] == STATE_MAGIC_V2 {
         let v2: StateV2 = postcard::from_bytes(&bytes[8..]).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Some(State { covers_id: v2.covers_id, dedup: v2.dedup, acks: v2.acks, rules: Default::default() }));
+        dedup.restore(v2.dedup);
+        return Ok(Some(State { covers_id: v2.covers_id, acks: v2.acks, rules: Default::default() }));
     }
-    postcard::from_bytes(&bytes[8..]).map(Some).map_err(|e| bad(&e.to_string()))
+    use serde::de::DeserializeSeed;
+    let mut de = postcard::Deserializer::from_bytes(&bytes[8..]);
+    StateSeed(dedup).deserialize(&mut de).map(Some).map_err(|e| bad(&e.to_string()))
 }
 
 /// Atomic replace: temp file, fsync, rename, fsync the directory — a power
