@@ -13,6 +13,10 @@ use crate::shutdown;
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
+/// After a burst of fewer readings than this, the loop lingers [`LINGER`].
+const LINGER_BELOW: usize = 64;
+const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
+
 /// The pipeline thread's loop: take readings as they come, wake for batch
 /// ages, group commits and watchdog pings, and route acks back to their ports.
 pub fn run(
@@ -35,11 +39,20 @@ pub fn run(
                         let (now, ms) = (Instant::now(), now_ms());
                         p.ingest(first, now, ms)?;
                         // Take what is already queued without waking again.
-                        for _ in 0..4096 {
+                        let mut taken = 1;
+                        while taken < 4096 {
                             match rx.try_recv() {
                                 Ok(inc) => p.ingest(inc, now, ms)?,
                                 Err(_) => break,
                             }
+                            taken += 1;
+                        }
+                        // A short burst under load: let more gather before
+                        // the next wake-up (one per reading cost the CPU
+                        // most of its time in context switches, issue 18).
+                        if taken < LINGER_BELOW {
+                            let until = (now + LINGER).min(p.next_deadline()).min(watchdog.next_due());
+                            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                         }
                     }
                     None => break,
