@@ -594,8 +594,8 @@ impl DeviceKeys {
             self.evict_oldest();
         }
         // Streams without keys (an old boot's) are dropped once they are
-        // half of many.
-        let empty = self.keys.iter().filter(|k| k.live == 0).count();
+        // half of many. (A stream has keys iff it has a front.)
+        let empty = self.streams.len() - self.fronts.len();
         if self.streams.len() > 64 && empty * 2 > self.streams.len() {
             let keys = std::mem::take(&mut self.keys);
             let streams = std::mem::take(&mut self.streams);

@@ -48,8 +48,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 /// start-up replays at a site's pace.
 const CHECKPOINT_LONGEST: Duration = Duration::from_secs(600);
 /// A periodic checkpoint waits until the queue took this many times the
-/// last state file's bytes: the state file (every remembered key, ~3 MB at
-/// 200 readings/s with a 10-minute window) then costs at most a quarter of
+/// last state file's bytes: the state file (every remembered key, ~2.5 MB
+/// at 200 readings/s with a 10-minute window) then costs at most a quarter of
 /// a byte written per byte queued, and a start-up replays at most four
 /// state files' worth of records. Writing it every 60 s regardless was
 /// ~2.6 bytes written per encoded byte at a site's pace (issue 18).
@@ -84,6 +84,7 @@ pub enum PipelineError {
 /// [`StateOut`]: `covers_id`, dedup, acks, rules, in that order.
 #[derive(Default)]
 struct State {
+    /// Every queue record with id <= this is reflected in the state.
     covers_id: u64,
     acks: AckSnapshot,
     /// Downsample memory and open aggregate windows.
