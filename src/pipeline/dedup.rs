@@ -459,11 +459,11 @@ impl Keys {
 
     /// Rebuild with the live slots only.
     fn compact(&mut self) {
-        let keep: Vec<(Entry, u64)> =
-            (0..self.ring.len()).filter(|&p| self.is_live(p)).map(|p| (self.entry(p, 1), self.at_at(p))).collect();
+        // With a unit of 1, `at_ms` is the acceptance time in units.
+        let keep: Vec<Entry> = (0..self.ring.len()).filter(|&p| self.is_live(p)).map(|p| self.entry(p, 1)).collect();
         *self = Keys::default();
-        for (e, at) in keep {
-            self.push(e.n, e.ts, e.fp, at);
+        for e in keep {
+            self.push(e.n, e.ts, e.fp, e.at_ms);
         }
     }
 
