@@ -198,8 +198,13 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = load(path)?;
     crate::service::init_logging(Some(&cfg.log.level));
+    // One worker: the ports, the BLE and LAN sources, the downlink and the
+    // metrics endpoint are light async work, and a second worker cost more
+    // in wake-ups and work stealing than it ran (2.4 vs 3.0 CPU-s per
+    // million readings in the uplink bench, issue 18). The pipeline, the
+    // uplink and the broker run on threads of their own.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         // Well under the unit's TasksMax=256 (docs/security.md).
         .max_blocking_threads(64)
         .enable_all()

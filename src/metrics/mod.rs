@@ -283,7 +283,10 @@ impl Metrics {
 
     pub fn port<R>(&self, port: &str, f: impl FnOnce(&mut PortCounters) -> R) -> R {
         let mut map = self.per_port.lock().unwrap_or_else(|e| e.into_inner());
-        f(map.entry(port.to_string()).or_default())
+        match map.get_mut(port) {
+            Some(c) => f(c),
+            None => f(map.entry(port.to_string()).or_default()),
+        }
     }
 
     pub fn ports(&self) -> BTreeMap<String, PortCounters> {

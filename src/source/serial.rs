@@ -57,6 +57,16 @@ const OFFSET_WARN_MS: i64 = 60_000;
 /// Shutdown must be prompt; acks already received get this long to go out.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_millis(50);
 const MALFORMED_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Under load (more than [`BUSY_FRAMES`] frames a second on the port, over
+/// windows of [`RATE_WINDOW`]), a read that did not fill the buffer is
+/// followed by this pause before the next one, so the kernel gathers
+/// several frames per read: one read and one wake-up per frame cost the
+/// gateway most of its CPU in the kernel (issue 18). A real UART keeps
+/// gathering meanwhile (at 1 Mbaud ~100 bytes a millisecond, far below the
+/// line discipline's 4 KiB), and a PTY writer just waits.
+const READ_LINGER: Duration = Duration::from_millis(1);
+const BUSY_FRAMES: usize = 1_000;
+const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Capacity of the ack channel created by [`SerialSource::spawn`].
 pub const ACK_CHANNEL_CAPACITY: usize = 256;
 
@@ -379,10 +389,18 @@ impl Port {
         // The time at once (first tick), then hourly.
         let mut time = tokio::time::interval(TIME_EVERY);
         let time_sync = self.cfg.time_sync;
+        // One shutdown future for the whole session (a new one per read
+        // was a few per cent of the CPU under load).
+        let mut stop_rx = self.shutdown.clone();
+        let stop = stopped(&mut stop_rx);
+        tokio::pin!(stop);
+        // Reads wait until this instant (see READ_LINGER).
+        let mut hold: Option<tokio::time::Instant> = None;
+        let mut pacer = ReadPacer::new(Instant::now());
         loop {
             tokio::select! {
                 biased;
-                _ = stopped(&mut self.shutdown) => {
+                _ = &mut stop => {
                     self.flush_acks_on_shutdown(port).await;
                     return End::Shutdown;
                 }
@@ -406,15 +424,27 @@ impl Port {
                     }
                     None => self.acks_open = false,
                 },
-                r = port.read(&mut buf) => match r {
+                _ = tokio::time::sleep_until(hold.unwrap_or_else(tokio::time::Instant::now)), if hold.is_some() => {
+                    hold = None;
+                }
+                r = port.read(&mut buf), if hold.is_none() => match r {
                     // A PTY whose master closed, or a USB device gone.
                     Ok(0) => return End::Lost("unplugged (EOF)".into()),
                     Ok(n) => {
-                        for inc in self.parse_chunk(&buf[..n]) {
+                        let readings = self.parse_chunk(&buf[..n]);
+                        let frames = readings.len();
+                        let mut delivered = 0u64;
+                        for inc in readings {
                             if let Err(end) = self.deliver(port, inc).await {
+                                self.metrics.port(&self.cfg.name, |c| c.readings += delivered);
                                 return end;
                             }
+                            delivered += 1;
                         }
+                        if delivered > 0 {
+                            self.metrics.port(&self.cfg.name, |c| c.readings += delivered);
+                        }
+                        hold = pacer.after_read(Instant::now(), frames, n == buf.len()).map(tokio::time::Instant::from_std);
                     }
                     Err(e) => return End::Lost(describe(&e)),
                 },
@@ -484,6 +514,12 @@ impl Port {
     /// while still writing acks: the pipeline may need its acks to drain
     /// before it makes room for more readings.
     async fn deliver(&mut self, port: &mut Link, inc: Incoming) -> Result<(), End> {
+        // Room at once: no waiting, no select (the usual case).
+        let inc = match self.tx.try_send(inc) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::PipelineClosed),
+            Err(mpsc::error::TrySendError::Full(inc)) => inc,
+        };
         let mut inc = Some(inc);
         loop {
             tokio::select! {
@@ -503,7 +539,6 @@ impl Port {
                     if sent.is_none() {
                         return Err(End::PipelineClosed);
                     }
-                    self.metrics.port(&self.cfg.name, |c| c.readings += 1);
                     return Ok(());
                 }
                 ack = self.acks.recv(), if self.acks_open => match ack {
@@ -632,6 +667,31 @@ impl Port {
         if let Ok(Ok(())) = tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, write).await {
             Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
         }
+    }
+}
+
+/// When the next read may run (see [`READ_LINGER`]): at once on a quiet
+/// port, so a site's readings wait for nothing; a millisecond later on a
+/// busy one, so each read takes several frames.
+struct ReadPacer {
+    /// (start, frames read since): the current rate window.
+    window: (Instant, usize),
+}
+
+impl ReadPacer {
+    fn new(now: Instant) -> ReadPacer {
+        ReadPacer { window: (now, 0) }
+    }
+
+    /// After a read of `frames` frames (`filled`: it filled the buffer, so
+    /// more is waiting): `Some(when)` to wait before the next read.
+    fn after_read(&mut self, now: Instant, frames: usize, filled: bool) -> Option<Instant> {
+        if now.duration_since(self.window.0) >= RATE_WINDOW {
+            self.window = (now, 0);
+        }
+        self.window.1 += frames;
+        let busy = self.window.1 as u128 * 1000 >= BUSY_FRAMES as u128 * RATE_WINDOW.as_millis();
+        (busy && !filled).then(|| now + READ_LINGER)
     }
 }
 
@@ -900,6 +960,34 @@ mod tests {
 
     fn ack(device: &str, boot: Option<u32>, seq: u64) -> Ack {
         Ack { device: device.into(), seq, boot }
+    }
+
+    #[test]
+    fn a_busy_port_reads_a_millisecond_apart_and_a_quiet_one_at_once() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // A site's pace: 20 devices at 10 Hz on one dock, a frame per read.
+        let mut quiet = ReadPacer::new(t0);
+        for i in 0..2_000 {
+            assert_eq!(quiet.after_read(ms(i * 5), 1, false), None, "read {i} of a quiet port was held");
+        }
+        // A flood: a frame every 100 µs. The first reads of a window go at
+        // once; from the 100th frame in 100 ms on, each read waits a millisecond.
+        let mut busy = ReadPacer::new(t0);
+        let mut held = 0;
+        for i in 0..1_000u64 {
+            let now = t0 + Duration::from_micros(i * 100);
+            match busy.after_read(now, 1, false) {
+                Some(when) => {
+                    assert_eq!(when, now + READ_LINGER);
+                    held += 1
+                }
+                None => assert!(i < 99, "read {i} of a busy port was not held"),
+            }
+        }
+        assert_eq!(held, 901);
+        // A read that filled the buffer: more is there, read it at once.
+        assert_eq!(busy.after_read(t0 + Duration::from_millis(99), 40, true), None);
     }
 
     #[test]
