@@ -5,6 +5,7 @@
 
 pub mod ble;
 pub mod lan;
+mod port_fd;
 pub mod serial;
 
 use crate::metrics::Metrics;

@@ -12,11 +12,12 @@
 //! the pipeline as a duplicate is acked again, and that fresh ack covers
 //! everything the dropped one did.
 //!
-//! Ports are opened through tokio-serial. Where its set-up fails with ENOSYS
+//! Ports are opened through mio-serial (tokio-serial's core). Where its set-up fails with ENOSYS
 //! (it asks for the `TCGETS2` ioctl, which qemu-user 7.2 and old kernels
 //! lack), the port is opened with plain termios instead ([`fallback`]): raw
 //! mode at the configured baud rate, driven through tokio's `AsyncFd`.
 
+use super::port_fd::PortFd;
 use crate::allow::{self, Devices};
 use crate::events::{Event, RateLimit};
 use crate::metrics::Metrics;
@@ -36,7 +37,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_serial::{SerialPortBuilderExt, SerialStream};
 use tracing::{debug, info, warn};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -334,13 +334,13 @@ impl Port {
         }
     }
 
-    /// Open the port with tokio-serial, or with plain termios where that
+    /// Open the port with mio-serial, or with plain termios where that
     /// fails with ENOSYS (see the module doc). Errors are log text.
     fn open(&mut self, path: &str) -> Result<Link, String> {
         let forced = fallback::forced();
         if !forced {
-            match tokio_serial::new(path, self.cfg.baud).open_native_async() {
-                Ok(stream) => return Ok(Link::Native(stream)),
+            match mio_serial::SerialStream::open(&mio_serial::new(path, self.cfg.baud)) {
+                Ok(stream) => return PortFd::new(stream).map(Link::Native).map_err(|e| e.to_string()),
                 // serialport turns an errno it has no kind for into its text.
                 Err(e) if e.description != nix::errno::Errno::ENOSYS.desc() => return Err(e.to_string()),
                 Err(_) => {}
@@ -445,6 +445,9 @@ impl Port {
                             self.metrics.port(&self.cfg.name, |c| c.readings += delivered);
                         }
                         hold = pacer.after_read(Instant::now(), frames, n == buf.len()).map(tokio::time::Instant::from_std);
+                        if hold.is_some() {
+                            port.pause();
+                        }
                     }
                     Err(e) => return End::Lost(describe(&e)),
                 },
@@ -695,9 +698,10 @@ impl ReadPacer {
     }
 }
 
-/// An open port: tokio-serial's, or the termios fallback's.
+/// An open port: the serial driver's (mio-serial, what tokio-serial wraps),
+/// or the termios fallback's.
 enum Link {
-    Native(SerialStream),
+    Native(PortFd<mio_serial::SerialStream>),
     Termios(fallback::TermiosPort),
 }
 
@@ -708,9 +712,21 @@ impl Link {
     /// unlocking.
     fn release(&mut self) {
         let _ = match self {
-            Link::Native(s) => s.set_exclusive(false).map_err(io::Error::from),
+            Link::Native(s) => match s.get_mut() {
+                Some(s) => s.set_exclusive(false).map_err(io::Error::from),
+                None => Ok(()),
+            },
             Link::Termios(t) => t.set_exclusive(false),
         };
+    }
+
+    /// Out of the runtime's epoll until a read or write would block (see
+    /// [`PortFd`]): a busy port waiting between reads.
+    fn pause(&mut self) {
+        match self {
+            Link::Native(s) => s.pause(),
+            Link::Termios(t) => t.fd.pause(),
+        }
     }
 }
 
@@ -757,17 +773,17 @@ fn describe(e: &io::Error) -> String {
 /// doc): `TCGETS`/`TCSETS` through libc, raw mode, the configured baud rate,
 /// TIOCEXCL like tokio-serial, and a nonblocking fd driven by `AsyncFd`.
 pub mod fallback {
+    use super::PortFd;
     use nix::errno::Errno;
     use nix::fcntl::OFlag;
     use nix::libc;
     use nix::sys::termios::{self, BaudRate, ControlFlags, SetArg};
     use std::fs::File;
-    use std::io::{self, Read, Write};
+    use std::io;
     use std::os::fd::AsRawFd;
     use std::path::Path;
     use std::pin::Pin;
-    use std::task::{Context, Poll, ready};
-    use tokio::io::unix::AsyncFd;
+    use std::task::{Context, Poll};
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
     /// Debug builds only: `EDGE_GATEWAY_FORCE_TERMIOS` (any value) makes
@@ -803,7 +819,7 @@ pub mod fallback {
     }
 
     pub struct TermiosPort {
-        fd: AsyncFd<File>,
+        pub(super) fd: PortFd<File>,
     }
 
     impl TermiosPort {
@@ -815,55 +831,41 @@ pub mod fallback {
             })?;
             let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
             let file = File::from(nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())?);
-            // SAFETY: the File owns its fd for as long as the AsyncFd holds it.
-            let port = TermiosPort { fd: unsafe { AsyncFd::register(file) }? };
+            let port = TermiosPort { fd: PortFd::new(file)? };
             port.set_exclusive(true)?;
-            let mut t = termios::tcgetattr(port.fd.get_ref())?;
+            let mut t = termios::tcgetattr(port.file()?)?;
             termios::cfmakeraw(&mut t);
             t.control_flags |= ControlFlags::CREAD | ControlFlags::CLOCAL;
             t.control_flags &= !(ControlFlags::CSTOPB | ControlFlags::CRTSCTS);
             termios::cfsetspeed(&mut t, speed)?;
-            termios::tcsetattr(port.fd.get_ref(), SetArg::TCSANOW, &t)?;
+            termios::tcsetattr(port.file()?, SetArg::TCSANOW, &t)?;
             Ok(port)
+        }
+
+        fn file(&self) -> io::Result<&File> {
+            self.fd.get_ref().ok_or_else(|| io::Error::other("serial port lost its registration"))
         }
 
         /// TIOCEXCL on or off (see `Link::release`).
         pub fn set_exclusive(&self, on: bool) -> io::Result<()> {
             let req = if on { libc::TIOCEXCL } else { libc::TIOCNXCL };
             // SAFETY: TIOCEXCL/TIOCNXCL take no argument; the fd is open.
-            Errno::result(unsafe { libc::ioctl(self.fd.as_raw_fd(), req) })?;
+            Errno::result(unsafe { libc::ioctl(self.file()?.as_raw_fd(), req) })?;
             Ok(())
         }
     }
 
     impl AsyncRead for TermiosPort {
         fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            loop {
-                let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-                match guard.try_io(|f| f.get_ref().read(buf.initialize_unfilled())) {
-                    Ok(Ok(n)) => {
-                        buf.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    Ok(Err(e)) => return Poll::Ready(Err(e)),
-                    Err(_would_block) => continue,
-                }
-            }
+            Pin::new(&mut self.get_mut().fd).poll_read(cx, buf)
         }
     }
 
     impl AsyncWrite for TermiosPort {
         fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-            loop {
-                let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-                match guard.try_io(|f| f.get_ref().write(buf)) {
-                    Ok(r) => return Poll::Ready(r),
-                    Err(_would_block) => continue,
-                }
-            }
+            Pin::new(&mut self.get_mut().fd).poll_write(cx, buf)
         }
 
-        /// Written bytes are already in the kernel's tty buffer.
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
@@ -877,6 +879,7 @@ pub mod fallback {
     mod tests {
         use super::*;
         use crate::demo::sim::open_pty;
+        use std::io::{Read, Write};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         #[test]
