@@ -251,7 +251,9 @@ impl Keys {
             return None;
         }
         let first = self.n_at(0);
-        if n < first {
+        // Above the last: a new reading, the usual case (without this check
+        // it binary-searched the whole ring, a cache miss per step).
+        if n < first || n > self.n_at(len - 1) {
             return None;
         }
         // Consecutive seqs: the key is where its distance from the first says.
