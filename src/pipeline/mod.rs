@@ -874,7 +874,7 @@ fn write_state(path: &Path, state: &StateOut) -> Result<u64, PipelineError> {
 /// first write error is kept for after the serializer returns.
 struct CrcWriter {
     w: std::io::BufWriter<std::fs::File>,
-    crc: crc::Digest<'static, u32>,
+    crc: crc::Digest<'static, u32, crc::Table<16>>,
     err: Option<std::io::Error>,
     /// Bytes written, the header's included.
     len: u64,

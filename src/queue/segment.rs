@@ -4,7 +4,7 @@
 //! Pure functions over byte slices, so the tricky part (what counts as a
 //! record, how to resynchronise after garbage) is testable without files.
 
-use crc::{CRC_32_ISO_HDLC, Crc};
+use crc::{CRC_32_ISO_HDLC, Crc, Table};
 
 /// Marks the start of a record. Non-zero, so the zero-filled blocks a file
 /// system may leave after a power cut never look like a record; 0xE9B7 is
@@ -21,7 +21,9 @@ pub(crate) const OVERHEAD: usize = FRAME_BYTES + META_BYTES;
 /// `len` cannot make the scanner swallow the rest of a segment in one step.
 pub(crate) const MAX_LEN: usize = 64 << 20;
 
-pub(crate) const CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
+/// Slice-by-16 tables (16 KiB, in a static so no use copies them): several
+/// times faster than the byte table over a batch (issue 18); same checksums.
+pub(crate) static CRC: Crc<u32, Table<16>> = Crc::<u32, Table<16>>::new(&CRC_32_ISO_HDLC);
 
 /// Where a valid record sits in its segment, plus its metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

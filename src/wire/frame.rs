@@ -102,7 +102,7 @@ const fn max(a: usize, b: usize) -> usize {
 pub const MAX_ENCODED_LEN: usize = cobs_max_len(MAX_BODY_LEN + 4) + 1;
 
 /// CRC-32/ISO-HDLC, the frame checksum.
-pub const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+pub static CRC: crc::Crc<u32, crc::Table<16>> = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISO_HDLC);
 
 const fn cobs_max_len(n: usize) -> usize {
     n + n / 254 + 1
