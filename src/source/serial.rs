@@ -346,7 +346,7 @@ impl Port {
                 Err(_) => {}
             }
         }
-        let port = fallback::TermiosPort::open(path.as_ref(), self.cfg.baud).map_err(|e| e.to_string())?;
+        let port = fallback::open(path.as_ref(), self.cfg.baud).map_err(|e| e.to_string())?;
         if !self.fallback_logged {
             self.fallback_logged = true;
             let why = if forced {
@@ -433,16 +433,19 @@ impl Port {
                     Ok(n) => {
                         let readings = self.parse_chunk(&buf[..n]);
                         let frames = readings.len();
-                        let mut delivered = 0u64;
+                        let (mut delivered, mut ended) = (0u64, None);
                         for inc in readings {
                             if let Err(end) = self.deliver(port, inc).await {
-                                self.metrics.port(&self.cfg.name, |c| c.readings += delivered);
-                                return end;
+                                ended = Some(end);
+                                break;
                             }
                             delivered += 1;
                         }
                         if delivered > 0 {
                             self.metrics.port(&self.cfg.name, |c| c.readings += delivered);
+                        }
+                        if let Some(end) = ended {
+                            return end;
                         }
                         hold = pacer.after_read(Instant::now(), frames, n == buf.len()).map(tokio::time::Instant::from_std);
                         if hold.is_some() {
@@ -702,7 +705,7 @@ impl ReadPacer {
 /// or the termios fallback's.
 enum Link {
     Native(PortFd<mio_serial::SerialStream>),
-    Termios(fallback::TermiosPort),
+    Termios(PortFd<std::fs::File>),
 }
 
 impl Link {
@@ -716,7 +719,7 @@ impl Link {
                 Some(s) => s.set_exclusive(false).map_err(io::Error::from),
                 None => Ok(()),
             },
-            Link::Termios(t) => t.set_exclusive(false),
+            Link::Termios(t) => t.get_ref().map_or(Ok(()), |f| fallback::set_exclusive(f, false)),
         };
     }
 
@@ -725,7 +728,7 @@ impl Link {
     fn pause(&mut self) {
         match self {
             Link::Native(s) => s.pause(),
-            Link::Termios(t) => t.fd.pause(),
+            Link::Termios(t) => t.pause(),
         }
     }
 }
@@ -782,9 +785,6 @@ pub mod fallback {
     use std::io;
     use std::os::fd::AsRawFd;
     use std::path::Path;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
     /// Debug builds only: `EDGE_GATEWAY_FORCE_TERMIOS` (any value) makes
     /// every port use the fallback, so tests can drive it on a host whose
@@ -818,61 +818,30 @@ pub mod fallback {
         })
     }
 
-    pub struct TermiosPort {
-        pub(super) fd: PortFd<File>,
+    /// Open `path` exclusively in raw mode at `baud` (8N1, no flow
+    /// control, modem lines ignored). Needs a tokio runtime.
+    pub fn open(path: &Path, baud: u32) -> io::Result<PortFd<File>> {
+        let speed = baud_rate(baud).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{baud} baud is not a standard rate"))
+        })?;
+        let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let file = File::from(nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())?);
+        set_exclusive(&file, true)?;
+        let mut t = termios::tcgetattr(&file)?;
+        termios::cfmakeraw(&mut t);
+        t.control_flags |= ControlFlags::CREAD | ControlFlags::CLOCAL;
+        t.control_flags &= !(ControlFlags::CSTOPB | ControlFlags::CRTSCTS);
+        termios::cfsetspeed(&mut t, speed)?;
+        termios::tcsetattr(&file, SetArg::TCSANOW, &t)?;
+        PortFd::new(file)
     }
 
-    impl TermiosPort {
-        /// Open `path` exclusively in raw mode at `baud` (8N1, no flow
-        /// control, modem lines ignored). Needs a tokio runtime.
-        pub fn open(path: &Path, baud: u32) -> io::Result<TermiosPort> {
-            let speed = baud_rate(baud).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("{baud} baud is not a standard rate"))
-            })?;
-            let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-            let file = File::from(nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())?);
-            let port = TermiosPort { fd: PortFd::new(file)? };
-            port.set_exclusive(true)?;
-            let mut t = termios::tcgetattr(port.file()?)?;
-            termios::cfmakeraw(&mut t);
-            t.control_flags |= ControlFlags::CREAD | ControlFlags::CLOCAL;
-            t.control_flags &= !(ControlFlags::CSTOPB | ControlFlags::CRTSCTS);
-            termios::cfsetspeed(&mut t, speed)?;
-            termios::tcsetattr(port.file()?, SetArg::TCSANOW, &t)?;
-            Ok(port)
-        }
-
-        fn file(&self) -> io::Result<&File> {
-            self.fd.get_ref().ok_or_else(|| io::Error::other("serial port lost its registration"))
-        }
-
-        /// TIOCEXCL on or off (see `Link::release`).
-        pub fn set_exclusive(&self, on: bool) -> io::Result<()> {
-            let req = if on { libc::TIOCEXCL } else { libc::TIOCNXCL };
-            // SAFETY: TIOCEXCL/TIOCNXCL take no argument; the fd is open.
-            Errno::result(unsafe { libc::ioctl(self.file()?.as_raw_fd(), req) })?;
-            Ok(())
-        }
-    }
-
-    impl AsyncRead for TermiosPort {
-        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().fd).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for TermiosPort {
-        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.get_mut().fd).poll_write(cx, buf)
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
+    /// TIOCEXCL on or off (see `Link::release`).
+    pub fn set_exclusive(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
+        let req = if on { libc::TIOCEXCL } else { libc::TIOCNXCL };
+        // SAFETY: TIOCEXCL/TIOCNXCL take no argument; the fd is open.
+        Errno::result(unsafe { libc::ioctl(fd.as_raw_fd(), req) })?;
+        Ok(())
     }
 
     #[cfg(test)]
@@ -924,7 +893,7 @@ pub mod fallback {
             t.output_flags |= termios::OutputFlags::OPOST | termios::OutputFlags::ONLCR;
             termios::tcsetattr(&pty.slave, SetArg::TCSANOW, &t).unwrap();
 
-            let mut port = TermiosPort::open(&pty.slave_path, 57_600).unwrap();
+            let mut port = open(&pty.slave_path, 57_600).unwrap();
             let t = termios::tcgetattr(&pty.slave).unwrap();
             assert_eq!(termios::cfgetospeed(&t), BaudRate::B57600);
             assert!(!t.local_flags.intersects(termios::LocalFlags::ECHO | termios::LocalFlags::ICANON));
@@ -951,7 +920,7 @@ pub mod fallback {
             port.flush().await.unwrap();
             assert_eq!(read_master(&pty.master, 6), b"ack 1\n");
 
-            port.set_exclusive(false).unwrap();
+            set_exclusive(port.get_ref().unwrap(), false).unwrap();
             assert!(!exclusive(&pty.slave), "TIOCNXCL did not clear the lock");
         }
     }
