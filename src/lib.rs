@@ -27,7 +27,7 @@
 //!   retries, expiry and replies that go up through the queue.
 //!
 //! Beside them: [`broker`] (the embedded MQTT broker and its front door),
-//! [`allow`] (which device ids each source may speak for),
+//! [`allow`] (which device ids each source may speak for), [`busy`] (whether a loop is under load),
 //! [`config`] (the TOML file; each component above owns its section's
 //! types in its own `config` module, with [`units`] for durations and
 //! sizes), [`metrics`] (the counter table, `/metrics`, `/status` and the one
@@ -45,6 +45,7 @@
 pub mod allow;
 pub mod app;
 pub mod broker;
+pub mod busy;
 pub mod cli;
 pub mod config;
 pub mod crashpoint;

@@ -16,10 +16,8 @@ use tokio::sync::{mpsc, watch};
 /// After a burst of fewer readings than this, the loop lingers [`LINGER`].
 const LINGER_BELOW: usize = 64;
 const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
-/// Readings per second from which the loop lingers, measured over windows
-/// of [`RATE_WINDOW`].
+/// Readings per second from which the loop lingers (see [`crate::busy`]).
 const BUSY_RATE: u64 = 2_000;
-const RATE_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The pipeline thread's loop: take readings as they come, wake for batch
 /// ages, group commits and watchdog pings, and route acks back to their ports.
@@ -33,8 +31,7 @@ pub fn run(
 ) -> anyhow::Result<mpsc::Receiver<Incoming>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let r = rt.block_on(async move {
-        // (start, readings taken since): the current rate window.
-        let mut window = (Instant::now(), 0usize);
+        let mut load = crate::busy::Busy::new(BUSY_RATE, Instant::now());
         loop {
             let deadline = tokio::time::Instant::from_std(p.next_deadline().min(watchdog.next_due()));
             tokio::select! {
@@ -60,12 +57,7 @@ pub fn run(
                         // switches, issue 18). At a site's pace (a few
                         // hundred readings/s) it would only shift commits
                         // (+7 % bytes written in the sdwear bench).
-                        if now.duration_since(window.0) >= RATE_WINDOW {
-                            window = (now, 0);
-                        }
-                        window.1 += taken;
-                        let busy = window.1 as u64 * 1000 >= BUSY_RATE * RATE_WINDOW.as_millis() as u64;
-                        if busy && taken < LINGER_BELOW {
+                        if load.add(now, taken) && taken < LINGER_BELOW {
                             let until = (now + LINGER).min(p.next_deadline()).min(watchdog.next_due());
                             tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                         }

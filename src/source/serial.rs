@@ -57,16 +57,15 @@ const OFFSET_WARN_MS: i64 = 60_000;
 /// Shutdown must be prompt; acks already received get this long to go out.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_millis(50);
 const MALFORMED_LOG_INTERVAL: Duration = Duration::from_secs(1);
-/// Under load (more than [`BUSY_FRAMES`] frames a second on the port, over
-/// windows of [`RATE_WINDOW`]), a read that did not fill the buffer is
+/// Under load (more than [`BUSY_FRAMES`] frames a second on the port, see
+/// [`crate::busy`]), a read that did not fill the buffer is
 /// followed by this pause before the next one, so the kernel gathers
 /// several frames per read: one read and one wake-up per frame cost the
 /// gateway most of its CPU in the kernel (issue 18). A real UART keeps
 /// gathering meanwhile (at 1 Mbaud ~100 bytes a millisecond, far below the
 /// line discipline's 4 KiB), and a PTY writer just waits.
 const READ_LINGER: Duration = Duration::from_millis(1);
-const BUSY_FRAMES: usize = 1_000;
-const RATE_WINDOW: Duration = Duration::from_millis(100);
+const BUSY_FRAMES: u64 = 1_000;
 /// Capacity of the ack channel created by [`SerialSource::spawn`].
 pub const ACK_CHANNEL_CAPACITY: usize = 256;
 
@@ -680,23 +679,18 @@ impl Port {
 /// port, so a site's readings wait for nothing; a millisecond later on a
 /// busy one, so each read takes several frames.
 struct ReadPacer {
-    /// (start, frames read since): the current rate window.
-    window: (Instant, usize),
+    frames: crate::busy::Busy,
 }
 
 impl ReadPacer {
     fn new(now: Instant) -> ReadPacer {
-        ReadPacer { window: (now, 0) }
+        ReadPacer { frames: crate::busy::Busy::new(BUSY_FRAMES, now) }
     }
 
     /// After a read of `frames` frames (`filled`: it filled the buffer, so
     /// more is waiting): `Some(when)` to wait before the next read.
     fn after_read(&mut self, now: Instant, frames: usize, filled: bool) -> Option<Instant> {
-        if now.duration_since(self.window.0) >= RATE_WINDOW {
-            self.window = (now, 0);
-        }
-        self.window.1 += frames;
-        let busy = self.window.1 as u128 * 1000 >= BUSY_FRAMES as u128 * RATE_WINDOW.as_millis();
+        let busy = self.frames.add(now, frames);
         (busy && !filled).then(|| now + READ_LINGER)
     }
 }
