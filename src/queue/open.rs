@@ -296,6 +296,8 @@ impl Queue {
             failed: false,
             fsyncs,
             indexed_segments,
+            ledger_at: None,
+            ledger_every: super::LEDGER_EVERY,
         };
         for e in q.index.range(q.first_live()..) {
             q.live_bytes += e.total as u64;

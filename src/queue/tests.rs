@@ -157,6 +157,48 @@ fn ack_without_commit_is_not_durable() {
     assert_eq!(live(&q), vec![(3, payload(3, 10))]);
 }
 
+/// `commit_paced` (the pipeline's group commit) makes every appended record
+/// durable at once but writes the ack ledger only when the last entry is
+/// `ledger_every` old; `commit` and `reclaim` always write it.
+#[test]
+fn paced_commit_writes_the_ledger_once_a_period() {
+    let d = tmp();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    q.ledger_every = std::time::Duration::from_secs(3600);
+    let ledger_len = |d: &TempDir| fs::metadata(d.path().join("ledger")).map_or(0, |m| m.len());
+    for i in 1..=3 {
+        q.append(1, i, &payload(i, 10)).unwrap();
+    }
+    q.ack_through(1).unwrap();
+    q.commit_paced().unwrap();
+    assert_eq!(q.durable_head(), 1, "the first paced commit writes the ledger");
+    assert_eq!(ledger_len(&d), 20);
+    q.ack_through(2).unwrap();
+    q.append(1, 4, &payload(4, 10)).unwrap();
+    q.commit_paced().unwrap();
+    assert_eq!(q.committed_id(), 4, "records are durable at every paced commit");
+    assert_eq!(q.durable_head(), 1, "the ack waits for the period");
+    assert_eq!(ledger_len(&d), 20);
+    drop(q);
+    // A crash here: record 4 is on disk, the ack of 2 is not (2 comes back,
+    // to be sent again; the uplink's PUBREC log turns that into a PUBREL).
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(live(&q).iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3, 4]);
+    q.ledger_every = std::time::Duration::from_secs(3600);
+    q.ack_through(2).unwrap();
+    q.commit_paced().unwrap();
+    assert_eq!(q.durable_head(), 2, "no entry written since open: due");
+    q.ack_through(3).unwrap();
+    q.commit_paced().unwrap();
+    assert_eq!(q.durable_head(), 2);
+    q.commit().unwrap();
+    assert_eq!(q.durable_head(), 3, "a full commit writes it whatever its age");
+    q.ack_through(4).unwrap();
+    q.ledger_every = std::time::Duration::ZERO;
+    q.commit_paced().unwrap();
+    assert_eq!(q.durable_head(), 4, "due once the period passed");
+}
+
 /// Test 2: a torn last record at many cut points.
 #[test]
 fn torn_tail_is_truncated() {

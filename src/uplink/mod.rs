@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | PUBLISH batch N | nothing: its packet id is [`inflight::packet_id`]`(N)` | PUBLISH, DUP=1, same id |
 //! | PUBREC for N arrives | "N got PUBREC" in [`inflight::PubrecLog`], fdatasynced | PUBREL, same id |
-//! | PUBCOMP for N arrives | "N completed" appended to the same log (no fsync of its own); the ack of N reaches the queue's ledger at the next commit | nothing if the note survived; else PUBREL again (answered with PUBCOMP) |
+//! | PUBCOMP for N arrives | "N completed" appended to the same log (no fsync of its own); the ack of N reaches the queue's ledger within about two seconds (commits write the ledger at most once a second) | nothing if the note survived; else PUBREL again (answered with PUBCOMP) |
 //! | broker refuses N for good | N in `uplink.dead`, fdatasynced, then acked in the queue | nothing (`queue dead replay` sends it again) |
 //!
 //! The PUBREC log names the broker URL and client id it belongs to; a log
@@ -68,8 +68,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// How long acks may sit in memory before the uplink commits the queue
-/// itself (the pipeline's own commits usually carry them sooner). Until
-/// then a crash re-sends PUBRELs, which is harmless; fewer fsyncs is not.
+/// itself (the pipeline's own commits usually carry them sooner; both write
+/// the ledger at most once per [`crate::queue::LEDGER_EVERY`]). Until then a
+/// crash re-sends PUBRELs, which is harmless; fewer fsyncs is not.
 const ACK_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// First pause after a refused batch (reason >= 0x80); doubles up to reconnect_max.
 const REFUSAL_PAUSE: Duration = Duration::from_millis(200);
@@ -1584,7 +1585,10 @@ impl Uplink {
         let durable = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             if q.durable_head() < self.acked {
-                if let Err(e) = q.commit() {
+                // Paced as the pipeline's commits are: one ledger entry a
+                // second between them, whoever writes it.
+                let r = if force { q.commit() } else { q.commit_paced() };
+                if let Err(e) = r {
                     // As in the pipeline: after a failed fsync only a rescan
                     // of the disk knows what is durable.
                     return Err(Fatal(format!("queue commit failed: {e}; a restart rescans the queue")));
