@@ -199,6 +199,8 @@ pub struct SimDevice {
     stats: SimStats,
     last_resend: Instant,
     pty: Option<(PathBuf, OwnedFd)>,
+    /// Inside [`SimDevice::send_burst`]: frames collected for one write.
+    held: Option<Vec<u8>>,
 }
 
 impl SimDevice {
@@ -247,6 +249,7 @@ impl SimDevice {
             stats: SimStats::default(),
             last_resend: Instant::now(),
             pty: None,
+            held: None,
             cfg,
         }
     }
@@ -333,9 +336,32 @@ impl SimDevice {
 
     fn write_reading(&mut self, r: &Reading) -> io::Result<()> {
         let bytes = wire::encode_reading(self.cfg.framing, r).map_err(io::Error::other)?;
-        self.writer.write_all(&bytes)?;
+        self.emit(&bytes)?;
         self.stats.sent_total += 1;
         Ok(())
+    }
+
+    /// Write `bytes` now, or hold them for the burst being built.
+    fn emit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.held {
+            Some(h) => {
+                h.extend_from_slice(bytes);
+                Ok(())
+            }
+            None => self.writer.write_all(bytes),
+        }
+    }
+
+    /// [`SimDevice::send_next`] `n` times, every frame in one write: a dock
+    /// handing over what it stored, back to back (and a bench's writer
+    /// paying one system call per burst instead of one per reading).
+    pub fn send_burst(&mut self, n: usize) -> io::Result<Vec<Reading>> {
+        self.held = Some(Vec::new());
+        let sent: io::Result<Vec<Reading>> = (0..n).map(|_| self.send_next()).collect();
+        let bytes = self.held.take().unwrap_or_default();
+        let sent = sent?;
+        self.writer.write_all(&bytes)?;
+        Ok(sent)
     }
 
     /// Create and send the next reading, then maybe a duplicate and/or a
@@ -417,7 +443,7 @@ impl SimDevice {
                 out[..n].to_vec()
             }
         };
-        self.writer.write_all(&bytes)?;
+        self.emit(&bytes)?;
         self.stats.malformed_sent += 1;
         Ok(())
     }
