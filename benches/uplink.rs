@@ -275,8 +275,6 @@ fn line_keys(p: &[u8]) -> Vec<(String, u64)> {
     }
 }
 
-/// (a) PTY devices → edge-gateway → upstream. `per_device` readings from
-/// each of `devices`; `pace` between rounds (zero = as fast as it goes).
 /// Frames each device writes back to back in one write(2) in the
 /// throughput runs: `BENCH_BURST`, default 16, as a dock handing over what
 /// it stored. One frame per write (`BENCH_BURST=1`, also one row of the
@@ -288,6 +286,9 @@ fn burst() -> u64 {
     std::env::var("BENCH_BURST").ok().and_then(|v| v.parse().ok()).unwrap_or(16).max(1)
 }
 
+/// (a) PTY devices → edge-gateway → upstream. `per_device` readings from
+/// each of `devices`; `pace` between rounds (zero = as fast as it goes);
+/// at full speed each device writes `burst` frames per write.
 fn gateway_run(
     dir: &Path,
     upstream: &Mosquitto,

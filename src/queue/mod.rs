@@ -47,13 +47,13 @@
 //! is only durable once its directory entry is), and a ledger entry + fsync
 //! if the ack head moved. The pipeline's commits (`commit_paced`) write the
 //! ledger at most once per [`LEDGER_EVERY`]: at a site's pace that is one
-//! 4 KiB page rewritten a second instead of one per commit. Rolling to a new segment commits first, so only the
-//! newest segment ever holds uncommitted bytes; that keeps recovery simple
-//! (a torn tail can only be in the last segment) at the cost of one extra
-//! fsync per segment.
+//! 4 KiB page rewritten a second instead of one per commit. Rolling to a
+//! new segment commits first, so only the newest segment ever holds
+//! uncommitted bytes; that keeps recovery simple (a torn tail can only be
+//! in the last segment) at the cost of one extra fsync per segment.
 //!
 //! Acks and DropOldest evictions both just move the *head* (`acked_through`);
-//! the ledger records it at the next commit (or reclaim). Segment files are
+//! the ledger records it at the next commit whose entry is due (or reclaim). Segment files are
 //! deleted by `reclaim` only once every record in them is at or below a
 //! head that is already durable in the ledger, so a record can never vanish
 //! while the ledger could still say it is pending.
@@ -151,6 +151,10 @@ use open::parse_segment_name;
 mod seg_index;
 mod segment;
 
+/// How often [`Queue::commit_paced`] writes the ack ledger (acks only; every
+/// other commit writes it whenever the head moved).
+pub const LEDGER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The CRC-32 (ISO-HDLC) of every record, index and ledger entry; other
 /// small files of the gateway use it too.
 pub(crate) use segment::CRC;
@@ -200,10 +204,6 @@ pub type Record = (RecordMeta, Vec<u8>);
 
 /// Bit 31 of a record's `readings` field: a priority record (see the format above).
 pub const PRIORITY: u32 = 1 << 31;
-
-/// How often [`Queue::commit_paced`] writes the ack ledger (acks only; every
-/// other commit writes it whenever the head moved).
-pub const LEDGER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bits 24-30: span - 1.
 const SPAN_SHIFT: u32 = 24;
 const SPAN_MASK: u32 = 0x7F << SPAN_SHIFT;
@@ -666,8 +666,9 @@ impl Queue {
 
     /// The pipeline's group commit: as [`Queue::commit`], but the ledger
     /// entry only if the last one is [`LEDGER_EVERY`] old. Appended records
-    /// are durable when it returns; acks may wait for a later commit (the
-    /// uplink's own, at most a second later, or shutdown's). A crash in
+    /// are durable when it returns; acks may wait for a later paced commit
+    /// (the uplink makes one each second while acks wait) or shutdown's
+    /// full one, about two seconds at most. A crash in
     /// between re-sends what was acked since: the uplink's PUBREC log turns
     /// those into PUBRELs, which the broker answers with PUBCOMP. At a
     /// site's pace this saves a 4 KiB page (and its fdatasync) at two
