@@ -12,10 +12,12 @@
 //! the pipeline as a duplicate is acked again, and that fresh ack covers
 //! everything the dropped one did.
 //!
-//! Ports are opened through mio-serial (tokio-serial's core). Where its set-up fails with ENOSYS
-//! (it asks for the `TCGETS2` ioctl, which qemu-user 7.2 and old kernels
-//! lack), the port is opened with plain termios instead ([`fallback`]): raw
-//! mode at the configured baud rate, driven through tokio's `AsyncFd`.
+//! Ports are opened through mio-serial (tokio-serial's core). Where its
+//! set-up fails with ENOSYS (it asks for the `TCGETS2` ioctl, which
+//! qemu-user 7.2 and old kernels lack), the port is opened with plain
+//! termios instead ([`fallback`]): raw mode at the configured baud rate.
+//! Either way the fd is driven through a `PortFd` (`source::port_fd`:
+//! tokio's `AsyncFd`, left while a busy port pauses between reads).
 
 use super::port_fd::PortFd;
 use crate::allow::{self, Devices};
@@ -768,7 +770,8 @@ fn describe(e: &io::Error) -> String {
 
 /// Plain termios for ports the serial driver cannot set up (see the module
 /// doc): `TCGETS`/`TCSETS` through libc, raw mode, the configured baud rate,
-/// TIOCEXCL like tokio-serial, and a nonblocking fd driven by `AsyncFd`.
+/// TIOCEXCL like mio-serial, and a nonblocking fd driven by a `PortFd`
+/// (`source::port_fd`).
 pub mod fallback {
     use super::PortFd;
     use nix::errno::Errno;
