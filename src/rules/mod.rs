@@ -33,11 +33,13 @@
 
 pub mod config;
 pub mod expr;
+mod samples;
 
 use crate::allow::glob;
 use crate::reading::{Origin, Reading, RecordHeader, RecordKind, Value};
 use config::{AggregateConfig, DownsampleConfig, Lane, RuleConfig, Stat, TransformConfig};
 use expr::Condition;
+use samples::Samples;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -294,8 +296,9 @@ struct Window {
     max: f64,
     sum: f64,
     last: f64,
-    /// Every value, only when a percentile is asked for.
-    values: Vec<f64>,
+    /// Every value, only when a percentile is asked for (held as runs of
+    /// equal values where they repeat; see samples.rs).
+    values: Samples,
     /// Gateway time (unix ms) of the last reading: idle close counts from it.
     last_arrival_ms: u64,
     /// Source kind of the readings (what later rules' `match.source` sees).
@@ -582,7 +585,7 @@ impl Engine {
                         max: f64::NEG_INFINITY,
                         sum: 0.0,
                         last: v,
-                        values: Vec::new(),
+                        values: Samples::default(),
                         last_arrival_ms: now_ms,
                         source,
                     },
@@ -664,12 +667,10 @@ impl Engine {
         };
         let mut outputs = Vec::new();
         let mut republished = Vec::new();
-        let mut sorted = w.values.clone();
-        sorted.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            // Nearest rank.
-            let k = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1)) - 1;
-            sorted.get(k).copied().unwrap_or(f64::NAN)
+        // Nearest rank, both in one pass over the sorted values.
+        let pct = match a.emit.iter().any(|s| matches!(s, Stat::P50 | Stat::P95)) {
+            true => w.values.percentiles(&[0.50, 0.95]),
+            false => vec![f64::NAN; 2],
         };
         'stats: for stat in &a.emit {
             let v = match stat {
@@ -679,8 +680,8 @@ impl Engine {
                 Stat::Sum => w.sum,
                 Stat::Mean => w.sum / w.count.max(1) as f64,
                 Stat::Last => w.last,
-                Stat::P50 => pct(0.50),
-                Stat::P95 => pct(0.95),
+                Stat::P50 => pct[0],
+                Stat::P95 => pct[1],
             };
             let mut d = Reading {
                 device: device.to_string(),
