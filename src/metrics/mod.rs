@@ -149,6 +149,9 @@ counters! {
     batches_rejected_full: Counter "batches_rejected_total",
         "Batches refused by reject_new (not acked; devices resend).";
     queue_commits: Counter "queue_commits_total", "Queue group commits (fsyncs).", Stopped "queue commits";
+    /// See `pipeline::CHECKPOINT_RETRY_MIN`.
+    checkpoints_failed: Counter "checkpoints_failed_total",
+        "Checkpoints (the dedup and ack state file) that could not be written; each is tried again after a pause.";
     queue_repaired_bytes: Counter "queue_repaired_bytes_total", "Torn bytes cut off the queue tail at start-up.";
     queue_corrupt_records: Counter "queue_corrupt_records_total", "Corrupt records skipped at start-up.";
     acks_sent: Counter "acks_sent_total", "Acks written back to devices.", Stopped "acks sent";

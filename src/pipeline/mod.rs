@@ -62,6 +62,12 @@ const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(5);
 /// devices are named within a second, and a fleet switched on at once costs
 /// a state write per second, not one per device.
 const NEW_DEVICE_CHECKPOINT_GAP: Duration = Duration::from_secs(1);
+/// First pause after a failed checkpoint (the state file could not be
+/// written: a full disk, a data dir gone); it doubles up to
+/// [`CHECKPOINT_EVERY`]. Retried at every tick instead, with its deadline
+/// already past, a failing checkpoint kept the pipeline thread at 100 % of a
+/// core (found 2026-12-05 on a gateway whose data dir was deleted under it).
+const CHECKPOINT_RETRY_MIN: Duration = Duration::from_secs(1);
 /// State file format 2: keys and acks per device *boot*. Format 1 (before
 /// boot ids) is still read, so an upgrade keeps its dedup and ack state.
 /// Format 3 adds the rules' state; formats 2 and 1 are still read.
@@ -175,6 +181,9 @@ pub struct Pipeline {
     dirty_since: Option<Instant>,
     state_path: PathBuf,
     last_checkpoint: Instant,
+    /// After a failed checkpoint: no new try before this, and the pause
+    /// that led to it (see [`CHECKPOINT_RETRY_MIN`]).
+    checkpoint_retry: Option<(Instant, Duration)>,
     /// The latest `now` a caller passed in ([`Pipeline::ingest`],
     /// [`Pipeline::tick`]): checkpoints use it, so a test that drives time
     /// gets the same run every time.
@@ -258,6 +267,7 @@ impl Pipeline {
             dirty_since: None,
             state_path: dir.join("state.bin"),
             last_checkpoint: Instant::now(),
+            checkpoint_retry: None,
             last_now: Instant::now(),
             changed_since_checkpoint: false,
             queued_since_checkpoint: 0,
@@ -684,7 +694,14 @@ impl Pipeline {
 
     /// When [`Pipeline::tick`] next has work, if nothing arrives before.
     pub fn next_deadline(&self) -> Instant {
-        let mut d = self.last_checkpoint + CHECKPOINT_EVERY;
+        let mut checkpoint = self.last_checkpoint + CHECKPOINT_EVERY;
+        if self.acks.newly_named() {
+            checkpoint = checkpoint.min(self.last_checkpoint + NEW_DEVICE_CHECKPOINT_GAP);
+        }
+        if let Some((not_before, _)) = self.checkpoint_retry {
+            checkpoint = checkpoint.max(not_before);
+        }
+        let mut d = checkpoint;
         if let Some(b) = self.batcher.deadline() {
             d = d.min(b);
         }
@@ -699,9 +716,6 @@ impl Pipeline {
         }
         if let Some(t) = self.dirty_since {
             d = d.min(t + self.fsync_interval);
-        }
-        if self.acks.newly_named() {
-            d = d.min(self.last_checkpoint + NEW_DEVICE_CHECKPOINT_GAP);
         }
         d
     }
@@ -755,11 +769,18 @@ impl Pipeline {
             && (since >= CHECKPOINT_LONGEST
                 || (since >= CHECKPOINT_EVERY
                     && self.queued_since_checkpoint >= CHECKPOINT_DATA_RATIO * self.state_bytes));
-        if reclaim || new_device || periodic {
+        let may_try = self.checkpoint_retry.is_none_or(|(not_before, _)| now >= not_before);
+        if (reclaim || new_device || periodic) && may_try {
             match self.checkpoint() {
                 Ok(()) => {}
                 Err(PipelineError::Fatal(f)) => return Err(f),
-                Err(e) => self.log_error(format_args!("checkpoint failed: {e}")),
+                Err(e) => {
+                    let pause =
+                        self.checkpoint_retry.map_or(CHECKPOINT_RETRY_MIN, |(_, p)| (p * 2).min(CHECKPOINT_EVERY));
+                    self.checkpoint_retry = Some((now + pause, pause));
+                    Metrics::inc(&self.metrics.checkpoints_failed);
+                    self.log_error(format_args!("checkpoint failed: {e} (next try in {}s)", pause.as_secs()));
+                }
             }
         }
         let acks = self.acks.take_acks(ms);
@@ -790,6 +811,7 @@ impl Pipeline {
         self.state_bytes = write_state(&self.state_path, &state)?;
         crate::crashpoint::hit("after-checkpoint");
         self.last_checkpoint = now;
+        self.checkpoint_retry = None;
         self.changed_since_checkpoint = false;
         self.queued_since_checkpoint = 0;
         self.refused_since_checkpoint = false;
@@ -1007,6 +1029,50 @@ mod tests {
         let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
         feed(&mut p, 1..=40);
         assert_eq!(Metrics::get(&m.duplicates_dropped), 40, "resends of delivered readings stay out");
+    }
+
+    /// A checkpoint that fails (here: `state.tmp` is a directory, as good as
+    /// a full disk or a data dir deleted under the gateway) is tried again
+    /// after 1 s, then 2 s, 4 s…, not at every tick, and the pipeline's next
+    /// deadline is not in the past meanwhile (it was: the thread spun at
+    /// 100 % of a core, found 2026-12-05). Counted, and over once it works.
+    #[test]
+    fn a_failed_checkpoint_waits_before_it_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "");
+        let m = Arc::new(Metrics::default());
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let blocker = dir.path().join("state.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        feed(&mut p, 1..=5);
+        p.commit().unwrap();
+        let failed = || Metrics::get(&m.checkpoints_failed);
+        // Readings and ten minutes: a periodic checkpoint is due.
+        let f = 601_000;
+        p.tick(at(f)).unwrap();
+        assert_eq!(failed(), 1);
+        for ms in [1, 500, 999] {
+            p.tick(at(f + ms)).unwrap();
+            assert_eq!(failed(), 1, "tried again {ms} ms after a failure");
+            assert!(p.next_deadline() > at(f + ms), "a deadline in the past makes the pipeline spin");
+        }
+        p.tick(at(f + 1_000)).unwrap();
+        assert_eq!(failed(), 2, "a second try after 1 s");
+        p.tick(at(f + 2_500)).unwrap();
+        assert_eq!(failed(), 2, "the pause doubles");
+        assert!(p.next_deadline() >= at(f + 3_000));
+        p.tick(at(f + 3_000)).unwrap();
+        assert_eq!(failed(), 3);
+        std::fs::remove_dir(&blocker).unwrap();
+        assert!(!dir.path().join("state.bin").exists());
+        p.tick(at(f + 6_999)).unwrap();
+        assert_eq!(failed(), 3, "4 s after the third failure, not before");
+        assert!(!dir.path().join("state.bin").exists());
+        p.tick(at(f + 7_000)).unwrap();
+        assert!(dir.path().join("state.bin").exists(), "the next try writes the state file");
+        assert_eq!((failed(), p.checkpoint_retry), (3, None));
     }
 
     /// Issue 18: with an uplink that keeps up, the segment appended to is
