@@ -62,9 +62,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Readings waiting between the sources and the pipeline. Enough to ride
-/// out one slow fsync at full rate; beyond it the ports are back-pressured
-/// (the devices keep their readings and resend).
-const INGEST_CHANNEL: usize = 16_384;
+/// out one slow fsync at full rate (~18 ms at 450k readings/s, 40 s at a
+/// site's 200/s); beyond it the ports are back-pressured (the devices keep
+/// their readings and resend). 16,384 held ~1.5 MB more at the uplink
+/// bench's peak for no throughput (issue 18, docs/performance.md).
+const INGEST_CHANNEL: usize = 8_192;
 /// Overall budget between the signal and exit (the CLI promises 5 s).
 const PIPELINE_STOP_BUDGET: Duration = Duration::from_secs(4);
 const SOURCE_STOP_BUDGET: Duration = Duration::from_millis(800);
