@@ -667,11 +667,9 @@ impl Engine {
         };
         let mut outputs = Vec::new();
         let mut republished = Vec::new();
-        // Nearest rank, both in one pass over the sorted values.
-        let pct = match a.emit.iter().any(|s| matches!(s, Stat::P50 | Stat::P95)) {
-            true => w.values.percentiles(&[0.50, 0.95]),
-            false => vec![f64::NAN; 2],
-        };
+        // Nearest rank, both in one pass over the sorted values (none kept,
+        // and NaN at once, unless a percentile is asked for).
+        let pct = w.values.percentiles(&[0.50, 0.95]);
         'stats: for stat in &a.emit {
             let v = match stat {
                 Stat::Count => w.count as f64,
