@@ -11,6 +11,10 @@
 //! `cargo bench --bench sdwear`; without `--bench` a 3-second smoke run.
 //! `SDWEAR_PIPELINE` and `SDWEAR_STORE` add lines to `[pipeline]` and `[store]`;
 //! `SDWEAR_SECS` sets the gateway's run length (60; Mosquitto's stays ≤ 60 s).
+//! `SDWEAR_RATE=full`: full load instead, every wearable writing 16 frames
+//! at a time as fast as the acks let it, `SDWEAR_READINGS` (50,000) each;
+//! no Mosquitto part then. fsyncs per second are printed by file, from
+//! `edge_gateway_fsyncs_total`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -60,6 +64,9 @@ fn main() {
     // SDWEAR_SECS: a longer run sees the dedup state at its steady size (10 min window).
     let secs = if full { std::env::var("SDWEAR_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60) } else { 3 };
     let (devices_n, hz) = (20usize, 10.0);
+    let full_load = std::env::var("SDWEAR_RATE").is_ok_and(|v| v == "full");
+    let per_device: u64 =
+        if full { std::env::var("SDWEAR_READINGS").ok().and_then(|s| s.parse().ok()).unwrap_or(50_000) } else { 2_000 };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let certs = make_certs(dir);
@@ -105,7 +112,17 @@ fn main() {
     let t0 = Instant::now();
     let period = Duration::from_secs_f64(1.0 / hz);
     let mut next = t0;
-    while t0.elapsed() < Duration::from_secs(secs) {
+    if full_load {
+        for round in (0..per_device).step_by(16) {
+            for d in devices.iter_mut() {
+                d.send_burst(16.min(per_device - round) as usize).unwrap();
+                if round % 1024 == 0 {
+                    d.resend_if_stalled().unwrap();
+                }
+            }
+        }
+    }
+    while !full_load && t0.elapsed() < Duration::from_secs(secs) {
         if Instant::now() >= next {
             for d in devices.iter_mut() {
                 d.send_next().unwrap();
@@ -128,8 +145,41 @@ fn main() {
     let encoded =
         metric(&m1, "edge_gateway_batch_bytes_queued_total") - metric(&m0, "edge_gateway_batch_bytes_queued_total");
     let commits = metric(&m1, "edge_gateway_queue_commits_total") - metric(&m0, "edge_gateway_queue_commits_total");
+    let fsyncs: Vec<(&str, f64)> = ["queue", "state", "pubrec"]
+        .into_iter()
+        .map(|f| {
+            let name = format!("edge_gateway_fsyncs_total{{file=\"{f}\"}}");
+            (f, (metric(&m1, &name) - metric(&m0, &name)) / elapsed)
+        })
+        .collect();
+    let fsyncs_line = fsyncs.iter().map(|(f, n)| format!("{f} {n:.1}")).collect::<Vec<_>>().join(", ");
     let gw_bytes = (w1 - w0) as f64;
     let _ = gw.terminate();
+    let card = 32e9;
+    let per_sec = gw_bytes / elapsed;
+    if full_load {
+        println!(
+            "SD-card wear at full load ({devices_n} wearables × {per_device} readings, 16 frames per write, postcard, \
+             TLS QoS 2, {elapsed:.1} s):\n  edge-gateway: {gw_bytes:.0} bytes written to the block device for \
+             {readings:.0} readings ({:.0}/s) = {:.1} bytes/reading, {:.3} bytes per encoded byte ({encoded:.0} \
+             encoded); {:.1} queue commits/s; fsyncs/s by file: {fsyncs_line}; {:.1} MiB/s",
+            readings / elapsed,
+            gw_bytes / readings.max(1.0),
+            gw_bytes / encoded.max(1.0),
+            commits / elapsed,
+            per_sec / 1048576.0,
+        );
+        if let Some(g) = dev_bytes {
+            let g = (g - idle * elapsed).max(0.0);
+            println!(
+                "  the whole block device (ext4's journal included, less {:.1} KiB/s idle): {:.3} bytes per encoded byte",
+                idle / 1024.0,
+                g / encoded.max(1.0)
+            );
+        }
+        assert!(readings > 0.0, "the gateway accepted readings");
+        return;
+    }
 
     // Mosquitto with persistence doing the same job: 200 QoS 1 messages/s.
     let mq = Mosquitto::start_with(&dir.join("persist"), &certs, false, "autosave_interval 1");
@@ -164,12 +214,10 @@ fn main() {
     let _ = publisher.wait();
     let got = sub.messages().len();
 
-    let card = 32e9;
-    let per_sec = gw_bytes / elapsed;
     println!(
         "SD-card wear at a site's pace ({devices_n} wearables × {hz}/s = {:.0} readings/s, {secs} s, postcard, TLS QoS 2):\n  \
          edge-gateway: {gw_bytes:.0} bytes written to the block device for {readings:.0} readings = {:.1} bytes/reading, \
-         {:.2} bytes per encoded byte ({encoded:.0} encoded); {:.1} queue commits/s; {:.1} KiB/s → a 32 GB card with 3,000 P/E \
+         {:.2} bytes per encoded byte ({encoded:.0} encoded); {:.1} queue commits/s; fsyncs/s by file: {fsyncs_line}; {:.1} KiB/s → a 32 GB card with 3,000 P/E \
          cycles lasts {:.0} years (before the card's own write amplification)\n  \
          Mosquitto, persistence true + autosave_interval 1, {sent} QoS 1 messages ({got} at its subscriber): {mq_bytes:.0} bytes = \
          {:.1} bytes/message, {:.1} KiB/s → {:.0} years",

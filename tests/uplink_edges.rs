@@ -151,6 +151,11 @@ fn s1_an_oversized_batch_is_dead_lettered_later_batches_flow_and_replay_delivers
     assert!(dead_batches >= 1.0, "{m}");
     assert_eq!(sample(&m, "edge_gateway_dead_letter_batches"), dead_batches);
     assert_eq!(sample(&m, "edge_gateway_readings_dead_lettered_total"), dead.len() as f64);
+    // Every durable write is counted by the file it made durable.
+    let fsyncs = |file: &str| sample(&m, &format!("edge_gateway_fsyncs_total{{file=\"{file}\"}}"));
+    assert!(fsyncs("queue") >= sample(&m, "edge_gateway_queue_commits_total").max(1.0), "{m}");
+    assert!(fsyncs("pubrec") >= 1.0, "QoS 2: PUBRECs were made durable\n{m}");
+    assert!(fsyncs("dead") >= dead_batches, "each dead letter is fdatasynced\n{m}");
     // Everything else arrived, once; the dead ones did not.
     let got =
         wait_received(&sub, Duration::from_secs(10), |r| r.readings.len() + dead_keys.len() >= created(&devices).len());

@@ -154,6 +154,8 @@ pub struct Downlink {
     /// id per line, appended): a command for any other is rejected.
     known: Mutex<std::collections::HashSet<String>>,
     known_path: std::path::PathBuf,
+    /// The store's fsyncs already added to `fsyncs_total{file="commands"}`.
+    fsyncs_counted: std::sync::atomic::AtomicU64,
 }
 
 impl Downlink {
@@ -189,7 +191,16 @@ impl Downlink {
             metrics,
             routes,
             wake: Notify::new(),
+            fsyncs_counted: Default::default(),
         }))
+    }
+
+    /// Add the store's fsyncs since the last call to `fsyncs_total`.
+    pub fn count_fsyncs(&self) {
+        use std::sync::atomic::Ordering;
+        let n = self.store().fsyncs;
+        let before = self.fsyncs_counted.swap(n, Ordering::Relaxed);
+        Metrics::add(&self.metrics.fsyncs_commands, n.saturating_sub(before));
     }
 
     /// The topic the uplink subscribes to.

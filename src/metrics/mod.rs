@@ -149,6 +149,19 @@ counters! {
     batches_rejected_full: Counter "batches_rejected_total",
         "Batches refused by reject_new (not acked; devices resend).";
     queue_commits: Counter "queue_commits_total", "Queue group commits (fsyncs).", Stopped "queue commits";
+    /// Every fsync/fdatasync of the data dir, by the file it made durable
+    /// (issue 18's SD-card wear: each one writes at least a 4 KiB page).
+    /// `queue`: segments, their indexes, the ack ledger and directories.
+    fsyncs_queue: Counter "fsyncs_total" { "file" = "queue" },
+        "fsync/fdatasync calls on the data dir, by the file made durable (each writes at least one 4 KiB page).";
+    /// The checkpoint's state file (the file and its directory).
+    fsyncs_state: Counter "fsyncs_total" { "file" = "state" }, "";
+    /// The uplink's PUBREC log.
+    fsyncs_pubrec: Counter "fsyncs_total" { "file" = "pubrec" }, "";
+    /// The dead-letter store.
+    fsyncs_dead: Counter "fsyncs_total" { "file" = "dead" }, "";
+    /// The commands store (downlink).
+    fsyncs_commands: Counter "fsyncs_total" { "file" = "commands" }, "";
     /// See `pipeline::CHECKPOINT_RETRY_MIN`.
     checkpoints_failed: Counter "checkpoints_failed_total",
         "Checkpoints (the dedup and ack state file) that could not be written; each is tried again after a pause.";

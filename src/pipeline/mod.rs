@@ -193,6 +193,8 @@ pub struct Pipeline {
     queued_since_checkpoint: u64,
     /// Size of the last state file written (0: none yet).
     state_bytes: u64,
+    /// `Queue::fsyncs()` already added to `fsyncs_total{file="queue"}`.
+    queue_fsyncs_counted: u64,
     /// A batch was refused (full queue or disk) since the last checkpoint.
     refused_since_checkpoint: bool,
     last_error_log: Option<Instant>,
@@ -272,6 +274,7 @@ impl Pipeline {
             changed_since_checkpoint: false,
             queued_since_checkpoint: 0,
             state_bytes: 0,
+            queue_fsyncs_counted: 0,
             refused_since_checkpoint: false,
             last_error_log: None,
             clock,
@@ -786,7 +789,15 @@ impl Pipeline {
         let acks = self.acks.take_acks(ms);
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
         Metrics::set(&self.metrics.ack_gap_skipped, self.acks.skipped_seqs);
+        self.count_queue_fsyncs();
         Ok(acks)
+    }
+
+    /// Add the queue's fsyncs since the last call to `fsyncs_total`.
+    fn count_queue_fsyncs(&mut self) {
+        let n = self.queue().fsyncs();
+        Metrics::add(&self.metrics.fsyncs_queue, n.saturating_sub(self.queue_fsyncs_counted));
+        self.queue_fsyncs_counted = n;
     }
 
     /// Seal, commit, write the state file, then let the queue delete what
@@ -809,6 +820,8 @@ impl Pipeline {
             dedup: self.dedup.view(now_ms),
         };
         self.state_bytes = write_state(&self.state_path, &state)?;
+        // The file, then its directory.
+        Metrics::add(&self.metrics.fsyncs_state, 2);
         crate::crashpoint::hit("after-checkpoint");
         self.last_checkpoint = now;
         self.checkpoint_retry = None;
@@ -832,6 +845,7 @@ impl Pipeline {
         }
         let acks = self.acks.take_acks((self.clock)());
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);
+        self.count_queue_fsyncs();
         Ok(acks)
     }
 }
@@ -1073,6 +1087,32 @@ mod tests {
         p.tick(at(f + 7_000)).unwrap();
         assert!(dir.path().join("state.bin").exists(), "the next try writes the state file");
         assert_eq!((failed(), p.checkpoint_retry), (3, None));
+    }
+
+    /// `fsyncs_total{file="queue"}` follows the queue's own count (opening,
+    /// commits, rolls) at each tick, and `{file="state"}` counts two for each
+    /// state file (the file and its directory).
+    #[test]
+    fn fsyncs_are_counted_by_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "[store]\nsegment_bytes = 4096\n");
+        let m = Arc::new(Metrics::default());
+        let (mut p, _) = Pipeline::open(&c, m.clone()).unwrap();
+        let t0 = Instant::now();
+        let counted = || (Metrics::get(&m.fsyncs_queue), Metrics::get(&m.fsyncs_state));
+        p.tick(t0).unwrap();
+        let opened = p.queue().fsyncs();
+        assert!(opened > 0, "opening syncs the directories");
+        assert_eq!(counted(), (opened, 0));
+        feed(&mut p, 1..=200);
+        p.commit().unwrap();
+        p.tick(t0 + Duration::from_millis(1)).unwrap();
+        let q = p.queue().fsyncs();
+        assert!(q > opened + 1, "commits and segment rolls: {opened} -> {q}");
+        assert_eq!(counted(), (q, 0));
+        p.checkpoint().unwrap();
+        p.tick(t0 + Duration::from_millis(2)).unwrap();
+        assert_eq!(counted(), (p.queue().fsyncs(), 2));
     }
 
     /// Issue 18: with an uplink that keeps up, the segment appended to is

@@ -244,6 +244,8 @@ pub struct Uplink {
     commits: watch::Receiver<u64>,
     log: PubrecLog,
     dead: DeadStore,
+    /// `log.fsyncs` and `dead.fsyncs` already added to `fsyncs_total`.
+    fsyncs_counted: (u64, u64),
     metrics: Arc<Metrics>,
     window: VecDeque<Flight>,
     /// Highest queue id pulled into `window`.
@@ -395,6 +397,7 @@ impl Uplink {
             newest: None,
             newest_pulled: 0,
             newest_max: NEWEST_MAX,
+            fsyncs_counted: (0, 0),
             cfg: cfg.clone(),
         })
     }
@@ -487,6 +490,18 @@ impl Uplink {
         }
     }
 
+    /// Add the PUBREC log's, the dead-letter store's and the commands
+    /// store's fsyncs since the last call to `fsyncs_total`.
+    fn count_fsyncs(&mut self) {
+        let (log, dead) = (self.log.fsyncs, self.dead.fsyncs);
+        Metrics::add(&self.metrics.fsyncs_pubrec, log.saturating_sub(self.fsyncs_counted.0));
+        Metrics::add(&self.metrics.fsyncs_dead, dead.saturating_sub(self.fsyncs_counted.1));
+        self.fsyncs_counted = (log, dead);
+        if let Some(d) = &self.downlink {
+            d.count_fsyncs();
+        }
+    }
+
     /// Connect, drain, reconnect with backoff, until `stop` (`Ok`) or a
     /// failed sync (a [`Fatal`]: nothing more is acked, see [`crate::fatal`]).
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), Fatal> {
@@ -499,6 +514,7 @@ impl Uplink {
         let mut fallback = false;
         while !*stop.borrow() {
             self.alive();
+            self.count_fsyncs();
             self.protocol = match self.cfg.protocol {
                 MqttProtocol::V311 => Protocol::V311,
                 MqttProtocol::V5 => Protocol::V5,
@@ -1068,6 +1084,7 @@ impl Uplink {
         let mut rbuf = vec![0u8; 64 * 1024];
         loop {
             self.alive();
+            self.count_fsyncs();
             crate::crashpoint::stall_async("uplink-loop").await;
             // Fill the window and put every sendable batch on the wire.
             // Records an earlier run completed come in as done: they leave
