@@ -318,7 +318,8 @@ fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
     assert!(dropped > 0, "the queue should have overflowed");
     assert_eq!(dump.len() as u64 + dropped, 600, "{log}");
     // What is left is the newest, contiguous tail.
-    let seqs: Vec<u64> = dump.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    let mut seqs: Vec<u64> = dump.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    seqs.sort(); // resends come after the new readings
     assert_eq!(seqs, (dropped..600).collect::<Vec<_>>());
     let st = queue_status(&cfg);
     assert!(st["bytes"].as_u64().unwrap() <= 8192, "{st}");
@@ -456,4 +457,57 @@ fn with_open_check_index_a_rotten_record_is_skipped_when_read_not_at_start() {
     let in_lost = before.iter().filter(|r| r["batch"].as_u64() == Some(lost[0])).count();
     assert!(in_lost > 0);
     assert_eq!(after.len() + in_lost, before.len(), "exactly its readings are missing");
+}
+
+/// The data dir deleted under a running gateway (an operator "resetting"
+/// it while the service runs, a cleanup script): fdatasync on the unlinked
+/// files still succeeds, so the gateway used to go on acking readings the
+/// next start would not find (seen 2026-12-05 with a bench gateway whose
+/// temp dir was deleted). Now the first commit after it acks nothing and the
+/// gateway exits with 75 (systemd restarts it); the device keeps what was not
+/// acked, and the restarted gateway queues it in a fresh data dir, once.
+#[test]
+fn a_data_dir_deleted_under_the_gateway_gets_no_more_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, p) = device("wrist-00", Framing::Jsonl, 11, 0.0);
+    let cfg = write_config(dir.path(), &[Port { name: "dock0", path: &p, framing: "jsonl" }], PIPELINE, STORE);
+    let mut gw = Gateway::start(&cfg);
+    for _ in 0..20 {
+        d.send_next().unwrap();
+    }
+    assert!(d.wait_all_acked(Duration::from_secs(30)).unwrap(), "{:?}\n{}", d.stats(), gw.log_text());
+    let acked = d.stats().acked_through;
+    let before = d.created().len();
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    let exited = wait_until(Duration::from_secs(30), || {
+        if gw.child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        let _ = d.send_next();
+        let _ = d.resend_if_stalled();
+        std::thread::sleep(Duration::from_millis(5));
+        false
+    });
+    let log = gw.log_text();
+    assert!(exited, "the gateway went on running with its data dir deleted:\n{log}");
+    assert_eq!(gw.child.wait().unwrap().code(), Some(75), "{log}");
+    assert!(log.contains("no longer the file this queue opened"), "{log}");
+    let after = d.created().len() - before;
+    assert!(after > 0);
+    let st = d.stats();
+    assert_eq!(st.acked_through, acked, "a reading sent after the deletion was acked:\n{log}");
+    assert_eq!(st.pending, after, "{st:?}");
+    // The restarted gateway starts a fresh data dir and takes what the
+    // device still holds; what was acked before the deletion went with it.
+    let gw = Gateway::start(&cfg);
+    for _ in 0..10 {
+        d.send_next().unwrap();
+    }
+    assert!(d.wait_all_acked(Duration::from_secs(60)).unwrap(), "{:?}\n{}", d.stats(), gw.log_text());
+    gw_terminate(gw);
+    let dump = queue_dump(&cfg);
+    let mut seqs: Vec<u64> = dump.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    seqs.sort(); // resends come after the new readings
+    let expected: Vec<u64> = d.created()[before..].iter().map(|r| r.seq.unwrap()).collect();
+    assert_eq!(seqs, expected, "the readings sent after the deletion, once each, and nothing else");
 }

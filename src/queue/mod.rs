@@ -120,6 +120,11 @@
 //!
 //! # What callers must know
 //!
+//! * A commit that makes records durable first checks that `dir/lock` and
+//!   the segment appended to are still the files this queue opened; if the
+//!   directory was deleted, moved or replaced it fails with
+//!   [`QueueError::Gone`] and commits nothing (fdatasync on an unlinked
+//!   file succeeds, so nothing else would tell).
 //! * Acks and DropOldest evictions are durable only after the next `commit()`
 //!   (or `reclaim()`). Without that, a restart redelivers those records: at
 //!   least once, never lost. It also means live bytes can be above
@@ -283,6 +288,14 @@ pub enum QueueError {
     /// from its index without reading it. The caller may skip it with `ack_through(id)`.
     #[error("record {id} in {path} is corrupt on disk")]
     Corrupt { id: u64, path: PathBuf },
+    /// `path` (the queue's lock, or the segment being appended to) no
+    /// longer names the file this queue opened: the data dir was deleted,
+    /// moved or replaced under the running process. fdatasync on such a
+    /// file succeeds, but what it holds is gone at the next start, so the
+    /// commit that finds this acks nothing and the queue refuses every
+    /// write from then on (as after a failed fsync).
+    #[error("{path} is no longer the file this queue opened (deleted, moved or replaced while running)")]
+    Gone { path: PathBuf },
 }
 
 type Result<T> = std::result::Result<T, QueueError>;
@@ -295,7 +308,7 @@ impl QueueError {
     pub fn storage_failed(&self) -> bool {
         match self {
             QueueError::Io(e) => !matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded),
-            QueueError::NeedsReopen => true,
+            QueueError::NeedsReopen | QueueError::Gone { .. } => true,
             _ => false,
         }
     }
@@ -443,8 +456,9 @@ pub struct Queue {
     opts: QueueOptions,
     seg_limit: u64,
     readonly: bool,
-    /// Holds the flock for as long as the queue lives.
-    _lock: Option<File>,
+    /// Holds the flock for as long as the queue lives; each commit also
+    /// checks that `dir/lock` is still this file ([`QueueError::Gone`]).
+    lock: Option<File>,
     segments: VecDeque<Segment>,
     /// Every valid record on disk in id order, including acked ones not yet reclaimed.
     index: VecDeque<Entry>,
@@ -694,6 +708,9 @@ impl Queue {
             s.synced_len = s.len;
             self.fsyncs += 1;
             self.seg_dirty = false;
+            // Records become committed (and their devices acked) only if
+            // they are where the next start will look for them.
+            self.check_in_place()?;
         }
         if self.seg_dir_dirty {
             sync_dir(&self.seg_dir, &mut self.fsyncs).ctx("syncing directory", &self.seg_dir)?;
@@ -705,6 +722,29 @@ impl Queue {
         }
         self.committed_id = committed;
         self.commits.send_if_modified(|c| std::mem::replace(c, committed) != committed);
+        Ok(())
+    }
+
+    /// [`QueueError::Gone`] unless `dir/lock` and the segment appended to
+    /// are still the files this queue opened (same device and inode). Two
+    /// stat calls per commit that made records durable.
+    fn check_in_place(&self) -> Result<()> {
+        fn same(f: &File, path: &Path) -> io::Result<bool> {
+            use std::os::unix::fs::MetadataExt;
+            let open = f.metadata()?;
+            match std::fs::metadata(path) {
+                Ok(m) => Ok(m.dev() == open.dev() && m.ino() == open.ino()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        let lock = self.dir.join("lock");
+        let files = self.lock.iter().map(|f| (f, lock.as_path()));
+        for (f, path) in files.chain(self.segments.back().map(|s| (&s.file, s.path.as_path()))) {
+            if !same(f, path).ctx("checking", path)? {
+                return Err(QueueError::Gone { path: path.to_path_buf() });
+            }
+        }
         Ok(())
     }
 

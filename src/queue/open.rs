@@ -279,7 +279,7 @@ impl Queue {
             opts,
             seg_limit,
             readonly,
-            _lock: lock,
+            lock,
             segments,
             index,
             head: st.acked_through,

@@ -559,6 +559,50 @@ fn second_open_is_locked() {
     Queue::open(d.path(), big()).unwrap();
 }
 
+/// The data dir deleted, moved or replaced under a running queue: fdatasync
+/// on the unlinked files still succeeds, so without a check the pipeline
+/// went on acking readings into files the next start would not find (seen
+/// 2026-12-05 with a bench gateway whose temp dir was deleted). The commit
+/// that finds it commits nothing and the queue refuses writes from then on.
+#[test]
+fn a_commit_into_a_data_dir_no_longer_there_commits_nothing() {
+    type Change = fn(&Path);
+    let changes: [(&str, Change); 4] = [
+        ("deleted", |d| fs::remove_dir_all(d).unwrap()),
+        ("moved", |d| fs::rename(d, d.with_extension("moved")).unwrap()),
+        ("segments replaced", |d| {
+            fs::rename(d.join("segments"), d.join("segments.old")).unwrap();
+            fs::create_dir(d.join("segments")).unwrap();
+        }),
+        ("lock deleted", |d| fs::remove_file(d.join("lock")).unwrap()),
+    ];
+    for (what, change) in changes {
+        let root = tmp();
+        let d = root.path().join("q");
+        let (mut q, _) = Queue::open(&d, big()).unwrap();
+        q.append(1, 1, &payload(1, 50)).unwrap();
+        q.commit().unwrap();
+        q.append(1, 2, &payload(2, 50)).unwrap();
+        change(&d);
+        match q.commit() {
+            Err(QueueError::Gone { path }) => assert!(path.starts_with(&d), "{what}: {path:?}"),
+            r => panic!("{what}: commit answered {r:?}"),
+        }
+        assert!(QueueError::Gone { path: d.clone() }.storage_failed());
+        assert_eq!(q.committed_id(), 1, "{what}: record 2 was not committed");
+        assert!(matches!(q.append(1, 3, &payload(3, 50)), Err(QueueError::NeedsReopen)), "{what}");
+    }
+    // A commit with nothing new to make durable does not look (and a
+    // queue left alone commits as before).
+    let d = tmp();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    q.append(1, 1, &payload(1, 50)).unwrap();
+    q.commit().unwrap();
+    q.append(1, 2, &payload(2, 50)).unwrap();
+    q.commit().unwrap();
+    assert_eq!(q.committed_id(), 2);
+}
+
 /// Record read back corrupted after open: an error naming the id, not garbage.
 #[test]
 fn corruption_after_open_is_reported_on_read() {
