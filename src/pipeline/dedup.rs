@@ -818,12 +818,22 @@ impl Dedup {
         self.len() == 0
     }
 
-    /// The checkpoint's state as an owned copy, as a restart reads it (the
+    /// The checkpoint's state as an owned copy, devices by name (the
     /// checkpoint itself serializes [`Dedup::view`], without the copy).
     #[cfg(test)]
     pub fn snapshot(&mut self, now_ms: u64) -> DedupSnapshot {
-        let bytes = postcard::to_allocvec(&self.view(now_ms)).expect("the dedup state serializes");
-        postcard::from_bytes(&bytes).expect("and reads back")
+        self.prune(now_ms);
+        let mut devices: Vec<SnapDevice> = self
+            .devices
+            .iter()
+            .map(|(name, d)| SnapDevice {
+                name: name.clone(),
+                sensors: d.sensors.clone(),
+                keys: d.live_keys().map(|(st, e)| SnapKey::of(st, e)).collect(),
+            })
+            .collect();
+        devices.sort_by(|a, b| a.name.cmp(&b.name));
+        DedupSnapshot { devices }
     }
 
     /// The state for the checkpoint, serialized straight from the rings in
@@ -851,11 +861,15 @@ impl Dedup {
     }
 }
 
-/// Reads a [`DedupSnapshot`] (as the state file holds it) straight into a
-/// [`Dedup`], key by key: the owned snapshot (48 bytes a key, ~15 MiB at 20
-/// devices × 16,384 keys) was most of a restart's peak memory (issue 18,
-/// the uplink bench's backlog run).
-pub struct DedupSeed<'a>(pub &'a mut Dedup);
+/// Reads the dedup part of a state file straight into a [`Dedup`], key by
+/// key: the owned snapshot (48 bytes a key, ~15 MiB at 20 devices × 16,384
+/// keys) was most of a restart's peak memory (issue 18, the uplink bench's
+/// backlog run). `delta`: the keys are [`DeltaKey`]s (state format 4), else
+/// [`SnapKey`]s (format 3, a [`DedupSnapshot`]).
+pub struct DedupSeed<'a> {
+    pub dedup: &'a mut Dedup,
+    pub delta: bool,
+}
 
 impl<'de> serde::de::DeserializeSeed<'de> for DedupSeed<'_> {
     type Value = ();
@@ -863,10 +877,10 @@ impl<'de> serde::de::DeserializeSeed<'de> for DedupSeed<'_> {
     fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
         use serde::de::{SeqAccess, Visitor};
         use std::fmt;
-        struct Top<'a>(&'a mut Dedup);
-        struct Devices<'a>(&'a mut Dedup);
-        struct Device<'a>(&'a mut Dedup);
-        struct KeysOf<'a>(&'a mut DeviceKeys);
+        struct Top<'a>(&'a mut Dedup, bool);
+        struct Devices<'a>(&'a mut Dedup, bool);
+        struct Device<'a>(&'a mut Dedup, bool);
+        struct KeysOf<'a>(&'a mut DeviceKeys, bool);
         fn missing<E: serde::de::Error>(what: &str) -> E {
             E::custom(format_args!("dedup state: {what} missing"))
         }
@@ -876,7 +890,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for DedupSeed<'_> {
                 f.write_str("a dedup snapshot")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-                seq.next_element_seed(Devices(self.0))?.ok_or_else(|| missing("devices"))
+                seq.next_element_seed(Devices(self.0, self.1))?.ok_or_else(|| missing("devices"))
             }
         }
         impl<'de> serde::de::DeserializeSeed<'de> for Devices<'_> {
@@ -891,7 +905,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for DedupSeed<'_> {
                 f.write_str("dedup devices")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-                while seq.next_element_seed(Device(&mut *self.0))?.is_some() {}
+                while seq.next_element_seed(Device(&mut *self.0, self.1))?.is_some() {}
                 Ok(())
             }
         }
@@ -913,7 +927,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for DedupSeed<'_> {
                 for s in &sensors {
                     keys.sensor(s);
                 }
-                seq.next_element_seed(KeysOf(&mut keys))?.ok_or_else(|| missing("keys"))?;
+                seq.next_element_seed(KeysOf(&mut keys, self.1))?.ok_or_else(|| missing("keys"))?;
                 if keys.live > 0 {
                     self.0.devices.insert(name, keys);
                 }
@@ -932,17 +946,26 @@ impl<'de> serde::de::DeserializeSeed<'de> for DedupSeed<'_> {
                 f.write_str("dedup keys")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-                while let Some(k) = seq.next_element::<SnapKey>()? {
+                if !self.1 {
+                    while let Some(k) = seq.next_element::<SnapKey>()? {
+                        self.0.restore_key(k);
+                    }
+                    return Ok(());
+                }
+                let mut prev = Prev::default();
+                while let Some(k) = seq.next_element::<DeltaKey>()? {
+                    let k = prev.decode(k).ok_or_else(|| missing::<A::Error>("the first key's stream"))?;
                     self.0.restore_key(k);
                 }
                 Ok(())
             }
         }
-        de.deserialize_struct("DedupSnapshot", &["devices"], Top(self.0))
+        de.deserialize_struct("DedupSnapshot", &["devices"], Top(self.dedup, self.delta))
     }
 }
 
-/// [`Dedup`] serialized as a [`DedupSnapshot`] without building one.
+/// [`Dedup`] serialized in state format 4 without building a copy: a
+/// [`DedupSnapshot`]'s shape with each key a [`DeltaKey`].
 pub struct DedupView<'a>(&'a Dedup);
 
 impl Serialize for DedupView<'_> {
@@ -972,16 +995,9 @@ impl Serialize for DedupView<'_> {
         impl Serialize for KeyList<'_> {
             fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
                 let mut seq = ser.serialize_seq(Some(self.0.live))?;
-                for (st, s) in self.0.live_keys() {
-                    seq.serialize_element(&SnapKey {
-                        sensor: st.sensor,
-                        kind: st.kind,
-                        boot: st.boot,
-                        n: s.n,
-                        fp: s.fp,
-                        ts: s.ts,
-                        at_ms: s.at_ms,
-                    })?;
+                let mut prev = Prev::default();
+                for (st, e) in self.0.live_keys() {
+                    seq.serialize_element(&prev.encode(st, e))?;
                 }
                 seq.end()
             }
@@ -992,19 +1008,19 @@ impl Serialize for DedupView<'_> {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Clone)]
 pub struct DedupSnapshot {
     devices: Vec<SnapDevice>,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
 struct SnapDevice {
     name: String,
     sensors: Vec<String>,
     keys: Vec<SnapKey>,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
 struct SnapKey {
     sensor: u32,
     kind: u8,
@@ -1013,6 +1029,65 @@ struct SnapKey {
     fp: u32,
     ts: u64,
     at_ms: u64,
+}
+
+impl SnapKey {
+    fn of(st: &Stream, e: Entry) -> SnapKey {
+        SnapKey { sensor: st.sensor, kind: st.kind, boot: st.boot, n: e.n, fp: e.fp, ts: e.ts, at_ms: e.at_ms }
+    }
+}
+
+/// One key of a format-4 state file: its `n`, `ts` and acceptance time as
+/// differences from the key before it in its device's list (the first from
+/// zero; wrapping, so any `u64` round-trips), its stream only where it
+/// differs from the key before's. A device counting up costs ~8 bytes a key
+/// (the fingerprint's 4 and one or two for each difference) against ~23 in
+/// format 3; the state file is rewritten whole at every checkpoint, ~0.5
+/// bytes written per encoded byte at a site's pace before (issue 18).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct DeltaKey {
+    stream: Option<(u32, u8, Option<u32>)>,
+    dn: i64,
+    dts: i64,
+    fp: [u8; 4],
+    dat: i64,
+}
+
+/// The key before, while a device's [`DeltaKey`]s are written or read.
+#[derive(Default)]
+struct Prev {
+    stream: Option<Stream>,
+    n: u64,
+    ts: u64,
+    at_ms: u64,
+}
+
+impl Prev {
+    fn encode(&mut self, st: &Stream, e: Entry) -> DeltaKey {
+        let stream = (self.stream != Some(*st)).then_some((st.sensor, st.kind, st.boot));
+        let k = DeltaKey {
+            stream,
+            dn: e.n.wrapping_sub(self.n) as i64,
+            dts: e.ts.wrapping_sub(self.ts) as i64,
+            fp: e.fp.to_le_bytes(),
+            dat: e.at_ms.wrapping_sub(self.at_ms) as i64,
+        };
+        *self = Prev { stream: Some(*st), n: e.n, ts: e.ts, at_ms: e.at_ms };
+        k
+    }
+
+    /// `None` if the first key names no stream (a damaged file).
+    fn decode(&mut self, k: DeltaKey) -> Option<SnapKey> {
+        if let Some((sensor, kind, boot)) = k.stream {
+            self.stream = Some(Stream { sensor, kind, boot });
+        }
+        let st = self.stream?;
+        self.n = self.n.wrapping_add(k.dn as u64);
+        self.ts = self.ts.wrapping_add(k.dts as u64);
+        self.at_ms = self.at_ms.wrapping_add(k.dat as u64);
+        let e = Entry { n: self.n, ts: self.ts, fp: u32::from_le_bytes(k.fp), at_ms: self.at_ms };
+        Some(SnapKey::of(&st, e))
+    }
 }
 
 /// The state file's dedup part before boot ids (state format 1): keys of
@@ -1279,10 +1354,13 @@ mod tests {
         assert!(per_key <= 16.0, "{per_key:.1} bytes per key (14.x when written)");
     }
 
-    /// The checkpoint serializes the rings directly; what it writes must
-    /// read back as the owned snapshot the state file always held.
+    /// The checkpoint serializes the rings directly in format 4 (keys as
+    /// differences); a restart reads that, and format 3 (the owned
+    /// snapshot's shape) still, straight into the rings: the same state
+    /// either way. Seen failing with the stream not written when it changes.
     #[test]
-    fn the_streamed_view_is_the_snapshot_format() {
+    fn the_streamed_view_reads_back_as_the_same_state_in_formats_4_and_3() {
+        use serde::de::DeserializeSeed;
         let mut d = Dedup::new(Duration::from_secs(60), 100);
         for i in 0..150 {
             let mut x = r(if i % 3 == 0 { "a" } else { "b" }, if i % 2 == 0 { "hr" } else { "t" }, Some(i), i, 1.0);
@@ -1290,30 +1368,122 @@ mod tests {
             d.check(&x, true, 1000 + i);
         }
         d.forget(&r("b", "t", Some(149), 149, 1.0));
-        let bytes = postcard::to_allocvec(&d.view(1100)).unwrap();
-        let snap: DedupSnapshot = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(snap.devices.iter().map(|d| d.keys.len()).sum::<usize>(), d.len());
-        let mut e = Dedup::new(Duration::from_secs(60), 100);
-        e.restore(snap);
-        assert_eq!(e.len(), d.len());
-        assert_eq!(postcard::to_allocvec(&e.view(1100)).unwrap().len(), bytes.len());
-        assert_eq!(e.check(&r("a", "hr", Some(144), 144, 1.0), true, 1200), Verdict::Duplicate);
-        // Read straight in, key by key, as a restart does: the same state.
-        let mut f = Dedup::new(Duration::from_secs(60), 100);
-        use serde::de::DeserializeSeed;
-        DedupSeed(&mut f).deserialize(&mut postcard::Deserializer::from_bytes(&bytes)).unwrap();
-        assert_eq!(f.len(), d.len());
-        let sorted = |d: &mut Dedup| {
-            let mut s: DedupSnapshot = postcard::from_bytes(&postcard::to_allocvec(&d.view(1100)).unwrap()).unwrap();
-            s.devices.sort_by(|a, b| a.name.cmp(&b.name));
-            s
+        let want = d.snapshot(1100);
+        let read = |bytes: &[u8], delta: bool| {
+            let mut f = Dedup::new(Duration::from_secs(60), 100);
+            DedupSeed { dedup: &mut f, delta }.deserialize(&mut postcard::Deserializer::from_bytes(bytes)).unwrap();
+            f
         };
-        assert_eq!(sorted(&mut f), sorted(&mut e));
-        assert_eq!(f.check(&r("a", "hr", Some(144), 144, 1.0), true, 1200), Verdict::Duplicate);
-        assert_eq!(
-            f.check(&r("b", "t", Some(149), 149, 1.0), true, 1200),
-            Verdict::Accept,
-            "forgotten stays forgotten"
-        );
+        let v4 = postcard::to_allocvec(&d.view(1100)).unwrap();
+        let v3 = postcard::to_allocvec(&want).unwrap();
+        for (what, bytes, delta) in [("format 4", &v4, true), ("format 3", &v3, false)] {
+            let mut f = read(bytes, delta);
+            assert_eq!(f.len(), d.len(), "{what}");
+            assert_eq!(f.snapshot(1100), want, "{what}");
+            assert_eq!(f.check(&r("a", "hr", Some(144), 144, 1.0), true, 1200), Verdict::Duplicate, "{what}");
+            assert_eq!(
+                f.check(&r("b", "t", Some(149), 149, 1.0), true, 1200),
+                Verdict::Accept,
+                "{what}: forgotten stays forgotten"
+            );
+        }
+        let mut e = Dedup::new(Duration::from_secs(60), 100);
+        e.restore(want.clone());
+        assert_eq!(e.snapshot(1100), want, "restore (formats 2 and 1) agrees");
+        assert!(v4.len() < v3.len(), "format 4 {} bytes, format 3 {}", v4.len(), v3.len());
+    }
+
+    /// Format 4 round-trips any key: every kind, boot ids, values that jump
+    /// back, far, to the ends of u64 (a format-1 key's unknown ts), streams
+    /// interleaved. Keys go in through `restore` (as a state file would put
+    /// them) and come out of the rings. Seen failing with `dts` taken from
+    /// `n` and with the stream not written when it changes.
+    #[test]
+    fn format_4_round_trips_keys_far_apart() {
+        use serde::de::DeserializeSeed;
+        let mut rng = crate::rng::XorShift::new(0x5eed);
+        let big = |rng: &mut crate::rng::XorShift| match rng.next_u64() % 4 {
+            0 => rng.next_u64(),
+            1 => u64::MAX - rng.next_u64() % 3,
+            2 => rng.next_u64() % 3,
+            _ => 1_700_000_000_000 + rng.next_u64() % 1_000_000,
+        };
+        let mut devices = Vec::new();
+        for dev in 0..4 {
+            let mut keys = Vec::new();
+            for _ in 0..300 {
+                let kind = (rng.next_u64() % 3) as u8;
+                keys.push(SnapKey {
+                    sensor: (rng.next_u64() % 3) as u32,
+                    kind,
+                    boot: (rng.next_u64() % 2 == 0).then(|| rng.next_u64() as u32),
+                    n: if kind == KIND_PACKET { 0 } else { big(&mut rng) },
+                    fp: rng.next_u64() as u32,
+                    ts: if rng.next_u64() % 10 == 0 { TS_UNKNOWN } else { big(&mut rng) },
+                    at_ms: 1_000_000 + rng.next_u64() % 50_000,
+                });
+            }
+            devices.push(SnapDevice {
+                name: format!("dev-{dev}"),
+                sensors: vec!["hr".into(), "t".into(), "spo2".into()],
+                keys,
+            });
+        }
+        let mut d = Dedup::new(Duration::from_secs(600), 1_000);
+        d.restore(DedupSnapshot { devices });
+        assert!(d.len() > 800, "{} keys restored", d.len());
+        let want = d.snapshot(1_050_000);
+        let bytes = postcard::to_allocvec(&d.view(1_050_000)).unwrap();
+        let mut f = Dedup::new(Duration::from_secs(600), 1_000);
+        DedupSeed { dedup: &mut f, delta: true }.deserialize(&mut postcard::Deserializer::from_bytes(&bytes)).unwrap();
+        let got = f.snapshot(1_050_000);
+        // Restoring rounds acceptance times up to the rings' unit again (a
+        // key may live up to a unit longer after a restart, in any format):
+        // compare with the same keys restored from the owned snapshot.
+        let mut e = Dedup::new(Duration::from_secs(600), 1_000);
+        e.restore(want.clone());
+        let want = e.snapshot(1_050_000);
+        for (g, w) in got.devices.iter().zip(&want.devices) {
+            assert_eq!(g.keys.len(), w.keys.len(), "{}", w.name);
+            if let Some(i) = (0..w.keys.len()).find(|&i| g.keys[i] != w.keys[i]) {
+                panic!("{} key {i}: {:?} read back as {:?}", w.name, w.keys[i], g.keys[i]);
+            }
+        }
+        assert_eq!(got, want);
+    }
+
+    /// A first key without its stream is a damaged file, refused, not a
+    /// panic or keys put in a stream nobody named.
+    #[test]
+    fn a_format_4_device_whose_first_key_names_no_stream_is_refused() {
+        use serde::de::DeserializeSeed;
+        let k = DeltaKey { stream: None, dn: 1, dts: 1, fp: [0; 4], dat: 1 };
+        let snap = (vec![(String::from("a"), vec![String::from("hr")], vec![k])],);
+        let bytes = postcard::to_allocvec(&snap).unwrap();
+        let mut f = Dedup::new(Duration::from_secs(60), 100);
+        let r = DedupSeed { dedup: &mut f, delta: true }.deserialize(&mut postcard::Deserializer::from_bytes(&bytes));
+        // (postcard keeps no message for a custom error)
+        assert!(r.is_err(), "a damaged file");
+    }
+
+    /// Issue 18: what a checkpoint writes per remembered key at a site's
+    /// pace (readings 100 ms apart, seqs counting up, one boot).
+    #[test]
+    fn format_4_bytes_per_key() {
+        let mut d = Dedup::new(Duration::from_secs(600), 16_384);
+        let t0 = 1_764_900_000_000u64;
+        for dev in 0..20 {
+            for i in 0..6_000u64 {
+                let mut x =
+                    r(&format!("wrist-{dev:02}"), "hr", Some(1_000_000 + i), t0 + i * 100, (60 + i % 40) as f64);
+                x.boot = Some(3);
+                d.check(&x, true, t0 + i * 100 + 5);
+            }
+        }
+        let now = t0 + 600_000;
+        let v4 = postcard::to_allocvec(&d.view(now)).unwrap().len() as f64 / d.len() as f64;
+        let v3 = postcard::to_allocvec(&d.snapshot(now)).unwrap().len() as f64 / d.len() as f64;
+        println!("state file: {v4:.2} bytes per key in format 4, {v3:.2} in format 3");
+        assert!(v4 <= 10.5, "{v4:.2} bytes per key");
     }
 }

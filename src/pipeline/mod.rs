@@ -70,8 +70,11 @@ const NEW_DEVICE_CHECKPOINT_GAP: Duration = Duration::from_secs(1);
 const CHECKPOINT_RETRY_MIN: Duration = Duration::from_secs(1);
 /// State file format 2: keys and acks per device *boot*. Format 1 (before
 /// boot ids) is still read, so an upgrade keeps its dedup and ack state.
-/// Format 3 adds the rules' state; formats 2 and 1 are still read.
-const STATE_MAGIC: &[u8; 4] = b"EGS3";
+/// Format 3 adds the rules' state. Format 4 writes each dedup key as
+/// differences from the one before ([`dedup::DedupSeed`]'s `delta`): ~8
+/// bytes a key instead of ~23. Formats 3, 2 and 1 are still read.
+const STATE_MAGIC: &[u8; 4] = b"EGS4";
+const STATE_MAGIC_V3: &[u8; 4] = b"EGS3";
 const STATE_MAGIC_V2: &[u8; 4] = b"EGS2";
 const STATE_MAGIC_V1: &[u8; 4] = b"EGS1";
 
@@ -97,15 +100,15 @@ struct State {
     rules: crate::rules::Snapshot,
 }
 
-/// Reads a format-3 state file's body into a [`State`] and the dedup keys
-/// into the [`Dedup`].
-struct StateSeed<'a>(&'a mut Dedup);
+/// Reads a format-4 (`delta`) or format-3 state file's body into a
+/// [`State`] and the dedup keys into the [`Dedup`].
+struct StateSeed<'a>(&'a mut Dedup, bool);
 
 impl<'de> serde::de::DeserializeSeed<'de> for StateSeed<'_> {
     type Value = State;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<State, D::Error> {
-        struct V<'a>(&'a mut Dedup);
+        struct V<'a>(&'a mut Dedup, bool);
         impl<'de> serde::de::Visitor<'de> for V<'_> {
             type Value = State;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -114,13 +117,14 @@ impl<'de> serde::de::DeserializeSeed<'de> for StateSeed<'_> {
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<State, A::Error> {
                 let missing = |what| <A::Error as serde::de::Error>::custom(format_args!("state file: {what} missing"));
                 let covers_id = seq.next_element()?.ok_or_else(|| missing("covers_id"))?;
-                seq.next_element_seed(dedup::DedupSeed(self.0))?.ok_or_else(|| missing("dedup"))?;
+                let seed = dedup::DedupSeed { dedup: self.0, delta: self.1 };
+                seq.next_element_seed(seed)?.ok_or_else(|| missing("dedup"))?;
                 let acks = seq.next_element()?.ok_or_else(|| missing("acks"))?;
                 let rules = seq.next_element()?.ok_or_else(|| missing("rules"))?;
                 Ok(State { covers_id, acks, rules })
             }
         }
-        de.deserialize_struct("State", &["covers_id", "dedup", "acks", "rules"], V(self.0))
+        de.deserialize_struct("State", &["covers_id", "dedup", "acks", "rules"], V(self.0, self.1))
     }
 }
 
@@ -858,7 +862,8 @@ fn read_state(path: &Path, dedup: &mut Dedup) -> std::io::Result<Option<State>> 
         Err(e) => return Err(e),
     };
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    if bytes.len() < 8 || ![STATE_MAGIC, STATE_MAGIC_V2, STATE_MAGIC_V1].contains(&&bytes[..4].try_into().expect("4")) {
+    let magics = [STATE_MAGIC, STATE_MAGIC_V3, STATE_MAGIC_V2, STATE_MAGIC_V1];
+    if bytes.len() < 8 || !magics.contains(&&bytes[..4].try_into().expect("4")) {
         return Err(bad("bad magic"));
     }
     let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
@@ -877,7 +882,8 @@ fn read_state(path: &Path, dedup: &mut Dedup) -> std::io::Result<Option<State>> 
     }
     use serde::de::DeserializeSeed;
     let mut de = postcard::Deserializer::from_bytes(&bytes[8..]);
-    StateSeed(dedup).deserialize(&mut de).map(Some).map_err(|e| bad(&e.to_string()))
+    let delta = &bytes[..4] == STATE_MAGIC;
+    StateSeed(dedup, delta).deserialize(&mut de).map(Some).map_err(|e| bad(&e.to_string()))
 }
 
 /// Atomic replace: temp file, fsync, rename, fsync the directory — a power
@@ -1265,6 +1271,57 @@ mod tests {
 
     fn reading(seq: u64, ts: u64, v: f64, boot: Option<u32>) -> Reading {
         Reading { device: "d".into(), sensor: "hr".into(), seq: Some(seq), ts, value: Value::Number(v), boot }
+    }
+
+    /// State format 4 (this version's) and format 3 (the one before, read
+    /// after an upgrade) restore the same dedup keys; a body under the other
+    /// format's magic is refused, not misread. Seen failing with format 3
+    /// read as deltas, with format 4 read as format 3, and with `dts`
+    /// taken from `n`.
+    #[test]
+    fn state_files_of_formats_4_and_3_restore_the_same_dedup_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = now_ms();
+        let now = t + 20_000;
+        let mut d = Dedup::new(Duration::from_secs(600), 1_000);
+        for s in 0..100 {
+            d.check(&reading(1_000 + s, t + s * 100, (60 + s % 7) as f64, Some(1)), true, t + s * 100 + 3);
+        }
+        let want = d.snapshot(now);
+        let path4 = dir.path().join("v4.bin");
+        let out =
+            StateOut { covers_id: 42, dedup: d.view(now), acks: AckSnapshot::default(), rules: Default::default() };
+        write_state(&path4, &out).unwrap();
+        #[derive(Serialize)]
+        struct V3<'a> {
+            covers_id: u64,
+            dedup: &'a DedupSnapshot,
+            acks: AckSnapshot,
+            rules: crate::rules::Snapshot,
+        }
+        let v3 = V3 { covers_id: 42, dedup: &want, acks: AckSnapshot::default(), rules: Default::default() };
+        let body3 = postcard::to_allocvec(&v3).unwrap();
+        let file = |magic: &[u8; 4], body: &[u8]| {
+            let mut b = magic.to_vec();
+            b.extend(CRC.checksum(body).to_le_bytes());
+            b.extend(body);
+            b
+        };
+        let path3 = dir.path().join("v3.bin");
+        std::fs::write(&path3, file(STATE_MAGIC_V3, &body3)).unwrap();
+        for p in [&path4, &path3] {
+            let mut e = Dedup::new(Duration::from_secs(600), 1_000);
+            let st = read_state(p, &mut e).unwrap().unwrap();
+            assert_eq!(st.covers_id, 42, "{p:?}");
+            assert_eq!(e.snapshot(now), want, "{p:?}");
+        }
+        let body4 = std::fs::read(&path4).unwrap()[8..].to_vec();
+        let swapped = dir.path().join("swapped.bin");
+        for (magic, body) in [(STATE_MAGIC_V3, &body4), (STATE_MAGIC, &body3)] {
+            std::fs::write(&swapped, file(magic, body)).unwrap();
+            let mut e = Dedup::new(Duration::from_secs(600), 1_000);
+            assert!(read_state(&swapped, &mut e).is_err(), "{:?} over the other format's body", magic);
+        }
     }
 
     /// Feeds readings, commits and returns the acks the device got.
