@@ -89,6 +89,20 @@ fn ten_thousand_readings_with_duplicates_and_garbage_are_queued_once_and_acked()
     assert!(summary_number(&log, "duplicates dropped") >= dups, "{log}");
 }
 
+/// Keep `d` sending (and resending) until the gateway exits or `timeout`
+/// passes; whether it exited.
+fn talk_until_exit(gw: &mut Gateway, d: &mut SimDevice, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        if gw.child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        let _ = d.send_next();
+        let _ = d.resend_if_stalled();
+        std::thread::sleep(Duration::from_millis(5));
+        false
+    })
+}
+
 /// SIGTERM, assert exit 0 within 5 s, return the log.
 fn gw_terminate(gw: Gateway) -> String {
     let (text, took) = terminate_ok(gw);
@@ -201,15 +215,7 @@ fn a_device_is_named_by_a_checkpoint_soon_after_its_first_ack() {
     let pipeline = "batch_max_age = \"50ms\"\nack_gap_timeout = \"30s\"";
     let cfg = write_config(dir.path(), &[Port { name: "dock0", path: &p, framing: "jsonl" }], pipeline, STORE);
     let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", "after-checkpoint:1")]);
-    let crashed = wait_until(Duration::from_secs(15), || {
-        if gw.child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        let _ = d.send_next();
-        let _ = d.resend_if_stalled();
-        std::thread::sleep(Duration::from_millis(5));
-        false
-    });
+    let crashed = talk_until_exit(&mut gw, &mut d, Duration::from_secs(15));
     assert!(crashed && gw.log_text().contains("crash point"), "no checkpoint after the first ack:\n{}", gw.log_text());
     gw = Gateway::start(&cfg);
     for _ in 0..20 {
@@ -479,15 +485,7 @@ fn a_data_dir_deleted_under_the_gateway_gets_no_more_acks() {
     let acked = d.stats().acked_through;
     let before = d.created().len();
     std::fs::remove_dir_all(dir.path().join("data")).unwrap();
-    let exited = wait_until(Duration::from_secs(30), || {
-        if gw.child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        let _ = d.send_next();
-        let _ = d.resend_if_stalled();
-        std::thread::sleep(Duration::from_millis(5));
-        false
-    });
+    let exited = talk_until_exit(&mut gw, &mut d, Duration::from_secs(30));
     let log = gw.log_text();
     assert!(exited, "the gateway went on running with its data dir deleted:\n{log}");
     assert_eq!(gw.child.wait().unwrap().code(), Some(75), "{log}");
