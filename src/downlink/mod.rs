@@ -197,10 +197,8 @@ impl Downlink {
 
     /// Add the store's fsyncs since the last call to `fsyncs_total`.
     pub fn count_fsyncs(&self) {
-        use std::sync::atomic::Ordering;
         let n = self.store().fsyncs;
-        let before = self.fsyncs_counted.swap(n, Ordering::Relaxed);
-        Metrics::add(&self.metrics.fsyncs_commands, n.saturating_sub(before));
+        Metrics::add_growth(&self.metrics.fsyncs_commands, &self.fsyncs_counted, n);
     }
 
     /// The topic the uplink subscribes to.

@@ -290,6 +290,12 @@ impl Metrics {
     pub fn set(c: &AtomicU64, v: u64) {
         c.store(v, Ordering::Relaxed);
     }
+    /// Add to counter `c` what a running total (e.g. a file's fsync count)
+    /// grew by since the last call; `seen` keeps the total of that call.
+    pub fn add_growth(c: &AtomicU64, seen: &AtomicU64, total: u64) {
+        let before = seen.swap(total, Ordering::Relaxed);
+        Metrics::add(c, total.saturating_sub(before));
+    }
     pub fn sub(c: &AtomicU64, n: u64) {
         c.fetch_sub(n, Ordering::Relaxed);
     }
@@ -403,6 +409,19 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn add_growth_adds_what_a_running_total_grew_by() {
+        let (c, seen) = (AtomicU64::new(0), AtomicU64::new(0));
+        Metrics::add_growth(&c, &seen, 3);
+        Metrics::add_growth(&c, &seen, 3);
+        Metrics::add_growth(&c, &seen, 7);
+        assert_eq!(Metrics::get(&c), 7, "3, nothing, then 4 more");
+        // A total that starts again (a store reopened) adds nothing until it grows.
+        Metrics::add_growth(&c, &seen, 2);
+        Metrics::add_growth(&c, &seen, 5);
+        assert_eq!(Metrics::get(&c), 10);
+    }
 
     #[test]
     fn a_family_is_one_run_of_rows_with_one_kind_and_help() {

@@ -39,6 +39,7 @@ use dedup::{Dedup, DedupSnapshot, DedupSnapshotV1, Verdict};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -198,7 +199,7 @@ pub struct Pipeline {
     /// Size of the last state file written (0: none yet).
     state_bytes: u64,
     /// `Queue::fsyncs()` already added to `fsyncs_total{file="queue"}`.
-    queue_fsyncs_counted: u64,
+    queue_fsyncs_counted: AtomicU64,
     /// A batch was refused (full queue or disk) since the last checkpoint.
     refused_since_checkpoint: bool,
     last_error_log: Option<Instant>,
@@ -278,7 +279,7 @@ impl Pipeline {
             changed_since_checkpoint: false,
             queued_since_checkpoint: 0,
             state_bytes: 0,
-            queue_fsyncs_counted: 0,
+            queue_fsyncs_counted: AtomicU64::new(0),
             refused_since_checkpoint: false,
             last_error_log: None,
             clock,
@@ -798,10 +799,8 @@ impl Pipeline {
     }
 
     /// Add the queue's fsyncs since the last call to `fsyncs_total`.
-    fn count_queue_fsyncs(&mut self) {
-        let n = self.queue().fsyncs();
-        Metrics::add(&self.metrics.fsyncs_queue, n.saturating_sub(self.queue_fsyncs_counted));
-        self.queue_fsyncs_counted = n;
+    fn count_queue_fsyncs(&self) {
+        Metrics::add_growth(&self.metrics.fsyncs_queue, &self.queue_fsyncs_counted, self.queue().fsyncs());
     }
 
     /// Seal, commit, write the state file, then let the queue delete what

@@ -62,6 +62,7 @@ use inflight::{PubrecLog, STATUS_PID, WriteError, packet_id};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -245,7 +246,7 @@ pub struct Uplink {
     log: PubrecLog,
     dead: DeadStore,
     /// `log.fsyncs` and `dead.fsyncs` already added to `fsyncs_total`.
-    fsyncs_counted: (u64, u64),
+    fsyncs_counted: (AtomicU64, AtomicU64),
     metrics: Arc<Metrics>,
     window: VecDeque<Flight>,
     /// Highest queue id pulled into `window`.
@@ -397,7 +398,7 @@ impl Uplink {
             newest: None,
             newest_pulled: 0,
             newest_max: NEWEST_MAX,
-            fsyncs_counted: (0, 0),
+            fsyncs_counted: Default::default(),
             cfg: cfg.clone(),
         })
     }
@@ -492,11 +493,9 @@ impl Uplink {
 
     /// Add the PUBREC log's, the dead-letter store's and the commands
     /// store's fsyncs since the last call to `fsyncs_total`.
-    fn count_fsyncs(&mut self) {
-        let (log, dead) = (self.log.fsyncs, self.dead.fsyncs);
-        Metrics::add(&self.metrics.fsyncs_pubrec, log.saturating_sub(self.fsyncs_counted.0));
-        Metrics::add(&self.metrics.fsyncs_dead, dead.saturating_sub(self.fsyncs_counted.1));
-        self.fsyncs_counted = (log, dead);
+    fn count_fsyncs(&self) {
+        Metrics::add_growth(&self.metrics.fsyncs_pubrec, &self.fsyncs_counted.0, self.log.fsyncs);
+        Metrics::add_growth(&self.metrics.fsyncs_dead, &self.fsyncs_counted.1, self.dead.fsyncs);
         if let Some(d) = &self.downlink {
             d.count_fsyncs();
         }
