@@ -156,6 +156,7 @@ fn s1_an_oversized_batch_is_dead_lettered_later_batches_flow_and_replay_delivers
     assert!(fsyncs("queue") >= sample(&m, "edge_gateway_queue_commits_total").max(1.0), "{m}");
     assert!(fsyncs("pubrec") >= 1.0, "QoS 2: PUBRECs were made durable\n{m}");
     assert!(fsyncs("dead") >= dead_batches, "each dead letter is fdatasynced\n{m}");
+    assert!(sample(&m, "edge_gateway_queue_pad_bytes_total") > 0.0, "small backlog: commits end on a page\n{m}");
     // Everything else arrived, once; the dead ones did not.
     let got =
         wait_received(&sub, Duration::from_secs(10), |r| r.readings.len() + dead_keys.len() >= created(&devices).len());

@@ -162,6 +162,9 @@ counters! {
     fsyncs_dead: Counter "fsyncs_total" { "file" = "dead" }, "";
     /// The commands store (downlink).
     fsyncs_commands: Counter "fsyncs_total" { "file" = "commands" }, "";
+    /// See `Queue::pad_to_page`.
+    queue_pad_bytes: Counter "queue_pad_bytes_total",
+        "Padding queue commits wrote to end a segment on a 4 KiB page while the backlog is small (the next commit then rewrites no page).";
     /// See `pipeline::CHECKPOINT_RETRY_MIN`.
     checkpoints_failed: Counter "checkpoints_failed_total",
         "Checkpoints (the dedup and ack state file) that could not be written; each is tried again after a pause.";

@@ -200,6 +200,7 @@ pub struct Pipeline {
     state_bytes: u64,
     /// `Queue::fsyncs()` already added to `fsyncs_total{file="queue"}`.
     queue_fsyncs_counted: AtomicU64,
+    queue_pads_counted: AtomicU64,
     /// A batch was refused (full queue or disk) since the last checkpoint.
     refused_since_checkpoint: bool,
     last_error_log: Option<Instant>,
@@ -280,6 +281,7 @@ impl Pipeline {
             queued_since_checkpoint: 0,
             state_bytes: 0,
             queue_fsyncs_counted: AtomicU64::new(0),
+            queue_pads_counted: AtomicU64::new(0),
             refused_since_checkpoint: false,
             last_error_log: None,
             clock,
@@ -798,9 +800,11 @@ impl Pipeline {
         Ok(acks)
     }
 
-    /// Add the queue's fsyncs since the last call to `fsyncs_total`.
+    /// Add the queue's fsyncs and padding since the last call to their counters.
     fn count_queue_fsyncs(&self) {
-        Metrics::add_growth(&self.metrics.fsyncs_queue, &self.queue_fsyncs_counted, self.queue().fsyncs());
+        let q = self.queue();
+        Metrics::add_growth(&self.metrics.fsyncs_queue, &self.queue_fsyncs_counted, q.fsyncs());
+        Metrics::add_growth(&self.metrics.queue_pad_bytes, &self.queue_pads_counted, q.pad_bytes());
     }
 
     /// Seal, commit, write the state file, then let the queue delete what

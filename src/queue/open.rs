@@ -298,6 +298,8 @@ impl Queue {
             indexed_segments,
             ledger_at: None,
             ledger_every: super::LEDGER_EVERY,
+            pad_bytes: 0,
+            pad_min_segment: super::PAD_MIN_SEGMENT,
         };
         for e in q.index.range(q.first_live()..) {
             q.live_bytes += e.total as u64;

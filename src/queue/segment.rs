@@ -11,6 +11,12 @@ use crc::{CRC_32_ISO_HDLC, Crc, Table};
 /// neither ASCII nor a common UTF-8 pair, so JSON payloads rarely contain it
 /// and the resync scan seldom has to compute a CRC for nothing.
 pub(crate) const MAGIC: u16 = 0xE9B7;
+/// Marks padding: `[PAD_MAGIC u16][len u32][crc32 u32][len zero bytes]`,
+/// written by a commit to end the segment on a 4 KiB page boundary (see the
+/// module docs of `queue`). It holds no record and owns no id.
+pub(crate) const PAD_MAGIC: u16 = 0xE9B8;
+/// The page size padding aligns to, and the longest pad.
+pub(crate) const PAGE: u64 = 4096;
 /// `magic u16 + len u32 + crc u32`.
 pub(crate) const FRAME_BYTES: usize = 2 + 4 + 4;
 /// `id u64 + created_ms u64 + readings u32`: the CRC-covered fields before the payload.
@@ -51,6 +57,32 @@ pub(crate) fn encode(id: u64, readings: u32, created_ms: u64, payload: &[u8]) ->
     let crc = CRC.checksum(&buf[FRAME_BYTES..]);
     buf[6..10].copy_from_slice(&crc.to_le_bytes());
     buf
+}
+
+/// A pad of exactly `total` bytes (`FRAME_BYTES..=PAGE`).
+pub(crate) fn encode_pad(total: usize) -> Vec<u8> {
+    assert!((FRAME_BYTES..=PAGE as usize).contains(&total), "pad of {total} bytes");
+    let mut buf = vec![0; total];
+    buf[0..2].copy_from_slice(&PAD_MAGIC.to_le_bytes());
+    buf[2..6].copy_from_slice(&((total - FRAME_BYTES) as u32).to_le_bytes());
+    let crc = CRC.checksum(&buf[FRAME_BYTES..]);
+    buf[6..10].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// The length of the valid pad starting at `buf[pos..]`, if there is one:
+/// magic, a length that fits and is at most a page, zeros, matching CRC.
+pub(crate) fn pad_at(buf: &[u8], pos: usize) -> Option<usize> {
+    let rest = buf.len().checked_sub(pos)?;
+    if rest < FRAME_BYTES || u16_at(buf, pos) != PAD_MAGIC {
+        return None;
+    }
+    let len = u32_at(buf, pos + 2) as usize;
+    if len > PAGE as usize - FRAME_BYTES || len > rest - FRAME_BYTES {
+        return None;
+    }
+    let body = &buf[pos + FRAME_BYTES..pos + FRAME_BYTES + len];
+    (body.iter().all(|&b| b == 0) && CRC.checksum(body) == u32_at(buf, pos + 6)).then_some(FRAME_BYTES + len)
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -112,7 +144,7 @@ pub(crate) struct Scan {
     pub tail_start: Option<u64>,
 }
 
-/// Walk a segment record by record. On an invalid record, slide forward one
+/// Walk a segment record by record, stepping over pads. On an invalid record, slide forward one
 /// byte at a time until a whole valid record parses (magic + length + CRC +
 /// increasing id) and carry on from there, so one flipped byte costs exactly
 /// the record it hit and never the intact records behind it.
@@ -125,6 +157,10 @@ pub(crate) fn scan(buf: &[u8], after_id: u64) -> Scan {
             last = r.id;
             pos += r.total as usize;
             out.records.push(r);
+            continue;
+        }
+        if let Some(n) = pad_at(buf, pos) {
+            pos += n;
             continue;
         }
         match (pos + 1..buf.len()).find(|&q| parse_at(buf, q, last).is_some()) {
@@ -192,6 +228,32 @@ mod tests {
         z.extend([0u8; 100]);
         let s = scan(&z, 0);
         assert_eq!((s.records.len(), s.tail_start), (3, Some(b.len() as u64)));
+    }
+
+    #[test]
+    fn pads_are_stepped_over_and_a_torn_pad_is_a_torn_tail() {
+        let mut b = encode(1, 3, 10, b"first");
+        let first = b.len();
+        b.extend(encode_pad(PAGE as usize - first));
+        b.extend(encode(2, 4, 20, b"second"));
+        let s = scan(&b, 0);
+        assert_eq!(s.records.iter().map(|r| (r.id, r.offset)).collect::<Vec<_>>(), vec![(1, 0), (2, PAGE)]);
+        assert_eq!((s.corrupt_regions, s.tail_start), (0, None));
+        // The smallest and the largest pad.
+        for n in [FRAME_BYTES, PAGE as usize] {
+            let mut c = encode(1, 3, 10, b"first");
+            c.extend(encode_pad(n));
+            let s = scan(&c, 0);
+            assert_eq!((s.records.len(), s.corrupt_regions, s.tail_start), (1, 0, None), "pad of {n}");
+        }
+        // A pad cut off by a power cut is the torn tail, from where it starts.
+        let cut = scan(&b[..first + 100], 0);
+        assert_eq!((cut.records.len(), cut.tail_start), (1, Some(first as u64)));
+        // A pad with a non-zero byte is not a pad: the bytes up to the next record are corrupt.
+        let mut c = b.clone();
+        c[first + 50] = 1;
+        let s = scan(&c, 0);
+        assert_eq!((s.records.len(), s.corrupt_regions), (2, 1));
     }
 
     #[test]

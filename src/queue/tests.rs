@@ -2,7 +2,7 @@
 //! both full policies, ack/reclaim, a model-based random test, read-only
 //! opening and the lock.
 
-use super::segment::{self, OVERHEAD};
+use super::segment::{self, OVERHEAD, PAGE};
 use super::*;
 use std::collections::HashMap;
 use tempfile::TempDir;
@@ -989,6 +989,12 @@ fn run_model(seed: u64, steps: usize) -> u64 {
     // Even seeds run with `open_check = "full"`: indexes written, never trusted.
     o.trust_index = seed % 2 == 1;
     let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    // Seeds 4k+2 and 4k+3 pad commits to pages whatever the segment size.
+    let pad = seed % 4 >= 2;
+    if pad {
+        q.pad_min_segment = 0;
+    }
+    let mut pads = 0;
 
     // Every record the queue may still hold, in id order; `head` as in memory.
     let mut recs: VecDeque<ModelRec> = VecDeque::new();
@@ -1067,6 +1073,7 @@ fn run_model(seed: u64, steps: usize) -> u64 {
             _ => {
                 // Reopen; half the time as a crash that loses unsynced bytes.
                 let crash = rng.below(2) == 0;
+                pads += q.pad_bytes();
                 drop(q);
                 if crash {
                     // From the model's own record: a segment made since the
@@ -1110,6 +1117,9 @@ fn run_model(seed: u64, steps: usize) -> u64 {
                 }
                 let (q2, rep) = Queue::open(d.path(), o).unwrap();
                 q = q2;
+                if pad {
+                    q.pad_min_segment = 0;
+                }
                 assert_eq!(rep.corrupt_records, 0, "{}", ctx(step));
                 indexed_total += q.indexed_segments();
                 assert!(idx_files(d.path()).len() < seg_files(d.path()).len().max(1), "{}", ctx(step));
@@ -1177,6 +1187,8 @@ fn run_model(seed: u64, steps: usize) -> u64 {
         let on_disk = q.read_all_on_disk_after(0).unwrap();
         assert!(on_disk.windows(2).all(|w| w[0].0.id < w[1].0.id), "{}", ctx(step));
     }
+    pads += q.pad_bytes();
+    assert_eq!(pads > 0, pad, "seed {seed}: padded {pads} bytes");
     indexed_total
 }
 
@@ -1309,4 +1321,91 @@ fn a_broken_disk_is_told_from_a_refusal() {
     assert!(!io(ErrorKind::QuotaExceeded).storage_failed());
     assert!(!QueueError::Full { needed: 1, max: 0 }.storage_failed());
     assert!(!QueueError::TooLarge { size: 1, max: 0 }.storage_failed());
+}
+
+/// While the backlog is small, a commit ends the segment on a 4 KiB page
+/// with a pad, so the next commit writes fresh pages instead of rewriting
+/// the last one; records read back the same through a scan, an index and a
+/// torn pad. A big backlog or small segments get no pads.
+#[test]
+fn commits_pad_to_a_page_while_the_backlog_is_small() {
+    let d = tmp();
+    let seg_len = |d: &TempDir| seg_files(d.path()).iter().map(|p| fs::metadata(p).unwrap().len()).collect::<Vec<_>>();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    for i in 1..=3 {
+        q.append(1, i, &payload(i, 100)).unwrap();
+    }
+    q.commit().unwrap();
+    assert_eq!(seg_len(&d), [PAGE]);
+    assert_eq!(q.pad_bytes(), PAGE - 3 * (OVERHEAD as u64 + 100));
+    q.append(1, 4, &payload(4, 5000)).unwrap();
+    q.commit().unwrap();
+    assert_eq!(seg_len(&d), [3 * PAGE], "the next commit starts on a fresh page");
+    q.commit().unwrap();
+    assert_eq!(seg_len(&d), [3 * PAGE], "nothing appended, nothing padded");
+    let want: Vec<(u64, Vec<u8>)> = (1..=4).map(|i| (i, payload(i, if i == 4 { 5000 } else { 100 }))).collect();
+    assert_eq!(live(&q), want);
+    drop(q);
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!((rep.records, rep.corrupt_records, rep.truncated_bytes), (4, 0, 0));
+    assert_eq!(live(&q), want);
+    // A power cut in the middle of the last pad: a torn tail from the pad on.
+    q.append(1, 5, &payload(5, 100)).unwrap();
+    q.commit().unwrap();
+    drop(q);
+    let seg = &seg_files(d.path())[0];
+    let f = OpenOptions::new().write(true).open(seg).unwrap();
+    f.set_len(3 * PAGE + OVERHEAD as u64 + 100 + 30).unwrap();
+    let (q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!((rep.records, rep.corrupt_records, rep.truncated_bytes), (5, 0, 30));
+    assert_eq!(live(&q).len(), 5);
+    drop(q);
+
+    // A sealed, padded segment loads the same from its index and by a scan.
+    let d = tmp();
+    let o = opts(1 << 30, WhenFull::DropOldest, PAD_MIN_SEGMENT);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    let mut want = Vec::new();
+    for i in 1..=400 {
+        q.append(1, i, &payload(i, 3000)).unwrap();
+        want.push((i, payload(i, 3000)));
+        q.commit().unwrap();
+    }
+    assert!(seg_files(d.path()).len() >= 2 && !idx_files(d.path()).is_empty());
+    assert!(q.pad_bytes() >= 300 * (PAGE - 3000 - OVERHEAD as u64), "{}", q.pad_bytes());
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    assert!(q.indexed_segments() >= 1);
+    assert_eq!((rep.records, rep.corrupt_records, rep.truncated_bytes), (400, 0, 0));
+    assert_eq!(live(&q), want);
+    drop(q);
+    remove_indexes(d.path());
+    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!((rep.records, rep.corrupt_records, rep.truncated_bytes, q.indexed_segments()), (400, 0, 0, 0));
+    assert_eq!(live(&q), want);
+    drop(q);
+
+    // A backlog above an eighth of max_bytes: no pads.
+    let d = tmp();
+    let o = opts(8 << 20, WhenFull::DropOldest, 8 << 20);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    for i in 1..=400 {
+        q.append(1, i, &payload(i, 3000)).unwrap();
+    }
+    q.commit().unwrap();
+    q.append(1, 401, &payload(401, 3000)).unwrap();
+    q.commit().unwrap();
+    assert_eq!(q.pad_bytes(), 0, "a 1.2 MB backlog in an 8 MiB queue");
+    q.ack_through(400).unwrap();
+    q.append(1, 402, &payload(402, 3000)).unwrap();
+    q.commit().unwrap();
+    assert!(q.pad_bytes() > 0, "drained: padded again");
+    assert_eq!(seg_len(&d).iter().sum::<u64>() % PAGE, 0);
+    drop(q);
+    // Segments under PAD_MIN_SEGMENT: no pads.
+    let d = tmp();
+    let (mut q, _) = Queue::open(d.path(), opts(1 << 30, WhenFull::DropOldest, PAD_MIN_SEGMENT - 1)).unwrap();
+    q.append(1, 1, &payload(1, 100)).unwrap();
+    q.commit().unwrap();
+    assert_eq!((q.pad_bytes(), seg_len(&d)), (0, vec![OVERHEAD as u64 + 100]));
 }
