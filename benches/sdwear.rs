@@ -152,8 +152,7 @@ fn main() {
             (f, (metric(&m1, &name) - metric(&m0, &name)) / elapsed)
         })
         .collect();
-    let pads =
-        metric(&m1, "edge_gateway_queue_pad_bytes_total") - metric(&m0, "edge_gateway_queue_pad_bytes_total");
+    let pads = metric(&m1, "edge_gateway_queue_pad_bytes_total") - metric(&m0, "edge_gateway_queue_pad_bytes_total");
     let fsyncs_line = fsyncs.iter().map(|(f, n)| format!("{f} {n:.1}")).collect::<Vec<_>>().join(", ")
         + &format!(" (queue padding written: {:.2} bytes per encoded byte)", pads / encoded.max(1.0));
     let gw_bytes = (w1 - w0) as f64;

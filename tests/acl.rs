@@ -406,7 +406,7 @@ fn a_wildcard_reader_sees_only_its_ward_and_denied_readings_never_reach_the_queu
         assert_eq!(*times, 1, "a reading twice");
     }
     // Everything queued went to the cloud: nothing else was ever queued.
-    let drained = wait_until(Duration::from_secs(10), || queue_status(&cfg)["readings"] == 0);
+    let drained = wait_until(Duration::from_secs(20), || queue_status(&cfg)["readings"] == 0);
     assert!(drained, "{}", queue_status(&cfg));
     std::thread::sleep(Duration::from_millis(300));
     let seen = lines_of(reader, &out);

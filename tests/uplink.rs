@@ -544,7 +544,7 @@ fn a_batch_over_the_brokers_maximum_packet_size_is_dropped_and_counted_not_retri
     stream(&mut devices, 200, Duration::ZERO);
     stream(&mut devices, 1, Duration::from_millis(300));
     all_acked(&mut devices, &gw);
-    assert!(wait_until(Duration::from_secs(10), || queue_status(&cfg)["batches"] == 0), "queue not drained");
+    assert!(wait_until(Duration::from_secs(20), || queue_status(&cfg)["batches"] == 0), "queue not drained");
     let log = terminate(gw);
     assert!(log.contains("over the broker's maximum packet size"), "{log}");
     assert!(summary_number(&log, "too large") >= 1, "{log}");

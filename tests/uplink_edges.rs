@@ -886,6 +886,37 @@ fn a_segment_the_disk_refuses_to_create_exits_75_and_the_restart_delivers_exactl
     );
 }
 
+/// A pad the disk refuses (full: the pad needs a new block) is cut off and
+/// skipped: it only saves writes, so the commit goes on, every reading is
+/// acked and delivered exactly once, and the gateway keeps running. Planted:
+/// the pad's write error returned from the commit → exit 75, fails.
+#[test]
+fn a_pad_the_disk_refuses_is_skipped_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let broker = Mosquitto::start(&dir.path().join("broker"), &certs, false);
+    let sub = Subscriber::start(broker.plain_port, "pad-sub", TOPIC, &dir.path().join("sub.out"));
+    let mport = free_port();
+    let up = upstream_tls(broker.tls_port, &certs.ca, "") + &metrics(mport);
+    let (mut devices, cfg) = fleet_with(dir.path(), 2, 93, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_FAIL_AT", "queue-pad:3")]);
+    for _ in 0..40 {
+        stream(&mut devices, 1, Duration::from_millis(30));
+    }
+    assert!(gw.child.try_wait().unwrap().is_none(), "the gateway exited\n{}", gw.log_text());
+    all_acked(&mut devices, &gw);
+    let got = wait_all(&sub, &devices, Duration::from_secs(30));
+    assert!(gw.child.try_wait().unwrap().is_none(), "the gateway exited\n{}", gw.log_text());
+    let m = fetch_metrics(mport);
+    let pads = sample(&m, "edge_gateway_queue_pad_bytes_total");
+    assert!(pads > 0.0 && pads < 2.0 * 4096.0, "two pads written, then none: {pads}\n{m}");
+    assert!(sample(&m, "edge_gateway_queue_commits_total") > 10.0, "{m}");
+    let (log, _) = terminate_ok(gw);
+    let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
+    assert!(expected >= 80);
+    assert_eq!((missing, doubled), (0, 0), "of {expected}\n{log}");
+}
+
 /// A failed fdatasync of `uplink.pubrec` is fatal, like the queue's: exit
 /// 75, and the restart delivers everything exactly once.
 #[test]

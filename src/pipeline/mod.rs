@@ -677,7 +677,7 @@ impl Pipeline {
             let now = self.last_now;
             self.seal(Vec::new(), Some(h), now, (self.clock)())?;
         }
-        // Acks reach the ledger at most once a second from here (see
+        // Acks reach the ledger at most every five seconds from here (see
         // `Queue::commit_paced`); the readings appended are durable now.
         let res = self.queue().commit_paced();
         match res {

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | PUBLISH batch N | nothing: its packet id is [`inflight::packet_id`]`(N)` | PUBLISH, DUP=1, same id |
 //! | PUBREC for N arrives | "N got PUBREC" in [`inflight::PubrecLog`], fdatasynced | PUBREL, same id |
-//! | PUBCOMP for N arrives | "N completed" appended to the same log (no fsync of its own); the ack of N reaches the queue's ledger within about two seconds (commits write the ledger at most once a second) | nothing if the note survived; else PUBREL again (answered with PUBCOMP) |
+//! | PUBCOMP for N arrives | "N completed" appended to the same log (no fsync of its own); the ack of N reaches the queue's ledger within about six seconds (commits write the ledger at most every five) | nothing if the note survived; else PUBREL again (answered with PUBCOMP) |
 //! | broker refuses N for good | N in `uplink.dead`, fdatasynced, then acked in the queue | nothing (`queue dead replay` sends it again) |
 //!
 //! The PUBREC log names the broker URL and client id it belongs to; a log
