@@ -200,6 +200,7 @@ pub struct Pipeline {
     state_bytes: u64,
     /// `Queue::fsyncs()` already added to `fsyncs_total{file="queue"}`.
     queue_fsyncs_counted: AtomicU64,
+    /// `Queue::pad_bytes()` already added to `queue_pad_bytes_total`.
     queue_pads_counted: AtomicU64,
     /// A batch was refused (full queue or disk) since the last checkpoint.
     refused_since_checkpoint: bool,

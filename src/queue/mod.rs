@@ -418,6 +418,22 @@ struct Segment {
     synced_len: u64,
 }
 
+impl Segment {
+    /// Write `bytes` at the end in one write(2) and count them in `len`. A
+    /// failed write is cut off again, so the next append starts clean; the
+    /// `bool` says that even the cut failed (garbage may follow `len`: never
+    /// append to this file again).
+    fn append(&mut self, bytes: &[u8]) -> std::result::Result<(), (io::Error, bool)> {
+        match self.file.write_all_at(bytes, self.len) {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => Err((e, self.file.set_len(self.len).is_err())),
+        }
+    }
+}
+
 /// In-memory index entry: one per valid record still on disk, acked or not.
 /// 40 bytes per record, independent of payload size.
 #[derive(Debug, Clone, Copy)]
@@ -621,15 +637,10 @@ impl Queue {
         }
         let seg = self.segments.back_mut().unwrap();
         let offset = seg.len;
-        if let Err(e) = seg.file.write_all_at(&rec, offset) {
-            // Cut off a partial record so the next append starts clean; if
-            // even that fails, never append after the garbage.
-            if seg.file.set_len(offset).is_err() {
-                self.force_roll = true;
-            }
+        if let Err((e, garbage)) = seg.append(&rec) {
+            self.force_roll |= garbage;
             return Err(e).ctx("appending to", &seg.path);
         }
-        seg.len += size;
         let seg_id = seg.first_id;
         self.seg_dirty = true;
         let entry = Entry { id, seg: seg_id, offset, total: size as u32, readings, created_ms };
@@ -775,20 +786,15 @@ impl Queue {
         }
         let written = if crate::crashpoint::fail("queue-pad") {
             // As a full disk answers (the pad needs a new block).
-            Err(io::Error::from(io::ErrorKind::StorageFull))
+            Err((io::Error::from(io::ErrorKind::StorageFull), false))
         } else {
-            s.file.write_all_at(&segment::encode_pad(gap as usize), s.len)
+            s.append(&segment::encode_pad(gap as usize))
         };
         match written {
-            Ok(()) => {
-                s.len += gap;
-                self.pad_bytes += gap;
-            }
-            Err(e) => {
+            Ok(()) => self.pad_bytes += gap,
+            Err((e, garbage)) => {
                 tracing::debug!(segment = %s.path.display(), error = %e, "cannot pad the segment");
-                if s.file.set_len(s.len).is_err() {
-                    self.force_roll = true;
-                }
+                self.force_roll |= garbage;
             }
         }
     }
