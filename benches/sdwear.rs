@@ -39,11 +39,22 @@ fn write_bytes(pid: u32) -> u64 {
 /// disk from everything on the machine, ext4's journal included, which
 /// `write_bytes` does not count (the kernel's journal thread writes it).
 fn device_bytes(path: &std::path::Path) -> Option<u64> {
+    device_stat(path, 6).map(|s| s * 512)
+}
+
+/// Write requests the block device holding `path` completed so far (the
+/// same file's fifth field): a card's controller programs at least a flash
+/// page per request, however few bytes it carries.
+fn device_writes(path: &std::path::Path) -> Option<u64> {
+    device_stat(path, 4)
+}
+
+fn device_stat(path: &std::path::Path, field: usize) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(path).ok()?.dev();
     let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
     let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
-    stat.split_whitespace().nth(6)?.parse::<u64>().ok().map(|s| s * 512)
+    stat.split_whitespace().nth(field)?.parse::<u64>().ok()
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -101,14 +112,15 @@ fn main() {
     // What the machine writes anyway (its logs, other processes), to set
     // the device-level figures against.
     nix::unistd::sync();
-    let idle0 = device_bytes(dir);
+    let (idle0, idle_w0) = (device_bytes(dir), device_writes(dir));
     let idle_secs = if full { 10 } else { 1 };
     std::thread::sleep(Duration::from_secs(idle_secs));
     nix::unistd::sync();
     let idle = idle0.zip(device_bytes(dir)).map_or(0.0, |(a, b)| (b - a) as f64 / idle_secs as f64);
+    let idle_w = idle_w0.zip(device_writes(dir)).map_or(0.0, |(a, b)| (b - a) as f64 / idle_secs as f64);
     let (w0, m0) = (write_bytes(pid), fetch_metrics(mport));
     nix::unistd::sync();
-    let d0 = device_bytes(dir);
+    let (d0, dw0) = (device_bytes(dir), device_writes(dir));
     let t0 = Instant::now();
     let period = Duration::from_secs_f64(1.0 / hz);
     let mut next = t0;
@@ -140,6 +152,8 @@ fn main() {
     let (w1, m1) = (write_bytes(pid), fetch_metrics(mport));
     nix::unistd::sync();
     let dev_bytes = d0.zip(device_bytes(dir)).map(|(a, b)| (b - a) as f64);
+    let dev_writes = dw0.zip(device_writes(dir)).map(|(a, b)| ((b - a) as f64 - idle_w * elapsed).max(0.0) / elapsed);
+    let dev_writes_line = dev_writes.map_or(String::new(), |w| format!("; {w:.1} write requests/s"));
     let readings =
         metric(&m1, "edge_gateway_readings_accepted_total") - metric(&m0, "edge_gateway_readings_accepted_total");
     let encoded =
@@ -174,7 +188,7 @@ fn main() {
         if let Some(g) = dev_bytes {
             let g = (g - idle * elapsed).max(0.0);
             println!(
-                "  the whole block device (ext4's journal included, less {:.1} KiB/s idle): {:.3} bytes per encoded byte",
+                "  the whole block device (ext4's journal included, less {:.1} KiB/s idle): {:.3} bytes per encoded byte{dev_writes_line}",
                 idle / 1024.0,
                 g / encoded.max(1.0)
             );
@@ -240,7 +254,7 @@ fn main() {
             println!(
                 "  the whole block device (ext4's journal included; less the {:.1} KiB/s this machine wrote while idle \
                  just before; run it on a quiet machine): {g:.0} bytes during the gateway's run = {:.1} bytes/reading, \
-                 {:.2} bytes per encoded byte, {:.1} KiB/s → {:.0} years; during Mosquitto's: {m:.0} bytes = {:.1} \
+                 {:.2} bytes per encoded byte, {:.1} KiB/s → {:.0} years{dev_writes_line}; during Mosquitto's: {m:.0} bytes = {:.1} \
                  bytes/message, {:.1} KiB/s → {:.0} years",
                 idle / 1024.0,
                 g / readings.max(1.0),

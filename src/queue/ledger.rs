@@ -7,12 +7,14 @@
 //! not atomic; appending 20 bytes is both cheap and torn-write safe (a torn
 //! entry fails its CRC and the previous one still stands). The file is
 //! compacted (rewrite-to-temp, fsync, rename, fsync dir) when it passes
-//! [`COMPACT_AT`], i.e. about once every 3,000 ledger updates.
+//! [`COMPACT_AT`], i.e. about once every 3,000 ledger updates. Appends
+//! write 512-byte blocks where the file system allows, so the file may end
+//! in zeros after its last entry ([`super::SectorFile`]).
 
+use super::sector::{SectorFile, only_zeros};
 use super::segment::CRC;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub(crate) const ENTRY_BYTES: u64 = 20;
@@ -55,6 +57,7 @@ pub(crate) struct Loaded {
     /// False if there is a torn or corrupt entry (or a partial one that
     /// would misalign later appends): the writer must compact before appending.
     pub clean: bool,
+    /// Where the entries end (zero padding after them not counted).
     pub len: u64,
 }
 
@@ -63,7 +66,7 @@ pub(crate) struct Ledger {
     tmp_path: PathBuf,
     /// Opened lazily on the first write, so a queue that never acks never
     /// creates the file (and `open_readonly` never creates anything).
-    file: Option<File>,
+    file: Option<SectorFile>,
     len: u64,
     /// Compaction threshold; [`COMPACT_AT`] except in tests, which lower it
     /// rather than issue thousands of fsyncs.
@@ -86,14 +89,20 @@ impl Ledger {
             Err(e) => return Err(e),
         };
         let mut state = LedgerState::default();
-        let mut clean = (bytes.len() as u64).is_multiple_of(ENTRY_BYTES);
-        for chunk in bytes.chunks_exact(ENTRY_BYTES as usize) {
-            match LedgerState::decode(chunk) {
+        let mut clean = true;
+        let mut len = bytes.len();
+        for (at, chunk) in (0..).step_by(ENTRY_BYTES as usize).zip(bytes.chunks(ENTRY_BYTES as usize)) {
+            if only_zeros(&bytes[at..]) {
+                // The zero padding of a direct append (no entry is all zeros).
+                len = at;
+                break;
+            }
+            match (chunk.len() == ENTRY_BYTES as usize).then(|| LedgerState::decode(chunk)).flatten() {
                 Some(s) => state = s,
                 None => clean = false,
             }
         }
-        Ok(Loaded { state, clean, len: bytes.len() as u64 })
+        Ok(Loaded { state, clean, len: len as u64 })
     }
 
     pub fn new(dir: &Path, loaded: &Loaded) -> Self {
@@ -123,13 +132,12 @@ impl Ledger {
         // entry is not durable until the caller fsyncs the directory.
         let created = self.file.is_none() && self.len == 0;
         if self.file.is_none() {
-            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&self.path)?;
-            self.file = Some(f);
+            self.file = Some(SectorFile::open(&self.path, self.len)?);
         }
-        let f = self.file.as_ref().unwrap();
-        if let Err(e) = f.write_all_at(&state.encode(), self.len) {
+        let f = self.file.as_mut().unwrap();
+        if let Err(e) = f.append(&state.encode()) {
             // Leave no partial entry behind to misalign the next append.
-            let _ = f.set_len(self.len);
+            let _ = f.truncate(self.len);
             return Err(e);
         }
         self.len += ENTRY_BYTES;
@@ -143,9 +151,9 @@ impl Ledger {
     /// file, fsync it, rename it over the ledger, fsync the directory. At every
     /// instant either the old or the new ledger is the one on disk.
     pub fn compact(&mut self, state: LedgerState, fsyncs: &mut u64) -> io::Result<()> {
-        let f = super::replace_file(&self.tmp_path, &self.path, &state.encode(), fsyncs)?;
+        drop(super::replace_file(&self.tmp_path, &self.path, &state.encode(), fsyncs)?);
         super::sync_dir(self.path.parent().unwrap(), fsyncs)?;
-        self.file = Some(f);
+        self.file = Some(SectorFile::open(&self.path, ENTRY_BYTES)?);
         self.len = ENTRY_BYTES;
         self.state = state;
         Ok(())

@@ -174,6 +174,7 @@ mod ledger;
 mod open;
 #[cfg(test)]
 use open::parse_segment_name;
+mod sector;
 mod seg_index;
 mod segment;
 
@@ -185,6 +186,7 @@ pub const LEDGER_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// at least this (a 4 KiB pad is then at most 1/256 of it).
 pub const PAD_MIN_SEGMENT: u64 = 1 << 20;
 
+pub(crate) use sector::{SectorFile, only_zeros};
 /// The CRC-32 (ISO-HDLC) of every record, index and ledger entry; other
 /// small files of the gateway use it too.
 pub(crate) use segment::CRC;

@@ -165,7 +165,7 @@ fn paced_commit_writes_the_ledger_once_a_period() {
     let d = tmp();
     let (mut q, _) = Queue::open(d.path(), big()).unwrap();
     q.ledger_every = std::time::Duration::from_secs(3600);
-    let ledger_len = |d: &TempDir| fs::metadata(d.path().join("ledger")).map_or(0, |m| m.len());
+    let ledger_len = |d: &TempDir| ledger::Ledger::load(d.path()).unwrap().len;
     for i in 1..=3 {
         q.append(1, i, &payload(i, 10)).unwrap();
     }
@@ -456,7 +456,7 @@ fn ack_reclaim_and_ledger_compaction() {
     for i in 18..=23 {
         q.ack_through(i).unwrap();
         q.commit().unwrap();
-        assert!(fs::metadata(d.path().join("ledger")).unwrap().len() <= 5 * ledger::ENTRY_BYTES);
+        assert!(ledger::Ledger::load(d.path()).unwrap().len <= 5 * ledger::ENTRY_BYTES);
     }
     assert_eq!(q.reclaim().unwrap(), 2);
     assert!(seg_files(d.path()).is_empty());

@@ -18,10 +18,10 @@
 //! broker reports a lost session, because a PUBREL for a batch the broker
 //! no longer holds would be answered with PUBCOMP and the batch lost.
 
-use crate::queue::{CRC, rewrite_durably, sync_dir};
+use crate::queue::{CRC, SectorFile, only_zeros, rewrite_durably, sync_dir};
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 const REC: usize = 13;
@@ -61,7 +61,8 @@ pub enum Reset {
 
 pub struct PubrecLog {
     path: PathBuf,
-    file: File,
+    /// Appends write 512-byte blocks, not 4 KiB pages (see [`SectorFile`]).
+    file: SectorFile,
     ids: BTreeSet<u64>,
     /// Batches whose PUBCOMP (or QoS 1 PUBACK) arrived while their queue ack
     /// may not be durable yet: they are delivered, whatever became of the
@@ -150,6 +151,10 @@ impl PubrecLog {
                         completed.insert(id);
                     }
                 }
+                if only_zeros(&buf[valid as usize..]) {
+                    // The zero padding of a direct append: not a torn tail.
+                    on_disk = valid;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -165,7 +170,7 @@ impl PubrecLog {
             ids.clear();
         }
         let mut log = PubrecLog {
-            file: OpenOptions::new().create(true).append(true).open(&path)?,
+            file: SectorFile::open(&path, valid)?,
             path,
             ids,
             completed,
@@ -231,7 +236,7 @@ impl PubrecLog {
         let buf = encode_kind(b'C', ids.iter().copied());
         if let Err(e) = self.write(&buf) {
             tracing::debug!("uplink.pubrec: cannot note completed batches: {e}");
-            let _ = self.file.set_len(self.bytes);
+            let _ = self.file.truncate(self.bytes);
             return;
         }
         self.bytes += buf.len() as u64;
@@ -260,7 +265,7 @@ impl PubrecLog {
         if let Err(e) = self.write(&buf) {
             // Cut a partial record off: the next append must start on a
             // record boundary, or every entry after it would be unreadable.
-            if let Err(t) = self.file.set_len(self.bytes) {
+            if let Err(t) = self.file.truncate(self.bytes) {
                 return Err(WriteError::Sync(io::Error::other(format!("{e}; and cutting it off failed: {t}"))));
             }
             return Err(WriteError::Write(e));
@@ -295,7 +300,7 @@ impl PubrecLog {
             return self.rewrite().map_err(WriteError::Sync);
         }
         let keep = if self.confirmed { identity_len(&self.identity) } else { 0 };
-        self.file.set_len(keep).map_err(WriteError::Write)?;
+        self.file.truncate(keep).map_err(WriteError::Write)?;
         self.file.sync_data().map_err(WriteError::Sync)?;
         self.fsyncs += 1;
         self.bytes = keep;
@@ -306,7 +311,8 @@ impl PubrecLog {
         let mut buf = if self.confirmed { encode_identity(&self.identity) } else { Vec::new() };
         buf.extend(encode(self.ids.iter().copied()));
         buf.extend(encode_kind(b'C', self.completed.iter().copied()));
-        self.file = rewrite_durably(&self.path, "pubrec.tmp", &buf, &mut self.fsyncs)?;
+        drop(rewrite_durably(&self.path, "pubrec.tmp", &buf, &mut self.fsyncs)?);
+        self.file = SectorFile::open(&self.path, buf.len() as u64)?;
         self.bytes = buf.len() as u64;
         Ok(())
     }
@@ -315,17 +321,17 @@ impl PubrecLog {
 impl PubrecLog {
     #[cfg(not(test))]
     fn write(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all(buf)
+        self.file.append(buf)
     }
 
     #[cfg(test)]
     fn write(&mut self, buf: &[u8]) -> io::Result<()> {
         match self.short_write {
             Some(n) if n < buf.len() => {
-                self.file.write_all(&buf[..n])?;
+                self.file.append(&buf[..n])?;
                 Err(io::Error::from_raw_os_error(28)) // ENOSPC
             }
-            _ => self.file.write_all(buf),
+            _ => self.file.append(buf),
         }
     }
 }
