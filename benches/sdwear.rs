@@ -105,12 +105,9 @@ fn main() {
     let store = std::env::var("SDWEAR_STORE").unwrap_or_default();
     println!("settings: [pipeline] {pipeline:?} [store] {store:?}");
     let cfg = write_config_extra(dir, &ports, &pipeline, &store, &up);
-    let gw = Gateway::start(&cfg);
-    assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains("connected (MQTT")), "{}", gw.log_text());
-    std::thread::sleep(Duration::from_secs(1));
-    let pid = gw.child.id();
     // What the machine writes anyway (its logs, other processes), to set
-    // the device-level figures against.
+    // the device-level figures against; before the gateway starts, so its
+    // own start-up writes are not taken for the machine's.
     nix::unistd::sync();
     let (idle0, idle_w0) = (device_bytes(dir), device_writes(dir));
     let idle_secs = if full { 10 } else { 1 };
@@ -118,6 +115,10 @@ fn main() {
     nix::unistd::sync();
     let idle = idle0.zip(device_bytes(dir)).map_or(0.0, |(a, b)| (b - a) as f64 / idle_secs as f64);
     let idle_w = idle_w0.zip(device_writes(dir)).map_or(0.0, |(a, b)| (b - a) as f64 / idle_secs as f64);
+    let gw = Gateway::start(&cfg);
+    assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains("connected (MQTT")), "{}", gw.log_text());
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = gw.child.id();
     let (w0, m0) = (write_bytes(pid), fetch_metrics(mport));
     nix::unistd::sync();
     let (d0, dw0) = (device_bytes(dir), device_writes(dir));
@@ -167,8 +168,14 @@ fn main() {
         })
         .collect();
     let pads = metric(&m1, "edge_gateway_queue_pad_bytes_total") - metric(&m0, "edge_gateway_queue_pad_bytes_total");
+    let zeros =
+        metric(&m1, "edge_gateway_queue_prefill_bytes_total") - metric(&m0, "edge_gateway_queue_prefill_bytes_total");
     let fsyncs_line = fsyncs.iter().map(|(f, n)| format!("{f} {n:.1}")).collect::<Vec<_>>().join(", ")
-        + &format!(" (queue padding written: {:.2} bytes per encoded byte)", pads / encoded.max(1.0));
+        + &format!(
+            " (queue padding written: {:.2}, zeros ahead: {:.2} bytes per encoded byte)",
+            pads / encoded.max(1.0),
+            zeros / encoded.max(1.0)
+        );
     let gw_bytes = (w1 - w0) as f64;
     let _ = gw.terminate();
     let card = 32e9;

@@ -892,6 +892,23 @@ fn a_segment_the_disk_refuses_to_create_exits_75_and_the_restart_delivers_exactl
 /// the pad's write error returned from the commit → exit 75, fails.
 #[test]
 fn a_pad_the_disk_refuses_is_skipped_and_loses_nothing() {
+    a_refused_saving_write_is_skipped("queue-pad:3", "edge_gateway_queue_pad_bytes_total", |pads| {
+        (pads > 0.0 && pads < 2.0 * 4096.0).then_some(()).ok_or("two pads written, then none")
+    });
+}
+
+/// The same for zeros written ahead of a segment's end: the first 64 KiB
+/// are written, every later attempt is refused (a full disk) and skipped.
+/// Over 20 padded commits the segment passes 13 pages, where the second
+/// attempt comes. Planted: the error returned from the commit → exit 75, fails.
+#[test]
+fn zeros_ahead_the_disk_refuses_are_skipped_and_lose_nothing() {
+    a_refused_saving_write_is_skipped("queue-prefill:2", "edge_gateway_queue_prefill_bytes_total", |zeros| {
+        (zeros == 65536.0).then_some(()).ok_or("64 KiB of zeros written once, then none")
+    });
+}
+
+fn a_refused_saving_write_is_skipped(fail_at: &str, metric: &str, check: impl Fn(f64) -> Result<(), &'static str>) {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
     let broker = Mosquitto::start(&dir.path().join("broker"), &certs, false);
@@ -899,8 +916,8 @@ fn a_pad_the_disk_refuses_is_skipped_and_loses_nothing() {
     let mport = free_port();
     let up = upstream_tls(broker.tls_port, &certs.ca, "") + &metrics(mport);
     let (mut devices, cfg) = fleet_with(dir.path(), 2, 93, 0.0, |_| Framing::Jsonl, PIPELINE, STORE, &up);
-    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_FAIL_AT", "queue-pad:3")]);
-    for _ in 0..40 {
+    let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_FAIL_AT", fail_at)]);
+    for _ in 0..80 {
         stream(&mut devices, 1, Duration::from_millis(30));
     }
     assert!(gw.child.try_wait().unwrap().is_none(), "the gateway exited\n{}", gw.log_text());
@@ -908,12 +925,13 @@ fn a_pad_the_disk_refuses_is_skipped_and_loses_nothing() {
     let got = wait_all(&sub, &devices, Duration::from_secs(30));
     assert!(gw.child.try_wait().unwrap().is_none(), "the gateway exited\n{}", gw.log_text());
     let m = fetch_metrics(mport);
-    let pads = sample(&m, "edge_gateway_queue_pad_bytes_total");
-    assert!(pads > 0.0 && pads < 2.0 * 4096.0, "two pads written, then none: {pads}\n{m}");
-    assert!(sample(&m, "edge_gateway_queue_commits_total") > 10.0, "{m}");
+    if let Err(want) = check(sample(&m, metric)) {
+        panic!("{metric}: {want}\n{m}");
+    }
+    assert!(sample(&m, "edge_gateway_queue_commits_total") > 20.0, "{m}");
     let (log, _) = terminate_ok(gw);
     let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
-    assert!(expected >= 80);
+    assert!(expected >= 160);
     assert_eq!((missing, doubled), (0, 0), "of {expected}\n{log}");
 }
 

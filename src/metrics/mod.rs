@@ -165,6 +165,9 @@ counters! {
     /// See `Queue::pad_to_page`.
     queue_pad_bytes: Counter "queue_pad_bytes_total",
         "Padding queue commits wrote to end a segment on a 4 KiB page while the backlog is small (the next commit then rewrites no page).";
+    /// See `Queue::fill_ahead`.
+    queue_prefill_bytes: Counter "queue_prefill_bytes_total",
+        "Zeros small queue commits wrote ahead of the segment's end, so later commits change no file size (no journal commit each).";
     /// See `pipeline::CHECKPOINT_RETRY_MIN`.
     checkpoints_failed: Counter "checkpoints_failed_total",
         "Checkpoints (the dedup and ack state file) that could not be written; each is tried again after a pause.";

@@ -202,6 +202,8 @@ pub struct Pipeline {
     queue_fsyncs_counted: AtomicU64,
     /// `Queue::pad_bytes()` already added to `queue_pad_bytes_total`.
     queue_pads_counted: AtomicU64,
+    /// `Queue::prefill_bytes()` already added to `queue_prefill_bytes_total`.
+    queue_prefill_counted: AtomicU64,
     /// A batch was refused (full queue or disk) since the last checkpoint.
     refused_since_checkpoint: bool,
     last_error_log: Option<Instant>,
@@ -283,6 +285,7 @@ impl Pipeline {
             state_bytes: 0,
             queue_fsyncs_counted: AtomicU64::new(0),
             queue_pads_counted: AtomicU64::new(0),
+            queue_prefill_counted: AtomicU64::new(0),
             refused_since_checkpoint: false,
             last_error_log: None,
             clock,
@@ -806,6 +809,7 @@ impl Pipeline {
         let q = self.queue();
         Metrics::add_growth(&self.metrics.fsyncs_queue, &self.queue_fsyncs_counted, q.fsyncs());
         Metrics::add_growth(&self.metrics.queue_pad_bytes, &self.queue_pads_counted, q.pad_bytes());
+        Metrics::add_growth(&self.metrics.queue_prefill_bytes, &self.queue_prefill_counted, q.prefill_bytes());
     }
 
     /// Seal, commit, write the state file, then let the queue delete what

@@ -216,4 +216,31 @@ mod tests {
         assert_eq!(got.len, 5 * ENTRY_BYTES, "compacted at 21, then 4 appends");
         assert!(!dir.path().join("ledger.tmp").exists());
     }
+
+    /// A direct append leaves zeros after the last entry, up to the end of
+    /// its 512-byte block (whatever file system this test runs on, the zeros
+    /// are written here by hand): they end the ledger, they are no torn entry.
+    #[test]
+    fn zeros_after_the_last_entry_are_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Ledger::path_in(dir.path());
+        let (a, b) =
+            (LedgerState { acked_through: 256, high_water: 0 }, LedgerState { acked_through: 3, high_water: 4 });
+        let entries = [a.encode(), b.encode()].concat();
+        for zeros in [0, 1, 19, 20, 512 - 40, 4096] {
+            fs::write(&p, [&entries[..], &vec![0; zeros]].concat()).unwrap();
+            let got = Ledger::load(dir.path()).unwrap();
+            assert!(got.clean, "{zeros} zeros");
+            assert_eq!((got.state, got.len), (b, 2 * ENTRY_BYTES), "{zeros} zeros");
+            // The next append goes right after the last entry.
+            let mut n = 0;
+            let mut l = Ledger::new(dir.path(), &got);
+            l.write(a, &mut n).unwrap();
+            let got = Ledger::load(dir.path()).unwrap();
+            assert_eq!((got.state, got.len, got.clean), (a, 3 * ENTRY_BYTES, true), "{zeros} zeros");
+        }
+        // Zeros with something after them are a damaged file, not padding.
+        fs::write(&p, [&entries[..], &[0; 30], &[7]].concat()).unwrap();
+        assert!(!Ledger::load(dir.path()).unwrap().clean);
+    }
 }

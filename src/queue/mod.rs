@@ -60,6 +60,20 @@
 //! pads reads a pad as a corrupt region: it counts it, repairs the segment
 //! and loses no record.
 //!
+//! # Zeros ahead
+//!
+//! While pads are written, a small commit (under [`PREFILL_BELOW`] new
+//! bytes) also makes sure the segment has zeros written ahead of its end:
+//! when fewer than 16 KiB are left it writes the next 64 KiB of zeros, durable
+//! with that commit. Later commits then overwrite blocks the file already
+//! has, within its size, so their fdatasync changes no metadata: on a
+//! journalling file system (ext4 on a Pi's SD card) that is one journal
+//! commit per 64 KiB instead of one per commit, each several 4 KiB blocks,
+//! more than the readings themselves at a site's pace. The cost is that each
+//! segment byte is written twice (zeros, then records). Zeros after the last
+//! record are the end of the segment, not damage: `open` cuts them off
+//! without reporting a torn tail, and sealing a segment cuts them off too.
+//!
 //! # Durability
 //!
 //! `append` writes each record with one write(2) and no fsync. `commit` is
@@ -185,6 +199,13 @@ pub const LEDGER_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Commits pad segments to a page boundary only if a segment may grow to
 /// at least this (a 4 KiB pad is then at most 1/256 of it).
 pub const PAD_MIN_SEGMENT: u64 = 1 << 20;
+
+/// A commit of fewer new bytes than this writes zeros ahead (see the
+/// module docs): below it the journal commit it saves costs more than the
+/// zeros.
+pub const PREFILL_BELOW: u64 = 16 << 10;
+/// How many bytes of zeros ahead at a time.
+const PREFILL_CHUNK: u64 = 64 << 10;
 
 pub(crate) use sector::{SectorFile, only_zeros};
 /// The CRC-32 (ISO-HDLC) of every record, index and ledger entry; other
@@ -418,6 +439,8 @@ struct Segment {
     last_id: u64,
     /// Length known durable (for tests that simulate losing the rest).
     synced_len: u64,
+    /// The file's size: zeros written ahead between `len` and it.
+    filled: u64,
 }
 
 impl Segment {
@@ -429,9 +452,43 @@ impl Segment {
         match self.file.write_all_at(bytes, self.len) {
             Ok(()) => {
                 self.len += bytes.len() as u64;
+                self.filled = self.filled.max(self.len);
                 Ok(())
             }
-            Err(e) => Err((e, self.file.set_len(self.len).is_err())),
+            Err(e) => {
+                self.filled = self.len;
+                Err((e, self.file.set_len(self.len).is_err()))
+            }
+        }
+    }
+
+    /// Write zeros from the end of the file up to `to` (see "Zeros ahead"
+    /// in the module docs). A failure is cut off again; the bool as for
+    /// `append`.
+    fn fill_to(&mut self, to: u64) -> std::result::Result<(), (io::Error, bool)> {
+        let from = self.filled;
+        if to <= from {
+            return Ok(());
+        }
+        let written = if crate::crashpoint::fail("queue-prefill") {
+            Err(io::Error::from(io::ErrorKind::StorageFull))
+        } else {
+            // A page per write(2): one 64 KiB write makes the page cache
+            // hold it as one 64 KiB folio, and every later commit writing a
+            // page of it would dirty (and count, in the process's
+            // write_bytes) all 64 KiB.
+            let zeros = [0u8; PAGE as usize];
+            (from..to).step_by(PAGE as usize).try_for_each(|at| {
+                let n = (to - at).min(PAGE) as usize;
+                self.file.write_all_at(&zeros[..n], at)
+            })
+        };
+        match written {
+            Ok(()) => {
+                self.filled = to;
+                Ok(())
+            }
+            Err(e) => Err((e, self.file.set_len(from).is_err())),
         }
     }
 }
@@ -538,6 +595,10 @@ pub struct Queue {
     pad_bytes: u64,
     /// [`PAD_MIN_SEGMENT`] except in tests.
     pub(crate) pad_min_segment: u64,
+    /// `roll` is committing the segment it seals: no zeros ahead for it.
+    sealing: bool,
+    /// Bytes of zeros written ahead (see the module docs).
+    prefill_bytes: u64,
 }
 
 impl std::fmt::Debug for Queue {
@@ -670,8 +731,21 @@ impl Queue {
     /// Commit what the current segment holds (so only the newest segment ever
     /// has uncommitted bytes), then start `dir/segments/<first_id>.seg`.
     fn roll(&mut self, first_id: u64) -> Result<()> {
+        if let Some(s) = self.segments.back_mut()
+            && s.filled > s.len
+        {
+            // Sealed without its zeros ahead (durable with the commit below).
+            if let Err(e) = s.file.set_len(s.len) {
+                tracing::debug!(segment = %s.path.display(), error = %e, "cannot cut the zeros ahead off");
+            }
+            s.filled = s.len;
+            self.seg_dirty = true;
+        }
         if !self.segments.is_empty() {
-            self.commit()?;
+            self.sealing = true;
+            let committed = self.commit();
+            self.sealing = false;
+            committed?;
             self.write_sealed_index();
         }
         let path = self.seg_dir.join(format!("{first_id:020}.seg"));
@@ -682,7 +756,7 @@ impl Queue {
         }
         let file =
             OpenOptions::new().read(true).write(true).create_new(true).open(&path).ctx("creating segment", &path)?;
-        self.segments.push_back(Segment { first_id, path, file, len: 0, last_id: 0, synced_len: 0 });
+        self.segments.push_back(Segment { first_id, path, file, len: 0, last_id: 0, synced_len: 0, filled: 0 });
         self.seg_dir_dirty = true;
         self.force_roll = false;
         Ok(())
@@ -746,6 +820,7 @@ impl Queue {
     fn commit_inner(&mut self, ledger: bool) -> Result<()> {
         if self.seg_dirty {
             self.pad_to_page();
+            self.fill_ahead();
             let s = self.segments.back_mut().unwrap();
             s.file.sync_data().ctx("syncing", &s.path)?;
             s.synced_len = s.len;
@@ -777,7 +852,7 @@ impl Queue {
     /// that cannot be written is cut off again and skipped: it only saves
     /// writes.
     fn pad_to_page(&mut self) {
-        if self.seg_limit < self.pad_min_segment || self.live_bytes > self.opts.max_bytes / 8 {
+        if !self.small_backlog() {
             return;
         }
         let s = self.segments.back_mut().unwrap();
@@ -796,6 +871,35 @@ impl Queue {
             Ok(()) => self.pad_bytes += gap,
             Err((e, garbage)) => {
                 tracing::debug!(segment = %s.path.display(), error = %e, "cannot pad the segment");
+                self.force_roll |= garbage;
+            }
+        }
+    }
+
+    /// Pads and zeros ahead only while the backlog is small and segments
+    /// may reach [`PAD_MIN_SEGMENT`] (see the module docs).
+    fn small_backlog(&self) -> bool {
+        self.seg_limit >= self.pad_min_segment && self.live_bytes <= self.opts.max_bytes / 8
+    }
+
+    /// After a small commit's pad: zeros ahead of the segment's end, if
+    /// fewer than a quarter of [`PREFILL_CHUNK`] are left (module docs). A
+    /// failure is skipped like a pad's: zeros only save writes.
+    fn fill_ahead(&mut self) {
+        let seg_limit = self.seg_limit;
+        if self.sealing || !self.small_backlog() {
+            return;
+        }
+        let s = self.segments.back_mut().unwrap();
+        if s.len - s.synced_len >= PREFILL_BELOW || s.filled >= s.len + PREFILL_CHUNK / 4 {
+            return;
+        }
+        let to = (s.len + PREFILL_CHUNK).next_multiple_of(PAGE).min(seg_limit.max(s.len));
+        let from = s.filled;
+        match s.fill_to(to) {
+            Ok(()) => self.prefill_bytes += to.saturating_sub(from),
+            Err((e, garbage)) => {
+                tracing::debug!(segment = %s.path.display(), error = %e, "cannot write zeros ahead");
                 self.force_roll |= garbage;
             }
         }
@@ -1061,6 +1165,11 @@ impl Queue {
     /// Bytes of padding commits wrote so far (see the module docs).
     pub fn pad_bytes(&self) -> u64 {
         self.pad_bytes
+    }
+
+    /// Bytes of zeros written ahead of segments' ends so far.
+    pub fn prefill_bytes(&self) -> u64 {
+        self.prefill_bytes
     }
 
     /// The ledger head as last written (and synced).

@@ -152,7 +152,15 @@ impl Queue {
                     if opts.trust_index {
                         index.extend(records.iter().map(|r| Entry::new(r, first_id)));
                         last_id = index.back().expect("records").last_id();
-                        segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });
+                        segments.push_back(Segment {
+                            first_id,
+                            path,
+                            file,
+                            len,
+                            last_id,
+                            synced_len: len,
+                            filled: len,
+                        });
                         indexed_segments += 1;
                         continue;
                     }
@@ -175,7 +183,11 @@ impl Queue {
             let scan = segment::scan(&bytes, last_id);
             let tail = scan.tail_start.map(|t| (t, bytes.len() as u64 - t));
             let mut corrupt = scan.corrupt_regions;
+            // Zeros after the last record: written ahead (or an append whose
+            // data never reached the disk), not damage. Cut off below.
+            let zeros = tail.is_some_and(|(t, _)| super::only_zeros(&bytes[t as usize..]));
             match tail {
+                _ if zeros => {}
                 Some((_, n)) if is_last => report.truncated_bytes += n,
                 Some(_) => corrupt += 1,
                 None => {}
@@ -242,7 +254,7 @@ impl Queue {
             index.extend(records.iter().map(|r| Entry::new(r, first_id)));
             // A record may own several ids (its span).
             last_id = index.back().expect("records").last_id();
-            segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len });
+            segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len, filled: len });
         }
         if !readonly && let Some(s) = segments.back() {
             // The append target (possibly an indexed segment whose successor
@@ -300,6 +312,8 @@ impl Queue {
             ledger_every: super::LEDGER_EVERY,
             pad_bytes: 0,
             pad_min_segment: super::PAD_MIN_SEGMENT,
+            sealing: false,
+            prefill_bytes: 0,
         };
         for e in q.index.range(q.first_live()..) {
             q.live_bytes += e.total as u64;

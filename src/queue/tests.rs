@@ -1330,19 +1330,20 @@ fn a_broken_disk_is_told_from_a_refusal() {
 #[test]
 fn commits_pad_to_a_page_while_the_backlog_is_small() {
     let d = tmp();
-    let seg_len = |d: &TempDir| seg_files(d.path()).iter().map(|p| fs::metadata(p).unwrap().len()).collect::<Vec<_>>();
+    // Where the records and pads end (the file has zeros written ahead).
+    let seg_len = |q: &Queue| q.segments.iter().map(|s| s.len).collect::<Vec<_>>();
     let (mut q, _) = Queue::open(d.path(), big()).unwrap();
     for i in 1..=3 {
         q.append(1, i, &payload(i, 100)).unwrap();
     }
     q.commit().unwrap();
-    assert_eq!(seg_len(&d), [PAGE]);
+    assert_eq!(seg_len(&q), [PAGE]);
     assert_eq!(q.pad_bytes(), PAGE - 3 * (OVERHEAD as u64 + 100));
     q.append(1, 4, &payload(4, 5000)).unwrap();
     q.commit().unwrap();
-    assert_eq!(seg_len(&d), [3 * PAGE], "the next commit starts on a fresh page");
+    assert_eq!(seg_len(&q), [3 * PAGE], "the next commit starts on a fresh page");
     q.commit().unwrap();
-    assert_eq!(seg_len(&d), [3 * PAGE], "nothing appended, nothing padded");
+    assert_eq!(seg_len(&q), [3 * PAGE], "nothing appended, nothing padded");
     let want: Vec<(u64, Vec<u8>)> = (1..=4).map(|i| (i, payload(i, if i == 4 { 5000 } else { 100 }))).collect();
     assert_eq!(live(&q), want);
     drop(q);
@@ -1400,12 +1401,84 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
     q.append(1, 402, &payload(402, 3000)).unwrap();
     q.commit().unwrap();
     assert!(q.pad_bytes() > 0, "drained: padded again");
-    assert_eq!(seg_len(&d).iter().sum::<u64>() % PAGE, 0);
+    assert_eq!(seg_len(&q).iter().sum::<u64>() % PAGE, 0);
     drop(q);
     // Segments under PAD_MIN_SEGMENT: no pads.
     let d = tmp();
     let (mut q, _) = Queue::open(d.path(), opts(1 << 30, WhenFull::DropOldest, PAD_MIN_SEGMENT - 1)).unwrap();
     q.append(1, 1, &payload(1, 100)).unwrap();
     q.commit().unwrap();
-    assert_eq!((q.pad_bytes(), seg_len(&d)), (0, vec![OVERHEAD as u64 + 100]));
+    assert_eq!((q.pad_bytes(), seg_len(&q)), (0, vec![OVERHEAD as u64 + 100]));
+}
+
+/// Small commits write zeros ahead of the segment's end (64 KiB when fewer
+/// than 16 KiB are left), so later commits overwrite blocks within the file's
+/// size; a big commit does not. A reopen cuts the zeros off without calling
+/// them a torn tail, and a sealed segment has none (its index still loads).
+#[test]
+fn small_commits_write_zeros_ahead_and_reopen_and_seal_cut_them_off() {
+    let d = tmp();
+    let file_len = |d: &TempDir| seg_files(d.path()).iter().map(|p| fs::metadata(p).unwrap().len()).collect::<Vec<_>>();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    let mut want = Vec::new();
+    let add = |q: &mut Queue, want: &mut Vec<(u64, Vec<u8>)>, i: u64, n: usize| {
+        q.append(1, i, &payload(i, n)).unwrap();
+        want.push((i, payload(i, n)));
+    };
+    for i in 1..=3 {
+        add(&mut q, &mut want, i, 100);
+    }
+    q.commit().unwrap();
+    assert_eq!(file_len(&d), [PAGE + PREFILL_CHUNK], "zeros ahead of the first page");
+    let bytes = fs::read(&seg_files(d.path())[0]).unwrap();
+    assert!(only_zeros(&bytes[PAGE as usize..]));
+    for i in 4..=9 {
+        add(&mut q, &mut want, i, 1000);
+        q.commit().unwrap();
+    }
+    assert_eq!(q.segments[0].len, 7 * PAGE);
+    assert_eq!(file_len(&d), [PAGE + PREFILL_CHUNK], "written within the zeros: the file kept its size");
+    for i in 10..=21 {
+        add(&mut q, &mut want, i, 3000);
+        q.commit().unwrap();
+    }
+    assert_eq!(q.segments[0].len, 19 * PAGE);
+    // At 14 pages fewer than 16 KiB of zeros were left: 64 KiB from there.
+    assert_eq!(file_len(&d), [14 * PAGE + PREFILL_CHUNK], "zeros written ahead again");
+    drop(q);
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(21), "zeros ahead are no torn tail");
+    assert_eq!(file_len(&d), [19 * PAGE], "cut off at open");
+    assert_eq!(live(&q), want);
+    add(&mut q, &mut want, 22, 20_000);
+    q.commit().unwrap();
+    assert_eq!(file_len(&d), [24 * PAGE], "a big commit writes no zeros ahead");
+    drop(q);
+
+    // Sealed segments keep no zeros and load from their index: a record that
+    // does not fit rolls to a new segment while the old one has zeros ahead.
+    let d = tmp();
+    let o = opts(1 << 30, WhenFull::DropOldest, PAD_MIN_SEGMENT);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    let mut want = Vec::new();
+    for i in 1..=30 {
+        let n = if i % 10 == 0 { 1_020_000 } else { 2000 };
+        add(&mut q, &mut want, i, n);
+        q.commit().unwrap();
+    }
+    let sealed = seg_files(d.path()).len() - 1;
+    assert!(sealed >= 3, "rolled at 10 (with zeros ahead of 36 KiB of records) and after");
+    for s in q.segments.iter().take(sealed) {
+        assert_eq!(
+            fs::metadata(&s.path).unwrap().len(),
+            s.len,
+            "sealed segment {} ends at its last record",
+            s.first_id
+        );
+    }
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(q.indexed_segments(), sealed as u64);
+    assert_eq!(rep, clean(30));
+    assert_eq!(live(&q), want);
 }

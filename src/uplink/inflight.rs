@@ -472,6 +472,33 @@ mod tests {
         assert!(log.contains(1) && log.contains(4) && !log.contains(2) && log.len() == 2);
     }
 
+    /// Zeros after the last record (a direct append pads its 512-byte block
+    /// with them; written by hand here, whatever the file system) end the
+    /// log: the entries stand and the file is not rewritten (same inode).
+    #[test]
+    fn zeros_after_the_last_record_end_the_log_without_a_rewrite() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("uplink.pubrec");
+        let mut log = open(dir.path(), 0);
+        log.record(&[1, 2]).unwrap();
+        log.record_completed(&[1]);
+        drop(log);
+        let valid = identity_len(A) + 3 * REC as u64;
+        let mut bytes = fs::read(&p).unwrap();
+        bytes.truncate(valid as usize);
+        bytes.resize(1024, 0);
+        fs::write(&p, &bytes).unwrap();
+        let ino = fs::metadata(&p).unwrap().ino();
+        let mut log = open(dir.path(), 0);
+        assert!(log.contains(1) && log.contains(2) && log.is_completed(1) && log.len() == 2);
+        assert_eq!(fs::metadata(&p).unwrap().ino(), ino, "not rewritten");
+        log.record(&[3]).unwrap();
+        drop(log);
+        let log = open(dir.path(), 0);
+        assert!(log.contains(3) && log.len() == 3 && log.is_completed(1));
+    }
+
     #[test]
     fn completed_batches_survive_reopen_a_lost_session_and_a_broker_change() {
         let dir = tempfile::tempdir().unwrap();
