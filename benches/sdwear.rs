@@ -15,6 +15,12 @@
 //! at a time as fast as the acks let it, `SDWEAR_READINGS` (50,000) each;
 //! no Mosquitto part then. fsyncs per second are printed by file, from
 //! `edge_gateway_fsyncs_total`.
+//!
+//! The data dirs live in `TMPDIR`. On a disk with a journal, as a Pi's ext4
+//! has (this VM's has none), the device's own figure is the one that counts:
+//! `truncate -s 2G img && mkfs.ext4 -E lazy_itable_init=0,lazy_journal_init=0
+//! img && mount -o loop img /mnt/pi`, then `TMPDIR=/mnt/pi cargo bench --bench
+//! sdwear` (the loop device then carries that file system's writes alone).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -36,7 +42,7 @@ fn write_bytes(pid: u32) -> u64 {
 
 /// Bytes written to the block device holding `path` so far, from
 /// `/sys/dev/block/MAJ:MIN/stat` (sectors written × 512): what reached the
-/// disk from everything on the machine, ext4's journal included, which
+/// disk from everything on the machine, file-system metadata and any journal included, which
 /// `write_bytes` does not count (the kernel's journal thread writes it).
 fn device_bytes(path: &std::path::Path) -> Option<u64> {
     device_stat(path, 6).map(|s| s * 512)
@@ -195,7 +201,7 @@ fn main() {
         if let Some(g) = dev_bytes {
             let g = (g - idle * elapsed).max(0.0);
             println!(
-                "  the whole block device (ext4's journal included, less {:.1} KiB/s idle): {:.3} bytes per encoded byte{dev_writes_line}",
+                "  the whole block device (file-system metadata and any journal included, less {:.1} KiB/s idle): {:.3} bytes per encoded byte{dev_writes_line}",
                 idle / 1024.0,
                 g / encoded.max(1.0)
             );
@@ -259,7 +265,7 @@ fn main() {
             // Less what the idle machine wrote in the same time.
             let (g, m) = ((g - idle * elapsed).max(0.0), (m - idle * mq_elapsed).max(0.0));
             println!(
-                "  the whole block device (ext4's journal included; less the {:.1} KiB/s this machine wrote while idle \
+                "  the whole block device (file-system metadata and any journal included; less the {:.1} KiB/s this machine wrote while idle \
                  just before; run it on a quiet machine): {g:.0} bytes during the gateway's run = {:.1} bytes/reading, \
                  {:.2} bytes per encoded byte, {:.1} KiB/s → {:.0} years{dev_writes_line}; during Mosquitto's: {m:.0} bytes = {:.1} \
                  bytes/message, {:.1} KiB/s → {:.0} years",
