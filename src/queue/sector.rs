@@ -144,7 +144,17 @@ impl SectorFile {
     pub fn truncate(&mut self, len: u64) -> io::Result<()> {
         self.file.set_len(len)?;
         self.len = len;
-        self.load_tail()
+        if let Err(e) = self.load_tail() {
+            // Without the last block's bytes a direct append would write
+            // over them: append through the page cache from now on.
+            tracing::warn!(
+                "{}: cannot read its last block back ({e}); appending through the page cache",
+                self.path.display()
+            );
+            self.file = OpenOptions::new().write(true).open(&self.path)?;
+            self.direct = None;
+        }
+        Ok(())
     }
 
     fn load_tail(&mut self) -> io::Result<()> {
