@@ -24,6 +24,17 @@
 //! The number of writes is unchanged (one per append); what an SD card's
 //! controller makes of a 512-byte write is its own business (many program a
 //! whole flash page either way). What the host sends is ~8× less.
+//!
+//! *Zeros ahead:* an append that would end past the file's size writes
+//! [`ZEROS_AHEAD`] of zeros after its bytes in the same write(2), so the
+//! appends after it overwrite blocks within the file's size. On a journalling
+//! file system (a Pi's ext4) an fdatasync after a write that grew the file
+//! commits a journal transaction (the new size and blocks: a few 4 KiB
+//! blocks, written to the journal and again in place), and a direct write
+//! grows the file with every block it starts: that was one journal commit
+//! per ~512 bytes of log, several times the bytes of the log itself. Now it
+//! is one per 32 KiB. The zeros read as the end of the log, like the
+//! padding of the last block.
 
 use nix::libc;
 use std::fs::{File, OpenOptions};
@@ -31,6 +42,10 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// How far past an append's end the file is grown with zeros, when it
+/// grows at all (see the module docs).
+pub(crate) const ZEROS_AHEAD: u64 = 32 << 10;
 
 /// Memory alignment of the buffers handed to direct writes (at least what
 /// any device asks for; `statx` reports 4-512 bytes on common ones).
@@ -46,6 +61,8 @@ pub(crate) struct SectorFile {
     path: PathBuf,
     file: File,
     len: u64,
+    /// The file's size on disk: `len`, and zeros after it.
+    size: u64,
     direct: Option<Direct>,
 }
 
@@ -78,7 +95,7 @@ impl SectorFile {
         if file.metadata()?.len() != len {
             file.set_len(len)?;
         }
-        let mut f = SectorFile { path: path.to_path_buf(), file, len, direct: None };
+        let mut f = SectorFile { path: path.to_path_buf(), file, len, size: len, direct: None };
         if let Some(block) = block {
             f.direct = Some(Direct { block, tail: Vec::new(), scratch: Vec::new() });
             f.load_tail()?;
@@ -101,14 +118,21 @@ impl SectorFile {
     /// [`SectorFile::sync_data`]). On an error the file may hold part of
     /// them: [`SectorFile::truncate`] to the old length cuts that off.
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // The end of the file after this write: past the current size, it
+        // grows by `ZEROS_AHEAD` of zeros more (page-aligned).
+        let grow = |end: u64, size: u64| if end > size { (end + ZEROS_AHEAD).next_multiple_of(4096) } else { end };
         let Some(d) = &mut self.direct else {
-            self.file.write_all_at(bytes, self.len)?;
+            let end = grow(self.len + bytes.len() as u64, self.size);
+            let mut buf = bytes.to_vec();
+            buf.resize((end - self.len) as usize, 0);
+            self.file.write_all_at(&buf, self.len)?;
             self.len += bytes.len() as u64;
+            self.size = self.size.max(end);
             return Ok(());
         };
         let start = self.len - d.tail.len() as u64;
         let data = d.tail.len() + bytes.len();
-        let padded = (data as u64).div_ceil(d.block) * d.block;
+        let padded = grow(start + (data as u64).div_ceil(d.block) * d.block, self.size) - start;
         d.scratch.clear();
         d.scratch.resize(padded as usize + MEM_ALIGN, 0);
         let at = d.scratch.as_ptr().align_offset(MEM_ALIGN);
@@ -129,6 +153,7 @@ impl SectorFile {
             Err(e) => return Err(e),
         }
         self.len += bytes.len() as u64;
+        self.size = self.size.max(start + padded);
         let keep = (self.len % d.block) as usize;
         d.tail.clear();
         d.tail.extend_from_slice(&buf[data - keep..data]);
@@ -143,7 +168,7 @@ impl SectorFile {
     /// Cut the file to `len` (a partial append, or entries dropped).
     pub fn truncate(&mut self, len: u64) -> io::Result<()> {
         self.file.set_len(len)?;
-        self.len = len;
+        (self.len, self.size) = (len, len);
         if let Err(e) = self.load_tail() {
             // Without the last block's bytes a direct append would write
             // over them: append through the page cache from now on.
@@ -250,10 +275,34 @@ mod tests {
             f.sync_data().unwrap();
         }
         let wrote = write_bytes() - before;
-        // Allow a few blocks more for ext4's allocation of the file's first page.
+        // Allow the zeros ahead and a few blocks more for ext4's allocation
+        // of the file's first page.
         assert!(
-            wrote <= 100 * block + 4 * 4096,
+            wrote <= 100 * block + ZEROS_AHEAD + 4 * 4096,
             "wrote {wrote} bytes for 100 synced appends of 13 bytes (block {block})"
         );
+    }
+
+    /// Zeros ahead: 3,000 appends of 13 bytes (39 KB) change the file's
+    /// size twice, not with every block (direct) or append (page cache),
+    /// and read back whole, the zeros after them read as the end.
+    #[test]
+    fn appends_grow_the_file_once_per_zeros_ahead() {
+        let dir = disk_dir();
+        let p = dir.path().join("log");
+        let mut f = SectorFile::open(&p, 0).unwrap();
+        let mut sizes = std::collections::BTreeSet::new();
+        let mut want = Vec::new();
+        for i in 0..3000u32 {
+            let e: Vec<u8> = (0..13u8).map(|k| (i as u8) ^ k | 1).collect();
+            f.append(&e).unwrap();
+            want.extend_from_slice(&e);
+            sizes.insert(std::fs::metadata(&p).unwrap().len());
+        }
+        // The first append's end + 32 KiB, page-aligned; then again past it.
+        assert_eq!(sizes, [36 << 10, 72 << 10].into(), "the sizes the file had");
+        let disk = std::fs::read(&p).unwrap();
+        assert_eq!(&disk[..want.len()], &want[..]);
+        assert!(only_zeros(&disk[want.len()..]));
     }
 }
