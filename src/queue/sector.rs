@@ -145,9 +145,7 @@ impl SectorFile {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // The alignment statx promised was refused: append through
                 // the page cache from now on (nothing was written).
-                tracing::warn!("{}: direct write refused ({e}); appending through the page cache", self.path.display());
-                self.file = OpenOptions::new().write(true).open(&self.path)?;
-                self.direct = None;
+                self.to_page_cache(format_args!("direct write refused ({e})"))?;
                 return self.append(bytes);
             }
             Err(e) => return Err(e),
@@ -171,14 +169,17 @@ impl SectorFile {
         (self.len, self.size) = (len, len);
         if let Err(e) = self.load_tail() {
             // Without the last block's bytes a direct append would write
-            // over them: append through the page cache from now on.
-            tracing::warn!(
-                "{}: cannot read its last block back ({e}); appending through the page cache",
-                self.path.display()
-            );
-            self.file = OpenOptions::new().write(true).open(&self.path)?;
-            self.direct = None;
+            // over them.
+            self.to_page_cache(format_args!("cannot read its last block back ({e})"))?;
         }
+        Ok(())
+    }
+
+    /// Append through the page cache from now on (`why` is logged).
+    fn to_page_cache(&mut self, why: std::fmt::Arguments) -> io::Result<()> {
+        tracing::warn!("{}: {why}; appending through the page cache", self.path.display());
+        self.file = OpenOptions::new().write(true).open(&self.path)?;
+        self.direct = None;
         Ok(())
     }
 
