@@ -168,6 +168,9 @@ counters! {
     /// See `Queue::fill_ahead`.
     queue_prefill_bytes: Counter "queue_prefill_bytes_total",
         "Zeros small queue commits wrote ahead of the segment's end, so later commits change no file size (no journal commit each).";
+    /// See `Queue::reused_segments`.
+    queue_reused_segments: Counter "queue_reused_segments_total",
+        "Segment files a roll took over from a reclaimed segment instead of creating one (no zeros ahead, no growth).";
     /// See `pipeline::CHECKPOINT_RETRY_MIN`.
     checkpoints_failed: Counter "checkpoints_failed_total",
         "Checkpoints (the dedup and ack state file) that could not be written; each is tried again after a pause.";

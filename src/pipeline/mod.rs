@@ -204,6 +204,8 @@ pub struct Pipeline {
     queue_pads_counted: AtomicU64,
     /// `Queue::prefill_bytes()` already added to `queue_prefill_bytes_total`.
     queue_prefill_counted: AtomicU64,
+    /// `Queue::reused_segments()` already added to `queue_reused_segments_total`.
+    queue_reused_counted: AtomicU64,
     /// A batch was refused (full queue or disk) since the last checkpoint.
     refused_since_checkpoint: bool,
     last_error_log: Option<Instant>,
@@ -286,6 +288,7 @@ impl Pipeline {
             queue_fsyncs_counted: AtomicU64::new(0),
             queue_pads_counted: AtomicU64::new(0),
             queue_prefill_counted: AtomicU64::new(0),
+            queue_reused_counted: AtomicU64::new(0),
             refused_since_checkpoint: false,
             last_error_log: None,
             clock,
@@ -810,6 +813,7 @@ impl Pipeline {
         Metrics::add_growth(&self.metrics.fsyncs_queue, &self.queue_fsyncs_counted, q.fsyncs());
         Metrics::add_growth(&self.metrics.queue_pad_bytes, &self.queue_pads_counted, q.pad_bytes());
         Metrics::add_growth(&self.metrics.queue_prefill_bytes, &self.queue_prefill_counted, q.prefill_bytes());
+        Metrics::add_growth(&self.metrics.queue_reused_segments, &self.queue_reused_counted, q.reused_segments());
     }
 
     /// Seal, commit, write the state file, then let the queue delete what
@@ -854,6 +858,9 @@ impl Pipeline {
             Ok(()) => {}
             Err(PipelineError::Fatal(f)) => return Err(f),
             Err(e) => tracing::error!("final checkpoint failed: {e}"),
+        }
+        if let Err(e) = self.queue().trim() {
+            tracing::warn!("cannot cut the zeros or old records after the queue's last record off: {e}");
         }
         let acks = self.acks.take_acks((self.clock)());
         Metrics::add(&self.metrics.acks_sent, acks.len() as u64);

@@ -74,6 +74,26 @@
 //! record are the end of the segment, not damage: `open` cuts them off
 //! without reporting a torn tail, and sealing a segment cuts them off too.
 //!
+//! # Reused segment files
+//!
+//! While the backlog is small, `reclaim` keeps one acked segment file
+//! instead of deleting it: renamed to `segments/spare.tmp`, and renamed
+//! again to the next segment's name by the next roll. A reused file has its
+//! size already, so its commits overwrite blocks within it like zeros ahead
+//! do, without writing the zeros first (each segment byte is written once,
+//! and the file grows no journal commit). Its old records stay after the new
+//! ones until they are overwritten, and are never read as records: every
+//! record of a segment has at least the id in the segment's name, and the
+//! old ones have lower ids (they were acked before the file was kept).
+//! After a crash, `open` cuts them off with the rest of the tail, and counts
+//! as a torn tail only the bytes before the first old record, pad or
+//! all-zero rest (`old_from` in segment.rs); at a clean shutdown the pipeline
+//! cuts them off first ([`Queue::trim`]). Sealing cuts them off as it cuts
+//! zeros. `open` deletes a kept file (a `.tmp`) a crash left. A build from
+//! before reads a reused segment's old records as a torn tail or, if its
+//! first new record never reached the disk, as the segment's records: all
+//! acked, so nothing is sent twice.
+//!
 //! # Durability
 //!
 //! `append` writes each record with one write(2) and no fsync. `commit` is
@@ -599,7 +619,23 @@ pub struct Queue {
     sealing: bool,
     /// Bytes of zeros written ahead (see the module docs).
     prefill_bytes: u64,
+    /// A reclaimed segment file kept for the next roll (module docs,
+    /// "Reused segment files").
+    spare: Option<Spare>,
+    /// Segment files a roll took from `spare` (for tests and the bench).
+    reused_segments: u64,
 }
+
+/// An acked segment file renamed to [`SPARE_NAME`], and its size.
+#[derive(Debug)]
+struct Spare {
+    file: File,
+    size: u64,
+}
+
+/// The name of the kept segment file in `segments/`: a `.tmp`, so `open`
+/// deletes it like any temp file a crash left.
+const SPARE_NAME: &str = "spare.tmp";
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -754,9 +790,46 @@ impl Queue {
             // I/O error (found by the power-cut rig's eio cycles).
             return Err(io::Error::from(io::ErrorKind::ReadOnlyFilesystem)).ctx("creating segment", &path);
         }
-        let file =
-            OpenOptions::new().read(true).write(true).create_new(true).open(&path).ctx("creating segment", &path)?;
-        self.segments.push_back(Segment { first_id, path, file, len: 0, last_id: 0, synced_len: 0, filled: 0 });
+        // A kept segment file, renamed: its old records are overwritten,
+        // and the file has its size already (no zeros ahead, no journal
+        // commit for the growth). Old records after the new ones are never
+        // read as records: their ids are below this segment's first id.
+        let spare = self.spare.take().and_then(|sp| {
+            let from = self.seg_dir.join(SPARE_NAME);
+            match fs::rename(&from, &path) {
+                Ok(()) => Some(sp),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot reuse the kept segment file");
+                    let _ = fs::remove_file(&from);
+                    None
+                }
+            }
+        });
+        let (file, filled) = match spare {
+            Some(Spare { file, size }) => {
+                // The renames must be durable before any new record is
+                // written into the file: a power cut could otherwise bring
+                // it back under its old name, before younger segments, with
+                // the new records in it (ext4 writes the data in place, and
+                // the renames wait for a journal commit).
+                if let Err(e) = sync_dir(&self.seg_dir, &mut self.fsyncs) {
+                    self.failed = true;
+                    return Err(e).ctx("syncing directory", &self.seg_dir);
+                }
+                self.reused_segments += 1;
+                (file, size)
+            }
+            None => (
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .ctx("creating segment", &path)?,
+                0,
+            ),
+        };
+        self.segments.push_back(Segment { first_id, path, file, len: 0, last_id: 0, synced_len: 0, filled });
         self.seg_dir_dirty = true;
         self.force_roll = false;
         Ok(())
@@ -1068,8 +1141,12 @@ impl Queue {
         let durable = self.ledger.state.acked_through;
         let mut n = 0;
         while self.segments.front().is_some_and(|s| s.last_id <= durable) {
+            // Keep one file for the next roll while the backlog is small
+            // (module docs, "Reused segment files"); delete the rest.
+            let keep = self.spare.is_none() && self.small_backlog();
             let s = &self.segments[0];
-            match fs::remove_file(&s.path) {
+            let kept = keep && fs::rename(&s.path, self.seg_dir.join(SPARE_NAME)).is_ok();
+            match if kept { Ok(()) } else { fs::remove_file(&s.path) } {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(e).ctx("deleting segment", &s.path);
                 }
@@ -1082,6 +1159,10 @@ impl Queue {
             let s = self.segments.pop_front().unwrap();
             while self.index.front().is_some_and(|e| e.seg == s.first_id) {
                 self.index.pop_front();
+            }
+            if kept {
+                let size = s.file.metadata().map_or(s.filled, |m| m.len());
+                self.spare = Some(Spare { file: s.file, size });
             }
             if self.segments.is_empty() {
                 // It was the active segment; its unsynced bytes are all acked.
@@ -1149,6 +1230,31 @@ impl Queue {
     /// Total bytes of segment files + ledger on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum::<u64>() + self.ledger.len()
+    }
+
+    /// At a clean shutdown: cut off what follows the last record of the
+    /// segment appended to (zeros ahead, a reused file's old records) and
+    /// make that durable, so the next start finds the file ending at its
+    /// last record. After a crash, `open` tells those bytes from a torn
+    /// write itself.
+    pub fn trim(&mut self) -> Result<()> {
+        if self.writable().is_err() {
+            return Ok(());
+        }
+        let Some(s) = self.segments.back_mut().filter(|s| s.filled > s.len) else {
+            return Ok(());
+        };
+        s.file.set_len(s.len).ctx("truncating", &s.path)?;
+        s.filled = s.len;
+        s.file.sync_data().ctx("syncing", &s.path)?;
+        s.synced_len = s.len;
+        self.fsyncs += 1;
+        Ok(())
+    }
+
+    /// Segment files a roll reused instead of creating one.
+    pub fn reused_segments(&self) -> u64 {
+        self.reused_segments
     }
 
     /// How many segments `open` loaded from their `.idx` file without reading

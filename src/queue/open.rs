@@ -180,15 +180,20 @@ impl Queue {
                 Err(e) if readonly && e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).ctx("reading", &path),
             };
-            let scan = segment::scan(&bytes, last_id);
+            // Every record of a segment has at least the id in its name:
+            // older ones in it are from the file's earlier use (reused).
+            let scan = segment::scan(&bytes, last_id.max(first_id.saturating_sub(1)));
             let tail = scan.tail_start.map(|t| (t, bytes.len() as u64 - t));
             let mut corrupt = scan.corrupt_regions;
-            // Zeros after the last record: written ahead (or an append whose
-            // data never reached the disk), not damage. Cut off below.
-            let zeros = tail.is_some_and(|(t, _)| super::only_zeros(&bytes[t as usize..]));
+            // After the last record: zeros written ahead (or an append whose
+            // data never reached the disk) and a reused file's old records
+            // are not damage; bytes before them are (a torn write). All of
+            // it is cut off below.
+            let damaged =
+                tail.map_or(0, |(t, n)| segment::old_from(&bytes, t as usize, first_id).map_or(n, |q| q as u64 - t));
             match tail {
-                _ if zeros => {}
-                Some((_, n)) if is_last => report.truncated_bytes += n,
+                _ if damaged == 0 => {}
+                Some(_) if is_last => report.truncated_bytes += damaged,
                 Some(_) => corrupt += 1,
                 None => {}
             }
@@ -314,6 +319,8 @@ impl Queue {
             pad_min_segment: super::PAD_MIN_SEGMENT,
             sealing: false,
             prefill_bytes: 0,
+            spare: None,
+            reused_segments: 0,
         };
         for e in q.index.range(q.first_live()..) {
             q.live_bytes += e.total as u64;

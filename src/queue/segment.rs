@@ -125,6 +125,20 @@ pub(crate) fn parse_at(buf: &[u8], pos: usize, after_id: u64) -> Option<RecInfo>
     })
 }
 
+/// Where the bytes from `tail` (the end of a segment's valid records) on
+/// stop looking like damage: `tail` itself if only zeros follow (written
+/// ahead, or an append whose data never reached the disk), else the first
+/// offset where a pad or a record from an earlier use of a reused file
+/// starts (its id below `first_id`, the segment's own first). Bytes before
+/// it are damage (a torn write, or the rest of an old record the new ones
+/// ended in); `None`: damage to the end.
+pub(crate) fn old_from(buf: &[u8], tail: usize, first_id: u64) -> Option<usize> {
+    if super::only_zeros(&buf[tail..]) {
+        return Some(tail);
+    }
+    (tail..buf.len()).find(|&q| pad_at(buf, q).is_some() || parse_at(buf, q, 0).is_some_and(|r| r.id < first_id))
+}
+
 /// Check a record read back from disk (by the index) and return its payload.
 /// `None` means the bytes changed since start-up (bit rot, or a foreign writer).
 pub(crate) fn payload_of(rec: &[u8], id: u64) -> Option<&[u8]> {

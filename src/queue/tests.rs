@@ -1074,6 +1074,10 @@ fn run_model(seed: u64, steps: usize) -> u64 {
                 // Reopen; half the time as a crash that loses unsynced bytes.
                 let crash = rng.below(2) == 0;
                 pads += q.pad_bytes();
+                if !crash {
+                    // As the pipeline's shutdown does.
+                    q.trim().unwrap();
+                }
                 drop(q);
                 if crash {
                     // From the model's own record: a segment made since the
@@ -1481,4 +1485,89 @@ fn small_commits_write_zeros_ahead_and_reopen_and_seal_cut_them_off() {
     assert_eq!(q.indexed_segments(), sealed as u64);
     assert_eq!(rep, clean(30));
     assert_eq!(live(&q), want);
+}
+
+/// Reused segment files: an acked segment is kept as `spare.tmp` and the
+/// next roll renames it into place instead of creating a file, so no zeros
+/// are written ahead (it has its size). Its old records are never read as
+/// records: after a crash the new ones come back; the old ones after them
+/// are cut off without being called damage, a torn write before them is;
+/// a reused file whose first new record never reached the disk is removed;
+/// a kept file a crash left is deleted at open.
+#[test]
+fn acked_segment_files_are_reused_and_their_old_records_never_come_back() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tmp();
+    let spare = d.path().join("segments").join(SPARE_NAME);
+    let rec = |i: u64| (i, payload(i, 1000));
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    // 20 records, a commit (and so a page, with its pad) each.
+    for i in 1..=20 {
+        q.append(1, i, &payload(i, 1000)).unwrap();
+        q.commit().unwrap();
+    }
+    let ino = fs::metadata(&seg_files(d.path())[0]).unwrap().ino();
+    q.ack_through(20).unwrap();
+    assert_eq!(q.reclaim().unwrap(), 1);
+    assert!(seg_files(d.path()).is_empty() && spare.exists(), "kept for the next roll");
+    let zeros = q.prefill_bytes();
+    let fsyncs = q.fsyncs();
+    q.append(1, 21, &payload(21, 1000)).unwrap();
+    assert_eq!(q.fsyncs(), fsyncs + 1, "the renames made durable before a record is written into the file");
+    q.commit().unwrap();
+    for i in 22..=25 {
+        q.append(1, i, &payload(i, 1000)).unwrap();
+        q.commit().unwrap();
+    }
+    let seg = seg_files(d.path())[0].clone();
+    assert_eq!((q.reused_segments(), fs::metadata(&seg).unwrap().ino()), (1, ino), "the same file, renamed");
+    assert!(!spare.exists());
+    assert_eq!(q.prefill_bytes(), zeros, "no zeros ahead in a file that has its size");
+    let old_ones = segment::scan(&fs::read(&seg).unwrap()[5 * PAGE as usize..], 0).records;
+    assert_eq!(old_ones.len(), 15, "records 6-20 of the first use follow 21-25");
+    drop(q); // a crash: nothing cut off
+    // A torn write over the start of the old record 6: damage up to its pad.
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0xAB; 100], 5 * PAGE).unwrap();
+    drop(f);
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, OpenReport { records: 5, truncated_bytes: OVERHEAD as u64 + 1000, ..Default::default() });
+    assert_eq!(live(&q), (21..=25).map(rec).collect::<Vec<_>>());
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 5 * PAGE, "old records cut off at open");
+
+    // Reused again; a crash; the old records 22-25 after the new 26 are no damage.
+    q.ack_through(25).unwrap();
+    q.reclaim().unwrap();
+    q.append(1, 26, &payload(26, 1000)).unwrap();
+    q.commit().unwrap();
+    assert_eq!(q.reused_segments(), 1);
+    drop(q);
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(1));
+    assert_eq!(live(&q), [rec(26)]);
+
+    // Reused once more, and the crash comes before record 27 reached the
+    // disk (its page still holds record 26): no record 26 from the dead.
+    q.ack_through(26).unwrap();
+    q.reclaim().unwrap();
+    let old = fs::read(&spare).unwrap();
+    q.append(1, 27, &payload(27, 1000)).unwrap();
+    let seg = seg_files(d.path())[0].clone();
+    fs::write(&seg, &old).unwrap();
+    drop(q);
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(0));
+    assert!(seg_files(d.path()).is_empty(), "a reused file without a new record is removed");
+    assert_eq!(q.next_id(), 27);
+
+    // A kept file a crash left behind is deleted at open.
+    q.append(1, 27, &payload(27, 10)).unwrap();
+    q.commit().unwrap();
+    q.ack_through(27).unwrap();
+    q.reclaim().unwrap();
+    assert!(spare.exists());
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!((rep, q.next_id()), (clean(0), 28));
+    assert!(!spare.exists());
 }
