@@ -203,14 +203,14 @@ fn main() {
             (f, (metric(&m1, &name) - metric(&m0, &name)) / elapsed)
         })
         .collect();
-    let pads = metric(&m1, "edge_gateway_queue_pad_bytes_total") - metric(&m0, "edge_gateway_queue_pad_bytes_total");
-    let zeros =
-        metric(&m1, "edge_gateway_queue_prefill_bytes_total") - metric(&m0, "edge_gateway_queue_prefill_bytes_total");
-    let reused = metric(&m1, "edge_gateway_queue_reused_segments_total")
-        - metric(&m0, "edge_gateway_queue_reused_segments_total");
+    let growth = |name: &str| metric(&m1, name) - metric(&m0, name);
+    let pads = growth("edge_gateway_queue_pad_bytes_total");
+    let zeros = growth("edge_gateway_queue_prefill_bytes_total");
+    let reused = growth("edge_gateway_queue_reused_segments_total");
+    let direct = growth("edge_gateway_queue_direct_commits_total");
     let fsyncs_line = fsyncs.iter().map(|(f, n)| format!("{f} {n:.1}")).collect::<Vec<_>>().join(", ")
         + &format!(
-            " (queue padding written: {:.2}, zeros ahead: {:.2} bytes per encoded byte; {reused:.0} segment files reused)",
+            " (queue padding written: {:.2}, zeros ahead: {:.2} bytes per encoded byte; {reused:.0} segment files reused; {direct:.0} direct commits)",
             pads / encoded.max(1.0),
             zeros / encoded.max(1.0)
         );

@@ -171,6 +171,9 @@ counters! {
     /// See `Queue::reused_segments`.
     queue_reused_segments: Counter "queue_reused_segments_total",
         "Segment files a roll took over from a reclaimed segment instead of creating one (no zeros ahead, no growth).";
+    /// See `Queue::direct_commits`.
+    queue_direct_commits: Counter "queue_direct_commits_total",
+        "Queue commits that wrote their records in whole 512-byte blocks with one direct write, not through the page cache's 4 KiB pages.";
     /// See `pipeline::CHECKPOINT_RETRY_MIN`.
     checkpoints_failed: Counter "checkpoints_failed_total",
         "Checkpoints (the dedup and ack state file) that could not be written; each is tried again after a pause.";

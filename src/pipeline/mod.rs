@@ -206,6 +206,8 @@ pub struct Pipeline {
     queue_prefill_counted: AtomicU64,
     /// `Queue::reused_segments()` already added to `queue_reused_segments_total`.
     queue_reused_counted: AtomicU64,
+    /// `Queue::direct_commits()` already added to `queue_direct_commits_total`.
+    queue_direct_counted: AtomicU64,
     /// A batch was refused (full queue or disk) since the last checkpoint.
     refused_since_checkpoint: bool,
     last_error_log: Option<Instant>,
@@ -289,6 +291,7 @@ impl Pipeline {
             queue_pads_counted: AtomicU64::new(0),
             queue_prefill_counted: AtomicU64::new(0),
             queue_reused_counted: AtomicU64::new(0),
+            queue_direct_counted: AtomicU64::new(0),
             refused_since_checkpoint: false,
             last_error_log: None,
             clock,
@@ -814,6 +817,7 @@ impl Pipeline {
         Metrics::add_growth(&self.metrics.queue_pad_bytes, &self.queue_pads_counted, q.pad_bytes());
         Metrics::add_growth(&self.metrics.queue_prefill_bytes, &self.queue_prefill_counted, q.prefill_bytes());
         Metrics::add_growth(&self.metrics.queue_reused_segments, &self.queue_reused_counted, q.reused_segments());
+        Metrics::add_growth(&self.metrics.queue_direct_commits, &self.queue_direct_counted, q.direct_commits());
     }
 
     /// Seal, commit, write the state file, then let the queue delete what

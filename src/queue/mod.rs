@@ -94,9 +94,36 @@
 //! first new record never reached the disk, as the segment's records: all
 //! acked, so nothing is sent twice.
 //!
+//! # Direct commits
+//!
+//! Through the page cache, every fdatasync writes whole 4 KiB pages: at a
+//! site's pace a commit of ~2.5 KB of records cost a page and its pad
+//! (1.7 bytes per byte). So while pads are written and the file system
+//! offers direct I/O (`statx` reports the alignment: ext4 on a Pi's SD card,
+//! not tmpfs), `append` *holds* its records in memory, and the commit writes
+//! them with one `O_DIRECT` write in whole logical blocks (512 bytes on an
+//! SD card): from a block boundary, padded to the next one (a pad of 10 to
+//! 521 bytes, a block more when fewer than a pad's frame are missing), and
+//! within the file's size (zeros ahead or a reused file: the write allocates
+//! nothing and changes no metadata), then the fdatasync as before. No block
+//! holding committed records is ever written again. Holding stops at
+//! [`HOLD_MAX`] (16 KiB, the pad's room included) and where the file's size
+//! ends: what is held is then written through the page cache and the rest of
+//! the commit follows it there, as before; so do a roll's sealing commit and
+//! a commit whose pad was refused. Held records are read from memory until
+//! their commit, and a dropped queue writes them to the file (through the
+//! page cache), where uncommitted records always went. A crash (SIGKILL)
+//! loses held records where the page cache used to keep them; they were not
+//! committed, so no device was acked for them, and a device that waits for
+//! acks sends them again. Readings that nobody acks (BLE, LAN QoS 0) could
+//! be lost in that window before too: the batch they wait in is memory, and
+//! a power cut takes the page cache with it. Where a direct write is refused
+//! (`EINVAL`), commits go through the page cache from then on.
+//!
 //! # Durability
 //!
-//! `append` writes each record with one write(2) and no fsync. `commit` is
+//! `append` writes each record with one write(2) and no fsync (or holds it
+//! for a direct commit). `commit` is
 //! the group commit: one fdatasync of the segment written since the last
 //! commit, one fsync of `segments/` if a segment file was created (a new file
 //! is only durable once its directory entry is), and a ledger entry + fsync
@@ -226,6 +253,10 @@ pub const PAD_MIN_SEGMENT: u64 = 1 << 20;
 pub const PREFILL_BELOW: u64 = 16 << 10;
 /// How many bytes of zeros ahead at a time.
 const PREFILL_CHUNK: u64 = 64 << 10;
+/// The most a segment holds in memory for a direct commit (see "Direct
+/// commits" in the module docs), its pad included: more is written through
+/// the page cache at once, as before.
+const HOLD_MAX: u64 = PREFILL_BELOW;
 
 pub(crate) use sector::{SectorFile, only_zeros};
 /// The CRC-32 (ISO-HDLC) of every record, index and ledger entry; other
@@ -459,11 +490,112 @@ struct Segment {
     last_id: u64,
     /// Length known durable (for tests that simulate losing the rest).
     synced_len: u64,
-    /// The file's size: zeros written ahead between `len` and it.
+    /// The file's size: zeros written ahead between `len` and it (held
+    /// bytes, not yet written, may end past it).
     filled: u64,
+    /// Records (and at the commit, a pad) appended since `held_from` and not
+    /// written yet: the commit writes them in whole blocks with one direct
+    /// write (module docs, "Direct commits"). Empty when nothing is held.
+    held: Vec<u8>,
+    /// Where `held` goes in the file: a block boundary.
+    held_from: u64,
+    /// The file opened for direct writes, once a hold was tried.
+    direct: Option<Direct>,
+}
+
+/// A segment's direct writes (see "Direct commits").
+#[derive(Debug)]
+struct Direct {
+    /// Opened with `O_DIRECT`; `None` in tests on tmpfs, which write held
+    /// bytes through `Segment::file` in the same blocks.
+    file: Option<File>,
+    /// The device's logical block: held bytes start and end on one.
+    block: u64,
+    /// Scratch for the aligned write.
+    scratch: Vec<u8>,
+}
+
+/// What a commit did with the held bytes.
+enum Held {
+    Nothing,
+    /// Written with one direct write.
+    Direct,
+    /// The direct write was refused (`EINVAL`): written through the page
+    /// cache; direct writes are off from now on.
+    Refused,
 }
 
 impl Segment {
+    /// A segment whose first `len` bytes are on disk (and durable, as far
+    /// as the queue knows), followed by zeros up to `filled`.
+    fn new(first_id: u64, path: PathBuf, file: File, len: u64, last_id: u64, filled: u64) -> Segment {
+        let (held, held_from, direct) = (Vec::new(), 0, None);
+        Segment { first_id, path, file, len, last_id, synced_len: len, filled, held, held_from, direct }
+    }
+
+    /// Hold `bytes` for the next commit's direct write instead of writing
+    /// them now, if they fit: the held bytes start on a block boundary, stay
+    /// under [`HOLD_MAX`], and end, with room for a pad to the next block,
+    /// within the file's size (the direct write allocates nothing). False:
+    /// not held, the caller writes them.
+    fn hold(&mut self, bytes: &[u8]) -> bool {
+        let Some(d) = &self.direct else { return false };
+        let from = if self.held.is_empty() { self.len } else { self.held_from };
+        let end = self.len + bytes.len() as u64 + d.block + FRAME_BYTES as u64;
+        if !from.is_multiple_of(d.block) || end - from > HOLD_MAX || end > self.filled {
+            return false;
+        }
+        self.held_from = from;
+        self.held.extend_from_slice(bytes);
+        self.len += bytes.len() as u64;
+        true
+    }
+
+    /// Write the held bytes through the page cache: an append that cannot
+    /// be held follows them, or the commit could not pad them to a block.
+    fn release_held(&mut self) -> io::Result<()> {
+        if !self.held.is_empty() {
+            self.file.write_all_at(&self.held, self.held_from)?;
+            self.filled = self.filled.max(self.len);
+            self.held.clear();
+        }
+        Ok(())
+    }
+
+    /// At a commit: write the held bytes with one direct write (through the
+    /// page cache if they are not whole blocks, i.e. the pad was skipped).
+    fn write_held(&mut self) -> io::Result<Held> {
+        let Some(d) = self.direct.as_mut().filter(|_| !self.held.is_empty()) else {
+            return Ok(Held::Nothing);
+        };
+        if !(self.held.len() as u64).is_multiple_of(d.block) {
+            self.release_held()?;
+            return Ok(Held::Nothing);
+        }
+        let written = match &d.file {
+            None => self.file.write_all_at(&self.held, self.held_from),
+            Some(f) => {
+                let buf = sector::aligned_zeros(&mut d.scratch, self.held.len());
+                buf.copy_from_slice(&self.held);
+                match f.write_at(buf, self.held_from) {
+                    Ok(n) if n == buf.len() => Ok(()),
+                    Ok(n) => Err(io::Error::other(format!("short direct write: {n} of {} bytes", buf.len()))),
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                        tracing::warn!(segment = %self.path.display(), "direct write refused ({e}); commits go through the page cache");
+                        self.direct = None;
+                        self.release_held()?;
+                        return Ok(Held::Refused);
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        written?;
+        self.filled = self.filled.max(self.len);
+        self.held.clear();
+        Ok(Held::Direct)
+    }
+
     /// Write `bytes` at the end in one write(2) and count them in `len`. A
     /// failed write is cut off again, so the next append starts clean; the
     /// `bool` says that even the cut failed (garbage may follow `len`: never
@@ -624,6 +756,13 @@ pub struct Queue {
     spare: Option<Spare>,
     /// Segment files a roll took from `spare` (for tests and the bench).
     reused_segments: u64,
+    /// Direct writes are unavailable here (module docs, "Direct commits").
+    pub(crate) direct_off: bool,
+    /// Tests on tmpfs (no direct I/O): hold appends in blocks of this size
+    /// and write them through the page cache.
+    pub(crate) hold_block_for_tests: Option<u64>,
+    /// Commits that wrote their records with one direct write.
+    direct_commits: u64,
 }
 
 /// An acked segment file renamed to [`SPARE_NAME`], and its size.
@@ -636,6 +775,19 @@ struct Spare {
 /// The name of the kept segment file in `segments/`: a `.tmp`, so `open`
 /// deletes it like any temp file a crash left.
 const SPARE_NAME: &str = "spare.tmp";
+
+impl Drop for Queue {
+    /// Held appends go to the file (through the page cache), where a
+    /// dropped queue left its uncommitted records before direct commits.
+    fn drop(&mut self) {
+        let writable = self.writable().is_ok();
+        if let Some(s) = self.segments.back_mut().filter(|_| writable)
+            && let Err(e) = s.release_held()
+        {
+            tracing::debug!(segment = %s.path.display(), error = %e, "cannot write the held records");
+        }
+    }
+}
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -734,11 +886,19 @@ impl Queue {
         if need_roll {
             self.roll(id)?;
         }
+        let hold = self.can_hold();
         let seg = self.segments.back_mut().unwrap();
         let offset = seg.len;
-        if let Err((e, garbage)) = seg.append(&rec) {
-            self.force_roll |= garbage;
-            return Err(e).ctx("appending to", &seg.path);
+        if !(hold && seg.hold(&rec)) {
+            if let Err(e) = seg.release_held() {
+                // Records appended before are indexed but not in the file.
+                self.failed = true;
+                return Err(e).ctx("appending to", &seg.path);
+            }
+            if let Err((e, garbage)) = seg.append(&rec) {
+                self.force_roll |= garbage;
+                return Err(e).ctx("appending to", &seg.path);
+            }
         }
         let seg_id = seg.first_id;
         self.seg_dirty = true;
@@ -767,6 +927,15 @@ impl Queue {
     /// Commit what the current segment holds (so only the newest segment ever
     /// has uncommitted bytes), then start `dir/segments/<first_id>.seg`.
     fn roll(&mut self, first_id: u64) -> Result<()> {
+        if let Some(s) = self.segments.back_mut() {
+            // Sealed through the page cache (held bytes first), and no
+            // direct file kept open for a segment never appended to again.
+            if let Err(e) = s.release_held() {
+                self.failed = true;
+                return Err(e).ctx("appending to", &s.path);
+            }
+            s.direct = None;
+        }
         if let Some(s) = self.segments.back_mut()
             && s.filled > s.len
         {
@@ -829,7 +998,7 @@ impl Queue {
                 0,
             ),
         };
-        self.segments.push_back(Segment { first_id, path, file, len: 0, last_id: 0, synced_len: 0, filled });
+        self.segments.push_back(Segment::new(first_id, path, file, 0, 0, filled));
         self.seg_dir_dirty = true;
         self.force_roll = false;
         Ok(())
@@ -895,6 +1064,11 @@ impl Queue {
             self.pad_to_page();
             self.fill_ahead();
             let s = self.segments.back_mut().unwrap();
+            match s.write_held().ctx("writing", &s.path)? {
+                Held::Nothing => {}
+                Held::Direct => self.direct_commits += 1,
+                Held::Refused => self.direct_off = true,
+            }
             s.file.sync_data().ctx("syncing", &s.path)?;
             s.synced_len = s.len;
             self.fsyncs += 1;
@@ -923,8 +1097,26 @@ impl Queue {
     /// acked and reclaimed soon, so the space is not kept) and segments are
     /// at least [`PAD_MIN_SEGMENT`] (a small queue keeps its capacity). A pad
     /// that cannot be written is cut off again and skipped: it only saves
-    /// writes.
+    /// writes. Held records (a direct commit) are padded to a block instead.
     fn pad_to_page(&mut self) {
+        let s = self.segments.back_mut().unwrap();
+        if let Some(d) = s.direct.as_ref().filter(|_| !s.held.is_empty()) {
+            // Held bytes end on a block boundary (a block further when a
+            // pad's frame does not fit), within the room `hold` kept.
+            let block = d.block;
+            let mut gap = (block - s.len % block) % block;
+            if gap > 0 && gap < FRAME_BYTES as u64 {
+                gap += block;
+            }
+            // A refused pad (crash point, as for the page's pad below)
+            // leaves the held bytes to the page cache.
+            if gap > 0 && !crate::crashpoint::fail("queue-pad") {
+                s.held.extend_from_slice(&segment::encode_pad(gap as usize));
+                s.len += gap;
+                self.pad_bytes += gap;
+            }
+            return;
+        }
         if !self.small_backlog() {
             return;
         }
@@ -947,6 +1139,31 @@ impl Queue {
                 self.force_roll |= garbage;
             }
         }
+    }
+
+    /// Whether the last segment may hold appends for a direct commit (while
+    /// pads are written and direct writes work); opens its direct file the
+    /// first time.
+    fn can_hold(&mut self) -> bool {
+        if self.direct_off || !self.small_backlog() {
+            return false;
+        }
+        let test_block = self.hold_block_for_tests;
+        let s = self.segments.back_mut().unwrap();
+        if s.direct.is_none() {
+            let (file, block) = match test_block {
+                Some(block) => (None, block),
+                None => match sector::open_direct(&s.path) {
+                    Some((f, block)) => (Some(f), block),
+                    None => {
+                        self.direct_off = true;
+                        return false;
+                    }
+                },
+            };
+            s.direct = Some(Direct { file, block, scratch: Vec::new() });
+        }
+        true
     }
 
     /// Pads and zeros ahead only while the backlog is small and segments
@@ -1046,7 +1263,12 @@ impl Queue {
         let i = self.segments.binary_search_by_key(&e.seg, |s| s.first_id).expect("index entry without segment");
         let s = &self.segments[i];
         let mut buf = vec![0u8; e.total as usize];
-        s.file.read_exact_at(&mut buf, e.offset).ctx("reading", &s.path)?;
+        if !s.held.is_empty() && e.offset >= s.held_from {
+            let at = (e.offset - s.held_from) as usize;
+            buf.copy_from_slice(&s.held[at..at + e.total as usize]);
+        } else {
+            s.file.read_exact_at(&mut buf, e.offset).ctx("reading", &s.path)?;
+        }
         match segment::payload_of(&buf, e.id) {
             Some(p) => Ok((e.meta(), p.to_vec())),
             None => Err(QueueError::Corrupt { id: e.id, path: s.path.clone() }),
@@ -1250,6 +1472,12 @@ impl Queue {
         s.synced_len = s.len;
         self.fsyncs += 1;
         Ok(())
+    }
+
+    /// Commits that wrote their records with a direct write ("Direct
+    /// commits" in the module docs).
+    pub fn direct_commits(&self) -> u64 {
+        self.direct_commits
     }
 
     /// Segment files a roll reused instead of creating one.

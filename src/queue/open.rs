@@ -152,15 +152,7 @@ impl Queue {
                     if opts.trust_index {
                         index.extend(records.iter().map(|r| Entry::new(r, first_id)));
                         last_id = index.back().expect("records").last_id();
-                        segments.push_back(Segment {
-                            first_id,
-                            path,
-                            file,
-                            len,
-                            last_id,
-                            synced_len: len,
-                            filled: len,
-                        });
+                        segments.push_back(Segment::new(first_id, path, file, len, last_id, len));
                         indexed_segments += 1;
                         continue;
                     }
@@ -259,7 +251,7 @@ impl Queue {
             index.extend(records.iter().map(|r| Entry::new(r, first_id)));
             // A record may own several ids (its span).
             last_id = index.back().expect("records").last_id();
-            segments.push_back(Segment { first_id, path, file, len, last_id, synced_len: len, filled: len });
+            segments.push_back(Segment::new(first_id, path, file, len, last_id, len));
         }
         if !readonly && let Some(s) = segments.back() {
             // The append target (possibly an indexed segment whose successor
@@ -321,6 +313,9 @@ impl Queue {
             prefill_bytes: 0,
             spare: None,
             reused_segments: 0,
+            direct_off: false,
+            hold_block_for_tests: None,
+            direct_commits: 0,
         };
         for e in q.index.range(q.first_live()..) {
             q.live_bytes += e.total as u64;

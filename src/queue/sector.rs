@@ -133,10 +133,7 @@ impl SectorFile {
         let start = self.len - d.tail.len() as u64;
         let data = d.tail.len() + bytes.len();
         let padded = grow(start + (data as u64).div_ceil(d.block) * d.block, self.size) - start;
-        d.scratch.clear();
-        d.scratch.resize(padded as usize + MEM_ALIGN, 0);
-        let at = d.scratch.as_ptr().align_offset(MEM_ALIGN);
-        let buf = &mut d.scratch[at..at + padded as usize];
+        let buf = aligned_zeros(&mut d.scratch, padded as usize);
         buf[..d.tail.len()].copy_from_slice(&d.tail);
         buf[d.tail.len()..data].copy_from_slice(bytes);
         match self.file.write_at(buf, start) {
@@ -192,6 +189,23 @@ impl SectorFile {
         }
         Ok(())
     }
+}
+
+/// `len` zero bytes of `scratch` at an address direct I/O accepts
+/// (`scratch` is over-allocated by [`MEM_ALIGN`] to find one).
+pub(crate) fn aligned_zeros(scratch: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    scratch.clear();
+    scratch.resize(len + MEM_ALIGN, 0);
+    let at = scratch.as_ptr().align_offset(MEM_ALIGN);
+    &mut scratch[at..at + len]
+}
+
+/// Open `path` for direct writes, with the offset alignment they need, if
+/// the kernel and the file system offer one we can meet.
+pub(crate) fn open_direct(path: &Path) -> Option<(File, u64)> {
+    let f = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()?;
+    let block = dio_block(&f)?;
+    Some((f, block))
 }
 
 /// The offset alignment direct I/O needs on `file`, if the kernel and the

@@ -991,10 +991,14 @@ fn run_model(seed: u64, steps: usize) -> u64 {
     let (mut q, _) = Queue::open(d.path(), o).unwrap();
     // Seeds 4k+2 and 4k+3 pad commits to pages whatever the segment size.
     let pad = seed % 4 >= 2;
+    // Seeds 8k+6 and 8k+7 also hold appends for direct commits, in 128-byte
+    // blocks (through the page cache: /dev/shm has no direct I/O).
+    let hold = (seed % 8 >= 6).then_some(128);
     if pad {
         q.pad_min_segment = 0;
     }
-    let mut pads = 0;
+    q.hold_block_for_tests = hold;
+    let (mut pads, mut directs) = (0, 0);
 
     // Every record the queue may still hold, in id order; `head` as in memory.
     let mut recs: VecDeque<ModelRec> = VecDeque::new();
@@ -1074,6 +1078,7 @@ fn run_model(seed: u64, steps: usize) -> u64 {
                 // Reopen; half the time as a crash that loses unsynced bytes.
                 let crash = rng.below(2) == 0;
                 pads += q.pad_bytes();
+                directs += q.direct_commits();
                 if !crash {
                     // As the pipeline's shutdown does.
                     q.trim().unwrap();
@@ -1124,6 +1129,7 @@ fn run_model(seed: u64, steps: usize) -> u64 {
                 if pad {
                     q.pad_min_segment = 0;
                 }
+                q.hold_block_for_tests = hold;
                 assert_eq!(rep.corrupt_records, 0, "{}", ctx(step));
                 indexed_total += q.indexed_segments();
                 assert!(idx_files(d.path()).len() < seg_files(d.path()).len().max(1), "{}", ctx(step));
@@ -1193,6 +1199,8 @@ fn run_model(seed: u64, steps: usize) -> u64 {
     }
     pads += q.pad_bytes();
     assert_eq!(pads > 0, pad, "seed {seed}: padded {pads} bytes");
+    directs += q.direct_commits();
+    assert_eq!(directs > 0, hold.is_some(), "seed {seed}: {directs} commits of held records");
     indexed_total
 }
 
@@ -1336,7 +1344,7 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
     let d = tmp();
     // Where the records and pads end (the file has zeros written ahead).
     let seg_len = |q: &Queue| q.segments.iter().map(|s| s.len).collect::<Vec<_>>();
-    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    let (mut q, _) = open_page_cache(d.path(), big()).unwrap();
     for i in 1..=3 {
         q.append(1, i, &payload(i, 100)).unwrap();
     }
@@ -1351,7 +1359,7 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
     let want: Vec<(u64, Vec<u8>)> = (1..=4).map(|i| (i, payload(i, if i == 4 { 5000 } else { 100 }))).collect();
     assert_eq!(live(&q), want);
     drop(q);
-    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    let (mut q, rep) = open_page_cache(d.path(), big()).unwrap();
     assert_eq!((rep.records, rep.corrupt_records, rep.truncated_bytes), (4, 0, 0));
     assert_eq!(live(&q), want);
     // A power cut in the middle of the last pad: a torn tail from the pad on.
@@ -1361,7 +1369,7 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
     let seg = &seg_files(d.path())[0];
     let f = OpenOptions::new().write(true).open(seg).unwrap();
     f.set_len(3 * PAGE + OVERHEAD as u64 + 100 + 30).unwrap();
-    let (q, rep) = Queue::open(d.path(), big()).unwrap();
+    let (q, rep) = open_page_cache(d.path(), big()).unwrap();
     assert_eq!((rep.records, rep.corrupt_records, rep.truncated_bytes), (5, 0, 30));
     assert_eq!(live(&q).len(), 5);
     drop(q);
@@ -1369,7 +1377,7 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
     // A sealed, padded segment loads the same from its index and by a scan.
     let d = tmp();
     let o = opts(1 << 30, WhenFull::DropOldest, PAD_MIN_SEGMENT);
-    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    let (mut q, _) = open_page_cache(d.path(), o).unwrap();
     let mut want = Vec::new();
     for i in 1..=400 {
         q.append(1, i, &payload(i, 3000)).unwrap();
@@ -1379,13 +1387,13 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
     assert!(seg_files(d.path()).len() >= 2 && !idx_files(d.path()).is_empty());
     assert!(q.pad_bytes() >= 300 * (PAGE - 3000 - OVERHEAD as u64), "{}", q.pad_bytes());
     drop(q);
-    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    let (q, rep) = open_page_cache(d.path(), o).unwrap();
     assert!(q.indexed_segments() >= 1);
     assert_eq!((rep.records, rep.corrupt_records, rep.truncated_bytes), (400, 0, 0));
     assert_eq!(live(&q), want);
     drop(q);
     remove_indexes(d.path());
-    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    let (q, rep) = open_page_cache(d.path(), o).unwrap();
     assert_eq!((rep.records, rep.corrupt_records, rep.truncated_bytes, q.indexed_segments()), (400, 0, 0, 0));
     assert_eq!(live(&q), want);
     drop(q);
@@ -1393,7 +1401,7 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
     // A backlog above an eighth of max_bytes: no pads.
     let d = tmp();
     let o = opts(8 << 20, WhenFull::DropOldest, 8 << 20);
-    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    let (mut q, _) = open_page_cache(d.path(), o).unwrap();
     for i in 1..=400 {
         q.append(1, i, &payload(i, 3000)).unwrap();
     }
@@ -1409,7 +1417,7 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
     drop(q);
     // Segments under PAD_MIN_SEGMENT: no pads.
     let d = tmp();
-    let (mut q, _) = Queue::open(d.path(), opts(1 << 30, WhenFull::DropOldest, PAD_MIN_SEGMENT - 1)).unwrap();
+    let (mut q, _) = open_page_cache(d.path(), opts(1 << 30, WhenFull::DropOldest, PAD_MIN_SEGMENT - 1)).unwrap();
     q.append(1, 1, &payload(1, 100)).unwrap();
     q.commit().unwrap();
     assert_eq!((q.pad_bytes(), seg_len(&q)), (0, vec![OVERHEAD as u64 + 100]));
@@ -1423,7 +1431,7 @@ fn commits_pad_to_a_page_while_the_backlog_is_small() {
 fn small_commits_write_zeros_ahead_and_reopen_and_seal_cut_them_off() {
     let d = tmp();
     let file_len = |d: &TempDir| seg_files(d.path()).iter().map(|p| fs::metadata(p).unwrap().len()).collect::<Vec<_>>();
-    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    let (mut q, _) = open_page_cache(d.path(), big()).unwrap();
     let mut want = Vec::new();
     let add = |q: &mut Queue, want: &mut Vec<(u64, Vec<u8>)>, i: u64, n: usize| {
         q.append(1, i, &payload(i, n)).unwrap();
@@ -1450,7 +1458,7 @@ fn small_commits_write_zeros_ahead_and_reopen_and_seal_cut_them_off() {
     // At 14 pages fewer than 16 KiB of zeros were left: 64 KiB from there.
     assert_eq!(file_len(&d), [14 * PAGE + PREFILL_CHUNK], "zeros written ahead again");
     drop(q);
-    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    let (mut q, rep) = open_page_cache(d.path(), big()).unwrap();
     assert_eq!(rep, clean(21), "zeros ahead are no torn tail");
     assert_eq!(file_len(&d), [19 * PAGE], "cut off at open");
     assert_eq!(live(&q), want);
@@ -1463,7 +1471,7 @@ fn small_commits_write_zeros_ahead_and_reopen_and_seal_cut_them_off() {
     // does not fit rolls to a new segment while the old one has zeros ahead.
     let d = tmp();
     let o = opts(1 << 30, WhenFull::DropOldest, PAD_MIN_SEGMENT);
-    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    let (mut q, _) = open_page_cache(d.path(), o).unwrap();
     let mut want = Vec::new();
     for i in 1..=30 {
         let n = if i % 10 == 0 { 1_020_000 } else { 2000 };
@@ -1481,7 +1489,7 @@ fn small_commits_write_zeros_ahead_and_reopen_and_seal_cut_them_off() {
         );
     }
     drop(q);
-    let (q, rep) = Queue::open(d.path(), o).unwrap();
+    let (q, rep) = open_page_cache(d.path(), o).unwrap();
     assert_eq!(q.indexed_segments(), sealed as u64);
     assert_eq!(rep, clean(30));
     assert_eq!(live(&q), want);
@@ -1500,7 +1508,7 @@ fn acked_segment_files_are_reused_and_their_old_records_never_come_back() {
     let d = tmp();
     let spare = d.path().join("segments").join(SPARE_NAME);
     let rec = |i: u64| (i, payload(i, 1000));
-    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    let (mut q, _) = open_page_cache(d.path(), big()).unwrap();
     // 20 records, a commit (and so a page, with its pad) each.
     for i in 1..=20 {
         q.append(1, i, &payload(i, 1000)).unwrap();
@@ -1530,7 +1538,7 @@ fn acked_segment_files_are_reused_and_their_old_records_never_come_back() {
     let f = OpenOptions::new().write(true).open(&seg).unwrap();
     f.write_all_at(&[0xAB; 100], 5 * PAGE).unwrap();
     drop(f);
-    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    let (mut q, rep) = open_page_cache(d.path(), big()).unwrap();
     assert_eq!(rep, OpenReport { records: 5, truncated_bytes: OVERHEAD as u64 + 1000, ..Default::default() });
     assert_eq!(live(&q), (21..=25).map(rec).collect::<Vec<_>>());
     assert_eq!(fs::metadata(&seg).unwrap().len(), 5 * PAGE, "old records cut off at open");
@@ -1542,7 +1550,7 @@ fn acked_segment_files_are_reused_and_their_old_records_never_come_back() {
     q.commit().unwrap();
     assert_eq!(q.reused_segments(), 1);
     drop(q);
-    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    let (mut q, rep) = open_page_cache(d.path(), big()).unwrap();
     assert_eq!(rep, clean(1));
     assert_eq!(live(&q), [rec(26)]);
 
@@ -1555,7 +1563,7 @@ fn acked_segment_files_are_reused_and_their_old_records_never_come_back() {
     let seg = seg_files(d.path())[0].clone();
     fs::write(&seg, &old).unwrap();
     drop(q);
-    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    let (mut q, rep) = open_page_cache(d.path(), big()).unwrap();
     assert_eq!(rep, clean(0));
     assert!(seg_files(d.path()).is_empty(), "a reused file without a new record is removed");
     assert_eq!(q.next_id(), 27);
@@ -1567,7 +1575,103 @@ fn acked_segment_files_are_reused_and_their_old_records_never_come_back() {
     q.reclaim().unwrap();
     assert!(spare.exists());
     drop(q);
-    let (q, rep) = Queue::open(d.path(), big()).unwrap();
+    let (q, rep) = open_page_cache(d.path(), big()).unwrap();
     assert_eq!((rep, q.next_id()), (clean(0), 28));
     assert!(!spare.exists());
+}
+
+/// [`Queue::open`] with direct commits off: tests of the page cache's
+/// path (pads to a page, zeros ahead, reused files) on a disk that has
+/// direct I/O.
+fn open_page_cache(dir: &Path, o: QueueOptions) -> Result<(Queue, OpenReport)> {
+    let (mut q, rep) = Queue::open(dir, o)?;
+    q.direct_off = true;
+    Ok((q, rep))
+}
+
+/// A directory on a disk file system (/tmp is tmpfs on some systems):
+/// beside this test binary, in the build's target dir.
+fn disk_dir() -> TempDir {
+    let exe = std::env::current_exe().unwrap();
+    tempfile::tempdir_in(exe.parent().unwrap()).unwrap()
+}
+
+/// This thread's write_bytes (/proc/thread-self/io): what it sent to block
+/// devices, whatever other tests in the process write meanwhile.
+fn thread_write_bytes() -> u64 {
+    let io = fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).unwrap().trim().parse().unwrap()
+}
+
+/// Direct commits: on a file system with direct I/O, a small commit writes
+/// its records, padded to the next 512-byte block, with one direct write:
+/// ~2.5 KB of records cost their blocks, not a 4 KiB page. Records held
+/// for it read back before the commit (from memory), after it (from disk)
+/// and after a reopen; a record appended after the last commit is written
+/// by a clean drop and lost by a crash (never committed, so never acked).
+#[test]
+fn small_commits_write_their_blocks_directly_not_pages() {
+    let d = disk_dir();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    let mut want = vec![(1, payload(1, 100))];
+    q.append(1, 1, &payload(1, 100)).unwrap();
+    // Through the page cache: the new file has no zeros ahead yet.
+    q.commit().unwrap();
+    assert_eq!(q.direct_commits(), 0);
+    let (wrote0, zeros0, pads0) = (thread_write_bytes(), q.prefill_bytes(), q.pad_bytes());
+    let mut encoded = 0;
+    for c in 0..200u64 {
+        for k in 0..3 {
+            let i = 2 + 3 * c + k;
+            q.append(1, i, &payload(i, 780)).unwrap();
+            want.push((i, payload(i, 780)));
+            encoded += OVERHEAD as u64 + 780;
+        }
+        q.commit().unwrap();
+    }
+    let wrote = thread_write_bytes() - wrote0 - (q.prefill_bytes() - zeros0);
+    assert_eq!(
+        q.direct_commits(),
+        200,
+        "direct I/O unavailable in {} (statx reports no alignment): this test needs ext4/xfs/btrfs on Linux >= 6.1",
+        d.path().display()
+    );
+    // 2,430 bytes a commit: 2,560 in blocks, 4,096 in pages.
+    let per = 3 * (OVERHEAD as u64 + 780);
+    assert_eq!(q.pad_bytes() - pads0, 200 * (per.next_multiple_of(512) - per), "each commit padded to its next block");
+    assert!(
+        (encoded..=encoded * 11 / 10).contains(&wrote),
+        "wrote {wrote} bytes (zeros ahead aside) for {encoded} encoded"
+    );
+    assert_eq!(live(&q), want, "read back from the disk");
+    // Held, not yet written: read from memory.
+    q.append(1, 602, &payload(602, 500)).unwrap();
+    assert!(!q.segments[0].held.is_empty());
+    let all = q.read_all_on_disk_after(600).unwrap();
+    assert_eq!(
+        all.iter().map(|(m, p)| (m.id, p.clone())).collect::<Vec<_>>(),
+        [(601, want[600].1.clone()), (602, payload(602, 500))]
+    );
+    // A clean drop writes it (as the page cache kept it before).
+    drop(q);
+    want.push((602, payload(602, 500)));
+    let (mut q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(602));
+    assert_eq!(live(&q), want);
+    q.commit().unwrap();
+    // A crash after the commit of 603 and before that of 604: 604 never
+    // reached the file, and nothing before it is hurt.
+    for i in 603..=604 {
+        q.append(1, i, &payload(i, 500)).unwrap();
+        if i == 603 {
+            q.commit().unwrap();
+            want.push((i, payload(i, 500)));
+        }
+    }
+    assert!(!q.segments[0].held.is_empty(), "604 held");
+    q.segments[0].held.clear();
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(603));
+    assert_eq!((live(&q), q.next_id()), (want, 604));
 }
