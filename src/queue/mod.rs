@@ -988,18 +988,19 @@ impl Queue {
                 self.reused_segments += 1;
                 (file, size)
             }
-            None => (
-                OpenOptions::new()
+            None => {
+                let file = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create_new(true)
                     .open(&path)
-                    .ctx("creating segment", &path)?,
-                0,
-            ),
+                    .ctx("creating segment", &path)?;
+                // A new directory entry: durable with the next commit.
+                self.seg_dir_dirty = true;
+                (file, 0)
+            }
         };
         self.segments.push_back(Segment::new(first_id, path, file, 0, 0, filled));
-        self.seg_dir_dirty = true;
         self.force_roll = false;
         Ok(())
     }
