@@ -2,6 +2,7 @@
 //! both full policies, ack/reclaim, a model-based random test, read-only
 //! opening and the lock.
 
+use super::sector::tests::{disk_dir, write_bytes};
 use super::segment::{self, OVERHEAD, PAGE};
 use super::*;
 use std::collections::HashMap;
@@ -1589,20 +1590,6 @@ fn open_page_cache(dir: &Path, o: QueueOptions) -> Result<(Queue, OpenReport)> {
     Ok((q, rep))
 }
 
-/// A directory on a disk file system (/tmp is tmpfs on some systems):
-/// beside this test binary, in the build's target dir.
-fn disk_dir() -> TempDir {
-    let exe = std::env::current_exe().unwrap();
-    tempfile::tempdir_in(exe.parent().unwrap()).unwrap()
-}
-
-/// This thread's write_bytes (/proc/thread-self/io): what it sent to block
-/// devices, whatever other tests in the process write meanwhile.
-fn thread_write_bytes() -> u64 {
-    let io = fs::read_to_string("/proc/thread-self/io").unwrap();
-    io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).unwrap().trim().parse().unwrap()
-}
-
 /// Direct commits: on a file system with direct I/O, a small commit writes
 /// its records, padded to the next 512-byte block, with one direct write:
 /// ~2.5 KB of records cost their blocks, not a 4 KiB page. Records held
@@ -1618,7 +1605,7 @@ fn small_commits_write_their_blocks_directly_not_pages() {
     // Through the page cache: the new file has no zeros ahead yet.
     q.commit().unwrap();
     assert_eq!(q.direct_commits(), 0);
-    let (wrote0, zeros0, pads0) = (thread_write_bytes(), q.prefill_bytes(), q.pad_bytes());
+    let (wrote0, zeros0, pads0) = (write_bytes(), q.prefill_bytes(), q.pad_bytes());
     let mut encoded = 0;
     for c in 0..200u64 {
         for k in 0..3 {
@@ -1629,7 +1616,7 @@ fn small_commits_write_their_blocks_directly_not_pages() {
         }
         q.commit().unwrap();
     }
-    let wrote = thread_write_bytes() - wrote0 - (q.prefill_bytes() - zeros0);
+    let wrote = write_bytes() - wrote0 - (q.prefill_bytes() - zeros0);
     assert_eq!(
         q.direct_commits(),
         200,
