@@ -109,8 +109,10 @@
 //! holding committed records is ever written again. Holding stops at
 //! [`HOLD_MAX`] (16 KiB, the pad's room included) and where the file's size
 //! ends: what is held is then written through the page cache and the rest of
-//! the commit follows it there, as before; so do a roll's sealing commit and
-//! a commit whose pad was refused. Held records are read from memory until
+//! the commit follows it there, as before (holding starts again only after
+//! that commit's fdatasync: a direct write over a dirty page would make the
+//! kernel write the page first, twice in one commit); so do a roll's sealing
+//! commit and a commit whose pad was refused. Held records are read from memory until
 //! their commit, and a dropped queue writes them to the file (through the
 //! page cache), where uncommitted records always went. A crash (SIGKILL)
 //! loses held records where the page cache used to keep them; they were not
@@ -501,6 +503,11 @@ struct Segment {
     held_from: u64,
     /// The file opened for direct writes, once a hold was tried.
     direct: Option<Direct>,
+    /// Records were written through the page cache since the last commit:
+    /// no hold until its fdatasync has cleaned their page (a direct write
+    /// over a dirty page makes the kernel write that page first, so a
+    /// commit would write it twice).
+    buffered: bool,
 }
 
 /// A segment's direct writes (see "Direct commits").
@@ -529,8 +536,8 @@ impl Segment {
     /// A segment whose first `len` bytes are on disk (and durable, as far
     /// as the queue knows), followed by zeros up to `filled`.
     fn new(first_id: u64, path: PathBuf, file: File, len: u64, last_id: u64, filled: u64) -> Segment {
-        let (held, held_from, direct) = (Vec::new(), 0, None);
-        Segment { first_id, path, file, len, last_id, synced_len: len, filled, held, held_from, direct }
+        let (held, held_from, direct, buffered) = (Vec::new(), 0, None, false);
+        Segment { first_id, path, file, len, last_id, synced_len: len, filled, held, held_from, direct, buffered }
     }
 
     /// Hold `bytes` for the next commit's direct write instead of writing
@@ -539,7 +546,7 @@ impl Segment {
     /// within the file's size (the direct write allocates nothing). False:
     /// not held, the caller writes them.
     fn hold(&mut self, bytes: &[u8]) -> bool {
-        let Some(d) = &self.direct else { return false };
+        let Some(d) = self.direct.as_ref().filter(|_| !self.buffered) else { return false };
         let from = if self.held.is_empty() { self.len } else { self.held_from };
         let end = self.len + bytes.len() as u64 + d.block + FRAME_BYTES as u64;
         if !from.is_multiple_of(d.block) || end - from > HOLD_MAX || end > self.filled {
@@ -605,6 +612,7 @@ impl Segment {
             Ok(()) => {
                 self.len += bytes.len() as u64;
                 self.filled = self.filled.max(self.len);
+                self.buffered = true;
                 Ok(())
             }
             Err(e) => {
@@ -1072,6 +1080,7 @@ impl Queue {
             }
             s.file.sync_data().ctx("syncing", &s.path)?;
             s.synced_len = s.len;
+            s.buffered = false;
             self.fsyncs += 1;
             self.seg_dirty = false;
             // Records become committed (and their devices acked) only if

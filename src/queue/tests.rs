@@ -1662,3 +1662,51 @@ fn small_commits_write_their_blocks_directly_not_pages() {
     assert_eq!(rep, clean(603));
     assert_eq!((live(&q), q.next_id()), (want, 604));
 }
+
+/// A commit whose appends pass [`HOLD_MAX`] goes through the page cache from
+/// there on, even where a later record starts on a block boundary: a direct
+/// write over the dirty page would make the kernel write that page first
+/// (twice in one commit). The next commit holds again.
+#[test]
+fn a_commit_released_to_the_page_cache_holds_nothing_more() {
+    let d = disk_dir();
+    let (mut q, _) = Queue::open(d.path(), big()).unwrap();
+    // 512-byte records: each ends on a block boundary.
+    let p = payload(0, 512 - OVERHEAD);
+    let mut id = 0;
+    let mut append = |q: &mut Queue| {
+        id += 1;
+        q.append(1, id, &p).unwrap();
+    };
+    append(&mut q);
+    q.commit().unwrap();
+    // Small (direct) commits until zeros ahead leave room past HOLD_MAX,
+    // so only HOLD_MAX stops the hold below.
+    for _ in 0..100 {
+        append(&mut q);
+        q.commit().unwrap();
+        if q.segments[0].filled - q.segments[0].len >= 2 * HOLD_MAX {
+            break;
+        }
+    }
+    let direct = q.direct_commits();
+    assert!(direct > 0, "direct I/O unavailable in {} (statx reports no alignment)", d.path().display());
+    assert!(q.segments[0].filled - q.segments[0].len >= 2 * HOLD_MAX);
+    let mut released = false;
+    for _ in 0..HOLD_MAX / 512 + 4 {
+        append(&mut q);
+        released |= q.segments[0].held.is_empty();
+        assert!(!released || q.segments[0].held.is_empty(), "held again after the release");
+    }
+    assert!(released, "HOLD_MAX released the held records");
+    q.commit().unwrap();
+    assert_eq!(q.direct_commits(), direct, "that commit went through the page cache");
+    append(&mut q);
+    q.commit().unwrap();
+    assert_eq!(q.direct_commits(), direct + 1, "the next one is direct");
+    let n = id;
+    drop(q);
+    let (q, rep) = Queue::open(d.path(), big()).unwrap();
+    assert_eq!(rep, clean(n));
+    assert_eq!(live(&q).len() as u64, n);
+}
