@@ -775,14 +775,17 @@ impl Pipeline {
             self.commit()?;
         }
         let since = now.duration_since(self.last_checkpoint);
-        // Checkpoint early to free disk space only for a sealed segment, or
-        // when a batch was refused (a full disk) since the last one: the
-        // active segment is all acked whenever the uplink keeps up, and a
-        // state file every 5 s for it was most of what the gateway wrote at
+        // Checkpoint early to free disk space only for sealed segments worth
+        // the state file (at least CHECKPOINT_DATA_RATIO times its size, or
+        // an eighth of `max_bytes`), or when a batch was refused (a full
+        // disk) since the last one: the active segment is all acked whenever
+        // the uplink keeps up, and a state file every 5 s for it, then one
+        // for every sealed segment, were most of what the gateway wrote at
         // a site's pace (issue 18, docs/performance.md).
         let reclaim = {
             let q = self.queue();
-            q.reclaimable_sealed() || (self.refused_since_checkpoint && q.reclaimable())
+            let worth = (CHECKPOINT_DATA_RATIO * self.state_bytes).min(q.max_bytes() / 8).max(1);
+            q.reclaimable_sealed_bytes() >= worth || (self.refused_since_checkpoint && q.reclaimable())
         } && since >= CHECKPOINT_MIN_GAP;
         let new_device = self.acks.newly_named() && since >= NEW_DEVICE_CHECKPOINT_GAP;
         let periodic = self.changed_since_checkpoint
@@ -847,9 +850,12 @@ impl Pipeline {
         self.checkpoint_retry = None;
         self.changed_since_checkpoint = false;
         self.queued_since_checkpoint = 0;
-        self.refused_since_checkpoint = false;
+        let refused = std::mem::take(&mut self.refused_since_checkpoint);
         let mut q = self.queue();
-        if q.reclaimable() {
+        if refused {
+            // A full disk, perhaps: kept segment files are space too.
+            q.reclaim_space()?;
+        } else if q.reclaimable() {
             q.reclaim()?;
         }
         Ok(())
@@ -1179,6 +1185,55 @@ mod tests {
         assert!(!p.queue().reclaimable_sealed());
     }
 
+    /// Issue 18: sealed, all-acked segments are reclaimed (which takes a
+    /// checkpoint) once they are worth the state file: four times its size,
+    /// or an eighth of `max_bytes` if that is less. A state file for every
+    /// sealed segment was ~0.6 bytes written per encoded byte at a site's
+    /// pace with 1 MiB segments over 6 minutes, and ~1 once the dedup window
+    /// is full.
+    #[test]
+    fn sealed_segments_wait_until_they_are_worth_four_state_files() {
+        for max_bytes in [None, Some(64 << 10)] {
+            let dir = tempfile::tempdir().unwrap();
+            let max = max_bytes.map_or(String::new(), |m| format!("max_bytes = {m}\n"));
+            let c = cfg(dir.path(), &format!("[store]\nsegment_bytes = 4096\n{max}"));
+            let state = dir.path().join("state.bin");
+            let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
+            let t0 = Instant::now();
+            let mut next = 1;
+            let mut ack_more = |p: &mut Pipeline, n: u64| {
+                feed(p, next..next + n);
+                next += n;
+                p.commit().unwrap();
+                let id = p.queue().committed_id();
+                p.queue().ack_through(id).unwrap();
+            };
+            ack_more(&mut p, 2_000);
+            p.checkpoint().unwrap();
+            let size = p.state_bytes;
+            assert!(size > 10_000, "{size}");
+            std::fs::remove_file(&state).unwrap();
+            let worth = max_bytes.map_or(4 * size, |m| m / 8);
+            assert!(worth < 4 * size || max_bytes.is_none());
+            while p.queue().reclaimable_sealed_bytes() + 4096 < worth {
+                ack_more(&mut p, 1);
+            }
+            assert!(p.queue().reclaimable_sealed(), "a sealed segment, all acked");
+            p.tick(t0 + Duration::from_secs(10)).unwrap();
+            assert!(
+                !state.exists(),
+                "a state file of {size} bytes to reclaim {} bytes",
+                p.queue().reclaimable_sealed_bytes()
+            );
+            while p.queue().reclaimable_sealed_bytes() < worth {
+                ack_more(&mut p, 1);
+            }
+            p.tick(t0 + Duration::from_secs(20)).unwrap();
+            assert!(state.exists(), "no checkpoint to reclaim {worth} bytes or more");
+            assert_eq!(p.queue().reclaimable_sealed_bytes(), 0, "reclaimed");
+        }
+    }
+
     /// Issue 18: the periodic state file (every remembered key) waits until
     /// the queue took four times its size, or ten minutes; writing it every
     /// minute regardless was ~2.6 bytes per queued byte at a site's pace.
@@ -1240,6 +1295,41 @@ mod tests {
         p.commit().unwrap();
         assert_eq!(p.tick(Instant::now()).unwrap().pop().unwrap().1.seq, acked + 5);
         assert_eq!(queued(&p), (acked + 1..=acked + 5).collect::<Vec<_>>());
+    }
+
+    /// A refused batch (a full disk, say) makes the next checkpoint delete
+    /// the segment files kept for reuse too: they are space. (A queue that
+    /// refuses for `max_bytes` has used its kept files in its rolls; the
+    /// disk can fill with others' files while the queue is small.)
+    #[test]
+    fn a_refused_batch_deletes_the_kept_segment_files_at_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "[store]\nsegment_bytes = 1048576\n");
+        let (mut p, _) = Pipeline::open(&c, Arc::default()).unwrap();
+        let kept = || {
+            std::fs::read_dir(dir.path().join("queue/segments"))
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".tmp"))
+                .count()
+        };
+        let mut next = 0;
+        // Three sealed segments, all acked as they come: kept at the checkpoint.
+        while p.queue().reclaimable_sealed_bytes() < 3 << 20 {
+            feed(&mut p, next..next + 500);
+            next += 500;
+            p.commit().unwrap();
+            let id = p.queue().committed_id();
+            p.queue().ack_through(id).unwrap();
+        }
+        p.checkpoint().unwrap();
+        let n = kept();
+        assert!(n >= 3, "{n} kept");
+        p.checkpoint().unwrap();
+        assert_eq!(kept(), n, "kept while nothing is refused");
+        // As `ingest` marks a batch the queue refused (ENOSPC).
+        p.refused_since_checkpoint = true;
+        p.checkpoint().unwrap();
+        assert_eq!(kept(), 0, "kept segment files left on a full disk");
     }
 
     /// The power-cut soak's reject_new finding: a refused batch holds the

@@ -76,9 +76,10 @@
 //!
 //! # Reused segment files
 //!
-//! While the backlog is small, `reclaim` keeps one acked segment file
-//! instead of deleting it: renamed to `segments/spare.tmp`, and renamed
-//! again to the next segment's name by the next roll. A reused file has its
+//! While the backlog is small, `reclaim` keeps up to [`SPARES_MAX`] acked
+//! segment files instead of deleting them: renamed to `segments/spare.tmp`
+//! (`spare.1.tmp`, ...), and renamed again to the next segments' names by
+//! the next rolls. A reused file has its
 //! size already, so its commits overwrite blocks within it like zeros ahead
 //! do, without writing the zeros first (each segment byte is written once,
 //! and the file grows no journal commit). Its old records stay after the new
@@ -759,10 +760,10 @@ pub struct Queue {
     sealing: bool,
     /// Bytes of zeros written ahead (see the module docs).
     prefill_bytes: u64,
-    /// A reclaimed segment file kept for the next roll (module docs,
-    /// "Reused segment files").
-    spare: Option<Spare>,
-    /// Segment files a roll took from `spare` (for tests and the bench).
+    /// Reclaimed segment files kept for the next rolls (module docs,
+    /// "Reused segment files"); the last one is `spare_name(len - 1)`.
+    spares: Vec<Spare>,
+    /// Segment files a roll took from `spares` (for tests and the bench).
     reused_segments: u64,
     /// Direct writes are unavailable here (module docs, "Direct commits").
     pub(crate) direct_off: bool,
@@ -773,16 +774,23 @@ pub struct Queue {
     direct_commits: u64,
 }
 
-/// An acked segment file renamed to [`SPARE_NAME`], and its size.
+/// An acked segment file renamed to [`spare_name`], and its size.
 #[derive(Debug)]
 struct Spare {
     file: File,
     size: u64,
 }
 
-/// The name of the kept segment file in `segments/`: a `.tmp`, so `open`
-/// deletes it like any temp file a crash left.
-const SPARE_NAME: &str = "spare.tmp";
+/// At most this many kept segment files: a checkpoint reclaims several
+/// sealed segments at once when the state file is large (the pipeline waits
+/// for four of its size), and each one kept saves a segment's zeros.
+const SPARES_MAX: usize = 4;
+
+/// The name of the `n`th kept segment file in `segments/`: a `.tmp`, so
+/// `open` deletes it like any temp file a crash left.
+fn spare_name(n: usize) -> String {
+    if n == 0 { "spare.tmp".to_string() } else { format!("spare.{n}.tmp") }
+}
 
 impl Drop for Queue {
     /// Held appends go to the file (through the page cache), where a
@@ -971,8 +979,9 @@ impl Queue {
         // and the file has its size already (no zeros ahead, no journal
         // commit for the growth). Old records after the new ones are never
         // read as records: their ids are below this segment's first id.
-        let spare = self.spare.take().and_then(|sp| {
-            let from = self.seg_dir.join(SPARE_NAME);
+        let n = self.spares.len().saturating_sub(1);
+        let spare = self.spares.pop().and_then(|sp| {
+            let from = self.seg_dir.join(spare_name(n));
             match fs::rename(&from, &path) {
                 Ok(()) => Some(sp),
                 Err(e) => {
@@ -1353,12 +1362,44 @@ impl Queue {
         self.segments.len() > 1 && self.reclaimable()
     }
 
+    /// The most live bytes the queue keeps (`[store] max_bytes`).
+    pub fn max_bytes(&self) -> u64 {
+        self.opts.max_bytes
+    }
+
+    /// The bytes of the sealed segments `reclaim` would delete (all acked
+    /// or dropped; the segment appended to not counted).
+    pub fn reclaimable_sealed_bytes(&self) -> u64 {
+        let sealed = self.segments.len().saturating_sub(1);
+        self.segments.iter().take(sealed).take_while(|s| s.last_id <= self.head).map(|s| s.len).sum()
+    }
+
     /// Delete segment files whose records are all acked or dropped; returns
     /// how many. Makes the ledger durable first, so a deleted record can
     /// never be one the ledger still calls pending. The unlinks themselves
     /// are not fsynced: a segment that comes back after a crash holds only
     /// records at or below the durable head and is deleted again.
     pub fn reclaim(&mut self) -> Result<u64> {
+        self.reclaim_keeping(true)
+    }
+
+    /// As [`Queue::reclaim`], but for disk space (a record was refused):
+    /// the kept segment files are deleted too, and none is kept.
+    pub fn reclaim_space(&mut self) -> Result<u64> {
+        self.writable()?;
+        for n in (0..self.spares.len()).rev() {
+            self.spares.pop();
+            let path = self.seg_dir.join(spare_name(n));
+            if let Err(e) = fs::remove_file(&path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                return Err(e).ctx("deleting kept segment", &path);
+            }
+        }
+        self.reclaim_keeping(false)
+    }
+
+    fn reclaim_keeping(&mut self, keep_spares: bool) -> Result<u64> {
         self.writable()?;
         if !self.reclaimable() {
             return Ok(0);
@@ -1373,11 +1414,11 @@ impl Queue {
         let durable = self.ledger.state.acked_through;
         let mut n = 0;
         while self.segments.front().is_some_and(|s| s.last_id <= durable) {
-            // Keep one file for the next roll while the backlog is small
-            // (module docs, "Reused segment files"); delete the rest.
-            let keep = self.spare.is_none() && self.small_backlog();
+            // Keep a few files for the next rolls while the backlog is
+            // small (module docs, "Reused segment files"); delete the rest.
+            let keep = keep_spares && self.spares.len() < SPARES_MAX && self.small_backlog();
             let s = &self.segments[0];
-            let kept = keep && fs::rename(&s.path, self.seg_dir.join(SPARE_NAME)).is_ok();
+            let kept = keep && fs::rename(&s.path, self.seg_dir.join(spare_name(self.spares.len()))).is_ok();
             match if kept { Ok(()) } else { fs::remove_file(&s.path) } {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(e).ctx("deleting segment", &s.path);
@@ -1394,7 +1435,7 @@ impl Queue {
             }
             if kept {
                 let size = s.file.metadata().map_or(s.filled, |m| m.len());
-                self.spare = Some(Spare { file: s.file, size });
+                self.spares.push(Spare { file: s.file, size });
             }
             if self.segments.is_empty() {
                 // It was the active segment; its unsynced bytes are all acked.

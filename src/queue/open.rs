@@ -311,7 +311,7 @@ impl Queue {
             pad_min_segment: super::PAD_MIN_SEGMENT,
             sealing: false,
             prefill_bytes: 0,
-            spare: None,
+            spares: Vec::new(),
             reused_segments: 0,
             direct_off: false,
             hold_block_for_tests: None,

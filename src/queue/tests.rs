@@ -1507,7 +1507,7 @@ fn small_commits_write_zeros_ahead_and_reopen_and_seal_cut_them_off() {
 fn acked_segment_files_are_reused_and_their_old_records_never_come_back() {
     use std::os::unix::fs::MetadataExt;
     let d = tmp();
-    let spare = d.path().join("segments").join(SPARE_NAME);
+    let spare = d.path().join("segments").join(spare_name(0));
     let rec = |i: u64| (i, payload(i, 1000));
     let (mut q, _) = open_page_cache(d.path(), big()).unwrap();
     // 20 records, a commit (and so a page, with its pad) each.
@@ -1709,4 +1709,66 @@ fn a_commit_released_to_the_page_cache_holds_nothing_more() {
     let (q, rep) = Queue::open(d.path(), big()).unwrap();
     assert_eq!(rep, clean(n));
     assert_eq!(live(&q).len() as u64, n);
+}
+
+/// A reclaim that frees several acked segments (the pipeline waits until
+/// they are worth a state file) keeps up to SPARES_MAX of them, and the next
+/// rolls reuse each one; a reclaim for disk space (`reclaim_space`) keeps
+/// none and deletes those kept.
+#[test]
+fn several_acked_segments_are_kept_for_the_next_rolls_and_a_full_disk_deletes_them() {
+    let d = tmp();
+    let spares = |d: &TempDir| {
+        let mut n: Vec<String> = fs::read_dir(d.path().join("segments"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        n.sort();
+        n
+    };
+    let o = || opts(1 << 30, WhenFull::DropOldest, 64 << 10);
+    let (mut q, _) = open_page_cache(d.path(), o()).unwrap();
+    q.pad_min_segment = 0;
+    let mut id = 0;
+    // Appends (a commit each) until `n` more segments were started; the
+    // last id, the first record of the newest one.
+    let mut fill = |q: &mut Queue, n: usize| {
+        let target = q.segments.len() + n;
+        while q.segments.len() < target {
+            id += 1;
+            q.append(1, id, &payload(id, 4000)).unwrap();
+            q.commit().unwrap();
+        }
+        id
+    };
+    let last = fill(&mut q, 7);
+    assert_eq!(seg_files(d.path()).len(), 7);
+    q.ack_through(last - 1).unwrap();
+    assert!(q.reclaimable_sealed_bytes() >= 6 * (60 << 10));
+    assert_eq!(q.reclaim().unwrap(), 6);
+    assert_eq!(q.reclaimable_sealed_bytes(), 0);
+    assert_eq!(spares(&d), ["spare.1.tmp", "spare.2.tmp", "spare.3.tmp", "spare.tmp"], "four kept, two deleted");
+    let zeros = q.prefill_bytes();
+    let last = fill(&mut q, 4);
+    assert_eq!(q.reused_segments(), 4);
+    assert!(spares(&d).is_empty());
+    assert_eq!(q.prefill_bytes(), zeros, "no zeros ahead in the reused files");
+    fill(&mut q, 1);
+    assert_eq!(q.reused_segments(), 4, "a new file once none is kept");
+    // A full disk: what is kept goes, and nothing more is kept.
+    q.ack_through(last).unwrap();
+    q.reclaim().unwrap();
+    assert_eq!(spares(&d).len(), 4);
+    q.reclaim_space().unwrap();
+    assert!(spares(&d).is_empty());
+    let last = fill(&mut q, 2);
+    q.ack_through(last).unwrap();
+    q.reclaim_space().unwrap();
+    assert!(spares(&d).is_empty());
+    // Every record after the ack comes back after a reopen.
+    let want: Vec<u64> = ((last + 1)..=fill(&mut q, 0)).collect();
+    drop(q);
+    let (q, _) = open_page_cache(d.path(), o()).unwrap();
+    assert_eq!(live(&q).iter().map(|(i, _)| *i).collect::<Vec<_>>(), want);
 }
