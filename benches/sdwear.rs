@@ -149,7 +149,9 @@ fn main() {
     let idle = idle0.zip(device_bytes(dir)).map_or(0.0, |(a, b)| (b - a) as f64 / idle_secs as f64);
     let idle_w = idle_w0.zip(device_writes(dir)).map_or(0.0, |(a, b)| (b - a) as f64 / idle_secs as f64);
     let idle_j = idle_j0.zip(journal_commits(dir)).map_or(0.0, |(a, b)| (b - a) as f64 / idle_secs as f64);
-    let gw = Gateway::start(&cfg);
+    // The log level a service runs at: debug lines (the tests' level) were
+    // ~1 KiB/s of the gateway's own writes here, into a file in TMPDIR.
+    let gw = Gateway::start_with_env(&cfg, &[("RUST_LOG", "info")]);
     assert!(wait_until(Duration::from_secs(20), || gw.log_text().contains("connected (MQTT")), "{}", gw.log_text());
     std::thread::sleep(Duration::from_secs(1));
     let pid = gw.child.id();
@@ -208,9 +210,10 @@ fn main() {
     let zeros = growth("edge_gateway_queue_prefill_bytes_total");
     let reused = growth("edge_gateway_queue_reused_segments_total");
     let direct = growth("edge_gateway_queue_direct_commits_total");
+    let log_bytes = std::fs::metadata(&gw.log).map_or(0, |m| m.len());
     let fsyncs_line = fsyncs.iter().map(|(f, n)| format!("{f} {n:.1}")).collect::<Vec<_>>().join(", ")
         + &format!(
-            " (queue padding written: {:.2}, zeros ahead: {:.2} bytes per encoded byte; {reused:.0} segment files reused; {direct:.0} direct commits)",
+            " (queue padding written: {:.2}, zeros ahead: {:.2} bytes per encoded byte; {reused:.0} segment files reused; {direct:.0} direct commits; its log at RUST_LOG=info: {log_bytes} bytes)",
             pads / encoded.max(1.0),
             zeros / encoded.max(1.0)
         );
