@@ -1742,24 +1742,26 @@ fn several_acked_segments_are_kept_for_the_next_rolls_and_a_full_disk_deletes_th
         }
         id
     };
-    let last = fill(&mut q, 7);
-    assert_eq!(seg_files(d.path()).len(), 7);
+    let last = fill(&mut q, SPARES_MAX + 3);
+    assert_eq!(seg_files(d.path()).len(), SPARES_MAX + 3);
     q.ack_through(last - 1).unwrap();
-    assert!(q.reclaimable_sealed_bytes() >= 6 * (60 << 10));
-    assert_eq!(q.reclaim().unwrap(), 6);
+    assert!(q.reclaimable_sealed_bytes() >= (SPARES_MAX as u64 + 2) * (60 << 10));
+    assert_eq!(q.reclaim().unwrap(), SPARES_MAX as u64 + 2);
     assert_eq!(q.reclaimable_sealed_bytes(), 0);
-    assert_eq!(spares(&d), ["spare.1.tmp", "spare.2.tmp", "spare.3.tmp", "spare.tmp"], "four kept, two deleted");
+    let mut want_names: Vec<String> = (0..SPARES_MAX).map(spare_name).collect();
+    want_names.sort();
+    assert_eq!(spares(&d), want_names, "SPARES_MAX kept, two deleted");
     let zeros = q.prefill_bytes();
-    let last = fill(&mut q, 4);
-    assert_eq!(q.reused_segments(), 4);
+    let last = fill(&mut q, SPARES_MAX);
+    assert_eq!(q.reused_segments(), SPARES_MAX as u64);
     assert!(spares(&d).is_empty());
     assert_eq!(q.prefill_bytes(), zeros, "no zeros ahead in the reused files");
     fill(&mut q, 1);
-    assert_eq!(q.reused_segments(), 4, "a new file once none is kept");
+    assert_eq!(q.reused_segments(), SPARES_MAX as u64, "a new file once none is kept");
     // A full disk: what is kept goes, and nothing more is kept.
     q.ack_through(last).unwrap();
     q.reclaim().unwrap();
-    assert_eq!(spares(&d).len(), 4);
+    assert_eq!(spares(&d).len(), SPARES_MAX);
     q.reclaim_space().unwrap();
     assert!(spares(&d).is_empty());
     let last = fill(&mut q, 2);
@@ -1771,4 +1773,18 @@ fn several_acked_segments_are_kept_for_the_next_rolls_and_a_full_disk_deletes_th
     drop(q);
     let (q, _) = open_page_cache(d.path(), o()).unwrap();
     assert_eq!(live(&q).iter().map(|(i, _)| *i).collect::<Vec<_>>(), want);
+
+    // Kept files stay within an eighth of max_bytes: two 64 KiB ones of 1 MiB.
+    let d = tmp();
+    let o = || opts(1 << 20, WhenFull::DropOldest, 64 << 10);
+    let (mut q, _) = open_page_cache(d.path(), o()).unwrap();
+    q.pad_min_segment = 0;
+    for id in 1..=100 {
+        q.append(1, id, &payload(id, 4000)).unwrap();
+        q.commit().unwrap();
+    }
+    assert!(seg_files(d.path()).len() >= 5);
+    q.ack_through(100).unwrap();
+    q.reclaim().unwrap();
+    assert_eq!(spares(&d).len(), 2, "{:?}", spares(&d));
 }
