@@ -77,7 +77,7 @@
 //! # Reused segment files
 //!
 //! While the backlog is small, `reclaim` keeps up to [`SPARES_MAX`] acked
-//! segment files (an eighth of `max_bytes` at most) instead of deleting them: renamed to `segments/spare.tmp`
+//! segment files (past the first, an eighth of `max_bytes` at most) instead of deleting them: renamed to `segments/spare.tmp`
 //! (`spare.1.tmp`, ...), and renamed again to the next segments' names by
 //! the next rolls. A reused file has its
 //! size already, so its commits overwrite blocks within it like zeros ahead
@@ -781,8 +781,8 @@ struct Spare {
     size: u64,
 }
 
-/// At most this many kept segment files (and at most an eighth of
-/// `max_bytes`): a checkpoint reclaims several sealed segments at once when
+/// At most this many kept segment files (and, past the first, at most an
+/// eighth of `max_bytes`): a checkpoint reclaims several sealed segments at once when
 /// the state file is large (the pipeline waits until they are four times its
 /// size), the rolls until the next one need as many, and each one kept saves
 /// a segment's zeros. With 4, one roll in five made a new file at a site's
@@ -1423,7 +1423,7 @@ impl Queue {
             let kept_bytes: u64 = self.spares.iter().map(|k| k.size).sum();
             let keep = keep_spares
                 && self.spares.len() < SPARES_MAX
-                && kept_bytes + s.filled.max(s.len) <= self.opts.max_bytes / 8
+                && (kept_bytes == 0 || kept_bytes + s.filled.max(s.len) <= self.opts.max_bytes / 8)
                 && self.small_backlog();
             let kept = keep && fs::rename(&s.path, self.seg_dir.join(spare_name(self.spares.len()))).is_ok();
             match if kept { Ok(()) } else { fs::remove_file(&s.path) } {
