@@ -77,13 +77,13 @@
 //! # Reused segment files
 //!
 //! While the backlog is small, `reclaim` keeps up to [`SPARES_MAX`] acked
-//! segment files (past the first, an eighth of `max_bytes` at most) instead of deleting them: renamed to `segments/spare.tmp`
-//! (`spare.1.tmp`, ...), and renamed again to the next segments' names by
-//! the next rolls. A reused file has its
-//! size already, so its commits overwrite blocks within it like zeros ahead
-//! do, without writing the zeros first (each segment byte is written once,
-//! and the file grows no journal commit). Its old records stay after the new
-//! ones until they are overwritten, and are never read as records: every
+//! segment files (past the first, an eighth of `max_bytes` at most) instead
+//! of deleting them: renamed to `segments/spare.tmp` (`spare.1.tmp`, ...),
+//! and renamed again to the next segments' names by the next rolls. A reused
+//! file has its size already, so its commits overwrite blocks within it like
+//! zeros ahead do, without writing the zeros first (each segment byte is
+//! written once, and the file grows no journal commit). Its old records stay
+//! after the new ones until they are overwritten, and are never read as records: every
 //! record of a segment has at least the id in the segment's name, and the
 //! old ones have lower ids (they were acked before the file was kept).
 //! After a crash, `open` cuts them off with the rest of the tail, and counts
