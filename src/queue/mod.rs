@@ -1421,7 +1421,12 @@ impl Queue {
             // small (module docs, "Reused segment files"); delete the rest.
             let s = &self.segments[0];
             let kept_bytes: u64 = self.spares.iter().map(|k| k.size).sum();
+            // The segment appended to, partly filled, only if nothing else
+            // is kept: a roll takes the last file kept first, and the rest
+            // of a partly filled one takes zeros ahead.
+            let sealed = self.segments.len() > 1;
             let keep = keep_spares
+                && (sealed || self.spares.is_empty())
                 && self.spares.len() < SPARES_MAX
                 && (kept_bytes == 0 || kept_bytes + s.filled.max(s.len) <= self.opts.max_bytes / 8)
                 && self.small_backlog();

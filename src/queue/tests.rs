@@ -1711,6 +1711,10 @@ fn a_commit_released_to_the_page_cache_holds_nothing_more() {
     assert_eq!(live(&q).len() as u64, n);
 }
 
+fn big64k() -> QueueOptions {
+    opts(1 << 30, WhenFull::DropOldest, 64 << 10)
+}
+
 /// A reclaim that frees several acked segments (the pipeline waits until
 /// they are worth a state file) keeps up to SPARES_MAX of them, and the next
 /// rolls reuse each one; a reclaim for disk space (`reclaim_space`) keeps
@@ -1727,7 +1731,7 @@ fn several_acked_segments_are_kept_for_the_next_rolls_and_a_full_disk_deletes_th
         n.sort();
         n
     };
-    let o = || opts(1 << 30, WhenFull::DropOldest, 64 << 10);
+    let o = big64k;
     let (mut q, _) = open_page_cache(d.path(), o()).unwrap();
     q.pad_min_segment = 0;
     let mut id = 0;
@@ -1787,4 +1791,20 @@ fn several_acked_segments_are_kept_for_the_next_rolls_and_a_full_disk_deletes_th
     q.ack_through(100).unwrap();
     q.reclaim().unwrap();
     assert_eq!(spares(&d).len(), 2, "{:?}", spares(&d));
+
+    // All acked, the segment appended to too: the sealed ones are kept, not
+    // that partly filled one (its rest would take zeros when reused).
+    let d = tmp();
+    let (mut q, _) = open_page_cache(d.path(), big64k()).unwrap();
+    q.pad_min_segment = 0;
+    let mut id = 0;
+    while q.segments.len() < 3 || q.segments[2].len < 8192 {
+        id += 1;
+        q.append(1, id, &payload(id, 4000)).unwrap();
+        q.commit().unwrap();
+    }
+    q.ack_through(id).unwrap();
+    assert_eq!(q.reclaim().unwrap(), 3);
+    assert_eq!(spares(&d).len(), 2, "the two sealed ones");
+    assert!(q.spares.iter().all(|k| k.size >= 60 << 10), "{:?}", q.spares);
 }
