@@ -1170,19 +1170,19 @@ mod tests {
         std::fs::remove_file(&state).unwrap();
         feed(&mut p, 6..=10); // one whole batch (batch_max_readings = 5)
         ack_all(&mut p);
-        assert!(!p.queue().reclaimable_sealed() && p.queue().reclaimable());
+        assert!(p.queue().reclaimable_sealed_bytes() == 0 && p.queue().reclaimable());
         p.tick(t0 + Duration::from_secs(9)).unwrap();
         assert!(!state.exists(), "a checkpoint for the all-acked active segment alone");
         // Past the first segment: a sealed one, all acked, is worth one.
         let mut next = 11;
-        while !p.queue().reclaimable_sealed() {
+        while p.queue().reclaimable_sealed_bytes() == 0 {
             feed(&mut p, [next]);
             next += 1;
             ack_all(&mut p);
         }
         p.tick(t0 + Duration::from_secs(16)).unwrap();
         assert!(state.exists(), "no checkpoint to reclaim a sealed segment");
-        assert!(!p.queue().reclaimable_sealed());
+        assert!(p.queue().reclaimable_sealed_bytes() == 0);
     }
 
     /// Issue 18: sealed, all-acked segments are reclaimed (which takes a
@@ -1218,7 +1218,7 @@ mod tests {
             while p.queue().reclaimable_sealed_bytes() + 4096 < worth {
                 ack_more(&mut p, 1);
             }
-            assert!(p.queue().reclaimable_sealed(), "a sealed segment, all acked");
+            assert!(p.queue().reclaimable_sealed_bytes() > 0, "a sealed segment, all acked");
             p.tick(t0 + Duration::from_secs(10)).unwrap();
             assert!(
                 !state.exists(),

@@ -1358,20 +1358,15 @@ impl Queue {
         !self.readonly && self.segments.front().is_some_and(|s| s.last_id <= self.head)
     }
 
-    /// Whether `reclaim` would delete a sealed segment, not only the one
-    /// appended to (which, with an uplink that keeps up, is all acked most
-    /// of the time: deleting it is worth no checkpoint of its own).
-    pub fn reclaimable_sealed(&self) -> bool {
-        self.segments.len() > 1 && self.reclaimable()
-    }
-
     /// The most live bytes the queue keeps (`[store] max_bytes`).
     pub fn max_bytes(&self) -> u64 {
         self.opts.max_bytes
     }
 
     /// The bytes of the sealed segments `reclaim` would delete (all acked
-    /// or dropped; the segment appended to not counted).
+    /// or dropped), not counting the one appended to (which, with an uplink
+    /// that keeps up, is all acked most of the time: deleting it is worth no
+    /// checkpoint of its own).
     pub fn reclaimable_sealed_bytes(&self) -> u64 {
         let sealed = self.segments.len().saturating_sub(1);
         self.segments.iter().take(sealed).take_while(|s| s.last_id <= self.head).map(|s| s.len).sum()
@@ -1390,9 +1385,8 @@ impl Queue {
     /// the kept segment files are deleted too, and none is kept.
     pub fn reclaim_space(&mut self) -> Result<u64> {
         self.writable()?;
-        for n in (0..self.spares.len()).rev() {
-            self.spares.pop();
-            let path = self.seg_dir.join(spare_name(n));
+        while self.spares.pop().is_some() {
+            let path = self.seg_dir.join(spare_name(self.spares.len()));
             if let Err(e) = fs::remove_file(&path)
                 && e.kind() != io::ErrorKind::NotFound
             {
