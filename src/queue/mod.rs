@@ -83,9 +83,9 @@
 //! file has its size already, so its commits overwrite blocks within it like
 //! zeros ahead do, without writing the zeros first (each segment byte is
 //! written once, and the file grows no journal commit). Its old records stay
-//! after the new ones until they are overwritten, and are never read as records: every
-//! record of a segment has at least the id in the segment's name, and the
-//! old ones have lower ids (they were acked before the file was kept).
+//! after the new ones until they are overwritten, and are never read as
+//! records: every record of a segment has at least the id in the segment's
+//! name, and the old ones have lower ids (they were acked before the file was kept).
 //! After a crash, `open` cuts them off with the rest of the tail, and counts
 //! as a torn tail only the bytes before the first old record, pad or
 //! all-zero rest (`old_from` in segment.rs); at a clean shutdown the pipeline
@@ -782,8 +782,8 @@ struct Spare {
 }
 
 /// At most this many kept segment files (and, past the first, at most an
-/// eighth of `max_bytes`): a checkpoint reclaims several sealed segments at once when
-/// the state file is large (the pipeline waits until they are four times its
+/// eighth of `max_bytes`): a checkpoint reclaims several sealed segments at
+/// once when the state file is large (the pipeline waits until they are four times its
 /// size), the rolls until the next one need as many, and each one kept saves
 /// a segment's zeros. With 4, one roll in five made a new file at a site's
 /// pace with 1 MiB segments.
@@ -982,9 +982,8 @@ impl Queue {
         // and the file has its size already (no zeros ahead, no journal
         // commit for the growth). Old records after the new ones are never
         // read as records: their ids are below this segment's first id.
-        let n = self.spares.len().saturating_sub(1);
         let spare = self.spares.pop().and_then(|sp| {
-            let from = self.seg_dir.join(spare_name(n));
+            let from = self.seg_dir.join(spare_name(self.spares.len()));
             match fs::rename(&from, &path) {
                 Ok(()) => Some(sp),
                 Err(e) => {
