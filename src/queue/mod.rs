@@ -239,6 +239,9 @@ mod open;
 #[cfg(test)]
 use open::parse_segment_name;
 mod sector;
+/// For other modules' tests of what reaches the disk.
+#[cfg(test)]
+pub(crate) use sector::tests::{disk_dir, write_bytes};
 mod seg_index;
 mod segment;
 

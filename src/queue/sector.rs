@@ -228,14 +228,14 @@ pub(super) mod tests {
 
     /// This thread's write_bytes (/proc/thread-self/io): what it sent to
     /// block devices, whatever other tests in the process write meanwhile.
-    pub(in crate::queue) fn write_bytes() -> u64 {
+    pub(crate) fn write_bytes() -> u64 {
         let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
         io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).unwrap().trim().parse().unwrap()
     }
 
     /// A directory on a disk file system (/tmp is tmpfs on some systems):
     /// beside this test binary, in the build's target dir.
-    pub(in crate::queue) fn disk_dir() -> tempfile::TempDir {
+    pub(crate) fn disk_dir() -> tempfile::TempDir {
         let exe = std::env::current_exe().unwrap();
         tempfile::tempdir_in(exe.parent().unwrap()).unwrap()
     }

@@ -11,6 +11,14 @@
 //! Nothing is written before a PUBLISH: the packet id is a pure function of
 //! the batch id ([`packet_id`]), so "which id did batch N use" needs no disk.
 //!
+//! "Batch N completed" (PUBCOMP, or PUBACK at QoS 1), `[b'C'][id][crc]`,
+//! rides in this log's next write, the next PUBREC's (or, after 2 s
+//! without one, a write of its own without fsync), not in a device write
+//! per batch as large as the PUBREC's own. Until then it survives a SIGKILL
+//! in `uplink.done` ([`DoneNotes`]), written through the page cache at
+//! once; a power cut before it reached this log may lose it, which only
+//! means the batch's PUBREL goes out again after the restart.
+//!
 //! Entries are dropped once the queue's ack of their batch is durable
 //! (until then a restart re-sends PUBREL for them, which the broker answers
 //! with PUBCOMP whether it still knows the id or not). The file is rewritten
@@ -20,12 +28,18 @@
 
 use crate::queue::{CRC, SectorFile, only_zeros, rewrite_durably, sync_dir};
 use std::collections::BTreeSet;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 const REC: usize = 13;
 const COMPACT_AT: u64 = 64 * 1024;
+/// `uplink.done` starts with room for this many notes (16 KiB).
+const DONE_SLOTS: u64 = 1260;
+/// Completed notes wait this long for a PUBREC write to ride in.
+pub const RIDE_MAX: Duration = Duration::from_secs(2);
 
 /// Packet ids 1..=65534 come from batch ids; 65535 is kept for the status
 /// message. With fewer than 65,534 batches in flight no two batches in
@@ -68,6 +82,11 @@ pub struct PubrecLog {
     /// may not be durable yet: they are delivered, whatever became of the
     /// broker's session, and must never be sent again.
     completed: BTreeSet<u64>,
+    /// Completed batches not yet noted in this log, and since when.
+    pending: Vec<u64>,
+    pending_since: Option<Instant>,
+    /// Where every completed note goes at once (see the module docs).
+    done: DoneNotes,
     bytes: u64,
     /// `url client-id` of the broker session these entries belong to.
     identity: String,
@@ -169,11 +188,17 @@ impl PubrecLog {
         if !confirmed {
             ids.clear();
         }
+        // Notes a SIGKILL left only in `uplink.done` make `completed` larger
+        // than this log's entries: the rewrite below writes them here.
+        let done = DoneNotes::open(dir, acked_through, &mut completed)?;
         let mut log = PubrecLog {
             file: SectorFile::open(&path, valid)?,
             path,
             ids,
             completed,
+            pending: Vec::new(),
+            pending_since: None,
+            done,
             bytes: valid,
             identity: identity.to_string(),
             confirmed,
@@ -224,23 +249,45 @@ impl PubrecLog {
         self.ids.range(id + 1..).filter(|i| !self.completed.contains(i)).count()
     }
 
-    /// Note that `ids` were completed upstream. Written without an fsync of
-    /// its own: the next PUBREC's fdatasync (or the kernel) carries it, and
-    /// a note lost in a power cut only means a batch may be sent again
-    /// after a lost session (as before it was noted). A failed write is cut
-    /// off and ignored for the same reason.
+    /// Note that `ids` were completed upstream: in `uplink.done` now,
+    /// through the page cache (no device write of its own), and in this log
+    /// with its next write ([`PubrecLog::record`], or
+    /// [`PubrecLog::flush_completed`]). A note lost in a power cut only means
+    /// the batch's PUBREL may go out again (as before it was noted); a failed
+    /// write to `uplink.done` is ignored for the same reason.
     pub fn record_completed(&mut self, ids: &[u64]) {
         if ids.is_empty() || !self.confirmed {
             return;
         }
-        let buf = encode_kind(b'C', ids.iter().copied());
+        self.completed.extend(ids);
+        self.pending.extend(ids);
+        self.pending_since.get_or_insert_with(Instant::now);
+        if let Err(e) = self.done.append(ids, &self.completed) {
+            tracing::debug!("uplink.done: cannot note completed batches: {e}");
+        }
+    }
+
+    /// Write completed notes that waited at least `min_age` for a PUBREC to
+    /// ride with, on their own (no fsync, as they never had one). A failed
+    /// write is cut off; they wait for the next try.
+    pub fn flush_completed(&mut self, min_age: Duration) {
+        if self.pending_since.is_none_or(|t| t.elapsed() < min_age) {
+            return;
+        }
+        let buf = encode_kind(b'C', self.pending.iter().copied());
         if let Err(e) = self.write(&buf) {
             tracing::debug!("uplink.pubrec: cannot note completed batches: {e}");
             let _ = self.file.truncate(self.bytes);
             return;
         }
         self.bytes += buf.len() as u64;
-        self.completed.extend(ids);
+        self.pending.clear();
+        self.pending_since = None;
+    }
+
+    /// Since when completed notes wait for their write to this log.
+    pub fn pending_since(&self) -> Option<Instant> {
+        self.pending_since
     }
 
     fn entry_bytes(&self) -> u64 {
@@ -255,13 +302,15 @@ impl PubrecLog {
         self.ids.is_empty()
     }
 
-    /// Make "PUBREC seen" durable for `ids`: one write, one fdatasync.
+    /// Make "PUBREC seen" durable for `ids`: one write, one fdatasync. The
+    /// completed notes waiting for it go in the same write.
     pub fn record(&mut self, ids: &[u64]) -> Result<(), WriteError> {
         if ids.is_empty() {
             return Ok(());
         }
         debug_assert!(self.confirmed, "PUBRECs before the session was confirmed");
-        let buf = encode(ids.iter().copied());
+        let mut buf = encode_kind(b'C', self.pending.iter().copied());
+        buf.extend(encode(ids.iter().copied()));
         if let Err(e) = self.write(&buf) {
             // Cut a partial record off: the next append must start on a
             // record boundary, or every entry after it would be unreadable.
@@ -270,7 +319,11 @@ impl PubrecLog {
             }
             return Err(WriteError::Write(e));
         }
-        crate::crashpoint::hit_losing("before-pubrec-sync", || vec![(self.path.clone(), self.bytes)]);
+        // A power cut: what this write carries is lost, and so may be
+        // every note in `uplink.done` (the page cache's).
+        crate::crashpoint::hit_losing("before-pubrec-sync", || {
+            vec![(self.path.clone(), self.bytes), (self.path.with_file_name("uplink.done"), 0)]
+        });
         if crate::crashpoint::fail("pubrec-sync") {
             return Err(WriteError::Sync(io::Error::other("injected fdatasync failure (EDGE_GATEWAY_FAIL_AT)")));
         }
@@ -278,6 +331,8 @@ impl PubrecLog {
         self.fsyncs += 1;
         self.bytes += buf.len() as u64;
         self.ids.extend(ids);
+        self.pending.clear();
+        self.pending_since = None;
         Ok(())
     }
 
@@ -286,6 +341,11 @@ impl PubrecLog {
     pub fn forget_through(&mut self, durable_head: u64) -> io::Result<()> {
         self.ids = self.ids.split_off(&(durable_head + 1));
         self.completed = self.completed.split_off(&(durable_head + 1));
+        // A note under the durable ack is needed nowhere.
+        self.pending.retain(|id| *id > durable_head);
+        if self.pending.is_empty() {
+            self.pending_since = None;
+        }
         if self.bytes >= COMPACT_AT && self.entry_bytes() <= self.bytes / 2 {
             self.rewrite()?;
         }
@@ -314,6 +374,8 @@ impl PubrecLog {
         drop(rewrite_durably(&self.path, "pubrec.tmp", &buf, &mut self.fsyncs)?);
         self.file = SectorFile::open(&self.path, buf.len() as u64)?;
         self.bytes = buf.len() as u64;
+        self.pending.clear();
+        self.pending_since = None;
         Ok(())
     }
 }
@@ -333,6 +395,83 @@ impl PubrecLog {
             }
             _ => self.file.append(buf),
         }
+    }
+}
+
+/// `uplink.done`: "batch N completed upstream" notes, `[b'C'][id u64
+/// LE][crc32 u32 LE]` in 13-byte slots from the start, zeros in free slots:
+/// what keeps a note until the PUBREC log has it through a SIGKILL.
+///
+/// Every valid note in the file is true (the batch was delivered), wherever
+/// it sits, so the reader takes all of them (those above the queue's durable
+/// head count) and a torn note is skipped. Notes are written through the
+/// page cache into a file of fixed size: no fsync, and no change of size,
+/// hence no journal commit, while it runs. When the next notes do not fit,
+/// the live set (notes above the durable head) is written from the start
+/// and the rest of the file zeroed; the file doubles when the live set
+/// would fill more than half of it.
+struct DoneNotes {
+    file: File,
+    /// Offset of the next note.
+    at: u64,
+    /// The file's size, a whole number of slots.
+    cap: u64,
+}
+
+impl DoneNotes {
+    /// Read the notes in `dir` above `acked_through` into `live` (which may
+    /// hold notes from the PUBREC log already) and rewrite the file with
+    /// exactly those.
+    fn open(dir: &Path, acked_through: u64, live: &mut BTreeSet<u64>) -> io::Result<DoneNotes> {
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("uplink.done: {e}"));
+        let path = dir.join("uplink.done");
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(named)?;
+        let mut buf = Vec::new();
+        (&file).read_to_end(&mut buf).map_err(named)?;
+        for r in buf.chunks_exact(REC) {
+            if r[0] == b'C' && CRC.checksum(&r[..9]) == u32::from_le_bytes(r[9..].try_into().unwrap()) {
+                let id = u64::from_le_bytes(r[1..9].try_into().unwrap());
+                if id > acked_through {
+                    live.insert(id);
+                }
+            }
+        }
+        let mut done = DoneNotes { file, at: 0, cap: buf.len() as u64 / REC as u64 * REC as u64 };
+        done.rewrite(live).map_err(named)?;
+        if buf.len() as u64 > done.cap {
+            done.file.set_len(done.cap).map_err(named)?; // a torn slot at the end
+        }
+        Ok(done)
+    }
+
+    /// Note `ids`; `live` is every note above the durable head, `ids` included.
+    fn append(&mut self, ids: &[u64], live: &BTreeSet<u64>) -> io::Result<()> {
+        let buf = encode_kind(b'C', ids.iter().copied());
+        if self.at + buf.len() as u64 > self.cap {
+            return self.rewrite(live);
+        }
+        self.file.write_all_at(&buf, self.at)?;
+        self.at += buf.len() as u64;
+        Ok(())
+    }
+
+    /// `live` from the start, zeros after it, growing the file if `live`
+    /// would fill more than half of it.
+    fn rewrite(&mut self, live: &BTreeSet<u64>) -> io::Result<()> {
+        let mut buf = encode_kind(b'C', live.iter().copied());
+        let notes = buf.len() as u64;
+        let mut cap = self.cap.max(DONE_SLOTS * REC as u64);
+        while notes * 2 > cap {
+            cap *= 2;
+        }
+        buf.resize(cap as usize, 0);
+        // A failed write leaves old notes (true ones) and some new ones; the
+        // next append tries the whole rewrite again.
+        self.at = cap;
+        self.file.write_all_at(&buf, 0)?;
+        self.cap = cap;
+        self.at = notes;
+        Ok(())
     }
 }
 
@@ -483,6 +622,7 @@ mod tests {
         let mut log = open(dir.path(), 0);
         log.record(&[1, 2]).unwrap();
         log.record_completed(&[1]);
+        log.flush_completed(Duration::ZERO);
         drop(log);
         let valid = identity_len(A) + 3 * REC as u64;
         let mut bytes = fs::read(&p).unwrap();
@@ -512,6 +652,130 @@ mod tests {
         drop(log);
         let (log, _) = PubrecLog::open(dir.path(), 3, B).unwrap();
         assert!(log.is_empty() && !log.is_completed(3) && log.is_completed(4), "acked ones are forgotten");
+    }
+
+    /// The `C` records in `uplink.pubrec`.
+    fn c_records_in_the_log(dir: &Path) -> usize {
+        let bytes = fs::read(dir.join("uplink.pubrec")).unwrap();
+        let at = decode_identity(&bytes).map_or(0, |(_, n)| n);
+        bytes[at..].chunks_exact(REC).filter(|r| r[0] == b'C').count()
+    }
+
+    /// A completed note is in `uplink.done` at once (through the page cache)
+    /// and rides in the PUBREC log's next write: after a SIGKILL before that
+    /// write, the next start has it and writes it to the log.
+    #[test]
+    fn completed_notes_ride_in_the_next_pubrec_write_and_survive_a_sigkill_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 0);
+        log.record(&[1, 2, 3]).unwrap();
+        let (bytes, fsyncs) = (log.bytes, log.fsyncs);
+        log.record_completed(&[1]);
+        log.record_completed(&[2]);
+        assert_eq!((log.bytes, log.fsyncs), (bytes, fsyncs), "nothing written to the log yet");
+        log.record(&[4]).unwrap();
+        assert_eq!((log.bytes, log.fsyncs), (bytes + 3 * REC as u64, fsyncs + 1), "one write, one fdatasync");
+        assert_eq!(c_records_in_the_log(dir.path()), 2);
+        log.record_completed(&[3]);
+        drop(log); // as a SIGKILL would: no flush
+        assert_eq!(c_records_in_the_log(dir.path()), 2);
+        let log = open(dir.path(), 1);
+        assert!(!log.is_completed(1) && log.is_completed(2) && log.is_completed(3) && log.contains(4));
+        assert_eq!(c_records_in_the_log(dir.path()), 2, "2 and 3 (1 is acked): rewritten at the start");
+    }
+
+    /// The point of it: on a disk with direct I/O, a PUBREC and the
+    /// previous batch's completed note cost one block, not two.
+    #[test]
+    fn a_pubrec_and_the_completed_note_before_it_cost_one_block() {
+        let dir = crate::queue::disk_dir();
+        let mut log = open(dir.path(), 0);
+        assert!(
+            log.file.is_direct(),
+            "direct I/O unavailable in {}: needs ext4/xfs/btrfs on Linux >= 6.1",
+            dir.path().display()
+        );
+        log.record(&[1]).unwrap(); // grows the file (zeros ahead)
+        let before = crate::queue::write_bytes();
+        for id in 1..=20 {
+            log.record_completed(&[id]);
+            log.record(&[id + 1]).unwrap();
+        }
+        let wrote = crate::queue::write_bytes() - before;
+        assert!(wrote <= 20 * 512 + 4096, "{wrote} bytes for 20 PUBRECs with a completed note each");
+        drop(log);
+        let log = open(dir.path(), 0);
+        assert!((1..=20).all(|id| log.is_completed(id)) && log.contains(21));
+    }
+
+    /// Notes with no PUBREC to ride in go out on their own once they waited
+    /// `min_age`; notes the durable ack covers are not written at all.
+    #[test]
+    fn completed_notes_without_a_pubrec_are_flushed_and_acked_ones_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 0);
+        log.record(&[5, 6, 7]).unwrap();
+        let (bytes, fsyncs) = (log.bytes, log.fsyncs);
+        log.record_completed(&[5]);
+        log.forget_through(5).unwrap();
+        assert!(log.pending_since().is_none());
+        log.flush_completed(Duration::ZERO);
+        assert_eq!(log.bytes, bytes, "5 is acked durably: no note needed");
+        log.record_completed(&[6]);
+        log.flush_completed(RIDE_MAX);
+        assert_eq!(log.bytes, bytes, "too young");
+        log.flush_completed(Duration::ZERO);
+        assert_eq!((log.bytes, log.fsyncs), (bytes + REC as u64, fsyncs), "written, no fdatasync");
+        log.record(&[8]).unwrap();
+        assert_eq!(c_records_in_the_log(dir.path()), 1, "not written twice");
+    }
+
+    /// Many notes while the durable head follows 300 batches behind: the
+    /// file wraps (the live notes written again from its start) and keeps
+    /// its size; a reopen has exactly the live notes.
+    #[test]
+    fn the_done_file_wraps_in_place_and_keeps_every_live_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("uplink.done");
+        let mut log = open(dir.path(), 0);
+        let cap = fs::metadata(&p).unwrap().len();
+        assert_eq!(cap, DONE_SLOTS * REC as u64);
+        for round in 1..=100u64 {
+            let ids: Vec<u64> = (round * 100 - 99..=round * 100).collect();
+            log.record_completed(&ids);
+            log.forget_through((round * 100).saturating_sub(300)).unwrap();
+        }
+        assert_eq!(fs::metadata(&p).unwrap().len(), cap, "wrapped in place");
+        drop(log);
+        let log = open(dir.path(), 9700);
+        assert!((9701..=10_000).all(|id| log.is_completed(id)));
+        assert_eq!(log.completed.len(), 300);
+        // More live notes than half the file: it grows.
+        let mut log = log;
+        let ids: Vec<u64> = (10_001..=11_000).collect();
+        log.record_completed(&ids);
+        assert!(fs::metadata(&p).unwrap().len() >= 2 * 1300 * REC as u64);
+        drop(log);
+        let log = open(dir.path(), 9700);
+        assert_eq!(log.completed.len(), 1300);
+    }
+
+    /// A torn or garbled note in `uplink.done` is skipped, the others stand.
+    #[test]
+    fn a_garbled_note_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 0);
+        log.record(&[1, 2]).unwrap();
+        log.record_completed(&[5, 6, 7]);
+        drop(log);
+        let p = dir.path().join("uplink.done");
+        let mut bytes = fs::read(&p).unwrap();
+        bytes[REC + 4] ^= 0xff; // note 6
+        bytes.truncate(bytes.len() - 5); // and a torn slot at the end
+        fs::write(&p, &bytes).unwrap();
+        let log = open(dir.path(), 0);
+        assert!(log.is_completed(5) && !log.is_completed(6) && log.is_completed(7));
+        assert_eq!(fs::metadata(&p).unwrap().len() % REC as u64, 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | PUBLISH batch N | nothing: its packet id is [`inflight::packet_id`]`(N)` | PUBLISH, DUP=1, same id |
 //! | PUBREC for N arrives | "N got PUBREC" in [`inflight::PubrecLog`], fdatasynced | PUBREL, same id |
-//! | PUBCOMP for N arrives | "N completed" appended to the same log (no fsync of its own); the ack of N reaches the queue's ledger within about six seconds (commits write the ledger at most every five) | nothing if the note survived; else PUBREL again (answered with PUBCOMP) |
+//! | PUBCOMP for N arrives | "N completed" in `uplink.done` through the page cache at once (it survives a SIGKILL), and appended to the PUBREC log with its next write (the next PUBREC's, or its own after 2 s; no fsync of its own); the ack of N reaches the queue's ledger within about six seconds (commits write the ledger at most every five) | nothing if the note survived; else PUBREL again (answered with PUBCOMP) |
 //! | broker refuses N for good | N in `uplink.dead`, fdatasynced, then acked in the queue | nothing (`queue dead replay` sends it again) |
 //!
 //! The PUBREC log names the broker URL and client id it belongs to; a log
@@ -341,8 +341,9 @@ impl Uplink {
         };
         let client_id = cfg.client_id_for(gateway);
         let identity = session_identity(&url, &client_id);
-        let (log, reset) = PubrecLog::open(data_dir, head, &identity)
-            .map_err(|e| UplinkError::Setup(format!("cannot open {}/uplink.pubrec: {e}", data_dir.display())))?;
+        let (log, reset) = PubrecLog::open(data_dir, head, &identity).map_err(|e| {
+            UplinkError::Setup(format!("cannot open uplink.pubrec / uplink.done in {}: {e}", data_dir.display()))
+        })?;
         match reset {
             Some(inflight::Reset::OtherBroker { was, entries }) => {
                 Event::PubrecLogReset { was: Some(&was), identity: &identity, entries }.emit(&metrics)
@@ -1142,6 +1143,9 @@ impl Uplink {
             if self.acked > self.durable {
                 wake = wake.min(self.last_commit + ACK_COMMIT_EVERY);
             }
+            if let Some(t) = self.log.pending_since() {
+                wake = wake.min(t + inflight::RIDE_MAX);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown::wait(stop) => {
@@ -1436,7 +1440,7 @@ impl Uplink {
             }
         }
         inbuf.drain(..consumed);
-        // Before the PUBREC fdatasync, so it carries these notes too.
+        // Ahead of the PUBREC write below, so they ride in it.
         self.log.record_completed(&completed);
         for id in &completed {
             tracing::debug!(batch = id, "batch {id} completed upstream");
@@ -1592,11 +1596,18 @@ impl Uplink {
     }
 
     /// Make acks durable now and then (or now, when `force`), and drop
-    /// PUBREC entries the durable ledger now covers.
+    /// PUBREC entries the durable ledger now covers; completed notes that
+    /// waited [`inflight::RIDE_MAX`] for a PUBREC (all of them when `force`)
+    /// go to the PUBREC log on their own.
     fn commit_acks(&mut self, force: bool) -> Result<(), Fatal> {
-        if !force && self.last_commit.elapsed() < ACK_COMMIT_EVERY {
-            return Ok(());
+        if force || self.last_commit.elapsed() >= ACK_COMMIT_EVERY {
+            self.commit_queue(force)?;
         }
+        self.log.flush_completed(if force { Duration::ZERO } else { inflight::RIDE_MAX });
+        Ok(())
+    }
+
+    fn commit_queue(&mut self, force: bool) -> Result<(), Fatal> {
         self.last_commit = Instant::now();
         let durable = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
