@@ -597,6 +597,29 @@ fn main() {
         ));
         return;
     }
+    // BENCH_ONLY=paced: only the paced (latency) run, BENCH_RUNS times
+    // (default 5), e.g. to compare two builds' p99.
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "paced") {
+        let n = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+        println!("uplink bench, paced runs only, binary {}\n", common::bin());
+        println!("| run | delivered | readings/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|");
+        for i in 0..n {
+            let o = gateway_run(
+                &tmp.path().join(format!("gl{i}")),
+                &upstream,
+                &certs.ca,
+                dev,
+                lat_per_dev,
+                lat_pace,
+                "",
+                1,
+            );
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!("| {i} | {} | {:.0} | {:.1} | {:.1} |", o.unique, o.rate, ms(o.p50), ms(o.p99));
+            assert_eq!((o.lost, o.doubled), (0, 0), "the gateway lost or doubled readings");
+        }
+        return;
+    }
     if gateway_only {
         let (mut gw, mut gw_rules) = (Vec::new(), Vec::new());
         for i in 0..runs {
