@@ -109,6 +109,12 @@ impl SectorFile {
         self.direct.is_some()
     }
 
+    /// The block direct appends write in, if they do.
+    #[cfg(test)]
+    pub fn block(&self) -> Option<u64> {
+        self.direct.as_ref().map(|d| d.block)
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.len

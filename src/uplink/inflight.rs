@@ -690,11 +690,9 @@ mod tests {
     fn a_pubrec_and_the_completed_note_before_it_cost_one_block() {
         let dir = crate::queue::disk_dir();
         let mut log = open(dir.path(), 0);
-        assert!(
-            log.file.is_direct(),
-            "direct I/O unavailable in {}: needs ext4/xfs/btrfs on Linux >= 6.1",
-            dir.path().display()
-        );
+        let block = log.file.block().unwrap_or_else(|| {
+            panic!("direct I/O unavailable in {}: needs ext4/xfs/btrfs on Linux >= 6.1", dir.path().display())
+        });
         log.record(&[1]).unwrap(); // grows the file (zeros ahead)
         let before = crate::queue::write_bytes();
         for id in 1..=20 {
@@ -702,7 +700,8 @@ mod tests {
             log.record(&[id + 1]).unwrap();
         }
         let wrote = crate::queue::write_bytes() - before;
-        assert!(wrote <= 20 * 512 + 4096, "{wrote} bytes for 20 PUBRECs with a completed note each");
+        // Two writes each would be 40 blocks; allow a page more for ext4.
+        assert!(wrote <= 20 * block + 4096, "{wrote} bytes for 20 PUBRECs with a completed note each (block {block})");
         drop(log);
         let log = open(dir.path(), 0);
         assert!((1..=20).all(|id| log.is_completed(id)) && log.contains(21));
