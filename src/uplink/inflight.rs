@@ -269,7 +269,8 @@ impl PubrecLog {
 
     /// Write completed notes that waited at least `min_age` for a PUBREC to
     /// ride with, on their own (no fsync, as they never had one). A failed
-    /// write is cut off; they wait for the next try.
+    /// write is cut off; they wait another `min_age` (the uplink's loop
+    /// wakes for them, and must not spin on a full disk).
     pub fn flush_completed(&mut self, min_age: Duration) {
         if self.pending_since.is_none_or(|t| t.elapsed() < min_age) {
             return;
@@ -278,6 +279,7 @@ impl PubrecLog {
         if let Err(e) = self.write(&buf) {
             tracing::debug!("uplink.pubrec: cannot note completed batches: {e}");
             let _ = self.file.truncate(self.bytes);
+            self.pending_since = Some(Instant::now());
             return;
         }
         self.bytes += buf.len() as u64;
@@ -723,6 +725,14 @@ mod tests {
         log.record_completed(&[6]);
         log.flush_completed(RIDE_MAX);
         assert_eq!(log.bytes, bytes, "too young");
+        // A failed write (a full disk): the notes wait again, from now.
+        let since = log.pending_since().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        log.short_write = Some(3);
+        log.flush_completed(Duration::ZERO);
+        log.short_write = None;
+        assert_eq!(log.bytes, bytes);
+        assert!(log.pending_since().unwrap() > since, "retried no sooner than min_age later");
         log.flush_completed(Duration::ZERO);
         assert_eq!((log.bytes, log.fsyncs), (bytes + REC as u64, fsyncs), "written, no fdatasync");
         log.record(&[8]).unwrap();
