@@ -11,7 +11,10 @@
 #
 # Needs root (loop mount, /sys/kernel/tracing), mkfs.ext4, python3, mosquitto.
 # Env: EDGE_GATEWAY_BIN (default: a release build of this checkout),
-# SDWEAR_STORE (default `segment_bytes = 1048576`), SDWEAR_PIPELINE.
+# SDWEAR_STORE (default `segment_bytes = 1048576`), SDWEAR_PIPELINE,
+# SD_TRACE_FROM (count only from this many seconds into the gateway's run,
+# e.g. 1800 of a 3600 s run for the steady state; encoded bytes are then
+# taken pro rata, the bench's pace being steady).
 # Not run in CI. A file reused under another name (a kept segment) shows
 # under all its names; names with 20 digits (segments) are shown as N.
 set -euo pipefail
@@ -61,9 +64,9 @@ pids+=($!)
 pids+=($!)
 TMPDIR=$mnt cargo bench --quiet --bench sdwear | tee "$out.log"
 sleep 1
-python3 - "$out" "$dev" <<'EOF'
+python3 - "$out" "$dev" "${SD_TRACE_FROM:-0}" <<'EOF'
 import collections, re, sys
-out, dev = sys.argv[1], sys.argv[2]
+out, dev, skip = sys.argv[1], sys.argv[2], float(sys.argv[3])
 major, minor = dev.split(":")
 names = collections.defaultdict(set)
 for line in open(out + ".inodes"):
@@ -81,6 +84,9 @@ for line in open(out + ".trace"):
 # run after it, on the same image, writes through the page cache only).
 direct = [t for t, ev, rest in events if ev == "iomap_dio_rw_begin" and rest.startswith(f"dev {major}:{minor} ")]
 t0, t1 = (min(direct) - 1.0, max(direct) + 0.5) if direct else (0.0, float("inf"))
+if skip and direct:
+    encoded *= max(0.0, 1.0 - skip / (t1 - t0))
+    t0 += skip
 bytes_by = collections.Counter()
 commits = 0
 for t, ev, rest in events:
@@ -100,7 +106,7 @@ for t, ev, rest in events:
     else:
         continue
     bytes_by[kind + " " + " / ".join(sorted(names.get(ino, {"?"})))] += n
-print(f"\nby file, per encoded byte (the gateway's run, {t1 - t0:.0f} s, start-up included; {encoded:.0f} encoded bytes):")
+print(f"\nby file, per encoded byte ({t1 - t0:.0f} s of the gateway's run, from {skip:.0f} s; {encoded:.0f} encoded bytes):")
 for k, v in bytes_by.most_common():
     share = f"{v / encoded:6.3f}" if encoded else "     -"
     print(f"{v:>12} {share}  {k[:110]}")
