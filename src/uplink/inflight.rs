@@ -153,17 +153,14 @@ impl PubrecLog {
                 }
                 valid = at as u64;
                 for r in buf[at..].chunks_exact(REC) {
-                    if !matches!(r[0], b'R' | b'C')
-                        || CRC.checksum(&r[..9]) != u32::from_le_bytes(r[9..].try_into().unwrap())
-                    {
+                    let Some((kind, id)) = decode_kind(r).filter(|(k, _)| matches!(k, b'R' | b'C')) else {
                         break;
-                    }
+                    };
                     valid += REC as u64;
-                    let id = u64::from_le_bytes(r[1..9].try_into().unwrap());
                     if id <= acked_through {
                         continue;
                     }
-                    if r[0] == b'R' {
+                    if kind == b'R' {
                         entries += 1;
                         ids.insert(id);
                     } else {
@@ -431,11 +428,10 @@ impl DoneNotes {
         let mut buf = Vec::new();
         (&file).read_to_end(&mut buf).map_err(named)?;
         for r in buf.chunks_exact(REC) {
-            if r[0] == b'C' && CRC.checksum(&r[..9]) == u32::from_le_bytes(r[9..].try_into().unwrap()) {
-                let id = u64::from_le_bytes(r[1..9].try_into().unwrap());
-                if id > acked_through {
-                    live.insert(id);
-                }
+            if let Some((b'C', id)) = decode_kind(r)
+                && id > acked_through
+            {
+                live.insert(id);
             }
         }
         let mut done = DoneNotes { file, at: 0, cap: buf.len() as u64 / REC as u64 * REC as u64 };
@@ -484,6 +480,12 @@ fn identity_len(identity: &str) -> u64 {
 /// `[b'R'][id u64 LE][crc32 u32 LE]` per id.
 fn encode(ids: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
     encode_kind(b'R', ids)
+}
+
+/// One record of [`encode_kind`]: its kind and id, if its CRC holds.
+fn decode_kind(r: &[u8]) -> Option<(u8, u64)> {
+    let crc = u32::from_le_bytes(r.get(9..REC)?.try_into().ok()?);
+    (CRC.checksum(&r[..9]) == crc).then(|| (r[0], u64::from_le_bytes(r[1..9].try_into().unwrap())))
 }
 
 /// `[kind][id u64 LE][crc32 u32 LE]` per id: `R` = PUBREC seen, `C` = completed.
