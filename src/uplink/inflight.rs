@@ -321,7 +321,7 @@ impl PubrecLog {
         // A power cut: what this write carries is lost, and so may be
         // every note in `uplink.done` (the page cache's).
         crate::crashpoint::hit_losing("before-pubrec-sync", || {
-            vec![(self.path.clone(), self.bytes), (self.path.with_file_name("uplink.done"), 0)]
+            vec![(self.path.clone(), self.bytes), (self.done.path.clone(), 0)]
         });
         if crate::crashpoint::fail("pubrec-sync") {
             return Err(WriteError::Sync(io::Error::other("injected fdatasync failure (EDGE_GATEWAY_FAIL_AT)")));
@@ -410,6 +410,7 @@ impl PubrecLog {
 /// and the rest of the file zeroed; the file doubles when the live set
 /// would fill more than half of it.
 struct DoneNotes {
+    path: PathBuf,
     file: File,
     /// Offset of the next note.
     at: u64,
@@ -434,7 +435,7 @@ impl DoneNotes {
                 live.insert(id);
             }
         }
-        let mut done = DoneNotes { file, at: 0, cap: buf.len() as u64 / REC as u64 * REC as u64 };
+        let mut done = DoneNotes { path, file, at: 0, cap: buf.len() as u64 / REC as u64 * REC as u64 };
         done.rewrite(live).map_err(named)?;
         if buf.len() as u64 > done.cap {
             done.file.set_len(done.cap).map_err(named)?; // a torn slot at the end
