@@ -842,7 +842,20 @@ impl Dedup {
     /// (issue 18, heaptrack). Prunes first.
     pub fn view(&mut self, now_ms: u64) -> DedupView<'_> {
         self.prune(now_ms);
-        DedupView(self)
+        DedupView(self, false)
+    }
+
+    /// [`Dedup::view`] with only the keys a replay of the queue's records
+    /// cannot rebuild ([`Dedup::remember`]): BTHome packet ids, which the
+    /// records do not carry.
+    pub fn view_unrecorded(&mut self, now_ms: u64) -> DedupView<'_> {
+        self.prune(now_ms);
+        DedupView(self, true)
+    }
+
+    /// `dedup_window`, in ms.
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
     }
 
     /// Restore an owned snapshot (state files of formats 1 and 2; format 3
@@ -965,20 +978,21 @@ impl<'de> serde::de::DeserializeSeed<'de> for DedupSeed<'_> {
 }
 
 /// [`Dedup`] serialized in state format 4 without building a copy: a
-/// [`DedupSnapshot`]'s shape with each key a [`DeltaKey`].
-pub struct DedupView<'a>(&'a Dedup);
+/// [`DedupSnapshot`]'s shape with each key a [`DeltaKey`]; with `true`, the
+/// packet keys only ([`Dedup::view_unrecorded`]).
+pub struct DedupView<'a>(&'a Dedup, bool);
 
 impl Serialize for DedupView<'_> {
     fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{SerializeSeq, SerializeStruct};
-        struct Devices<'a>(&'a HashMap<String, DeviceKeys>);
-        struct Device<'a>(&'a str, &'a DeviceKeys);
-        struct KeyList<'a>(&'a DeviceKeys);
+        struct Devices<'a>(&'a HashMap<String, DeviceKeys>, bool);
+        struct Device<'a>(&'a str, &'a DeviceKeys, bool);
+        struct KeyList<'a>(&'a DeviceKeys, bool);
         impl Serialize for Devices<'_> {
             fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
                 let mut seq = ser.serialize_seq(Some(self.0.len()))?;
                 for (name, d) in self.0 {
-                    seq.serialize_element(&Device(name, d))?;
+                    seq.serialize_element(&Device(name, d, self.1))?;
                 }
                 seq.end()
             }
@@ -988,22 +1002,25 @@ impl Serialize for DedupView<'_> {
                 let mut st = ser.serialize_struct("SnapDevice", 3)?;
                 st.serialize_field("name", self.0)?;
                 st.serialize_field("sensors", &self.1.sensors)?;
-                st.serialize_field("keys", &KeyList(self.1))?;
+                st.serialize_field("keys", &KeyList(self.1, self.2))?;
                 st.end()
             }
         }
         impl Serialize for KeyList<'_> {
             fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-                let mut seq = ser.serialize_seq(Some(self.0.live))?;
+                let only_packets = self.1;
+                let keys = || self.0.live_keys().filter(move |(st, _)| !only_packets || st.kind == KIND_PACKET);
+                let len = if only_packets { keys().count() } else { self.0.live };
+                let mut seq = ser.serialize_seq(Some(len))?;
                 let mut prev = Prev::default();
-                for (st, e) in self.0.live_keys() {
+                for (st, e) in keys() {
                     seq.serialize_element(&prev.encode(st, e))?;
                 }
                 seq.end()
             }
         }
         let mut st = ser.serialize_struct("DedupSnapshot", 1)?;
-        st.serialize_field("devices", &Devices(&self.0.devices))?;
+        st.serialize_field("devices", &Devices(&self.0.devices, self.1))?;
         st.end()
     }
 }

@@ -347,6 +347,19 @@ pub struct OpenReport {
     pub repaired_segments: u64,
 }
 
+/// See [`Queue::dedup_span`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupSpan {
+    /// The first record created at or after the time asked for.
+    pub from: u64,
+    /// Every record created since then is still on disk.
+    pub complete: bool,
+    /// Keep records from this id on ([`Queue::keep_from`]).
+    pub keep: u64,
+    /// Bytes on disk from `keep`'s segment on.
+    pub bytes: u64,
+}
+
 /// Live records only: appended (committed or not) and not acked or dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueStatus {
@@ -775,6 +788,10 @@ pub struct Queue {
     pub(crate) hold_block_for_tests: Option<u64>,
     /// Commits that wrote their records with one direct write.
     direct_commits: u64,
+    /// [`Queue::reclaim`] keeps every segment whose last record's id is at
+    /// least this (0: none): the pipeline rebuilds dedup from them at the
+    /// next start (see [`Queue::dedup_span`]).
+    keep_from: u64,
 }
 
 /// An acked segment file renamed to [`spare_name`], and its size.
@@ -1357,7 +1374,50 @@ impl Queue {
 
     /// Whether `reclaim` would delete at least one segment file.
     pub fn reclaimable(&self) -> bool {
-        !self.readonly && self.segments.front().is_some_and(|s| s.last_id <= self.head)
+        self.front_deletable(true)
+    }
+
+    /// The first segment is all acked or dropped (and, with `hold`, before
+    /// [`Queue::keep_from`]'s id).
+    fn front_deletable(&self, hold: bool) -> bool {
+        !self.readonly
+            && self.segments.front().is_some_and(|s| s.last_id <= self.head && !(hold && self.held(s.last_id)))
+    }
+
+    fn held(&self, last_id: u64) -> bool {
+        self.keep_from != 0 && last_id >= self.keep_from
+    }
+
+    /// Keep every segment holding a record with id >= `id` through
+    /// [`Queue::reclaim`], acked or not (0: keep none beyond the unacked).
+    /// Not [`Queue::reclaim_space`]: a full disk or queue frees them.
+    pub fn keep_from(&mut self, id: u64) {
+        self.keep_from = id;
+    }
+
+    /// What the pipeline needs kept to rebuild dedup from the records
+    /// created at or after `since_ms` instead of writing every key to its
+    /// state file (issue 18): the id of the first such record (or the next
+    /// id, if none), and whether every such record is still here, i.e. an
+    /// older record is still on disk before them (records are deleted
+    /// oldest first); then the id from which to keep records (the one before
+    /// the first, so the next call finds an older record still here) and
+    /// the bytes on disk from that record's segment on, unacked included.
+    /// Ids follow `created_ms` as long as the wall clock does not step back.
+    pub fn dedup_span(&self, since_ms: u64) -> DedupSpan {
+        let i = self.index.partition_point(|e| e.created_ms < since_ms);
+        let from = self.index.get(i).map_or(self.next_id, |e| e.id);
+        let (complete, keep) = match i.checked_sub(1).map(|j| self.index[j].id) {
+            Some(before) => (true, before),
+            // Nothing older on disk: what came before may have been deleted,
+            // unless nothing came before (the first id ever is 1).
+            None => {
+                let first = self.index.front().map_or(self.next_id, |e| e.id);
+                (first == 1, first)
+            }
+        };
+        let bytes = self.segments.iter().filter(|s| s.last_id >= keep).map(|s| s.len).sum();
+        DedupSpan { from, complete, keep, bytes }
     }
 
     /// The most live bytes the queue keeps (`[store] max_bytes`).
@@ -1371,7 +1431,12 @@ impl Queue {
     /// checkpoint of its own).
     pub fn reclaimable_sealed_bytes(&self) -> u64 {
         let sealed = self.segments.len().saturating_sub(1);
-        self.segments.iter().take(sealed).take_while(|s| s.last_id <= self.head).map(|s| s.len).sum()
+        self.segments
+            .iter()
+            .take(sealed)
+            .take_while(|s| s.last_id <= self.head && !self.held(s.last_id))
+            .map(|s| s.len)
+            .sum()
     }
 
     /// Delete segment files whose records are all acked or dropped; returns
@@ -1400,7 +1465,9 @@ impl Queue {
 
     fn reclaim_keeping(&mut self, keep_spares: bool) -> Result<u64> {
         self.writable()?;
-        if !self.reclaimable() {
+        // `keep_spares` is the ordinary reclaim; without, disk space counts first.
+        let hold = keep_spares;
+        if !self.front_deletable(hold) {
             return Ok(0);
         }
         if self.head != self.ledger.state.acked_through {
@@ -1412,7 +1479,7 @@ impl Queue {
         }
         let durable = self.ledger.state.acked_through;
         let mut n = 0;
-        while self.segments.front().is_some_and(|s| s.last_id <= durable) {
+        while self.segments.front().is_some_and(|s| s.last_id <= durable && !(hold && self.held(s.last_id))) {
             // Keep a few files for the next rolls while the backlog is
             // small (module docs, "Reused segment files"); delete the rest.
             let s = &self.segments[0];
@@ -1492,10 +1559,11 @@ impl Queue {
     /// their CRC is left out instead of failing the call; its id is returned
     /// in the second list (for start-up replays that must not stop at one
     /// rotten record in a sealed segment). I/O errors still fail the call.
-    pub fn read_valid_on_disk_after(&self, after_id: u64) -> Result<(Vec<Record>, Vec<u64>)> {
+    /// At most `max` records, valid or not.
+    pub fn read_valid_on_disk_after(&self, after_id: u64, max: usize) -> Result<(Vec<Record>, Vec<u64>)> {
         let from = self.index.partition_point(|e| e.id <= after_id);
         let (mut ok, mut corrupt) = (Vec::new(), Vec::new());
-        for e in self.index.range(from..) {
+        for e in self.index.range(from..).take(max) {
             match self.read_entry(e) {
                 Ok(r) => ok.push(r),
                 Err(QueueError::Corrupt { id, path }) => {

@@ -316,6 +316,7 @@ impl Queue {
             direct_off: false,
             hold_block_for_tests: None,
             direct_commits: 0,
+            keep_from: 0,
         };
         for e in q.index.range(q.first_live()..) {
             q.live_bytes += e.total as u64;

@@ -736,7 +736,7 @@ fn corruption_in_indexed_segment_is_reported_at_read() {
         let after: Vec<u64> = q.read_from(rec.id, usize::MAX).unwrap().iter().map(|r| r.0.id).collect();
         assert_eq!(after, (rec.id + 1..=25).collect::<Vec<_>>());
         assert!(matches!(q.read_all_on_disk_after(0), Err(QueueError::Corrupt { id, .. }) if id == rec.id));
-        let (valid, bad) = q.read_valid_on_disk_after(0).unwrap();
+        let (valid, bad) = q.read_valid_on_disk_after(0, usize::MAX).unwrap();
         assert_eq!(bad, vec![rec.id]);
         assert_eq!(
             valid.iter().map(|r| r.0.id).collect::<Vec<_>>(),
@@ -1807,4 +1807,54 @@ fn several_acked_segments_are_kept_for_the_next_rolls_and_a_full_disk_deletes_th
     assert_eq!(q.reclaim().unwrap(), 3);
     assert_eq!(spares(&d).len(), 2, "the two sealed ones");
     assert!(q.spares.iter().all(|k| k.size >= 60 << 10), "{:?}", q.spares);
+}
+
+/// Issue 18: the pipeline rebuilds dedup from the records of its window, so
+/// `keep_from` keeps their segments through `reclaim`, acked or not, but not
+/// through `reclaim_space`; `dedup_span` finds the window's first record and
+/// says whether the window is all on disk (an older record still is, or
+/// nothing was ever deleted). Seen failing with `reclaim` ignoring the hold,
+/// with `reclaimable_sealed_bytes` counting held segments, and with a span
+/// called complete when its records' predecessors were deleted.
+#[test]
+fn kept_records_for_dedup_survive_reclaim_until_space_is_needed() {
+    let d = tmp();
+    // 200-byte records in 1000-byte segments: ids 1-5, 6-10, 11-15, 16-20;
+    // record i created at i * 1000 ms.
+    let o = opts(1 << 30, WhenFull::DropOldest, 1000);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    let span = q.dedup_span(0);
+    assert_eq!((span.from, span.complete), (1, true), "an empty queue that never deleted: complete");
+    for i in 1..=20 {
+        q.append(1, i * 1000, &payload(i, 170)).unwrap();
+    }
+    q.commit().unwrap();
+    // The window starts at record 12: keep from record 11 (segment 11-15).
+    let span = q.dedup_span(11_500);
+    assert_eq!((span.from, span.complete, span.keep), (12, true, 11));
+    assert_eq!(span.bytes, 10 * 200, "segments 11-15 and 16-20");
+    q.keep_from(span.keep);
+    q.ack_through(20).unwrap();
+    q.commit().unwrap();
+    assert_eq!(q.reclaimable_sealed_bytes(), 2 * 1000, "segments 1-5 and 6-10 only");
+    assert_eq!(q.reclaim().unwrap(), 2);
+    assert_eq!(q.read_all_on_disk_after(0).unwrap()[0].0.id, 11, "held, though acked");
+    assert!(!q.reclaimable());
+    assert_eq!(q.reclaim().unwrap(), 0);
+    // The window moved past record 15: the oldest on disk (11) is older.
+    let span = q.dedup_span(16_000);
+    assert_eq!((span.from, span.complete, span.keep), (16, true, 15));
+    // A window starting before everything on disk: what came before record
+    // 11 was deleted, so the window is not known whole.
+    let span = q.dedup_span(5_000);
+    assert_eq!((span.from, span.complete, span.keep), (11, false, 11));
+    // Across a restart nothing held is deleted by `open`.
+    drop(q);
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    assert_eq!(q.read_all_on_disk_after(0).unwrap()[0].0.id, 11);
+    // A full disk frees held segments too.
+    q.keep_from(11);
+    assert_eq!(q.reclaim().unwrap(), 0);
+    assert_eq!(q.reclaim_space().unwrap(), 2);
+    assert!(q.read_all_on_disk_after(0).unwrap().is_empty());
 }
