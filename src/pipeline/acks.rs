@@ -127,6 +127,14 @@ pub enum Seen {
 /// Silence longer than this means the device was away: a gap's clock restarts.
 const AWAY_MS: u64 = 5_000;
 
+/// [`AWAY_MS`], or half the gap timeout if that is less: with a timeout of
+/// 2 s, a device that sent a reading and then fell silent for 4 s had its gap
+/// given up on at its next word, without having resent anything (found by
+/// the pipeline's model-based test once it ran a consumer that keeps up).
+fn away_ms(gap_timeout_ms: u64) -> u64 {
+    AWAY_MS.min(gap_timeout_ms / 2)
+}
+
 /// Bound on `above`: a device far ahead of a gap is not waited for forever
 /// in memory either.
 const MAX_ABOVE: usize = 65_536;
@@ -237,9 +245,10 @@ impl AckTracker {
 
     /// The device sent a reading over `origin` (acks go back there).
     pub fn route(&mut self, device: &str, boot: Option<u32>, origin: Origin, now_ms: u64) {
+        let away = away_ms(self.gap_timeout_ms);
         let d = self.dev(device, boot);
         d.origin = Some(origin);
-        if now_ms.saturating_sub(d.last_seen_ms) > AWAY_MS && d.gap_since_ms.is_some() {
+        if now_ms.saturating_sub(d.last_seen_ms) > away && d.gap_since_ms.is_some() {
             // Back from being away: the gap has to outlast a timeout of talk.
             d.gap_since_ms = Some(now_ms);
         }
@@ -408,7 +417,7 @@ impl AckTracker {
                 return skipped;
             }
             let expired = d.gap_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= gap_timeout_ms);
-            let talking = now_ms.saturating_sub(d.last_seen_ms) <= AWAY_MS;
+            let talking = now_ms.saturating_sub(d.last_seen_ms) <= away_ms(gap_timeout_ms);
             // A refused seq inside the gap is known to exist: wait for it.
             let next = *d.above.first().expect("not empty");
             let refused_inside = d.refused.range(..next).next().is_some();
@@ -696,6 +705,31 @@ mod tests {
             t.durable("a", N, s, 61_000);
         }
         assert_eq!(acks(&mut t, 61_000), vec![5]);
+    }
+
+    /// With a gap timeout shorter than [`AWAY_MS`] (2 s, as in the model
+    /// test), a device silent for 4.4 s after the gap opened was taken for
+    /// one that had talked all along: its next frame (its resend of the
+    /// missing seq lost on the wire) had the gap given up and acked past a
+    /// seq never stored. Seen failing with [`AWAY_MS`] alone.
+    #[test]
+    fn a_short_silence_restarts_a_short_gap_clock() {
+        let mut t = AckTracker::new(Duration::from_secs(2));
+        t.route("a", N, Origin::Serial(0), 0);
+        t.durable("a", N, 0, 0);
+        t.durable("a", N, 1, 0);
+        t.route("a", N, Origin::Serial(0), 100);
+        t.durable("a", N, 3, 100); // 2 lost
+        assert_eq!(acks(&mut t, 100), vec![1]);
+        // Silent until 4.5 s, then a frame without 2 (its resend lost too).
+        assert!(acks(&mut t, 4_000).is_empty());
+        t.route("a", N, Origin::Serial(0), 4_500);
+        assert!(acks(&mut t, 4_500).is_empty(), "2 given up on without a resend");
+        // Talking for the timeout without 2: it does not hold it.
+        for ms in (5_000..=6_500).step_by(500) {
+            t.route("a", N, Origin::Serial(0), ms);
+        }
+        assert_eq!(acks(&mut t, 6_500), vec![3]);
     }
 
     /// L2 on a counter restart: the new incarnation's first seq that arrives
