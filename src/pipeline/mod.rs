@@ -867,10 +867,14 @@ impl Pipeline {
         // the uplink keeps up, and a state file every 5 s for it, then one
         // for every sealed segment, were most of what the gateway wrote at
         // a site's pace (issue 18, docs/performance.md).
+        // The records kept for dedup count as the checkpoint would keep
+        // them: it moves the hold (the state file on disk still needs the
+        // records it names until the next one is written).
+        let keep = self.dedup_span(ms).map_or(0, |s| s.keep);
         let reclaim = {
             let q = self.queue();
             let worth = (CHECKPOINT_DATA_RATIO * self.state_bytes).min(q.max_bytes() / 8).max(1);
-            q.reclaimable_sealed_bytes() >= worth || (self.refused_since_checkpoint && q.reclaimable())
+            q.reclaimable_sealed_bytes_keeping(keep) >= worth || (self.refused_since_checkpoint && q.reclaimable())
         } && since >= CHECKPOINT_MIN_GAP;
         let new_device = self.acks.newly_named() && since >= NEW_DEVICE_CHECKPOINT_GAP;
         // A state file that leaves dedup to the queue is small, but a start
@@ -1651,11 +1655,12 @@ mod tests {
     /// the queue keeps the window's records, acked or not, and a start
     /// rebuilds the same keys from them, so the resends of readings no ack
     /// covers (stamped, without seq) are still duplicates after a restart.
-    /// As the window moves, older segments go. A refused batch (a full disk)
+    /// As the window moves, older segments go, at the next tick. A refused batch (a full disk)
     /// or a window larger than the bound writes every key again and frees
     /// the held segments. Seen failing with the start-up replaying from
-    /// `covers_id` only, with no hold (`keep_from` never set), and with the
-    /// keys written whatever the form.
+    /// `covers_id` only, with no hold (`keep_from` never set), with the
+    /// keys written whatever the form, and with the reclaim rule counting
+    /// the hold of the last checkpoint (it then moved every ten minutes only).
     #[test]
     fn dedup_is_rebuilt_from_the_queues_records_not_listed_in_the_state_file() {
         use std::sync::atomic::Ordering::Relaxed;
@@ -1695,10 +1700,11 @@ mod tests {
         p.checkpoint().unwrap();
         assert_eq!(all_queued(&p).len(), queued, "stamped readings queued again after a restart");
 
-        // Eleven minutes on: the old records leave the window and the disk.
+        // Eleven minutes on: the old records leave the window, and the disk
+        // at the next tick (a checkpoint moves the hold), not ten minutes on.
         CLOCK.fetch_add(660_000, Relaxed);
         feed_acked(&mut p, 2_000, 100);
-        p.checkpoint().unwrap();
+        p.tick(Instant::now() + Duration::from_secs(30)).unwrap();
         assert_eq!(p.dedup.len(), 200);
         assert!(p.state_bytes < 1_000);
         // Old records: 800; new ones: 40, kept with the segment before them.

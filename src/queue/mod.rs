@@ -1430,11 +1430,18 @@ impl Queue {
     /// that keeps up, is all acked most of the time: deleting it is worth no
     /// checkpoint of its own).
     pub fn reclaimable_sealed_bytes(&self) -> u64 {
+        self.reclaimable_sealed_bytes_keeping(self.keep_from)
+    }
+
+    /// [`Queue::reclaimable_sealed_bytes`] were [`Queue::keep_from`] set to
+    /// `keep` (0: none): whether moving the hold, which takes a checkpoint,
+    /// would free enough.
+    pub fn reclaimable_sealed_bytes_keeping(&self, keep: u64) -> u64 {
         let sealed = self.segments.len().saturating_sub(1);
         self.segments
             .iter()
             .take(sealed)
-            .take_while(|s| s.last_id <= self.head && !self.held(s.last_id))
+            .take_while(|s| s.last_id <= self.head && (keep == 0 || s.last_id < keep))
             .map(|s| s.len)
             .sum()
     }
