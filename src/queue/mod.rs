@@ -141,7 +141,10 @@
 //! the ledger records it at the next commit whose entry is due (or reclaim). Segment files are
 //! deleted by `reclaim` only once every record in them is at or below a
 //! head that is already durable in the ledger, so a record can never vanish
-//! while the ledger could still say it is pending.
+//! while the ledger could still say it is pending. Nor, acked or not, while
+//! it is at or after [`Queue::keep_from`]: the pipeline rebuilds dedup from
+//! the records of its window at start-up (`reclaim_space`, for a full disk,
+//! frees them).
 //!
 //! # Segment index files
 //!
@@ -219,8 +222,9 @@
 //!   `committed_id()` can advance without an explicit `commit()`.
 //! * DropOldest may evict records the uplink has already read; acks for ids
 //!   at or below the head are simply no-ops.
-//! * Disk use is live bytes + acked segments not yet reclaimed + up to one
-//!   partly acked segment; call `reclaim()` after persisting dedup state.
+//! * Disk use is live bytes + acked segments not yet reclaimed (those kept
+//!   for dedup among them) + up to one partly acked segment + kept segment
+//!   files; call `reclaim()` after persisting dedup state.
 //! * `open` reads the last segment and every segment without a valid index;
 //!   `open_readonly` does the same without touching anything (it uses valid
 //!   indexes but never writes or deletes one).
