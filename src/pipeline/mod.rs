@@ -233,6 +233,8 @@ pub struct Pipeline {
     state_bytes: u64,
     /// The last state file left dedup's keys to the queue's records.
     dedup_in_queue: bool,
+    /// When [`Pipeline::tick`] last looked for segments to reclaim.
+    reclaim_checked: Instant,
     /// `Queue::fsyncs()` already added to `fsyncs_total{file="queue"}`.
     queue_fsyncs_counted: AtomicU64,
     /// `Queue::pad_bytes()` already added to `queue_pad_bytes_total`.
@@ -264,6 +266,10 @@ pub struct Pipeline {
 /// (see "Dedup from the queue"), and at most an eighth of `max_bytes`:
 /// beyond, the state file lists the keys.
 const DEDUP_REPLAY_MAX: u64 = 64 << 20;
+
+/// How often [`Pipeline::tick`] looks for sealed segments worth a
+/// checkpoint to reclaim.
+const RECLAIM_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Records a start-up replay reads at a time.
 const REPLAY_CHUNK: usize = 1024;
@@ -334,6 +340,7 @@ impl Pipeline {
             queued_since_checkpoint: 0,
             state_bytes: 0,
             dedup_in_queue: false,
+            reclaim_checked: Instant::now(),
             queue_fsyncs_counted: AtomicU64::new(0),
             queue_pads_counted: AtomicU64::new(0),
             queue_prefill_counted: AtomicU64::new(0),
@@ -469,6 +476,7 @@ impl Pipeline {
         self.last_checkpoint = now;
         self.last_now = now;
         self.rules_ticked = now;
+        self.reclaim_checked = now;
     }
 
     /// The queue, shared with its readers (the uplink).
@@ -870,12 +878,16 @@ impl Pipeline {
         // The records kept for dedup count as the checkpoint would keep
         // them: it moves the hold (the state file on disk still needs the
         // records it names until the next one is written).
-        let keep = self.dedup_span(ms).map_or(0, |s| s.keep);
-        let reclaim = {
-            let q = self.queue();
-            let worth = (CHECKPOINT_DATA_RATIO * self.state_bytes).min(q.max_bytes() / 8).max(1);
-            q.reclaimable_sealed_bytes_keeping(keep) >= worth || (self.refused_since_checkpoint && q.reclaimable())
-        } && since >= CHECKPOINT_MIN_GAP;
+        // Looked at once a second at most: the pipeline ticks after every
+        // burst of readings under load.
+        let reclaim =
+            since >= CHECKPOINT_MIN_GAP && now.duration_since(self.reclaim_checked) >= RECLAIM_CHECK_EVERY && {
+                self.reclaim_checked = now;
+                let q = self.queue();
+                let keep = self.dedup_span_of(&q, ms).map_or(0, |s| s.keep);
+                let worth = (CHECKPOINT_DATA_RATIO * self.state_bytes).min(q.max_bytes() / 8).max(1);
+                q.reclaimable_sealed_bytes_keeping(keep) >= worth || (self.refused_since_checkpoint && q.reclaimable())
+            };
         let new_device = self.acks.newly_named() && since >= NEW_DEVICE_CHECKPOINT_GAP;
         // A state file that leaves dedup to the queue is small, but a start
         // replays the window's records anyway: one every CHECKPOINT_LONGEST
@@ -969,12 +981,16 @@ impl Pipeline {
     /// The records the next state file may rebuild dedup from (see "Dedup
     /// from the queue"), if the queue may keep them.
     fn dedup_span(&self, now_ms: u64) -> Option<crate::queue::DedupSpan> {
+        self.dedup_span_of(&self.queue(), now_ms)
+    }
+
+    /// [`Pipeline::dedup_span`] with the queue already locked.
+    fn dedup_span_of(&self, q: &Queue, now_ms: u64) -> Option<crate::queue::DedupSpan> {
         if self.engine.is_some() || self.keys_in_state {
             return None;
         }
         // A second more than the window: keys are kept in rounded units.
         let since = now_ms.saturating_sub(self.dedup.window_ms() + 1_000);
-        let q = self.queue();
         let span = q.dedup_span(since);
         (span.bytes <= DEDUP_REPLAY_MAX.min(q.max_bytes() / 8)).then_some(span)
     }
