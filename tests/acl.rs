@@ -445,14 +445,23 @@ fn sighup_applies_a_new_acl_to_new_and_existing_subscriptions() {
         |topic: &str, msg: &str| assert!(publish(port, "mqttv311", "dev", "d", topic, msg, &[]).status.success());
     send("ward-3/a", "before");
     send("ward-4/a", "before");
+    send("ward-3/z", "marker");
     // The gate checks each delivery against the ACL of that moment: reload
-    // only once "ward-4/a" was held back from `#` under the old one (CI saw
-    // it delivered after a reload that came first).
+    // only once "ward-4/a" was held back from `#` under the old one. The
+    // filtered count alone did not say so (CI saw "ward-4/a" delivered after
+    // a reload that came first, twice): the gateway's `$` status, kept from
+    // `#`, counts too. A subscriber's messages pass the gate in order, so
+    // the marker published after it seen at `#` says it has passed.
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&all)
+            .is_ok_and(|t| t.contains("ward-3/z marker"))),
+        "the marker never reached the `#` subscriber"
+    );
     let filtered = || {
         let m = fetch_metrics(mport);
         m.lines().find_map(|l| l.strip_prefix("edge_gateway_broker_acl_filtered_total ")?.trim().parse::<u64>().ok())
     };
-    assert!(wait_until(Duration::from_secs(10), || filtered() >= Some(1)), "{}", fetch_metrics(mport));
+    assert!(filtered() >= Some(1), "{}", fetch_metrics(mport));
     let mut raw = Raw::connect(port, false, "raw-reader", "reader");
     assert_eq!(raw.subscribe(1, &["ward-3/#", "ward-4/#"]), vec![1, 0x80]);
 
@@ -469,8 +478,8 @@ fn sighup_applies_a_new_acl_to_new_and_existing_subscriptions() {
     send("ward-3/b", "after");
     send("ward-4/b", "after");
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(lines_of(sub_all, &all), vec!["ward-3/a before", "ward-4/b after"]);
-    assert_eq!(lines_of(sub_exact, &exact), vec!["ward-3/a before"]);
+    assert_eq!(lines_of(sub_all, &all), vec!["ward-3/a before", "ward-3/z marker", "ward-4/b after"]);
+    assert_eq!(lines_of(sub_exact, &exact), vec!["ward-3/a before", "ward-3/z marker"]);
     assert!(!gw.log_text().contains("[broker] changed"), "an ACL change needs no restart: {}", gw.log_text());
     gw.terminate();
 }
