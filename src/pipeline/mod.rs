@@ -886,7 +886,8 @@ impl Pipeline {
                 let q = self.queue();
                 let keep = self.dedup_span_of(&q, ms).map_or(0, |s| s.keep);
                 let worth = (CHECKPOINT_DATA_RATIO * self.state_bytes).min(q.max_bytes() / 8).max(1);
-                q.reclaimable_sealed_bytes_keeping(keep) >= worth || (self.refused_since_checkpoint && q.reclaimable())
+                q.reclaimable_sealed_bytes_keeping(keep) >= worth
+                    || (self.refused_since_checkpoint && q.reclaimable_for_space())
             };
         let new_device = self.acks.newly_named() && since >= NEW_DEVICE_CHECKPOINT_GAP;
         // A state file that leaves dedup to the queue is small, but a start
@@ -1673,7 +1674,8 @@ mod tests {
     /// covers (stamped, without seq) are still duplicates after a restart.
     /// As the window moves, older segments go, at the next tick. A refused batch (a full disk)
     /// or a window larger than the bound writes every key again and frees
-    /// the held segments. Seen failing with the start-up replaying from
+    /// the held segments (a refused batch at the next tick, even when only
+    /// held segments are acked). Seen failing with the start-up replaying from
     /// `covers_id` only, with no hold (`keep_from` never set), with the
     /// keys written whatever the form, and with the reclaim rule counting
     /// the hold of the last checkpoint (it then moved every ten minutes only).
@@ -1730,9 +1732,10 @@ mod tests {
         let (mut p, _) = Pipeline::open_with_clock(&c, m.clone(), clock).unwrap();
         assert_eq!(p.dedup.len(), 200);
 
-        // A full disk: every key in the state file, nothing held.
+        // A full disk: at the next tick, every key in the state file and
+        // nothing held (the held records are space too).
         p.refused_since_checkpoint = true;
-        p.checkpoint().unwrap();
+        p.tick(Instant::now() + Duration::from_secs(60)).unwrap();
         assert!(p.state_bytes > 1_000, "{} bytes for 200 keys", p.state_bytes);
         assert!(p.queue().read_all_on_disk_after(0).unwrap().is_empty(), "held segments on a full disk");
         drop(p);

@@ -1381,6 +1381,12 @@ impl Queue {
         self.front_deletable(true)
     }
 
+    /// Whether `reclaim_space` would delete a segment file, kept ones
+    /// included ([`Queue::keep_from`] does not hold there).
+    pub fn reclaimable_for_space(&self) -> bool {
+        !self.readonly && (!self.spares.is_empty() || self.front_deletable(false))
+    }
+
     /// The first segment is all acked or dropped (and, with `hold`, before
     /// [`Queue::keep_from`]'s id).
     fn front_deletable(&self, hold: bool) -> bool {
