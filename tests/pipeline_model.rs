@@ -341,11 +341,14 @@ impl Model {
 fn run(seed: u64, steps: usize) -> [u64; 4] {
     let mut rng = XorShift::new(seed);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &mut rng, seed % 3);
+    let mode = seed % 3;
+    let cfg = config(dir.path(), &mut rng, mode);
+    // The large queue (mode 2)'s consumer keeps up, as an uplink mostly does.
+    let keeps_up = mode == 2;
     // Only `reject_new` queues need a consumer to make progress; without one,
     // the small `drop_oldest` queue really overflows. The large one has one
     // too, so that acked records are deleted while dedup may still need them.
-    let consumer = cfg.store.when_full == edge_gateway::config::WhenFull::RejectNew || seed % 3 == 2;
+    let consumer = cfg.store.when_full == edge_gateway::config::WhenFull::RejectNew || keeps_up;
     let mut m = Model {
         devices: (0..4).map(|i| Device::new(i, &mut rng)).collect(),
         records: HashMap::new(),
@@ -452,8 +455,7 @@ fn run(seed: u64, steps: usize) -> [u64; 4] {
                 m.devices[d].away_until = virtual_ms + DEDUP_WINDOW_MS + 500 + rng.below(2000);
                 m.devices[d].lose_next = rng.chance(0.5);
             }
-            // The large queue's consumer keeps up, as an uplink mostly does.
-            89..=90 if consumer => m.consume(&p, if seed % 3 == 2 { usize::MAX } else { 1 + rng.below(3) as usize }),
+            89..=90 if consumer => m.consume(&p, if keeps_up { usize::MAX } else { 1 + rng.below(3) as usize }),
             89..=92 => {}
             69..=88 => {
                 // Time passes: up to 400 ms, so a device (picked every third
