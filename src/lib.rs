@@ -28,6 +28,7 @@
 //!
 //! Beside them: [`broker`] (the embedded MQTT broker and its front door),
 //! [`allow`] (which device ids each source may speak for), [`busy`] (whether a loop is under load),
+//! [`channel`] (channels of readings, bounded in items and in bytes),
 //! [`config`] (the TOML file; each component above owns its section's
 //! types in its own `config` module, with [`units`] for durations and
 //! sizes), [`metrics`] (the counter table, `/metrics`, `/status` and the one
@@ -46,6 +47,7 @@ pub mod allow;
 pub mod app;
 pub mod broker;
 pub mod busy;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod crashpoint;

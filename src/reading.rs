@@ -335,6 +335,24 @@ impl Incoming {
     }
 }
 
+/// What a reading holds: itself, its ids and its numbers (a long array
+/// weighs what it costs, so channels of readings are bounded in bytes).
+impl crate::channel::Weigh for Reading {
+    fn weight(&self) -> usize {
+        let numbers = match &self.value {
+            Value::Number(_) => 0,
+            Value::Array(v) => v.capacity() * std::mem::size_of::<f64>(),
+        };
+        std::mem::size_of::<Reading>() + self.device.capacity() + self.sensor.capacity() + numbers
+    }
+}
+
+impl crate::channel::Weigh for Incoming {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Incoming>() - std::mem::size_of::<Reading>() + self.reading.weight()
+    }
+}
+
 /// A cumulative acknowledgement: every reading of `device` (of boot `boot`,
 /// when the device sends one) with `seq <= seq` is durable.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -404,7 +404,7 @@ aggregate = {{ window = "1s", emit = ["count"], lateness = "0s" }}
     );
     let cfg = Config::parse(&src, "rp.toml").unwrap();
     let (mut p, _) = Pipeline::open(&cfg, Arc::new(Metrics::default())).unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(100);
+    let (tx, mut rx) = edge_gateway::channel::channel(100, 1 << 20);
     p.set_republish(tx);
     let now = Instant::now();
     let r = |device: &str, sensor: &str, seq: u64, ts: u64, v: f64| Reading {

@@ -84,7 +84,7 @@ impl Gateway {
     fn start_holding_acks(name: &str, path: &Path, framing: Framing, hold: Duration) -> Gateway {
         log_capture();
         let metrics = Arc::new(Metrics::default());
-        let (tx, mut rx) = mpsc::channel::<Incoming>(64);
+        let (tx, mut rx) = edge_gateway::channel::channel::<Incoming>(64, 1 << 20);
         let (ack_tx, ack_rx) = mpsc::channel::<ToDevice>(64);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(serial::run(
@@ -323,7 +323,7 @@ async fn shutdown_is_prompt_when_the_port_is_missing() {
 async fn shutdown_writes_acks_already_received_then_stops() {
     let pty = open_pty().unwrap();
     let metrics = Arc::new(Metrics::default());
-    let (tx, mut rx) = mpsc::channel(8);
+    let (tx, mut rx) = edge_gateway::channel::channel(8, 1 << 20);
     let (ack_tx, ack_rx) = mpsc::channel(8);
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(serial::run(

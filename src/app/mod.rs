@@ -67,6 +67,10 @@ use tokio::task::JoinHandle;
 /// their readings and resend). 16,384 held ~1.5 MB more at the uplink
 /// bench's peak for no throughput (issue 18, docs/performance.md).
 const INGEST_CHANNEL: usize = 8_192;
+/// ... and the bytes they may hold ([`crate::channel`]): 8,192 ordinary
+/// readings weigh ~1.2 MiB, so this binds only for readings with long
+/// arrays (a 256 KiB LAN payload of numbers is a 1 MiB reading).
+const INGEST_BYTES: usize = 2 << 20;
 /// Overall budget between the signal and exit (the CLI promises 5 s).
 const PIPELINE_STOP_BUDGET: Duration = Duration::from_secs(4);
 const SOURCE_STOP_BUDGET: Duration = Duration::from_millis(800);
@@ -100,7 +104,7 @@ struct Sources {
     /// An uplink thread that did not stop may still own the PUBREC log.
     uplink_wedged: bool,
     uplink_beat: Beat,
-    tx: mpsc::Sender<Incoming>,
+    tx: crate::channel::Sender<Incoming>,
     metrics: Arc<Metrics>,
     queue: Arc<Mutex<Queue>>,
     /// The running broker's ACL, which a reload replaces at once.
@@ -140,7 +144,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     };
 
     let pipeline_stop = Shutdown::new();
-    let (tx, rx) = mpsc::channel(INGEST_CHANNEL);
+    let (tx, rx) = crate::channel::channel(INGEST_CHANNEL, INGEST_BYTES);
     let routes = RouteTable::default();
     // The broker first: a taken port must stop start-up before anything runs.
     let mut broker = None;
@@ -479,4 +483,32 @@ fn exit_fatal(f: &Fatal, notifier: &Notifier) -> ! {
     tracing::error!("{f}; exiting with status {EXIT_FATAL} (the service manager restarts the gateway)");
     notifier.notify(&format!("STATUS=fatal: {f}"));
     std::process::exit(EXIT_FATAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::Weigh;
+
+    /// The ingest channel's two bounds: ordinary readings meet the count
+    /// first (the byte bound changes nothing measured at full load), a LAN
+    /// payload of 256 KiB of numbers (a 1 MiB reading) meets the bytes.
+    #[test]
+    fn ordinary_readings_meet_the_count_and_long_arrays_the_bytes() {
+        let line = br#"{"device":"wrist-0042","sensor":"heart_rate","seq":123456,"ts":1764000000000,"value":72}"#;
+        let (r, _) = crate::wire::parse_jsonl(line, None, 0).unwrap();
+        let ordinary = Incoming::new(r, true, crate::reading::Origin::Serial(0)).weight();
+        assert!((100..=256).contains(&ordinary), "an ordinary reading weighs {ordinary} bytes");
+        assert!(INGEST_CHANNEL * ordinary < INGEST_BYTES, "{INGEST_CHANNEL} ordinary readings fit the byte bound");
+
+        let mut payload = b"{\"value\":[".to_vec();
+        while payload.len() < 256 * 1024 - 4 {
+            payload.extend_from_slice(b"1,");
+        }
+        payload.extend_from_slice(b"1]}");
+        let (r, _) = crate::wire::parse_mqtt_payload(&payload, "w-1", "ecg", 0).unwrap();
+        let heavy = Incoming::new(r, false, crate::reading::Origin::Lan).weight();
+        assert!(heavy > 1 << 20, "131,000 numbers as f64 weigh {heavy} bytes");
+        assert!(INGEST_BYTES / heavy <= 2, "at most two such readings wait in the channel");
+    }
 }

@@ -93,6 +93,8 @@ use tracing::{error, info, warn};
 /// Readings waiting to be republished; past this they are dropped (counted):
 /// republishing is best effort and must never slow the pipeline.
 const REPUBLISH_CHANNEL: usize = 8192;
+/// ... and the bytes they may hold ([`crate::channel`]).
+const REPUBLISH_BYTES: usize = 2 << 20;
 /// Commands for LAN devices waiting for the publish thread.
 const COMMAND_CHANNEL: usize = 256;
 /// Where LAN devices answer commands: `commands/{device}/ack`.
@@ -368,7 +370,7 @@ pub struct Broker {
     /// For the pipeline: every accepted reading goes here (see
     /// `Pipeline::set_republish`). Held until [`Broker::finish`] so the
     /// status keeps going even when `republish` is disabled.
-    pub republish: Option<mpsc::Sender<Reading>>,
+    pub republish: Option<crate::channel::Sender<Reading>>,
     pub local_addrs: Vec<(&'static str, SocketAddr)>,
     /// Becomes `Some(why)` if LAN ingest stopped on its own.
     failed: tokio::sync::watch::Receiver<Option<String>>,
@@ -476,7 +478,7 @@ impl Broker {
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
         let feed = LanFeed { link: link_rx, pattern: ingest.clone(), flow: flow.clone() };
 
-        let (rp_tx, rp_rx) = mpsc::channel(REPUBLISH_CHANNEL);
+        let (rp_tx, rp_rx) = crate::channel::channel(REPUBLISH_CHANNEL, REPUBLISH_BYTES);
         let (cmd_tx, cmd_rx) = mpsc::channel::<DeviceCommand>(COMMAND_CHANNEL);
         let publisher = {
             let (topic, every, m) = (b.status_topic.clone(), b.status_interval, metrics.clone());
@@ -750,7 +752,7 @@ fn tls_acceptor(b: &BrokerConfig) -> Result<tokio_rustls::TlsAcceptor, BrokerErr
 #[allow(clippy::too_many_arguments)]
 fn run_publisher(
     mut link: LinkTx,
-    mut rx: mpsc::Receiver<Reading>,
+    mut rx: crate::channel::Receiver<Reading>,
     mut commands: mpsc::Receiver<DeviceCommand>,
     republish: Option<TopicPattern>,
     status_topic: String,

@@ -46,6 +46,10 @@ use tokio::sync::{Notify, mpsc, watch};
 const TICK: Duration = Duration::from_millis(500);
 /// Longest id, device or name accepted.
 const MAX_ID: usize = 128;
+/// Longest `args` (JSON text): a jsonl line to a device is at most
+/// [`crate::wire::MAX_FRAME_LEN`], so no serial device could take more, and
+/// a command waiting for its link is bounded in bytes like a reading.
+const MAX_ARGS: usize = 3 * 1024;
 /// The devices this gateway has heard, one per line.
 pub const KNOWN_FILE: &str = "devices.known";
 
@@ -126,15 +130,11 @@ pub fn parse_command(payload: &[u8], default_ttl: Duration, now: u64) -> Result<
             _ => return Err(bad(format!("\"ttl\" {t:?} is not a duration such as \"10m\""))),
         },
     };
-    let args = w.args.unwrap_or_else(|| serde_json::json!({}));
-    Ok(Command {
-        id,
-        device,
-        name,
-        args: args.to_string(),
-        received_ms: now,
-        expires_ms: now.saturating_add(ttl.as_millis() as u64),
-    })
+    let args = w.args.unwrap_or_else(|| serde_json::json!({})).to_string();
+    if args.len() > MAX_ARGS {
+        return Err(bad(format!("\"args\" is {} bytes of JSON; at most {MAX_ARGS}", args.len())));
+    }
+    Ok(Command { id, device, name, args, received_ms: now, expires_ms: now.saturating_add(ttl.as_millis() as u64) })
 }
 
 pub struct Downlink {
@@ -511,5 +511,12 @@ mod tests {
         assert!(r.id.is_none() && r.why.starts_with("not a command"), "{r:?}");
         let r = parse_command(br#"{"id":"c-3","device":"no such/dev","name":"x"}"#, Duration::ZERO, 0).unwrap_err();
         assert!(r.why.contains("device"), "{r:?}");
+        let long = |n: usize| format!(r#"{{"id":"c-4","device":"w-1","name":"x","args":{{"s":"{}"}}}}"#, "a".repeat(n));
+        let fits = MAX_ARGS - r#"{"s":""}"#.len();
+        let c = parse_command(long(fits).as_bytes(), Duration::from_secs(1), 0).unwrap();
+        assert_eq!(c.args.len(), MAX_ARGS);
+        let r = parse_command(long(fits + 1).as_bytes(), Duration::ZERO, 0).unwrap_err();
+        assert_eq!(r.id.as_deref(), Some("c-4"));
+        assert!(r.why.contains("args") && r.why.contains("3072"), "{r:?}");
     }
 }

@@ -251,7 +251,7 @@ pub struct Pipeline {
     /// Wall clock in unix ms; a test can drive it.
     clock: fn() -> u64,
     /// Where accepted readings are republished (the embedded broker), if anywhere.
-    republish: Option<tokio::sync::mpsc::Sender<Reading>>,
+    republish: Option<crate::channel::Sender<Reading>>,
     /// Per-device counts since the last tick, handed to [`Metrics`] in one go.
     /// Keyed by device, then by source kind ([`Origin::KINDS`]).
     tallies: HashMap<String, [DeviceCounters; Origin::KINDS.len()]>,
@@ -486,7 +486,7 @@ impl Pipeline {
 
     /// Hand every reading dedup accepts, from any source, to `tx` too. Never
     /// waits: when `tx` is full the reading is not republished (counted).
-    pub fn set_republish(&mut self, tx: tokio::sync::mpsc::Sender<Reading>) {
+    pub fn set_republish(&mut self, tx: crate::channel::Sender<Reading>) {
         if let Some(e) = &mut self.engine {
             e.set_republish(true);
         }

@@ -11,7 +11,7 @@ use crate::route::{RouteTable, ToDevice};
 use crate::service::Watchdog;
 use crate::shutdown;
 use std::time::Instant;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// After a burst of fewer readings than this, the loop lingers [`LINGER`].
 const LINGER_BELOW: usize = 64;
@@ -23,12 +23,12 @@ const BUSY_RATE: u64 = 2_000;
 /// ages, group commits and watchdog pings, and route acks back to their ports.
 pub fn run(
     mut p: Pipeline,
-    mut rx: mpsc::Receiver<Incoming>,
+    mut rx: crate::channel::Receiver<Incoming>,
     routes: RouteTable,
     mut stop: watch::Receiver<bool>,
     mut watchdog: Watchdog,
     fatal: FatalTx,
-) -> anyhow::Result<mpsc::Receiver<Incoming>> {
+) -> anyhow::Result<crate::channel::Receiver<Incoming>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let r = rt.block_on(async move {
         let mut load = crate::busy::Busy::new(BUSY_RATE, Instant::now());

@@ -32,7 +32,6 @@ use rumqttd::local::LinkRx;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 /// Topics counted one by one; past this many, the rest share one counter,
@@ -104,7 +103,7 @@ async fn idle_next(flow: &Flow, link: &mut LinkRx) -> Result<Option<Notification
 struct Ingest {
     pattern: TopicPattern,
     flow: Arc<Flow>,
-    tx: mpsc::Sender<Incoming>,
+    tx: crate::channel::Sender<Incoming>,
     metrics: Arc<Metrics>,
     topics: HashSet<String>,
     last_log: Option<Instant>,

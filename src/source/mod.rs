@@ -12,14 +12,14 @@ use crate::metrics::Metrics;
 use crate::reading::Incoming;
 use crate::route::RouteTable;
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// What a source needs from the gateway around it.
 #[derive(Clone, Debug)]
 pub struct SourceContext {
     /// Where readings go: the pipeline's channel (waiting when it is behind
     /// back-pressures the devices, which keep their readings).
-    pub ingest: mpsc::Sender<Incoming>,
+    pub ingest: crate::channel::Sender<Incoming>,
     /// Counters and per-port gauges.
     pub metrics: Arc<Metrics>,
     /// Where a source with a way back to its devices registers its link

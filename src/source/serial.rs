@@ -192,7 +192,7 @@ fn merge_acks(acks: impl IntoIterator<Item = Ack>) -> Vec<Ack> {
 pub async fn run(
     cfg: SerialConfig,
     origin: Origin,
-    tx: mpsc::Sender<Incoming>,
+    tx: crate::channel::Sender<Incoming>,
     acks: mpsc::Receiver<ToDevice>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -209,7 +209,7 @@ enum End {
 struct Port {
     cfg: SerialConfig,
     origin: Origin,
-    tx: mpsc::Sender<Incoming>,
+    tx: crate::channel::Sender<Incoming>,
     acks: mpsc::Receiver<ToDevice>,
     /// False once every ack sender is gone, so `recv` is not polled in a
     /// tight loop on a closed channel.
@@ -247,7 +247,7 @@ impl Port {
     fn new(
         cfg: SerialConfig,
         origin: Origin,
-        tx: mpsc::Sender<Incoming>,
+        tx: crate::channel::Sender<Incoming>,
         acks: mpsc::Receiver<ToDevice>,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
@@ -539,7 +539,7 @@ impl Port {
                 // Sending inside the future keeps the permit's borrow of
                 // `tx` from outliving the select.
                 sent = async {
-                    let permit = self.tx.reserve().await.ok()?;
+                    let permit = self.tx.reserve(inc.as_ref()?).await.ok()?;
                     permit.send(inc.take()?);
                     Some(())
                 } => {

@@ -17,7 +17,7 @@ pub(super) struct Device {
     pub(super) splitter: FrameSplitter,
     pub(super) found: watch::Receiver<Option<Found>>,
     pub(super) events: mpsc::Receiver<DevEvent>,
-    pub(super) tx: mpsc::Sender<Incoming>,
+    pub(super) tx: crate::channel::Sender<Incoming>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) shutdown: watch::Receiver<bool>,
     pub(super) connected: Arc<AtomicBool>,
