@@ -95,21 +95,32 @@ fn login(user: &str) -> Vec<String> {
     vec!["-u".into(), user.into(), "-P".into(), PASSWORD.into()]
 }
 
+/// A `mosquitto_sub` that is stopped however the test ends: a failed
+/// assertion before [`lines_of`] left it running.
+struct Sub(Child);
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `mosquitto_sub -v` on `topics`, its output into `out`.
-fn subscriber(port: u16, v: &str, user: &str, id: &str, topics: &[&str], out: &Path) -> Child {
+fn subscriber(port: u16, v: &str, user: &str, id: &str, topics: &[&str], out: &Path) -> Sub {
     let mut c = Command::new("mosquitto_sub");
     c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", v, "-i", id, "-q", "1", "-v"]);
     c.args(login(user));
     for t in topics {
         c.args(["-t", t]);
     }
-    c.stdout(std::fs::File::create(out).unwrap()).stderr(Stdio::null()).spawn().expect("spawn mosquitto_sub")
+    Sub(c.stdout(std::fs::File::create(out).unwrap()).stderr(Stdio::null()).spawn().expect("spawn mosquitto_sub"))
 }
 
 /// SIGTERM the subscriber; the `topic payload` lines it printed, minus the gateway's status.
-fn lines_of(mut sub: Child, out: &Path) -> Vec<String> {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sub.id() as i32), nix::sys::signal::SIGTERM);
-    let _ = sub.wait();
+fn lines_of(mut sub: Sub, out: &Path) -> Vec<String> {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sub.0.id() as i32), nix::sys::signal::SIGTERM);
+    let _ = sub.0.wait();
     let mut l: Vec<String> =
         std::fs::read_to_string(out).unwrap().lines().filter(|l| !l.starts_with("$SYS/")).map(str::to_string).collect();
     l.sort();
