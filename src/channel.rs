@@ -7,6 +7,8 @@
 //! (or `try_send` says `Full`) until both an item's place and its bytes are
 //! free; the receiver gives the bytes back as it takes the item. An item
 //! heavier than the whole budget waits for all of it, so it travels alone.
+//! Waiting is first come, first served: readings sent behind a heavy one
+//! that waits for bytes wait too (they are delayed, never lost).
 //!
 //! A sender that waits is the back-pressure the sources want: a serial
 //! device waits for its ack, a LAN publisher is held back over TCP, a BLE
@@ -208,6 +210,7 @@ mod tests {
             let giant = tokio::spawn(async move { tx2.send(Blob(5_000)).await.is_ok() });
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert!(!giant.is_finished(), "the giant waits for the whole budget");
+            assert!(matches!(tx.try_send(Blob(1)), Err(TrySendError::Full(_))), "first come, first served");
             assert_eq!(rx.recv().await.unwrap().0, 10);
             let sent = tokio::time::timeout(Duration::from_secs(10), giant).await;
             assert!(sent.expect("the giant is sent once the bytes are back").unwrap());
