@@ -102,10 +102,6 @@ impl<T: Weigh> Sender<T> {
         Ok(Permit { slot, bytes, weight })
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
     /// Bytes taken by the items in the channel and by reservations (a
     /// waiting sender gathers bytes as they come back).
     pub fn held_bytes(&self) -> usize {
