@@ -68,7 +68,7 @@ use tokio::task::JoinHandle;
 /// bench's peak for no throughput (issue 18, docs/performance.md).
 const INGEST_CHANNEL: usize = 8_192;
 /// ... and the bytes they may hold ([`crate::channel`]): 8,192 ordinary
-/// readings weigh ~1.2 MiB, so this binds only for readings with long
+/// readings weigh ~1.1 MiB, so this binds only for readings with long
 /// arrays (a 256 KiB LAN payload of numbers is a 1 MiB reading).
 const INGEST_BYTES: usize = 2 << 20;
 /// Overall budget between the signal and exit (the CLI promises 5 s).
