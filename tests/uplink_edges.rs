@@ -591,6 +591,27 @@ fn subscriber_only_db(broker: &mut Mosquitto, dir: &Path) -> PathBuf {
     snapshot
 }
 
+/// Readings summed over distinct batches, against distinct readings: equal
+/// when a duplicate is only ever a whole batch again, larger when a reading
+/// arrived in two different batches.
+fn assert_whole_batches_only(msgs: &[(String, Vec<u8>)], got: &Received) {
+    let mut per_batch: HashMap<(String, u64), usize> = HashMap::new();
+    for (_, payload) in msgs {
+        let b = edge_gateway::Batch::decode(payload).unwrap();
+        per_batch.insert((b.gateway.clone(), b.batch), b.readings.len());
+    }
+    let distinct: usize = per_batch.values().sum();
+    assert_eq!(distinct, got.readings.len(), "a reading arrived in two different batches");
+}
+
+/// The batches a gateway's debug log saw complete (PUBCOMP).
+fn completed_batches(log: &str) -> HashSet<u64> {
+    log.lines()
+        .filter(|l| l.contains(" completed upstream"))
+        .filter_map(|l| l.split(" completed upstream").next()?.rsplit("batch ").next()?.parse().ok())
+        .collect()
+}
+
 fn run_until_crash(gw: &mut Gateway, devices: &mut [SimDevice]) {
     for _ in 0..3000 {
         if gw.child.try_wait().unwrap().is_some() {
@@ -616,12 +637,7 @@ fn d2_a_batch_completed_before_a_crash_is_not_resent_after_a_lost_session() {
     let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", "after-pubcomp-ack:4")]);
     run_until_crash(&mut gw, &mut devices);
     // What the first run saw completed (PUBCOMP), whether or not its queue ack became durable.
-    let completed: HashSet<u64> = gw
-        .log_text()
-        .lines()
-        .filter(|l| l.contains(" completed upstream"))
-        .filter_map(|l| l.split(" completed upstream").next()?.rsplit("batch ").next()?.parse().ok())
-        .collect();
+    let completed = completed_batches(&gw.log_text());
     assert!(!completed.is_empty(), "{}", gw.log_text());
     gw.kill9();
     std::thread::sleep(Duration::from_secs(1));
@@ -633,7 +649,8 @@ fn d2_a_batch_completed_before_a_crash_is_not_resent_after_a_lost_session() {
     wait_all(&sub, &devices, Duration::from_secs(30));
     // A re-sent copy would come right behind.
     std::thread::sleep(Duration::from_secs(1));
-    let got = decode_all(&sub.messages());
+    let msgs = sub.messages();
+    let got = decode_all(&msgs);
     let (log, _) = terminate_ok(gw);
     assert!(log.contains("session new"), "the broker lost the session\n{log}");
     let (expected, missing, _) = missing_and_doubled(&devices, &got);
@@ -643,15 +660,18 @@ fn d2_a_batch_completed_before_a_crash_is_not_resent_after_a_lost_session() {
     // tell); a completed one never.
     let again: Vec<u64> = got.batches.iter().filter(|(_, n)| **n > 1).map(|((_, b), _)| *b).collect();
     assert!(again.iter().all(|b| !completed.contains(b)), "completed batches sent again: {again:?}\n{log}");
-    // Duplicates are whole batches only.
-    let per_batch: usize = got.readings.values().sum();
-    assert_eq!(per_batch, got.total_readings);
+    assert_whole_batches_only(&msgs, &got);
 }
 
 /// A→B→A: PUBREC'd by B, then back at A (which kept our session): A must
 /// not be sent PUBRELs for B's batches (it would answer PUBCOMP for messages
 /// it never had). The log is tied to broker URL + client id; a mismatch
-/// starts clean (Clean Start) and is counted.
+/// starts clean (Clean Start) and is counted. What B PUBREC'd but did not
+/// complete goes to A as new messages: nothing is lost, and a batch B was
+/// already sent PUBREL for (delivered there, its PUBCOMP not back before the
+/// crash) arrives twice across the two brokers, as a whole batch, like a
+/// batch in flight when a broker loses a session. A batch B completed never
+/// goes to A.
 #[test]
 fn l5_switching_brokers_a_b_a_loses_nothing_and_counts_the_pubrec_log_resets() {
     let dir = tempfile::tempdir().unwrap();
@@ -675,6 +695,7 @@ fn l5_switching_brokers_a_b_a_loses_nothing_and_counts_the_pubrec_log_resets() {
     let mut gw = Gateway::start_with_env(&cfg, &[("EDGE_GATEWAY_CRASH_AT", "after-pubrec-sync:3")]);
     run_until_crash(&mut gw, &mut devices);
     let mut logs = gw.log_text();
+    let completed_at_b = completed_batches(&logs);
     gw.kill9();
     // Back to A.
     repoint(&cfg, &up_a);
@@ -690,13 +711,21 @@ fn l5_switching_brokers_a_b_a_loses_nothing_and_counts_the_pubrec_log_resets() {
     msgs.extend(sub_b.messages());
     let got = decode_all(&msgs);
     let (expected, missing, doubled) = missing_and_doubled(&devices, &got);
-    assert_eq!(
-        (missing, doubled),
-        (0, 0),
-        "of {expected} across A and B: {missing} missing, {doubled} doubled\n{logs}"
-    );
-    assert!(sample(&m, "edge_gateway_pubrec_log_resets_total") >= 1.0, "{m}");
+    assert_eq!(missing, 0, "of {expected} across A and B: {missing} missing, {doubled} doubled\n{logs}");
     assert_eq!(logs.matches("uplink.pubrec was written for").count(), 2, "A→B and B→A\n{logs}");
+    // Twice only: batches B PUBREC'd and did not complete, as whole batches.
+    let again: Vec<u64> = got.batches.iter().filter(|(_, n)| **n > 1).map(|((_, b), _)| *b).collect();
+    assert!(!completed_at_b.is_empty(), "B completed nothing before the crash\n{logs}");
+    assert!(again.iter().all(|b| !completed_at_b.contains(b)), "completed at B, sent to A: {again:?}\n{logs}");
+    let back_at_a = logs.rsplit("uplink.pubrec was written for").next().unwrap();
+    let pubrecd: usize = back_at_a
+        .split("starting clean (")
+        .nth(1)
+        .and_then(|t| t.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count of B's batches in the reset's message\n{logs}"));
+    assert!(again.len() <= pubrecd, "{again:?} twice, only {pubrecd} were PUBREC'd by B\n{logs}");
+    assert_whole_batches_only(&msgs, &got);
+    assert!(sample(&m, "edge_gateway_pubrec_log_resets_total") >= 1.0, "{m}");
 }
 
 /// Mosquitto with persistence and `autosave_interval 1`, SIGKILLed three
@@ -778,14 +807,7 @@ fn l6_sigkilled_mosquitto_with_autosave_stays_within_the_documented_bound() {
          {AUTOSAVE_MARGIN_MS} ms before a kill (batch, completed at): {unexplained:?}; kills at {kills:?}\n{log}"
     );
     assert!(missing == 0 || !lost.is_empty(), "{missing} readings missing but every batch arrived");
-    // Duplicates only as whole batches: per batch, readings = distinct readings.
-    let mut per_batch: HashMap<(String, u64), usize> = HashMap::new();
-    for (_, payload) in sub.messages() {
-        let b = edge_gateway::Batch::decode(&payload).unwrap();
-        per_batch.insert((b.gateway.clone(), b.batch), b.readings.len());
-    }
-    let distinct: usize = per_batch.values().sum();
-    assert_eq!(distinct, got.readings.len(), "a reading arrived in two different batches");
+    assert_whole_batches_only(&sub.messages(), &got);
     if missing > 0 {
         eprintln!("{missing} readings in {} batch(es) lost by Mosquitto within its autosave interval", lost.len());
     }
