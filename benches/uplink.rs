@@ -13,6 +13,8 @@
 //! below saturation), and peak RSS of the gateway / the local broker.
 //! In the throughput runs each device writes 16 frames per write(2)
 //! (`BENCH_BURST`; see [`burst`]); one run writes one frame at a time.
+//! Devices write jsonl lines (`BENCH_FRAMING=cobs`: postcard in COBS frames,
+//! see [`framing`]).
 //!
 //! `cargo bench --bench uplink`; without `--bench` (as under `cargo test`)
 //! a small smoke run.
@@ -286,6 +288,17 @@ fn burst() -> u64 {
     std::env::var("BENCH_BURST").ok().and_then(|v| v.parse().ok()).unwrap_or(16).max(1)
 }
 
+/// How the simulated devices frame readings: `BENCH_FRAMING=jsonl` (the
+/// default since 2026-12-06, the issue's "jsonl in") or `cobs` (postcard in
+/// COBS frames, what every run before that date used).
+fn framing() -> (Framing, &'static str) {
+    match std::env::var("BENCH_FRAMING").as_deref() {
+        Ok("cobs") => (Framing::Cobs, "cobs"),
+        Ok("jsonl") | Err(_) => (Framing::Jsonl, "jsonl"),
+        Ok(other) => panic!("BENCH_FRAMING={other}: jsonl or cobs"),
+    }
+}
+
 /// (a) PTY devices → edge-gateway → upstream. `per_device` readings from
 /// each of `devices`; `pace` between rounds (zero = as fast as it goes);
 /// at full speed each device writes `burst` frames per write.
@@ -311,14 +324,14 @@ fn gateway_run(
     for i in 0..devices {
         let pty = open_pty().unwrap();
         paths.push(pty.slave_path.clone());
-        let mut c = SimConfig::new(&format!("wrist-{i:02}"), Framing::Cobs);
+        let mut c = SimConfig::new(&format!("wrist-{i:02}"), framing().0);
         c.resend_after = Duration::from_secs(2);
         sims.push(SimDevice::on_pty(c, pty).unwrap());
     }
     let ports: Vec<Port> = paths
         .iter()
         .enumerate()
-        .map(|(i, p)| Port { name: Box::leak(format!("dock{i}").into_boxed_str()), path: p, framing: "cobs" })
+        .map(|(i, p)| Port { name: Box::leak(format!("dock{i}").into_boxed_str()), path: p, framing: framing().1 })
         .collect();
     let up = format!(
         "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\nmax_inflight = 20\n{rules}",
@@ -643,7 +656,11 @@ fn main() {
             "| path | delivered | readings/s delivered once | vs the run without rules | lost (before the local broker) | duplicated | p50 ms | p99 ms | peak RSS MiB | CPU-s per M delivered |"
         );
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        row(&format!("edge-gateway: {dev} PTY devices → TLS QoS 2, {} frames per write", burst()), &g, g.rate);
+        row(
+            &format!("edge-gateway: {dev} PTY devices ({} in) → TLS QoS 2, {} frames per write", framing().1, burst()),
+            &g,
+            g.rate,
+        );
         row("edge-gateway, the same with 10 rules", &gr, g.rate);
         row("edge-gateway, paced (latency)", &gw_lat, g.rate);
         assert_eq!((g.lost, g.doubled, gr.lost, gr.doubled), (0, 0, 0, 0), "the gateway lost or doubled readings");
@@ -703,7 +720,11 @@ fn main() {
         base,
     );
     row("same bridge, Mosquitto's default max_queued_messages (1000), unpaced", &bd, base);
-    row(&format!("edge-gateway: {dev} PTY devices → TLS QoS 2, {} frames per write", burst()), &g, base);
+    row(
+        &format!("edge-gateway: {dev} PTY devices ({} in) → TLS QoS 2, {} frames per write", framing().1, burst()),
+        &g,
+        base,
+    );
     row("edge-gateway, the same with 10 rules", &gr, base);
     row("edge-gateway, one frame per write (one run; the bench's writer is the limit)", &gw_single, base);
     row("bridge (max_queued_messages 0), paced (latency)", &bridge_lat, base);
@@ -881,7 +902,7 @@ fn alarm_run(dir: &Path, certs: &common::mosquitto::Certs, devices: usize, per_d
         let pty = open_pty().unwrap();
         paths.push(pty.slave_path.clone());
         let name = if i == devices { "panic-01".to_string() } else { format!("wrist-{i:02}") };
-        let mut c = SimConfig::new(&name, Framing::Cobs);
+        let mut c = SimConfig::new(&name, framing().0);
         c.resend_after = Duration::from_secs(2);
         if i == devices {
             c.sensors = vec!["panic".into()];
@@ -892,7 +913,7 @@ fn alarm_run(dir: &Path, certs: &common::mosquitto::Certs, devices: usize, per_d
     let ports: Vec<Port> = paths
         .iter()
         .enumerate()
-        .map(|(i, p)| Port { name: Box::leak(format!("dock{i}").into_boxed_str()), path: p, framing: "cobs" })
+        .map(|(i, p)| Port { name: Box::leak(format!("dock{i}").into_boxed_str()), path: p, framing: framing().1 })
         .collect();
     let up = format!(
         "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\nmax_inflight = 20\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n\

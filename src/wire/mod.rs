@@ -659,6 +659,13 @@ mod tests {
         // The device's own id wins over the port default.
         let (r, _) = parse_jsonl(br#"{"device":"w2","sensor":"t","value":1}"#, Some("dock-dev"), NOW).unwrap();
         assert_eq!(r.device, "w2");
+        // Escaped strings and a null device.
+        let (r, _) =
+            parse_jsonl(br#"{"device":"w\u00e9\"2","sensor":"h\/r","value":1}"#, Some("dock-dev"), NOW).unwrap();
+        assert_eq!((r.device.as_str(), r.sensor.as_str()), ("w\u{e9}\"2", "h/r"));
+        let (r, _) = parse_jsonl(br#"{"device":null,"sensor":"t","value":1}"#, Some("dock-dev"), NOW).unwrap();
+        assert_eq!(r.device, "dock-dev");
+        assert!(parse_jsonl(br#"{"device":7,"sensor":"t","value":1}"#, Some("dock-dev"), NOW).is_err());
     }
 
     #[test]
