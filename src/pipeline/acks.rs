@@ -39,9 +39,10 @@
 //! * a duplicate means the device missed an ack, so the current watermark is
 //!   sent again after the next commit.
 
+use super::HashMap;
 use crate::reading::{Ack, Origin};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 /// Who an ack speaks for: a device, and its boot when its firmware sends one
 /// (seqs count within a boot, so each boot has a watermark of its own).
@@ -221,7 +222,7 @@ impl AckTracker {
     pub fn new(gap_timeout: std::time::Duration) -> Self {
         AckTracker {
             gap_timeout_ms: gap_timeout.as_millis() as u64,
-            devices: HashMap::new(),
+            devices: HashMap::default(),
             newly_named: false,
             restarted: false,
             skipped_seqs: 0,

@@ -28,9 +28,10 @@
 //! 14 bytes of offsets in its stream's ring (see [`Keys`]), exact: no
 //! hashing of keys, so no reading is ever taken for another.
 
+use super::HashMap;
 use crate::reading::{Reading, Value};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 /// A repeated BTHome packet id is a repeat only this soon after the last
 /// advert (sensors repeat an advert for a few seconds; after 256 new
@@ -674,7 +675,7 @@ impl Dedup {
         let window_ms = window.as_millis() as u64;
         // 65,534 units reach at least four windows back.
         let unit_ms = window_ms.div_ceil(16_384).max(1);
-        Dedup { window_ms, max_per_device, unit_ms, devices: HashMap::new() }
+        Dedup { window_ms, max_per_device, unit_ms, devices: HashMap::default() }
     }
 
     /// The reading's key, `(stream, n)`.
