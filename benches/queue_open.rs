@@ -24,7 +24,13 @@ fn full_run() -> bool {
 /// Default segment size; `max_bytes` high enough not to shrink it (the
 /// effective size is `min(segment_bytes, max_bytes / 4)`).
 fn opts() -> QueueOptions {
-    QueueOptions { max_bytes: 4 << 30, when_full: WhenFull::DropOldest, segment_bytes: 8 << 20, trust_index: true }
+    QueueOptions {
+        max_bytes: 4 << 30,
+        when_full: WhenFull::DropOldest,
+        segment_bytes: 8 << 20,
+        trust_index: true,
+        compress: false,
+    }
 }
 
 fn remove_indexes(dir: &Path) {

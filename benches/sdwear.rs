@@ -210,12 +210,14 @@ fn main() {
     let zeros = growth("edge_gateway_queue_prefill_bytes_total");
     let reused = growth("edge_gateway_queue_reused_segments_total");
     let direct = growth("edge_gateway_queue_direct_commits_total");
+    let deflated = growth("edge_gateway_queue_deflate_saved_bytes_total");
     let log_bytes = std::fs::metadata(&gw.log).map_or(0, |m| m.len());
     let fsyncs_line = fsyncs.iter().map(|(f, n)| format!("{f} {n:.1}")).collect::<Vec<_>>().join(", ")
         + &format!(
-            " (queue padding written: {:.2}, zeros ahead: {:.2} bytes per encoded byte; {reused:.0} segment files reused; {direct:.0} direct commits; its log at RUST_LOG=info: {log_bytes} bytes)",
+            " (queue padding written: {:.2}, zeros ahead: {:.2}, not written thanks to deflated records: {:.2} bytes per encoded byte; {reused:.0} segment files reused; {direct:.0} direct commits; its log at RUST_LOG=info: {log_bytes} bytes)",
             pads / encoded.max(1.0),
-            zeros / encoded.max(1.0)
+            zeros / encoded.max(1.0),
+            deflated / encoded.max(1.0)
         );
     let gw_bytes = (w1 - w0) as f64;
     let _ = gw.terminate();

@@ -165,6 +165,9 @@ counters! {
     /// See `Queue::pad_to_page`.
     queue_pad_bytes: Counter "queue_pad_bytes_total",
         "Padding queue commits wrote to end a segment on a 4 KiB page while the backlog is small (the next commit then rewrites no page).";
+    /// See `Queue::deflate_saved_bytes`.
+    queue_deflate_saved_bytes: Counter "queue_deflate_saved_bytes_total",
+        "Payload bytes small queue records did not write to disk because they were stored deflated ([store] compress).";
     /// See `Queue::fill_ahead`.
     queue_prefill_bytes: Counter "queue_prefill_bytes_total",
         "Zeros small queue commits wrote ahead of the segment's end, so later commits change no file size (no journal commit each).";

@@ -45,7 +45,7 @@ impl PipelineConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: &str| Err((format!("pipeline.{k}"), m.to_string()));
         if self.batch_max_readings == 0 || self.batch_max_readings > crate::queue::MAX_READINGS as usize {
-            return bad("batch_max_readings", "must be 1 to 16,777,215 (what a queue record can count)");
+            return bad("batch_max_readings", "must be 1 to 8,388,607 (what a queue record can count)");
         }
         if self.batch_max_bytes < 64 {
             return bad("batch_max_bytes", "must be at least 64 bytes");

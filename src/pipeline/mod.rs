@@ -247,6 +247,8 @@ pub struct Pipeline {
     queue_pads_counted: AtomicU64,
     /// `Queue::prefill_bytes()` already added to `queue_prefill_bytes_total`.
     queue_prefill_counted: AtomicU64,
+    /// `Queue::deflate_saved_bytes()` already added to `queue_deflate_saved_bytes_total`.
+    queue_deflate_counted: AtomicU64,
     /// `Queue::reused_segments()` already added to `queue_reused_segments_total`.
     queue_reused_counted: AtomicU64,
     /// `Queue::direct_commits()` already added to `queue_direct_commits_total`.
@@ -350,6 +352,7 @@ impl Pipeline {
             queue_fsyncs_counted: AtomicU64::new(0),
             queue_pads_counted: AtomicU64::new(0),
             queue_prefill_counted: AtomicU64::new(0),
+            queue_deflate_counted: AtomicU64::new(0),
             queue_reused_counted: AtomicU64::new(0),
             queue_direct_counted: AtomicU64::new(0),
             refused_since_checkpoint: false,
@@ -932,6 +935,11 @@ impl Pipeline {
         Metrics::add_growth(&self.metrics.fsyncs_queue, &self.queue_fsyncs_counted, q.fsyncs());
         Metrics::add_growth(&self.metrics.queue_pad_bytes, &self.queue_pads_counted, q.pad_bytes());
         Metrics::add_growth(&self.metrics.queue_prefill_bytes, &self.queue_prefill_counted, q.prefill_bytes());
+        Metrics::add_growth(
+            &self.metrics.queue_deflate_saved_bytes,
+            &self.queue_deflate_counted,
+            q.deflate_saved_bytes(),
+        );
         Metrics::add_growth(&self.metrics.queue_reused_segments, &self.queue_reused_counted, q.reused_segments());
         Metrics::add_growth(&self.metrics.queue_direct_commits, &self.queue_direct_counted, q.direct_commits());
     }

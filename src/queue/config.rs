@@ -34,6 +34,9 @@ pub struct StoreConfig {
     pub segment_bytes: u64,
     /// How much of the queue start-up checks (see [`OpenCheck`]).
     pub open_check: OpenCheck,
+    /// Store small records (a site's pace) deflated when that makes them
+    /// shorter: fewer bytes on the SD card. Readers see the same payload.
+    pub compress: bool,
 }
 
 /// What the queue checks at start-up.
@@ -62,6 +65,7 @@ impl Default for StoreConfig {
             fsync_interval: Duration::from_millis(100),
             segment_bytes: 8 << 20,
             open_check: OpenCheck::Index,
+            compress: true,
         }
     }
 }

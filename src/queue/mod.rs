@@ -36,8 +36,9 @@
 //!   ([`Queue::priority_after`]); bits 24-30 are the record's *span* minus
 //!   one: a record of span k owns ids `id ..= id + k - 1` (the uplink sends
 //!   it as k messages, one per topic its rules route it to), and the next
-//!   record's id is `id + k`; bits 0-23 count the readings. Records written
-//!   before lanes and routes have them clear (span 1).
+//!   record's id is `id + k`; bit 23 ([`DEFLATED`]) says the payload is
+//!   stored deflated (below); bits 0-22 count the readings. Records written
+//!   before lanes and routes have the flags clear (span 1).
 //!
 //! # Pads
 //!
@@ -122,6 +123,22 @@
 //! be lost in that window before too: the batch they wait in is memory, and
 //! a power cut takes the page cache with it. Where a direct write is refused
 //! (`EINVAL`), commits go through the page cache from then on.
+//!
+//! # Deflated records
+//!
+//! A record small enough to be held for a direct commit (at most
+//! [`HOLD_MAX`], while commits are direct: a site's pace) is stored
+//! deflated when that is shorter (`[store] compress`, on by default; see
+//! `deflate.rs` for the bytes): the commit writes whole 512-byte blocks, and
+//! a batch of ~40 readings (~1.7 KB of postcard) shrinks ~2.7×, usually a
+//! block or two fewer per commit. Bit 23 of `readings` marks it; the CRC
+//! covers the stored bytes; every read inflates, so readers (the uplink,
+//! dedup's rebuild, `queue dead`, `queue dump`) see the payload that was
+//! appended. `max_bytes` and eviction count what is stored. Under full
+//! load batches are larger than what a commit holds and are stored as they
+//! are, so no CPU goes into deflating there. A build from before reads a
+//! deflated record's bytes as its payload: do not downgrade with such
+//! records in the queue.
 //!
 //! # Durability
 //!
@@ -238,6 +255,7 @@
 //!   leaves corrupt records out and returns their ids instead of failing.
 
 pub mod config;
+mod deflate;
 mod ledger;
 mod open;
 #[cfg(test)]
@@ -300,6 +318,10 @@ pub struct QueueOptions {
     /// is read (`Corrupt`), not repaired at start-up. Off: every byte is
     /// checked at every start (indexes are still written, to be ready).
     pub trust_index: bool,
+    /// Store a record deflated when it is small enough to be held for a
+    /// direct commit and deflating shortens it (module docs, "Deflated
+    /// records").
+    pub compress: bool,
 }
 
 impl From<&StoreConfig> for QueueOptions {
@@ -309,6 +331,7 @@ impl From<&StoreConfig> for QueueOptions {
             when_full: c.when_full,
             segment_bytes: c.segment_bytes,
             trust_index: c.open_check == OpenCheck::Index,
+            compress: c.compress,
         }
     }
 }
@@ -321,7 +344,9 @@ pub const PRIORITY: u32 = 1 << 31;
 /// Bits 24-30: span - 1.
 const SPAN_SHIFT: u32 = 24;
 const SPAN_MASK: u32 = 0x7F << SPAN_SHIFT;
-const COUNT_MASK: u32 = (1 << SPAN_SHIFT) - 1;
+/// Bit 23: the payload is stored deflated (module docs, "Deflated records").
+const DEFLATED: u32 = 1 << 23;
+const COUNT_MASK: u32 = DEFLATED - 1;
 /// Most ids one record may own.
 pub const MAX_SPAN: u32 = 128;
 /// Most readings one record may count.
@@ -792,6 +817,8 @@ pub struct Queue {
     pub(crate) hold_block_for_tests: Option<u64>,
     /// Commits that wrote their records with one direct write.
     direct_commits: u64,
+    /// Bytes deflated records did not take (payloads less what was stored).
+    deflate_saved: u64,
     /// [`Queue::reclaim`] keeps every segment whose last record's id is at
     /// least this (0: none): the pipeline rebuilds dedup from them at the
     /// next start (see [`Queue::dedup_span`]).
@@ -897,9 +924,25 @@ impl Queue {
 
     fn append_flagged(&mut self, readings: u32, created_ms: u64, payload: &[u8]) -> Result<AppendOutcome> {
         self.writable()?;
-        let size = (OVERHEAD + payload.len()) as u64;
+        if payload.len() > segment::MAX_LEN - segment::META_BYTES {
+            let size = (OVERHEAD + payload.len()) as u64;
+            return Err(QueueError::TooLarge { size, max: self.opts.max_bytes });
+        }
+        // Deflated only where the record is likely held for a direct commit
+        // (a site's pace): what it writes is whole blocks, and fewer bytes
+        // are often a block fewer. Under full load batches are larger than
+        // what is held, so no CPU goes into it there.
+        let deflated =
+            (self.opts.compress && payload.len() as u64 <= HOLD_MAX && !self.segments.is_empty() && self.can_hold())
+                .then(|| deflate::shrink(payload))
+                .flatten();
+        let (readings, stored) = match &deflated {
+            Some(d) => (readings | DEFLATED, &d[..]),
+            None => (readings, payload),
+        };
+        let size = (OVERHEAD + stored.len()) as u64;
         let max = self.opts.max_bytes;
-        if payload.len() > segment::MAX_LEN - segment::META_BYTES || size > max {
+        if size > max {
             return Err(QueueError::TooLarge { size, max });
         }
 
@@ -921,7 +964,7 @@ impl Queue {
         }
 
         let id = self.next_id;
-        let rec = segment::encode(id, readings, created_ms, payload);
+        let rec = segment::encode(id, readings, created_ms, stored);
         let need_roll = match self.segments.back() {
             None => true,
             Some(s) => self.force_roll || (s.len > 0 && s.len + size > self.seg_limit),
@@ -952,6 +995,7 @@ impl Queue {
         self.index.push_back(entry);
         self.live_bytes += size;
         self.next_id = last + 1;
+        self.deflate_saved += (payload.len() - stored.len()) as u64;
 
         if evict > 0 {
             let last_dropped = self.index[first_live + evict - 1].last_id();
@@ -1314,8 +1358,13 @@ impl Queue {
         } else {
             s.file.read_exact_at(&mut buf, e.offset).ctx("reading", &s.path)?;
         }
-        match segment::payload_of(&buf, e.id) {
-            Some(p) => Ok((e.meta(), p.to_vec())),
+        let payload = match segment::payload_of(&buf, e.id) {
+            Some(p) if e.readings & DEFLATED == 0 => Some(p.to_vec()),
+            Some(p) => deflate::inflate(p),
+            None => None,
+        };
+        match payload {
+            Some(p) => Ok((e.meta(), p)),
             None => Err(QueueError::Corrupt { id: e.id, path: s.path.clone() }),
         }
     }
@@ -1638,6 +1687,12 @@ impl Queue {
     /// Number of fsync/fdatasync calls made so far (files and directories).
     pub fn fsyncs(&self) -> u64 {
         self.fsyncs
+    }
+
+    /// Payload bytes deflated records did not store, so far (module docs,
+    /// "Deflated records").
+    pub fn deflate_saved_bytes(&self) -> u64 {
+        self.deflate_saved
     }
 
     /// Bytes of padding commits wrote so far (see the module docs).

@@ -84,6 +84,7 @@ impl Queue {
             when_full: WhenFull::RejectNew,
             segment_bytes: u64::MAX,
             trust_index: true,
+            compress: false,
         };
         Self::open_impl(dir, opts, true)
     }
@@ -315,6 +316,7 @@ impl Queue {
             reused_segments: 0,
             direct_off: false,
             hold_block_for_tests: None,
+            deflate_saved: 0,
             direct_commits: 0,
             keep_from: 0,
         };
