@@ -1981,3 +1981,29 @@ fn a_deflated_record_that_does_not_inflate_reads_as_corrupt_and_loses_no_other()
         vec![(1, payload(1, 50)), (3, payload(3, 50))]
     );
 }
+
+#[test]
+fn deflated_records_in_sealed_segments_read_back_through_their_index() {
+    let d = disk_dir();
+    let mut o = opts(64 << 20, WhenFull::DropOldest, 24 << 10);
+    o.compress = true;
+    let (mut q, _) = Queue::open(d.path(), o).unwrap();
+    q.pad_min_segment = 0;
+    let mut want = Vec::new();
+    for i in 1..=120u64 {
+        let p = batch_like(i, 30);
+        q.append(30, i, &p).unwrap();
+        want.push((i, p));
+        q.commit().unwrap();
+    }
+    let segs = seg_files(d.path());
+    assert!(segs.len() >= 3 && idx_files(d.path()).len() == segs.len() - 1, "{segs:?}");
+    let deflated = |p: &PathBuf| records_in(p).iter().filter(|r| r.readings & DEFLATED != 0).count();
+    if q.direct_commits() > 0 {
+        assert!(deflated(&segs[1]) > 0, "a sealed segment holds deflated records");
+    }
+    drop(q);
+    let (q, _) = Queue::open(d.path(), o).unwrap();
+    assert!(q.indexed_segments() >= 2, "sealed segments loaded from their index");
+    assert_eq!(live(&q), want);
+}
