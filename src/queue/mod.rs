@@ -126,8 +126,8 @@
 //!
 //! # Deflated records
 //!
-//! A record small enough to be held for a direct commit (at most
-//! [`HOLD_MAX`], while commits are direct: a site's pace) is stored
+//! A record that, as it is, would be held for a direct commit (at most
+//! [`HOLD_MAX`] held, while commits are direct: a site's pace) is stored
 //! deflated when that is shorter (`[store] compress`, on by default; see
 //! `deflate.rs` for the bytes): the commit writes whole 512-byte blocks, and
 //! a batch of ~40 readings (~1.7 KB of postcard) shrinks ~2.7×, usually a
@@ -135,8 +135,7 @@
 //! covers the stored bytes; every read inflates, so readers (the uplink,
 //! dedup's rebuild, `queue dead`, `queue dump`) see the payload that was
 //! appended. `max_bytes` and eviction count what is stored. Under full
-//! load batches are larger than what a commit holds and are stored as they
-//! are, so no CPU goes into deflating there. A build from before reads a
+//! load nothing is held, so no CPU goes into deflating there. A build from before reads a
 //! deflated record's bytes as its payload: do not downgrade with such
 //! records in the queue.
 //!
@@ -592,16 +591,22 @@ impl Segment {
     /// within the file's size (the direct write allocates nothing). False:
     /// not held, the caller writes them.
     fn hold(&mut self, bytes: &[u8]) -> bool {
-        let Some(d) = self.direct.as_ref().filter(|_| !self.buffered) else { return false };
-        let from = if self.held.is_empty() { self.len } else { self.held_from };
-        let end = self.len + bytes.len() as u64 + d.block + FRAME_BYTES as u64;
-        if !from.is_multiple_of(d.block) || end - from > HOLD_MAX || end > self.filled {
+        if !self.would_hold(bytes.len()) {
             return false;
         }
+        let from = if self.held.is_empty() { self.len } else { self.held_from };
         self.held_from = from;
         self.held.extend_from_slice(bytes);
         self.len += bytes.len() as u64;
         true
+    }
+
+    /// Whether [`Segment::hold`] would take `len` more bytes now.
+    fn would_hold(&self, len: usize) -> bool {
+        let Some(d) = self.direct.as_ref().filter(|_| !self.buffered) else { return false };
+        let from = if self.held.is_empty() { self.len } else { self.held_from };
+        let end = self.len + len as u64 + d.block + FRAME_BYTES as u64;
+        from.is_multiple_of(d.block) && end - from <= HOLD_MAX && end <= self.filled
     }
 
     /// Write the held bytes through the page cache: an append that cannot
@@ -928,14 +933,17 @@ impl Queue {
             let size = (OVERHEAD + payload.len()) as u64;
             return Err(QueueError::TooLarge { size, max: self.opts.max_bytes });
         }
-        // Deflated only where the record is likely held for a direct commit
-        // (a site's pace): what it writes is whole blocks, and fewer bytes
-        // are often a block fewer. Under full load batches are larger than
-        // what is held, so no CPU goes into it there.
-        let deflated =
-            (self.opts.compress && payload.len() as u64 <= HOLD_MAX && !self.segments.is_empty() && self.can_hold())
-                .then(|| deflate::shrink(payload))
-                .flatten();
+        // Deflated only where the record, as it is, would be held for a
+        // direct commit (a site's pace): that commit writes whole blocks,
+        // and fewer bytes are often a block fewer. Under full load nothing
+        // is held (commits go through the page cache), so no CPU goes into
+        // deflating there.
+        let deflated = (self.opts.compress
+            && !self.segments.is_empty()
+            && self.can_hold()
+            && self.segments.back().unwrap().would_hold(OVERHEAD + payload.len()))
+        .then(|| deflate::shrink(payload))
+        .flatten();
         let (readings, stored) = match &deflated {
             Some(d) => (readings | DEFLATED, &d[..]),
             None => (readings, payload),

@@ -5,7 +5,7 @@
 use super::sector::tests::{disk_dir, write_bytes};
 use super::segment::{self, OVERHEAD, PAGE};
 use super::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use tempfile::TempDir;
 
 fn opts(max_bytes: u64, when_full: WhenFull, segment_bytes: u64) -> QueueOptions {
@@ -1888,6 +1888,10 @@ fn small_records_are_stored_deflated_and_read_back_as_appended() {
         (0..300u64).map(|k| ((i * 977 + k).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8).collect()
     };
     let mut raw = 0;
+    // Which records should be deflated: small, compressible ones that the
+    // commit can hold, i.e. none after a large one until the next commit
+    // (that one went through the page cache, and the rest follow it).
+    let (mut expect, mut buffered) = (HashSet::new(), false);
     for i in 2..=40u64 {
         let p = match i % 10 {
             // Incompressible: stored as it is.
@@ -1896,6 +1900,10 @@ fn small_records_are_stored_deflated_and_read_back_as_appended() {
             7 => batch_like(i, 900),
             _ => batch_like(i, 40),
         };
+        buffered |= i % 10 == 7;
+        if !buffered && i % 10 != 3 {
+            expect.insert(i);
+        }
         raw += p.len();
         assert_eq!(
             q.append(40, i * 10, &p).unwrap(),
@@ -1904,6 +1912,7 @@ fn small_records_are_stored_deflated_and_read_back_as_appended() {
         want.push((i, p));
         if i % 4 == 0 {
             q.commit().unwrap();
+            buffered = false;
         }
     }
     // Uncommitted (held) records read back inflated too.
@@ -1913,7 +1922,13 @@ fn small_records_are_stored_deflated_and_read_back_as_appended() {
     assert_eq!(live(&q), want);
     assert!(q.read_from(0, 100).unwrap().iter().skip(1).all(|(m, _)| m.readings == 40), "the flag is not a count");
     let saved = q.deflate_saved_bytes();
-    assert!(q.direct_commits() > 0 || sector::open_direct(&seg_files(d.path())[0]).is_none());
+    // Only direct commits hold records (ext4 here; tmpfs has no direct I/O).
+    if sector::open_direct(&seg_files(d.path())[0]).is_none() {
+        eprintln!("no direct I/O where the build lives: nothing is deflated here");
+        expect.clear();
+    } else {
+        assert!(q.direct_commits() > 0);
+    }
 
     // On disk: the batch-like small ones deflated (well under half), the
     // noise and the large ones not.
@@ -1923,7 +1938,7 @@ fn small_records_are_stored_deflated_and_read_back_as_appended() {
     for r in &recs[1..] {
         let raw_len = want[(r.id - 1) as usize].1.len();
         let deflated = r.readings & DEFLATED != 0;
-        assert_eq!(deflated, r.id % 10 != 3 && r.id % 10 != 7, "record {}", r.id);
+        assert_eq!(deflated, expect.contains(&r.id), "record {}", r.id);
         if deflated {
             assert!((r.total as usize - OVERHEAD) * 2 < raw_len, "record {}: {} of {raw_len}", r.id, r.total);
         } else {
