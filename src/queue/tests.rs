@@ -1869,15 +1869,21 @@ fn batch_like(i: u64, readings: usize) -> Vec<u8> {
     p
 }
 
+/// A queue in `dir` that deflates, and pads whatever its segment size.
+fn deflating_queue(dir: &Path, segment_bytes: u64) -> (Queue, QueueOptions) {
+    let mut o = opts(64 << 20, WhenFull::DropOldest, segment_bytes);
+    o.compress = true;
+    let (mut q, _) = Queue::open(dir, o).unwrap();
+    q.pad_min_segment = 0;
+    (q, o)
+}
+
 #[test]
 fn small_records_are_stored_deflated_and_read_back_as_appended() {
     // On the build's own disk (ext4 here): the direct commits of a site's
     // pace, where records are deflated.
     let d = disk_dir();
-    let mut o = opts(64 << 20, WhenFull::DropOldest, 8 << 20);
-    o.compress = true;
-    let (mut q, _) = Queue::open(d.path(), o).unwrap();
-    q.pad_min_segment = 0;
+    let (mut q, mut o) = deflating_queue(d.path(), 8 << 20);
     if q.segments.is_empty() {
         // The first append rolls to the first segment; it is not deflated.
         q.append(1, 1, b"first").unwrap();
@@ -2000,10 +2006,7 @@ fn a_deflated_record_that_does_not_inflate_reads_as_corrupt_and_loses_no_other()
 #[test]
 fn deflated_records_in_sealed_segments_read_back_through_their_index() {
     let d = disk_dir();
-    let mut o = opts(64 << 20, WhenFull::DropOldest, 24 << 10);
-    o.compress = true;
-    let (mut q, _) = Queue::open(d.path(), o).unwrap();
-    q.pad_min_segment = 0;
+    let (mut q, o) = deflating_queue(d.path(), 24 << 10);
     let mut want = Vec::new();
     for i in 1..=120u64 {
         let p = batch_like(i, 30);
