@@ -31,6 +31,7 @@
 use crate::reading::{Ack, Reading, Value};
 use crate::route::{CommandAck, DeviceCommand};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// Longest frame accepted between two delimiters, delimiter excluded.
 pub const MAX_FRAME_LEN: usize = 4096;
@@ -110,20 +111,33 @@ fn finish(
 }
 
 /// The fields a device sends, on a serial line or in a LAN MQTT payload.
+/// Ids are borrowed from the line unless they hold escapes: the reading's
+/// own copies are the only allocations for them (issue 18's CPU per reading).
 #[derive(Deserialize)]
-struct Fields {
-    device: Option<String>,
-    sensor: Option<String>,
+struct Fields<'a> {
+    #[serde(borrow, default, deserialize_with = "borrowed_id")]
+    device: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "borrowed_id")]
+    sensor: Option<Cow<'a, str>>,
     seq: Option<u64>,
     ts: Option<u64>,
     value: Value,
     boot: Option<u32>,
 }
 
+/// An optional id, borrowed where it can be. (`#[serde(borrow)]` on an
+/// `Option<Cow<str>>` field still copies: serde borrows only a `Cow` that
+/// is the field itself, as here in the newtype.)
+fn borrowed_id<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Id<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Id<'a>>::deserialize(d)?.map(|id| id.0))
+}
+
 /// Parse one jsonl line (without its `\n`). Returns the reading and whether
 /// `ts` came from the device.
 pub fn parse_jsonl(line: &[u8], default_device: Option<&str>, now_ms: u64) -> Result<(Reading, bool), WireError> {
-    let l: Fields = serde_json::from_slice(line)?;
+    let l: Fields<'_> = serde_json::from_slice(line)?;
     let sensor = l.sensor.ok_or(WireError::MissingSensor)?;
     finish(l.device.as_deref(), &sensor, l.seq, l.ts, l.value, l.boot, default_device, now_ms)
 }
@@ -137,7 +151,7 @@ pub fn parse_mqtt_payload(
     sensor: &str,
     now_ms: u64,
 ) -> Result<(Reading, bool), WireError> {
-    let p: Fields = serde_json::from_slice(payload)?;
+    let p: Fields<'_> = serde_json::from_slice(payload)?;
     for (field, said, topic) in [("device", &p.device, device), ("sensor", &p.sensor, sensor)] {
         if let Some(said) = said
             && said != topic
@@ -158,7 +172,7 @@ struct AckLine<'a> {
 #[derive(Serialize, Deserialize)]
 struct AckBody<'a> {
     #[serde(borrow)]
-    device: std::borrow::Cow<'a, str>,
+    device: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     boot: Option<u32>,
     seq: u64,
@@ -666,6 +680,20 @@ mod tests {
         let (r, _) = parse_jsonl(br#"{"device":null,"sensor":"t","value":1}"#, Some("dock-dev"), NOW).unwrap();
         assert_eq!(r.device, "dock-dev");
         assert!(parse_jsonl(br#"{"device":7,"sensor":"t","value":1}"#, Some("dock-dev"), NOW).is_err());
+    }
+
+    /// Planted: `#[serde(borrow)]` alone on the `Option<Cow>` fields (no
+    /// `borrowed_id`) copies every id, and the first assertion fails.
+    #[test]
+    fn plain_ids_are_borrowed_from_the_line_escaped_ones_copied() {
+        let f: Fields<'_> = serde_json::from_slice(br#"{"device":"w1","sensor":"hr","value":1}"#).unwrap();
+        assert!(matches!(f.device, Some(Cow::Borrowed("w1"))), "{:?}", f.device);
+        assert!(matches!(f.sensor, Some(Cow::Borrowed("hr"))), "{:?}", f.sensor);
+        let f: Fields<'_> = serde_json::from_slice(br#"{"device":"w\"1","sensor":"h\/r","value":1}"#).unwrap();
+        assert!(matches!(f.device.as_deref(), Some("w\"1")) && matches!(f.device, Some(Cow::Owned(_))));
+        assert!(matches!(f.sensor.as_deref(), Some("h/r")));
+        let f: Fields<'_> = serde_json::from_slice(br#"{"device":null,"value":1}"#).unwrap();
+        assert!(f.device.is_none() && f.sensor.is_none(), "null and absent ids are none");
     }
 
     #[test]
