@@ -16,6 +16,8 @@ use tokio::sync::watch;
 /// After a burst of fewer readings than this, the loop lingers [`LINGER`].
 const LINGER_BELOW: usize = 64;
 const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
+/// Readings taken off the channel per wake-up, at most.
+const TAKE_MAX: usize = 1024;
 /// Readings per second from which the loop lingers (see [`crate::busy`]).
 const BUSY_RATE: u64 = 2_000;
 
@@ -32,23 +34,19 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let r = rt.block_on(async move {
         let mut load = crate::busy::Busy::new(BUSY_RATE, Instant::now());
+        let mut taken = Vec::new();
         loop {
             let deadline = tokio::time::Instant::from_std(p.next_deadline().min(watchdog.next_due()));
             tokio::select! {
                 biased;
                 _ = shutdown::wait(&mut stop) => break,
-                msg = rx.recv() => match msg {
-                    Some(first) => {
+                // What is already queued comes along without waking again.
+                n = rx.recv_many(&mut taken, TAKE_MAX) => match n {
+                    0 => break,
+                    n => {
                         let (now, ms) = (Instant::now(), now_ms());
-                        p.ingest(first, now, ms)?;
-                        // Take what is already queued without waking again.
-                        let mut taken = 1;
-                        while taken < 4096 {
-                            match rx.try_recv() {
-                                Ok(inc) => p.ingest(inc, now, ms)?,
-                                Err(_) => break,
-                            }
-                            taken += 1;
+                        for inc in taken.drain(..) {
+                            p.ingest(inc, now, ms)?;
                         }
                         // A short burst under load (more than BUSY_RATE
                         // readings/s so far in this tenth of a second): let
@@ -57,12 +55,11 @@ pub fn run(
                         // switches, issue 18). At a site's pace (a few
                         // hundred readings/s) it would only shift commits
                         // (+7 % bytes written in the sdwear bench).
-                        if load.add(now, taken) && taken < LINGER_BELOW {
+                        if load.add(now, n) && n < LINGER_BELOW {
                             let until = (now + LINGER).min(p.next_deadline()).min(watchdog.next_due());
                             tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                         }
                     }
-                    None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => {}
             }

@@ -228,6 +228,8 @@ struct Port {
     routes: Option<RouteTable>,
     /// The device of the last reading (noted in `routes` when it changes).
     last_device: String,
+    /// A read's readings, kept for the next read (no allocation per read).
+    parsed: Vec<Incoming>,
     /// Commands taken off the link channel while collecting acks.
     commands: Vec<DeviceCommand>,
     /// When a device's clock offset was last sampled on this port.
@@ -269,6 +271,7 @@ impl Port {
             fallback_logged: false,
             routes,
             last_device: String::new(),
+            parsed: Vec::new(),
             commands: Vec::new(),
             last_offset_sample: None,
             clock_warned: Default::default(),
@@ -432,16 +435,23 @@ impl Port {
                     // A PTY whose master closed, or a USB device gone.
                     Ok(0) => return End::Lost("unplugged (EOF)".into()),
                     Ok(n) => {
-                        let readings = self.parse_chunk(&buf[..n]);
+                        let mut readings = self.parse_chunk(&buf[..n]);
                         let frames = readings.len();
                         let (mut delivered, mut ended) = (0u64, None);
-                        for inc in readings {
+                        // All at once when there is room (the usual case).
+                        match self.tx.try_send_all(&mut readings) {
+                            Ok(true) => delivered = frames as u64,
+                            Ok(false) => {}
+                            Err(crate::channel::Closed) => return End::PipelineClosed,
+                        }
+                        for inc in readings.drain(..) {
                             if let Err(end) = self.deliver(port, inc).await {
                                 ended = Some(end);
                                 break;
                             }
                             delivered += 1;
                         }
+                        self.parsed = readings;
                         if delivered > 0 {
                             self.metrics.port(&self.cfg.name, |c| c.readings += delivered);
                         }
@@ -460,7 +470,8 @@ impl Port {
     }
 
     fn parse_chunk(&mut self, chunk: &[u8]) -> Vec<Incoming> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.parsed);
+        out.clear();
         let mut malformed: Vec<WireError> = Vec::new();
         let now = now_ms();
         let (framing, default_device, port) = (self.cfg.framing, self.cfg.device.as_deref(), self.origin);
