@@ -559,6 +559,55 @@ fn row(name: &str, o: &Outcome, base: f64) {
     );
 }
 
+fn ab_runs(dir: &Path, upstream: &Mosquitto, ca: &Path, dev: usize, per_dev: u64) {
+    let a: &'static str = common::bin();
+    let b: &'static str = Box::leak(
+        std::env::var("EDGE_GATEWAY_BIN_B").expect("BENCH_ONLY=ab needs EDGE_GATEWAY_BIN_B").into_boxed_str(),
+    );
+    let pairs = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(8usize);
+    println!("uplink bench, A/B: {} frames per write, {} in\nA = {a}\nB = {b}\n", burst(), framing().1);
+    println!(
+        "| pair | A readings/s | A CPU-s per M | B readings/s | B CPU-s per M | B/A CPU |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let per_m = |o: &Outcome| o.cpu_s / (o.unique.max(1) as f64 / 1e6);
+    let (mut ca_, mut cb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..pairs {
+        let run = |which: &'static str, tag: &str| {
+            common::use_bin(Some(which));
+            let o =
+                gateway_run(&dir.join(format!("ab{tag}{i}")), upstream, ca, dev, per_dev, Duration::ZERO, "", burst());
+            assert_eq!((o.lost, o.doubled), (0, 0), "{which} lost or doubled readings");
+            o
+        };
+        // A B, then B A: a drift over the pair weighs on both alike.
+        let (oa, ob) = if i % 2 == 0 {
+            let oa = run(a, "a");
+            (oa, run(b, "b"))
+        } else {
+            let ob = run(b, "b");
+            (run(a, "a"), ob)
+        };
+        let (pa, pb) = (per_m(&oa), per_m(&ob));
+        println!("| {i} | {:.0} | {pa:.2} | {:.0} | {pb:.2} | {:.3} |", oa.rate, ob.rate, pb / pa);
+        ca_.push(pa);
+        cb.push(pb);
+        ratios.push(pb / pa);
+    }
+    common::use_bin(None);
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        v[v.len() / 2]
+    };
+    println!(
+        "\nmedians: A {:.2}, B {:.2} CPU-s per million; B/A per pair {:.3} (range {:.3}-{:.3})",
+        med(&mut ca_),
+        med(&mut cb),
+        med(&mut ratios),
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
+}
+
 fn main() {
     need("mosquitto", "mosquitto");
     let full = full_run();
@@ -631,6 +680,14 @@ fn main() {
             println!("| {i} | {} | {:.0} | {:.1} | {:.1} |", o.unique, o.rate, ms(o.p50), ms(o.p99));
             assert_eq!((o.lost, o.doubled), (0, 0), "the gateway lost or doubled readings");
         }
+        return;
+    }
+    // BENCH_ONLY=ab: EDGE_GATEWAY_BIN against EDGE_GATEWAY_BIN_B, full-speed
+    // runs only, alternating A B B A ... (BENCH_RUNS pairs, default 8), so
+    // both see the same minutes of a noisy machine; prints every run and
+    // the median of the pairs' B/A ratios.
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "ab") {
+        ab_runs(tmp.path(), &upstream, &certs.ca, dev, per_dev);
         return;
     }
     if gateway_only {

@@ -15,7 +15,18 @@ use std::time::{Duration, Instant};
 /// (a bench run A/B against an older build in the same go).
 pub fn bin() -> &'static str {
     static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(b) = *BIN_NOW.lock().unwrap() {
+        return b;
+    }
     BIN.get_or_init(|| std::env::var("EDGE_GATEWAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge-gateway").into()))
+}
+
+static BIN_NOW: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
+
+/// Gateways started from now on run `path` (None: back to [`bin`]'s
+/// default). For a bench that alternates two builds run by run.
+pub fn use_bin(path: Option<&'static str>) {
+    *BIN_NOW.lock().unwrap() = path;
 }
 
 /// Poll `f` every 20 ms until it holds or `timeout` passes.
