@@ -861,7 +861,12 @@ fn power_cuts_lose_and_double_nothing() {
         subset_cuts, kept_total, dirty_total, eio_exits, reloads_done, full_cuts
     );
     println!(
-        "power-cut rig: queue: {direct_total} direct commits and {deflated_total} bytes saved by deflated records before the cuts (1 MiB segments every other cycle)"
+        "power-cut rig: queue: {direct_total} direct commits and {deflated_total} bytes saved by deflated records before the cuts ({})",
+        if s.full {
+            "the 16 KiB queue keeps segments small: none can be direct"
+        } else {
+            "1 MiB segments every other cycle"
+        }
     );
     println!(
         "power-cut rig: {} readings created, {} acked, {} delivered ({} in total), lost {}, duplicated {}, unknown {}",
